@@ -1,0 +1,42 @@
+"""BPF helper functions used by the generated programs: ids and signatures in one place.
+
+Ids are from include/uapi/linux/bpf.h (checked against Linux 6.1 and 6.18); all of these exist for
+BPF_PROG_TYPE_SK_MSG or BPF_PROG_TYPE_SOCK_OPS on both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llvmlite import ir
+
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+PTR = ir.PointerType()
+
+
+@dataclass(frozen=True)
+class Helper:
+    name: str
+    id: int
+    ret: ir.Type
+    args: tuple[ir.Type, ...]
+
+    @property
+    def function_type(self) -> ir.FunctionType:
+        return ir.FunctionType(self.ret, self.args)
+
+
+GET_SOCKET_COOKIE = Helper("get_socket_cookie", 46, I64, (PTR,))
+MSG_APPLY_BYTES = Helper("msg_apply_bytes", 61, I64, (PTR, I32))
+MSG_CORK_BYTES = Helper("msg_cork_bytes", 62, I64, (PTR, I32))
+MSG_PULL_DATA = Helper("msg_pull_data", 63, I64, (PTR, I32, I32, I64))
+SOCK_HASH_UPDATE = Helper("sock_hash_update", 70, I64, (PTR, PTR, PTR, I64))
+LOOP = Helper("loop", 181, I64, (I32, PTR, PTR, I64))
+
+
+def call(builder: ir.IRBuilder, helper: Helper, *args: ir.Value) -> ir.Value:
+    """Call a helper the way clang does: through its id cast to a function pointer."""
+    target = ir.Constant(I64, helper.id).inttoptr(PTR)
+    target.function_type = helper.function_type  # llvmlite needs it for opaque pointers
+    return builder.call(target, list(args), name=helper.name)

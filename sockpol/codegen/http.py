@@ -1,0 +1,116 @@
+"""HTTP/1.x lexical facts, as byte sets and regular expressions, from RFC 9110/9112/3986.
+
+These define what the scanner accepts at all; anything outside them is refused (fail closed).
+"""
+
+from __future__ import annotations
+
+from sockpol.codegen.automaton import (
+    Alt,
+    Re,
+    alt,
+    anyof,
+    byte_range,
+    byteset,
+    lit,
+    lit_ci,
+    opt,
+    plus,
+    seq,
+    star,
+)
+
+DIGIT = byte_range("0", "9")
+ALPHA = byte_range("a", "z") | byte_range("A", "Z")
+HEXDIG = DIGIT | byteset("abcdefABCDEF")
+UNRESERVED = ALPHA | DIGIT | byteset("-._~")
+SUB_DELIMS = byteset("!$&'()*+,;=")
+# pchar without pct-encoded; '%' is allowed and its two hex digits are checked separately.
+PCHAR = UNRESERVED | SUB_DELIMS | byteset(":@%")
+PATH_BYTE = PCHAR | byteset("/")
+QUERY_BYTE = PCHAR | byteset("/?")
+TCHAR = ALPHA | DIGIT | byteset("!#$%&'*+-.^_`|~")
+SP = ord(" ")
+CR = ord("\r")
+LF = ord("\n")
+WS = byteset(" \t")
+# field-value bytes: VCHAR, obs-text, SP, HTAB. No CTLs (NUL, bare CR/LF, DEL...).
+FIELD_BYTE = byte_range(" ", "~") | byte_range("\x80", "\xff") | byteset("\t")
+HOST_LABEL = ALPHA | DIGIT | byteset("-")
+
+# Percent-encodings that would be ambiguous if compared literally: every unreserved character
+# (RFC 3986 says they must be decoded, so `%61dmin` *is* `admin`), `/`, `\` and NUL.
+AMBIGUOUS_ENCODED = sorted(
+    {b for b in range(256) if UNRESERVED >> b & 1} | {ord("/"), ord("\\"), 0}
+)
+
+
+def percent_encoded(byte: int) -> Re:
+    hi, lo = f"{byte:02X}"
+    return seq(lit("%"), lit_ci(hi), lit_ci(lo))
+
+
+def ambiguous_path_now() -> Re:
+    """Path prefixes that make a request ambiguous as soon as they are seen."""
+    anything = star(anyof(PATH_BYTE))
+    bad = alt(
+        lit("//"),  # repeated slashes: servers disagree whether they merge them
+        seq(lit("/."), opt(lit(".")), lit("/")),  # dot segments /./ and /../
+        seq(lit("%"), anyof(~HEXDIG & ((1 << 256) - 1))),  # malformed escapes
+        seq(lit("%"), anyof(HEXDIG), anyof(~HEXDIG & ((1 << 256) - 1))),
+        Alt(tuple(percent_encoded(b) for b in AMBIGUOUS_ENCODED)),
+    )
+    return seq(anything, bad)
+
+
+def ambiguous_path_at_end() -> Re:
+    """Paths that are ambiguous only if they end here: `/.`, `/..`, a cut-off `%` escape."""
+    anything = star(anyof(PATH_BYTE))
+    return seq(anything, alt(seq(lit("/."), opt(lit("."))), seq(lit("%"), opt(anyof(HEXDIG)))))
+
+
+def valid_path() -> Re:
+    return seq(lit("/"), star(anyof(PATH_BYTE)))
+
+
+def field_line(name: Re) -> Re:
+    """`name: value` for any value (the CRLF is handled by the scanner)."""
+    return seq(name, lit(":"), star(anyof(FIELD_BYTE)))
+
+
+def field_with_value(name: str, value: Re) -> Re:
+    return seq(lit_ci(name), lit(":"), star(anyof(WS)), value, star(anyof(WS)))
+
+
+def host_value(pattern: str) -> Re:
+    """A Host value matching `pattern` (lower-case, optional leading `*.`), any case, an optional
+    trailing dot and an optional `:port`."""
+    if pattern.startswith("*."):
+        core = seq(plus(anyof(HOST_LABEL)), lit_ci(pattern[1:]))
+    else:
+        core = lit_ci(pattern)
+    return seq(core, opt(lit(".")), opt(seq(lit(":"), star(anyof(DIGIT)))))
+
+
+def any_token() -> Re:
+    return plus(anyof(TCHAR))
+
+
+__all__ = [
+    "CR",
+    "DIGIT",
+    "FIELD_BYTE",
+    "LF",
+    "PATH_BYTE",
+    "QUERY_BYTE",
+    "SP",
+    "TCHAR",
+    "WS",
+    "ambiguous_path_at_end",
+    "ambiguous_path_now",
+    "any_token",
+    "field_line",
+    "field_with_value",
+    "host_value",
+    "valid_path",
+]

@@ -1,0 +1,322 @@
+"""Assemble the request-head scanner: one DFA over the bytes of an HTTP/1.x request head.
+
+The kernel program walks this automaton one byte at a time. Its phases follow the request:
+
+    method SP path [? query] SP HTTP/1.x CRLF  (field-name: value CRLF)*  CRLF
+
+Each phase is determinized from tagged regular expressions (`automaton.py`). Where a phase ends (the
+SP after the method or path, the CR of a header line) the scanner enters a *commit state* that
+records which facts the phase established ("method is GET", "path matches pattern 3", "header
+x-api-key present"). The kernel ORs the commit state's fact set into the request's facts; rules are
+conjunctions of facts. Terminal states END and one per refusal reason stop the walk; any byte
+without a transition leads to the refusal state of its phase, so the scanner accepts only
+well-formed, unambiguous request heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from sockpol.codegen import http
+from sockpol.codegen.automaton import (
+    NFA,
+    Mark,
+    Re,
+    Set,
+    StateLimitExceeded,
+    anyof,
+    determinize,
+    lit,
+    lit_ci,
+    plus,
+)
+
+
+class Reason(IntEnum):
+    """Why a request was refused. The first ones are scanner states (terminal)."""
+
+    NONE = 0
+    BAD_METHOD = 1
+    BAD_TARGET = 2
+    AMBIGUOUS_PATH = 3
+    BAD_VERSION = 4
+    BAD_HEADER = 5
+    DUPLICATE_HEADER = 6
+    BAD_CONTENT_LENGTH = 7
+    TRANSFER_ENCODING = 8
+    # Decided by the program, not by a scanner state:
+    HEAD_TOO_LARGE = 9
+    PULL_FAILED = 10
+    RULE = 11  # refused by a deny rule
+    DEFAULT = 12  # refused by the policy default
+
+
+REASON_TEXT = {
+    Reason.BAD_METHOD: "request line does not start with a method token and one space",
+    Reason.BAD_TARGET: "request target is not an origin-form path with valid characters",
+    Reason.AMBIGUOUS_PATH: "path has dot segments, repeated slashes or an ambiguous %-escape",
+    Reason.BAD_VERSION: "protocol is not HTTP/1.0 or HTTP/1.1 followed by CRLF",
+    Reason.BAD_HEADER: "malformed header line (bad name, control byte, bare CR/LF, obs-fold)",
+    Reason.DUPLICATE_HEADER: "Host or Content-Length appears more than once",
+    Reason.BAD_CONTENT_LENGTH: "Content-Length is not a single decimal number below 4 GiB",
+    Reason.TRANSFER_ENCODING: "Transfer-Encoding bodies are not supported yet",
+    Reason.HEAD_TOO_LARGE: "request head longer than the policy's max-head",
+    Reason.PULL_FAILED: "the kernel could not linearize the message",
+    Reason.RULE: "refused by a deny rule",
+    Reason.DEFAULT: "no rule matched and the default is deny",
+}
+
+END = 0  # head complete
+TERMINAL_STATES = Reason.TRANSFER_ENCODING + 1  # states 0..8 stop the walk
+
+# State flags (bits 16.. of a state's info word; bits 0..15 index its fact set).
+FLAG_CL_DIGIT = 1 << 16  # the byte just consumed is a digit of a Content-Length value
+FLAG_HOST_LINE = 1 << 17  # a complete Host header line
+FLAG_CL_LINE = 1 << 18  # a complete Content-Length header line
+SINGLETON_FLAGS = FLAG_HOST_LINE | FLAG_CL_LINE
+EMIT_MASK = 0xFFFF
+
+
+class StateLimit(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ScannerSpec:
+    method_facts: dict[str, frozenset[int]]  # method token -> facts it establishes
+    path_patterns: list[tuple[Re, int]]  # (regex over the path, fact)
+    header_patterns: list[tuple[Re, int]]  # (regex over a whole header line, fact)
+    state_limit: int = 60_000
+
+
+@dataclass
+class Scanner:
+    """The assembled automaton, before packing into tables."""
+
+    delta: list[list[int]] = field(default_factory=list)  # per state, 256 next states
+    emits: list[frozenset[int]] = field(default_factory=list)
+    flags: list[int] = field(default_factory=list)
+    start: int = 0
+
+    def new_state(self, emit: frozenset[int] = frozenset(), flags: int = 0) -> int:
+        self.delta.append([-1] * 256)
+        self.emits.append(emit)
+        self.flags.append(flags)
+        return len(self.delta) - 1
+
+
+@dataclass(frozen=True)
+class ScannerTables:
+    """The automaton packed for the kernel: class map, transitions, per-state info, fact sets."""
+
+    classmap: bytes  # byte -> class
+    class_bits: int
+    state_bits: int
+    trans: list[int]  # index (state << class_bits) | class
+    info: list[int]  # per state: fact-set index | flags
+    factsets: list[frozenset[int]]  # index 0 is the empty set
+    start: int
+    n_states: int  # states in use (before padding)
+
+    def step(self, state: int, byte: int) -> int:
+        return self.trans[(state << self.class_bits) | self.classmap[byte]]
+
+
+class _Builder:
+    def __init__(self, spec: ScannerSpec) -> None:
+        self.spec = spec
+        self.sc = Scanner()
+        for _ in range(TERMINAL_STATES):
+            self.sc.new_state()
+        # Commit states copy the transitions of the phase start they lead into; those are only
+        # complete at the end, so copies are resolved last.
+        self.copies: list[tuple[int, int]] = []
+        self._commit_cache: dict[tuple[frozenset[int], int, int], int] = {}
+
+    def commit(self, emit: frozenset[int], like: int, flags: int = 0) -> int:
+        key = (emit, like, flags)
+        if key not in self._commit_cache:
+            s = self.sc.new_state(emit, flags)
+            self.copies.append((s, like))
+            self._commit_cache[key] = s
+        return self._commit_cache[key]
+
+    def determinize(self, patterns: list[tuple[Re, Hashable]]):
+        nfa = NFA()
+        start = nfa.state()
+        for regex, tag in patterns:
+            nfa.add(regex, tag, start)
+        try:
+            return determinize(nfa, start, self.spec.state_limit)
+        except StateLimitExceeded as e:
+            raise StateLimit(f"automaton exceeds {e} states") from None
+
+    def place(self, dfa) -> list[int]:
+        return [self.sc.new_state() for _ in dfa.delta]
+
+    def build(self) -> Scanner:
+        sc = self.sc
+        header_start = self.headers()
+        version = self.version(header_start)
+        query = self.query(version)
+        path_start = self.path(version, query)
+        sc.start = self.method(path_start)
+        for s, like in self.copies:
+            sc.delta[s] = list(sc.delta[like])
+        for s in range(TERMINAL_STATES):
+            sc.delta[s] = [s] * 256
+        assert all(t >= 0 for row in sc.delta for t in row)
+        return sc
+
+    # Phases are built back to front so each knows the state that follows it.
+
+    def method(self, path_start: int) -> int:
+        patterns: list[tuple[Re, Hashable]] = [(http.any_token(), "token")]
+        patterns += [(lit(m), ("method", m)) for m in self.spec.method_facts]
+        dfa = self.determinize(patterns)
+        ids = self.place(dfa)
+        for d, row in enumerate(dfa.delta):
+            out = self.sc.delta[ids[d]]
+            for b in range(256):
+                out[b] = ids[row[b]] if b in row else Reason.BAD_METHOD
+            if "token" in dfa.tags[d]:
+                facts = frozenset().union(
+                    *(self.spec.method_facts[t[1]] for t in dfa.tags[d] if t != "token")
+                )
+                out[http.SP] = self.commit(facts, like=path_start)
+        return ids[dfa.start]
+
+    def path(self, version: int, query: int) -> int:
+        patterns: list[tuple[Re, Hashable]] = [
+            (http.valid_path(), "valid"),
+            (http.ambiguous_path_now(), "ambiguous"),
+            (http.ambiguous_path_at_end(), "ambiguous-at-end"),
+        ]
+        patterns += [(regex, ("fact", fact)) for regex, fact in self.spec.path_patterns]
+        dfa = self.determinize(patterns)
+        ids = [
+            Reason.AMBIGUOUS_PATH if "ambiguous" in tags else self.sc.new_state()
+            for tags in dfa.tags
+        ]
+        for d, row in enumerate(dfa.delta):
+            if ids[d] == Reason.AMBIGUOUS_PATH:
+                continue
+            out = self.sc.delta[ids[d]]
+            for b in range(256):
+                out[b] = ids[row[b]] if b in row else Reason.BAD_TARGET
+            tags = dfa.tags[d]
+            if "valid" in tags:
+                if "ambiguous-at-end" in tags:
+                    out[http.SP] = out[ord("?")] = Reason.AMBIGUOUS_PATH
+                else:
+                    facts = frozenset(t[1] for t in tags if isinstance(t, tuple))
+                    out[http.SP] = self.commit(facts, like=version)
+                    out[ord("?")] = self.commit(facts, like=query)
+        return ids[dfa.start]
+
+    def query(self, version: int) -> int:
+        q = self.sc.new_state()
+        out = self.sc.delta[q]
+        for b in range(256):
+            out[b] = q if http.QUERY_BYTE >> b & 1 else Reason.BAD_TARGET
+        out[http.SP] = version
+        return q
+
+    def version(self, header_start: int) -> int:
+        expected = [b"H", b"T", b"T", b"P", b"/", b"1", b".", b"01", b"\r", b"\n"]
+        chain = [self.sc.new_state() for _ in expected]
+        for i, (s, allowed) in enumerate(zip(chain, expected, strict=True)):
+            nxt = chain[i + 1] if i + 1 < len(chain) else header_start
+            self.sc.delta[s] = [nxt if b in allowed else Reason.BAD_VERSION for b in range(256)]
+        return chain[0]
+
+    def headers(self) -> int:
+        cl_digits = plus(Mark(Set(http.DIGIT), "cl-digit"))
+        patterns: list[tuple[Re, Hashable]] = [
+            (http.field_line(plus(anyof(http.TCHAR))), "line"),
+            (http.field_line(lit_ci("host")), "host-line"),
+            (http.field_line(lit_ci("content-length")), "cl-line"),
+            (http.field_with_value("content-length", cl_digits), "cl-valid"),
+            (http.field_line(lit_ci("transfer-encoding")), "te-line"),
+        ]
+        patterns += [(regex, ("fact", fact)) for regex, fact in self.spec.header_patterns]
+        dfa = self.determinize(patterns)
+        ids = self.place(dfa)
+        line_start = ids[dfa.start]
+        head_cr = self.sc.new_state()
+        self.sc.delta[head_cr] = [Reason.BAD_HEADER] * 256
+        self.sc.delta[head_cr][http.LF] = END
+        for d, row in enumerate(dfa.delta):
+            sid = ids[d]
+            out = self.sc.delta[sid]
+            if "cl-digit" in dfa.marks[d]:
+                self.sc.flags[sid] |= FLAG_CL_DIGIT
+            for b in range(256):
+                out[b] = ids[row[b]] if b in row else Reason.BAD_HEADER
+            tags = dfa.tags[d]
+            if d == dfa.start:
+                out[http.CR] = head_cr
+            elif "te-line" in tags:
+                out[http.CR] = Reason.TRANSFER_ENCODING
+            elif "cl-line" in tags and "cl-valid" not in tags:
+                out[http.CR] = Reason.BAD_CONTENT_LENGTH
+            elif "line" in tags:
+                flags = (FLAG_HOST_LINE if "host-line" in tags else 0) | (
+                    FLAG_CL_LINE if "cl-line" in tags else 0
+                )
+                facts = frozenset(t[1] for t in tags if isinstance(t, tuple))
+                # The commit state consumes the CR and must see LF next.
+                out[http.CR] = self.commit(facts, like=self._line_feed(line_start), flags=flags)
+        return line_start
+
+    def _line_feed(self, line_start: int) -> int:
+        if not hasattr(self, "_lf"):
+            self._lf = self.sc.new_state()
+            self.sc.delta[self._lf] = [Reason.BAD_HEADER] * 256
+            self.sc.delta[self._lf][http.LF] = line_start
+        return self._lf
+
+
+def build_scanner(spec: ScannerSpec) -> Scanner:
+    return _Builder(spec).build()
+
+
+def _pow2_bits(n: int) -> int:
+    return max(1, (n - 1).bit_length())
+
+
+def pack(sc: Scanner) -> ScannerTables:
+    """Compress columns into byte classes and pad both dimensions to powers of two, so the kernel
+    can bound every table index with a mask."""
+    columns = {}
+    classmap = bytearray(256)
+    for b in range(256):
+        col = tuple(row[b] for row in sc.delta)
+        classmap[b] = columns.setdefault(col, len(columns))
+    class_bits = _pow2_bits(len(columns))
+    n = len(sc.delta)
+    state_bits = _pow2_bits(n)
+    # Padding (never reachable: indices are masked) refuses rather than reading as END.
+    trans = [int(Reason.BAD_HEADER)] * ((1 << state_bits) << class_bits)
+    for col, cls in columns.items():
+        for s, t in enumerate(col):
+            trans[(s << class_bits) | cls] = t
+    factsets: dict[frozenset[int], int] = {frozenset(): 0}
+    info = [0] * (1 << state_bits)
+    for s in range(n):
+        idx = factsets.setdefault(sc.emits[s], len(factsets))
+        if idx > EMIT_MASK:
+            raise StateLimit("more than 65535 distinct fact sets")
+        info[s] = idx | sc.flags[s]
+    return ScannerTables(
+        classmap=bytes(classmap),
+        class_bits=class_bits,
+        state_bits=state_bits,
+        trans=trans,
+        info=info,
+        factsets=list(factsets),
+        start=sc.start,
+        n_states=n,
+    )

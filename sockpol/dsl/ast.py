@@ -1,0 +1,115 @@
+"""The policy AST: what the parser builds and the checker validates.
+
+Every node carries the `Span` it came from, so any later stage (checker, lint, codegen) can point at
+the exact token. Nodes are frozen: stages hand them on, never patch them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from sockpol.diagnostics import Source, Span
+
+
+class Action(Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    span: Span
+    low: int
+    high: int  # inclusive; equal to `low` for a single port
+
+    def __str__(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+@dataclass(frozen=True)
+class MethodSet:
+    span: Span
+    methods: tuple[str, ...] | None  # None means any method (`*`)
+
+    def __str__(self) -> str:
+        return "*" if self.methods is None else ",".join(self.methods)
+
+
+@dataclass(frozen=True)
+class PathPattern:
+    """A path glob as written: `/exact`, `/one/*/segment`, `/any/depth/**`."""
+
+    span: Span
+    text: str
+
+
+@dataclass(frozen=True)
+class HostCondition:
+    """`host "shop.example.com"` or `host "*.example.com"`; stored lower-case."""
+
+    span: Span
+    pattern: str
+
+    def __str__(self) -> str:
+        return f'host "{self.pattern}"'
+
+
+@dataclass(frozen=True)
+class HeaderCondition:
+    """`header x-api-key` (present) or `header content-type = "application/json"` (exact value)."""
+
+    span: Span
+    name: str  # lower-case
+    value: str | None
+
+    def __str__(self) -> str:
+        if self.value is None:
+            return f"header {self.name}"
+        return f'header {self.name} = "{self.value}"'
+
+
+Condition = HostCondition | HeaderCondition
+
+
+@dataclass(frozen=True)
+class Rule:
+    span: Span
+    index: int  # 0-based position in its policy; the rule's identity in counters and metadata
+    action: Action
+    methods: MethodSet
+    path: PathPattern
+    conditions: tuple[Condition, ...]
+
+    def describe(self) -> str:
+        text = f"{self.action.value} {self.methods} {self.path.text}"
+        if self.conditions:
+            text += " if " + " and ".join(str(c) for c in self.conditions)
+        return text
+
+
+DEFAULT_MAX_HEAD = 8192
+
+
+@dataclass(frozen=True)
+class Policy:
+    span: Span
+    name: str
+    name_span: Span
+    ports: tuple[PortRange, ...]
+    default: Action
+    default_span: Span
+    max_head: int
+    rules: tuple[Rule, ...]
+
+    def governs(self, port: int) -> bool:
+        return any(r.low <= port <= r.high for r in self.ports)
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    source: Source
+    policies: tuple[Policy, ...]
+
+    def policy(self, name: str) -> Policy | None:
+        return next((p for p in self.policies if p.name == name), None)

@@ -1,0 +1,85 @@
+"""The self-description carried inside every compiled object.
+
+A compiled `.o` has a non-allocated ELF section `.sockpol.meta` holding this record as JSON, so a
+prebuilt object can be loaded, inspected and reported on without its source. Codegen writes it;
+the runtime and `sockpol inspect` read it back with pyelftools.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sockpol.diagnostics import SockpolError
+
+SECTION = ".sockpol.meta"
+FORMAT_VERSION = 1
+
+# Names shared by codegen (which emits them) and the runtime (which looks them up).
+MSG_PROGRAM = "sockpol_msg"
+SOCKOPS_PROGRAM = "sockpol_sockops"
+SOCK_MAP = "sockpol_socks"
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    index: int
+    action: str
+    line: int
+    column: int
+    text: str
+
+
+@dataclass(frozen=True)
+class PolicyMetadata:
+    policy: str
+    ports: list[list[int]]  # inclusive [low, high] ranges
+    default: str
+    max_head: int
+    rules: list[RuleInfo]
+    source_path: str
+    source_sha256: str
+    compiler_version: str
+    format: int = FORMAT_VERSION
+    reasons: dict[str, str] = field(default_factory=dict)  # refusal reason code -> meaning
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @staticmethod
+    def from_json(data: bytes) -> PolicyMetadata:
+        raw = json.loads(data.decode())
+        if raw.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unsupported metadata format {raw.get('format')!r}")
+        raw["rules"] = [RuleInfo(**r) for r in raw["rules"]]
+        return PolicyMetadata(**raw)
+
+
+class ObjectFileError(SockpolError):
+    pass
+
+
+def read_metadata(path: str | Path) -> PolicyMetadata:
+    """Read the policy record from a compiled object, with a clear error for anything else."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            elf = ELFFile(f)
+            if elf["e_machine"] != "EM_BPF":
+                raise ObjectFileError(f"{path}: not a BPF object (machine {elf['e_machine']})")
+            section = elf.get_section_by_name(SECTION)
+            if section is None:
+                raise ObjectFileError(f"{path}: no {SECTION} section; not compiled by sockpol")
+            data = section.data()
+    except OSError as e:
+        raise ObjectFileError(f"{path}: {e.strerror}") from None
+    except ELFError as e:
+        raise ObjectFileError(f"{path}: not an ELF object ({e})") from None
+    try:
+        return PolicyMetadata.from_json(data.rstrip(b"\0"))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ObjectFileError(f"{path}: unreadable {SECTION} section ({e})") from None
