@@ -1,0 +1,740 @@
+"""Load, replace, inspect and unload compiled policies in the running kernel.
+
+A load, in order (each step undone if a later one fails, so a failed load leaves nothing behind):
+  1. read `.sockpol.meta`, open the object with libbpf, check the object contract
+     (sk_msg program `sockpol_msg`, sock_ops program `sockpol_sockops`, sockhash `sockpol_socks`);
+  2. replacing a loaded policy of the same name: make the object reuse the pinned sockhash, so the
+     connections it governs stay in it;
+  3. load (verify) the programs; a rejection becomes LoadError("load: verifier rejected ...") with
+     the tail of the verifier log; until here nothing of a running policy was touched;
+  4. pin programs, maps and the state record (state.py) into a staging directory (pins.py);
+  5. attach `sockpol_msg` to the sockhash (BPF_SK_MSG_VERDICT), before any socket can be inserted;
+  6. attach `sockpol_sockops` to the cgroup with a bpf_link (multi-attach: coexists with other
+     programs); on replacement in the same cgroup, swap the program of the existing link in place
+     (bpf_link_update), so there is no moment without a sock_ops program;
+  7. swap the staging directory with `/sys/fs/bpf/sockpol/<name>/` in one rename: the commit point;
+  8. then detach a link that the old version had on another cgroup (or had, when the new version
+     is attached to no cgroup), and unpin the old version.
+
+What connections see across a replacement: a socket keeps the sk_msg program it was given when it
+was inserted into the sockhash (the kernel copies the map's program into the socket's psock). So
+connections opened before the replacement stay governed by the OLD policy until they close;
+connections established afterwards get the new one. None is ever ungoverned. The old programs stay
+in the kernel, held by those sockets, and go away when the last of them closes.
+
+`unload` detaches the link (BPF_LINK_DETACH, so it goes even if some process still holds an fd),
+removes every socket from the sockhash (they become ordinary sockets again), detaches the sk_msg
+program from the map and unpins the directory; the kernel frees the rest once no fds remain.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sockpol.diagnostics import SockpolError
+from sockpol.metadata import (
+    MSG_PROGRAM,
+    SOCK_MAP,
+    SOCKOPS_PROGRAM,
+    PolicyMetadata,
+    read_metadata,
+)
+from sockpol.runtime import libbpf, pins
+from sockpol.runtime.libbpf import BpfError
+from sockpol.runtime.state import PolicyState, StateError, create_state_map, read_state
+from sockpol.runtime.system import check_privileges, resolve_cgroup
+
+log = logging.getLogger("sockpol.runtime")
+
+OBJECT_NAME = "sockpol"  # libbpf names global-data maps after it: sockpol.rodata, sockpol.data
+SO_COOKIE = 57
+LOG_TAIL_LINES = 20
+_SOCK_KEY = struct.Struct("<Q")  # sockhash key: socket cookie, u64
+_SOCK_VALUE = struct.Struct("<I")  # sockhash value on update: the socket's fd, u32
+ENOTSUPP = 524  # kernel-internal "not supported", leaks out of sock_map_update for some sockets
+_NOT_INSERTABLE = (errno.EOPNOTSUPP, errno.EINVAL, ENOTSUPP)
+
+
+class LoadError(SockpolError):
+    """A policy could not be loaded: `stage` names the failed step, `log_lines` the kernel's why."""
+
+    def __init__(self, stage: str, message: str, log_lines: list[str] | None = None) -> None:
+        self.stage = stage
+        self.message = message
+        self.log_lines = log_lines or []
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.stage}: {self.message}"
+        if self.log_lines:
+            text += "\n" + "\n".join(f"  | {line}" for line in self.log_lines)
+        return text
+
+
+class PolicyNotFound(SockpolError):
+    pass
+
+
+class RuntimeOpError(SockpolError):
+    """A runtime operation other than load failed (unload, adding a socket...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Public results
+
+
+@dataclass
+class LoadedPolicy:
+    """A policy in force. Holds an fd of its sockhash for add/remove_socket; pins outlive it."""
+
+    name: str
+    pin_dir: Path
+    metadata: PolicyMetadata
+    cgroup: Path | None
+    program_ids: dict[str, int]
+    link_id: int | None
+    map_id: int
+    _socks_fd: int | None = field(repr=False, default=None)
+
+    def add_socket(self, sock: socket.socket) -> bool:
+        """Put an established TCP socket under the policy; False if it already was.
+
+        The key is the socket's cookie, as for sockets the sock_ops program inserts.
+        """
+        key = _SOCK_KEY.pack(_cookie(sock))
+        try:
+            libbpf.map_update(self._fd(), key, _SOCK_VALUE.pack(sock.fileno()), libbpf.BPF_NOEXIST)
+        except BpfError as e:
+            # A socket already in the map fails with EBUSY (its psock is taken), not EEXIST.
+            if e.errno in (errno.EEXIST, errno.EBUSY) and libbpf.map_has_key(self._fd(), key):
+                return False
+            hint = ""
+            if e.errno in _NOT_INSERTABLE:
+                hint = " (only established TCP sockets without a TLS ULP can be added)"
+            elif e.errno == errno.EBUSY:
+                hint = " (the socket is already in another sockmap or sockhash)"
+            raise RuntimeOpError(f"add_socket: {e.op}: {libbpf.strerror(e.errno)}{hint}") from None
+        return True
+
+    def remove_socket(self, sock: socket.socket) -> bool:
+        """Release a socket from the policy; False if it was not governed by it."""
+        try:
+            return libbpf.map_delete(self._fd(), _SOCK_KEY.pack(_cookie(sock)))
+        except BpfError as e:
+            raise RuntimeOpError(f"remove_socket: {e}") from None
+
+    def sockets(self) -> int:
+        """How many sockets the policy governs now."""
+        return len(libbpf.map_keys(self._fd(), _SOCK_KEY.size))
+
+    def close(self) -> None:
+        if self._socks_fd is not None:
+            os.close(self._socks_fd)
+            self._socks_fd = None
+
+    def _fd(self) -> int:
+        if self._socks_fd is None:
+            raise RuntimeOpError(f"policy {self.name}: handle already closed")
+        return self._socks_fd
+
+    def __enter__(self) -> LoadedPolicy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class PolicyStatus:
+    name: str
+    pin_dir: Path
+    ports: list[tuple[int, int]] = field(default_factory=list)
+    cgroup: str | None = None
+    loaded_at: datetime | None = None
+    object_path: str = ""
+    object_sha256: str = ""
+    program_ids: dict[str, int] = field(default_factory=dict)
+    link_id: int | None = None
+    map_ids: dict[str, int] = field(default_factory=dict)
+    sockets: int | None = None
+    metadata: PolicyMetadata | None = None
+    problem: str | None = None  # set when the pins are incomplete or unreadable
+
+
+def _cookie(sock: socket.socket) -> int:
+    return _SOCK_KEY.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def load(
+    obj_path: str | os.PathLike[str],
+    cgroup: str | os.PathLike[str] | None,
+    *,
+    name: str | None = None,
+) -> LoadedPolicy:
+    """Load a compiled policy object, attach it to `cgroup` (None: to no cgroup) and pin it.
+
+    Loading a name that is already loaded replaces it without a moment of ungoverned traffic; if
+    the new object fails anywhere, the old policy stays exactly as it was.
+    """
+    path = Path(obj_path)
+    meta = read_metadata(path)
+    name = name or meta.policy
+    if not pins.valid_name(name):
+        raise LoadError(
+            "load", f"invalid policy name {name!r} (letters, digits, _ and -; 64 at most)"
+        )
+    check_privileges()
+    cgroup_dir = resolve_cgroup(cgroup) if cgroup is not None else None
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise LoadError("open", f"{path}: {e.strerror}") from None
+    try:
+        root = pins.pin_root(create=True)
+    except OSError as e:
+        raise LoadError("pin", f"cannot create the pin root: {e}") from None
+    assert root is not None
+    state = PolicyState(
+        name=name,
+        cgroup=str(cgroup_dir) if cgroup_dir else None,
+        loaded_at=time.time(),
+        object_path=str(path.resolve()),
+        object_sha256=digest,
+        metadata=_metadata_dict(meta),
+    )
+    with pins.locked(root):
+        pins.sweep_stale(root)
+        old = _Installed.open(root / name) if (root / name).exists() else None
+        try:
+            return _Load(root, path, meta, state, cgroup_dir, old).run()
+        finally:
+            if old is not None:
+                old.close()
+
+
+def _metadata_dict(meta: PolicyMetadata) -> dict:
+    return json.loads(meta.to_json())
+
+
+class _Undo:
+    """Undo actions of a load in progress, run newest first if the load does not commit."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], None]]] = []
+
+    def push(self, what: str, fn: Callable[[], None]) -> None:
+        self._steps.append((what, fn))
+
+    def rollback(self) -> None:
+        while self._steps:
+            what, fn = self._steps.pop()
+            try:
+                fn()
+            except Exception as e:  # keep undoing the rest; report what could not be undone
+                log.error("rollback: could not %s: %s", what, e)
+
+    def discard(self) -> None:
+        self._steps.clear()
+
+
+@dataclass
+class _Installed:
+    """The pins of a policy already loaded under the name being (re)loaded, opened as fds."""
+
+    pin_dir: Path
+    socks_fd: int
+    msg_fd: int | None
+    sockops_fd: int | None
+    link_fd: int | None
+    state: PolicyState | None
+
+    @staticmethod
+    def open(pin_dir: Path) -> _Installed:
+        def get(pin: str) -> int | None:
+            p = pin_dir / pin
+            return libbpf.obj_get(str(p)) if p.exists() else None
+
+        socks = get(pins.PIN_SOCKS)
+        if socks is None:
+            raise LoadError(
+                "replace",
+                f"{pin_dir} has no {pins.PIN_SOCKS} pin; unload policy {pin_dir.name} first",
+            )
+        installed = _Installed(pin_dir, socks, get(pins.PIN_MSG), get(pins.PIN_SOCKOPS), None, None)
+        try:
+            installed.link_fd = get(pins.PIN_LINK)
+            state_fd = get(pins.PIN_STATE)
+            if state_fd is not None:
+                try:
+                    installed.state = read_state(state_fd)
+                except StateError as e:
+                    log.warning("replace: ignoring old state record: %s", e)
+                finally:
+                    os.close(state_fd)
+        except BaseException:
+            installed.close()
+            raise
+        return installed
+
+    def close(self) -> None:
+        for fd in (self.socks_fd, self.msg_fd, self.sockops_fd, self.link_fd):
+            if fd is not None:
+                os.close(fd)
+        self.msg_fd = self.sockops_fd = self.link_fd = None
+
+
+class _Load:
+    """One load transaction (see the module docstring for the steps)."""
+
+    def __init__(
+        self,
+        root: Path,
+        path: Path,
+        meta: PolicyMetadata,
+        state: PolicyState,
+        cgroup_dir: Path | None,
+        old: _Installed | None,
+    ) -> None:
+        self.root, self.path, self.meta, self.state = root, path, meta, state
+        self.name = state.name
+        self.cgroup_dir = cgroup_dir
+        self.old = old
+        self.undo = _Undo()
+        self.fds: list[int] = []  # fds we own, closed at the end either way
+        self.kept_old_link = False  # the old cgroup link now runs the new program
+
+    def run(self) -> LoadedPolicy:
+        obj: libbpf.BpfObject | None = None
+        try:
+            obj = self._open()
+            progs, socks = self._check_contract(obj)
+            if self.old is not None:
+                self._reuse_sockhash(socks)
+            self._load(obj, progs)
+            msg_fd, sockops_fd = progs[MSG_PROGRAM].fd(), progs[SOCKOPS_PROGRAM].fd()
+            socks_fd = socks.fd()
+            staging = self._pin_all(obj, msg_fd, sockops_fd, socks_fd)
+            self._attach_msg(msg_fd, socks_fd)
+            link_fd = self._attach_cgroup(sockops_fd)
+            if link_fd is not None:
+                self._pin(link_fd, staging / pins.PIN_LINK)
+            handle = LoadedPolicy(
+                name=self.name,
+                pin_dir=self.root / self.name,
+                metadata=self.meta,
+                cgroup=self.cgroup_dir,
+                program_ids={
+                    MSG_PROGRAM: libbpf.prog_info(msg_fd).id,
+                    SOCKOPS_PROGRAM: libbpf.prog_info(sockops_fd).id,
+                },
+                link_id=libbpf.link_info(link_fd).id if link_fd is not None else None,
+                map_id=libbpf.map_info(socks_fd).id,
+                _socks_fd=os.dup(socks_fd),
+            )
+            self.undo.push("close the handle", handle.close)
+            self._commit(staging)
+            self._retire_old(staging)
+            return handle
+        except BaseException:
+            self.undo.rollback()
+            raise
+        finally:
+            for fd in self.fds:
+                os.close(fd)
+            if obj is not None:
+                obj.close()
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _open(self) -> libbpf.BpfObject:
+        with libbpf.capture_messages() as messages:
+            try:
+                return libbpf.BpfObject.open_file(str(self.path), object_name=OBJECT_NAME)
+            except BpfError as e:
+                raise LoadError(
+                    "open", f"{self.path}: {libbpf.strerror(e.errno)}", _warnings(messages)
+                ) from None
+
+    def _check_contract(
+        self, obj: libbpf.BpfObject
+    ) -> tuple[dict[str, libbpf.Program], libbpf.Map]:
+        want = {
+            MSG_PROGRAM: libbpf.BPF_PROG_TYPE_SK_MSG,
+            SOCKOPS_PROGRAM: libbpf.BPF_PROG_TYPE_SOCK_OPS,
+        }
+        progs: dict[str, libbpf.Program] = {}
+        for prog in obj.programs():
+            if prog.name in want:
+                if prog.type != want[prog.name]:
+                    raise LoadError(
+                        "open", f"{self.path}: program {prog.name} has the wrong program type"
+                    )
+                progs[prog.name] = prog
+                prog.capture_log()
+            else:
+                prog.set_autoload(False)  # not part of the contract: never load it
+        missing = sorted(set(want) - set(progs))
+        if missing:
+            raise LoadError("open", f"{self.path}: no program {', '.join(missing)}")
+        socks = obj.map(SOCK_MAP)
+        if socks is None or socks.type != libbpf.BPF_MAP_TYPE_SOCKHASH:
+            raise LoadError("open", f"{self.path}: no sockhash map {SOCK_MAP}")
+        if socks.key_size != _SOCK_KEY.size:
+            raise LoadError("open", f"{self.path}: {SOCK_MAP} key must be a u64 socket cookie")
+        for m in obj.maps():
+            m.clear_pin_path()  # pins are ours to place; no libbpf auto-pinning anywhere
+        return progs, socks
+
+    def _reuse_sockhash(self, socks: libbpf.Map) -> None:
+        assert self.old is not None
+        info = libbpf.map_info(self.old.socks_fd)
+        new = (socks.type, socks.key_size, socks.value_size, socks.max_entries)
+        have = (info.type, info.key_size, info.value_size, info.max_entries)
+        if new != have:
+            # bpf_map__reuse_fd would silently adopt the old shape; say it instead.
+            raise LoadError(
+                "replace",
+                f"{SOCK_MAP} changed shape (type/key/value/max_entries {have} -> {new}); "
+                f"unload policy {self.name} before loading this object",
+            )
+        try:
+            socks.reuse_fd(self.old.socks_fd)
+        except BpfError as e:
+            raise LoadError("replace", str(e)) from None
+
+    def _load(self, obj: libbpf.BpfObject, progs: dict[str, libbpf.Program]) -> None:
+        with libbpf.capture_messages() as messages:
+            try:
+                obj.load()
+            except BpfError as e:
+                raise _load_error(e, messages, progs) from None
+
+    def _pin(self, fd: int, path: Path) -> None:
+        try:
+            libbpf.obj_pin(fd, str(path))
+        except BpfError as e:
+            raise LoadError("pin", str(e)) from None
+
+    def _pin_all(self, obj: libbpf.BpfObject, msg_fd: int, sockops_fd: int, socks_fd: int) -> Path:
+        staging = pins.staging_dir(self.root, self.name)
+        try:
+            staging.mkdir()
+        except OSError as e:
+            raise LoadError("pin", f"cannot create {staging}: {e.strerror}") from None
+        self.undo.push(f"remove {staging}", lambda: pins.remove_pins(staging))
+        self._pin(msg_fd, staging / pins.PIN_MSG)
+        self._pin(sockops_fd, staging / pins.PIN_SOCKOPS)
+        self._pin(socks_fd, staging / pins.PIN_SOCKS)
+        for m in obj.maps():
+            if m.name != SOCK_MAP:
+                self._pin(m.fd(), staging / pins.map_pin_name(m.name))
+        try:
+            state_fd = create_state_map(self.state)
+        except BpfError as e:
+            raise LoadError("pin", f"state record: {e}") from None
+        self.fds.append(state_fd)
+        self._pin(state_fd, staging / pins.PIN_STATE)
+        return staging
+
+    def _attach_msg(self, msg_fd: int, socks_fd: int) -> None:
+        try:
+            libbpf.prog_attach(msg_fd, socks_fd, libbpf.BPF_SK_MSG_VERDICT)
+        except BpfError as e:
+            raise LoadError(
+                "attach", f"{MSG_PROGRAM} to {SOCK_MAP}: {libbpf.strerror(e.errno)}"
+            ) from None
+        old_msg = self.old.msg_fd if self.old is not None else None
+        if old_msg is not None:
+            # Replacing: give the map its previous program back (new sockets would get it).
+            self.undo.push(
+                f"re-attach the previous {MSG_PROGRAM}",
+                lambda: libbpf.prog_attach(old_msg, socks_fd, libbpf.BPF_SK_MSG_VERDICT),
+            )
+        else:
+            self.undo.push(
+                f"detach {MSG_PROGRAM}",
+                lambda: libbpf.prog_detach(msg_fd, socks_fd, libbpf.BPF_SK_MSG_VERDICT),
+            )
+
+    def _attach_cgroup(self, sockops_fd: int) -> int | None:
+        """Attach sock_ops to the cgroup; returns the link fd, None when there is no cgroup."""
+        if self.cgroup_dir is None:
+            return None
+        old = self.old
+        same_cgroup = (
+            old is not None
+            and old.link_fd is not None
+            and old.sockops_fd is not None
+            and old.state is not None
+            and old.state.cgroup == str(self.cgroup_dir)
+        )
+        if same_cgroup:
+            assert old is not None and old.link_fd is not None and old.sockops_fd is not None
+            link_fd, old_prog = old.link_fd, old.sockops_fd
+            try:
+                libbpf.link_update(link_fd, sockops_fd, old_prog_fd=old_prog)
+            except BpfError as e:
+                if e.errno != errno.ENOLINK:  # ENOLINK: the old link is defunct; make a new one
+                    raise LoadError(
+                        "attach",
+                        f"{SOCKOPS_PROGRAM}: replacing the program of the cgroup link: "
+                        f"{libbpf.strerror(e.errno)}",
+                    ) from None
+            else:
+                self.undo.push(
+                    f"give the cgroup link its previous {SOCKOPS_PROGRAM}",
+                    lambda: libbpf.link_update(link_fd, old_prog, old_prog_fd=sockops_fd),
+                )
+                self.kept_old_link = True
+                return link_fd
+        try:
+            cg_fd = os.open(self.cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise LoadError("attach", f"cgroup {self.cgroup_dir}: {e.strerror}") from None
+        try:
+            link_fd = libbpf.link_create(sockops_fd, cg_fd, libbpf.BPF_CGROUP_SOCK_OPS)
+        except BpfError as e:
+            raise LoadError(
+                "attach",
+                f"{SOCKOPS_PROGRAM} to cgroup {self.cgroup_dir}: {libbpf.strerror(e.errno)}",
+            ) from None
+        finally:
+            os.close(cg_fd)
+        self.fds.append(link_fd)
+        self.undo.push(
+            f"detach {SOCKOPS_PROGRAM} from {self.cgroup_dir}", lambda: libbpf.link_detach(link_fd)
+        )
+        return link_fd
+
+    def _commit(self, staging: Path) -> None:
+        final = self.root / self.name
+        try:
+            if self.old is not None:
+                pins.exchange(staging, final)
+            else:
+                os.rename(staging, final)
+        except OSError as e:
+            raise LoadError("pin", f"cannot move {staging} to {final}: {e.strerror}") from None
+        self.undo.discard()  # the new policy is in force; from here on nothing is rolled back
+
+    def _retire_old(self, staging: Path) -> None:
+        """After the commit: `staging` now holds the previous version's pins."""
+        old = self.old
+        if old is None:
+            return
+        if old.link_fd is not None and not self.kept_old_link:
+            # The old version's link is on another cgroup, or the new one attaches to none.
+            try:
+                libbpf.link_detach(old.link_fd)
+            except BpfError as e:
+                if e.errno != errno.ENOLINK:
+                    log.warning("replace: could not detach the previous cgroup link: %s", e)
+        try:
+            pins.remove_pins(staging)
+        except OSError as e:
+            log.warning("replace: could not remove the previous pins in %s: %s", staging, e)
+
+
+def _warnings(messages: list[tuple[int, str]], limit: int = 10) -> list[str]:
+    lines = [text for level, text in messages if level == libbpf.LIBBPF_WARN]
+    return [line.removeprefix("libbpf: ") for line in lines[-limit:]]
+
+
+_PROG_FAILED = re.compile(r"prog '([^']+)': BPF program load failed: (.*)")
+_MAP_FAILED = re.compile(r"map '([^']+)'.*failed.*")
+
+
+def _load_error(
+    e: BpfError, messages: list[tuple[int, str]], progs: dict[str, libbpf.Program]
+) -> LoadError:
+    """Name what failed in bpf_object__load and quote the lines that explain it."""
+    for _level, text in messages:
+        m = _PROG_FAILED.search(text)
+        if m is None:
+            continue
+        prog_name, reason = m.groups()
+        prog = progs.get(prog_name)
+        verifier_log = prog.log if prog is not None else ""
+        if not verifier_log.strip() and e.errno == errno.EPERM:
+            return LoadError(
+                "load",
+                f"not permitted to load {prog_name} ({reason}); needs CAP_BPF and CAP_NET_ADMIN",
+            )
+        said = verifier_verdict(verifier_log)
+        detail = f"{said} ({reason})" if said else reason
+        return LoadError(
+            "load", f"verifier rejected {prog_name}: {detail}", verifier_tail(verifier_log)
+        )
+    for _level, text in messages:
+        if _MAP_FAILED.search(text):
+            return LoadError("load", text.removeprefix("libbpf: "), _warnings(messages))
+    return LoadError("load", libbpf.strerror(e.errno), _warnings(messages))
+
+
+def verifier_verdict(text: str) -> str:
+    """The verifier's own error line: the last line before its closing statistics."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    while lines and lines[-1].startswith(("processed ", "verification time", "stack depth")):
+        lines.pop()
+    return lines[-1] if lines else ""
+
+
+def verifier_tail(text: str, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The end of a verifier log, where the verifier states the error (then its statistics)."""
+    all_lines = [line.rstrip() for line in text.rstrip().splitlines()]
+    return all_lines[-lines:]
+
+
+# ---------------------------------------------------------------------------------------------
+# unload
+
+
+def unload(name: str) -> None:
+    """Detach and unpin a loaded policy; its sockets become ordinary sockets again."""
+    if not pins.valid_name(name):
+        raise PolicyNotFound(f"unload: no policy named {name!r}")
+    check_privileges()
+    root = pins.pin_root(create=False)
+    if root is None or not (root / name).is_dir():
+        raise PolicyNotFound(f"unload: no policy named {name!r} is loaded (see sockpol status)")
+    with pins.locked(root):
+        pins.sweep_stale(root)
+        pin_dir = root / name
+        if not pin_dir.is_dir():
+            raise PolicyNotFound(f"unload: no policy named {name!r} is loaded")
+        # Move it out of sight first: to other processes it is either loaded or gone.
+        aside = pins.unload_dir(root, name)
+        os.rename(pin_dir, aside)
+        problems = _teardown(aside)
+        pins.remove_pins(aside)
+    if problems:
+        raise RuntimeOpError(f"unload {name}: unpinned, but " + "; ".join(problems))
+
+
+def _teardown(pin_dir: Path) -> list[str]:
+    problems: list[str] = []
+
+    def get(pin: str) -> int | None:
+        p = pin_dir / pin
+        if not p.exists():
+            return None
+        try:
+            return libbpf.obj_get(str(p))
+        except BpfError as e:
+            problems.append(str(e))
+            return None
+
+    link_fd = get(pins.PIN_LINK)
+    if link_fd is not None:
+        try:
+            libbpf.link_detach(link_fd)  # stop new connections from being inserted first
+        except BpfError as e:
+            if e.errno != errno.ENOLINK:  # ENOLINK: already defunct (its cgroup is gone)
+                problems.append(f"detaching the cgroup link: {e}")
+        finally:
+            os.close(link_fd)
+    socks_fd = get(pins.PIN_SOCKS)
+    msg_fd = get(pins.PIN_MSG)
+    if socks_fd is not None:
+        try:
+            for key in libbpf.map_keys(socks_fd, _SOCK_KEY.size):
+                libbpf.map_delete(socks_fd, key)
+        except BpfError as e:
+            problems.append(f"releasing sockets: {e}")
+        if msg_fd is not None:
+            try:
+                libbpf.prog_detach(msg_fd, socks_fd, libbpf.BPF_SK_MSG_VERDICT)
+            except BpfError as e:
+                if e.errno != errno.ENOENT:
+                    problems.append(f"detaching {MSG_PROGRAM}: {e}")
+    for fd in (socks_fd, msg_fd):
+        if fd is not None:
+            os.close(fd)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+
+
+def status() -> list[PolicyStatus]:
+    """Every loaded policy, read from the pins alone (works from any process)."""
+    root = pins.pin_root(create=False)
+    if root is None:
+        return []
+    out = []
+    for pin_dir in sorted(root.iterdir()):
+        if pin_dir.name.startswith(pins.TEMP_PREFIX) or not pin_dir.is_dir():
+            continue
+        try:
+            out.append(_status_of(pin_dir))
+        except FileNotFoundError:
+            continue  # unloaded while we looked
+        except (BpfError, StateError, OSError, ValueError) as e:
+            out.append(PolicyStatus(name=pin_dir.name, pin_dir=pin_dir, problem=str(e)))
+    return out
+
+
+def _status_of(pin_dir: Path) -> PolicyStatus:
+    fds: dict[str, int] = {}
+    try:
+        for pin in pin_dir.iterdir():
+            fds[pin.name] = libbpf.obj_get(str(pin))
+        missing = [
+            p
+            for p in (pins.PIN_MSG, pins.PIN_SOCKOPS, pins.PIN_SOCKS, pins.PIN_STATE)
+            if p not in fds
+        ]
+        state = read_state(fds[pins.PIN_STATE]) if pins.PIN_STATE in fds else None
+        meta = state.policy_metadata() if state is not None else None
+        program_ids = {
+            p: libbpf.prog_info(fds[p]).id for p in (pins.PIN_MSG, pins.PIN_SOCKOPS) if p in fds
+        }
+        map_ids = {
+            p: libbpf.map_info(fd).id
+            for p, fd in fds.items()
+            if p == pins.PIN_SOCKS or p.startswith(pins.MAP_PREFIX)
+        }
+        link_id = libbpf.link_info(fds[pins.PIN_LINK]).id if pins.PIN_LINK in fds else None
+        sockets = (
+            len(libbpf.map_keys(fds[pins.PIN_SOCKS], _SOCK_KEY.size))
+            if pins.PIN_SOCKS in fds
+            else None
+        )
+        return PolicyStatus(
+            name=pin_dir.name,
+            pin_dir=pin_dir,
+            ports=[(lo, hi) for lo, hi in meta.ports] if meta else [],
+            cgroup=state.cgroup if state else None,
+            loaded_at=datetime.fromtimestamp(state.loaded_at, UTC) if state else None,
+            object_path=state.object_path if state else "",
+            object_sha256=state.object_sha256 if state else "",
+            program_ids=program_ids,
+            link_id=link_id,
+            map_ids=map_ids,
+            sockets=sockets,
+            metadata=meta,
+            problem=f"missing pins: {', '.join(missing)}" if missing else None,
+        )
+    finally:
+        for fd in fds.values():
+            os.close(fd)
