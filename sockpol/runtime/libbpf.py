@@ -91,11 +91,25 @@ def lib() -> ctypes.CDLL:
     """The loaded library with argument types declared; loaded on first use, not at import."""
     global _lib
     if _lib is None:
+        _occupy_std_fds()
         loaded = _load()
         _declare(loaded)
         loaded.libbpf_set_print(_print_cb)
         _lib = loaded
     return _lib
+
+
+def _occupy_std_fds() -> None:
+    """Keep fds 0-2 taken (by /dev/null when closed, as under some CI runners).
+
+    Otherwise the first BPF object would get fd 0, which libbpf 1.1 and parts of the bpf() ABI
+    read as "no fd" (libbpf 1.2 added the same guard internally).
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # lowest free fd: this one, lower ones are taken
 
 
 class _OpenOpts(Structure):
@@ -216,8 +230,7 @@ def _check_ptr(op: str, ptr: int | None) -> int:
 # ---------------------------------------------------------------------------------------------
 # libbpf's print callback
 
-_MSG_BUF = ctypes.create_string_buffer(1 << 16)
-_capture = threading.local()
+_capture = threading.local()  # per thread: the capture list and a format buffer
 _libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
 _libc.vsnprintf.restype = c_int
 LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
@@ -228,8 +241,12 @@ def _print_cb(level: int, fmt: bytes, ap: int) -> int:
     # va_list arrives as a pointer on x86-64 and arm64 (an array / an indirectly passed struct),
     # so libc's vsnprintf can format it directly.
     try:
-        n = _libc.vsnprintf(_MSG_BUF, len(_MSG_BUF), fmt, ap)
-        text = _MSG_BUF.value.decode(errors="replace").rstrip("\n")
+        # ctypes releases the GIL around vsnprintf, so the buffer must not be shared by threads.
+        buf = getattr(_capture, "buf", None)
+        if buf is None:
+            buf = _capture.buf = ctypes.create_string_buffer(1 << 16)
+        n = _libc.vsnprintf(buf, len(buf), fmt, ap)
+        text = buf.value.decode(errors="replace").rstrip("\n")
         sink: list[tuple[int, str]] | None = getattr(_capture, "messages", None)
         if sink is not None and level <= LIBBPF_INFO:
             sink.append((level, text))

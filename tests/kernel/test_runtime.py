@@ -57,6 +57,16 @@ def send(sock: socket.socket, path: str) -> int | None:
     return None
 
 
+def cgroup_show(cgroup: Path) -> str:
+    """What bpftool says is attached to exactly this cgroup (JSON text)."""
+    return subprocess.run(
+        ["bpftool", "--json", "cgroup", "show", str(cgroup)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def status_of(name: str):
     found = [s for s in status() if s.name == name]
     assert found, f"status() does not list {name}: {[s.name for s in status()]}"
@@ -87,10 +97,7 @@ def test_load_attach_unload_leaves_nothing(
         "cgroup_link",
         "state",
     }
-    attached = subprocess.run(
-        ["bpftool", "--json", "cgroup", "show", str(cgroup)], capture_output=True, text=True
-    )
-    assert "sockpol_sockops" in attached.stdout
+    assert "sockpol_sockops" in cgroup_show(cgroup)
 
     ok, denied = http_client(cgroup, http_server.port, [[request("/ok")], [request("/admin/x")]])
     assert ok.received.startswith(b"HTTP/1.1 200")
@@ -180,17 +187,33 @@ def test_replace_moves_to_another_cgroup(policy, cgroup, assert_nothing_left):
     load(policy("rt-move"), a).close()
     load(policy("rt-move"), b).close()
     assert status_of("rt-move").cgroup == str(b)
-    show = {
-        c: subprocess.run(
-            ["bpftool", "--json", "cgroup", "show", str(c)], capture_output=True, text=True
-        ).stdout
-        for c in (a, b)
-    }
+    show = {c: cgroup_show(c) for c in (a, b)}
     assert "sockpol_sockops" not in show[a]
     assert "sockpol_sockops" in show[b]
+
+    # Replacing with no cgroup detaches the old link: sockets are then only added by hand.
+    load(policy("rt-move"), None).close()
+    assert status_of("rt-move").cgroup is None
+    assert status_of("rt-move").link_id is None
+    assert "sockpol_sockops" not in cgroup_show(b)
     unload("rt-move")
-    assert_nothing_left("rt-move", b)
     assert_nothing_left("rt-move", a)
+
+
+def test_two_policies_share_a_cgroup(
+    policy, compiled_policy, free_port, cgroup, http_server, http_client, assert_nothing_left
+):
+    # cgroup links are multi-attach: a second policy (another port) coexists with the first.
+    load(policy("rt-multi-a"), cgroup).close()
+    other = POLICY.format(name="rt-multi-b", port=free_port, denied="other")
+    load(compiled_policy(other), cgroup).close()
+    assert cgroup_show(cgroup).count("sockpol_sockops") == 2
+    unload("rt-multi-b")
+    (conn,) = http_client(cgroup, http_server.port, [[request("/admin/x")]])
+    assert conn.refused  # the first policy is untouched
+    unload("rt-multi-a")
+    assert_nothing_left("rt-multi-a", cgroup)
+    assert_nothing_left("rt-multi-b", cgroup)
 
 
 def test_failed_replace_leaves_old_policy_in_force(
