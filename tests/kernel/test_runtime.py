@@ -325,3 +325,39 @@ def test_load_into_a_missing_cgroup_is_a_clear_error(policy, cgroup, assert_noth
     with pytest.raises(Exception, match="not a cgroup v2 directory"):
         load(policy("rt-nocg"), cgroup / "does-not-exist")
     assert_nothing_left("rt-nocg")
+
+
+CRASH_DURING_LOAD = """\
+import os, sys
+from sockpol.runtime import loader
+loader._Load._commit = lambda self, staging: os._exit(9)  # die after attaching, before commit
+loader.load(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_load_that_died_midway_is_swept_by_the_next(policy, cgroup, assert_nothing_left):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    obj = policy("rt-crash")
+    died = subprocess.run([sys.executable, "-c", CRASH_DURING_LOAD, str(obj), str(cgroup)], env=env)
+    assert died.returncode == 9
+    root = pins.pin_root(create=False)
+    assert [p.name for p in root.iterdir() if p.name.startswith("_staging-rt-crash-")]
+    assert "rt-crash" not in [s.name for s in status()]  # never committed, so not loaded
+
+    load(obj, cgroup).close()  # sweeps the leftovers under the lock
+    assert not [p for p in root.iterdir() if p.name.startswith("_")]
+    unload("rt-crash")
+    assert_nothing_left("rt-crash", cgroup)
+
+
+def test_cgroup_argument_forms(cgroup, cgroup2_root):
+    from sockpol.runtime.system import SystemSetupError, resolve_cgroup
+
+    relative = cgroup.relative_to(cgroup2_root)
+    assert resolve_cgroup(cgroup) == cgroup
+    assert resolve_cgroup(str(relative)) == cgroup
+    assert resolve_cgroup(f"/{relative}") == cgroup  # as printed by /proc/PID/cgroup
+    with pytest.raises(SystemSetupError, match="not a cgroup v2 directory"):
+        resolve_cgroup("/tmp")
+    with pytest.raises(SystemSetupError, match="not inside the cgroup v2 mount"):
+        resolve_cgroup("../../etc")
