@@ -297,8 +297,9 @@ class _Installed:
 
     def close(self) -> None:
         for fd in (self.socks_fd, self.msg_fd, self.sockops_fd, self.link_fd):
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 os.close(fd)
+        self.socks_fd = -1
         self.msg_fd = self.sockops_fd = self.link_fd = None
 
 
@@ -580,6 +581,10 @@ def _load_error(
                 f"not permitted to load {prog_name} ({reason}); needs CAP_BPF and CAP_NET_ADMIN",
             )
         said = verifier_verdict(verifier_log)
+        if e.errno == errno.ENOSPC and said:
+            # The log outgrew its buffer. Since 6.4 the kernel keeps the log's end (where the
+            # error is) and then reports ENOSPC instead of the verifier's own error code.
+            reason = "verifier log truncated, its end is shown"
         detail = f"{said} ({reason})" if said else reason
         return LoadError(
             "load", f"verifier rejected {prog_name}: {detail}", verifier_tail(verifier_log)
@@ -712,9 +717,14 @@ def _status_of(pin_dir: Path) -> PolicyStatus:
         map_ids = {
             p: libbpf.map_info(fd).id
             for p, fd in fds.items()
-            if p == pins.PIN_SOCKS or p.startswith(pins.MAP_PREFIX)
+            if p in (pins.PIN_SOCKS, pins.PIN_STATE) or p.startswith(pins.MAP_PREFIX)
         }
-        link_id = libbpf.link_info(fds[pins.PIN_LINK]).id if pins.PIN_LINK in fds else None
+        link = libbpf.link_info(fds[pins.PIN_LINK]) if pins.PIN_LINK in fds else None
+        problems = [f"missing pins: {', '.join(missing)}"] if missing else []
+        if state is not None and state.cgroup and link is None:
+            problems.append(f"not attached to {state.cgroup} (no {pins.PIN_LINK} pin)")
+        if link is not None and not link.cgroup_id:
+            problems.append(f"cgroup {state.cgroup if state else ''} was removed; link is defunct")
         sockets = (
             len(libbpf.map_keys(fds[pins.PIN_SOCKS], _SOCK_KEY.size))
             if pins.PIN_SOCKS in fds
@@ -729,11 +739,11 @@ def _status_of(pin_dir: Path) -> PolicyStatus:
             object_path=state.object_path if state else "",
             object_sha256=state.object_sha256 if state else "",
             program_ids=program_ids,
-            link_id=link_id,
+            link_id=link.id if link is not None else None,
             map_ids=map_ids,
             sockets=sockets,
             metadata=meta,
-            problem=f"missing pins: {', '.join(missing)}" if missing else None,
+            problem="; ".join(problems) or None,
         )
     finally:
         for fd in fds.values():
