@@ -74,6 +74,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _skip_or_fail(reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"kernel tests cannot run on CI: {reason}", pytrace=False)
+    reason += " (needs root on Linux with cgroup v2; with CI=true this fails instead)"
     if reason not in _loud_skips:
         _loud_skips.append(reason)
     pytest.skip(f"KERNEL TEST SKIPPED: {reason}")
@@ -85,9 +86,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_sep("!", "KERNEL TESTS WERE SKIPPED", red=True, bold=True)
     for reason in _loud_skips:
         terminalreporter.write_line(f"  {reason}", red=True)
-    terminalreporter.write_line(
-        "  (run as root on Linux with cgroup v2; CI=true turns this into failures)"
-    )
 
 
 def _environment_problem() -> str | None:
