@@ -212,31 +212,49 @@ def byte_classes(masks: Iterable[int]) -> list[int]:
 def determinize(nfa: NFA, start: int, limit: int = 50_000) -> DFA:
     """Subset construction over byte classes; raises StateLimitExceeded past `limit` states."""
     classes = byte_classes(m for edges in nfa.edges for m, _ in edges)
-    reps = [(c & -c).bit_length() - 1 for c in classes]
     class_members = [members(c) for c in classes]
-    first = nfa.closure([start])
+    closures = _closures(nfa)
+    # For every NFA state, the closed target set per byte class, computed once.
+    moves: list[dict[int, frozenset[int]]] = []
+    for edges in nfa.edges:
+        per_class: dict[int, set[int]] = {}
+        for mask, target in edges:
+            for ci, c in enumerate(classes):
+                if c & mask:
+                    per_class.setdefault(ci, set()).update(closures[target])
+        moves.append({ci: frozenset(ts) for ci, ts in per_class.items()})
+    first = closures[start]
     index = {first: 0}
     order = [first]
     delta: list[dict[int, int]] = []
     i = 0
     while i < len(order):
-        current = order[i]
+        step: dict[int, set[int]] = {}
+        for s in order[i]:
+            for ci, targets in moves[s].items():
+                acc = step.get(ci)
+                if acc is None:
+                    step[ci] = set(targets)
+                else:
+                    acc |= targets
         row: dict[int, int] = {}
-        for rep, byte_list in zip(reps, class_members, strict=True):
-            targets = [t for s in current for m, t in nfa.edges[s] if m >> rep & 1]
-            if not targets:
-                continue
-            nxt = nfa.closure(targets)
+        for ci, targets in step.items():
+            nxt = frozenset(targets)
             j = index.get(nxt)
             if j is None:
                 if len(order) >= limit:
                     raise StateLimitExceeded(limit)
                 j = index[nxt] = len(order)
                 order.append(nxt)
-            for b in byte_list:
+            for b in class_members[ci]:
                 row[b] = j
         delta.append(row)
         i += 1
     tags = [frozenset(t for s in st for t in nfa.tags[s]) for st in order]
     marks = [frozenset(m for s in st for m in nfa.marks[s]) for st in order]
     return DFA(delta, tags, marks)
+
+
+def _closures(nfa: NFA) -> list[frozenset[int]]:
+    """Epsilon closure of every state (NFAs here are small enough to precompute all)."""
+    return [nfa.closure([s]) for s in range(len(nfa.edges))]

@@ -196,12 +196,19 @@ class _Builder:
         ]
         patterns += [(regex, ("fact", fact)) for regex, fact in self.spec.path_patterns]
         dfa = self.determinize(patterns)
-        ids = [
-            Reason.AMBIGUOUS_PATH if "ambiguous" in tags else self.sc.new_state()
-            for tags in dfa.tags
-        ]
+        # Every path starts with "/" and then stays a valid path; a state outside that (only
+        # reachable when the target does not start with "/") is a bad target, whatever else
+        # the ambiguity patterns would say about it.
+        ids: list[int] = []
+        for d, tags in enumerate(dfa.tags):
+            if d != dfa.start and "valid" not in tags:
+                ids.append(Reason.BAD_TARGET)
+            elif "ambiguous" in tags:
+                ids.append(Reason.AMBIGUOUS_PATH)
+            else:
+                ids.append(self.sc.new_state())
         for d, row in enumerate(dfa.delta):
-            if ids[d] == Reason.AMBIGUOUS_PATH:
+            if ids[d] < TERMINAL_STATES:
                 continue
             out = self.sc.delta[ids[d]]
             for b in range(256):

@@ -1,0 +1,309 @@
+"""The `sockpol` command line.
+
+Every error a user can cause ends as one readable message (positioned for policy files) and a
+non-zero exit status; a traceback is shown only with SOCKPOL_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from sockpol import __version__
+from sockpol.diagnostics import CompileError, Diagnostic, SockpolError, Source, render
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+
+
+def _print_warnings(source_path: str, text: str, warnings: list[Diagnostic]) -> None:
+    source = Source(source_path, text)
+    for w in warnings:
+        print(render(source, w), file=sys.stderr)
+
+
+def _read_policy_file(path: str) -> str:
+    from sockpol.dsl import read_source_file
+
+    return read_source_file(path)
+
+
+def _compile(path: str):
+    from sockpol.compiler import compile_source
+
+    text = _read_policy_file(path)
+    compiled, warnings = compile_source(text, path)
+    _print_warnings(path, text, warnings)
+    return text, compiled
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from sockpol.compiler import front_end
+
+    text = _read_policy_file(args.file)
+    policy_file, warnings = front_end(text, args.file)
+    _print_warnings(args.file, text, warnings)
+    for p in policy_file.policies:
+        ports = ", ".join(str(r) for r in p.ports)
+        print(f"{args.file}: policy {p.name}: port {ports}, {len(p.rules)} rules, default {p.default.value}")
+    return EXIT_OK
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from sockpol.compiler import select, write_atomically
+
+    text, compiled = _compile(args.file)
+    if args.policy is not None:
+        compiled = [select(compiled, args.policy, Source(args.file, text))]
+    if args.emit in ("llvm", "asm"):
+        chunks = []
+        for c in compiled:
+            body = c.llvm_ir() if args.emit == "llvm" else c.assembly()
+            header = f"; sockpol policy {c.policy.name}\n" if len(compiled) > 1 else ""
+            chunks.append(header + body)
+        out = "\n".join(chunks)
+        if args.output and args.output != "-":
+            write_atomically(Path(args.output), out.encode())
+        else:
+            sys.stdout.write(out)
+        return EXIT_OK
+    # Objects: every policy is compiled before any file is written.
+    objects = [(c, c.object_code()) for c in compiled]
+    targets = _object_paths(args.output, [c.policy.name for c, _ in objects])
+    for (c, data), target in zip(objects, targets, strict=True):
+        write_atomically(target, data)
+        if args.stats:
+            _print_stats(c, data)
+        print(f"{target}: policy {c.policy.name}, {len(c.policy.rules)} rules", file=sys.stderr)
+    return EXIT_OK
+
+
+def _object_paths(output: str | None, names: list[str]) -> list[Path]:
+    if output is None:
+        return [Path(f"{n}.bpf.o") for n in names]
+    out = Path(output)
+    if out.is_dir():
+        return [out / f"{n}.bpf.o" for n in names]
+    if len(names) > 1:
+        raise SockpolError(
+            f"{output}: the file defines {len(names)} policies ({', '.join(names)}); "
+            "give a directory with -o, or choose one with --policy NAME"
+        )
+    if not out.parent.is_dir():
+        raise SockpolError(f"{output}: directory {out.parent} does not exist")
+    return [out]
+
+
+def _print_stats(c, data: bytes) -> None:
+    t = c.matcher.tables
+    table_bytes = 256 + len(t.trans) * 2 + len(t.info) * 4 + len(t.factsets) * c.matcher.fact_words * 8
+    print(
+        f"{c.policy.name}: {t.n_states} scanner states, {1 << t.class_bits} byte classes, "
+        f"{len(c.matcher.fact_names)} facts, {len(c.matcher.rules)} rules, "
+        f"tables {table_bytes} bytes, object {len(data)} bytes",
+        file=sys.stderr,
+    )
+
+
+def _object_for(args: argparse.Namespace, tmpdir: str) -> Path:
+    """A loadable object: the given .o as is, or a policy file compiled into `tmpdir`."""
+    path = Path(args.file)
+    if path.suffix == ".o" or _is_elf(path):
+        return path
+    from sockpol.compiler import select
+
+    text, compiled = _compile(args.file)
+    chosen = select(compiled, args.policy, Source(args.file, text))
+    target = Path(tmpdir) / f"{chosen.policy.name}.bpf.o"
+    target.write_bytes(chosen.object_code())
+    return target
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from sockpol import runtime
+
+    with tempfile.TemporaryDirectory(prefix="sockpol-") as tmp:
+        obj = _object_for(args, tmp)
+        loaded = runtime.load(obj, args.cgroup, name=args.name)
+        where = f"cgroup {args.cgroup}" if args.cgroup else "no cgroup (add sockets by hand)"
+        print(f"loaded policy {loaded.name}: {where}; pinned at {loaded.pin_dir}")
+        loaded.close()
+    return EXIT_OK
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    from sockpol import runtime
+
+    runtime.unload(args.name)
+    print(f"unloaded policy {args.name}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sockpol import runtime
+
+    statuses = runtime.status()
+    if args.name:
+        statuses = [s for s in statuses if s.name == args.name]
+        if not statuses:
+            raise SockpolError(f"no policy named '{args.name}' is loaded")
+    if args.json:
+        print(json.dumps([_status_json(s) for s in statuses], indent=2, default=str))
+        return EXIT_OK
+    if not statuses:
+        print("no sockpol policies loaded")
+        return EXIT_OK
+    for s in statuses:
+        ports = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in s.ports)
+        loaded = s.loaded_at.strftime("%Y-%m-%d %H:%M:%S") if s.loaded_at else "?"
+        print(f"{s.name}: port {ports or '?'}; cgroup {s.cgroup or '-'}; loaded {loaded}")
+        print(f"  object {s.object_path} sha256 {s.object_sha256[:16]}")
+        ids = ", ".join(f"{k} {v}" for k, v in s.program_ids.items())
+        print(f"  programs: {ids or '-'}; sockets governed: {s.sockets if s.sockets is not None else '?'}")
+        if s.problem:
+            print(f"  problem: {s.problem}")
+        if args.name and s.metadata:
+            print(f"  default {s.metadata.default}")
+            for r in s.metadata.rules:
+                print(f"  rule {r.index:>3}  line {r.line:>4}  {r.text}")
+    return EXIT_OK
+
+
+def _status_json(s) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(s)
+    d["pin_dir"] = str(s.pin_dir)
+    d["loaded_at"] = s.loaded_at.isoformat() if s.loaded_at else None
+    return d
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from sockpol.metadata import read_metadata
+
+    meta = read_metadata(args.object)
+    if args.json:
+        print(json.dumps(asdict(meta), indent=2))
+        return EXIT_OK
+    ports = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in meta.ports)
+    print(f"policy {meta.policy}: port {ports}; default {meta.default}; max-head {meta.max_head}")
+    print(f"source {meta.source_path} sha256 {meta.source_sha256[:16]}; sockpol {meta.compiler_version}")
+    for r in meta.rules:
+        print(f"  rule {r.index:>3}  line {r.line:>4}  {r.text}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sockpol.demo import run_demo
+
+    return run_demo(args.file, policy=args.policy, cgroup_parent=args.cgroup_parent)
+
+
+# --- argument parsing ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sockpol",
+        description="Compile HTTP access policies to BPF and enforce them in the kernel.",
+    )
+    parser.add_argument("--version", action="version", version=f"sockpol {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="parse and check a policy file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("compile", help="compile a policy file to a BPF object")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", help="output file, or directory for several policies")
+    p.add_argument("--policy", help="the policy to compile when the file has several")
+    p.add_argument("--emit", choices=["obj", "llvm", "asm"], default="obj")
+    p.add_argument("--stats", action="store_true", help="print automaton and table sizes")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("load", help="load a policy (.pol or compiled .o) and attach it")
+    p.add_argument("file")
+    p.add_argument("--cgroup", help="cgroup v2 directory whose TCP connections are governed")
+    p.add_argument("--policy", help="the policy to load when the file has several")
+    p.add_argument("--name", help="name to load under (default: the policy's name)")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("unload", help="detach and remove a loaded policy")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_unload)
+
+    p = sub.add_parser("status", help="list loaded policies")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("inspect", help="show the policy record inside a compiled object")
+    p.add_argument("object")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "demo", help="enforce a policy on live loopback traffic from a temporary cgroup"
+    )
+    p.add_argument("file", nargs="?", default=None)
+    p.add_argument("--policy")
+    p.add_argument("--cgroup-parent", help="cgroup v2 directory to create the demo cgroup in")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def run(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    report = on_error or (lambda text: print(text, file=sys.stderr))
+    try:
+        return args.func(args)
+    except CompileError as e:
+        report(str(e))
+        n = sum(1 for d in e.diagnostics if d.severity.value == "error")
+        report(f"{n} error{'s' if n != 1 else ''}; nothing written")
+        return EXIT_ERROR
+    except SockpolError as e:
+        report(f"sockpol: {e}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:  # a bug: say so plainly, show the traceback only on request
+        if os.environ.get("SOCKPOL_DEBUG"):
+            raise
+        report(
+            f"sockpol: internal error: {type(e).__name__}: {e}\n"
+            "  this is a bug in sockpol; rerun with SOCKPOL_DEBUG=1 for details"
+        )
+        return EXIT_INTERNAL
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

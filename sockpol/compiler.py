@@ -1,0 +1,155 @@
+"""The whole compiler in one place: policy text to BPF object.
+
+    parse        text -> PolicyFile (syntax; every node keeps its span)
+    check        PolicyFile -> PolicyFile + warnings (semantics; all errors at once)
+    lower        Policy -> MatcherIR (facts, one scanner automaton, rule table)
+    emit         MatcherIR -> LLVM module (sk_msg + sockops programs, BTF maps, tables)
+    metadata     + the `.sockpol.meta` record, so the object describes itself
+    object       LLVM module -> BPF ELF through LLVM's BPF backend
+
+Each stage raises `CompileError` with positioned diagnostics; nothing is written until the whole
+pipeline has succeeded, and then atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from llvmlite import ir
+
+from sockpol import __version__
+from sockpol.codegen import elf
+from sockpol.codegen.emit import emit_module
+from sockpol.codegen.lower import LoweringError, MatcherIR, lower
+from sockpol.codegen.scanner import REASON_TEXT, StateLimit
+from sockpol.diagnostics import CompileError, Diagnostic, DiagnosticBag, Source
+from sockpol.dsl import load_source
+from sockpol.dsl.ast import Policy, PolicyFile
+from sockpol.metadata import PolicyMetadata, RuleInfo
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    policy: Policy
+    matcher: MatcherIR
+    module: ir.Module
+    metadata: PolicyMetadata
+
+    def llvm_ir(self) -> str:
+        return elf.llvm_ir(self.module)
+
+    def assembly(self) -> str:
+        return elf.assembly(self.module)
+
+    def object_code(self) -> bytes:
+        return elf.object_code(self.module)
+
+
+def front_end(text: str, path: str) -> tuple[PolicyFile, list[Diagnostic]]:
+    """Parse and check; raises CompileError with every error of the file."""
+    return load_source(text, path)
+
+
+def metadata_for(policy: Policy, source: Source) -> PolicyMetadata:
+    return PolicyMetadata(
+        policy=policy.name,
+        ports=[[r.low, r.high] for r in policy.ports],
+        default=policy.default.value,
+        max_head=policy.max_head,
+        rules=[
+            RuleInfo(r.index, r.action.value, r.span.line, r.span.column, r.describe())
+            for r in policy.rules
+        ],
+        source_path=source.path,
+        source_sha256=hashlib.sha256(source.text.encode()).hexdigest(),
+        compiler_version=__version__,
+        reasons={reason.name.lower().replace("_", "-"): text for reason, text in REASON_TEXT.items()},
+    )
+
+
+def compile_policy(policy: Policy, source: Source) -> CompiledPolicy:
+    try:
+        matcher = lower(policy)
+    except LoweringError as e:
+        bag = DiagnosticBag(source)
+        span = policy.rules[e.rule_index].span if e.rule_index is not None else policy.name_span
+        bag.error(span, str(e), code="E900")
+        bag.raise_if_errors()
+        raise
+    except StateLimit as e:
+        bag = DiagnosticBag(source)
+        bag.error(policy.name_span, f"policy '{policy.name}' is too complex: {e}", code="E901")
+        bag.raise_if_errors()
+        raise
+    module = emit_module(matcher)
+    metadata = metadata_for(policy, source)
+    elf.add_metadata_section(module, metadata.to_json())
+    return CompiledPolicy(policy, matcher, module, metadata)
+
+
+def compile_source(text: str, path: str) -> tuple[list[CompiledPolicy], list[Diagnostic]]:
+    policy_file, warnings = front_end(text, path)
+    return [compile_policy(p, policy_file.source) for p in policy_file.policies], warnings
+
+
+def select(compiled: list[CompiledPolicy], name: str | None, source: Source) -> CompiledPolicy:
+    """The one policy a command acts on: the only one in the file, or the one named."""
+    if name is not None:
+        for c in compiled:
+            if c.policy.name == name:
+                return c
+        names = ", ".join(c.policy.name for c in compiled) or "none"
+        bag = DiagnosticBag(source)
+        bag.error(None, f"no policy named '{name}' (the file defines: {names})", code="E902")
+        bag.raise_if_errors()
+    if len(compiled) != 1:
+        bag = DiagnosticBag(source)
+        names = ", ".join(c.policy.name for c in compiled)
+        bag.error(
+            None,
+            f"the file defines {len(compiled)} policies ({names or 'none'})",
+            code="E903",
+            hint="choose one with --policy NAME",
+        )
+        bag.raise_if_errors()
+    return compiled[0]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same directory, so a failure never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def compile_to_file(
+    source_text: str, out_path: str | Path, source_name: str = "<policy>", policy: str | None = None
+) -> Path:
+    """Compile one policy of `source_text` into a BPF object at `out_path` (for tests/embedding)."""
+    compiled, _ = compile_source(source_text, source_name)
+    chosen = select(compiled, policy, Source(source_name, source_text))
+    write_atomically(Path(out_path), chosen.object_code())
+    return Path(out_path)
+
+
+__all__ = [
+    "CompileError",
+    "CompiledPolicy",
+    "compile_policy",
+    "compile_source",
+    "compile_to_file",
+    "front_end",
+    "select",
+    "write_atomically",
+]
