@@ -55,7 +55,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     _print_warnings(args.file, text, warnings)
     for p in policy_file.policies:
         ports = ", ".join(str(r) for r in p.ports)
-        print(f"{args.file}: policy {p.name}: port {ports}, {len(p.rules)} rules, default {p.default.value}")
+        print(
+            f"{args.file}: policy {p.name}: port {ports}, {len(p.rules)} rules, "
+            f"default {p.default.value}"
+        )
     return EXIT_OK
 
 
@@ -106,7 +109,9 @@ def _object_paths(output: str | None, names: list[str]) -> list[Path]:
 
 def _print_stats(c, data: bytes) -> None:
     t = c.matcher.tables
-    table_bytes = 256 + len(t.trans) * 2 + len(t.info) * 4 + len(t.factsets) * c.matcher.fact_words * 8
+    table_bytes = (
+        256 + len(t.trans) * 2 + len(t.info) * 4 + len(t.factsets) * c.matcher.fact_words * 8
+    )
     print(
         f"{c.policy.name}: {t.n_states} scanner states, {1 << t.class_bits} byte classes, "
         f"{len(c.matcher.fact_names)} facts, {len(c.matcher.rules)} rules, "
@@ -177,7 +182,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{s.name}: port {ports or '?'}; cgroup {s.cgroup or '-'}; loaded {loaded}")
         print(f"  object {s.object_path} sha256 {s.object_sha256[:16]}")
         ids = ", ".join(f"{k} {v}" for k, v in s.program_ids.items())
-        print(f"  programs: {ids or '-'}; sockets governed: {s.sockets if s.sockets is not None else '?'}")
+        print(
+            f"  programs: {ids or '-'}; "
+            f"sockets governed: {s.sockets if s.sockets is not None else '?'}"
+        )
         if s.problem:
             print(f"  problem: {s.problem}")
         if args.name and s.metadata:
@@ -207,7 +215,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return EXIT_OK
     ports = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in meta.ports)
     print(f"policy {meta.policy}: port {ports}; default {meta.default}; max-head {meta.max_head}")
-    print(f"source {meta.source_path} sha256 {meta.source_sha256[:16]}; sockpol {meta.compiler_version}")
+    print(
+        f"source {meta.source_path} sha256 {meta.source_sha256[:16]}; "
+        f"sockpol {meta.compiler_version}"
+    )
     for r in meta.rules:
         print(f"  rule {r.index:>3}  line {r.line:>4}  {r.text}")
     return EXIT_OK

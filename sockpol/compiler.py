@@ -67,7 +67,9 @@ def metadata_for(policy: Policy, source: Source) -> PolicyMetadata:
         source_path=source.path,
         source_sha256=hashlib.sha256(source.text.encode()).hexdigest(),
         compiler_version=__version__,
-        reasons={reason.name.lower().replace("_", "-"): text for reason, text in REASON_TEXT.items()},
+        reasons={
+            reason.name.lower().replace("_", "-"): text for reason, text in REASON_TEXT.items()
+        },
     )
 
 

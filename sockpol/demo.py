@@ -124,7 +124,10 @@ def run_demo(file: str | None, policy: str | None = None, cgroup_parent: str | N
         raise SockpolError(f"{path}: {e.strerror}") from None
     compiled = select(compile_source(text, path)[0], policy, Source(path, text))
     port = compiled.policy.ports[0].low
-    print(f"policy {compiled.policy.name} from {path}: port {port}, default {compiled.policy.default.value}")
+    print(
+        f"policy {compiled.policy.name} from {path}: port {port}, "
+        f"default {compiled.policy.default.value}"
+    )
     mismatches = 0
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sockpol-demo-"))
@@ -158,7 +161,9 @@ def run_demo(file: str | None, policy: str | None = None, cgroup_parent: str | N
             mismatches += not ok
             flag = "" if ok else "   <-- differs from the policy's verdict!"
             line = sample.request_line if sample.data.isascii() else sample.data[:12].hex() + "..."
-            print(f"  {line[:60]:<60} {got}  ({'allow' if expected.allow else 'deny'}: {why}){flag}")
+            print(
+                f"  {line[:60]:<60} {got}  ({'allow' if expected.allow else 'deny'}: {why}){flag}"
+            )
     print("\nunloaded; cgroup and server removed.")
     if mismatches:
         print(f"{mismatches} verdict(s) differed from the policy", file=sys.stderr)

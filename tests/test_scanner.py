@@ -109,7 +109,10 @@ def test_rule_decisions(shop, data, allow, rule):
         (b"GET /healthz HTTP/1.1\r\nX: a\rb\r\n\r\n", Reason.BAD_HEADER),
         (b"GET /healthz HTTP/1.1\r\nX: a\nY: b\r\n\r\n", Reason.BAD_HEADER),
         (b"GET /healthz HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", Reason.DUPLICATE_HEADER),
-        (b"GET /h HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", Reason.DUPLICATE_HEADER),
+        (
+            b"GET /h HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            Reason.DUPLICATE_HEADER,
+        ),
         (b"GET /h HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Reason.BAD_CONTENT_LENGTH),
         (b"GET /h HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n", Reason.BAD_CONTENT_LENGTH),
         (b"GET /h HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n", Reason.BAD_CONTENT_LENGTH),

@@ -46,7 +46,8 @@ class DebugInfo:
 
     def pointer(self, base: ir.DIValue | None) -> ir.DIValue:
         return self.m.add_debug_info(
-            "DIDerivedType", {"tag": ir.DIToken("DW_TAG_pointer_type"), "baseType": base, "size": 64}
+            "DIDerivedType",
+            {"tag": ir.DIToken("DW_TAG_pointer_type"), "baseType": base, "size": 64},
         )
 
     def array(self, base: ir.DIValue, count: int, element_bits: int) -> ir.DIValue:
@@ -112,12 +113,15 @@ class DebugInfo:
             is_distinct=True,
         )
         expr = self.m.add_debug_info(
-            "DIGlobalVariableExpression", {"var": var, "expr": self.m.add_debug_info("DIExpression", {})}
+            "DIGlobalVariableExpression",
+            {"var": var, "expr": self.m.add_debug_info("DIExpression", {})},
         )
         gv.set_metadata("dbg", expr)
         self.globals.append(expr)
 
-    def map_type(self, map_type: int, max_entries: int, key: ir.DIValue, value: ir.DIValue) -> ir.DIValue:
+    def map_type(
+        self, map_type: int, max_entries: int, key: ir.DIValue, value: ir.DIValue
+    ) -> ir.DIValue:
         """The struct libbpf's `__uint(type, ..)`, `__uint(max_entries, ..)`, `__type(key, ..)`,
         `__type(value, ..)` produce: numbers are carried as pointers to int arrays of that size."""
         int_t = self.basic("int", 32, True)
@@ -170,4 +174,6 @@ class DebugInfo:
 
     def finish(self) -> None:
         """Close the CU <-> globals cycle once every global is known."""
-        self.cu.operands = tuple(self.cu.operands) + (("globals", self.m.add_metadata(self.globals)),)
+        self.cu.operands = tuple(self.cu.operands) + (
+            ("globals", self.m.add_metadata(self.globals)),
+        )

@@ -94,9 +94,7 @@ class _Emitter:
         gv = ir.GlobalVariable(self.m, ir.ArrayType(I8, len(text)), "_license")
         gv.initializer = ir.Constant(gv.value_type, text)
         gv.section = "license"
-        self.dbg.global_variable(
-            gv, self.dbg.array(self.dbg.basic("char", 8, True), len(text), 8)
-        )
+        self.dbg.global_variable(gv, self.dbg.array(self.dbg.basic("char", 8, True), len(text), 8))
         self.used = [gv]
 
     def sock_map(self) -> None:
@@ -332,10 +330,15 @@ class _Emitter:
 
         op = ctx_load(OPS_OP)
         check_family = fn.append_basic_block("check_family")
-        b.cbranch(b.icmp_unsigned("==", op, I32(BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)), check_family, done)
+        b.cbranch(
+            b.icmp_unsigned("==", op, I32(BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)), check_family, done
+        )
         b.position_at_end(check_family)
         family = ctx_load(OPS_FAMILY)
-        inet = b.or_(b.icmp_unsigned("==", family, I32(AF_INET)), b.icmp_unsigned("==", family, I32(AF_INET6)))
+        inet = b.or_(
+            b.icmp_unsigned("==", family, I32(AF_INET)),
+            b.icmp_unsigned("==", family, I32(AF_INET6)),
+        )
         check_port = fn.append_basic_block("check_port")
         b.cbranch(inet, check_port, done)
         b.position_at_end(check_port)
@@ -348,7 +351,10 @@ class _Emitter:
             if r.low == r.high:
                 hit = b.icmp_unsigned("==", port, I32(r.low))
             else:
-                hit = b.and_(b.icmp_unsigned(">=", port, I32(r.low)), b.icmp_unsigned("<=", port, I32(r.high)))
+                hit = b.and_(
+                    b.icmp_unsigned(">=", port, I32(r.low)),
+                    b.icmp_unsigned("<=", port, I32(r.high)),
+                )
             governed = b.or_(governed, hit)
         insert = fn.append_basic_block("insert")
         b.cbranch(governed, insert, done)
