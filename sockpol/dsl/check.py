@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sockpol.diagnostics import Diagnostic, DiagnosticBag, Severity, Source, Span
 from sockpol.dsl import patterns
-from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, PolicyFile, Rule
+from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, PolicyFile, PortRange, Rule
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 NAME_MAX = 32  # policy names become bpffs pin paths
@@ -65,6 +65,8 @@ class _Checker:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.bag = DiagnosticBag(source)
+        # Lines as parse.py numbered them (Source.line_text re-splits the text on every call).
+        self.lines = [line.removesuffix("\r") for line in source.text.split("\n")]
 
     # -- file and policies -----------------------------------------------------------------------
 
@@ -127,36 +129,34 @@ class _Checker:
                 )
             else:
                 valid.append(r)
-        for i, r in enumerate(valid):
-            earlier = next((e for e in valid[:i] if e.low <= r.high and r.low <= e.high), None)
-            if earlier is not None:
-                what = "repeats" if (earlier.low, earlier.high) == (r.low, r.high) else "overlaps"
-                self.bag.warning(
-                    r.span,
-                    f"port {r} {what} port {earlier} (line {earlier.span.line})",
-                    "W114",
-                )
+        for later, earlier in _overlaps([(r, None) for r in valid]):
+            what = (
+                "repeats" if (earlier.low, earlier.high) == (later.low, later.high) else "overlaps"
+            )
+            self.bag.warning(
+                later.span,
+                f"port {later} {what} port {earlier} (line {earlier.span.line})",
+                "W114",
+            )
 
     def shared_ports(self, policies: tuple[Policy, ...]) -> None:
         """Two policies governing one port would leave it unclear which one decides."""
-        owners: list[tuple[Policy, int, int]] = []
+        owner = {}
+        ranges = []
         for policy in policies:
             for r in policy.ports:
-                if not 1 <= r.low <= r.high <= 65535:
-                    continue
-                other = next(
-                    (o for o in owners if o[0] is not policy and o[1] <= r.high and r.low <= o[2]),
-                    None,
-                )
-                if other is not None:
-                    self.bag.error(
-                        r.span,
-                        f"port {r} is also governed by policy '{other[0].name}' "
-                        f"(line {other[0].name_span.line})",
-                        "E115",
-                        "a port belongs to one policy; merge the rules or split the ports",
-                    )
-                owners.append((policy, r.low, r.high))
+                if 1 <= r.low <= r.high <= 65535:
+                    owner[id(r)] = policy
+                    ranges.append((r, policy))
+        for later, earlier in _overlaps(ranges):
+            other = owner[id(earlier)]
+            self.bag.error(
+                later.span,
+                f"port {later} is also governed by policy '{other.name}' "
+                f"(line {other.name_span.line})",
+                "E115",
+                "a port belongs to one policy; merge the rules or split the ports",
+            )
 
     # -- rules -----------------------------------------------------------------------------------
 
@@ -272,7 +272,7 @@ class _Checker:
     def _raw(self, span: Span) -> str | None:
         if span.line != span.end_line:
             return None
-        line = self.source.line_text(span.line)
+        line = self.lines[span.line - 1] if 0 < span.line <= len(self.lines) else ""
         if not 0 < span.column <= span.end_column <= len(line) + 1:
             return None
         return line[span.column - 1 : span.end_column - 1]
@@ -311,6 +311,37 @@ class _Checker:
             return _Piece(span, text, tuple([span.column] * (len(text) + 1)))
         columns.append(span.column + i)
         return _Piece(span, text, tuple(columns))
+
+
+def _overlaps(ranges: list[tuple[PortRange, object]]) -> list[tuple[PortRange, PortRange]]:
+    """Pairs (later, earlier) in source order of overlapping ranges whose groups differ (all
+    groups differ when every group is None). Every range that overlaps another shows up in at
+    least one pair, each range at most once as `later`; one sweep in port order, not n².
+    """
+
+    def differ(a: object, b: object) -> bool:
+        return a is None or a is not b
+
+    best: tuple[PortRange, object] | None = None  # highest `high` so far
+    best_other: tuple[PortRange, object] | None = None  # highest among groups other than best's
+    pairs: dict[int, tuple[PortRange, PortRange]] = {}
+    for item in sorted(ranges, key=lambda x: (x[0].low, x[0].high, _where(x[0]))):
+        r, group = item
+        partner = best if best is not None and differ(best[1], group) else best_other
+        if partner is not None and partner[0].high >= r.low:
+            later, earlier = sorted((r, partner[0]), key=_where, reverse=True)
+            pairs.setdefault(id(later), (later, earlier))
+        if best is None or r.high > best[0].high:
+            if best is not None and differ(best[1], group):
+                best_other = best
+            best = item
+        elif differ(best[1], group) and (best_other is None or r.high > best_other[0].high):
+            best_other = item
+    return sorted(pairs.values(), key=lambda pair: _where(pair[0]))
+
+
+def _where(r: PortRange) -> tuple[int, int]:
+    return (r.span.line, r.span.column)
 
 
 def _whole(span: Span, text: str) -> _Piece:

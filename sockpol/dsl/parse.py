@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from functools import cache
 
 from lark import Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
@@ -453,7 +454,7 @@ def _syntax_diagnostic(e: UnexpectedInput, lineno: int, text: str) -> Diagnostic
     else:
         span = _token_span(token, lineno)
         found = f"'{_short(token)}'"
-    label = e.match_examples(parser().parse, _EXAMPLES, token_type_match_fallback=True)
+    label = e.match_examples(_parse_example, _EXAMPLES, token_type_match_fallback=True)
     if label == "statement":
         return Diagnostic(
             Severity.ERROR,
@@ -473,6 +474,23 @@ def _syntax_diagnostic(e: UnexpectedInput, lineno: int, text: str) -> Diagnostic
         "E003",
         _hint(label, token),
     )
+
+
+def _parse_example(text: str) -> None:
+    """`parser().parse` for match_examples, remembering how each example fails: without this,
+    naming one error re-parses every example (milliseconds per error)."""
+    failure = _example_failure(text)
+    if failure is not None:
+        raise failure.with_traceback(None)
+
+
+@cache
+def _example_failure(text: str) -> UnexpectedInput | None:
+    try:
+        parser().parse(text)
+    except UnexpectedInput as e:
+        return e
+    return None
 
 
 def _unexpected_character(e: UnexpectedCharacters, lineno: int, text: str) -> Diagnostic:
