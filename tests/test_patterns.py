@@ -133,7 +133,9 @@ def _segment_glob(pattern: str, segment: str) -> bool:
     """`*` within one segment; non-empty when the pattern segment is exactly `*`."""
     if pattern == "*":
         return segment != ""
-    regex = "".join("[^/]*" if part == "*" else re.escape(part) for part in re.split(r"(\*)", pattern))
+    regex = "".join(
+        "[^/]*" if part == "*" else re.escape(part) for part in re.split(r"(\*)", pattern)
+    )
     return re.fullmatch(regex, segment) is not None
 
 
@@ -152,7 +154,9 @@ def _spec_match(pattern: list[str], path: list[str], rest: str) -> bool:
         return False
     if head.endswith("**") and not tail:
         prefix = head[:-2]
-        return any(_segment_glob(prefix, rest[:i]) for i in range(len(rest) + 1) if "/" not in rest[:i])
+        return any(
+            _segment_glob(prefix, rest[:i]) for i in range(len(rest) + 1) if "/" not in rest[:i]
+        )
     if not path:
         return False
     return _segment_glob(head, path[0]) and _spec_match(tail, path[1:], "/".join(path[1:]))
