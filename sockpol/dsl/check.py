@@ -324,19 +324,22 @@ def _overlaps(ranges: list[tuple[PortRange, object]]) -> list[tuple[PortRange, P
 
     best: tuple[PortRange, object] | None = None  # highest `high` so far
     best_other: tuple[PortRange, object] | None = None  # highest among groups other than best's
+    previous: tuple[PortRange, object] | None = None  # the neighbour: a repeated port is next
     pairs: dict[int, tuple[PortRange, PortRange]] = {}
     for item in sorted(ranges, key=lambda x: (x[0].low, x[0].high, _where(x[0]))):
         r, group = item
-        partner = best if best is not None and differ(best[1], group) else best_other
-        if partner is not None and partner[0].high >= r.low:
-            later, earlier = sorted((r, partner[0]), key=_where, reverse=True)
-            pairs.setdefault(id(later), (later, earlier))
+        far = best if best is not None and differ(best[1], group) else best_other
+        for partner in (previous, far):
+            if partner is not None and differ(partner[1], group) and partner[0].high >= r.low:
+                later, earlier = sorted((r, partner[0]), key=_where, reverse=True)
+                pairs.setdefault(id(later), (later, earlier))
         if best is None or r.high > best[0].high:
             if best is not None and differ(best[1], group):
                 best_other = best
             best = item
         elif differ(best[1], group) and (best_other is None or r.high > best_other[0].high):
             best_other = item
+        previous = item
     return sorted(pairs.values(), key=lambda pair: _where(pair[0]))
 
 
@@ -407,8 +410,7 @@ def _host_problems(pattern: str) -> list[Problem]:
                     "host patterns hold letters, digits, '-' and '.'",
                 )
             )
-    if found:
-        return found
+            break  # one is enough: `[::1]` is one mistake, not four
     if body.endswith(".") and body != ".":
         found.append(
             (
