@@ -199,7 +199,8 @@ def test_host_port_hint():
 
 
 def test_valid_hosts():
-    assert found(policy('allow GET /x if host "*.Example.COM" and host "10.0.0.1"')) == []
+    text = policy('allow GET /x if host "*.Example.COM"', 'allow GET /y if host "10.0.0.1"')
+    assert found(text) == []
 
 
 @pytest.mark.parametrize(
@@ -246,6 +247,23 @@ def test_different_rules_do_not_warn():
 
 def test_repeated_condition_warns():
     assert found(policy("allow GET /x if header a and header A")) == [("W191", 4, 34)]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "warns"),
+    [
+        ("a.com", "b.com", True),
+        ("*.a.com", "*.b.com", True),
+        ("*.a.com", "x.y.a.com", True),
+        ("*.a.com", "a.com", True),
+        ("*.a.com", "x.a.com", False),
+        ("x.a.com", "*.a.com", False),
+        ("a.com", "A.com", False),  # the same host: W191, not W192
+    ],
+)
+def test_conflicting_hosts(a, b, warns):
+    codes = [c for c, _, _ in found(policy(f'allow GET /x if host "{a}" and host "{b}"'))]
+    assert ("W192" in codes) == warns
 
 
 # -- all at once --------------------------------------------------------------------------------

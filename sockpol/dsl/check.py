@@ -173,6 +173,22 @@ class _Checker:
             if key in seen:
                 self.bag.warning(condition.span, f"condition {condition} is repeated", "W191")
             seen.add(key)
+        self.conflicting_hosts(rule)
+
+    def conflicting_hosts(self, rule: Rule) -> None:
+        """A request has one host, so two host conditions no host satisfies kill the rule."""
+        hosts = [c for c in rule.conditions if isinstance(c, HostCondition)]
+        for i, later in enumerate(hosts):
+            earlier = next(
+                (h for h in hosts[:i] if not _hosts_meet(h.pattern, later.pattern)), None
+            )
+            if earlier is not None:
+                self.bag.warning(
+                    later.span,
+                    f"no host matches both {earlier} and {later}; the rule can never match",
+                    "W192",
+                )
+                return
 
     def methods(self, rule: Rule) -> None:
         methods = rule.methods.methods
@@ -360,6 +376,20 @@ def _condition_key(condition: HostCondition | HeaderCondition) -> tuple[object, 
     if isinstance(condition, HostCondition):
         return ("host", condition.pattern)
     return ("header", condition.name, condition.value)
+
+
+def _hosts_meet(a: str, b: str) -> bool:
+    """Can one host match both patterns? (`*.` stands for exactly one label.)"""
+    if a == b:
+        return True
+    if a.startswith("*.") and b.startswith("*."):
+        return False
+    if b.startswith("*."):
+        a, b = b, a
+    if not a.startswith("*."):
+        return False
+    label, dot, rest = b.partition(".")
+    return bool(label) and bool(dot) and rest == a[2:]
 
 
 def _show(c: str) -> str:
