@@ -117,6 +117,8 @@ def test_rule_decisions(shop, data, allow, rule):
         (b"GET /h HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n", Reason.BAD_CONTENT_LENGTH),
         (b"GET /h HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n", Reason.BAD_CONTENT_LENGTH),
         (b"GET /h HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Reason.TRANSFER_ENCODING),
+        (b"GET /h HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", Reason.UPGRADE),
+        (b"GET /h HTTP/1.1\r\nupgrade: websocket\r\n\r\n", Reason.UPGRADE),
     ],
 )
 def test_refusals(shop, data, reason):

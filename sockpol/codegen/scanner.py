@@ -46,11 +46,12 @@ class Reason(IntEnum):
     DUPLICATE_HEADER = 6
     BAD_CONTENT_LENGTH = 7
     TRANSFER_ENCODING = 8
+    UPGRADE = 9
     # Decided by the program, not by a scanner state:
-    HEAD_TOO_LARGE = 9
-    PULL_FAILED = 10
-    RULE = 11  # refused by a deny rule
-    DEFAULT = 12  # refused by the policy default
+    HEAD_TOO_LARGE = 10
+    PULL_FAILED = 11
+    RULE = 12  # refused by a deny rule
+    DEFAULT = 13  # refused by the policy default
 
 
 REASON_TEXT = {
@@ -62,6 +63,7 @@ REASON_TEXT = {
     Reason.DUPLICATE_HEADER: "Host or Content-Length appears more than once",
     Reason.BAD_CONTENT_LENGTH: "Content-Length is not a single decimal number below 4 GiB",
     Reason.TRANSFER_ENCODING: "Transfer-Encoding bodies are not supported yet",
+    Reason.UPGRADE: "Upgrade header: the bytes after a protocol switch would not be HTTP/1.x",
     Reason.HEAD_TOO_LARGE: "request head longer than the policy's max-head",
     Reason.PULL_FAILED: "the kernel could not linearize the message",
     Reason.RULE: "refused by a deny rule",
@@ -69,7 +71,7 @@ REASON_TEXT = {
 }
 
 END = 0  # head complete
-TERMINAL_STATES = Reason.TRANSFER_ENCODING + 1  # states 0..8 stop the walk
+TERMINAL_STATES = Reason.UPGRADE + 1  # states 0..9 stop the walk
 
 # State flags (bits 16.. of a state's info word; bits 0..15 index its fact set).
 FLAG_CL_DIGIT = 1 << 16  # the byte just consumed is a digit of a Content-Length value
@@ -247,6 +249,7 @@ class _Builder:
             (http.field_line(lit_ci("content-length")), "cl-line"),
             (http.field_with_value("content-length", cl_digits), "cl-valid"),
             (http.field_line(lit_ci("transfer-encoding")), "te-line"),
+            (http.field_line(lit_ci("upgrade")), "upgrade-line"),
         ]
         patterns += [(regex, ("fact", fact)) for regex, fact in self.spec.header_patterns]
         dfa = self.determinize(patterns)
@@ -267,6 +270,8 @@ class _Builder:
                 out[http.CR] = head_cr
             elif "te-line" in tags:
                 out[http.CR] = Reason.TRANSFER_ENCODING
+            elif "upgrade-line" in tags:
+                out[http.CR] = Reason.UPGRADE
             elif "cl-line" in tags and "cl-valid" not in tags:
                 out[http.CR] = Reason.BAD_CONTENT_LENGTH
             elif "line" in tags:
