@@ -402,6 +402,26 @@ def test_random_token_soup(tokens):
     survives(" ".join(tokens))
 
 
+LINE_TOKENS = [
+    *"policy p { } port 80 , default allow deny max-head 8KiB".split(),
+    *"GET * /a if and host header x =".split(),
+    '"s"',
+    "#c",
+]
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(LINE_TOKENS), min_size=1, max_size=8))
+def test_every_syntax_error_is_named(tokens):
+    """No parser state falls through to lark's raw "expected one of ..." list."""
+    text = policy(" ".join(tokens))
+    try:
+        load_source(text, "t.pol")
+    except CompileError as e:
+        for d in e.diagnostics:
+            assert not d.message.startswith("expected one of"), (text, d.message)
+
+
 @st.composite
 def mutated_policies(draw):
     """Valid files with a few characters inserted, deleted or duplicated."""

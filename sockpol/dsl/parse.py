@@ -40,6 +40,7 @@ from sockpol.grammar import parser
 MAX_ERRORS = 50  # past this, a file is not a policy with typos; more errors would only be noise
 
 STATEMENTS = ("policy", "port", "default", "max-head", "allow", "deny")
+KEYWORDS = (*STATEMENTS, "if", "and", "host", "header")
 
 MAX_HEAD_MIN = 256
 MAX_HEAD_MAX = 64 * 1024
@@ -89,11 +90,10 @@ class _FileParser:
         self.policies: list[Policy] = []
         self.block: _Block | None = None
         self.outside_reported = False  # one "outside a policy" error per run of such lines
-        self.last_line = 0
 
     def run(self) -> tuple[PolicyFile, list[Diagnostic]]:
         for lineno, text in enumerate(self.source.text.split("\n"), start=1):
-            if self._error_count() >= MAX_ERRORS:
+            if len(self.bag.items) >= MAX_ERRORS and self._error_count() >= MAX_ERRORS:
                 self.bag.items.append(
                     Diagnostic(
                         Severity.NOTE,
@@ -103,7 +103,6 @@ class _FileParser:
                     )
                 )
                 break
-            self.last_line = lineno
             self._line(lineno, text.removesuffix("\r"))
         else:
             self._end_of_file()
@@ -210,7 +209,7 @@ class _FileParser:
     def _default(self, node: Tree, lineno: int) -> None:
         block = self._statement_block(node, lineno)
         span = _span(node.meta, lineno)
-        action = _action(node.children[0])
+        action = _action(node.children[-1])
         if block is None:
             return
         if block.defaults:
@@ -390,25 +389,38 @@ class _FileParser:
 # -- syntax error messages ---------------------------------------------------------------------
 
 # Examples of each syntax error, for `UnexpectedInput.match_examples`: a failing line is matched
-# to the example that fails in the same parser state. The key names the message below.
+# to the example that fails in the same parser state. The key names the message below. LALR
+# states are per keyword (after `allow` is not after `deny`), so `_with_variants` adds the same
+# examples for every keyword that can stand in the same place.
 _EXAMPLES: dict[str, list[str]] = {
     "statement": ["x", "/x", '"x"', "if", ",", "{", "=", "host", "header"],
     "policy_name": ["policy", "policy {", "policy /x", 'policy "x"'],
-    "policy_brace": ["policy a", "policy a b", "policy a }", "policy a /"],
+    "policy_brace": ["policy a", "policy a b", "policy a }", "policy a /", "policy deny x"],
     "policy_eol": ["policy a { port", "policy a { }", "policy a { x"],
     "close_eol": ["} x", "} }", "} /"],
     "port": ["port", "port 80,", "port ,", "port 80, /x"],
-    "port_sep": ["port 80 81", "port 80 /x", "port 80 {"],
+    "port_sep": ["port 80 81", "port 80 /x", "port 80 {", "port 80, 81 82", "port 80, 81 {"],
     "default": ["default", "default x", "default /", "default allow, deny"],
     "size": ["max-head", "max-head /", 'max-head "8KiB"'],
-    "eol": ["max-head 8KiB KiB", "max-head 8 x"],
+    "eol": ["max-head 8KiB KiB", "max-head 8 x", "default deny x", "default allow /"],
     "methods": ["allow", "allow /x", "allow ,", 'allow "GET"'],
     "method": ["allow GET,", "allow GET, /x", "allow GET,,"],
-    "path": ["allow GET", "allow GET HEAD", "allow GET {"],
-    "after_path": ["allow GET /x y", "allow GET /x /y", "allow GET /x and", 'allow GET /x "y"'],
+    "path": ["allow GET", "allow GET HEAD", "allow GET {", "allow GET,HEAD", "allow GET,HEAD x"],
+    "after_path": [
+        "allow GET /x y",
+        "allow GET /x /y",
+        "allow GET /x and",
+        'allow GET /x "y"',
+        'allow GET "/x" y',
+        'allow GET "/x" ,',
+    ],
     "condition": ["allow GET /x if", "allow GET /x if x", 'allow GET /x if host "a" and'],
     "host": ["allow GET /x if host", "allow GET /x if host a", "allow GET /x if host = "],
-    "header_name": ["allow GET /x if header", 'allow GET /x if header "a"'],
+    "header_name": [
+        "allow GET /x if header",
+        'allow GET /x if header "a"',
+        "allow GET /x if header =",
+    ],
     "header_value": ["allow GET /x if header a =", "allow GET /x if header a = b"],
     "after_condition": [
         'allow GET /x if host "a" host "b"',
@@ -417,6 +429,20 @@ _EXAMPLES: dict[str, list[str]] = {
         'allow GET /x if host "a" or',
     ],
 }
+
+
+def _with_variants(examples: dict[str, list[str]]) -> dict[str, list[str]]:
+    out = {label: list(lines) for label, lines in examples.items()}
+    for label, lines in examples.items():
+        out[label] += [f"deny{line[len('allow') :]}" for line in lines if line.startswith("allow")]
+    for keyword in KEYWORDS:  # names spelled like keywords: `policy deny x`, `header host x`
+        out["policy_brace"] += [f"policy {keyword}", f"policy {keyword} x"]
+        out["after_condition"] += [f"allow GET /x if header {keyword} x"]
+        out["header_value"] += [f"allow GET /x if header {keyword} ="]
+    return out
+
+
+_EXAMPLES = _with_variants(_EXAMPLES)
 
 _MESSAGES = {
     "policy_name": "expected a policy name after 'policy'",
