@@ -2,8 +2,8 @@
 
 A pattern is matched against the request path *after* normalization (see docs/language.md,
 "Normalization and refusals"): the query string is cut off, and a request whose path has an
-empty segment (`//`), a `.` or `..` segment, an encoded `/` or `\\` (`%2F`, `%5C`) or an encoded
-unreserved character (`%41` for `A`) is refused before any rule is looked at. Matching is
+empty segment (`//`), a `.` or `..` segment, an encoded `/`, `\\` or NUL (`%2F`, `%5C`, `%00`) or
+an encoded unreserved character (`%41` for `A`) is refused before any rule is looked at. Matching is
 byte-exact and case-sensitive, except that a percent-escape's hex digits match in either case
 (`%2a` = `%2A`): escapes are compared in their encoded form, never decoded.
 
@@ -20,7 +20,7 @@ Semantics, exactly (`to_regex` is the executable form of this list):
 * anything else with `**` (`/a**/b`, `/a/**x`) and any `***` is an error.
 
 Characters allowed in a pattern: unreserved `A-Z a-z 0-9 - . _ ~`, sub-delims `! $ & ' ( ) + , ; =`,
-`:`, `@`, `/`, `*`, and `%XX` escapes whose byte is neither unreserved nor `/` or `\\` (those
+`:`, `@`, `/`, `*`, and `%XX` escapes whose byte is neither unreserved nor `/`, `\\` or NUL (those
 encodings are refused on the wire, so a pattern holding one could never match). A literal `*`
 can be written `%2A`.
 
@@ -219,14 +219,15 @@ def _escape_problems(text: str, i: int) -> list[Problem]:
                 f"write '{byte}' instead",
             )
         ]
-    if byte in "/\\":
+    if byte in "/\\\x00":
+        what = "NUL" if byte == "\x00" else f"'{byte}'"
         return [
             Problem(
                 i,
                 3,
                 "E164",
-                f"'%{digits}' encodes '{byte}'; requests with an encoded slash or backslash are "
-                "refused before matching, so the rule could never match",
+                f"'%{digits}' encodes {what}; requests with an encoded slash, backslash or NUL "
+                "are refused before matching, so the rule could never match",
             )
         ]
     return []
