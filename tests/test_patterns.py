@@ -35,6 +35,7 @@ from sockpol.dsl.patterns import (
         ("/*.json", [Literal("/"), Star(False), Literal(".json")]),
         ("/a/*/b*c", [Literal("/a/"), Star(True), Literal("/b"), Star(False), Literal("c")]),
         ("/a/**/*", [Literal("/a"), AnySegments(), Literal("/"), Star(True)]),
+        ("/**/a/**", [AnySegments(), Literal("/a"), AnySubpath()]),
         ("/a%2ab", [Literal("/a%2Ab")]),  # escapes are kept encoded, hex upper-cased
     ],
 )
@@ -104,6 +105,8 @@ def test_reference_regex(pattern):
         ("/a**/b", "E168", 2),
         ("/a/**x", "E168", 3),
         ("/**/a**b", "E168", 5),
+        ("/**/**", "E169", 3),
+        ("/a/**/**/b", "E169", 5),
     ],
 )
 def test_problems(pattern, code, offset):

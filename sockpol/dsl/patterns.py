@@ -17,7 +17,8 @@ Semantics, exactly (`to_regex` is the executable form of this list):
   Precisely: a final `/**` is "nothing, or `/` followed by any bytes"; a `/**` followed by more
   pattern is "zero or more groups of `/` and a non-empty run of non-`/` bytes";
 * `**` ending a partial segment (`/ad**`) matches any bytes, `/` included: a plain string prefix;
-* anything else with `**` (`/a**/b`, `/a/**x`) and any `***` is an error.
+* anything else with `**` (`/a**/b`, `/a/**x`), any `***`, and a `**` segment right after
+  another (`/a/**/**`, which would mean the same as `/a/**`) are errors.
 
 Characters allowed in a pattern: unreserved `A-Z a-z 0-9 - . _ ~`, sub-delims `! $ & ' ( ) + , ; =`,
 `:`, `@`, `/`, `*`, and `%XX` escapes whose byte is neither unreserved nor `/`, `\\` or NUL (those
@@ -277,6 +278,18 @@ def _segment_problems(text: str) -> list[Problem]:
                     "E166",
                     f"'{segment}' segment: requests with one are refused before matching, "
                     "so the rule could never match",
+                )
+            )
+        elif segment == "**" and n > 0 and segments[n - 1][1] == "**":
+            # `/**/**` means what `/**` means; refusing it keeps every `**` token next to a
+            # literal or `*`, which is all the code generator has to handle.
+            found.append(
+                Problem(
+                    offset - 1,
+                    3,
+                    "E169",
+                    "repeated '**' segment: '/**/**' matches the same paths as '/**'",
+                    "write '**' once",
                 )
             )
         found += _star_problems(segment, offset, last)
