@@ -1,0 +1,76 @@
+"""`sockpol doctor`: probe the running kernel and say plainly what works here.
+
+The command is self-contained so that cli.py needs one line to register it:
+
+    from sockpol.doctor import add_doctor_command
+    add_doctor_command(sub)
+
+Exit status: 0 when plaintext HTTP policies can be enforced here (and, with --require-ktls, policy
+inside TLS too), 1 otherwise, so scripts can gate on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any, TextIO
+
+from sockpol.runtime.probe import CORE, TLS, Finding, Verdict, probe, summary
+
+EXIT_OK = 0
+EXIT_MISSING = 1
+
+_LABEL = {Verdict.OK: "ok", Verdict.MISSING: "MISSING", Verdict.UNKNOWN: "unknown"}
+
+
+def add_doctor_command(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "doctor", help="probe the running kernel: what sockpol can enforce here (incl. kTLS)"
+    )
+    p.add_argument("--json", action="store_true", help="findings as JSON")
+    p.add_argument(
+        "--require-ktls",
+        action="store_true",
+        help="exit 1 unless policy inside TLS (kTLS on sockhash sockets) works here",
+    )
+    p.set_defaults(func=cmd_doctor)
+    return p
+
+
+def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    findings = probe()
+    works = summary(findings)
+    if args.json:
+        records = [dict(asdict(f), verdict=f.verdict.value) for f in findings]
+        print(json.dumps({"findings": records, "works": works}, indent=2), file=out)
+    else:
+        render(findings, works, out)
+    if not works["plaintext"] or (args.require_ktls and not works["ktls"]):
+        return EXIT_MISSING
+    return EXIT_OK
+
+
+def render(findings: list[Finding], works: dict[str, bool], out: TextIO) -> None:
+    by_key = {f.key: f for f in findings}
+    kernel = by_key.get("kernel")
+    print(f"sockpol doctor: {kernel.detail if kernel else 'unknown kernel'}", file=out)
+    width = max(len(f.title) for f in findings)
+    for f in findings:
+        if f.key == "kernel":
+            continue
+        print(f"  {_LABEL[f.verdict]:<8} {f.title:<{width}}  {f.detail}", file=out)
+        if f.meaning and not f.ok:
+            print(f"  {'':<8} {'':<{width}}  -> {f.meaning}", file=out)
+    print("what works here:", file=out)
+    print(f"  plaintext HTTP policies:  {_answer(works['plaintext'], CORE, by_key)}", file=out)
+    print(f"  policy inside TLS (kTLS): {_answer(works['ktls'], CORE + TLS, by_key)}", file=out)
+
+
+def _answer(ok: bool, keys: tuple[str, ...], by_key: dict[str, Finding]) -> str:
+    if ok:
+        return "yes"
+    first = next((by_key[k] for k in keys if k in by_key and not by_key[k].ok), None)
+    return f"no ({first.title}: {first.verdict.value})" if first else "no"

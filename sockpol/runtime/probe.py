@@ -1,0 +1,435 @@
+"""What the running kernel can do for sockpol, found by trying it (not by reading version numbers).
+
+`probe()` returns one `Finding` per capability, in dependency order:
+
+    kernel        release and architecture (informational)
+    privileges    CAP_BPF/CAP_SYS_ADMIN + CAP_NET_ADMIN
+    sk_msg        BPF_PROG_TYPE_SK_MSG and BPF_PROG_TYPE_SOCK_OPS load
+    sockhash      a BPF_MAP_TYPE_SOCKHASH can be created
+    btf           the kernel accepts BTF (sockpol's objects carry BTF maps and func_info)
+    cgroup2       a cgroup v2 hierarchy is mounted (the sock_ops program attaches there)
+    bpffs         a bpf filesystem is mounted (policies are pinned there)
+    bpf_loop      the bpf_loop helper is allowed in sk_msg programs (the scanner uses it)
+    ktls          the tls ULP: `setsockopt(TCP_ULP, "tls")` and TLS_TX on a loopback socket
+    ktls_sockmap  TLS on a socket that is already in a sockhash, with a program that must run
+
+Why the last one is tried for real: upstream stable kernels gained "tls: reject the combination of
+TLS and sockmap" (Debian 6.1.190, 6.12.111, ...). There TLS_TX on a socket in a sockhash fails
+with EINVAL and policy inside TLS is impossible, whatever the version number says. The probe loads
+a program that drops everything, so "works" means a kTLS send was actually refused by it (a
+program that silently stopped running would fail open).
+
+Every probe cleans up after itself and uses only loopback sockets; without root the BPF probes
+report UNKNOWN instead of guessing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import gzip
+import os
+import platform
+import socket
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from sockpol.diagnostics import SockpolError
+from sockpol.runtime import ktls
+from sockpol.runtime import libbpf as bpf
+
+BPF_FUNC_LOOP = 181
+BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
+REJECTION_PATCH = "tls: reject the combination of TLS and sockmap"
+
+
+class Verdict(enum.Enum):
+    OK = "ok"
+    MISSING = "missing"  # tried, and it does not work on this kernel/host
+    UNKNOWN = "unknown"  # could not be tried (e.g. no privileges, or a prerequisite is missing)
+
+
+@dataclass(frozen=True)
+class Finding:
+    key: str
+    title: str
+    verdict: Verdict
+    detail: str  # what was observed
+    meaning: str = ""  # what this means for sockpol, or what to do
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict is Verdict.OK
+
+
+# What plaintext HTTP policies need; kTLS is an extra.
+CORE = ("privileges", "sk_msg", "sockhash", "btf", "cgroup2", "bpffs", "bpf_loop")
+TLS = ("ktls", "ktls_sockmap")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel configuration (informational: explains a missing feature, never decides)
+
+
+def kernel_config(option: str, sources: list[Path] | None = None) -> str | None:
+    """The value of CONFIG_<option> ('y', 'm', 'n' for "is not set"), or None if unknown.
+
+    Read from /proc/config.gz or /boot/config-<release>, the first that exists.
+    """
+    name = f"CONFIG_{option}"
+    if sources is None:
+        sources = [Path("/proc/config.gz"), Path(f"/boot/config-{platform.release()}")]
+    for path in sources:
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode(errors="replace")
+        for line in text.splitlines():
+            if line.startswith(f"{name}="):
+                return line.split("=", 1)[1]
+            if line == f"# {name} is not set":
+                return "n"
+        return "n"  # a config that does not mention it does not have it
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# libbpf's feature probes and a minimal program loader (declared here: only the probe uses them)
+
+_BPF_INSN = ctypes.c_uint64  # struct bpf_insn is 8 bytes
+
+
+def _libbpf() -> ctypes.CDLL:
+    so = bpf.lib()
+    if not getattr(so, "_sockpol_probe_declared", False):
+        p = ctypes.c_void_p
+        for name, restype, argtypes in (
+            ("libbpf_probe_bpf_prog_type", ctypes.c_int, [ctypes.c_int, p]),
+            ("libbpf_probe_bpf_map_type", ctypes.c_int, [ctypes.c_int, p]),
+            ("libbpf_probe_bpf_helper", ctypes.c_int, [ctypes.c_int, ctypes.c_int, p]),
+            (
+                "bpf_prog_load",
+                ctypes.c_int,
+                [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, p, ctypes.c_size_t, p],
+            ),
+            ("btf__new_empty", p, []),
+            ("btf__add_int", ctypes.c_int, [p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]),
+            ("btf__load_into_kernel", ctypes.c_int, [p]),
+            ("btf__fd", ctypes.c_int, [p]),
+            ("btf__free", None, [p]),
+        ):
+            fn = getattr(so, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        so._sockpol_probe_declared = True
+    return so
+
+
+def _drop_all_program() -> int:
+    """Load `r0 = 0 (SK_DROP); exit` as an sk_msg program; its fd."""
+    mov_r0_0 = 0xB7  # BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0
+    exit_ = 0x95  # BPF_JMP | BPF_EXIT
+    insns = (_BPF_INSN * 2)(mov_r0_0, exit_)
+    fd = _libbpf().bpf_prog_load(bpf.BPF_PROG_TYPE_SK_MSG, b"sockpol_probe", b"GPL", insns, 2, None)
+    if fd < 0:
+        raise bpf.BpfError("load probe sk_msg program", -fd)
+    return fd
+
+
+def _feature(fn: Callable[[], int]) -> tuple[bool | None, int | None]:
+    """libbpf probe result: (True/False, None), or (None, errno) when the probe itself failed."""
+    ret = fn()
+    if ret < 0:
+        return None, -ret
+    return ret == 1, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The probes
+
+
+def _kernel() -> Finding:
+    u = os.uname()
+    return Finding("kernel", "kernel", Verdict.OK, f"Linux {u.release} ({u.machine})")
+
+
+def _privileges() -> Finding:
+    from sockpol.runtime.system import check_privileges
+
+    try:
+        check_privileges()
+    except SockpolError as e:
+        return Finding("privileges", "privileges", Verdict.MISSING, str(e))
+    return Finding(
+        "privileges", "privileges", Verdict.OK, "CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN"
+    )
+
+
+def _unprivileged(key: str, title: str) -> Finding:
+    return Finding(key, title, Verdict.UNKNOWN, "not tried: needs root", "rerun as root")
+
+
+def _sk_msg() -> Finding:
+    title = "sk_msg and sock_ops programs"
+    results = {}
+    for name, prog_type in (
+        ("sk_msg", bpf.BPF_PROG_TYPE_SK_MSG),
+        ("sock_ops", bpf.BPF_PROG_TYPE_SOCK_OPS),
+    ):
+        results[name] = _feature(lambda t=prog_type: _libbpf().libbpf_probe_bpf_prog_type(t, None))
+    missing = [n for n, (ok, _) in results.items() if ok is False]
+    failed = [f"{n}: {bpf.strerror(e)}" for n, (ok, e) in results.items() if ok is None]
+    if missing:
+        return Finding(
+            "sk_msg",
+            title,
+            Verdict.MISSING,
+            f"the kernel does not load {' or '.join(missing)} programs",
+            "needs CONFIG_BPF_SYSCALL, CONFIG_NET_SOCK_MSG and CONFIG_CGROUP_BPF",
+        )
+    if failed:
+        return Finding("sk_msg", title, Verdict.UNKNOWN, "; ".join(failed))
+    return Finding("sk_msg", title, Verdict.OK, "both program types load")
+
+
+def _sockhash() -> Finding:
+    title = "sockhash maps"
+    try:
+        fd = bpf.map_create(bpf.BPF_MAP_TYPE_SOCKHASH, "sockpol_probe", 8, 8, 1)
+    except bpf.BpfError as e:
+        return Finding(
+            "sockhash",
+            title,
+            Verdict.MISSING,
+            f"creating a BPF_MAP_TYPE_SOCKHASH failed: {e}",
+            "needs CONFIG_BPF_STREAM_PARSER / CONFIG_NET_SOCK_MSG",
+        )
+    os.close(fd)
+    return Finding("sockhash", title, Verdict.OK, "a BPF_MAP_TYPE_SOCKHASH was created")
+
+
+def _btf() -> Finding:
+    title = "BTF"
+    so = _libbpf()
+    btf = so.btf__new_empty()
+    if not btf:
+        return Finding("btf", title, Verdict.UNKNOWN, "libbpf could not create a BTF object")
+    try:
+        so.btf__add_int(btf, b"int", 4, 1)  # BTF_INT_SIGNED
+        ret = so.btf__load_into_kernel(btf)
+    finally:
+        so.btf__free(btf)  # closes the kernel fd too
+    vmlinux = "kernel BTF at /sys/kernel/btf/vmlinux" if BTF_VMLINUX.exists() else "no vmlinux BTF"
+    if ret < 0:
+        return Finding(
+            "btf",
+            title,
+            Verdict.MISSING,
+            f"the kernel refused a minimal BTF blob: {bpf.strerror(-ret)}; {vmlinux}",
+            "sockpol's objects carry BTF-defined maps and func_info; libbpf cannot load them",
+        )
+    return Finding("btf", title, Verdict.OK, f"the kernel loads BTF; {vmlinux}")
+
+
+def _cgroup2() -> Finding:
+    from sockpol.runtime.system import cgroup2_mount
+
+    try:
+        where = cgroup2_mount()
+    except SockpolError as e:
+        return Finding(
+            "cgroup2", "cgroup v2", Verdict.MISSING, str(e), "only sockets added by hand"
+        )
+    return Finding("cgroup2", "cgroup v2", Verdict.OK, f"mounted at {where}")
+
+
+def _bpffs() -> Finding:
+    from sockpol.runtime.system import BPFFS_DEFAULT, find_bpffs
+
+    if find_bpffs() is None:
+        # Not an error: `sockpol load` mounts it; the probe itself changes nothing.
+        return Finding(
+            "bpffs",
+            "bpffs",
+            Verdict.OK,
+            f"not mounted at {BPFFS_DEFAULT}; sockpol load mounts it",
+        )
+    return Finding("bpffs", "bpffs", Verdict.OK, f"mounted at {BPFFS_DEFAULT}")
+
+
+def _bpf_loop() -> Finding:
+    title = "bpf_loop helper"
+    ok, err = _feature(
+        lambda: _libbpf().libbpf_probe_bpf_helper(bpf.BPF_PROG_TYPE_SK_MSG, BPF_FUNC_LOOP, None)
+    )
+    if ok is None:
+        return Finding("bpf_loop", title, Verdict.UNKNOWN, f"probe failed: {bpf.strerror(err)}")
+    if not ok:
+        return Finding(
+            "bpf_loop",
+            title,
+            Verdict.MISSING,
+            "sk_msg programs may not call bpf_loop (it appeared in Linux 5.17)",
+            "sockpol's scanner needs it: no policy loads on this kernel",
+        )
+    return Finding("bpf_loop", title, Verdict.OK, "allowed in sk_msg programs")
+
+
+def _loopback_pair(stack: ExitStack) -> tuple[socket.socket, socket.socket]:
+    listener = stack.enter_context(socket.socket())
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = stack.enter_context(socket.create_connection(listener.getsockname(), timeout=5))
+    server, _ = listener.accept()
+    stack.enter_context(server)
+    return client, server
+
+
+def _ktls() -> Finding:
+    title = "kernel TLS (kTLS)"
+    ktls.load_module()
+    config = kernel_config("TLS")
+    with ExitStack() as stack:
+        client, _ = _loopback_pair(stack)
+        try:
+            ktls.set_ulp(client)
+        except OSError as e:
+            why = {
+                "n": "the kernel was built without it (CONFIG_TLS is not set)",
+                "m": "CONFIG_TLS=m but the tls module did not load (modprobe tls)",
+            }.get(config or "", "the tls ULP is not available (CONFIG_TLS?)")
+            return Finding(
+                "ktls",
+                title,
+                Verdict.MISSING,
+                f'setsockopt(TCP_ULP, "tls") failed: {ktls.describe_errno(e.errno)}: {why}',
+                "policy inside TLS is impossible here; TLS connections on governed ports are "
+                "refused (the program sees only ciphertext)",
+            )
+        try:
+            ktls.enable(client, ktls.StaticKeys.fixed(), ktls.TLS_TX)
+        except OSError as e:
+            return Finding(
+                "ktls",
+                title,
+                Verdict.MISSING,
+                f"the tls ULP is there but TLS_TX (AES-128-GCM) failed: "
+                f"{ktls.describe_errno(e.errno)} (gcm(aes) crypto missing?)",
+                "policy inside TLS is impossible here",
+            )
+    return Finding("ktls", title, Verdict.OK, "TCP_ULP tls and TLS_TX (AES-128-GCM) work")
+
+
+def _ktls_sockmap() -> Finding:
+    title = "kTLS on sockets in a sockhash"
+    with ExitStack() as stack:
+        prog_fd = _drop_all_program()
+        stack.callback(os.close, prog_fd)
+        map_fd = bpf.map_create(bpf.BPF_MAP_TYPE_SOCKHASH, "sockpol_probe", 4, 4, 1)
+        stack.callback(os.close, map_fd)
+        # The order that works where anything does: attach, connect, insert, ULP, TLS_TX.
+        bpf.prog_attach(prog_fd, map_fd, bpf.BPF_SK_MSG_VERDICT)
+        client, server = _loopback_pair(stack)
+        bpf.map_update(map_fd, (0).to_bytes(4, "little"), client.fileno().to_bytes(4, "little"))
+        for step, action in (
+            ('setsockopt(TCP_ULP, "tls")', lambda: ktls.set_ulp(client)),
+            (
+                "setsockopt(SOL_TLS, TLS_TX)",
+                lambda: ktls.enable(client, ktls.StaticKeys.fixed(), ktls.TLS_TX),
+            ),
+        ):
+            try:
+                action()
+            except OSError as e:
+                detail = f"{step} on a socket in a sockhash failed: {ktls.describe_errno(e.errno)}"
+                if e.errno == errno.EINVAL:
+                    detail += f'; this kernel carries "{REJECTION_PATCH}"'
+                return Finding(
+                    "ktls_sockmap",
+                    title,
+                    Verdict.MISSING,
+                    detail,
+                    "policy inside TLS is impossible here: a TLS library's attempt to use kTLS on "
+                    "a governed socket fails, it falls back to user-space TLS, and sockpol "
+                    "refuses the ciphertext it cannot read (fails closed)",
+                )
+        try:
+            client.send(b"GET /probe HTTP/1.1\r\n\r\n")
+        except OSError as e:
+            if e.errno == errno.EACCES:
+                return Finding(
+                    "ktls_sockmap",
+                    title,
+                    Verdict.OK,
+                    "TLS_TX set on a socket in a sockhash, and the sk_msg program judged its "
+                    "plaintext (a drop-all program refused the send)",
+                    "policy inside TLS works for clients whose TLS library uses kTLS",
+                )
+            return Finding(
+                "ktls_sockmap",
+                title,
+                Verdict.UNKNOWN,
+                f"kTLS send failed unexpectedly: {ktls.describe_errno(e.errno)}",
+            )
+        return Finding(
+            "ktls_sockmap",
+            title,
+            Verdict.MISSING,
+            "TLS_TX was accepted but the sk_msg program did not run on the send (fails open)",
+            "policy inside TLS would be bypassed on this kernel: do not rely on it",
+        )
+
+
+def probe() -> list[Finding]:
+    """Probe the running kernel; never raises for a missing feature, only reports it."""
+    findings = [_kernel(), _privileges()]
+    privileged = findings[-1].ok
+    bpf_probes: list[tuple[str, str, Callable[[], Finding]]] = [
+        ("sk_msg", "sk_msg and sock_ops programs", _sk_msg),
+        ("sockhash", "sockhash maps", _sockhash),
+        ("btf", "BTF", _btf),
+    ]
+    for key, title, fn in bpf_probes:
+        findings.append(_guarded(key, title, fn) if privileged else _unprivileged(key, title))
+    findings += [_cgroup2(), _bpffs()]
+    findings.append(
+        _guarded("bpf_loop", "bpf_loop helper", _bpf_loop)
+        if privileged
+        else _unprivileged("bpf_loop", "bpf_loop helper")
+    )
+    findings.append(_guarded("ktls", "kernel TLS (kTLS)", _ktls))
+    by_key = {f.key: f for f in findings}
+    title = "kTLS on sockets in a sockhash"
+    if not privileged:
+        findings.append(_unprivileged("ktls_sockmap", title))
+    elif not (by_key["ktls"].ok and by_key["sk_msg"].ok and by_key["sockhash"].ok):
+        findings.append(
+            Finding(
+                "ktls_sockmap",
+                title,
+                Verdict.MISSING,
+                "not tried: needs kTLS, sk_msg programs and sockhash maps",
+                "policy inside TLS is impossible here",
+            )
+        )
+    else:
+        findings.append(_guarded("ktls_sockmap", title, _ktls_sockmap))
+    return findings
+
+
+def _guarded(key: str, title: str, fn: Callable[[], Finding]) -> Finding:
+    """A probe that failed in an unforeseen way reports UNKNOWN with the reason, not a crash."""
+    try:
+        return fn()
+    except (OSError, SockpolError) as e:
+        return Finding(key, title, Verdict.UNKNOWN, f"probe failed: {e}")
+
+
+def summary(findings: list[Finding]) -> dict[str, bool]:
+    """What works here: plaintext HTTP policies, and policy inside TLS (kTLS)."""
+    by_key = {f.key: f for f in findings}
+    plain = all(by_key[k].ok for k in CORE if k in by_key)
+    return {"plaintext": plain, "ktls": plain and all(by_key[k].ok for k in TLS if k in by_key)}

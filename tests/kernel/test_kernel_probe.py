@@ -1,0 +1,76 @@
+"""The kernel probe against the running kernel (root): what it finds must match what is there.
+
+On the development and CI hosts (6.18, no CONFIG_TLS) kTLS must be reported missing, naming
+CONFIG_TLS; in the 6.1 VM (CONFIG_TLS=m) it must be found. Whether TLS works on a socket in a
+sockhash is checked against real sockets by tests/ktls; here only its consistency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+
+import pytest
+
+from sockpol import doctor
+from sockpol.runtime import probe
+from sockpol.runtime.probe import Verdict
+
+
+def bpftool_json(*args: str) -> list[dict]:
+    out = subprocess.run(["bpftool", "--json", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout or "[]")
+
+
+KEYS = ["kernel", "privileges", "sk_msg", "sockhash", "btf", "cgroup2", "bpffs", "bpf_loop"]
+
+
+@pytest.fixture(scope="module")
+def findings(kernel_env: None) -> dict[str, probe.Finding]:
+    return {f.key: f for f in probe.probe()}
+
+
+def test_every_capability_is_reported_in_order(findings) -> None:
+    assert list(findings) == [*KEYS, "ktls", "ktls_sockmap"]
+    assert findings["kernel"].detail.startswith("Linux ")
+
+
+def test_what_the_kernel_tests_use_is_found(findings) -> None:
+    # These tests load policies, so everything plaintext policies need is here.
+    missing = {k: f.detail for k, f in findings.items() if k in probe.CORE and not f.ok}
+    assert not missing
+    assert probe.summary(list(findings.values()))["plaintext"] is True
+
+
+def test_ktls_finding_matches_the_kernel_config(findings) -> None:
+    config = probe.kernel_config("TLS")
+    found = findings["ktls"]
+    if config == "n":
+        assert found.verdict is Verdict.MISSING
+        assert "CONFIG_TLS is not set" in found.detail
+        assert findings["ktls_sockmap"].verdict is Verdict.MISSING
+        assert "not tried" in findings["ktls_sockmap"].detail
+        assert probe.summary(list(findings.values()))["ktls"] is False
+    elif config in ("y", "m"):
+        assert found.verdict is Verdict.OK, found.detail
+        assert findings["ktls_sockmap"].verdict in (Verdict.OK, Verdict.MISSING)
+    else:
+        pytest.skip(f"kernel config not readable (CONFIG_TLS={config!r}): nothing to compare")
+
+
+def test_probe_leaves_no_probe_objects(findings) -> None:
+    progs = [p for p in bpftool_json("prog", "show") if p.get("name") == "sockpol_probe"]
+    maps = [m for m in bpftool_json("map", "show") if m.get("name") == "sockpol_probe"]
+    assert not progs and not maps
+
+
+def test_doctor_reports_the_live_kernel(findings) -> None:
+    parser = argparse.ArgumentParser()
+    doctor.add_doctor_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["doctor", "--json"])
+    out = io.StringIO()
+    assert args.func(args, out=out) == doctor.EXIT_OK
+    report = json.loads(out.getvalue())
+    assert [f["key"] for f in report["findings"]] == list(findings)

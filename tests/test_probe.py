@@ -1,0 +1,91 @@
+"""The kernel probe's pure parts: reading the kernel config, and how `sockpol doctor` reports."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from sockpol import doctor
+from sockpol.runtime import ktls, probe
+from sockpol.runtime.probe import Finding, Verdict
+
+
+def test_kernel_config_reads_plain_and_gzip(tmp_path: Path) -> None:
+    text = "CONFIG_TLS=m\n# CONFIG_TLS_TOE is not set\nCONFIG_BPF=y\n"
+    plain = tmp_path / "config"
+    plain.write_text(text)
+    packed = tmp_path / "config.gz"
+    packed.write_bytes(gzip.compress(text.encode()))
+    for source in (plain, packed):
+        assert probe.kernel_config("TLS", [source]) == "m"
+        assert probe.kernel_config("TLS_TOE", [source]) == "n"
+        assert probe.kernel_config("BPF", [source]) == "y"
+        assert probe.kernel_config("NOT_MENTIONED", [source]) == "n"
+    assert probe.kernel_config("TLS", [tmp_path / "missing"]) is None
+    assert probe.kernel_config("TLS", [tmp_path / "missing", plain]) == "m"
+
+
+@pytest.mark.parametrize("cipher", [ktls.AES_GCM_128, ktls.AES_GCM_256])
+@pytest.mark.parametrize("version", [ktls.TLS_1_2_VERSION, ktls.TLS_1_3_VERSION])
+def test_crypto_info_layout(cipher: ktls.Cipher, version: int) -> None:
+    # struct tls12_crypto_info_aes_gcm_{128,256}: 4-byte header, iv, key, salt, rec_seq.
+    info = ktls.StaticKeys.fixed(version, cipher).crypto_info()
+    assert len(info) == 4 + 8 + cipher.key_size + 4 + 8
+    assert int.from_bytes(info[:2], "little") == version
+    assert int.from_bytes(info[2:4], "little") == cipher.type
+    with pytest.raises(ValueError, match="key material"):
+        ktls.StaticKeys(version, cipher, b"short", b"", b"").crypto_info()
+
+
+def _findings(ktls_ok: bool) -> list[Finding]:
+    ok = [Finding(k, k, Verdict.OK, "fine") for k in probe.CORE]
+    tls = Verdict.OK if ktls_ok else Verdict.MISSING
+    return [
+        Finding("kernel", "kernel", Verdict.OK, "Linux 9.9 (x86_64)"),
+        *ok,
+        Finding("ktls", "kernel TLS (kTLS)", tls, "tried", "no TLS here"),
+        Finding("ktls_sockmap", "kTLS on sockets in a sockhash", tls, "tried", "no TLS here"),
+    ]
+
+
+def _doctor(monkeypatch: pytest.MonkeyPatch, findings: list[Finding], *argv: str):
+    monkeypatch.setattr(doctor, "probe", lambda: findings)
+    parser = argparse.ArgumentParser()
+    doctor.add_doctor_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["doctor", *argv])
+    out = io.StringIO()
+    return args.func(args, out=out), out.getvalue()
+
+
+def test_doctor_without_ktls(monkeypatch: pytest.MonkeyPatch) -> None:
+    status, text = _doctor(monkeypatch, _findings(ktls_ok=False))
+    assert status == doctor.EXIT_OK  # plaintext policies work: not an error by default
+    assert "sockpol doctor: Linux 9.9 (x86_64)" in text
+    assert "MISSING  kernel TLS (kTLS)" in text
+    assert "-> no TLS here" in text
+    assert "plaintext HTTP policies:  yes" in text
+    assert "policy inside TLS (kTLS): no (kernel TLS (kTLS): missing)" in text
+    status, _ = _doctor(monkeypatch, _findings(ktls_ok=False), "--require-ktls")
+    assert status == doctor.EXIT_MISSING
+
+
+def test_doctor_with_ktls_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    status, text = _doctor(monkeypatch, _findings(ktls_ok=True), "--require-ktls", "--json")
+    assert status == doctor.EXIT_OK
+    report = json.loads(text)
+    assert report["works"] == {"plaintext": True, "ktls": True}
+    assert [f["key"] for f in report["findings"]][:2] == ["kernel", "privileges"]
+    assert {f["verdict"] for f in report["findings"]} == {"ok"}
+
+
+def test_doctor_fails_when_core_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    findings = _findings(ktls_ok=True)
+    findings[2] = Finding("sk_msg", "sk_msg programs", Verdict.MISSING, "no", "rebuild")
+    status, text = _doctor(monkeypatch, findings)
+    assert status == doctor.EXIT_MISSING
+    assert "plaintext HTTP policies:  no (sk_msg programs: missing)" in text
