@@ -29,6 +29,7 @@ class DebugInfo:
         )
         self.globals: list[ir.DIValue] = []
         self._basic: dict[str, ir.DIValue] = {}
+        self._locations: dict[str, ir.DIValue] = {}
         module.add_named_metadata("llvm.dbg.cu", self.cu)
         flags = module.add_named_metadata("llvm.module.flags")
         flags.add(module.add_metadata([ir.IntType(32)(7), "Dwarf Version", ir.IntType(32)(5)]))
@@ -161,6 +162,10 @@ class DebugInfo:
             },
             is_distinct=True,
         )
+        # Made before the SP gets its retainedNodes, which would make it unhashable (a cycle).
+        self._locations[fn.name] = self.m.add_debug_info(
+            "DILocation", {"line": 1, "column": 1, "scope": sp}
+        )
         params = [
             self.m.add_debug_info(
                 "DILocalVariable",
@@ -171,6 +176,10 @@ class DebugInfo:
         # Added after the variables exist: llvmlite cannot hash the SP <-> variable cycle.
         sp.operands = tuple(sp.operands) + (("retainedNodes", self.m.add_metadata(params)),)
         fn.set_metadata("dbg", sp)
+
+    def location(self, fn: ir.Function) -> ir.DIValue:
+        """A location inside `fn` (for calls between functions that have debug info)."""
+        return self._locations[fn.name]
 
     def finish(self) -> None:
         """Close the CU <-> globals cycle once every global is known."""

@@ -3,15 +3,17 @@
 The generated object has:
 - `sockpol_msg` (section `sk_msg`): pulls the first `max-head` bytes of each message into the data
   window, walks the scanner automaton over them with `bpf_loop` (one callback per byte, so the
-  verifier checks the step once rather than once per byte), then finds the first rule whose facts
-  all hold, again with `bpf_loop`. It sets `bpf_msg_apply_bytes` on every run so the verdict covers
+  verifier checks the step once rather than once per byte) while normalizing the path into a
+  per-CPU scratch buffer, walks the path automaton over the normalized path, then finds the first
+  rule whose facts all hold. It sets `bpf_msg_apply_bytes` on every run so the verdict covers
   exactly the request head plus its Content-Length body, and corks an incomplete head.
 - `sockpol_sockops` (section `sockops`): inserts client-side TCP connections to governed ports into
   the sockhash when they become established.
-- `sockpol_socks`: the BTF-defined sockhash, and `sockpol_tables` in `.data`: every policy-dependent
-  number the program reads, so a later reload can swap tables without touching programs.
+- `sockpol_socks`: the BTF-defined sockhash; `sockpol_scratch`: a per-CPU buffer for the normalized
+  path; `sockpol_tables` in `.data`: every policy-dependent number the program reads, so a later
+  reload can swap tables without touching programs.
 
-`simulate.py` is the same algorithm in Python; keep the two in step.
+`simulate.py` (with `normalize.py`) is the same algorithm in Python; keep them in step.
 """
 
 from __future__ import annotations
@@ -22,9 +24,22 @@ from sockpol import __version__
 from sockpol.codegen import helpers as h
 from sockpol.codegen.debuginfo import DebugInfo
 from sockpol.codegen.lower import MatcherIR
+from sockpol.codegen.normalize import (
+    HEX_DIGITS,
+    MAX_DEPTH,
+    NOT_DOTS,
+    PATH_MAX,
+    PCT_HEX1,
+    PCT_LEADING_SLASH,
+    PCT_NONE,
+    PCT_PERCENT,
+    UNRESERVED,
+)
 from sockpol.codegen.scanner import (
     END,
     FLAG_CL_DIGIT,
+    FLAG_PATH_BYTE,
+    FLAG_PATH_END,
     SINGLETON_FLAGS,
     TERMINAL_STATES,
     Reason,
@@ -32,11 +47,13 @@ from sockpol.codegen.scanner import (
 from sockpol.codegen.simulate import CL_MAX, NO_RULE
 from sockpol.metadata import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
 
-I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
 SK_DROP, SK_PASS = 0, 1
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_SOCKHASH = 18
 SOCK_MAP_ENTRIES = 65536
+SCRATCH_MAP = "sockpol_scratch"
 BPF_NOEXIST = 1
 BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4
 # Largest packet offset the verifier accepts is 0xffff, and we read data[i] with data + i + 1.
@@ -48,11 +65,22 @@ MSG_DATA, MSG_DATA_END, MSG_SIZE = 0, 8, 68
 OPS_OP, OPS_FAMILY, OPS_REMOTE_PORT = 0, 20, 64
 AF_INET, AF_INET6 = 2, 10
 
-# Field numbers of the scan state on the stack, shared with the callbacks.
-S_DATA, S_DATA_END, S_STATE, S_POS, S_CL, S_SEEN, S_RULE, S_FACTS = range(8)
-# Field numbers of the tables struct.
-T_CLASSMAP, T_TRANS, T_INFO, T_FACTSETS, T_NEED, T_ALLOW, T_CONFIG = range(7)
-C_NRULES, C_DEFAULT_ALLOW, C_MAX_HEAD, C_START = range(4)
+# The scratch buffer: normalized path bytes, then the stack of segment starts (u16 each).
+STACK_OFFSET = PATH_MAX
+SCRATCH_SIZE = PATH_MAX + 2 * MAX_DEPTH
+assert PATH_MAX & (PATH_MAX - 1) == 0 and MAX_DEPTH & (MAX_DEPTH - 1) == 0
+
+# The scan state on the stack of sockpol_msg, shared with the callbacks through its address.
+SCAN_FIELDS = [
+    "data", "data_end", "scratch",  # pointers
+    "state", "pos", "cl", "seen", "rule",  # head scanner
+    "out_len", "seg_start", "seg_dots", "depth", "pct", "hex1", "norm_error", "pstate",  # path
+]  # fmt: skip
+POINTER_FIELDS = {"data", "data_end", "scratch"}
+S = {name: i for i, name in enumerate(SCAN_FIELDS)}
+S_FACTS = len(SCAN_FIELDS)
+
+CONFIG = ["nrules", "default_allow", "max_head", "start", "path_start", "zero", "one", "leading"]
 
 
 def gep(b: ir.IRBuilder, base: ir.Value, etype: ir.Type, indices: list[ir.Value]) -> ir.Value:
@@ -75,19 +103,19 @@ class _Emitter:
         self.dbg = DebugInfo(self.m, f"{ir_.policy.name}.pol", f"sockpol {__version__}")
         self.nw = ir_.fact_words
         self.words_t = ir.ArrayType(I64, self.nw)
-        self.scan_t = ir.LiteralStructType([PTR, PTR, I64, I64, I64, I64, I64, self.words_t])
-        t = ir_.tables
-        self.n_trans = len(t.trans)
-        self.n_states = len(t.info)
-        self.n_factsets = _pow2(len(t.factsets))
+        field_types = [PTR if n in POINTER_FIELDS else I64 for n in SCAN_FIELDS]
+        self.scan_t = ir.LiteralStructType([*field_types, self.words_t])
+        self.n_factsets = _pow2(len(ir_.tables.factsets))
         self.n_rules = _pow2(len(ir_.rules))
+        self.u8 = self.dbg.basic("unsigned char", 8, False)
         self.u32 = self.dbg.basic("unsigned int", 32, False)
         self.u64 = self.dbg.basic("unsigned long long", 64, False)
         self.long = self.dbg.basic("long", 64, True)
         self.int = self.dbg.basic("int", 32, True)
         self.void_ptr = self.dbg.pointer(None)
+        self.used: list[ir.GlobalVariable] = []
 
-    # --- globals ---
+    # --- globals ----------------------------------------------------------------------------
 
     def license(self) -> None:
         text = bytearray(b"GPL\0")
@@ -95,32 +123,46 @@ class _Emitter:
         gv.initializer = ir.Constant(gv.value_type, text)
         gv.section = "license"
         self.dbg.global_variable(gv, self.dbg.array(self.dbg.basic("char", 8, True), len(text), 8))
-        self.used = [gv]
+        self.used.append(gv)
 
-    def sock_map(self) -> None:
+    def btf_map(self, name: str, map_type: int, entries: int, key, value) -> ir.GlobalVariable:
         typ = ir.LiteralStructType([PTR, PTR, PTR, PTR])
-        gv = ir.GlobalVariable(self.m, typ, SOCK_MAP)
+        gv = ir.GlobalVariable(self.m, typ, name)
         gv.initializer = ir.Constant(typ, None)
         gv.section = ".maps"
         gv.align = 8
-        self.dbg.global_variable(
-            gv, self.dbg.map_type(BPF_MAP_TYPE_SOCKHASH, SOCK_MAP_ENTRIES, self.u64, self.u32)
-        )
-        self.socks = gv
+        self.dbg.global_variable(gv, self.dbg.map_type(map_type, entries, key, value))
         self.used.append(gv)
+        return gv
+
+    def maps(self) -> None:
+        self.socks = self.btf_map(
+            SOCK_MAP, BPF_MAP_TYPE_SOCKHASH, SOCK_MAP_ENTRIES, self.u64, self.u32
+        )
+        scratch_value = self.dbg.array(self.u8, SCRATCH_SIZE, 8)
+        self.scratch_map = self.btf_map(
+            SCRATCH_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, 1, self.u32, scratch_value
+        )
 
     def tables(self) -> None:
         ir_, t = self.ir, self.ir.tables
+        p = t.path
         factsets = [ir_.words(fs) for fs in t.factsets]
         factsets += [[0] * self.nw] * (self.n_factsets - len(factsets))
         need = [ir_.words(r.facts) for r in ir_.rules]
         need += [[0] * self.nw] * (self.n_rules - len(need))
         allow = [int(r.allow) for r in ir_.rules] + [0] * (self.n_rules - len(ir_.rules))
-        config = [0] * 4
-        config[C_NRULES] = len(ir_.rules)
-        config[C_DEFAULT_ALLOW] = int(ir_.policy.default.value == "allow")
-        config[C_MAX_HEAD] = min(ir_.policy.max_head, MAX_SCAN)
-        config[C_START] = t.start
+        config = {
+            "nrules": len(ir_.rules),
+            "default_allow": int(ir_.policy.default.value == "allow"),
+            "max_head": min(ir_.policy.max_head, MAX_SCAN),
+            "start": t.start,
+            "path_start": p.start,
+            "zero": 0,
+            "one": 1,
+            "leading": PCT_LEADING_SLASH,
+        }
+        hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
         def words(rows: list[list[int]]) -> ir.Constant:
             return ir.Constant(
@@ -128,67 +170,293 @@ class _Emitter:
                 [ir.Constant(self.words_t, row) for row in rows],
             )
 
-        fields = [
-            ir.Constant(ir.ArrayType(I8, 256), bytearray(t.classmap)),
-            ir.Constant(ir.ArrayType(I16, self.n_trans), t.trans),
-            ir.Constant(ir.ArrayType(I32, self.n_states), t.info),
-            words(factsets),
-            words(need),
-            ir.Constant(ir.ArrayType(I32, self.n_rules), allow),
-            ir.Constant(ir.ArrayType(I32, 4), config),
-        ]
-        typ = ir.LiteralStructType([f.type for f in fields])
+        def array(typ: ir.IntType, values: list[int]) -> ir.Constant:
+            if typ is I8:
+                return ir.Constant(ir.ArrayType(I8, len(values)), bytearray(values))
+            return ir.Constant(ir.ArrayType(typ, len(values)), values)
+
+        fields = {
+            "classmap": array(I8, list(t.classmap)),
+            "trans": array(I16, t.trans),
+            "info": array(I32, t.info),
+            "factsets": words(factsets),
+            "need": words(need),
+            "allow": array(I32, allow),
+            "path_classmap": array(I8, list(p.classmap)),
+            "path_trans": array(I16, p.trans),
+            "path_accept": array(I32, p.accept),
+            "hexval": array(I8, hexval),
+            "unreserved": array(I8, [int(c in UNRESERVED) for c in range(256)]),
+            "hexdigit": array(I8, list(HEX_DIGITS)),
+            "small": array(I8, list(range(256))),
+            "config": array(I32, [config[k] for k in CONFIG]),
+        }
+        self.t_index = {name: i for i, name in enumerate(fields)}
+        self.t_len = {name: len(c.type) for name, c in fields.items()}
+        typ = ir.LiteralStructType([c.type for c in fields.values()])
         gv = ir.GlobalVariable(self.m, typ, "sockpol_tables")
-        gv.initializer = ir.Constant(typ, fields)
+        gv.initializer = ir.Constant(typ, list(fields.values()))
         gv.section = ".data"
         gv.align = 8
         self.tables_gv = gv
         self.tables_t = typ
         self.used.append(gv)
 
-    def table_ptr(self, b: ir.IRBuilder, field: int, *index: ir.Value) -> ir.Value:
-        return gep(b, self.tables_gv, self.tables_t, [I32(0), I32(field), *index])
+    def table(self, b: ir.IRBuilder, name: str, index: ir.Value, *rest: ir.Value) -> ir.Value:
+        """Pointer to an element of a table; `index` is masked to the table's (power-of-two)
+        length, which is what lets the verifier prove the access in bounds."""
+        n = self.t_len[name]
+        assert n & (n - 1) == 0, name
+        index = b.and_(index, I64(n - 1))
+        return gep(
+            b, self.tables_gv, self.tables_t, [I32(0), I32(self.t_index[name]), index, *rest]
+        )
 
-    def config(self, b: ir.IRBuilder, which: int) -> ir.Value:
-        return b.zext(b.load(self.table_ptr(b, T_CONFIG, I64(which)), typ=I32), I64)
+    def load_table(self, b: ir.IRBuilder, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
+        return b.zext(b.load(self.table(b, name, index), typ=typ), I64)
 
-    # --- helpers for the scan struct ---
+    def config(self, b: ir.IRBuilder, name: str) -> ir.Value:
+        ptr = gep(
+            b,
+            self.tables_gv,
+            self.tables_t,
+            [I32(0), I32(self.t_index["config"]), I64(CONFIG.index(name))],
+        )
+        return b.zext(b.load(ptr, typ=I32), I64)
 
-    def field(self, b: ir.IRBuilder, scan: ir.Value, index: int, *rest: ir.Value) -> ir.Value:
-        return gep(b, scan, self.scan_t, [I32(0), I32(index), *rest])
+    # --- the scan struct --------------------------------------------------------------------
 
-    def load_field(self, b: ir.IRBuilder, scan: ir.Value, index: int) -> ir.Value:
-        typ = PTR if index in (S_DATA, S_DATA_END) else I64
-        return b.load(self.field(b, scan, index), typ=typ)
+    def slot(self, b: ir.IRBuilder, scan: ir.Value, name: str) -> ir.Value:
+        return gep(b, scan, self.scan_t, [I32(0), I32(S[name])])
 
-    def function(self, name: str, fnty: ir.FunctionType, section: str | None) -> ir.Function:
-        fn = ir.Function(self.m, fnty, name)
+    def get(self, b: ir.IRBuilder, scan: ir.Value, name: str) -> ir.Value:
+        return b.load(self.slot(b, scan, name), typ=PTR if name in POINTER_FIELDS else I64)
+
+    def put(self, b: ir.IRBuilder, scan: ir.Value, name: str, value: ir.Value | int) -> None:
+        if isinstance(value, int):
+            value = self.small(b, value)
+        b.store(value, self.slot(b, scan, name))
+
+    def small(self, b: ir.IRBuilder, value: int) -> ir.Value:
+        """A small constant the verifier cannot see through (read from the `small` table).
+
+        The callbacks run once per byte; the verifier walks them until the state at their entry
+        stops changing. Exact constants stored on some paths (pct = 1, seg_dots = 0, state =
+        a refusal) multiply the states it must tell apart until it gives up; a value read from
+        a map is just "a byte", and the walk converges."""
+        assert 0 <= value < 256, value
+        return self.load_table(b, "small", I64(value), I8)
+
+    def fact_word(self, b: ir.IRBuilder, scan: ir.Value, w: int) -> ir.Value:
+        return gep(b, scan, self.scan_t, [I32(0), I32(S_FACTS), I64(w)])
+
+    def or_factset(self, b: ir.IRBuilder, scan: ir.Value, index: ir.Value) -> None:
+        row = b.and_(index, I64(self.n_factsets - 1))
+        for w in range(self.nw):
+            src = b.load(self.table(b, "factsets", row, I64(w)), typ=I64)
+            dst = self.fact_word(b, scan, w)
+            b.store(b.or_(b.load(dst, typ=I64), src), dst)
+
+    # --- functions --------------------------------------------------------------------------
+
+    def function(
+        self,
+        name: str,
+        ret: ir.Type,
+        args: list[tuple[str, ir.Type]],
+        section: str | None = None,
+    ) -> tuple[ir.Function, ir.IRBuilder]:
+        fn = ir.Function(self.m, ir.FunctionType(ret, [t for _, t in args]), name)
         fn.attributes.add("nounwind")
         if section:
             fn.section = section
         else:
             fn.linkage = "internal"
+
+        def di(t: ir.Type) -> object:
+            if isinstance(t, ir.PointerType):
+                return self.void_ptr
+            return {32: self.u32, 64: self.long}[t.width]
+
+        di_ret = self.int if ret == I32 else self.long
+        self.dbg.function(fn, di_ret, [(n, di(t)) for n, t in args], local=section is None)
+        for arg, (arg_name, _) in zip(fn.args, args, strict=True):
+            arg.name = arg_name
+        return fn, ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def call(self, b: ir.IRBuilder, fn: ir.Function, *args: ir.Value) -> ir.Value:
+        # A call to a function with debug info needs a location, or LLVM's verifier refuses it.
+        inst = b.call(fn, list(args))
+        inst.set_metadata("dbg", self.dbg.location(b.function))
+        return inst
+
+    # --- path normalization (normalize.py, step for step) -----------------------------------
+
+    def path_append(self) -> ir.Function:
+        fn, b = self.function("sockpol_path_append", I64, [("scan", PTR), ("c", I64)])
+        scan, c = fn.args
+        length = self.get(b, scan, "out_len")
+        with b.if_else(b.icmp_unsigned(">=", length, I64(PATH_MAX))) as (full, room):
+            with full:
+                self.put(b, scan, "norm_error", 1)
+            with room:
+                index = b.and_(length, I64(PATH_MAX - 1))
+                b.store(b.trunc(c, I8), gep(b, self.get(b, scan, "scratch"), I8, [index]))
+                self.put(b, scan, "out_len", b.add(length, I64(1)))
+        b.ret(I64(0))
         return fn
 
-    # --- the per-byte scanner step: bpf_loop callback ---
+    def path_pop(self) -> ir.Function:
+        fn, b = self.function("sockpol_path_pop", I64, [("scan", PTR)])
+        (scan,) = fn.args
+        depth = self.get(b, scan, "depth")
+        with b.if_then(b.icmp_unsigned(">", depth, I64(0))):
+            d = b.sub(depth, I64(1))
+            self.put(b, scan, "depth", d)
+            at = b.add(b.shl(b.and_(d, I64(MAX_DEPTH - 1)), I64(1)), I64(STACK_OFFSET))
+            start = b.load(gep(b, self.get(b, scan, "scratch"), I8, [at]), typ=I16)
+            self.put(b, scan, "seg_start", b.zext(start, I64))
+        self.put(b, scan, "out_len", self.get(b, scan, "seg_start"))
+        self.put(b, scan, "seg_dots", 0)
+        b.ret(I64(0))
+        return fn
 
-    def scan_step(self) -> ir.Function:
-        fn = self.function("sockpol_scan_step", ir.FunctionType(I64, [I32, PTR]), None)
-        self.dbg.function(fn, self.long, [("index", self.u32), ("ctx", self.void_ptr)], local=True)
+    def path_char(self, append: ir.Function, pop: ir.Function) -> ir.Function:
+        fn, b = self.function("sockpol_path_char", I64, [("scan", PTR), ("c", I64)])
+        scan, c = fn.args
+        done = fn.append_basic_block("done")
+        length = self.get(b, scan, "out_len")
+        seg_start = self.get(b, scan, "seg_start")
+        seg_len = b.sub(length, seg_start)
+        dots = self.get(b, scan, "seg_dots")
+        is_slash = b.icmp_unsigned("==", c, I64(ord("/")))
+        with b.if_then(b.not_(is_slash)):
+            still_dots = b.and_(
+                b.icmp_unsigned("==", c, I64(ord("."))), b.icmp_unsigned("==", dots, seg_len)
+            )
+            more = b.add(dots, I64(1))
+            more = b.select(b.icmp_unsigned(">", more, I64(NOT_DOTS)), I64(NOT_DOTS), more)
+            self.put(b, scan, "seg_dots", b.select(still_dots, more, self.small(b, NOT_DOTS)))
+            self.call(b, append, scan, c)
+            b.branch(done)
+        # A slash: merge "//", drop "/./", climb on "/../", else close the segment.
+        with b.if_then(b.icmp_unsigned("==", seg_len, I64(0))):
+            b.branch(done)
+        one_dot = b.and_(
+            b.icmp_unsigned("==", seg_len, I64(1)), b.icmp_unsigned("==", dots, I64(1))
+        )
+        with b.if_then(one_dot):
+            self.put(b, scan, "out_len", seg_start)
+            self.put(b, scan, "seg_dots", 0)
+            b.branch(done)
+        two_dots = b.and_(
+            b.icmp_unsigned("==", seg_len, I64(2)), b.icmp_unsigned("==", dots, I64(2))
+        )
+        with b.if_then(two_dots):
+            self.call(b, pop, scan)
+            b.branch(done)
+        depth = self.get(b, scan, "depth")
+        with b.if_then(b.icmp_unsigned(">=", depth, I64(MAX_DEPTH))):
+            self.put(b, scan, "norm_error", 1)
+            b.branch(done)
+        at = b.add(b.shl(b.and_(depth, I64(MAX_DEPTH - 1)), I64(1)), I64(STACK_OFFSET))
+        b.store(b.trunc(seg_start, I16), gep(b, self.get(b, scan, "scratch"), I8, [at]))
+        self.put(b, scan, "depth", b.add(depth, I64(1)))
+        self.call(b, append, scan, c)
+        self.put(b, scan, "seg_start", self.get(b, scan, "out_len"))
+        self.put(b, scan, "seg_dots", 0)
+        b.branch(done)
+        b.position_at_end(done)
+        b.ret(I64(0))
+        return fn
+
+    def path_feed(self, char: ir.Function, append: ir.Function) -> ir.Function:
+        fn, b = self.function("sockpol_path_feed", I64, [("scan", PTR), ("c", I64)])
+        scan, c = fn.args
+        done = fn.append_basic_block("done")
+        pct = self.get(b, scan, "pct")
+        none, percent, hex1 = (fn.append_basic_block(n) for n in ("none", "percent", "hex1"))
+        leading = fn.append_basic_block("leading_slash")
+        switch = b.switch(pct, none)
+        switch.add_case(I64(PCT_PERCENT), percent)
+        switch.add_case(I64(PCT_HEX1), hex1)
+        switch.add_case(I64(PCT_LEADING_SLASH), leading)
+
+        b.position_at_end(leading)  # the leading "/" is already in the output
+        self.put(b, scan, "pct", PCT_NONE)
+        b.branch(done)
+
+        b.position_at_end(percent)
+        self.put(b, scan, "hex1", c)
+        self.put(b, scan, "pct", PCT_HEX1)
+        b.branch(done)
+
+        b.position_at_end(hex1)
+        self.put(b, scan, "pct", PCT_NONE)
+        high = self.load_table(b, "hexval", self.get(b, scan, "hex1"), I8)
+        value = b.or_(b.shl(high, I64(4)), self.load_table(b, "hexval", c, I8))
+        unreserved = self.load_table(b, "unreserved", value, I8)
+        with b.if_else(b.icmp_unsigned("!=", unreserved, I64(0))) as (decode, keep):
+            with decode:
+                self.call(b, char, scan, value)
+            with keep:
+                self.call(b, append, scan, I64(ord("%")))
+                self.call(
+                    b, append, scan, self.load_table(b, "hexdigit", b.lshr(value, I64(4)), I8)
+                )
+                self.call(b, append, scan, self.load_table(b, "hexdigit", value, I8))
+                self.put(b, scan, "seg_dots", NOT_DOTS)
+        b.branch(done)
+
+        b.position_at_end(none)
+        with b.if_else(b.icmp_unsigned("==", c, I64(ord("%")))) as (escape, plain):
+            with escape:
+                self.put(b, scan, "pct", PCT_PERCENT)
+            with plain:
+                self.call(b, char, scan, c)
+        b.branch(done)
+
+        b.position_at_end(done)
+        b.ret(I64(0))
+        return fn
+
+    def path_finish(self, pop: ir.Function) -> ir.Function:
+        fn, b = self.function("sockpol_path_finish", I64, [("scan", PTR)])
+        (scan,) = fn.args
+        seg_start = self.get(b, scan, "seg_start")
+        seg_len = b.sub(self.get(b, scan, "out_len"), seg_start)
+        dots = self.get(b, scan, "seg_dots")
+        one_dot = b.and_(
+            b.icmp_unsigned("==", seg_len, I64(1)), b.icmp_unsigned("==", dots, I64(1))
+        )
+        two_dots = b.and_(
+            b.icmp_unsigned("==", seg_len, I64(2)), b.icmp_unsigned("==", dots, I64(2))
+        )
+        with b.if_then(one_dot):
+            self.put(b, scan, "out_len", seg_start)
+        with b.if_then(two_dots):
+            self.call(b, pop, scan)
+        b.ret(I64(0))
+        return fn
+
+    # --- bpf_loop callbacks -----------------------------------------------------------------
+
+    def scan_step(self, feed: ir.Function, finish: ir.Function) -> ir.Function:
+        """One byte of the head: the transition, its facts, Content-Length digits, singleton
+        headers, and the path normalizer."""
+        fn, b = self.function("sockpol_scan_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
-        b = ir.IRBuilder(fn.append_basic_block("entry"))
         stop = fn.append_basic_block("stop")
+        bounded = fn.append_basic_block("bounded")
         body = fn.append_basic_block("in_window")
         i = b.zext(index, I64)
         # Bounds the variable packet offset for the verifier; unreachable for real heads.
-        b.cbranch(b.icmp_unsigned(">", i, I64(MAX_SCAN)), stop, fn.append_basic_block("bounded"))
-        b.position_at_end(fn.blocks[-1])
-        data = self.load_field(b, scan, S_DATA)
-        data_end = self.load_field(b, scan, S_DATA_END)
+        b.cbranch(b.icmp_unsigned(">", i, I64(MAX_SCAN)), stop, bounded)
+        b.position_at_end(bounded)
         # Not inbounds: data + i + 1 may point past the window; that is what the check tests.
-        p = b.gep(data, [i], source_etype=I8)
+        p = b.gep(self.get(b, scan, "data"), [i], source_etype=I8)
         p_next = b.gep(p, [I64(1)], source_etype=I8)
-        b.cbranch(b.icmp_unsigned(">", p_next, data_end), stop, body)
+        b.cbranch(b.icmp_unsigned(">", p_next, self.get(b, scan, "data_end")), stop, body)
 
         b.position_at_end(stop)
         b.ret(I64(1))
@@ -196,69 +464,79 @@ class _Emitter:
         b.position_at_end(body)
         t = self.ir.tables
         byte = b.zext(b.load(p, typ=I8), I64)
-        state = b.and_(self.load_field(b, scan, S_STATE), I64(self.n_states - 1))
-        cls = b.zext(b.load(self.table_ptr(b, T_CLASSMAP, byte), typ=I8), I64)
-        tindex = b.and_(b.or_(b.shl(state, I64(t.class_bits)), cls), I64(self.n_trans - 1))
-        nxt = b.zext(b.load(self.table_ptr(b, T_TRANS, tindex), typ=I16), I64)
-        info_index = b.and_(nxt, I64(self.n_states - 1))
-        info = b.zext(b.load(self.table_ptr(b, T_INFO, info_index), typ=I32), I64)
+        cls = self.load_table(b, "classmap", byte, I8)
+        nxt = self.load_table(
+            b, "trans", b.or_(b.shl(self.get(b, scan, "state"), I64(t.class_bits)), cls), I16
+        )
+        info = self.load_table(b, "info", nxt, I32)
 
         emit = b.and_(info, I64(0xFFFF))
         with b.if_then(b.icmp_unsigned("!=", emit, I64(0))):
-            row = b.and_(emit, I64(self.n_factsets - 1))
-            for w in range(self.nw):
-                src = b.load(self.table_ptr(b, T_FACTSETS, row, I64(w)), typ=I64)
-                dst = self.field(b, scan, S_FACTS, I64(w))
-                b.store(b.or_(b.load(dst, typ=I64), src), dst)
+            self.or_factset(b, scan, emit)
 
         # Content-Length digits accumulate; an oversized value refuses the request.
-        cl_slot = self.field(b, scan, S_CL)
         is_digit = b.icmp_unsigned("!=", b.and_(info, I64(FLAG_CL_DIGIT)), I64(0))
-        cl_old = b.load(cl_slot, typ=I64)
+        cl_old = self.get(b, scan, "cl")
         cl_new = b.select(is_digit, b.sub(b.add(b.mul(cl_old, I64(10)), byte), I64(0x30)), cl_old)
-        b.store(cl_new, cl_slot)
+        self.put(b, scan, "cl", cl_new)
         too_big = b.icmp_unsigned(">", cl_new, I64(CL_MAX))
-        nxt = b.select(too_big, I64(Reason.BAD_CONTENT_LENGTH), nxt)
+        nxt = b.select(too_big, self.small(b, Reason.BAD_CONTENT_LENGTH), nxt)
 
         # Host and Content-Length may appear once: a second line refuses the request.
-        seen_slot = self.field(b, scan, S_SEEN)
-        seen = b.load(seen_slot, typ=I64)
+        seen = self.get(b, scan, "seen")
         singles = b.and_(info, I64(SINGLETON_FLAGS))
         dup = b.icmp_unsigned("!=", b.and_(singles, seen), I64(0))
-        nxt = b.select(dup, I64(Reason.DUPLICATE_HEADER), nxt)
-        b.store(b.or_(seen, singles), seen_slot)
+        nxt = b.select(dup, self.small(b, Reason.DUPLICATE_HEADER), nxt)
+        self.put(b, scan, "seen", b.or_(seen, singles))
 
-        b.store(nxt, self.field(b, scan, S_STATE))
-        b.store(b.add(i, I64(1)), self.field(b, scan, S_POS))
+        with b.if_then(b.icmp_unsigned("!=", b.and_(info, I64(FLAG_PATH_BYTE)), I64(0))):
+            self.call(b, feed, scan, byte)
+        with b.if_then(b.icmp_unsigned("!=", b.and_(info, I64(FLAG_PATH_END)), I64(0))):
+            self.call(b, finish, scan)
+        failed = b.icmp_unsigned("!=", self.get(b, scan, "norm_error"), I64(0))
+        nxt = b.select(failed, self.small(b, Reason.PATH_TOO_LONG), nxt)
+
+        self.put(b, scan, "state", nxt)
+        self.put(b, scan, "pos", b.add(i, I64(1)))
         b.ret(b.zext(b.icmp_unsigned("<", nxt, I64(TERMINAL_STATES)), I64))
         return fn
 
-    # --- first matching rule: bpf_loop callback ---
+    def path_step(self) -> ir.Function:
+        """One byte of the normalized path through the path automaton."""
+        fn, b = self.function("sockpol_path_step", I64, [("index", I32), ("ctx", PTR)])
+        index, scan = fn.args
+        i = b.and_(b.zext(index, I64), I64(PATH_MAX - 1))
+        c = b.zext(b.load(gep(b, self.get(b, scan, "scratch"), I8, [i]), typ=I8), I64)
+        cls = self.load_table(b, "path_classmap", c, I8)
+        shifted = b.shl(self.get(b, scan, "pstate"), I64(self.ir.tables.path.class_bits))
+        self.put(b, scan, "pstate", self.load_table(b, "path_trans", b.or_(shifted, cls), I16))
+        b.ret(I64(0))
+        return fn
 
     def rule_step(self) -> ir.Function:
-        fn = self.function("sockpol_rule_step", ir.FunctionType(I64, [I32, PTR]), None)
-        self.dbg.function(fn, self.long, [("index", self.u32), ("ctx", self.void_ptr)], local=True)
+        """Rule `index`: do all its facts hold? The first that does ends the loop."""
+        fn, b = self.function("sockpol_rule_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
-        b = ir.IRBuilder(fn.append_basic_block("entry"))
-        r = b.and_(b.zext(index, I64), I64(self.n_rules - 1))
-        ok = ir.Constant(ir.IntType(1), 1)
+        r = b.zext(index, I64)
+        ok = ir.Constant(I1, 1)
         for w in range(self.nw):
-            need = b.load(self.table_ptr(b, T_NEED, r, I64(w)), typ=I64)
-            have = b.load(self.field(b, scan, S_FACTS, I64(w)), typ=I64)
+            need = b.load(self.table(b, "need", r, I64(w)), typ=I64)
+            have = b.load(self.fact_word(b, scan, w), typ=I64)
             ok = b.and_(ok, b.icmp_unsigned("==", b.and_(have, need), need))
         with b.if_then(ok):
-            b.store(b.zext(index, I64), self.field(b, scan, S_RULE))
+            self.put(b, scan, "rule", r)
         b.ret(b.zext(ok, I64))
         return fn
 
-    # --- sk_msg program ---
+    # --- sk_msg program ---------------------------------------------------------------------
 
-    def msg_program(self, scan_step: ir.Function, rule_step: ir.Function) -> None:
-        fn = self.function(MSG_PROGRAM, ir.FunctionType(I32, [PTR]), "sk_msg")
-        self.dbg.function(fn, self.int, [("msg", self.void_ptr)], local=False)
+    def msg_program(
+        self, scan_step: ir.Function, path_step: ir.Function, rule_step: ir.Function
+    ) -> None:
+        fn, b = self.function(MSG_PROGRAM, I32, [("msg", PTR)], section="sk_msg")
         msg = fn.args[0]
-        b = ir.IRBuilder(fn.append_basic_block("entry"))
         scan = b.alloca(self.scan_t, name="scan")
+        key = b.alloca(I32, name="zero")
 
         def ctx_load(offset: int, typ: ir.Type) -> ir.Value:
             return b.load(gep(b, msg, I8, [I64(offset)]), typ=typ)
@@ -272,37 +550,57 @@ class _Emitter:
         size = b.zext(ctx_load(MSG_SIZE, I32), I64)
         with b.if_then(b.icmp_unsigned("==", size, I64(0)), likely=False):
             verdict(SK_PASS)
-        max_head = self.config(b, C_MAX_HEAD)
+        max_head = self.config(b, "max_head")
         n = b.select(b.icmp_unsigned("<", size, max_head), size, max_head)
         pulled = h.call(b, h.MSG_PULL_DATA, msg, I32(0), b.trunc(n, I32), I64(0))
         with b.if_then(b.icmp_unsigned("!=", pulled, I64(0)), likely=False):
             verdict(SK_DROP)
+        b.store(I32(0), key)
+        scratch = h.call(b, h.MAP_LOOKUP_ELEM, self.scratch_map, key)
+        with b.if_then(b.icmp_unsigned("==", b.ptrtoint(scratch, I64), I64(0)), likely=False):
+            verdict(SK_DROP)
 
         # Packet pointers are valid only now, after the pull.
-        b.store(ctx_load(MSG_DATA, PTR), self.field(b, scan, S_DATA))
-        b.store(ctx_load(MSG_DATA_END, PTR), self.field(b, scan, S_DATA_END))
-        b.store(self.config(b, C_START), self.field(b, scan, S_STATE))
-        for slot in (S_POS, S_CL, S_SEEN):
-            b.store(I64(0), self.field(b, scan, slot))
-        b.store(I64(NO_RULE), self.field(b, scan, S_RULE))
+        self.put(b, scan, "data", ctx_load(MSG_DATA, PTR))
+        self.put(b, scan, "data_end", ctx_load(MSG_DATA_END, PTR))
+        self.put(b, scan, "scratch", scratch)
+        # Initial values come from the tables, not constants: the verifier then knows them only
+        # as ranges, so its walk over the bpf_loop callbacks converges after an iteration or two
+        # instead of following exact values (out_len 1, 2, 3, ...) byte by byte until it gives up
+        # ("the sequence of 8193 jumps is too complex").
+        zero, one = self.config(b, "zero"), self.config(b, "one")
+        for name in SCAN_FIELDS:
+            if name not in POINTER_FIELDS:
+                self.put(b, scan, name, zero)
+        self.put(b, scan, "state", self.config(b, "start"))
+        self.put(b, scan, "rule", I64(NO_RULE))
+        self.put(b, scan, "out_len", one)  # the normalized path starts as "/"
+        self.put(b, scan, "seg_start", one)
+        self.put(b, scan, "pct", self.config(b, "leading"))
+        self.put(b, scan, "pstate", self.config(b, "path_start"))
+        b.store(I8(ord("/")), scratch)
         for w in range(self.nw):
-            b.store(I64(0), self.field(b, scan, S_FACTS, I64(w)))
+            b.store(zero, self.fact_word(b, scan, w))
         h.call(b, h.LOOP, b.trunc(n, I32), scan_step, scan, I64(0))
 
-        state = self.load_field(b, scan, S_STATE)
+        state = self.get(b, scan, "state")
         complete = fn.append_basic_block("head_complete")
         not_complete = fn.append_basic_block("head_not_complete")
         b.cbranch(b.icmp_unsigned("==", state, I64(END)), complete, not_complete)
 
         b.position_at_end(complete)
-        h.call(b, h.LOOP, b.trunc(self.config(b, C_NRULES), I32), rule_step, scan, I64(0))
-        rule = self.load_field(b, scan, S_RULE)
+        out_len = b.trunc(self.get(b, scan, "out_len"), I32)
+        h.call(b, h.LOOP, out_len, path_step, scan, I64(0))
+        self.or_factset(
+            b, scan, self.load_table(b, "path_accept", self.get(b, scan, "pstate"), I32)
+        )
+        h.call(b, h.LOOP, b.trunc(self.config(b, "nrules"), I32), rule_step, scan, I64(0))
+        rule = self.get(b, scan, "rule")
         matched = b.icmp_unsigned("!=", rule, I64(NO_RULE))
-        rule_index = b.and_(rule, I64(self.n_rules - 1))
-        rule_allow = b.zext(b.load(self.table_ptr(b, T_ALLOW, rule_index), typ=I32), I64)
-        allow = b.select(matched, rule_allow, self.config(b, C_DEFAULT_ALLOW))
+        rule_allow = self.load_table(b, "allow", rule, I32)
+        allow = b.select(matched, rule_allow, self.config(b, "default_allow"))
         # The verdict covers the head and its body; later bytes are the next request.
-        covered = b.add(self.load_field(b, scan, S_POS), self.load_field(b, scan, S_CL))
+        covered = b.add(self.get(b, scan, "pos"), self.get(b, scan, "cl"))
         h.call(b, h.MSG_APPLY_BYTES, msg, b.trunc(covered, I32))
         b.ret(b.select(b.icmp_unsigned("!=", allow, I64(0)), I32(SK_PASS), I32(SK_DROP)))
 
@@ -315,13 +613,11 @@ class _Emitter:
         h.call(b, h.MSG_CORK_BYTES, msg, b.trunc(b.add(size, I64(1)), I32))
         verdict(SK_PASS)
 
-    # --- sock_ops program ---
+    # --- sock_ops program -------------------------------------------------------------------
 
     def sockops_program(self) -> None:
-        fn = self.function(SOCKOPS_PROGRAM, ir.FunctionType(I32, [PTR]), "sockops")
-        self.dbg.function(fn, self.int, [("ops", self.void_ptr)], local=False)
+        fn, b = self.function(SOCKOPS_PROGRAM, I32, [("ops", PTR)], section="sockops")
         ops = fn.args[0]
-        b = ir.IRBuilder(fn.append_basic_block("entry"))
         done = fn.append_basic_block("done")
         key = b.alloca(I64, name="cookie")
 
@@ -330,9 +626,8 @@ class _Emitter:
 
         op = ctx_load(OPS_OP)
         check_family = fn.append_basic_block("check_family")
-        b.cbranch(
-            b.icmp_unsigned("==", op, I32(BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)), check_family, done
-        )
+        established = b.icmp_unsigned("==", op, I32(BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB))
+        b.cbranch(established, check_family, done)
         b.position_at_end(check_family)
         family = ctx_load(OPS_FAMILY)
         inet = b.or_(
@@ -343,10 +638,9 @@ class _Emitter:
         b.cbranch(inet, check_port, done)
         b.position_at_end(check_port)
         # remote_port holds the port in network order in its upper 16 bits (kernel ctx rewrite).
-        raw = ctx_load(OPS_REMOTE_PORT)
         bswap = self.m.declare_intrinsic("llvm.bswap", [I32])
-        port = b.call(bswap, [raw])
-        governed = ir.Constant(ir.IntType(1), 0)
+        port = b.call(bswap, [ctx_load(OPS_REMOTE_PORT)])
+        governed = ir.Constant(I1, 0)
         for r in self.ir.policy.ports:
             if r.low == r.high:
                 hit = b.icmp_unsigned("==", port, I32(r.low))
@@ -367,9 +661,12 @@ class _Emitter:
 
     def build(self) -> ir.Module:
         self.license()
-        self.sock_map()
+        self.maps()
         self.tables()
-        self.msg_program(self.scan_step(), self.rule_step())
+        append, pop = self.path_append(), self.path_pop()
+        char = self.path_char(append, pop)
+        feed, finish = self.path_feed(char, append), self.path_finish(pop)
+        self.msg_program(self.scan_step(feed, finish), self.path_step(), self.rule_step())
         self.sockops_program()
         used_t = ir.ArrayType(PTR, len(self.used))
         used = ir.GlobalVariable(self.m, used_t, "llvm.compiler.used")

@@ -27,6 +27,7 @@ class Helper:
         return ir.FunctionType(self.ret, self.args)
 
 
+MAP_LOOKUP_ELEM = Helper("map_lookup_elem", 1, PTR, (PTR, PTR))
 GET_SOCKET_COOKIE = Helper("get_socket_cookie", 46, I64, (PTR,))
 MSG_APPLY_BYTES = Helper("msg_apply_bytes", 61, I64, (PTR, I32))
 MSG_CORK_BYTES = Helper("msg_cork_bytes", 62, I64, (PTR, I32))

@@ -38,11 +38,10 @@ WS = byteset(" \t")
 FIELD_BYTE = byte_range(" ", "~") | byte_range("\x80", "\xff") | byteset("\t")
 HOST_LABEL = ALPHA | DIGIT | byteset("-")
 
-# Percent-encodings that would be ambiguous if compared literally: every unreserved character
-# (RFC 3986 says they must be decoded, so `%61dmin` *is* `admin`), `/`, `\` and NUL.
-AMBIGUOUS_ENCODED = sorted(
-    {b for b in range(256) if UNRESERVED >> b & 1} | {ord("/"), ord("\\"), 0}
-)
+# Percent-encodings refused outright: an encoded `/` or `\\` changes where segments end depending
+# on who decodes it, and NUL ends strings in C servers. (Unreserved characters are decoded by the
+# normalizer instead; other escapes stay escaped.)
+AMBIGUOUS_ENCODED = [ord("/"), ord("\\"), 0]
 
 
 def percent_encoded(byte: int) -> Re:
@@ -51,22 +50,20 @@ def percent_encoded(byte: int) -> Re:
 
 
 def ambiguous_path_now() -> Re:
-    """Path prefixes that make a request ambiguous as soon as they are seen."""
+    """Raw path prefixes that are refused as soon as they are seen."""
     anything = star(anyof(PATH_BYTE))
+    not_hex = ~HEXDIG & ((1 << 256) - 1)
     bad = alt(
-        lit("//"),  # repeated slashes: servers disagree whether they merge them
-        seq(lit("/."), opt(lit(".")), lit("/")),  # dot segments /./ and /../
-        seq(lit("%"), anyof(~HEXDIG & ((1 << 256) - 1))),  # malformed escapes
-        seq(lit("%"), anyof(HEXDIG), anyof(~HEXDIG & ((1 << 256) - 1))),
+        seq(lit("%"), anyof(not_hex)),  # malformed escapes
+        seq(lit("%"), anyof(HEXDIG), anyof(not_hex)),
         Alt(tuple(percent_encoded(b) for b in AMBIGUOUS_ENCODED)),
     )
     return seq(anything, bad)
 
 
 def ambiguous_path_at_end() -> Re:
-    """Paths that are ambiguous only if they end here: `/.`, `/..`, a cut-off `%` escape."""
-    anything = star(anyof(PATH_BYTE))
-    return seq(anything, alt(seq(lit("/."), opt(lit("."))), seq(lit("%"), opt(anyof(HEXDIG)))))
+    """Raw paths refused only if they end here: a cut-off `%` escape."""
+    return seq(star(anyof(PATH_BYTE)), lit("%"), opt(anyof(HEXDIG)))
 
 
 def valid_path() -> Re:

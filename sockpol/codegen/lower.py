@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 from sockpol.codegen import http
 from sockpol.codegen.automaton import EMPTY, Re, anyof, lit, lit_ci, opt, plus, seq, star
-from sockpol.codegen.scanner import ScannerSpec, ScannerTables, build_scanner, pack
+from sockpol.codegen.scanner import (
+    ScannerSpec,
+    ScannerTables,
+    build_path_matcher,
+    build_scanner,
+    pack,
+)
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Policy
 
 MAX_FACT_WORDS = 8  # 512 distinct facts; the fact set lives on the BPF stack
@@ -52,7 +58,8 @@ class MatcherIR:
 def glob_regex(pattern: str) -> Re:
     """The regex of a path glob (see docs/language.md): `*` is a run of non-`/` bytes (non-empty
     as a whole segment), a whole-segment `**` is zero or more segments, a trailing `**` inside a
-    segment is any bytes. `%XX` escapes match either hex case."""
+    segment is any bytes. It is matched against the *normalized* path (normalize.py), where
+    remaining escapes have upper-case hex digits."""
     assert pattern.startswith("/")
     segments = pattern[1:].split("/")
     parts: list[Re] = []
@@ -89,7 +96,7 @@ def _segment_regex(seg: str, last: bool) -> Re:
             parts.append(star(anyof(SEGMENT_BYTE)))
             i += 1
         elif c == "%":
-            parts.append(seq(lit("%"), lit_ci(seg[i + 1 : i + 3])))
+            parts.append(lit("%" + seg[i + 1 : i + 3].upper()))
             i += 3
         else:
             parts.append(lit(c))
@@ -150,7 +157,7 @@ def lower(policy: Policy) -> MatcherIR:
         path_patterns=[(glob_regex(text), f) for text, f in path_patterns.items()],
         header_patterns=[(regex, f) for f, regex in conditions.values()],
     )
-    tables = pack(build_scanner(spec))
+    tables = pack(build_scanner(spec), build_path_matcher(spec))
     return MatcherIR(
         policy=policy,
         tables=tables,

@@ -47,11 +47,12 @@ class Reason(IntEnum):
     BAD_CONTENT_LENGTH = 7
     TRANSFER_ENCODING = 8
     UPGRADE = 9
+    PATH_TOO_LONG = 10
     # Decided by the program, not by a scanner state:
-    HEAD_TOO_LARGE = 10
-    PULL_FAILED = 11
-    RULE = 12  # refused by a deny rule
-    DEFAULT = 13  # refused by the policy default
+    HEAD_TOO_LARGE = 11
+    PULL_FAILED = 12
+    RULE = 13  # refused by a deny rule
+    DEFAULT = 14  # refused by the policy default
 
 
 REASON_TEXT = {
@@ -64,6 +65,7 @@ REASON_TEXT = {
     Reason.BAD_CONTENT_LENGTH: "Content-Length is not a single decimal number below 4 GiB",
     Reason.TRANSFER_ENCODING: "Transfer-Encoding bodies are not supported yet",
     Reason.UPGRADE: "Upgrade header: the bytes after a protocol switch would not be HTTP/1.x",
+    Reason.PATH_TOO_LONG: "normalized path longer than 2048 bytes or deeper than 64 segments",
     Reason.HEAD_TOO_LARGE: "request head longer than the policy's max-head",
     Reason.PULL_FAILED: "the kernel could not linearize the message",
     Reason.RULE: "refused by a deny rule",
@@ -71,12 +73,14 @@ REASON_TEXT = {
 }
 
 END = 0  # head complete
-TERMINAL_STATES = Reason.UPGRADE + 1  # states 0..9 stop the walk
+TERMINAL_STATES = Reason.PATH_TOO_LONG + 1  # states 0..10 stop the walk
 
 # State flags (bits 16.. of a state's info word; bits 0..15 index its fact set).
 FLAG_CL_DIGIT = 1 << 16  # the byte just consumed is a digit of a Content-Length value
 FLAG_HOST_LINE = 1 << 17  # a complete Host header line
 FLAG_CL_LINE = 1 << 18  # a complete Content-Length header line
+FLAG_PATH_BYTE = 1 << 19  # the byte just consumed belongs to the raw path: feed the normalizer
+FLAG_PATH_END = 1 << 20  # the path ended with this byte (SP or "?"): finish normalizing
 SINGLETON_FLAGS = FLAG_HOST_LINE | FLAG_CL_LINE
 EMIT_MASK = 0xFFFF
 
@@ -88,7 +92,7 @@ class StateLimit(Exception):
 @dataclass(frozen=True)
 class ScannerSpec:
     method_facts: dict[str, frozenset[int]]  # method token -> facts it establishes
-    path_patterns: list[tuple[Re, int]]  # (regex over the path, fact)
+    path_patterns: list[tuple[Re, int]]  # (regex over the normalized path, fact)
     header_patterns: list[tuple[Re, int]]  # (regex over a whole header line, fact)
     state_limit: int = 60_000
 
@@ -121,6 +125,7 @@ class ScannerTables:
     factsets: list[frozenset[int]]  # index 0 is the empty set
     start: int
     n_states: int  # states in use (before padding)
+    path: PathTables
 
     def step(self, state: int, byte: int) -> int:
         return self.trans[(state << self.class_bits) | self.classmap[byte]]
@@ -191,12 +196,14 @@ class _Builder:
         return ids[dfa.start]
 
     def path(self, version: int, query: int) -> int:
+        """The raw path: syntax and the spellings refused outright. Which rules' paths match is
+        decided later, by `path_matcher`, on the normalized path the kernel builds from the
+        bytes consumed here (states flagged FLAG_PATH_BYTE)."""
         patterns: list[tuple[Re, Hashable]] = [
             (http.valid_path(), "valid"),
             (http.ambiguous_path_now(), "ambiguous"),
             (http.ambiguous_path_at_end(), "ambiguous-at-end"),
         ]
-        patterns += [(regex, ("fact", fact)) for regex, fact in self.spec.path_patterns]
         dfa = self.determinize(patterns)
         # Every path starts with "/" and then stays a valid path; a state outside that (only
         # reachable when the target does not start with "/") is a bad target, whatever else
@@ -208,7 +215,7 @@ class _Builder:
             elif "ambiguous" in tags:
                 ids.append(Reason.AMBIGUOUS_PATH)
             else:
-                ids.append(self.sc.new_state())
+                ids.append(self.sc.new_state(flags=FLAG_PATH_BYTE if d != dfa.start else 0))
         for d, row in enumerate(dfa.delta):
             if ids[d] < TERMINAL_STATES:
                 continue
@@ -220,9 +227,8 @@ class _Builder:
                 if "ambiguous-at-end" in tags:
                     out[http.SP] = out[ord("?")] = Reason.AMBIGUOUS_PATH
                 else:
-                    facts = frozenset(t[1] for t in tags if isinstance(t, tuple))
-                    out[http.SP] = self.commit(facts, like=version)
-                    out[ord("?")] = self.commit(facts, like=query)
+                    out[http.SP] = self.commit(frozenset(), like=version, flags=FLAG_PATH_END)
+                    out[ord("?")] = self.commit(frozenset(), like=query, flags=FLAG_PATH_END)
         return ids[dfa.start]
 
     def query(self, version: int) -> int:
@@ -295,40 +301,94 @@ def build_scanner(spec: ScannerSpec) -> Scanner:
     return _Builder(spec).build()
 
 
+@dataclass
+class PathMatcher:
+    """A DFA over normalized paths; `accepts[s]` is the set of facts of paths ending in s."""
+
+    delta: list[list[int]]
+    accepts: list[frozenset[int]]
+    start: int
+
+
+def build_path_matcher(spec: ScannerSpec) -> PathMatcher:
+    nfa = NFA()
+    start = nfa.state()
+    for regex, fact in spec.path_patterns:
+        nfa.add(regex, fact, start)
+    try:
+        dfa = determinize(nfa, start, spec.state_limit)
+    except StateLimitExceeded as e:
+        raise StateLimit(f"path automaton exceeds {e} states") from None
+    dead = len(dfa.delta)  # no rule's path can match any more
+    delta = [[row.get(b, dead) for b in range(256)] for row in dfa.delta] + [[dead] * 256]
+    accepts = [frozenset(int(t) for t in tags) for tags in dfa.tags] + [frozenset()]
+    return PathMatcher(delta, accepts, dfa.start)
+
+
 def _pow2_bits(n: int) -> int:
     return max(1, (n - 1).bit_length())
 
 
-def pack(sc: Scanner) -> ScannerTables:
-    """Compress columns into byte classes and pad both dimensions to powers of two, so the kernel
-    can bound every table index with a mask."""
-    columns = {}
+def _compress(rows: list[list[int]], padding: int) -> tuple[bytes, int, int, list[int]]:
+    """Byte classes (identical columns) and a transition table padded to powers of two in both
+    dimensions, so the kernel can bound every index with a mask."""
+    columns: dict[tuple[int, ...], int] = {}
     classmap = bytearray(256)
     for b in range(256):
-        col = tuple(row[b] for row in sc.delta)
-        classmap[b] = columns.setdefault(col, len(columns))
+        classmap[b] = columns.setdefault(tuple(row[b] for row in rows), len(columns))
     class_bits = _pow2_bits(len(columns))
-    n = len(sc.delta)
-    state_bits = _pow2_bits(n)
-    # Padding (never reachable: indices are masked) refuses rather than reading as END.
-    trans = [int(Reason.BAD_HEADER)] * ((1 << state_bits) << class_bits)
+    state_bits = _pow2_bits(len(rows))
+    trans = [padding] * ((1 << state_bits) << class_bits)
     for col, cls in columns.items():
         for s, t in enumerate(col):
             trans[(s << class_bits) | cls] = t
+    return bytes(classmap), class_bits, state_bits, trans
+
+
+@dataclass(frozen=True)
+class PathTables:
+    classmap: bytes
+    class_bits: int
+    state_bits: int
+    trans: list[int]
+    accept: list[int]  # per state: fact-set index
+    start: int
+    n_states: int
+
+    def step(self, state: int, byte: int) -> int:
+        return self.trans[(state << self.class_bits) | self.classmap[byte]]
+
+
+def pack(sc: Scanner, pm: PathMatcher) -> ScannerTables:
     factsets: dict[frozenset[int], int] = {frozenset(): 0}
-    info = [0] * (1 << state_bits)
-    for s in range(n):
-        idx = factsets.setdefault(sc.emits[s], len(factsets))
+
+    def factset(facts: frozenset[int]) -> int:
+        idx = factsets.setdefault(facts, len(factsets))
         if idx > EMIT_MASK:
             raise StateLimit("more than 65535 distinct fact sets")
-        info[s] = idx | sc.flags[s]
+        return idx
+
+    # Padding (never reachable: indices are masked) refuses rather than reading as END.
+    classmap, class_bits, state_bits, trans = _compress(sc.delta, int(Reason.BAD_HEADER))
+    info = [0] * (1 << state_bits)
+    for s in range(len(sc.delta)):
+        info[s] = factset(sc.emits[s]) | sc.flags[s]
+    dead = len(pm.delta) - 1
+    p_classmap, p_class_bits, p_state_bits, p_trans = _compress(pm.delta, dead)
+    accept = [0] * (1 << p_state_bits)
+    for s, facts in enumerate(pm.accepts):
+        accept[s] = factset(facts)
+    path = PathTables(
+        p_classmap, p_class_bits, p_state_bits, p_trans, accept, pm.start, len(pm.delta)
+    )
     return ScannerTables(
-        classmap=bytes(classmap),
+        classmap=classmap,
         class_bits=class_bits,
         state_bits=state_bits,
         trans=trans,
         info=info,
         factsets=list(factsets),
         start=sc.start,
-        n_states=n,
+        n_states=len(sc.delta),
+        path=path,
     )

@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sockpol.codegen.lower import MatcherIR
+from sockpol.codegen.normalize import Normalizer
 from sockpol.codegen.scanner import (
     EMIT_MASK,
     END,
     FLAG_CL_DIGIT,
+    FLAG_PATH_BYTE,
+    FLAG_PATH_END,
     SINGLETON_FLAGS,
     TERMINAL_STATES,
     Reason,
@@ -35,10 +38,21 @@ class RunResult:
     content_length: int
 
 
-def scan(ir: MatcherIR, data: bytes) -> tuple[int, int, int, int]:
-    """Walk the automaton; returns (state, facts bitmask, bytes consumed, content length)."""
+@dataclass(frozen=True)
+class ScanResult:
+    state: int  # END, a refusal reason, or a non-terminal state when the data ran out
+    facts: int  # bitmask
+    pos: int  # bytes consumed
+    content_length: int
+    path: bytes | None  # the normalized path, once the path has ended
+
+
+def scan(ir: MatcherIR, data: bytes) -> ScanResult:
+    """Walk the automaton as the kernel's scan_step does, normalizing the path on the way."""
     t = ir.tables
     state, facts, cl, seen, pos = t.start, 0, 0, 0, 0
+    norm = Normalizer()
+    path = None
     for i, b in enumerate(data):
         nxt = t.step(state, b)
         info = t.info[nxt]
@@ -49,14 +63,31 @@ def scan(ir: MatcherIR, data: bytes) -> tuple[int, int, int, int]:
         if info & FLAG_CL_DIGIT:
             cl = cl * 10 + (b - 0x30)
             if cl > CL_MAX:
-                nxt = Reason.BAD_CONTENT_LENGTH
+                cl, nxt = CL_MAX + 1, Reason.BAD_CONTENT_LENGTH
         if info & seen & SINGLETON_FLAGS:
             nxt = Reason.DUPLICATE_HEADER
         seen |= info & SINGLETON_FLAGS
+        if info & FLAG_PATH_BYTE:
+            norm.feed(b)
+        if info & FLAG_PATH_END:
+            norm.finish()
+            if norm.error:
+                nxt = Reason.PATH_TOO_LONG
+            else:
+                path = bytes(norm.out)
+                facts |= path_facts(ir, path)
         state, pos = nxt, i + 1
         if state < TERMINAL_STATES:
             break
-    return state, facts, pos, cl
+    return ScanResult(state, facts, pos, cl, path)
+
+
+def path_facts(ir: MatcherIR, path: bytes) -> int:
+    p = ir.tables.path
+    state = p.start
+    for b in path:
+        state = p.step(state, b)
+    return sum(1 << f for f in ir.tables.factsets[p.accept[state]])
 
 
 def decide(ir: MatcherIR, facts: int) -> int | None:
@@ -72,7 +103,8 @@ def run(ir: MatcherIR, message: bytes) -> RunResult:
     if size == 0:
         return RunResult(True, Reason.NONE, None, 0, 0, 0, 0)
     n = min(size, ir.policy.max_head)
-    state, facts, pos, cl = scan(ir, message[:n])
+    scanned = scan(ir, message[:n])
+    state, facts, pos, cl = scanned.state, scanned.facts, scanned.pos, scanned.content_length
     if state == END:
         rule = decide(ir, facts)
         if rule is None:

@@ -225,3 +225,74 @@ def _retarget(text: str, policy, port: int):
 
     moved = replace(policy, ports=(PortRange(policy.ports[0].span, port, port),))
     return compile_policy(moved, Source("example.pol", text))
+
+
+BYPASS_POLICY = """
+policy guard {{
+    port {port}
+    default allow
+    deny * /admin/**
+    deny * /internal/*/secrets
+}}
+"""
+
+# Every one of these names a denied resource once normalized, or is refused as ambiguous.
+DENIED_SPELLINGS = [
+    "/admin",
+    "/admin/",
+    "/admin/users",
+    "//admin",
+    "///admin//users",
+    "/./admin",
+    "/admin/./users",
+    "/public/../admin",
+    "/public/x/../../admin/users",
+    "/../admin",
+    "/%61dmin",
+    "/%61%64%6D%69%6E/users",
+    "/%2e/admin",
+    "/public/%2e%2e/admin",
+    "/public/.%2E/admin",
+    "/admin%2Fusers",
+    "/admin%2fusers",
+    "/public%2F..%2Fadmin",
+    "/public%5C..%5Cadmin",
+    "/admin%00",
+    "/admin%",
+    "/admin%zz",
+    "/admin?x=/public",
+    "/internal/a/secrets",
+    "/internal//a/./secrets",
+    "/internal/%61/secret%73",
+]
+
+
+@pytest.fixture
+def guard(compiled_policy, cgroup, http_server):
+    obj = compiled_policy(BYPASS_POLICY.format(port=http_server.port), "guard.pol")
+    runtime.load(obj, cgroup, name="t-guard").close()
+    yield http_server
+    runtime.unload("t-guard")
+
+
+def test_no_spelling_of_a_denied_path_gets_through(guard, cgroup, http_client):
+    requests = [get(path) for path in DENIED_SPELLINGS]
+    requests += [
+        b"GET http://localhost/admin HTTP/1.1\r\nHost: localhost\r\n\r\n",  # absolute-form
+        b"GET /admin HTTP/1.1\r\nHost: localhost\r\n\r\n"[:-2] + b"\n",  # bare LF ending
+        b"GET \\admin HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /admin#x HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"get /admin HTTP/1.1\r\nHost: localhost\r\n\r\n".replace(b"get", b"GET\t"),
+    ]
+    conns = http_client(cgroup, guard.port, [[r] for r in requests], read_timeout=0.3)
+    guard.settle()
+    assert guard.received() == b"", "a denied path reached the server"
+    assert all(c.refused or c.sends[0].sent != len(c.sends[0].data) for c in conns)
+
+
+def test_allowed_spellings_still_pass(guard, cgroup, http_client):
+    allowed = ["/public/x", "/public/./x", "//public//x", "/admin/../public", "/%41dmin"]
+    conns = http_client(cgroup, guard.port, [[get(p)] for p in allowed])
+    assert [c.refused for c in conns] == [False] * len(allowed)
+    guard.settle()
+    assert len(guard.requests()) == len(allowed)
