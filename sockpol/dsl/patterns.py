@@ -215,8 +215,8 @@ def _escape_problems(text: str, i: int) -> list[Problem]:
                 i,
                 3,
                 "E164",
-                f"'%{digits}' encodes '{byte}', which requests must not encode; "
-                "the rule could never match",
+                f"'%{digits}' encodes '{byte}'; requests are matched after such escapes are "
+                "decoded, so the rule could never match",
                 f"write '{byte}' instead",
             )
         ]
@@ -266,8 +266,8 @@ def _segment_problems(text: str) -> list[Problem]:
                     offset - 1,
                     2,
                     "E165",
-                    "empty path segment '//': requests with one are refused before matching, "
-                    "so the rule could never match",
+                    "empty path segment '//': requests are matched after repeated slashes are "
+                    "merged, so the rule could never match",
                 )
             )
         elif segment in (".", ".."):
@@ -276,8 +276,8 @@ def _segment_problems(text: str) -> list[Problem]:
                     offset,
                     len(segment),
                     "E166",
-                    f"'{segment}' segment: requests with one are refused before matching, "
-                    "so the rule could never match",
+                    f"'{segment}' segment: requests are matched after dot segments are "
+                    "removed, so the rule could never match",
                 )
             )
         elif segment == "**" and n > 0 and segments[n - 1][1] == "**":
