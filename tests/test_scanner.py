@@ -112,7 +112,19 @@ def test_rule_decisions(shop, data, allow, rule):
         (b"GET /h HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Reason.BAD_CONTENT_LENGTH),
         (b"GET /h HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n", Reason.BAD_CONTENT_LENGTH),
         (b"GET /h HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n", Reason.BAD_CONTENT_LENGTH),
-        (b"GET /h HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Reason.TRANSFER_ENCODING),
+        (b"GET /h HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Reason.TRANSFER_ENCODING),
+        (
+            b"GET /h HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Reason.TRANSFER_ENCODING,
+        ),
+        (
+            b"GET /h HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            Reason.TRANSFER_ENCODING,
+        ),
+        (
+            b"GET /h HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Reason.DUPLICATE_HEADER,
+        ),
         (b"GET /h HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", Reason.UPGRADE),
         (b"GET /h HTTP/1.1\r\nupgrade: websocket\r\n\r\n", Reason.UPGRADE),
     ],
@@ -205,3 +217,38 @@ def test_glob_automaton_agrees_with_reference_regex(pattern, parts):
     normalized = normalize(path.encode()).decode()
     verdict = run(single_rule(pattern), f"GET {path} HTTP/1.1\r\n\r\n".encode())
     assert verdict.allow == bool(re.fullmatch(to_regex(pattern), normalized)), (pattern, path)
+
+
+CHUNKED = (
+    b"POST /api/v1/orders HTTP/1.1\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n18;name=value\r\n" + b"GET /admin HTTP/1.1\r\n\r\n.\r\n"
+    b"0\r\nX-Trailer: 1\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("cut", [1, 7, 64, len(CHUNKED)])
+def test_chunked_body_is_followed_to_the_next_request(shop, cut):
+    from sockpol.codegen.simulate import Connection
+
+    conn = Connection(shop)
+    stream = CHUNKED + request("GET /healthz HTTP/1.1") + request("GET /admin HTTP/1.1")
+    for i in range(0, len(stream), cut):
+        conn.send(stream[i : i + cut])
+    # The body (which contains a request-looking line) passes as data; the next request is
+    # judged and allowed; the one after it is refused and never delivered.
+    assert conn.refused
+    assert bytes(conn.delivered) == CHUNKED + request("GET /healthz HTTP/1.1")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"g\r\n", b"5\r\nhelloXX", b"5 \r\nhello\r\n", b"0\r\nbad trailer\r\n\r\n", b"\r\n"],
+)
+def test_malformed_chunks_are_refused(shop, body):
+    from sockpol.codegen.simulate import Connection
+
+    conn = Connection(shop)
+    head = CHUNKED[: CHUNKED.index(b"\r\n\r\n") + 4]
+    conn.send(head + body + b"\r\n\r\n")
+    assert conn.refused and bytes(conn.delivered).startswith(head)

@@ -121,20 +121,27 @@ class DebugInfo:
         self.globals.append(expr)
 
     def map_type(
-        self, map_type: int, max_entries: int, key: ir.DIValue, value: ir.DIValue
+        self,
+        map_type: int,
+        max_entries: int | None,
+        key: ir.DIValue,
+        value: ir.DIValue,
+        map_flags: int = 0,
     ) -> ir.DIValue:
         """The struct libbpf's `__uint(type, ..)`, `__uint(max_entries, ..)`, `__type(key, ..)`,
         `__type(value, ..)` produce: numbers are carried as pointers to int arrays of that size."""
         int_t = self.basic("int", 32, True)
-        return self._struct(
-            None,
-            [
-                ("type", self.pointer(self.array(int_t, map_type, 32)), 64),
-                ("max_entries", self.pointer(self.array(int_t, max_entries, 32)), 64),
-                ("key", self.pointer(key), 64),
-                ("value", self.pointer(value), 64),
-            ],
-        )
+
+        def number(name: str, n: int) -> tuple[str, ir.DIValue, int]:
+            return (name, self.pointer(self.array(int_t, n, 32)), 64)
+
+        members = [number("type", map_type)]
+        if max_entries is not None:
+            members.append(number("max_entries", max_entries))
+        if map_flags:
+            members.append(number("map_flags", map_flags))
+        members += [("key", self.pointer(key), 64), ("value", self.pointer(value), 64)]
+        return self._struct(None, members)
 
     def function(
         self, fn: ir.Function, ret: ir.DIValue, args: list[tuple[str, ir.DIValue]], local: bool

@@ -36,15 +36,24 @@ from sockpol.codegen.normalize import (
     UNRESERVED,
 )
 from sockpol.codegen.scanner import (
+    BODY_END,
+    CHUNK_LINE,
     END,
+    FIRST_REFUSAL,
     FLAG_CL_DIGIT,
+    FLAG_CL_LINE,
+    FLAG_HEX_DIGIT,
     FLAG_PATH_BYTE,
     FLAG_PATH_END,
+    FLAG_TE_LINE,
+    RESUME_CHUNK_DATA_END,
+    RESUME_CHUNK_LINE,
+    RESUME_REQUEST,
     SINGLETON_FLAGS,
     TERMINAL_STATES,
     Reason,
 )
-from sockpol.codegen.simulate import CL_MAX, NO_RULE
+from sockpol.codegen.simulate import CHUNK_MAX, CL_MAX, NO_RULE
 from sockpol.metadata import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -52,6 +61,10 @@ PTR = ir.PointerType()
 SK_DROP, SK_PASS = 0, 1
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_SOCKHASH = 18
+BPF_MAP_TYPE_SK_STORAGE = 24
+BPF_F_NO_PREALLOC = 1
+BPF_SK_STORAGE_GET_F_CREATE = 1
+CONN_MAP = "sockpol_conn"
 SOCK_MAP_ENTRIES = 65536
 SCRATCH_MAP = "sockpol_scratch"
 BPF_NOEXIST = 1
@@ -61,7 +74,7 @@ MAX_SCAN = 0xFFFE
 DATA_LAYOUT = "e-m:e-p:64:64-i64:64-i128:128-n32:64-S128"
 
 # struct sk_msg_md and struct bpf_sock_ops field offsets (include/uapi/linux/bpf.h).
-MSG_DATA, MSG_DATA_END, MSG_SIZE = 0, 8, 68
+MSG_DATA, MSG_DATA_END, MSG_SIZE, MSG_SK = 0, 8, 68, 72
 OPS_OP, OPS_FAMILY, OPS_REMOTE_PORT = 0, 20, 64
 AF_INET, AF_INET6 = 2, 10
 
@@ -73,14 +86,17 @@ assert PATH_MAX & (PATH_MAX - 1) == 0 and MAX_DEPTH & (MAX_DEPTH - 1) == 0
 # The scan state on the stack of sockpol_msg, shared with the callbacks through its address.
 SCAN_FIELDS = [
     "data", "data_end", "scratch",  # pointers
-    "state", "pos", "cl", "seen", "rule",  # head scanner
+    "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
     "out_len", "seg_start", "seg_dots", "depth", "pct", "hex1", "norm_error", "pstate",  # path
 ]  # fmt: skip
 POINTER_FIELDS = {"data", "data_end", "scratch"}
 S = {name: i for i, name in enumerate(SCAN_FIELDS)}
 S_FACTS = len(SCAN_FIELDS)
 
-CONFIG = ["nrules", "default_allow", "max_head", "start", "path_start", "zero", "one", "leading"]
+CONFIG = [
+    "nrules", "default_allow", "max_head", "start", "path_start", "zero", "one", "leading",
+    "chunk_start", "chunk_data_end",
+]  # fmt: skip
 
 
 def gep(b: ir.IRBuilder, base: ir.Value, etype: ir.Type, indices: list[ir.Value]) -> ir.Value:
@@ -125,13 +141,15 @@ class _Emitter:
         self.dbg.global_variable(gv, self.dbg.array(self.dbg.basic("char", 8, True), len(text), 8))
         self.used.append(gv)
 
-    def btf_map(self, name: str, map_type: int, entries: int, key, value) -> ir.GlobalVariable:
-        typ = ir.LiteralStructType([PTR, PTR, PTR, PTR])
+    def btf_map(
+        self, name: str, map_type: int, entries: int | None, key, value, flags: int = 0
+    ) -> ir.GlobalVariable:
+        typ = ir.LiteralStructType([PTR] * (3 + (entries is not None) + bool(flags)))
         gv = ir.GlobalVariable(self.m, typ, name)
         gv.initializer = ir.Constant(typ, None)
         gv.section = ".maps"
         gv.align = 8
-        self.dbg.global_variable(gv, self.dbg.map_type(map_type, entries, key, value))
+        self.dbg.global_variable(gv, self.dbg.map_type(map_type, entries, key, value, flags))
         self.used.append(gv)
         return gv
 
@@ -142,6 +160,10 @@ class _Emitter:
         scratch_value = self.dbg.array(self.u8, SCRATCH_SIZE, 8)
         self.scratch_map = self.btf_map(
             SCRATCH_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, 1, self.u32, scratch_value
+        )
+        # Per connection: where the next run starts (a request, a chunk-size line, ...).
+        self.conn_map = self.btf_map(
+            CONN_MAP, BPF_MAP_TYPE_SK_STORAGE, None, self.int, self.u64, BPF_F_NO_PREALLOC
         )
 
     def tables(self) -> None:
@@ -161,6 +183,8 @@ class _Emitter:
             "zero": 0,
             "one": 1,
             "leading": PCT_LEADING_SLASH,
+            "chunk_start": t.chunk_start,
+            "chunk_data_end": t.chunk_data_end,
         }
         hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
@@ -482,12 +506,26 @@ class _Emitter:
         too_big = b.icmp_unsigned(">", cl_new, I64(CL_MAX))
         nxt = b.select(too_big, self.small(b, Reason.BAD_CONTENT_LENGTH), nxt)
 
-        # Host and Content-Length may appear once: a second line refuses the request.
+        # Chunk-size hex digits likewise.
+        is_hex = b.icmp_unsigned("!=", b.and_(info, I64(FLAG_HEX_DIGIT)), I64(0))
+        chunk_old = self.get(b, scan, "chunk")
+        digit = self.load_table(b, "hexval", byte, I8)
+        chunk_new = b.select(is_hex, b.or_(b.shl(chunk_old, I64(4)), digit), chunk_old)
+        self.put(b, scan, "chunk", chunk_new)
+        chunk_big = b.icmp_unsigned(">", chunk_new, I64(CHUNK_MAX))
+        nxt = b.select(chunk_big, self.small(b, Reason.BAD_CHUNK), nxt)
+
+        # Host, Content-Length and Transfer-Encoding may appear once; Content-Length and
+        # Transfer-Encoding not together (the classic request-smuggling setup).
         seen = self.get(b, scan, "seen")
         singles = b.and_(info, I64(SINGLETON_FLAGS))
         dup = b.icmp_unsigned("!=", b.and_(singles, seen), I64(0))
         nxt = b.select(dup, self.small(b, Reason.DUPLICATE_HEADER), nxt)
-        self.put(b, scan, "seen", b.or_(seen, singles))
+        seen = b.or_(seen, singles)
+        self.put(b, scan, "seen", seen)
+        both = I64(FLAG_CL_LINE | FLAG_TE_LINE)
+        smuggling = b.icmp_unsigned("==", b.and_(seen, both), both)
+        nxt = b.select(smuggling, self.small(b, Reason.TRANSFER_ENCODING), nxt)
 
         with b.if_then(b.icmp_unsigned("!=", b.and_(info, I64(FLAG_PATH_BYTE)), I64(0))):
             self.call(b, feed, scan, byte)
@@ -541,10 +579,14 @@ class _Emitter:
         def ctx_load(offset: int, typ: ir.Type) -> ir.Value:
             return b.load(gep(b, msg, I8, [I64(offset)]), typ=typ)
 
-        def verdict(value: int, apply: ir.Value | None = None) -> None:
-            # Every run sets apply_bytes: a stale value from an earlier run would otherwise cut
-            # this message at the wrong place.
+        def verdict(
+            value: int, apply: ir.Value | None = None, cork: ir.Value | None = None
+        ) -> None:
+            # Every run sets both apply_bytes and cork_bytes: the kernel keeps them in the
+            # message between runs, so a stale value from an earlier run would cut this message
+            # at the wrong place, or cork the rest of a message already judged.
             h.call(b, h.MSG_APPLY_BYTES, msg, apply if apply is not None else I32(0))
+            h.call(b, h.MSG_CORK_BYTES, msg, cork if cork is not None else I32(0))
             b.ret(I32(value))
 
         size = b.zext(ctx_load(MSG_SIZE, I32), I64)
@@ -559,6 +601,27 @@ class _Emitter:
         scratch = h.call(b, h.MAP_LOOKUP_ELEM, self.scratch_map, key)
         with b.if_then(b.icmp_unsigned("==", b.ptrtoint(scratch, I64), I64(0)), likely=False):
             verdict(SK_DROP)
+        sk = ctx_load(MSG_SK, PTR)
+        conn = h.call(
+            b,
+            h.SK_STORAGE_GET,
+            self.conn_map,
+            sk,
+            ir.Constant(PTR, None),
+            I64(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+        with b.if_then(b.icmp_unsigned("==", b.ptrtoint(conn, I64), I64(0)), likely=False):
+            verdict(SK_DROP)  # no per-connection state: cannot follow the stream, refuse
+        resume = b.load(conn, typ=I64)
+        start = b.select(
+            b.icmp_unsigned("==", resume, I64(RESUME_CHUNK_LINE)),
+            self.config(b, "chunk_start"),
+            b.select(
+                b.icmp_unsigned("==", resume, I64(RESUME_CHUNK_DATA_END)),
+                self.config(b, "chunk_data_end"),
+                self.config(b, "start"),
+            ),
+        )
 
         # Packet pointers are valid only now, after the pull.
         self.put(b, scan, "data", ctx_load(MSG_DATA, PTR))
@@ -572,7 +635,7 @@ class _Emitter:
         for name in SCAN_FIELDS:
             if name not in POINTER_FIELDS:
                 self.put(b, scan, name, zero)
-        self.put(b, scan, "state", self.config(b, "start"))
+        self.put(b, scan, "state", start)
         self.put(b, scan, "rule", I64(NO_RULE))
         self.put(b, scan, "out_len", one)  # the normalized path starts as "/"
         self.put(b, scan, "seg_start", one)
@@ -599,19 +662,33 @@ class _Emitter:
         matched = b.icmp_unsigned("!=", rule, I64(NO_RULE))
         rule_allow = self.load_table(b, "allow", rule, I32)
         allow = b.select(matched, rule_allow, self.config(b, "default_allow"))
-        # The verdict covers the head and its body; later bytes are the next request.
-        covered = b.add(self.get(b, scan, "pos"), self.get(b, scan, "cl"))
+        # The verdict covers the head and its body; later bytes are the next request. A chunked
+        # body is followed chunk by chunk from the next run on.
+        pos = self.get(b, scan, "pos")
+        chunked = b.icmp_unsigned(
+            "!=", b.and_(self.get(b, scan, "seen"), I64(FLAG_TE_LINE)), I64(0)
+        )
+        covered = b.select(chunked, pos, b.add(pos, self.get(b, scan, "cl")))
+        b.store(b.select(chunked, I64(RESUME_CHUNK_LINE), I64(RESUME_REQUEST)), conn)
         h.call(b, h.MSG_APPLY_BYTES, msg, b.trunc(covered, I32))
+        h.call(b, h.MSG_CORK_BYTES, msg, I32(0))
         b.ret(b.select(b.icmp_unsigned("!=", allow, I64(0)), I32(SK_PASS), I32(SK_DROP)))
 
         b.position_at_end(not_complete)
+        with b.if_then(b.icmp_unsigned("==", state, I64(CHUNK_LINE))):
+            # Pass the size line and the chunk's data; the CRLF after the data comes next.
+            b.store(I64(RESUME_CHUNK_DATA_END), conn)
+            data_end = b.add(self.get(b, scan, "pos"), self.get(b, scan, "chunk"))
+            verdict(SK_PASS, b.trunc(data_end, I32))
+        with b.if_then(b.icmp_unsigned("==", state, I64(BODY_END))):
+            b.store(I64(RESUME_REQUEST), conn)
+            verdict(SK_PASS, b.trunc(self.get(b, scan, "pos"), I32))
         with b.if_then(b.icmp_unsigned("<", state, I64(TERMINAL_STATES))):
             verdict(SK_DROP)  # the scanner refused the head
         with b.if_then(b.icmp_unsigned(">=", size, max_head)):
             verdict(SK_DROP)  # no end of head within max-head bytes
         # The head continues in a later send: hold these bytes and judge the whole head then.
-        h.call(b, h.MSG_CORK_BYTES, msg, b.trunc(b.add(size, I64(1)), I32))
-        verdict(SK_PASS)
+        verdict(SK_PASS, cork=b.trunc(b.add(size, I64(1)), I32))
 
     # --- sock_ops program -------------------------------------------------------------------
 

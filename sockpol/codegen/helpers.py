@@ -33,6 +33,7 @@ MSG_APPLY_BYTES = Helper("msg_apply_bytes", 61, I64, (PTR, I32))
 MSG_CORK_BYTES = Helper("msg_cork_bytes", 62, I64, (PTR, I32))
 MSG_PULL_DATA = Helper("msg_pull_data", 63, I64, (PTR, I32, I32, I64))
 SOCK_HASH_UPDATE = Helper("sock_hash_update", 70, I64, (PTR, PTR, PTR, I64))
+SK_STORAGE_GET = Helper("sk_storage_get", 107, PTR, (PTR, PTR, PTR, I64))
 LOOP = Helper("loop", 181, I64, (I32, PTR, PTR, I64))
 
 

@@ -35,45 +35,54 @@ from sockpol.codegen.automaton import (
 
 
 class Reason(IntEnum):
-    """Why a request was refused. The first ones are scanner states (terminal)."""
+    """Why a request was refused. Those below TERMINAL_STATES are also scanner states."""
 
     NONE = 0
-    BAD_METHOD = 1
-    BAD_TARGET = 2
-    AMBIGUOUS_PATH = 3
-    BAD_VERSION = 4
-    BAD_HEADER = 5
-    DUPLICATE_HEADER = 6
-    BAD_CONTENT_LENGTH = 7
-    TRANSFER_ENCODING = 8
-    UPGRADE = 9
-    PATH_TOO_LONG = 10
+    BAD_METHOD = 3
+    BAD_TARGET = 4
+    AMBIGUOUS_PATH = 5
+    BAD_VERSION = 6
+    BAD_HEADER = 7
+    DUPLICATE_HEADER = 8
+    BAD_CONTENT_LENGTH = 9
+    TRANSFER_ENCODING = 10
+    UPGRADE = 11
+    PATH_TOO_LONG = 12
+    BAD_CHUNK = 13
     # Decided by the program, not by a scanner state:
-    HEAD_TOO_LARGE = 11
-    PULL_FAILED = 12
-    RULE = 13  # refused by a deny rule
-    DEFAULT = 14  # refused by the policy default
+    HEAD_TOO_LARGE = 14
+    PULL_FAILED = 15
+    RULE = 16  # refused by a deny rule
+    DEFAULT = 17  # refused by the policy default
 
 
 REASON_TEXT = {
     Reason.BAD_METHOD: "request line does not start with a method token and one space",
     Reason.BAD_TARGET: "request target is not an origin-form path with valid characters",
-    Reason.AMBIGUOUS_PATH: "path has dot segments, repeated slashes or an ambiguous %-escape",
+    Reason.AMBIGUOUS_PATH: "path has an encoded '/', '\\' or NUL, or a malformed %-escape",
     Reason.BAD_VERSION: "protocol is not HTTP/1.0 or HTTP/1.1 followed by CRLF",
     Reason.BAD_HEADER: "malformed header line (bad name, control byte, bare CR/LF, obs-fold)",
-    Reason.DUPLICATE_HEADER: "Host or Content-Length appears more than once",
+    Reason.DUPLICATE_HEADER: "Host, Content-Length or Transfer-Encoding appears more than once",
     Reason.BAD_CONTENT_LENGTH: "Content-Length is not a single decimal number below 4 GiB",
-    Reason.TRANSFER_ENCODING: "Transfer-Encoding bodies are not supported yet",
+    Reason.TRANSFER_ENCODING: "Transfer-Encoding other than 'chunked', or with Content-Length",
     Reason.UPGRADE: "Upgrade header: the bytes after a protocol switch would not be HTTP/1.x",
     Reason.PATH_TOO_LONG: "normalized path longer than 2048 bytes or deeper than 64 segments",
-    Reason.HEAD_TOO_LARGE: "request head longer than the policy's max-head",
-    Reason.PULL_FAILED: "the kernel could not linearize the message",
+    Reason.BAD_CHUNK: "malformed chunk-size line, chunk framing or trailer",
+    Reason.HEAD_TOO_LARGE: "request head (or chunk-size line) longer than the policy's max-head",
+    Reason.PULL_FAILED: "the kernel could not linearize the message or allocate state",
     Reason.RULE: "refused by a deny rule",
     Reason.DEFAULT: "no rule matched and the default is deny",
 }
 
-END = 0  # head complete
-TERMINAL_STATES = Reason.PATH_TOO_LONG + 1  # states 0..10 stop the walk
+# Terminal states that are not refusals: where a run of the program ends with a pass.
+END = 0  # a request head is complete
+CHUNK_LINE = 1  # a chunk-size line (of a non-zero chunk) is complete
+BODY_END = 2  # the last chunk and the trailer section are complete
+FIRST_REFUSAL = Reason.BAD_METHOD
+TERMINAL_STATES = Reason.BAD_CHUNK + 1  # states below stop the walk
+
+# Where a run starts, kept per connection (socket storage) between runs.
+RESUME_REQUEST, RESUME_CHUNK_LINE, RESUME_CHUNK_DATA_END = 0, 1, 2
 
 # State flags (bits 16.. of a state's info word; bits 0..15 index its fact set).
 FLAG_CL_DIGIT = 1 << 16  # the byte just consumed is a digit of a Content-Length value
@@ -81,7 +90,9 @@ FLAG_HOST_LINE = 1 << 17  # a complete Host header line
 FLAG_CL_LINE = 1 << 18  # a complete Content-Length header line
 FLAG_PATH_BYTE = 1 << 19  # the byte just consumed belongs to the raw path: feed the normalizer
 FLAG_PATH_END = 1 << 20  # the path ended with this byte (SP or "?"): finish normalizing
-SINGLETON_FLAGS = FLAG_HOST_LINE | FLAG_CL_LINE
+FLAG_TE_LINE = 1 << 21  # a complete `Transfer-Encoding: chunked` line
+FLAG_HEX_DIGIT = 1 << 22  # the byte just consumed is a digit of a chunk size
+SINGLETON_FLAGS = FLAG_HOST_LINE | FLAG_CL_LINE | FLAG_TE_LINE
 EMIT_MASK = 0xFFFF
 
 
@@ -105,6 +116,8 @@ class Scanner:
     emits: list[frozenset[int]] = field(default_factory=list)
     flags: list[int] = field(default_factory=list)
     start: int = 0
+    chunk_start: int = 0  # a chunk-size line
+    chunk_data_end: int = 0  # the CRLF after chunk data, then a chunk-size line
 
     def new_state(self, emit: frozenset[int] = frozenset(), flags: int = 0) -> int:
         self.delta.append([-1] * 256)
@@ -126,6 +139,8 @@ class ScannerTables:
     start: int
     n_states: int  # states in use (before padding)
     path: PathTables
+    chunk_start: int
+    chunk_data_end: int
 
     def step(self, state: int, byte: int) -> int:
         return self.trans[(state << self.class_bits) | self.classmap[byte]]
@@ -170,6 +185,7 @@ class _Builder:
         query = self.query(version)
         path_start = self.path(version, query)
         sc.start = self.method(path_start)
+        sc.chunk_start, sc.chunk_data_end = self.chunks()
         for s, like in self.copies:
             sc.delta[s] = list(sc.delta[like])
         for s in range(TERMINAL_STATES):
@@ -255,6 +271,7 @@ class _Builder:
             (http.field_line(lit_ci("content-length")), "cl-line"),
             (http.field_with_value("content-length", cl_digits), "cl-valid"),
             (http.field_line(lit_ci("transfer-encoding")), "te-line"),
+            (http.field_with_value("transfer-encoding", lit_ci("chunked")), "te-chunked"),
             (http.field_line(lit_ci("upgrade")), "upgrade-line"),
         ]
         patterns += [(regex, ("fact", fact)) for regex, fact in self.spec.header_patterns]
@@ -274,20 +291,68 @@ class _Builder:
             tags = dfa.tags[d]
             if d == dfa.start:
                 out[http.CR] = head_cr
-            elif "te-line" in tags:
+            elif "te-line" in tags and "te-chunked" not in tags:
                 out[http.CR] = Reason.TRANSFER_ENCODING
             elif "upgrade-line" in tags:
                 out[http.CR] = Reason.UPGRADE
             elif "cl-line" in tags and "cl-valid" not in tags:
                 out[http.CR] = Reason.BAD_CONTENT_LENGTH
             elif "line" in tags:
-                flags = (FLAG_HOST_LINE if "host-line" in tags else 0) | (
-                    FLAG_CL_LINE if "cl-line" in tags else 0
+                flags = (
+                    (FLAG_HOST_LINE if "host-line" in tags else 0)
+                    | (FLAG_CL_LINE if "cl-line" in tags else 0)
+                    | (FLAG_TE_LINE if "te-chunked" in tags else 0)
                 )
                 facts = frozenset(t[1] for t in tags if isinstance(t, tuple))
                 # The commit state consumes the CR and must see LF next.
                 out[http.CR] = self.commit(facts, like=self._line_feed(line_start), flags=flags)
         return line_start
+
+    def chunks(self) -> tuple[int, int]:
+        """Chunked body framing (RFC 9112 7.1), built by hand: the program runs it on each
+        chunk-size line, skips the chunk data with apply_bytes, then runs it on the CRLF that
+        ends the data and the next size line; after the last chunk, on the trailer section."""
+        new = self.sc.new_state
+
+        def row(default: int = Reason.BAD_CHUNK) -> list[int]:
+            return [default] * 256
+
+        size_start, zeros, size = new(), new(flags=FLAG_HEX_DIGIT), new(flags=FLAG_HEX_DIGIT)
+        ext, ext_last, cr, cr_last = new(), new(), new(), new()
+        trailer_start, trailer, trailer_cr, trailer_lf, end_cr = new(), new(), new(), new(), new()
+        data_cr, data_lf = new(), new()
+        for s in (size_start, zeros, size, ext, ext_last, cr, cr_last, trailer_start, trailer):
+            self.sc.delta[s] = row()
+        for s in (trailer_cr, trailer_lf, end_cr, data_cr, data_lf):
+            self.sc.delta[s] = row()
+        hexdig = [b for b in range(256) if http.HEXDIG >> b & 1]
+        ext_bytes = [b for b in range(256) if http.FIELD_BYTE >> b & 1]
+        for b in hexdig:
+            self.sc.delta[size_start][b] = zeros if b == ord("0") else size
+            self.sc.delta[zeros][b] = zeros if b == ord("0") else size
+            self.sc.delta[size][b] = size
+        for s, e, c in ((zeros, ext_last, cr_last), (size, ext, cr)):
+            self.sc.delta[s][ord(";")] = e
+            self.sc.delta[s][http.CR] = c
+            for b in ext_bytes:
+                self.sc.delta[e][b] = e
+            self.sc.delta[e][http.CR] = c
+        self.sc.delta[cr][http.LF] = CHUNK_LINE
+        self.sc.delta[cr_last][http.LF] = trailer_start
+        # Trailer fields: field lines as in a head (not judged), then an empty line.
+        for b in range(256):
+            if http.TCHAR >> b & 1:
+                self.sc.delta[trailer_start][b] = trailer
+            if http.TCHAR >> b & 1 or b == ord(":") or http.FIELD_BYTE >> b & 1:
+                self.sc.delta[trailer][b] = trailer
+        self.sc.delta[trailer_start][http.CR] = end_cr
+        self.sc.delta[trailer][http.CR] = trailer_cr
+        self.sc.delta[trailer_cr][http.LF] = trailer_lf
+        self.sc.delta[trailer_lf] = list(self.sc.delta[trailer_start])
+        self.sc.delta[end_cr][http.LF] = BODY_END
+        self.sc.delta[data_cr][http.CR] = data_lf
+        self.sc.delta[data_lf][http.LF] = size_start
+        return size_start, data_cr
 
     def _line_feed(self, line_start: int) -> int:
         if not hasattr(self, "_lf"):
@@ -391,4 +456,6 @@ def pack(sc: Scanner, pm: PathMatcher) -> ScannerTables:
         start=sc.start,
         n_states=len(sc.delta),
         path=path,
+        chunk_start=sc.chunk_start,
+        chunk_data_end=sc.chunk_data_end,
     )

@@ -74,7 +74,7 @@ def test_default_deny_and_refused_spellings(shop, cgroup, http_client):
         get("/%61dmin"),
         b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # a TLS ClientHello
         b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-        b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
     ]
     conns = http_client(cgroup, shop.port, [[data] for data in bad])
     assert [c.sends[0].errno for c in conns] == [errno.EACCES] * len(bad)
@@ -296,3 +296,45 @@ def test_allowed_spellings_still_pass(guard, cgroup, http_client):
     assert [c.refused for c in conns] == [False] * len(allowed)
     guard.settle()
     assert len(guard.requests()) == len(allowed)
+
+
+def chunked_post(path: str, chunks: list[bytes], trailer: bytes = b"") -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
+    return head + body + b"0\r\n" + trailer + b"\r\n"
+
+
+def test_chunked_bodies_are_followed_chunk_by_chunk(shop, cgroup, http_client):
+    sneaky = b"GET /admin/x HTTP/1.1\r\nHost: localhost\r\n\r\n"  # data, not a request
+    post = chunked_post("/api/v1/orders", [b'{"id":', sneaky, b"1}"], b"X-Checksum: 1\r\n")
+    after, denied = get("/healthz"), get("/admin/x")
+    cuts = [post[:50], post[50:97], post[97:]]  # heads, sizes and data split at odd places
+    conns = http_client(cgroup, shop.port, [[post + after], [*cuts, after, denied]])
+    assert not conns[0].refused
+    assert conns[1].sends[-1].errno == errno.EACCES
+    assert [s.errno for s in conns[1].sends[:-1]] == [None] * 4
+    shop.settle()
+    assert shop.received() == (post + after) * 2  # never the request after the refusal
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"POST /api/v1/orders HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /api/v1/orders HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        chunked_post("/api/v1/orders", [b"abc"]).replace(b"3\r\nabc", b"4\r\nabc"),
+        chunked_post("/api/v1/orders", [b"abc"]).replace(b"3\r\n", b"3 \r\n"),
+        chunked_post("/api/v1/orders", [b"abc"]).replace(b"3\r\n", b"-3\r\n"),
+        chunked_post("/api/v1/orders", [b"abc"], b"bad trailer\r\n"),
+    ],
+    ids=["cl-and-te", "te-gzip", "size-mismatch", "size-space", "size-sign", "bad-trailer"],
+)
+def test_smuggling_setups_and_bad_chunks_are_refused(shop, cgroup, http_client, data):
+    (conn,) = http_client(cgroup, shop.port, [[data + get("/admin/x")]])
+    shop.settle()
+    # What reached the server is at most the head of an allowed request, never what follows.
+    assert b"/admin" not in shop.received()
+    assert conn.refused or conn.sends[0].sent < len(conn.sends[0].data)
