@@ -39,7 +39,6 @@ from sockpol.codegen.scanner import (
     BODY_END,
     CHUNK_LINE,
     END,
-    FIRST_REFUSAL,
     FLAG_CL_DIGIT,
     FLAG_CL_LINE,
     FLAG_HEX_DIGIT,
