@@ -1,0 +1,621 @@
+"""The reference interpreter: what a policy does to a stream of HTTP/1.x requests, from the AST.
+
+This is the oracle that the compiled program is checked against (tests/kernel/test_differential.py),
+and what `sockpol test` and `sockpol explain` run. It is written from docs/language.md, not from the
+code generator: it reads the request head with a plain hand-written parser, normalizes the path
+with its own RFC 3986 `remove_dot_segments`, and tries the rules one by one. It never looks at the
+automaton, the tables or `codegen/normalize.py`; agreeing with them is what the tests check.
+
+Three layers:
+
+* `read_head(data)` reads one request head: a `Head`, a `Refusal` (with the same reason names as
+  `sockpol.codegen.scanner.Reason`, lower-case with dashes), or None when `data` ends first. The
+  first problem in byte order decides the reason, as in a left-to-right scan.
+* `judge(policy, message)` is one run of the kernel program on one message: allow or refuse the
+  request at its start, and how many bytes the verdict covers (head + Content-Length body), or
+  that the head is incomplete and must be held (corked) until more arrives.
+* `Connection` strings runs together the way Linux's tcp_bpf does for a sequence of `send()`s
+  (cork, apply_bytes, a verdict that outlives a message, refusal ending the connection), so it can
+  predict what the server receives and what each send returns.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from functools import cache
+
+from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Policy, Rule
+from sockpol.dsl.patterns import to_regex
+
+# -- HTTP/1.x lexical sets (RFC 9110, 9112, 3986) -------------------------------------------------
+
+_ALNUM = (string.ascii_letters + string.digits).encode()
+TCHAR = frozenset(_ALNUM + b"!#$%&'*+-.^_`|~")
+UNRESERVED = frozenset(_ALNUM + b"-._~")
+PCHAR = UNRESERVED | frozenset(b"!$&'()*+,;=:@%")  # '%' checked separately as an escape
+PATH_BYTE = PCHAR | frozenset(b"/")
+QUERY_BYTE = PATH_BYTE | frozenset(b"?")
+FIELD_BYTE = frozenset(range(0x20, 0x7F)) | frozenset(range(0x80, 0x100)) | {0x09}
+HEX = frozenset(b"0123456789abcdefABCDEF")
+DIGITS = frozenset(b"0123456789")
+WS = b" \t"
+SP, CR, LF, QMARK, PERCENT = 0x20, 0x0D, 0x0A, 0x3F, 0x25
+
+# -- limits (docs/language.md, "Normalization and refusals") -------------------------------------
+
+PATH_MAX = 2048  # bytes of a normalized path, at every step of normalizing it
+MAX_DEPTH = 64  # completed segments (each followed by '/') on the way
+CL_MAX = 0xFFFF0000  # the largest Content-Length accepted
+AMBIGUOUS_ESCAPES = frozenset({0x2F, 0x5C, 0x00})  # %2F, %5C, %00
+
+# Refusal reasons, named as scanner.Reason members are (BAD_METHOD -> "bad-method").
+REFUSALS = (
+    "bad-method",
+    "bad-target",
+    "ambiguous-path",
+    "bad-version",
+    "bad-header",
+    "duplicate-header",
+    "bad-content-length",
+    "transfer-encoding",
+    "upgrade",
+    "path-too-long",
+    "head-too-large",
+)
+ALLOWED, DENY_RULE, DENY_DEFAULT = "none", "rule", "default"
+
+REFUSAL_TEXT = {
+    "bad-method": "the request line does not start with a method token and one space",
+    "bad-target": "the target is not an origin-form path of valid characters",
+    "ambiguous-path": "the path has an encoded '/', '\\' or NUL, or a malformed %-escape",
+    "bad-version": "the protocol is not HTTP/1.0 or HTTP/1.1 followed by CRLF",
+    "bad-header": "a header line is malformed",
+    "duplicate-header": "Host or Content-Length appears more than once",
+    "bad-content-length": "Content-Length is not one decimal number up to 4,294,901,760",
+    "transfer-encoding": "a Transfer-Encoding header (chunked bodies are not followed)",
+    "upgrade": "an Upgrade header: what follows a protocol switch could not be judged",
+    "path-too-long": "the normalized path is longer than 2048 bytes or 64 segments deep",
+    "head-too-large": "no blank line ends the head within max-head bytes",
+}
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    name: str  # lower-case
+    value: bytes  # with surrounding spaces and tabs trimmed
+    offset: int  # where its line starts in the message
+
+
+@dataclass(frozen=True)
+class Head:
+    """A well-formed request head, as the policy sees it."""
+
+    method: str
+    target: str  # as sent (path and query)
+    raw_path: str  # the path as sent, without the query
+    path: str  # normalized: what rules match
+    version: str
+    headers: tuple[Header, ...]
+    length: int  # bytes, up to and including the blank line
+    content_length: int
+
+    @property
+    def host(self) -> bytes | None:
+        return next((h.value for h in self.headers if h.name == "host"), None)
+
+    def values(self, name: str) -> list[bytes]:
+        return [h.value for h in self.headers if h.name == name]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # one of REFUSALS
+    offset: int  # the byte at which it became certain
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason} at byte {self.offset}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class RuleCheck:
+    """Whether one rule matched a head, and if not, the first part that did not."""
+
+    rule: Rule
+    matched: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision on one request: allowed, denied by a rule or the default, or refused."""
+
+    allow: bool
+    reason: str  # ALLOWED, DENY_RULE, DENY_DEFAULT or one of REFUSALS
+    rule: Rule | None = None  # the deciding rule
+    head: Head | None = None
+    refusal: Refusal | None = None
+    checks: tuple[RuleCheck, ...] = ()  # the rules tried, in order, up to the deciding one
+
+    @property
+    def decided_by(self) -> str:
+        if self.refusal is not None:
+            return f"refusal {self.reason}"
+        if self.rule is not None:
+            return f"rule {self.rule.index} (line {self.rule.span.line})"
+        return "default"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the kernel program on one message (the bytes from a request's start)."""
+
+    verdict: Verdict | None  # None: the head is incomplete, hold the bytes
+    covers: int  # bytes the verdict covers: head + body; 0 = the whole message (refusals)
+    cork: int  # > 0: hold the message until it is this long, then run again
+
+    @property
+    def allow(self) -> bool:
+        return self.verdict is None or self.verdict.allow
+
+
+# -- reading a head -------------------------------------------------------------------------------
+
+
+class _Refuse(Exception):
+    def __init__(self, reason: str, offset: int, detail: str) -> None:
+        self.refusal = Refusal(reason, offset, detail)
+
+
+class _NeedMore(Exception):
+    pass
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def next(self) -> int:
+        if self.pos >= len(self.data):
+            raise _NeedMore
+        b = self.data[self.pos]
+        self.pos += 1
+        return b
+
+    def refuse(self, reason: str, detail: str) -> _Refuse:
+        return _Refuse(reason, self.pos - 1, detail)
+
+
+def read_head(data: bytes) -> Head | Refusal | None:
+    """The request head at the start of `data`, its refusal, or None if `data` ends first."""
+    r = _Reader(data)
+    try:
+        return _head(r)
+    except _Refuse as e:
+        return e.refusal
+    except _NeedMore:
+        return None
+
+
+def _head(r: _Reader) -> Head:
+    method = _method(r)
+    target_start = r.pos
+    raw_path, ended_by = _path(r)
+    path = normalize_path(raw_path)
+    if path is None:
+        raise r.refuse("path-too-long", f"path '{_show(raw_path)}' normalizes beyond the limits")
+    if ended_by == QMARK:
+        while (b := r.next()) != SP:
+            if b not in QUERY_BYTE:
+                raise r.refuse("bad-target", f"byte {_byte(b)} in the query")
+    target = r.data[target_start : r.pos - 1].decode("latin-1")
+    version = _version(r)
+    headers, content_length = _fields(r)
+    return Head(
+        method,
+        target,
+        raw_path.decode("latin-1"),
+        path.decode("latin-1"),
+        version,
+        headers,
+        r.pos,
+        content_length,
+    )
+
+
+def _method(r: _Reader) -> str:
+    while True:
+        b = r.next()
+        if b == SP and r.pos > 1:
+            return r.data[: r.pos - 1].decode("ascii")
+        if b not in TCHAR:
+            raise r.refuse("bad-method", f"byte {_byte(b)} in or instead of the method")
+
+
+def _path(r: _Reader) -> tuple[bytes, int]:
+    """The raw path up to the SP or '?' that ends it, with its escapes checked."""
+    start = r.pos
+    b = r.next()
+    if b != ord("/"):
+        raise r.refuse("bad-target", "the target does not start with '/' (origin-form)")
+    pending = 0  # hex digits still owed to a '%'
+    hi = 0
+    while True:
+        b = r.next()
+        if b in (SP, QMARK):
+            if pending:
+                raise r.refuse("ambiguous-path", "the path ends inside a %-escape")
+            return r.data[start : r.pos - 1], b
+        if b not in PATH_BYTE:
+            raise r.refuse("bad-target", f"byte {_byte(b)} in the path")
+        if pending:
+            if b not in HEX:
+                raise r.refuse("ambiguous-path", "'%' not followed by two hex digits")
+            if pending == 2:
+                hi, pending = b, 1
+                continue
+            pending = 0
+            value = int(chr(hi) + chr(b), 16)
+            if value in AMBIGUOUS_ESCAPES:
+                raise r.refuse("ambiguous-path", f"%{value:02X} (an encoded '/', '\\' or NUL)")
+        elif b == PERCENT:
+            pending = 2
+
+
+def _version(r: _Reader) -> str:
+    start = r.pos
+    for expected in (b"H", b"T", b"T", b"P", b"/", b"1", b".", b"01", b"\r", b"\n"):
+        if r.next() not in expected:
+            raise r.refuse("bad-version", "expected HTTP/1.0 or HTTP/1.1 and CRLF")
+    return r.data[start : r.pos - 2].decode("ascii")
+
+
+def _fields(r: _Reader) -> tuple[tuple[Header, ...], int]:
+    headers: list[Header] = []
+    seen: set[str] = set()
+    content_length = 0
+    while True:
+        line_start = r.pos
+        b = r.next()
+        if b == CR:
+            if r.next() != LF:
+                raise r.refuse("bad-header", "CR not followed by LF")
+            return tuple(headers), content_length
+        if b not in TCHAR:
+            what = "a continuation line (obs-fold)" if b in WS else f"byte {_byte(b)}"
+            raise r.refuse("bad-header", f"{what} where a header name starts")
+        while (b := r.next()) != ord(":"):
+            if b not in TCHAR:
+                raise r.refuse("bad-header", f"byte {_byte(b)} in a header name")
+        name = r.data[line_start : r.pos - 1].decode("ascii").lower()
+        value_start = r.pos
+        cl = _ContentLength() if name == "content-length" else None
+        while (b := r.next()) != CR:
+            if b not in FIELD_BYTE:
+                raise r.refuse("bad-header", f"byte {_byte(b)} in the value of {name}")
+            if cl is not None and cl.feed(b):
+                raise r.refuse("bad-content-length", f"Content-Length above {CL_MAX}")
+        # The line is complete at its CR: these are decided before the LF is seen.
+        if name == "transfer-encoding":
+            raise r.refuse("transfer-encoding", "Transfer-Encoding header")
+        if name == "upgrade":
+            raise r.refuse("upgrade", "Upgrade header")
+        if cl is not None and not cl.valid:
+            raise r.refuse("bad-content-length", "Content-Length is not one decimal number")
+        if name in ("host", "content-length"):
+            if name in seen:
+                raise r.refuse("duplicate-header", f"a second {name} header")
+            seen.add(name)
+        if cl is not None:
+            content_length = cl.value
+        if r.next() != LF:
+            raise r.refuse("bad-header", "CR not followed by LF")
+        value = r.data[value_start : r.pos - 2].strip(WS)
+        headers.append(Header(name, value, line_start))
+
+
+@dataclass
+class _ContentLength:
+    """A Content-Length value read byte by byte: spaces, digits, spaces."""
+
+    phase: int = 0  # 0 leading spaces, 1 digits, 2 trailing spaces, 3 invalid
+    value: int = 0
+
+    def feed(self, b: int) -> bool:
+        """Take one byte; True when the value has grown past CL_MAX."""
+        if b in DIGITS and self.phase <= 1:
+            self.phase = 1
+            self.value = self.value * 10 + b - 0x30
+            return self.value > CL_MAX
+        if b in WS and self.phase != 3:
+            self.phase = 0 if self.phase == 0 else 2
+        else:
+            self.phase = 3
+        return False
+
+    @property
+    def valid(self) -> bool:
+        return self.phase in (1, 2)
+
+
+# -- normalization --------------------------------------------------------------------------------
+
+
+def normalize_path(raw: bytes) -> bytes | None:
+    """The path rules match: unreserved escapes decoded, other escapes upper-cased, `//` merged,
+    dot segments removed (RFC 3986 5.2.4, never above the root). None when it is too long or too
+    deep at any step, as the kernel, which normalizes as the bytes go by, checks it."""
+    segments = [_decode(s) for s in raw[1:].split(b"/")]
+    stack: list[bytes] = []
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        # While a segment is read it is in the output, even one that is then dropped ("..").
+        if _length(stack) + len(seg) > PATH_MAX:
+            return None
+        if seg == b"" or seg == b".":
+            continue
+        if seg == b"..":
+            if stack:
+                stack.pop()
+            continue
+        if last:
+            return b"/" + b"".join(s + b"/" for s in stack) + seg
+        if len(stack) >= MAX_DEPTH or _length(stack) + len(seg) + 1 > PATH_MAX:
+            return None
+        stack.append(seg)
+    return b"/" + b"".join(s + b"/" for s in stack)
+
+
+def _length(stack: list[bytes]) -> int:
+    return 1 + sum(len(s) + 1 for s in stack)
+
+
+def _decode(segment: bytes) -> bytes:
+    def one(m: re.Match[bytes]) -> bytes:
+        value = int(m.group(1), 16)
+        return bytes([value]) if value in UNRESERVED else b"%" + m.group(1).upper()
+
+    return re.sub(rb"%([0-9A-Fa-f]{2})", one, segment)
+
+
+# -- rules ----------------------------------------------------------------------------------------
+
+
+@cache
+def _path_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(to_regex(pattern))
+
+
+@cache
+def _host_regex(pattern: str) -> re.Pattern[bytes]:
+    if pattern.startswith("*."):
+        core = rb"[A-Za-z0-9-]+" + re.escape(pattern[1:].encode())
+    else:
+        core = re.escape(pattern.encode())
+    # A trailing dot and any ':port' (digits, maybe none) are ignored; case never matters.
+    return re.compile(core + rb"\.?(?::[0-9]*)?", re.IGNORECASE)
+
+
+def host_matches(pattern: str, host: bytes | None) -> bool:
+    return host is not None and _host_regex(pattern).fullmatch(host) is not None
+
+
+def check_rule(rule: Rule, head: Head) -> RuleCheck:
+    methods = rule.methods.methods
+    if methods is not None and head.method not in methods:
+        return RuleCheck(rule, False, f"method {head.method} is not {','.join(methods)}")
+    if not _path_regex(rule.path.text).match(head.path):
+        return RuleCheck(rule, False, f"path {head.path} does not match {rule.path.text}")
+    for cond in rule.conditions:
+        if isinstance(cond, HostCondition):
+            if not host_matches(cond.pattern, head.host):
+                shown = "no Host header" if head.host is None else f"Host is {_show(head.host)}"
+                return RuleCheck(rule, False, f'{shown}, not "{cond.pattern}"')
+        else:
+            failure = _header_failure(cond, head)
+            if failure:
+                return RuleCheck(rule, False, failure)
+    return RuleCheck(rule, True, "method, path and every condition match")
+
+
+def _header_failure(cond: HeaderCondition, head: Head) -> str:
+    values = head.values(cond.name)
+    if not values:
+        return f"no {cond.name} header"
+    if cond.value is not None and cond.value.encode("latin-1") not in values:
+        shown = ", ".join(f'"{_show(v)}"' for v in values)
+        return f'{cond.name} is {shown}, not "{cond.value}"'
+    return ""
+
+
+def decide(policy: Policy, head: Head) -> Verdict:
+    """First match: the first rule whose method, path and conditions hold, else the default."""
+    checks = []
+    for rule in policy.rules:
+        check = check_rule(rule, head)
+        checks.append(check)
+        if check.matched:
+            allow = rule.action is Action.ALLOW
+            return Verdict(allow, ALLOWED if allow else DENY_RULE, rule, head, None, tuple(checks))
+    allow = policy.default is Action.ALLOW
+    return Verdict(allow, ALLOWED if allow else DENY_DEFAULT, None, head, None, tuple(checks))
+
+
+def evaluate(policy: Policy, request: bytes) -> Verdict:
+    """The verdict on the request at the start of `request` (a complete message)."""
+    run = judge(policy, request)
+    if run.verdict is None:
+        refusal = Refusal("head-too-large", len(request), "the head is incomplete")
+        return Verdict(False, refusal.reason, refusal=refusal)
+    return run.verdict
+
+
+def judge(policy: Policy, message: bytes) -> Run:
+    """One run of the kernel program on `message`, which starts with a request."""
+    if not message:
+        return Run(Verdict(True, ALLOWED), 0, 0)
+    head = read_head(message[: policy.max_head])
+    if isinstance(head, Head):
+        return Run(decide(policy, head), head.length + head.content_length, 0)
+    if isinstance(head, Refusal):
+        return Run(Verdict(False, head.reason, refusal=head), 0, 0)
+    if len(message) >= policy.max_head:
+        refusal = Refusal(
+            "head-too-large", policy.max_head, f"no end of head within {policy.max_head} bytes"
+        )
+        return Run(Verdict(False, refusal.reason, refusal=refusal), 0, 0)
+    return Run(None, 0, len(message) + 1)
+
+
+# -- a connection: the kernel's send path ---------------------------------------------------------
+
+_NONE, _PASS, _DROP = "none", "pass", "drop"
+
+
+@dataclass(frozen=True)
+class Send:
+    data: bytes
+    returned: int | None  # what send() returns; None when it fails with EACCES
+
+    @property
+    def failed(self) -> bool:
+        return self.returned is None
+
+
+@dataclass
+class _Message:
+    """A message being sent (`struct sk_msg`): its bytes and its cork_bytes field."""
+
+    data: bytearray = field(default_factory=bytearray)
+    cork_bytes: int = 0
+
+
+@dataclass
+class Connection:
+    """A governed TCP connection, send by send, as Linux's tcp_bpf_sendmsg runs the program.
+
+    Per connection the kernel keeps the verdict in force (`eval`), how many more bytes it covers
+    (`apply_bytes`), and the corked message with the bytes still owed before the next run. This
+    class keeps the same, so it predicts, for a list of sends, the bytes the server receives and
+    what each send() returns. It assumes every send fits one kernel message (sends of a few KiB).
+    """
+
+    policy: Policy | None  # None: the port is not governed, everything passes
+    delivered: bytearray = field(default_factory=bytearray)
+    sends: list[Send] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)  # one per request judged
+    _eval: str = _NONE
+    _apply: int = 0
+    _cork: _Message | None = None  # a held message, waiting for `_cork_owed` more bytes
+    _cork_owed: int = 0
+
+    @property
+    def refused(self) -> bool:
+        return self._eval == _DROP
+
+    @property
+    def held(self) -> bytes:
+        """Bytes accepted by send() but held by the kernel (a head still incomplete)."""
+        return bytes(self._cork.data) if self._cork is not None else b""
+
+    def send(self, data: bytes) -> Send:
+        result = Send(data, self._send(data))
+        self.sends.append(result)
+        return result
+
+    def _send(self, data: bytes) -> int | None:
+        if self.policy is None or not data:
+            self.delivered += data
+            return len(data)
+        msg = self._cork if self._cork is not None else _Message()
+        msg.data += data
+        copied = len(data)
+        if self._cork_owed:
+            self._cork_owed = max(0, self._cork_owed - len(data))
+            if self._cork_owed:
+                return copied
+            self._eval = _NONE  # all owed bytes are here: run the program again
+        # The held message is judged now; the kernel lets go of it unless the run corks again
+        # (observed on 6.18: a drained cork leaves no stale cork_bytes behind).
+        self._cork = None
+        copied -= self._verdict(msg)
+        return copied if copied > 0 else None
+
+    def _verdict(self, msg: _Message) -> int:
+        """tcp_bpf_send_verdict: returns the bytes dropped (0 if nothing was)."""
+        assert self.policy is not None
+        while True:
+            if self._eval == _NONE:
+                run = judge(self.policy, bytes(msg.data))
+                if run.verdict is not None:
+                    self.verdicts.append(run.verdict)
+                self._eval = _PASS if run.allow else _DROP
+                self._apply = run.covers
+                if run.cork:
+                    msg.cork_bytes = run.cork
+            if msg.cork_bytes and msg.cork_bytes > len(msg.data):
+                # The kernel copies the message into its cork, cork_bytes field included.
+                self._cork_owed = msg.cork_bytes - len(msg.data)
+                self._cork = msg
+                return 0
+            tosend = len(msg.data)
+            if self._apply and self._apply < tosend:
+                tosend = self._apply
+            chunk = bytes(msg.data[:tosend])
+            del msg.data[:tosend]
+            self._apply = self._apply - tosend if self._apply > tosend else 0
+            if self._eval == _DROP:
+                return tosend
+            self.delivered += chunk
+            if not self._apply:
+                self._eval = _NONE
+            if not msg.data:
+                return 0
+
+
+def simulate_sends(policy: Policy | None, sends: list[bytes]) -> Connection:
+    conn = Connection(policy)
+    for data in sends:
+        conn.send(data)
+    return conn
+
+
+# -- small helpers --------------------------------------------------------------------------------
+
+
+def _byte(b: int) -> str:
+    return repr(chr(b)) if 0x20 <= b < 0x7F else f"0x{b:02X}"
+
+
+def _show(data: bytes | str, limit: int = 60) -> str:
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+__all__ = [
+    "ALLOWED",
+    "DENY_DEFAULT",
+    "DENY_RULE",
+    "REFUSALS",
+    "Connection",
+    "Head",
+    "Refusal",
+    "RuleCheck",
+    "Run",
+    "Send",
+    "Verdict",
+    "check_rule",
+    "decide",
+    "evaluate",
+    "judge",
+    "normalize_path",
+    "read_head",
+    "simulate_sends",
+]
