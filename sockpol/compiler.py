@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llvmlite import ir
@@ -24,9 +24,9 @@ from llvmlite import ir
 from sockpol import __version__
 from sockpol.codegen import elf
 from sockpol.codegen.emit import emit_module
-from sockpol.codegen.lower import LoweringError, MatcherIR, lower
+from sockpol.codegen.lower import DEFAULT_SHAPE, LoweringError, MatcherIR, TableShape, lower
 from sockpol.codegen.scanner import REASON_TEXT, StateLimit
-from sockpol.diagnostics import CompileError, Diagnostic, DiagnosticBag, Source
+from sockpol.diagnostics import CompileError, Diagnostic, DiagnosticBag, SockpolError, Source
 from sockpol.dsl import load_source
 from sockpol.dsl.ast import Policy, PolicyFile
 from sockpol.metadata import PolicyMetadata, RuleInfo
@@ -54,8 +54,9 @@ def front_end(text: str, path: str) -> tuple[PolicyFile, list[Diagnostic]]:
     return load_source(text, path)
 
 
-def metadata_for(policy: Policy, source: Source) -> PolicyMetadata:
+def metadata_for(policy: Policy, source: Source, shape: TableShape | None = None) -> PolicyMetadata:
     return PolicyMetadata(
+        shape=asdict(shape) if shape else {},
         policy=policy.name,
         ports=[[r.low, r.high] for r in policy.ports],
         default=policy.default.value,
@@ -73,7 +74,15 @@ def metadata_for(policy: Policy, source: Source) -> PolicyMetadata:
     )
 
 
-def compile_policy(policy: Policy, source: Source) -> CompiledPolicy:
+class ShapeMismatch(SockpolError):
+    """The policy's tables do not fit a given (loaded program's) table shape."""
+
+
+def compile_policy(
+    policy: Policy, source: Source, shape: TableShape | None = None
+) -> CompiledPolicy:
+    """Compile one policy. `shape` fixes the table dimensions (to swap tables into a loaded
+    program); by default they leave room to grow (DEFAULT_SHAPE)."""
     try:
         matcher = lower(policy)
     except LoweringError as e:
@@ -87,8 +96,15 @@ def compile_policy(policy: Policy, source: Source) -> CompiledPolicy:
         bag.error(policy.name_span, f"policy '{policy.name}' is too complex: {e}", code="E901")
         bag.raise_if_errors()
         raise
+    needed = matcher.needed_shape()
+    if shape is not None and not shape.covers(needed):
+        raise ShapeMismatch(
+            f"policy '{policy.name}' needs larger tables than the loaded program has "
+            f"({', '.join(shape.shortfall(needed))})"
+        )
+    matcher = matcher.with_shape(shape or DEFAULT_SHAPE.union(needed))
     module = emit_module(matcher)
-    metadata = metadata_for(policy, source)
+    metadata = metadata_for(policy, source, matcher.shape)
     elf.add_metadata_section(module, metadata.to_json())
     return CompiledPolicy(policy, matcher, module, metadata)
 

@@ -43,6 +43,7 @@ class PolicyMetadata:
     compiler_version: str
     format: int = FORMAT_VERSION
     reasons: dict[str, str] = field(default_factory=dict)  # refusal reason code -> meaning
+    shape: dict[str, int] = field(default_factory=dict)  # table dimensions (lower.TableShape)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -66,6 +66,7 @@ BPF_SK_STORAGE_GET_F_CREATE = 1
 CONN_MAP = "sockpol_conn"
 SOCK_MAP_ENTRIES = 65536
 SCRATCH_MAP = "sockpol_scratch"
+TABLES_GLOBAL = "sockpol_tables"
 BPF_NOEXIST = 1
 BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4
 # Largest packet offset the verifier accepts is 0xffff, and we read data[i] with data + i + 1.
@@ -84,11 +85,11 @@ assert PATH_MAX & (PATH_MAX - 1) == 0 and MAX_DEPTH & (MAX_DEPTH - 1) == 0
 
 # The scan state on the stack of sockpol_msg, shared with the callbacks through its address.
 SCAN_FIELDS = [
-    "data", "data_end", "scratch",  # pointers
+    "data", "data_end", "scratch", "tables",  # pointers
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
     "out_len", "seg_start", "seg_dots", "depth", "pct", "hex1", "norm_error", "pstate",  # path
 ]  # fmt: skip
-POINTER_FIELDS = {"data", "data_end", "scratch"}
+POINTER_FIELDS = {"data", "data_end", "scratch", "tables"}
 S = {name: i for i, name in enumerate(SCAN_FIELDS)}
 S_FACTS = len(SCAN_FIELDS)
 
@@ -120,8 +121,10 @@ class _Emitter:
         self.words_t = ir.ArrayType(I64, self.nw)
         field_types = [PTR if n in POINTER_FIELDS else I64 for n in SCAN_FIELDS]
         self.scan_t = ir.LiteralStructType([*field_types, self.words_t])
-        self.n_factsets = _pow2(len(ir_.tables.factsets))
-        self.n_rules = _pow2(len(ir_.rules))
+        shape = ir_.shape or ir_.needed_shape()
+        assert shape.covers(ir_.needed_shape())
+        self.n_factsets = 1 << shape.factset_bits
+        self.n_rules = 1 << shape.rule_bits
         self.u8 = self.dbg.basic("unsigned char", 8, False)
         self.u32 = self.dbg.basic("unsigned int", 32, False)
         self.u64 = self.dbg.basic("unsigned long long", 64, False)
@@ -217,13 +220,25 @@ class _Emitter:
         self.t_index = {name: i for i, name in enumerate(fields)}
         self.t_len = {name: len(c.type) for name, c in fields.items()}
         typ = ir.LiteralStructType([c.type for c in fields.values()])
-        gv = ir.GlobalVariable(self.m, typ, "sockpol_tables")
-        gv.initializer = ir.Constant(typ, list(fields.values()))
+        # Two slots and a generation: a reload writes the idle slot, then flips `gen`; a run
+        # reads `gen` once and uses one slot throughout, so no run sees half a table. Both
+        # slots start equal, so any loader gets a working policy whatever `gen` it starts with.
+        slots = ir.ArrayType(typ, 2)
+        self.data_t = ir.LiteralStructType([slots, I32])
+        gv = ir.GlobalVariable(self.m, self.data_t, TABLES_GLOBAL)
+        initial = ir.Constant(typ, list(fields.values()))
+        gv.initializer = ir.Constant(self.data_t, [ir.Constant(slots, [initial, initial]), I32(0)])
         gv.section = ".data"
         gv.align = 8
         self.tables_gv = gv
         self.tables_t = typ
         self.used.append(gv)
+
+    def select_tables(self, b: ir.IRBuilder) -> ir.Value:
+        """Pointer to the slot of the current generation."""
+        gen = b.load(gep(b, self.tables_gv, self.data_t, [I32(0), I32(1)]), typ=I32)
+        slot = b.and_(b.zext(gen, I64), I64(1))
+        return gep(b, self.tables_gv, self.data_t, [I32(0), I32(0), slot])
 
     def table(self, b: ir.IRBuilder, name: str, index: ir.Value, *rest: ir.Value) -> ir.Value:
         """Pointer to an element of a table; `index` is masked to the table's (power-of-two)
@@ -231,9 +246,7 @@ class _Emitter:
         n = self.t_len[name]
         assert n & (n - 1) == 0, name
         index = b.and_(index, I64(n - 1))
-        return gep(
-            b, self.tables_gv, self.tables_t, [I32(0), I32(self.t_index[name]), index, *rest]
-        )
+        return gep(b, self.base, self.tables_t, [I32(0), I32(self.t_index[name]), index, *rest])
 
     def load_table(self, b: ir.IRBuilder, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
         return b.zext(b.load(self.table(b, name, index), typ=typ), I64)
@@ -241,7 +254,7 @@ class _Emitter:
     def config(self, b: ir.IRBuilder, name: str) -> ir.Value:
         ptr = gep(
             b,
-            self.tables_gv,
+            self.base,
             self.tables_t,
             [I32(0), I32(self.t_index["config"]), I64(CONFIG.index(name))],
         )
@@ -318,6 +331,7 @@ class _Emitter:
     def path_append(self) -> ir.Function:
         fn, b = self.function("sockpol_path_append", I64, [("scan", PTR), ("c", I64)])
         scan, c = fn.args
+        self.base = self.get(b, scan, "tables")
         length = self.get(b, scan, "out_len")
         with b.if_else(b.icmp_unsigned(">=", length, I64(PATH_MAX))) as (full, room):
             with full:
@@ -332,6 +346,7 @@ class _Emitter:
     def path_pop(self) -> ir.Function:
         fn, b = self.function("sockpol_path_pop", I64, [("scan", PTR)])
         (scan,) = fn.args
+        self.base = self.get(b, scan, "tables")
         depth = self.get(b, scan, "depth")
         with b.if_then(b.icmp_unsigned(">", depth, I64(0))):
             d = b.sub(depth, I64(1))
@@ -347,6 +362,7 @@ class _Emitter:
     def path_char(self, append: ir.Function, pop: ir.Function) -> ir.Function:
         fn, b = self.function("sockpol_path_char", I64, [("scan", PTR), ("c", I64)])
         scan, c = fn.args
+        self.base = self.get(b, scan, "tables")
         done = fn.append_basic_block("done")
         length = self.get(b, scan, "out_len")
         seg_start = self.get(b, scan, "seg_start")
@@ -396,6 +412,7 @@ class _Emitter:
     def path_feed(self, char: ir.Function, append: ir.Function) -> ir.Function:
         fn, b = self.function("sockpol_path_feed", I64, [("scan", PTR), ("c", I64)])
         scan, c = fn.args
+        self.base = self.get(b, scan, "tables")
         done = fn.append_basic_block("done")
         pct = self.get(b, scan, "pct")
         none, percent, hex1 = (fn.append_basic_block(n) for n in ("none", "percent", "hex1"))
@@ -446,6 +463,7 @@ class _Emitter:
     def path_finish(self, pop: ir.Function) -> ir.Function:
         fn, b = self.function("sockpol_path_finish", I64, [("scan", PTR)])
         (scan,) = fn.args
+        self.base = self.get(b, scan, "tables")
         seg_start = self.get(b, scan, "seg_start")
         seg_len = b.sub(self.get(b, scan, "out_len"), seg_start)
         dots = self.get(b, scan, "seg_dots")
@@ -469,6 +487,7 @@ class _Emitter:
         headers, and the path normalizer."""
         fn, b = self.function("sockpol_scan_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
+        self.base = self.get(b, scan, "tables")
         stop = fn.append_basic_block("stop")
         bounded = fn.append_basic_block("bounded")
         body = fn.append_basic_block("in_window")
@@ -542,6 +561,7 @@ class _Emitter:
         """One byte of the normalized path through the path automaton."""
         fn, b = self.function("sockpol_path_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
+        self.base = self.get(b, scan, "tables")
         i = b.and_(b.zext(index, I64), I64(PATH_MAX - 1))
         c = b.zext(b.load(gep(b, self.get(b, scan, "scratch"), I8, [i]), typ=I8), I64)
         cls = self.load_table(b, "path_classmap", c, I8)
@@ -554,6 +574,7 @@ class _Emitter:
         """Rule `index`: do all its facts hold? The first that does ends the loop."""
         fn, b = self.function("sockpol_rule_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
+        self.base = self.get(b, scan, "tables")
         r = b.zext(index, I64)
         ok = ir.Constant(I1, 1)
         for w in range(self.nw):
@@ -573,6 +594,7 @@ class _Emitter:
         fn, b = self.function(MSG_PROGRAM, I32, [("msg", PTR)], section="sk_msg")
         msg = fn.args[0]
         scan = b.alloca(self.scan_t, name="scan")
+        self.base = self.select_tables(b)
         key = b.alloca(I32, name="zero")
 
         def ctx_load(offset: int, typ: ir.Type) -> ir.Value:
@@ -626,6 +648,7 @@ class _Emitter:
         self.put(b, scan, "data", ctx_load(MSG_DATA, PTR))
         self.put(b, scan, "data_end", ctx_load(MSG_DATA_END, PTR))
         self.put(b, scan, "scratch", scratch)
+        self.put(b, scan, "tables", self.base)
         # Initial values come from the tables, not constants: the verifier then knows them only
         # as ranges, so its walk over the bpf_loop callbacks converges after an iteration or two
         # instead of following exact values (out_len 1, 2, 3, ...) byte by byte until it gives up

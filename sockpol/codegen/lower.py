@@ -8,7 +8,7 @@ Facts are shared between rules that ask the same question, which keeps the autom
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from sockpol.codegen import http
 from sockpol.codegen.automaton import EMPTY, Re, anyof, lit, lit_ci, opt, plus, seq, star
@@ -18,6 +18,7 @@ from sockpol.codegen.scanner import (
     build_path_matcher,
     build_scanner,
     pack,
+    refit,
 )
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Policy
 
@@ -40,6 +41,45 @@ class RuleEntry:
     facts: frozenset[int]
 
 
+def _bits(n: int) -> int:
+    return max(0, (max(n, 1) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """The dimensions of a program's tables, as powers of two. The program's code (masks,
+    shifts, offsets) depends on them and on nothing else of the policy, so any policy whose
+    tables fit a loaded program's shape can be swapped in without touching the program."""
+
+    state_bits: int
+    class_bits: int
+    path_state_bits: int
+    path_class_bits: int
+    factset_bits: int
+    rule_bits: int
+    fact_words: int
+
+    def covers(self, other: TableShape) -> bool:
+        return all(getattr(self, f.name) >= getattr(other, f.name) for f in fields(self))
+
+    def union(self, other: TableShape) -> TableShape:
+        return TableShape(
+            **{f.name: max(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)}
+        )
+
+    def shortfall(self, needed: TableShape) -> list[str]:
+        return [
+            f"{f.name} {getattr(needed, f.name)} > {getattr(self, f.name)}"
+            for f in fields(self)
+            if getattr(needed, f.name) > getattr(self, f.name)
+        ]
+
+
+# Room to grow by default, so that most edits of a policy can be hot-reloaded into the program
+# that is already loaded (512 head states, 64 byte classes, 64 rules, 256 fact sets, 128 facts).
+DEFAULT_SHAPE = TableShape(9, 6, 9, 6, 8, 6, 2)
+
+
 @dataclass(frozen=True)
 class MatcherIR:
     policy: Policy
@@ -47,6 +87,28 @@ class MatcherIR:
     rules: tuple[RuleEntry, ...]
     fact_words: int
     fact_names: tuple[str, ...]
+    shape: TableShape | None = None  # set by with_shape(); None means the minimal shape
+
+    def needed_shape(self) -> TableShape:
+        t = self.tables
+        return TableShape(
+            state_bits=_bits(t.n_states),
+            class_bits=_bits(max(t.classmap) + 1),
+            path_state_bits=_bits(t.path.n_states),
+            path_class_bits=_bits(max(t.path.classmap) + 1),
+            factset_bits=_bits(len(t.factsets)),
+            rule_bits=_bits(len(self.rules)),
+            fact_words=self.fact_words,
+        )
+
+    def with_shape(self, shape: TableShape) -> MatcherIR:
+        """These tables laid out in `shape`, which must cover what they need."""
+        assert shape.covers(self.needed_shape()), shape.shortfall(self.needed_shape())
+        t = refit(
+            self.tables, shape.class_bits, shape.state_bits,
+            shape.path_class_bits, shape.path_state_bits,
+        )  # fmt: skip
+        return replace(self, tables=t, fact_words=shape.fact_words, shape=shape)
 
     def words(self, facts: frozenset[int]) -> list[int]:
         out = [0] * self.fact_words

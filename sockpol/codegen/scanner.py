@@ -459,3 +459,47 @@ def pack(sc: Scanner, pm: PathMatcher) -> ScannerTables:
         chunk_start=sc.chunk_start,
         chunk_data_end=sc.chunk_data_end,
     )
+
+
+def _relayout(trans: list[int], old_cb: int, old_sb: int, cb: int, sb: int, pad: int) -> list[int]:
+    out = [pad] * ((1 << sb) << cb)
+    for s in range(1 << old_sb):
+        for c in range(1 << old_cb):
+            out[(s << cb) | c] = trans[(s << old_cb) | c]
+    return out
+
+
+def refit(
+    t: ScannerTables, class_bits: int, state_bits: int, path_class_bits: int, path_state_bits: int
+) -> ScannerTables:
+    """The same automata laid out in larger tables (a loaded program's fixed shape)."""
+    assert class_bits >= t.class_bits and state_bits >= t.state_bits
+    p = t.path
+    assert path_class_bits >= p.class_bits and path_state_bits >= p.state_bits
+    dead = p.n_states - 1
+    path = PathTables(
+        classmap=p.classmap,
+        class_bits=path_class_bits,
+        state_bits=path_state_bits,
+        trans=_relayout(
+            p.trans, p.class_bits, p.state_bits, path_class_bits, path_state_bits, dead
+        ),
+        accept=p.accept + [0] * ((1 << path_state_bits) - len(p.accept)),
+        start=p.start,
+        n_states=p.n_states,
+    )
+    return ScannerTables(
+        classmap=t.classmap,
+        class_bits=class_bits,
+        state_bits=state_bits,
+        trans=_relayout(
+            t.trans, t.class_bits, t.state_bits, class_bits, state_bits, int(Reason.BAD_HEADER)
+        ),
+        info=t.info + [0] * ((1 << state_bits) - len(t.info)),
+        factsets=t.factsets,
+        start=t.start,
+        n_states=t.n_states,
+        path=path,
+        chunk_start=t.chunk_start,
+        chunk_data_end=t.chunk_data_end,
+    )
