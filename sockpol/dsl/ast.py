@@ -15,6 +15,15 @@ from sockpol.diagnostics import Source, Span
 class Action(Enum):
     ALLOW = "allow"
     DENY = "deny"
+    AUDIT = "audit"  # a deny that only records: the request passes, an event says it matched
+
+
+class Mode(Enum):
+    """How a loaded policy treats what it would refuse. Only the starting value: `sockpol mode`
+    switches a loaded policy without reloading it."""
+
+    ENFORCE = "enforce"
+    DRY_RUN = "dry-run"  # refuse nothing; record every refusal as an event instead
 
 
 @dataclass(frozen=True)
@@ -80,11 +89,14 @@ class Rule:
     methods: MethodSet
     path: PathPattern
     conditions: tuple[Condition, ...]
+    log: bool = False  # `log`: record an event whenever this rule decides a request
 
     def describe(self) -> str:
         text = f"{self.action.value} {self.methods} {self.path.text}"
         if self.conditions:
             text += " if " + " and ".join(str(c) for c in self.conditions)
+        if self.log:
+            text += " log"
         return text
 
 
@@ -101,6 +113,8 @@ class Policy:
     default_span: Span
     max_head: int
     rules: tuple[Rule, ...]
+    mode: Mode = Mode.ENFORCE
+    mode_span: Span | None = None  # the `mode` statement, None when the policy has none
 
     def governs(self, port: int) -> bool:
         return any(r.low <= port <= r.high for r in self.ports)

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 from sockpol.diagnostics import Diagnostic, DiagnosticBag, Severity, Source, Span
 from sockpol.dsl import patterns
-from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, PolicyFile, PortRange, Rule
+from sockpol.dsl.ast import (
+    Action,
+    HeaderCondition,
+    HostCondition,
+    Policy,
+    PolicyFile,
+    PortRange,
+    Rule,
+)
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 NAME_MAX = 32  # policy names become bpffs pin paths
@@ -174,6 +182,22 @@ class _Checker:
                 self.bag.warning(condition.span, f"condition {condition} is repeated", "W191")
             seen.add(key)
         self.conflicting_hosts(rule)
+        self.redundant_log(rule)
+
+    def redundant_log(self, rule: Rule) -> None:
+        """Refused and audited requests always make an event; `log` adds one only to allows."""
+        if not rule.log or rule.action is Action.ALLOW:
+            return
+        raw = self._raw(rule.span) or ""
+        end = len(raw.rstrip(" \t"))
+        span = _sub_span(rule.span, end - 3, 3) if raw[:end].endswith("log") else rule.span
+        self.bag.warning(
+            span,
+            f"'log' on {'a deny' if rule.action is Action.DENY else 'an audit'} rule changes "
+            "nothing: every request it matches is recorded anyway",
+            "W193",
+            "'log' records the requests an allow rule passes",
+        )
 
     def conflicting_hosts(self, rule: Rule) -> None:
         """A request has one host, so two host conditions no host satisfies kill the rule."""

@@ -29,6 +29,7 @@ from sockpol.dsl.ast import (
     HeaderCondition,
     HostCondition,
     MethodSet,
+    Mode,
     PathPattern,
     Policy,
     PolicyFile,
@@ -39,8 +40,9 @@ from sockpol.grammar import parser
 
 MAX_ERRORS = 50  # past this, a file is not a policy with typos; more errors would only be noise
 
-STATEMENTS = ("policy", "port", "default", "max-head", "allow", "deny")
-KEYWORDS = (*STATEMENTS, "if", "and", "host", "header")
+STATEMENTS = ("policy", "port", "default", "max-head", "mode", "allow", "deny", "audit")
+KEYWORDS = (*STATEMENTS, "if", "and", "host", "header", "log")
+MODES = {m.value: m for m in Mode}
 
 MAX_HEAD_MIN = 256
 MAX_HEAD_MAX = 64 * 1024
@@ -78,6 +80,7 @@ class _Block:
     ports: list[PortRange] = field(default_factory=list)
     defaults: list[tuple[Action, Span]] = field(default_factory=list)
     max_head: tuple[int, Span] | None = None
+    mode: tuple[Mode, Span] | None = None
     rules: list[Rule] = field(default_factory=list)
     saw_port: bool = False
     broken: bool = False  # a line inside failed to parse
@@ -174,7 +177,7 @@ class _FileParser:
     def _statement_block(self, node: Tree, lineno: int) -> _Block | None:
         if self.block is None and not self.outside_reported:
             self.outside_reported = True
-            keyword = "allow/deny" if node.data == "rule" else node.data.replace("_", "-")
+            keyword = "allow/deny/audit" if node.data == "rule" else node.data.replace("_", "-")
             self.bag.error(
                 _span(node.meta, lineno),
                 f"'{keyword}' statement outside a policy block",
@@ -266,9 +269,38 @@ class _FileParser:
             return None
         return size
 
+    def _mode(self, node: Tree, lineno: int) -> None:
+        block = self._statement_block(node, lineno)
+        token = node.children[0]
+        assert isinstance(token, Token)
+        span = _token_span(token, lineno)
+        mode = MODES.get(token.value)
+        if mode is None:
+            close = difflib.get_close_matches(token.value.lower(), list(MODES), n=1, cutoff=0.5)
+            self.bag.error(
+                span,
+                f"unknown mode '{_short(token)}': expected enforce or dry-run",
+                "E150",
+                f"did you mean '{close[0]}'?" if close else "",
+            )
+            return
+        if block is None:
+            return
+        if block.mode is not None:
+            self.bag.error(
+                _span(node.meta, lineno),
+                f"a second 'mode' (the first is on line {block.mode[1].line})",
+                "E151",
+                "a policy has at most one mode",
+            )
+            return
+        block.mode = (mode, _span(node.meta, lineno))
+
     def _rule(self, node: Tree, lineno: int) -> None:
         block = self._statement_block(node, lineno)
-        action_node, methods_node, path_token, *condition_nodes = node.children
+        log = bool(node.children) and _is_tree(node.children[-1], "log")
+        children = node.children[:-1] if log else node.children
+        action_node, methods_node, path_token, *condition_nodes = children
         assert isinstance(methods_node, Tree) and isinstance(path_token, Token)
         method_tokens = [t for t in methods_node.children if isinstance(t, Token)]
         texts = tuple(t.value for t in method_tokens)
@@ -293,6 +325,7 @@ class _FileParser:
                 methods,
                 path,
                 conditions,
+                log,
             )
         )
 
@@ -358,6 +391,7 @@ class _FileParser:
             block.defaults[0] if block.defaults else (Action.DENY, block.name_span)
         )
         max_head = block.max_head[0] if block.max_head else DEFAULT_MAX_HEAD
+        mode, mode_span = block.mode if block.mode else (Mode.ENFORCE, None)
         end = close or block.name_span
         self.policies.append(
             Policy(
@@ -369,6 +403,8 @@ class _FileParser:
                 default_span,
                 max_head,
                 tuple(block.rules),
+                mode,
+                mode_span,
             )
         )
 
@@ -402,7 +438,9 @@ _EXAMPLES: dict[str, list[str]] = {
     "port_sep": ["port 80 81", "port 80 /x", "port 80 {", "port 80, 81 82", "port 80, 81 {"],
     "default": ["default", "default x", "default /", "default allow, deny"],
     "size": ["max-head", "max-head /", 'max-head "8KiB"'],
+    "mode": ["mode", "mode /", 'mode "dry-run"', "mode {"],
     "eol": ["max-head 8KiB KiB", "max-head 8 x", "default deny x", "default allow /"],
+    "mode_eol": ["mode enforce x", "mode dry-run /", "mode enforce enforce"],
     "methods": ["allow", "allow /x", "allow ,", 'allow "GET"'],
     "method": ["allow GET,", "allow GET, /x", "allow GET,,"],
     "path": ["allow GET", "allow GET HEAD", "allow GET {", "allow GET,HEAD", "allow GET,HEAD x"],
@@ -413,6 +451,15 @@ _EXAMPLES: dict[str, list[str]] = {
         'allow GET /x "y"',
         'allow GET "/x" y',
         'allow GET "/x" ,',
+    ],
+    "after_log": [
+        "allow GET /x log x",
+        "allow GET /x log log",
+        "allow GET /x log if",
+        'allow GET /x if host "a" log x',
+        "allow GET /x if header a log x",
+        'allow GET /x if header a = "b" log x',
+        "allow GET /x if header a log and",
     ],
     "condition": ["allow GET /x if", "allow GET /x if x", 'allow GET /x if host "a" and'],
     "host": ["allow GET /x if host", "allow GET /x if host a", "allow GET /x if host = "],
@@ -434,7 +481,10 @@ _EXAMPLES: dict[str, list[str]] = {
 def _with_variants(examples: dict[str, list[str]]) -> dict[str, list[str]]:
     out = {label: list(lines) for label, lines in examples.items()}
     for label, lines in examples.items():
-        out[label] += [f"deny{line[len('allow') :]}" for line in lines if line.startswith("allow")]
+        for action in ("deny", "audit"):
+            out[label] += [
+                f"{action}{line[len('allow') :]}" for line in lines if line.startswith("allow")
+            ]
     for keyword in KEYWORDS:  # names spelled like keywords: `policy deny x`, `header host x`
         out["policy_brace"] += [f"policy {keyword}", f"policy {keyword} x"]
         out["after_condition"] += [f"allow GET /x if header {keyword} x"]
@@ -453,16 +503,19 @@ _MESSAGES = {
     "port_sep": "expected ',' between ports, or the end of the line",
     "default": "expected 'allow' or 'deny' after 'default'",
     "size": "expected a size after 'max-head', like 8KiB or 4096",
+    "mode": "expected enforce or dry-run after 'mode'",
     "eol": "expected the end of the line",
+    "mode_eol": "expected the end of the line after the mode",
     "methods": "expected methods after the action: GET, GET,HEAD or *",
     "method": "expected a method after ','",
     "path": "expected a path starting with '/'",
-    "after_path": "expected 'if' or the end of the line after the path",
+    "after_path": "expected 'if', 'log' or the end of the line after the path",
     "condition": 'expected a condition: host "PATTERN" or header NAME',
     "host": 'expected a quoted host pattern, like host "api.example.com"',
     "header_name": "expected a header name after 'header'",
     "header_value": "expected a quoted value after '='",
-    "after_condition": "expected 'and' or the end of the line after a condition",
+    "after_condition": "expected 'and', 'log' or the end of the line after a condition",
+    "after_log": "'log' ends a rule: expected the end of the line",
 }
 
 
@@ -540,12 +593,16 @@ def _unexpected_character(e: UnexpectedCharacters, lineno: int, text: str) -> Di
 
 
 def _statement_hint(word: str) -> str:
+    if word == "log":
+        return "'log' goes at the end of a rule: allow GET /healthz log"
     if word.lower() in STATEMENTS:
         return f"keywords are lower-case: write '{word.lower()}'"
     close = difflib.get_close_matches(word, STATEMENTS, n=1, cutoff=0.6)
     if close:
         return f"did you mean '{close[0]}'?"
-    return "a line holds one of: policy NAME {, port, default, max-head, allow, deny, }"
+    return (
+        "a line holds one of: policy NAME {, port, default, max-head, mode, allow, deny, audit, }"
+    )
 
 
 def _hint(label: str | None, token: Token) -> str:
@@ -594,6 +651,10 @@ def _token_span(token: Token, lineno: int) -> Span:
 
 def _join(first: Span, last: Span) -> Span:
     return Span(first.line, first.column, last.end_line, last.end_column)
+
+
+def _is_tree(node: Tree | Token, data: str) -> bool:
+    return isinstance(node, Tree) and node.data == data
 
 
 def _first_token(node: Tree | Token) -> Token:
