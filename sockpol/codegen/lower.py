@@ -20,7 +20,8 @@ from sockpol.codegen.scanner import (
     pack,
     refit,
 )
-from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Policy
+from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy
+from sockpol.telemetry import MODE_DRY_RUN, MODE_ENFORCE, RULE_AUDIT, RULE_LOG, RULE_PASS
 
 MAX_FACT_WORDS = 8  # 512 distinct facts; the fact set lives on the BPF stack
 SEGMENT_BYTE = http.PATH_BYTE & ~(1 << ord("/"))
@@ -37,8 +38,19 @@ class LoweringError(Exception):
 @dataclass(frozen=True)
 class RuleEntry:
     index: int
-    allow: bool
+    allow: bool  # the request passes: an allow or an audit rule
     facts: frozenset[int]
+    log: bool = False  # record an event when the rule passes a request (`log`)
+    audit: bool = False  # record the request as one a deny rule would refuse (`audit`)
+
+    @property
+    def flags(self) -> int:
+        """The rule's word in the kernel's rule table (telemetry.RULE_*)."""
+        return (
+            (RULE_PASS if self.allow else 0)
+            | (RULE_LOG if self.log else 0)
+            | (RULE_AUDIT if self.audit else 0)
+        )
 
 
 def _bits(n: int) -> int:
@@ -109,6 +121,11 @@ class MatcherIR:
             shape.path_class_bits, shape.path_state_bits,
         )  # fmt: skip
         return replace(self, tables=t, fact_words=shape.fact_words, shape=shape)
+
+    @property
+    def initial_mode(self) -> int:
+        """The value the loader puts in the control map (telemetry.MODE_*)."""
+        return MODE_DRY_RUN if self.policy.mode is Mode.DRY_RUN else MODE_ENFORCE
 
     def words(self, facts: frozenset[int]) -> list[int]:
         out = [0] * self.fact_words
@@ -204,7 +221,15 @@ def lower(policy: Policy) -> MatcherIR:
             if key not in conditions:
                 conditions[key] = (f, _condition_regex(cond))
             needed.add(f)
-        entries.append(RuleEntry(rule.index, rule.action is Action.ALLOW, frozenset(needed)))
+        entries.append(
+            RuleEntry(
+                rule.index,
+                rule.action is not Action.DENY,
+                frozenset(needed),
+                log=rule.log,
+                audit=rule.action is Action.AUDIT,
+            )
+        )
         if len(facts) > MAX_FACT_WORDS * 64:
             raise LoweringError(
                 f"policy needs more than {MAX_FACT_WORDS * 64} distinct facts", rule.index

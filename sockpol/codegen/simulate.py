@@ -4,6 +4,10 @@ This mirrors `emit.py` step for step (same tables, same order of checks), so tes
 the kernel did with what the tables say, and tools can explain a verdict without a kernel.
 `run()` is one run of the program on one message; `Connection` strings runs together the way the
 kernel does for a stream of sends (cork, apply_bytes, per-connection resume state).
+
+A run also says what the program records (telemetry.py): the event it emits, if any, and the
+counter slots it adds to. The mode (enforce or dry-run) is read by every run, as the kernel reads
+it from the control map, so a `Connection`'s mode can change between sends.
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ from sockpol.codegen.scanner import (
     TERMINAL_STATES,
     Reason,
 )
+from sockpol.telemetry import (
+    MODE_DRY_RUN,
+    MODE_ENFORCE,
+    RESUME_UNJUDGED,
+    RULE_AUDIT,
+    RULE_LOG,
+    RULE_PASS,
+    SLOT_DEFAULT,
+    SLOT_REFUSED,
+    SLOT_RULES,
+    SLOT_UNJUDGED,
+    SLOT_WOULD_REFUSE,
+    Verdict,
+)
 
 CL_MAX = 0xFFFF0000  # Content-Length values above this are refused (apply_bytes takes a u32)
 CHUNK_MAX = 0xFFFF0000  # likewise chunk sizes
@@ -50,6 +68,15 @@ class RunResult:
     content_length: int
     resume: int = RESUME_REQUEST  # where the next run on this connection starts
     path: bytes | None = None  # the normalized path, when a request head was read
+    # What the run records (telemetry.py). `reason` is also set for a request that passes only
+    # because of dry-run mode or an audit rule: the reason it would have been refused for.
+    event: Verdict | None = None
+    counts: tuple[tuple[int, int, int], ...] = ()  # (slot, requests, bytes) added
+    conn: int = RESUME_REQUEST  # the whole per-connection word stored for the next run
+
+    @property
+    def would_refuse(self) -> bool:
+        return self.allow and self.reason is not Reason.NONE
 
 
 @dataclass(frozen=True)
@@ -129,36 +156,95 @@ def decide(ir: MatcherIR, facts: int) -> int | None:
     return None
 
 
-def run(ir: MatcherIR, message: bytes, resume: int = RESUME_REQUEST) -> RunResult:
+def run(
+    ir: MatcherIR, message: bytes, resume: int = RESUME_REQUEST, mode: int = MODE_ENFORCE
+) -> RunResult:
+    """One run on `message`. `resume` is the connection's word from the previous run
+    (`RunResult.conn`): the resume point in bits 0..7, the reason an unjudged connection lost its
+    framing in bits 8..15, the counter slot of the request whose chunked body follows in 32..63."""
     size = len(message)
+    kind, saved_reason, body_slot = resume & 0xFF, (resume >> 8) & 0xFF, resume >> 32
     if size == 0:
-        return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, resume)
-    n = min(size, ir.policy.max_head)
-    s = scan(ir, message[:n], resume)
-    if s.state == END:
-        rule = decide(ir, s.facts)
-        if rule is None:
-            allow = ir.policy.default.value == "allow"
-            reason = Reason.NONE if allow else Reason.DEFAULT
-        else:
-            allow = ir.rules[rule].allow
-            reason = Reason.NONE if allow else Reason.RULE
-        if s.seen & FLAG_TE_LINE:
-            covered, nxt = s.pos, RESUME_CHUNK_LINE
-        else:
-            covered, nxt = s.pos + s.content_length, RESUME_REQUEST
-        return RunResult(allow, reason, rule, covered, 0, s.pos, s.content_length, nxt, s.path)
-    if s.state == CHUNK_LINE:
+        return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, conn=resume)
+    if kind == RESUME_UNJUDGED:
+        reason = Reason(saved_reason)
+        if mode == MODE_DRY_RUN:
+            counts = ((SLOT_UNJUDGED, 1, size),)
+            return RunResult(True, reason, None, 0, 0, 0, 0, kind, counts=counts, conn=resume)
+        counts = ((SLOT_REFUSED + reason, 1, size),)
         return RunResult(
-            True, Reason.NONE, None, s.pos + s.chunk_size, 0, s.pos, 0, RESUME_CHUNK_DATA_END
+            False, reason, None, 0, 0, 0, 0, kind, None, Verdict.REFUSED, counts, resume
         )
+    n = min(size, ir.policy.max_head)
+    s = scan(ir, message[:n], kind)
+    if s.state == END:
+        return _judged(ir, s, mode)
+    if s.state == CHUNK_LINE:
+        covered = s.pos + s.chunk_size
+        nxt = RESUME_CHUNK_DATA_END | body_slot << 32
+        return RunResult(
+            True, Reason.NONE, None, covered, 0, s.pos, 0, RESUME_CHUNK_DATA_END,
+            counts=((body_slot, 0, covered),), conn=nxt,
+        )  # fmt: skip
     if s.state == BODY_END:
-        return RunResult(True, Reason.NONE, None, s.pos, 0, s.pos, 0, RESUME_REQUEST)
+        return RunResult(
+            True, Reason.NONE, None, s.pos, 0, s.pos, 0, RESUME_REQUEST,
+            counts=((body_slot, 0, s.pos),), conn=RESUME_REQUEST,
+        )  # fmt: skip
     if s.state < TERMINAL_STATES:
-        return RunResult(False, Reason(s.state), None, 0, 0, s.pos, s.content_length, resume)
+        return _unframed(Reason(s.state), s, size, mode, resume)
     if size >= ir.policy.max_head:
-        return RunResult(False, Reason.HEAD_TOO_LARGE, None, 0, 0, s.pos, 0, resume)
-    return RunResult(True, Reason.NONE, None, 0, size + 1, s.pos, 0, resume)
+        return _unframed(Reason.HEAD_TOO_LARGE, s, size, mode, resume)
+    return RunResult(True, Reason.NONE, None, 0, size + 1, s.pos, 0, kind, conn=resume)
+
+
+def _judged(ir: MatcherIR, s: ScanResult, mode: int) -> RunResult:
+    """A complete head: the first matching rule or the default decides, and is counted."""
+    rule = decide(ir, s.facts)
+    if rule is None:
+        flags = RULE_PASS if ir.policy.default.value == "allow" else 0
+        slot, reason = SLOT_DEFAULT, Reason.DEFAULT
+    else:
+        flags = ir.rules[rule].flags
+        slot, reason = SLOT_RULES + rule, Reason.RULE
+    if s.seen & FLAG_TE_LINE:
+        covered, nxt = s.pos, RESUME_CHUNK_LINE
+    else:
+        covered, nxt = s.pos + s.content_length, RESUME_REQUEST
+    counts = [(slot, 1, covered)]
+    event = None
+    allow = bool(flags & RULE_PASS)
+    if flags & RULE_AUDIT:
+        event = Verdict.AUDIT
+        counts.append((SLOT_WOULD_REFUSE + reason, 1, covered))
+    elif not allow and mode == MODE_DRY_RUN:
+        allow, event = True, Verdict.DRY_RUN
+        counts.append((SLOT_WOULD_REFUSE + reason, 1, covered))
+    elif not allow:
+        event = Verdict.REFUSED
+        counts.append((SLOT_REFUSED + reason, 1, covered))
+    else:
+        reason = Reason.NONE
+        if flags & RULE_LOG:
+            event = Verdict.LOGGED
+    return RunResult(
+        allow, reason, rule, covered, 0, s.pos, s.content_length, nxt, s.path,
+        event, tuple(counts), nxt | slot << 32,
+    )  # fmt: skip
+
+
+def _unframed(reason: Reason, s: ScanResult, size: int, mode: int, resume: int) -> RunResult:
+    """Refused before any rule: in dry-run the send passes and the connection goes unjudged."""
+    if mode == MODE_DRY_RUN:
+        conn = RESUME_UNJUDGED | reason << 8
+        return RunResult(
+            True, reason, None, 0, 0, s.pos, s.content_length, RESUME_UNJUDGED, s.path,
+            Verdict.DRY_RUN, ((SLOT_WOULD_REFUSE + reason, 1, size),), conn,
+        )  # fmt: skip
+    return RunResult(
+        False, reason, None, 0, 0, s.pos, s.content_length, resume & 0xFF, s.path,
+        Verdict.REFUSED, ((SLOT_REFUSED + reason, 1, size),), resume,
+    )  # fmt: skip
 
 
 @dataclass
@@ -171,6 +257,7 @@ class Connection:
     """
 
     ir: MatcherIR
+    mode: int = MODE_ENFORCE  # may be changed between sends, as `sockpol mode` does
     delivered: bytearray = field(default_factory=bytearray)
     verdicts: list[RunResult] = field(default_factory=list)
     refused: bool = False
@@ -194,7 +281,7 @@ class Connection:
                 del self._pending[:take]
                 self._skip -= take
                 continue
-            result = run(self.ir, bytes(self._pending), self._resume)
+            result = run(self.ir, bytes(self._pending), self._resume, self.mode)
             self.verdicts.append(result)
             if not result.allow:
                 self.refused = True
@@ -203,6 +290,6 @@ class Connection:
             if result.cork_bytes:
                 self._cork = result.cork_bytes
                 return True
-            self._resume = result.resume
+            self._resume = result.conn
             self._skip = result.apply_bytes or len(self._pending)
         return True
