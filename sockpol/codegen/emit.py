@@ -18,6 +18,7 @@ The generated object has:
 
 from __future__ import annotations
 
+from llvmlite import binding as llvm
 from llvmlite import ir
 
 from sockpol import __version__
@@ -230,6 +231,10 @@ class _Emitter:
         gv.initializer = ir.Constant(self.data_t, [ir.Constant(slots, [initial, initial]), I32(0)])
         gv.section = ".data"
         gv.align = 8
+        # BTF for the variable: libbpf makes `.data` mmap-able only when its DATASEC has a
+        # global variable, and hot reload writes the idle slot through that mapping.
+        size = self.data_t.get_abi_size(llvm.create_target_data(DATA_LAYOUT))
+        self.dbg.global_variable(gv, self.dbg.array(self.u8, size, 8))
         self.tables_gv = gv
         self.tables_t = typ
         self.used.append(gv)

@@ -10,6 +10,7 @@ from sockpol.runtime.loader import (
     status,
     unload,
 )
+from sockpol.runtime.reload import ReloadError, ReloadResult, reload
 
 __all__ = [
     "LoadError",
@@ -17,7 +18,10 @@ __all__ = [
     "PolicyNotFound",
     "PolicyStatus",
     "RuntimeOpError",
+    "ReloadError",
+    "ReloadResult",
     "load",
+    "reload",
     "status",
     "unload",
 ]

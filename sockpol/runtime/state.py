@@ -38,6 +38,8 @@ class PolicyState:
     object_sha256: str
     metadata: dict  # PolicyMetadata as JSON-compatible dict
     format: int = STATE_FORMAT
+    reloaded_at: float | None = None  # Unix time of the last hot reload (tables swapped)
+    reloads: int = 0
 
     def policy_metadata(self) -> PolicyMetadata:
         return PolicyMetadata.from_json(json.dumps(self.metadata).encode())
