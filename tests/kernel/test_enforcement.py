@@ -338,3 +338,68 @@ def test_smuggling_setups_and_bad_chunks_are_refused(shop, cgroup, http_client, 
     # What reached the server is at most the head of an allowed request, never what follows.
     assert b"/admin" not in shop.received()
     assert conn.refused or conn.sends[0].sent < len(conn.sends[0].data)
+
+
+def _send_variants(port: int, data: bytes, how: str, path: str) -> tuple[str, int | None]:
+    """Runs in the cgroup: send `data` one way, report what send returned (or the errno)."""
+    import os
+    import socket as sk
+
+    s = sk.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        if how == "sendmsg":  # one sendmsg with many iovecs, cut at awkward places
+            parts = [data[i : i + 5] for i in range(0, len(data), 5)]
+            sent = s.sendmsg(parts)
+        elif how == "writev":
+            sent = os.writev(s.fileno(), [data[:3], data[3:17], data[17:]])
+        elif how == "sendfile":
+            with open(path, "wb") as f:
+                f.write(data)
+            with open(path, "rb") as f:
+                sent = os.sendfile(s.fileno(), f.fileno(), 0, len(data))
+        else:
+            raise ValueError(how)
+        return ("sent", sent)
+    except OSError as e:
+        return ("errno", e.errno)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("how", ["sendmsg", "writev", "sendfile"])
+def test_other_send_paths_are_judged_alike(shop, cgroup, run_in_cgroup, tmp_path, how):
+    allowed = get("/api/v1/orders/9", "X-Long: " + "v" * 300)
+    denied = get("/admin/x", "X-Long: " + "v" * 300)
+    ok = run_in_cgroup(cgroup, _send_variants, shop.port, allowed, how, str(tmp_path / "a"))
+    bad = run_in_cgroup(cgroup, _send_variants, shop.port, denied, how, str(tmp_path / "b"))
+    assert ok == ("sent", len(allowed))
+    assert bad[0] == "errno" or bad[1] < len(denied)
+    shop.settle()
+    assert shop.received() == allowed
+
+
+def test_oversized_head_is_refused_not_held(shop, cgroup, http_client):
+    # 10 KiB of headers with no blank line: past max-head (8 KiB) it is refused, whether it
+    # comes in one send or trickles in.
+    line = b"X-Filler: " + b"f" * 100 + b"\r\n"
+    head = b"GET /healthz HTTP/1.1\r\n" + line * 92
+    conns = http_client(
+        cgroup,
+        shop.port,
+        [[head + b"\r\n"], [head[i : i + 1000] for i in range(0, len(head), 1000)]],
+    )
+    assert conns[0].refused or conns[0].sends[0].sent < len(head) + 2
+    assert conns[1].refused  # some send of the trickle fails once 8 KiB are held
+    shop.settle()
+    assert shop.received() == b""
+
+
+def test_protocol_switches_are_refused(shop, cgroup, http_client):
+    h2c = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    h2c += b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    ws = b"GET /healthz HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    conns = http_client(cgroup, shop.port, [[h2c], [ws], [preface]])
+    assert all(c.refused for c in conns)
+    shop.settle()
+    assert shop.received() == b""
