@@ -134,13 +134,22 @@ def cgroup2_root(kernel_env: None) -> Path:
 # Safety net: unload what tests leave behind
 
 
+# Kernel tests name their policies with one of these prefixes; the safety net touches nothing
+# else, so a test run never unloads a policy an operator (or another test run) loaded meanwhile.
+TEST_NAME_PREFIXES = ("t-", "rt-", "test-")
+
+
 def _loaded_names() -> set[str]:
     from sockpol.runtime import pins
 
     root = pins.pin_root(create=False)
     if root is None:
         return set()
-    return {p.name for p in root.iterdir() if p.is_dir() and pins.valid_name(p.name)}
+    return {
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and pins.valid_name(p.name) and p.name.startswith(TEST_NAME_PREFIXES)
+    }
 
 
 def _unload_quietly(names: set[str], why: str) -> None:
