@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
-from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Policy, Rule
+from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy, Rule
 from sockpol.dsl.patterns import to_regex
 
 # -- HTTP/1.x lexical sets (RFC 9110, 9112, 3986) -------------------------------------------------
@@ -48,6 +49,7 @@ SP, CR, LF, QMARK, PERCENT = 0x20, 0x0D, 0x0A, 0x3F, 0x25
 PATH_MAX = 2048  # bytes of a normalized path, at every step of normalizing it
 MAX_DEPTH = 64  # completed segments (each followed by '/') on the way
 CL_MAX = 0xFFFF0000  # the largest Content-Length accepted
+CHUNK_MAX = 0xFFFF0000  # the largest chunk size accepted
 AMBIGUOUS_ESCAPES = frozenset({0x2F, 0x5C, 0x00})  # %2F, %5C, %00
 
 # Refusal reasons, named as scanner.Reason members are (BAD_METHOD -> "bad-method").
@@ -62,9 +64,14 @@ REFUSALS = (
     "transfer-encoding",
     "upgrade",
     "path-too-long",
+    "bad-chunk",
     "head-too-large",
 )
 ALLOWED, DENY_RULE, DENY_DEFAULT = "none", "rule", "default"
+# Events the program records (sockpol.telemetry.Verdict, lower-case): a refusal, a request that
+# passed only because the policy runs in dry-run mode or an audit rule matched it, and a request
+# that a rule marked `log` passed.
+REFUSED, DRY_RUN, AUDIT, LOGGED = "refused", "dry-run", "audit", "logged"
 
 REFUSAL_TEXT = {
     "bad-method": "the request line does not start with a method token and one space",
@@ -72,11 +79,12 @@ REFUSAL_TEXT = {
     "ambiguous-path": "the path has an encoded '/', '\\' or NUL, or a malformed %-escape",
     "bad-version": "the protocol is not HTTP/1.0 or HTTP/1.1 followed by CRLF",
     "bad-header": "a header line is malformed",
-    "duplicate-header": "Host or Content-Length appears more than once",
+    "duplicate-header": "Host, Content-Length or Transfer-Encoding appears more than once",
     "bad-content-length": "Content-Length is not one decimal number up to 4,294,901,760",
-    "transfer-encoding": "a Transfer-Encoding header (chunked bodies are not followed)",
+    "transfer-encoding": "Transfer-Encoding other than one 'chunked', or with Content-Length",
     "upgrade": "an Upgrade header: what follows a protocol switch could not be judged",
     "path-too-long": "the normalized path is longer than 2048 bytes or 64 segments deep",
+    "bad-chunk": "a chunked body's size line, framing or trailer is malformed",
     "head-too-large": "no blank line ends the head within max-head bytes",
 }
 
@@ -103,6 +111,7 @@ class Head:
     headers: tuple[Header, ...]
     length: int  # bytes, up to and including the blank line
     content_length: int
+    chunked: bool = False  # the body is framed by Transfer-Encoding: chunked
 
     @property
     def host(self) -> bytes | None:
@@ -133,7 +142,11 @@ class RuleCheck:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The decision on one request: allowed, denied by a rule or the default, or refused."""
+    """The decision on one request: allowed, denied by a rule or the default, or refused.
+
+    `allow` says whether its bytes pass; `reason` is ALLOWED for a plain allow, else why it is (or,
+    under an audit rule or in dry-run mode, would be) refused: DENY_RULE, DENY_DEFAULT or a refusal.
+    """
 
     allow: bool
     reason: str  # ALLOWED, DENY_RULE, DENY_DEFAULT or one of REFUSALS
@@ -141,6 +154,12 @@ class Verdict:
     head: Head | None = None
     refusal: Refusal | None = None
     checks: tuple[RuleCheck, ...] = ()  # the rules tried, in order, up to the deciding one
+    event: str | None = None  # REFUSED, DRY_RUN, AUDIT, LOGGED, or None: nothing recorded
+
+    @property
+    def would_refuse(self) -> bool:
+        """Passed, but only because of an audit rule or dry-run mode."""
+        return self.allow and self.reason != ALLOWED
 
     @property
     def decided_by(self) -> str:
@@ -153,15 +172,19 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Run:
-    """One run of the kernel program on one message (the bytes from a request's start)."""
+    """One run of the kernel program on one message: the bytes from where the last verdict ended,
+    a request head or (in a chunked body) a chunk-size line."""
 
-    verdict: Verdict | None  # None: the head is incomplete, hold the bytes
-    covers: int  # bytes the verdict covers: head + body; 0 = the whole message (refusals)
-    cork: int  # > 0: hold the message until it is this long, then run again
+    allow: bool
+    covers: int  # bytes the verdict covers (head + body, size line + data); 0 = the whole message
+    cork: int = 0  # > 0: hold the message until it is this long, then run again
+    resume: str = "request"  # where the next run starts: see RESUME
+    verdict: Verdict | None = None  # set when the run judged a head or refused something
 
-    @property
-    def allow(self) -> bool:
-        return self.verdict is None or self.verdict.allow
+
+# Where a run starts: at a request head, at a chunk-size line, at the CRLF ending chunk data, or
+# nowhere: a dry-run pass of a refused head left the connection without framing ("unjudged").
+RESUME = ("request", "chunk-size", "chunk-end", "unjudged")
 
 
 # -- reading a head -------------------------------------------------------------------------------
@@ -216,7 +239,7 @@ def _head(r: _Reader) -> Head:
                 raise r.refuse("bad-target", f"byte {_byte(b)} in the query")
     target = r.data[target_start : r.pos - 1].decode("latin-1")
     version = _version(r)
-    headers, content_length = _fields(r)
+    headers, content_length, chunked = _fields(r)
     return Head(
         method,
         target,
@@ -226,6 +249,7 @@ def _head(r: _Reader) -> Head:
         headers,
         r.pos,
         content_length,
+        chunked,
     )
 
 
@@ -276,39 +300,26 @@ def _version(r: _Reader) -> str:
     return r.data[start : r.pos - 2].decode("ascii")
 
 
-def _fields(r: _Reader) -> tuple[tuple[Header, ...], int]:
+def _fields(r: _Reader) -> tuple[tuple[Header, ...], int, bool]:
     headers: list[Header] = []
     seen: set[str] = set()
     content_length = 0
     while True:
         line_start = r.pos
-        b = r.next()
-        if b == CR:
-            if r.next() != LF:
-                raise r.refuse("bad-header", "CR not followed by LF")
-            return tuple(headers), content_length
-        if b not in TCHAR:
-            what = "a continuation line (obs-fold)" if b in WS else f"byte {_byte(b)}"
-            raise r.refuse("bad-header", f"{what} where a header name starts")
-        while (b := r.next()) != ord(":"):
-            if b not in TCHAR:
-                raise r.refuse("bad-header", f"byte {_byte(b)} in a header name")
-        name = r.data[line_start : r.pos - 1].decode("ascii").lower()
-        value_start = r.pos
-        cl = _ContentLength() if name == "content-length" else None
-        while (b := r.next()) != CR:
-            if b not in FIELD_BYTE:
-                raise r.refuse("bad-header", f"byte {_byte(b)} in the value of {name}")
-            if cl is not None and cl.feed(b):
-                raise r.refuse("bad-content-length", f"Content-Length above {CL_MAX}")
+        if _end_of_fields(r, "bad-header"):
+            return tuple(headers), content_length, "transfer-encoding" in seen
+        name, value, cl = _field_line(r, line_start, "bad-header")
         # The line is complete at its CR: these are decided before the LF is seen.
-        if name == "transfer-encoding":
-            raise r.refuse("transfer-encoding", "Transfer-Encoding header")
+        if name == "transfer-encoding" and value.lower() != b"chunked":
+            raise r.refuse("transfer-encoding", "a Transfer-Encoding other than 'chunked'")
         if name == "upgrade":
             raise r.refuse("upgrade", "Upgrade header")
         if cl is not None and not cl.valid:
             raise r.refuse("bad-content-length", "Content-Length is not one decimal number")
-        if name in ("host", "content-length"):
+        framing = name in ("content-length", "transfer-encoding")
+        if framing and seen & {"content-length", "transfer-encoding"} - {name}:
+            raise r.refuse("transfer-encoding", "both Content-Length and Transfer-Encoding")
+        if name in ("host", "content-length", "transfer-encoding"):
             if name in seen:
                 raise r.refuse("duplicate-header", f"a second {name} header")
             seen.add(name)
@@ -316,8 +327,94 @@ def _fields(r: _Reader) -> tuple[tuple[Header, ...], int]:
             content_length = cl.value
         if r.next() != LF:
             raise r.refuse("bad-header", "CR not followed by LF")
-        value = r.data[value_start : r.pos - 2].strip(WS)
         headers.append(Header(name, value, line_start))
+
+
+def _end_of_fields(r: _Reader, reason: str) -> bool:
+    """At the start of a line: True (and past it) if it is the empty line ending a section."""
+    if r.data[r.pos : r.pos + 1] != b"\r":
+        return False
+    r.next()
+    if r.next() != LF:
+        raise r.refuse(reason, "CR not followed by LF")
+    return True
+
+
+def _field_line(
+    r: _Reader, line_start: int, reason: str
+) -> tuple[str, bytes, _ContentLength | None]:
+    """`name: value` up to and including its CR; the value trimmed of spaces and tabs."""
+    b = r.next()
+    if b not in TCHAR:
+        what = "a continuation line (obs-fold)" if b in WS else f"byte {_byte(b)}"
+        raise r.refuse(reason, f"{what} where a field name starts")
+    while (b := r.next()) != ord(":"):
+        if b not in TCHAR:
+            raise r.refuse(reason, f"byte {_byte(b)} in a field name")
+    name = r.data[line_start : r.pos - 1].decode("ascii").lower()
+    value_start = r.pos
+    cl = _ContentLength() if name == "content-length" and reason == "bad-header" else None
+    while (b := r.next()) != CR:
+        if b not in FIELD_BYTE:
+            raise r.refuse(reason, f"byte {_byte(b)} in the value of {name}")
+        if cl is not None and cl.feed(b):
+            raise r.refuse("bad-content-length", f"Content-Length above {CL_MAX}")
+    return name, r.data[value_start : r.pos - 1].strip(WS), cl
+
+
+@dataclass(frozen=True)
+class ChunkLine:
+    """A chunk-size line (after the CRLF ending the previous chunk's data, if any) or, for the
+    last chunk, the size line with the trailer section and the empty line that ends the body."""
+
+    size: int
+    length: int  # bytes read
+
+    @property
+    def last(self) -> bool:
+        return self.size == 0
+
+
+def read_chunk(data: bytes, after_data: bool) -> ChunkLine | Refusal | None:
+    """The chunk framing at the start of `data` (RFC 9112 7.1), its refusal, or None if `data`
+    ends first. `after_data`: `data` starts with the CRLF that must end the previous chunk."""
+    r = _Reader(data)
+    try:
+        if after_data and (r.next() != CR or r.next() != LF):
+            raise r.refuse("bad-chunk", "chunk data not followed by CRLF")
+        size = _chunk_size(r)
+        if size:
+            return ChunkLine(size, r.pos)
+        while True:  # the trailer section: field lines (never judged), then an empty line
+            line_start = r.pos
+            if _end_of_fields(r, "bad-chunk"):
+                return ChunkLine(0, r.pos)
+            _field_line(r, line_start, "bad-chunk")
+            if r.next() != LF:
+                raise r.refuse("bad-chunk", "CR not followed by LF in the trailer")
+    except _Refuse as e:
+        return e.refusal
+    except _NeedMore:
+        return None
+
+
+def _chunk_size(r: _Reader) -> int:
+    size = 0
+    b = r.next()
+    if b not in HEX:
+        raise r.refuse("bad-chunk", "a chunk size must start with a hex digit")
+    while b in HEX:
+        size = size * 16 + int(chr(b), 16)
+        if size > CHUNK_MAX:
+            raise r.refuse("bad-chunk", f"chunk size above {CHUNK_MAX}")
+        b = r.next()
+    if b == ord(";"):  # chunk extensions: passed, not judged
+        while (b := r.next()) != CR:
+            if b not in FIELD_BYTE:
+                raise r.refuse("bad-chunk", f"byte {_byte(b)} in a chunk extension")
+    if b != CR or r.next() != LF:
+        raise r.refuse("bad-chunk", "a chunk-size line must end with CRLF")
+    return size
 
 
 @dataclass
@@ -434,43 +531,98 @@ def _header_failure(cond: HeaderCondition, head: Head) -> str:
     return ""
 
 
-def decide(policy: Policy, head: Head) -> Verdict:
-    """First match: the first rule whose method, path and conditions hold, else the default."""
-    checks = []
-    for rule in policy.rules:
-        check = check_rule(rule, head)
-        checks.append(check)
-        if check.matched:
-            allow = rule.action is Action.ALLOW
-            return Verdict(allow, ALLOWED if allow else DENY_RULE, rule, head, None, tuple(checks))
-    allow = policy.default is Action.ALLOW
-    return Verdict(allow, ALLOWED if allow else DENY_DEFAULT, None, head, None, tuple(checks))
+def decide(policy: Policy, head: Head, mode: Mode | None = None) -> Verdict:
+    """First match: the first rule whose method, path and conditions hold, else the default.
+    An audit rule decides like a deny rule but passes the request; in dry-run mode (`mode`, else
+    the policy's own) a deny passes too. Both are recorded as would-be refusals."""
+    dry_run = (mode or policy.mode) is Mode.DRY_RUN
+    checks: list[RuleCheck] = []
+    rule = None
+    for candidate in policy.rules:
+        checks.append(check_rule(candidate, head))
+        if checks[-1].matched:
+            rule = candidate
+            break
+    action = rule.action if rule is not None else policy.default
+    if action is Action.ALLOW:
+        event = LOGGED if rule is not None and rule.log else None
+        return Verdict(True, ALLOWED, rule, head, None, tuple(checks), event)
+    reason = DENY_RULE if rule is not None else DENY_DEFAULT
+    if action is Action.AUDIT:
+        return Verdict(True, reason, rule, head, None, tuple(checks), AUDIT)
+    if dry_run:
+        return Verdict(True, reason, rule, head, None, tuple(checks), DRY_RUN)
+    return Verdict(False, reason, rule, head, None, tuple(checks), REFUSED)
 
 
-def evaluate(policy: Policy, request: bytes) -> Verdict:
-    """The verdict on the request at the start of `request` (a complete message)."""
-    run = judge(policy, request)
-    if run.verdict is None:
+def judge(
+    policy: Policy,
+    message: bytes,
+    resume: str = "request",
+    mode: Mode | None = None,
+    lost: str = "",
+) -> Run:
+    """One run of the kernel program on `message`, which starts where `resume` says. `mode` is
+    the mode in force (default: the policy's); `lost` is the refusal that left an "unjudged"
+    connection without framing."""
+    dry_run = (mode or policy.mode) is Mode.DRY_RUN
+    if not message:
+        return Run(True, 0, resume=resume)
+    if resume == "unjudged":
+        # Where requests start is unknown: pass everything while in dry-run, else refuse.
+        refusal = Refusal(lost, 0, "the connection lost its framing in dry-run mode")
+        if dry_run:  # passed unjudged: recorded in a counter, not as an event
+            return Run(True, 0, resume=resume, verdict=Verdict(True, lost, refusal=refusal))
+        return Run(False, 0, resume=resume, verdict=_refused(refusal, False))
+    window = message[: policy.max_head]
+    found: Head | ChunkLine | Refusal | None
+    if resume == "request":
+        found = read_head(window)
+        if isinstance(found, Head):
+            verdict = decide(policy, found, mode)
+            if found.chunked:
+                return Run(verdict.allow, found.length, resume="chunk-size", verdict=verdict)
+            return Run(verdict.allow, found.length + found.content_length, verdict=verdict)
+    else:
+        found = read_chunk(window, after_data=resume == "chunk-end")
+        if isinstance(found, ChunkLine):
+            if found.last:
+                return Run(True, found.length, resume="request")
+            return Run(True, found.length + found.size, resume="chunk-end")
+    if isinstance(found, Refusal):
+        refusal = found
+    elif len(message) >= policy.max_head:
+        what = "head" if resume == "request" else "chunk-size line"
+        refusal = Refusal(
+            "head-too-large", policy.max_head, f"no end of {what} within {policy.max_head} bytes"
+        )
+    else:
+        return Run(True, 0, cork=len(message) + 1, resume=resume)
+    if dry_run:  # passes, and the rest of the connection with it: its framing is lost
+        return Run(True, 0, resume="unjudged", verdict=_refused(refusal, True))
+    return Run(False, 0, resume=resume, verdict=_refused(refusal, False))
+
+
+def _refused(refusal: Refusal, dry_run: bool) -> Verdict:
+    return Verdict(dry_run, refusal.reason, refusal=refusal, event=DRY_RUN if dry_run else REFUSED)
+
+
+def evaluate(policy: Policy, request: bytes, mode: Mode | None = None) -> Verdict:
+    """The verdict on the request at the start of `request`, sent whole: the head's, unless its
+    chunked body is then refused, or the head never completes."""
+    conn = Connection(policy, mode=mode)
+    conn.send(request)
+    if not conn.verdicts:
         refusal = Refusal("head-too-large", len(request), "the head is incomplete")
         return Verdict(False, refusal.reason, refusal=refusal)
-    return run.verdict
-
-
-def judge(policy: Policy, message: bytes) -> Run:
-    """One run of the kernel program on `message`, which starts with a request."""
-    if not message:
-        return Run(Verdict(True, ALLOWED), 0, 0)
-    head = read_head(message[: policy.max_head])
-    if isinstance(head, Head):
-        return Run(decide(policy, head), head.length + head.content_length, 0)
-    if isinstance(head, Refusal):
-        return Run(Verdict(False, head.reason, refusal=head), 0, 0)
-    if len(message) >= policy.max_head:
-        refusal = Refusal(
-            "head-too-large", policy.max_head, f"no end of head within {policy.max_head} bytes"
-        )
-        return Run(Verdict(False, refusal.reason, refusal=refusal), 0, 0)
-    return Run(None, 0, len(message) + 1)
+    first = conn.verdicts[0]
+    later = next((v for v in conn.verdicts[1:] if v.reason == "bad-chunk"), None)
+    if first.allow and later is not None and first.head is not None and first.head.chunked:
+        return Verdict(
+            later.allow, later.reason, first.rule, first.head, later.refusal, first.checks,
+            later.event,
+        )  # fmt: skip
+    return first
 
 
 # -- a connection: the kernel's send path ---------------------------------------------------------
@@ -489,31 +641,29 @@ class Send:
 
 
 @dataclass
-class _Message:
-    """A message being sent (`struct sk_msg`): its bytes and its cork_bytes field."""
-
-    data: bytearray = field(default_factory=bytearray)
-    cork_bytes: int = 0
-
-
-@dataclass
 class Connection:
     """A governed TCP connection, send by send, as Linux's tcp_bpf_sendmsg runs the program.
 
     Per connection the kernel keeps the verdict in force (`eval`), how many more bytes it covers
-    (`apply_bytes`), and the corked message with the bytes still owed before the next run. This
-    class keeps the same, so it predicts, for a list of sends, the bytes the server receives and
-    what each send() returns. It assumes every send fits one kernel message (sends of a few KiB).
+    (`apply_bytes`), a corked message with the bytes still owed before the next run, and (in the
+    program's socket storage) where the next run starts. This class keeps the same, so it predicts,
+    for a list of sends, the bytes the server receives and what each send() returns. It assumes
+    every send fits one kernel message (sends of a few KiB).
     """
 
     policy: Policy | None  # None: the port is not governed, everything passes
+    mode: Mode | None = None  # the mode in force; None: the policy's. May change between sends.
     delivered: bytearray = field(default_factory=bytearray)
     sends: list[Send] = field(default_factory=list)
-    verdicts: list[Verdict] = field(default_factory=list)  # one per request judged
+    verdicts: list[Verdict] = field(default_factory=list)  # heads judged and refusals, in order
     _eval: str = _NONE
     _apply: int = 0
-    _cork: _Message | None = None  # a held message, waiting for `_cork_owed` more bytes
-    _cork_owed: int = 0
+    _cork: bytearray | None = None  # a held message, waiting for `_owed` more bytes
+    _owed: int = 0
+    _resume: str = "request"
+    _lost: str = ""  # the refusal that left the connection "unjudged"
+    # Called with (message, resume, run) after every run: lets tests hold another model to each.
+    observe: Callable[[bytes, str, Run], None] | None = field(default=None, repr=False)
 
     @property
     def refused(self) -> bool:
@@ -522,7 +672,7 @@ class Connection:
     @property
     def held(self) -> bytes:
         """Bytes accepted by send() but held by the kernel (a head still incomplete)."""
-        return bytes(self._cork.data) if self._cork is not None else b""
+        return bytes(self._cork) if self._cork is not None else b""
 
     def send(self, data: bytes) -> Send:
         result = Send(data, self._send(data))
@@ -533,49 +683,54 @@ class Connection:
         if self.policy is None or not data:
             self.delivered += data
             return len(data)
-        msg = self._cork if self._cork is not None else _Message()
-        msg.data += data
+        msg = self._cork if self._cork is not None else bytearray()
+        msg += data
         copied = len(data)
-        if self._cork_owed:
-            self._cork_owed = max(0, self._cork_owed - len(data))
-            if self._cork_owed:
-                return copied
+        if self._owed:
+            self._owed = max(0, self._owed - len(data))
+            if self._owed:
+                return copied  # still held; send() reports every byte as sent
             self._eval = _NONE  # all owed bytes are here: run the program again
         # The held message is judged now; the kernel lets go of it unless the run corks again
-        # (observed on 6.18: a drained cork leaves no stale cork_bytes behind).
+        # (seen on 6.18: after a cork is drained, later messages are not held by it).
         self._cork = None
         copied -= self._verdict(msg)
+        # A send that lost more than it brought (a refused head held from earlier sends) fails.
         return copied if copied > 0 else None
 
-    def _verdict(self, msg: _Message) -> int:
-        """tcp_bpf_send_verdict: returns the bytes dropped (0 if nothing was)."""
+    def _verdict(self, msg: bytearray) -> int:
+        """tcp_bpf_send_verdict: pass or drop `msg` run by run; returns the bytes dropped."""
         assert self.policy is not None
         while True:
             if self._eval == _NONE:
-                run = judge(self.policy, bytes(msg.data))
+                run = judge(self.policy, bytes(msg), self._resume, self.mode, self._lost)
+                if self.observe is not None:
+                    self.observe(bytes(msg), self._resume, run)
                 if run.verdict is not None:
                     self.verdicts.append(run.verdict)
+                if run.cork:
+                    self._owed = run.cork - len(msg)
+                    self._cork = msg
+                    return 0
                 self._eval = _PASS if run.allow else _DROP
                 self._apply = run.covers
-                if run.cork:
-                    msg.cork_bytes = run.cork
-            if msg.cork_bytes and msg.cork_bytes > len(msg.data):
-                # The kernel copies the message into its cork, cork_bytes field included.
-                self._cork_owed = msg.cork_bytes - len(msg.data)
-                self._cork = msg
-                return 0
-            tosend = len(msg.data)
+                if run.allow:
+                    if run.resume == "unjudged" and self._resume != "unjudged":
+                        assert run.verdict is not None
+                        self._lost = run.verdict.reason
+                    self._resume = run.resume
+            tosend = len(msg)
             if self._apply and self._apply < tosend:
                 tosend = self._apply
-            chunk = bytes(msg.data[:tosend])
-            del msg.data[:tosend]
+            chunk = bytes(msg[:tosend])
+            del msg[:tosend]
             self._apply = self._apply - tosend if self._apply > tosend else 0
             if self._eval == _DROP:
-                return tosend
+                return tosend  # and the verdict stays: every later send is dropped too
             self.delivered += chunk
             if not self._apply:
                 self._eval = _NONE
-            if not msg.data:
+            if not msg:
                 return 0
 
 
@@ -601,6 +756,10 @@ def _show(data: bytes | str, limit: int = 60) -> str:
 
 __all__ = [
     "ALLOWED",
+    "AUDIT",
+    "DRY_RUN",
+    "LOGGED",
+    "REFUSED",
     "DENY_DEFAULT",
     "DENY_RULE",
     "REFUSALS",
@@ -608,6 +767,7 @@ __all__ = [
     "Head",
     "Refusal",
     "RuleCheck",
+    "ChunkLine",
     "Run",
     "Send",
     "Verdict",
@@ -616,6 +776,7 @@ __all__ = [
     "evaluate",
     "judge",
     "normalize_path",
+    "read_chunk",
     "read_head",
     "simulate_sends",
 ]
