@@ -1,0 +1,207 @@
+"""Differential test: the real kernel against the reference interpreter (sockpol.dsl.interp).
+
+Hypothesis draws a random valid policy (tests/policygen.py covers every construct of the language),
+compiles it, loads it for a cgroup (the verifier must accept it: a rejection fails the test), and
+from a process in that cgroup opens a few connections to a server on 127.0.0.1, each sending
+random requests (valid, malformed, adversarially spelled, pipelined, with Content-Length or chunked
+bodies) cut into sends at random places. For every connection the bytes the server received, and
+what every send() returned (a count, or EACCES), must equal what the interpreter predicts.
+
+Bounded in CI; `SOCKPOL_DIFF_EXAMPLES=N` runs N policies instead (docs/testing.md records the
+largest run). Traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/policygen.py
+
+from conftest import _remove_cgroup, run_in_cgroup  # noqa: E402
+from policygen import ConnectionSpec, PolicySpec, connections, policies  # noqa: E402
+
+from sockpol import runtime  # noqa: E402
+from sockpol.compiler import compile_source  # noqa: E402
+from sockpol.dsl.interp import simulate_sends  # noqa: E402
+
+pytestmark = pytest.mark.kernel
+
+EXAMPLES = int(os.environ.get("SOCKPOL_DIFF_EXAMPLES", "0")) or 40
+CONNECTIONS = (2, 10)  # connections per policy (cheap; a policy costs ~2 s to compile and verify)
+_names = itertools.count()
+
+
+class SinkServer:
+    """Accepts on 127.0.0.1 and records everything each connection delivers until EOF.
+
+    It never answers: the client half-closes after its sends, so EOF marks the end of what the
+    kernel passed, with no waiting for silence. It runs in the test process, outside the cgroup.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.listener.settimeout(0.2)
+        self.port: int = self.listener.getsockname()[1]
+        self.received: dict[int, bytes] = {}  # client port -> bytes, once the client closed
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._drain, args=(conn, peer[1]), daemon=True).start()
+
+    def _drain(self, conn: socket.socket, peer_port: int) -> None:
+        data = bytearray()
+        conn.settimeout(10)
+        try:
+            while chunk := conn.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        with self._lock:
+            self.received[peer_port] = bytes(data)
+
+    def wait(self, peer_port: int, timeout: float = 10.0) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if peer_port in self.received:
+                    return self.received.pop(peer_port)
+            time.sleep(0.005)
+        return None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.listener.close()
+
+
+def send_all(port: int, conns: list[list[bytes]]) -> list[tuple[int, list[int]]]:
+    """In the child (in the cgroup): per connection its local port and each send's result,
+    a byte count or -errno. Half-closes and reads to EOF so the server sees the end."""
+    out = []
+    for sends in conns:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        results = []
+        for data in sends:
+            try:
+                results.append(s.send(data))
+            except OSError as e:
+                results.append(-(e.errno or 1))
+        local_port = s.getsockname()[1]
+        s.shutdown(socket.SHUT_WR)
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        s.close()
+        out.append((local_port, results))
+    return out
+
+
+@dataclass
+class Rig:
+    cgroup_root: Path
+    server: SinkServer
+    tmp: Path
+    modes: bool  # the code generator implements `mode` (a control map in the object)
+    policies: int = 0
+    connections: int = 0
+    sends: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def rig(cgroup2_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    server = SinkServer()
+    probe = "policy p {\n port 1\n default allow\n mode dry-run\n}\n"
+    modes = b"sockpol_ctl" in compile_source(probe, "probe.pol")[0][0].object_code()
+    r = Rig(cgroup2_root, server, tmp_path_factory.mktemp("diff"), modes)
+    try:
+        yield r
+    finally:
+        server.stop()
+        print(
+            f"\ndifferential: {r.policies} policies, {r.connections} connections, "
+            f"{r.sends} sends compared with the kernel",
+            file=sys.stderr,
+        )
+
+
+def _check(rig: Rig, spec: PolicySpec, conns: list[ConnectionSpec]) -> None:
+    text = spec.render(rig.server.port)
+    (compiled,), _ = compile_source(text, "differential.pol")
+    obj = rig.tmp / "differential.bpf.o"
+    obj.write_bytes(compiled.object_code())
+    # Names of our own, not the conftest's test prefixes: a concurrent test session's clean-up
+    # removes those (stale cgroups, policies left behind), which would pull the rug from here.
+    name = f"diff-{os.getpid()}-{next(_names)}"
+    cgroup = rig.cgroup_root / f"sockpol-{name}"
+    cgroup.mkdir()
+    try:
+        # A LoadError here (the verifier refusing a valid policy) fails the test.
+        runtime.load(obj, cgroup, name=name).close()
+        try:
+            plan = [c.sends() for c in conns]
+            results = run_in_cgroup(cgroup, send_all, rig.server.port, plan)
+        finally:
+            runtime.unload(name)
+    finally:
+        _remove_cgroup(cgroup, rig.cgroup_root)
+    policy = compiled.policy if spec.governed else None
+    rig.policies += 1
+    for sends, (local_port, returned) in zip(plan, results, strict=True):
+        rig.connections += 1
+        rig.sends += len(sends)
+        received = rig.server.wait(local_port)
+        model = simulate_sends(policy, sends)
+        predicted = [s.returned if s.returned is not None else -errno.EACCES for s in model.sends]
+        if received != bytes(model.delivered) or returned != predicted:
+            raise AssertionError(
+                "the kernel and the interpreter disagree\n"
+                f"policy:\n{text}\nsends: {sends!r}\n"
+                f"kernel send() results: {returned}\ninterpreter:           {predicted}\n"
+                f"server received: {received!r}\ninterpreter:     {bytes(model.delivered)!r}\n"
+                f"interpreter verdicts: {[(v.allow, v.reason) for v in model.verdicts]}"
+            )
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
+@given(data=st.data())
+def test_kernel_agrees_with_the_interpreter(rig: Rig, data: st.DataObject) -> None:
+    spec = data.draw(policies(modes=rig.modes), label="policy")
+    n = data.draw(st.integers(*CONNECTIONS), label="connections")
+    conns = [data.draw(connections(spec), label=f"connection {i}") for i in range(n)]
+    _check(rig, spec, conns)
