@@ -528,6 +528,10 @@ class _Emitter:
         self.put(b, scan, "cl", cl_new)
         too_big = b.icmp_unsigned(">", cl_new, I64(CL_MAX))
         nxt = b.select(too_big, self.small(b, Reason.BAD_CONTENT_LENGTH), nxt)
+        # Digits of a second Content-Length line: a duplicate, whatever its value.
+        cl_seen = b.and_(self.get(b, scan, "seen"), I64(FLAG_CL_LINE))
+        second = b.and_(is_digit, b.icmp_unsigned("!=", cl_seen, I64(0)))
+        nxt = b.select(second, self.small(b, Reason.DUPLICATE_HEADER), nxt)
 
         # Chunk-size hex digits likewise.
         is_hex = b.icmp_unsigned("!=", b.and_(info, I64(FLAG_HEX_DIGIT)), I64(0))

@@ -320,10 +320,11 @@ class _Builder:
         size_start, zeros, size = new(), new(flags=FLAG_HEX_DIGIT), new(flags=FLAG_HEX_DIGIT)
         ext, ext_last, cr, cr_last = new(), new(), new(), new()
         trailer_start, trailer, trailer_cr, trailer_lf, end_cr = new(), new(), new(), new(), new()
+        trailer_name = new()
         data_cr, data_lf = new(), new()
         for s in (size_start, zeros, size, ext, ext_last, cr, cr_last, trailer_start, trailer):
             self.sc.delta[s] = row()
-        for s in (trailer_cr, trailer_lf, end_cr, data_cr, data_lf):
+        for s in (trailer_cr, trailer_lf, end_cr, data_cr, data_lf, trailer_name):
             self.sc.delta[s] = row()
         hexdig = [b for b in range(256) if http.HEXDIG >> b & 1]
         ext_bytes = [b for b in range(256) if http.FIELD_BYTE >> b & 1]
@@ -339,12 +340,15 @@ class _Builder:
             self.sc.delta[e][http.CR] = c
         self.sc.delta[cr][http.LF] = CHUNK_LINE
         self.sc.delta[cr_last][http.LF] = trailer_start
-        # Trailer fields: field lines as in a head (not judged), then an empty line.
+        # Trailer fields: `name: value` lines as in a head (not judged), then an empty line. A
+        # line without a colon is refused: a lax server might take it for a request line.
         for b in range(256):
             if http.TCHAR >> b & 1:
-                self.sc.delta[trailer_start][b] = trailer
-            if http.TCHAR >> b & 1 or b == ord(":") or http.FIELD_BYTE >> b & 1:
+                self.sc.delta[trailer_start][b] = trailer_name
+                self.sc.delta[trailer_name][b] = trailer_name
+            if http.FIELD_BYTE >> b & 1:
                 self.sc.delta[trailer][b] = trailer
+        self.sc.delta[trailer_name][ord(":")] = trailer
         self.sc.delta[trailer_start][http.CR] = end_cr
         self.sc.delta[trailer][http.CR] = trailer_cr
         self.sc.delta[trailer_cr][http.LF] = trailer_lf

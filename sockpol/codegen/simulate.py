@@ -116,6 +116,8 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
             cl = cl * 10 + (b - 0x30)
             if cl > CL_MAX:
                 nxt = Reason.BAD_CONTENT_LENGTH
+            if seen & FLAG_CL_LINE:
+                nxt = Reason.DUPLICATE_HEADER  # digits of a second Content-Length line
         if info & FLAG_HEX_DIGIT:
             chunk = chunk * 16 + HEXVAL[b]
             if chunk > CHUNK_MAX:
