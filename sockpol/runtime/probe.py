@@ -77,11 +77,17 @@ TLS = ("ktls", "ktls_sockmap")
 def kernel_config(option: str, sources: list[Path] | None = None) -> str | None:
     """The value of CONFIG_<option> ('y', 'm', 'n' for "is not set"), or None if unknown.
 
-    Read from /proc/config.gz or /boot/config-<release>, the first that exists.
+    Read from /proc/config.gz, /boot/config-<release> (Debian) or /lib/modules/<release>/config
+    (Fedora; the VM runner puts the guest kernel's there), the first that exists.
     """
     name = f"CONFIG_{option}"
     if sources is None:
-        sources = [Path("/proc/config.gz"), Path(f"/boot/config-{platform.release()}")]
+        release = platform.release()
+        sources = [
+            Path("/proc/config.gz"),
+            Path(f"/boot/config-{release}"),
+            Path(f"/lib/modules/{release}/config"),
+        ]
     for path in sources:
         try:
             raw = path.read_bytes()
@@ -288,7 +294,8 @@ def _loopback_pair(stack: ExitStack) -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def _ktls() -> Finding:
+def probe_ktls() -> Finding:
+    """The tls ULP and TLS_TX on a plain loopback socket (no sockhash)."""
     title = "kernel TLS (kTLS)"
     ktls.load_module()
     config = kernel_config("TLS")
@@ -323,7 +330,8 @@ def _ktls() -> Finding:
     return Finding("ktls", title, Verdict.OK, "TCP_ULP tls and TLS_TX (AES-128-GCM) work")
 
 
-def _ktls_sockmap() -> Finding:
+def probe_ktls_sockmap() -> Finding:
+    """TLS_TX on a socket in a sockhash whose drop-all sk_msg program must then run."""
     title = "kTLS on sockets in a sockhash"
     with ExitStack() as stack:
         prog_fd = _drop_all_program()
@@ -393,14 +401,14 @@ def probe() -> list[Finding]:
         ("btf", "BTF", _btf),
     ]
     for key, title, fn in bpf_probes:
-        findings.append(_guarded(key, title, fn) if privileged else _unprivileged(key, title))
+        findings.append(guarded(key, title, fn) if privileged else _unprivileged(key, title))
     findings += [_cgroup2(), _bpffs()]
     findings.append(
-        _guarded("bpf_loop", "bpf_loop helper", _bpf_loop)
+        guarded("bpf_loop", "bpf_loop helper", _bpf_loop)
         if privileged
         else _unprivileged("bpf_loop", "bpf_loop helper")
     )
-    findings.append(_guarded("ktls", "kernel TLS (kTLS)", _ktls))
+    findings.append(guarded("ktls", "kernel TLS (kTLS)", probe_ktls))
     by_key = {f.key: f for f in findings}
     title = "kTLS on sockets in a sockhash"
     if not privileged:
@@ -416,11 +424,11 @@ def probe() -> list[Finding]:
             )
         )
     else:
-        findings.append(_guarded("ktls_sockmap", title, _ktls_sockmap))
+        findings.append(guarded("ktls_sockmap", title, probe_ktls_sockmap))
     return findings
 
 
-def _guarded(key: str, title: str, fn: Callable[[], Finding]) -> Finding:
+def guarded(key: str, title: str, fn: Callable[[], Finding]) -> Finding:
     """A probe that failed in an unforeseen way reports UNKNOWN with the reason, not a crash."""
     try:
         return fn()

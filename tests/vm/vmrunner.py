@@ -1,0 +1,425 @@
+"""Run pytest inside a VM booted with Debian's Linux 6.1, and bring the results back.
+
+Why a VM: the development and CI hosts run 6.18 without CONFIG_TLS, and the 6.1 LTS kernel is the
+one whose sockhash/verifier behaviour sockpol must also support. virtme-ng boots a kernel with the
+host's root file system (9p, behind a writable overlay), so the guest runs the project's own
+.venv python on the project's own checkout; only the kernel differs.
+
+Recipe (../shared/notes/ktls-vm.md, verified on these machines):
+- host packages qemu-system-x86, busybox-static, kmod; virtme-ng from PyPI in the project's venv
+  (the `vm` extra) with the venv's bin on PATH (vng runs virtme-run);
+- `apt-get download linux-image-6.1.0-N-amd64-unsigned`, `dpkg-deb -x` into a cache directory,
+  never installed as a package; its modules, vmlinuz and config go to /usr/lib/modules/<release>
+  and `depmod` runs there. The guest then uses the host's /lib/modules (virtme_root_mods=1).
+  Why not boot from the cache directory: virtme mounts tmpfs over /var/cache in the guest, so a
+  module tree there is invisible to it;
+- qemu under TCG (`--disable-kvm`: nested KVM hangs here), `--verbose` or the guest's console is
+  lost, and `vng` exits 255 even when the guest script succeeded, so the guest writes its own
+  exit status and a JUnit XML into a directory shared read-write (`--rwdir`).
+
+Kernel choice: upstream stable kernels now carry "tls: reject the combination of TLS and sockmap"
+(Debian 6.1.190 and later). Two kernels are therefore used, both found with apt-cache:
+- `latest`: the newest 6.1 ABI; every kernel test runs there (LTS compatibility, and kTLS is
+  expected to be refused on sockhash sockets, which the tests check sockpol fails closed on);
+- `ktls`: the newest 6.1 ABI whose Debian changelog does not list that patch; the kTLS tests run
+  there and must find policy inside TLS working.
+
+Run by hand:  sudo .venv/bin/python tests/vm/vmrunner.py [--kernel latest|ktls] [pytest args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("SOCKPOL_VM_CACHE", "/var/cache/sockpol-vm"))
+MODULES = Path("/usr/lib/modules")
+# Host packages the VM itself needs, and those the guest's tests use (it sees the host's root).
+VM_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod")
+GUEST_PACKAGES = ("nginx", "openssl", "curl")
+KERNEL_PATTERN = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$"
+REJECTION_PATCH = "tls: reject the combination of TLS and sockmap"
+MARKER = ".sockpol-vm"  # in /usr/lib/modules/<release>: which package was installed there
+
+BOOT_TIMEOUT = 120.0  # seconds from `vng` start to the guest script's first line, at most
+EXIT_LINE = "SOCKPOL-VM-EXIT:"
+START_LINE = "SOCKPOL-VM-START:"
+
+
+class VMUnavailable(Exception):
+    """The VM cannot be run here at all (not root, not x86-64 Linux, tools not obtainable)."""
+
+
+class VMError(Exception):
+    """The VM was set up but did not produce results (boot failure, timeout, guest crash)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Host preparation
+
+
+def _run(argv: Sequence[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def check_host() -> None:
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        raise VMUnavailable(f"the VM runner boots x86-64 Debian kernels; this is {os.uname()}")
+    if os.geteuid() != 0:
+        raise VMUnavailable("not root: installing the guest kernel's modules needs root")
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise VMUnavailable("not a Debian-like host (apt-get/dpkg-deb missing)")
+
+
+def missing_packages(packages: Sequence[str]) -> list[str]:
+    missing = []
+    for pkg in packages:
+        out = _run(["dpkg-query", "-W", "-f=${Status}", pkg])
+        if "install ok installed" not in out.stdout:
+            missing.append(pkg)
+    return missing
+
+
+def ensure_packages(packages: Sequence[str]) -> None:
+    """apt-get install what is missing (no recommends: qemu's would pull in a desktop)."""
+    missing = missing_packages(packages)
+    if not missing:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    _run(["apt-get", "update", "-qq"], env=env)
+    out = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
+    if out.returncode != 0:
+        raise VMUnavailable(f"apt-get install {' '.join(missing)} failed: {out.stderr[-500:]}")
+
+
+def venv_bin() -> Path:
+    return Path(sys.executable).parent
+
+
+def ensure_vng() -> Path:
+    """virtme-ng in this interpreter's environment (the project's .venv, `vm` extra)."""
+    vng = venv_bin() / "vng"
+    if not vng.exists():
+        out = _run(
+            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             "virtme-ng>=1.30"]
+        )  # fmt: skip
+        if out.returncode != 0 or not vng.exists():
+            raise VMUnavailable(f"pip install virtme-ng failed: {out.stderr[-500:]}")
+    return vng
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@dataclass(frozen=True)
+class Kernel:
+    package: str  # linux-image-6.1.0-56-amd64-unsigned
+    version: str  # 6.1.192-2 (Debian version)
+    release: str  # 6.1.0-56-amd64 (uname -r)
+    tree: Path  # the extracted package in the cache
+    rejects_tls_sockmap: bool  # its changelog lists REJECTION_PATCH
+
+    @property
+    def vmlinuz(self) -> Path:
+        return MODULES / self.release / "vmlinuz"
+
+    def describe(self) -> str:
+        tls = "rejects TLS on sockmap sockets" if self.rejects_tls_sockmap else "kTLS+sockmap ok"
+        return f"{self.release} (Debian {self.version}; {tls})"
+
+
+def available_packages() -> list[str]:
+    """6.1 kernel packages apt knows, newest ABI first."""
+    out = _run(["apt-cache", "search", "--names-only", KERNEL_PATTERN])
+    names = [line.split(" ", 1)[0] for line in out.stdout.splitlines() if line.strip()]
+    if not names:
+        ensure_apt_lists()
+        out = _run(["apt-cache", "search", "--names-only", KERNEL_PATTERN])
+        names = [line.split(" ", 1)[0] for line in out.stdout.splitlines() if line.strip()]
+    if not names:
+        raise VMUnavailable("apt-cache knows no linux-image-6.1.0-*-amd64-unsigned package")
+    return sorted(names, key=lambda n: int(n.split("-")[3]), reverse=True)
+
+
+def ensure_apt_lists() -> None:
+    _run(["apt-get", "update", "-qq"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def fetch(package: str) -> Kernel:
+    """Download (once) and extract (once) a kernel package into the cache."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    debs = sorted(CACHE.glob(f"{package}_*.deb"))
+    if not debs:
+        # apt downloads into the current directory; _apt cannot write to a root-only cache.
+        out = _run(["apt-get", "download", "-q", package], cwd=CACHE, timeout=900)
+        debs = sorted(CACHE.glob(f"{package}_*.deb"))
+        if out.returncode != 0 or not debs:
+            raise VMUnavailable(f"apt-get download {package} failed: {out.stderr[-500:]}")
+    deb = debs[-1]
+    tree = CACHE / deb.stem
+    if not (tree / ".extracted").exists():
+        shutil.rmtree(tree, ignore_errors=True)
+        out = _run(["dpkg-deb", "-x", str(deb), str(tree)])
+        if out.returncode != 0:
+            raise VMError(f"dpkg-deb -x {deb} failed: {out.stderr[-500:]}")
+        (tree / ".extracted").touch()
+    (release,) = [p.name for p in (tree / "lib/modules").iterdir()]
+    version = deb.stem.split("_")[1]
+    return Kernel(package, version, release, tree, _changelog_has(tree, REJECTION_PATCH))
+
+
+def _changelog_has(tree: Path, text: str) -> bool:
+    for log in tree.glob("usr/share/doc/*/changelog.Debian.gz"):
+        if text in gzip.decompress(log.read_bytes()).decode(errors="replace"):
+            return True
+    return False
+
+
+def install(kernel: Kernel) -> None:
+    """Put the kernel's modules, image and config under /usr/lib/modules/<release>; depmod."""
+    target = MODULES / kernel.release
+    marker = target / MARKER
+    if marker.exists() and marker.read_text().strip() == kernel.version:
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    MODULES.mkdir(parents=True, exist_ok=True)
+    source = kernel.tree / "lib/modules" / kernel.release
+    # Hard links when the cache is on the same file system: 400 MB copied for nothing otherwise.
+    if _run(["cp", "-al", str(source), str(target)]).returncode != 0:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target, symlinks=True)
+    shutil.copy2(kernel.tree / "boot" / f"vmlinuz-{kernel.release}", target / "vmlinuz")
+    # Fedora's place for the config; the guest has no /proc/config.gz and sees the host's /boot.
+    shutil.copy2(kernel.tree / "boot" / f"config-{kernel.release}", target / "config")
+    out = _run(["depmod", kernel.release])
+    if out.returncode != 0:
+        raise VMError(f"depmod {kernel.release} failed: {out.stderr[-500:]}")
+    marker.write_text(kernel.version + "\n")
+
+
+def select_kernels() -> dict[str, Kernel]:
+    """{"latest": newest 6.1, "ktls": newest 6.1 without the TLS+sockmap rejection}."""
+    packages = available_packages()
+    latest = fetch(packages[0])
+    chosen = {"latest": latest}
+    for package in packages:
+        kernel = latest if package == latest.package else fetch(package)
+        if not kernel.rejects_tls_sockmap:
+            chosen["ktls"] = kernel
+            break
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Booting and collecting results
+
+
+@dataclass
+class TestResult:
+    nodeid: str
+    outcome: str  # passed, failed, error, skipped
+    message: str = ""
+    details: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class VMRun:
+    kernel: Kernel
+    pytest_args: list[str]
+    status: int | None  # the guest pytest's exit status, None if it never finished
+    seconds: float  # wall time of the whole vng run
+    guest_release: str | None
+    console: str
+    pytest_log: str
+    results: dict[str, TestResult] = field(default_factory=dict)
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.pytest_log or self.console
+        return "\n".join(text.splitlines()[-lines:])
+
+
+GUEST_SCRIPT = """\
+#!/bin/sh
+# Generated by tests/vm/vmrunner.py; runs as root inside the VM.
+export PATH={path} HOME=/root SOCKPOL_IN_VM=1 CI={ci} PYTHONDONTWRITEBYTECODE=1
+{extra_env}
+echo "{start} $(uname -r) $(cut -d' ' -f1 /proc/uptime)"
+mount | grep -q ' /sys/fs/bpf type bpf' || mount -t bpf bpf /sys/fs/bpf
+cd {repo} || exit 1
+timeout -k 10 {guest_timeout} {python} -m pytest -p no:cacheprovider -ra -o junit_family=xunit2 \\
+    --junitxml={results}/junit.xml {args} > {results}/pytest.log 2>&1
+status=$?
+echo "$status" > {results}/status
+echo "{exit} $status"
+"""
+
+
+def run(
+    kernel: Kernel,
+    pytest_args: Sequence[str],
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+    memory: str = "2G",
+    cpus: int = 2,
+) -> VMRun:
+    """Boot `kernel`, run pytest with `pytest_args` in the guest (cwd = the repo), collect."""
+    vng = ensure_vng()
+    install(kernel)
+    with tempfile.TemporaryDirectory(prefix="sockpol-vm-") as tmp:
+        shared = Path(tmp)
+        results = shared / "results"
+        results.mkdir()
+        script = shared / "guest.sh"
+        # The guest's kTLS tests check the kernel against what its changelog says.
+        env = {
+            "SOCKPOL_EXPECT_KTLS_SOCKMAP": "0" if kernel.rejects_tls_sockmap else "1",
+            **(env or {}),
+        }
+        extra = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+        script.write_text(
+            GUEST_SCRIPT.format(
+                path=shlex.quote(f"{venv_bin()}:/usr/sbin:/usr/bin:/sbin:/bin"),
+                ci=shlex.quote(os.environ.get("CI", "")),
+                extra_env=extra,
+                start=START_LINE,
+                exit=EXIT_LINE,
+                repo=shlex.quote(str(REPO)),
+                guest_timeout=int(max(timeout - BOOT_TIMEOUT, 60)),
+                python=shlex.quote(sys.executable),
+                results=shlex.quote(str(results)),
+                args=" ".join(shlex.quote(a) for a in pytest_args),
+            )
+        )
+        script.chmod(0o755)
+        argv = [
+            str(vng), "--run", str(kernel.vmlinuz), "--disable-kvm",
+            "--memory", memory, "--cpus", str(cpus), "--verbose",
+            "--rwdir", str(results), "--exec", str(script),
+        ]  # fmt: skip
+        started = time.monotonic()
+        console = _boot(argv, timeout)
+        seconds = time.monotonic() - started
+        status_file = results / "status"
+        status = int(status_file.read_text()) if status_file.exists() else None
+        log_file = results / "pytest.log"
+        run_ = VMRun(
+            kernel,
+            list(pytest_args),
+            status,
+            seconds,
+            _guest_release(console),
+            console,
+            log_file.read_text(errors="replace") if log_file.exists() else "",
+        )
+        junit = results / "junit.xml"
+        if junit.exists():
+            run_.results = parse_junit(junit)
+    return run_
+
+
+def _boot(argv: list[str], timeout: float) -> str:
+    """Run vng with a hard timeout; its own process group, so qemu dies with it."""
+    env = dict(os.environ, PATH=f"{venv_bin()}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise VMError(
+            f"the VM did not finish within {timeout:.0f} s; console tail:\n"
+            + "\n".join(out.decode(errors="replace").splitlines()[-30:])
+        ) from None
+    return out.decode(errors="replace")
+
+
+def _guest_release(console: str) -> str | None:
+    m = re.search(rf"^{START_LINE} (\S+)", console, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def parse_junit(path: Path) -> dict[str, TestResult]:
+    """JUnit XML (xunit2) -> {pytest node id: result}."""
+    results = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        nodeid = junit_nodeid(case.get("classname", ""), case.get("name", ""))
+        outcome, message, details = "passed", "", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                message = child.get("message", "")
+                details = child.text or ""
+                break
+        if nodeid in results and results[nodeid].outcome != "passed" and outcome == "passed":
+            continue  # a teardown error reported as a second testcase must not be hidden
+        results[nodeid] = TestResult(nodeid, outcome, message, details, float(case.get("time", 0)))
+    return results
+
+
+def junit_nodeid(classname: str, name: str) -> str:
+    """tests.kernel.test_x.TestY + test_z[p] -> tests/kernel/test_x.py::TestY::test_z[p]."""
+    parts = classname.split(".")
+    for i in range(len(parts), 0, -1):
+        path = REPO.joinpath(*parts[:i]).with_suffix(".py")
+        if path.exists():
+            return "::".join(["/".join(parts[:i]) + ".py", *parts[i:], name])
+    return f"{classname}::{name}"
+
+
+def collect(paths: Sequence[str]) -> list[str]:
+    """The node ids pytest collects for `paths` here on the host (same code as the guest)."""
+    out = _run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *paths],
+        cwd=REPO,
+        env=dict(os.environ, SOCKPOL_COLLECT_ONLY="1"),
+        timeout=300,
+    )
+    ids = [line for line in out.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    if not ids:
+        raise VMError(f"collecting {paths} found nothing:\n{out.stdout[-2000:]}{out.stderr}")
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--kernel", choices=["latest", "ktls"], default="latest")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("pytest_args", nargs="*", default=["tests/kernel"])
+    args = parser.parse_args(argv)
+    check_host()
+    ensure_packages(VM_PACKAGES + GUEST_PACKAGES)
+    kernel = select_kernels()[args.kernel]
+    print(f"booting {kernel.describe()} ...", flush=True)
+    result = run(kernel, args.pytest_args, timeout=args.timeout)
+    print(result.pytest_log or result.console[-5000:])
+    print(f"guest {result.guest_release}: pytest exit {result.status}, {result.seconds:.0f} s")
+    return 1 if result.status is None else result.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
