@@ -335,7 +335,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy")
     p.add_argument("--cgroup-parent", help="cgroup v2 directory to create the demo cgroup in")
     p.set_defaults(func=cmd_demo)
+    _authoring_parsers(sub)
     return parser
+
+
+def _authoring(name: str) -> Callable[[argparse.Namespace], int]:
+    """lint/fmt/test/explain live in sockpol.authoring, imported only when one runs."""
+
+    def run_command(args: argparse.Namespace) -> int:
+        from sockpol import authoring
+
+        return authoring.dispatch(name, args)
+
+    return run_command
+
+
+def _authoring_parsers(sub) -> None:
+    p = sub.add_parser("lint", help="exact findings: shadowed, duplicate, unreachable rules, ...")
+    p.add_argument("files", nargs="+", help="policy files or directories")
+    p.add_argument("--format", choices=["text", "json", "sarif"], default="text")
+    p.set_defaults(func=_authoring("cmd_lint"))
+
+    p = sub.add_parser("fmt", help="rewrite policy files in the canonical layout")
+    p.add_argument("files", nargs="+", help="policy files or directories")
+    p.add_argument("--check", action="store_true", help="only report files that would change")
+    p.add_argument("--diff", action="store_true", help="print the changes, write nothing")
+    p.set_defaults(func=_authoring("cmd_fmt"))
+
+    p = sub.add_parser("test", help="run policy test files (*.poltest) against the policies")
+    p.add_argument("paths", nargs="*", help=".poltest or .pol files, or directories (default: .)")
+    p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
+    p.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
+    p.set_defaults(func=_authoring("cmd_test"))
+
+    p = sub.add_parser("explain", help="how a request is read and which rule decides it")
+    p.add_argument("file", help="policy file")
+    p.add_argument("request", nargs="?", help="raw request file, or - for stdin (the default)")
+    p.add_argument("--policy", help="the policy to use when the file has several")
+    p.add_argument("--method")
+    p.add_argument("--path")
+    p.add_argument("--host")
+    p.add_argument("--header", action="append", metavar="'NAME: VALUE'")
+    p.add_argument("--raw", action="store_true", help="do not turn LF line ends into CRLF")
+    p.add_argument("--enforce", action="store_true", help="judge as enforcing, whatever the mode")
+    p.set_defaults(func=_authoring("cmd_explain"))
 
 
 def run(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> int:
