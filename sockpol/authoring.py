@@ -353,7 +353,9 @@ def explain_lines(verdict, source: Source | None, request: bytes | None = None) 
         out.append(f"  host: {host.decode('latin-1') if host is not None else '(no Host header)'}")
         for h in head.headers:
             if h.name != "host":
-                out.append(f"  header {h.name}: {h.value.decode('latin-1')}")
+                value = h.value.decode("latin-1")
+                value = value if len(value) <= 100 else f"{value[:97]}... ({len(value)} bytes)"
+                out.append(f"  header {h.name}: {value}")
         if head.chunked:
             out.append("  body: chunked")
         elif head.content_length:
