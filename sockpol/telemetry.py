@@ -85,10 +85,11 @@ VERDICT_NAMES = {
 # reason saved in bits 8..15, once it enforces: in enforce mode the connection would be gone.
 RESUME_UNJUDGED = 3
 
-# The event record. Bounded copies: the method's first METHOD_BYTES bytes, the Host header
-# value's first HOST_BYTES bytes (as sent, untrimmed of trailing blanks), the normalized path's
-# first PATH_BYTES bytes; the *_len fields give the full lengths (path_len up to 2048, the
-# normalizer's limit; method_len and host_len saturate at 255), so readers know what was cut.
+# The event record. Bounded copies: the method's first METHOD_BYTES bytes; the first HOST_BYTES
+# bytes of the value of the head's first line starting `host:` (any case), as sent, blanks after
+# the colon included (readers trim them); the normalized path's first PATH_BYTES bytes. path_len is the whole normalized path's length (up to
+# 2048, the normalizer's limit); method_len and host_len are the bytes copied, or one more than
+# the room (17, 65) when the value was longer and was cut.
 METHOD_BYTES = 16
 HOST_BYTES = 64
 PATH_BYTES = 128

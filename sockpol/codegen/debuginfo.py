@@ -124,8 +124,8 @@ class DebugInfo:
         self,
         map_type: int,
         max_entries: int | None,
-        key: ir.DIValue,
-        value: ir.DIValue,
+        key: ir.DIValue | None,
+        value: ir.DIValue | None,
         map_flags: int = 0,
     ) -> ir.DIValue:
         """The struct libbpf's `__uint(type, ..)`, `__uint(max_entries, ..)`, `__type(key, ..)`,
@@ -140,7 +140,10 @@ class DebugInfo:
             members.append(number("max_entries", max_entries))
         if map_flags:
             members.append(number("map_flags", map_flags))
-        members += [("key", self.pointer(key), 64), ("value", self.pointer(value), 64)]
+        if key is not None:  # a ring buffer has neither key nor value
+            members.append(("key", self.pointer(key), 64))
+        if value is not None:
+            members.append(("value", self.pointer(value), 64))
         return self._struct(None, members)
 
     def function(

@@ -36,6 +36,7 @@ from sockpol.codegen.normalize import (
     PCT_PERCENT,
     UNRESERVED,
 )
+from sockpol.codegen.record import RecordingMixin
 from sockpol.codegen.scanner import (
     BODY_END,
     CHUNK_LINE,
@@ -55,6 +56,7 @@ from sockpol.codegen.scanner import (
 )
 from sockpol.codegen.simulate import CHUNK_MAX, CL_MAX, NO_RULE
 from sockpol.metadata import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
+from sockpol.telemetry import RESUME_UNJUDGED, SLOT_DEFAULT, SLOT_REFUSED, SLOT_RULES
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
@@ -111,7 +113,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (max(n, 1) - 1).bit_length())
 
 
-class _Emitter:
+class _Emitter(RecordingMixin):
     def __init__(self, ir_: MatcherIR) -> None:
         self.ir = ir_
         self.m = ir.Module(name=f"sockpol.{ir_.policy.name}")
@@ -147,7 +149,8 @@ class _Emitter:
     def btf_map(
         self, name: str, map_type: int, entries: int | None, key, value, flags: int = 0
     ) -> ir.GlobalVariable:
-        typ = ir.LiteralStructType([PTR] * (3 + (entries is not None) + bool(flags)))
+        members = 1 + (entries is not None) + bool(flags) + (key is not None) + (value is not None)
+        typ = ir.LiteralStructType([PTR] * members)
         gv = ir.GlobalVariable(self.m, typ, name)
         gv.initializer = ir.Constant(typ, None)
         gv.section = ".maps"
@@ -168,6 +171,7 @@ class _Emitter:
         self.conn_map = self.btf_map(
             CONN_MAP, BPF_MAP_TYPE_SK_STORAGE, None, self.int, self.u64, BPF_F_NO_PREALLOC
         )
+        self.record_maps()  # counters, events, mode (record.py)
 
     def tables(self) -> None:
         ir_, t = self.ir, self.ir.tables
@@ -176,7 +180,8 @@ class _Emitter:
         factsets += [[0] * self.nw] * (self.n_factsets - len(factsets))
         need = [ir_.words(r.facts) for r in ir_.rules]
         need += [[0] * self.nw] * (self.n_rules - len(need))
-        allow = [int(r.allow) for r in ir_.rules] + [0] * (self.n_rules - len(ir_.rules))
+        # Per rule: pass, log and audit bits (telemetry.RULE_*).
+        allow = [r.flags for r in ir_.rules] + [0] * (self.n_rules - len(ir_.rules))
         config = {
             "nrules": len(ir_.rules),
             "default_allow": int(ir_.policy.default.value == "allow"),
@@ -617,7 +622,20 @@ class _Emitter:
             # at the wrong place, or cork the rest of a message already judged.
             h.call(b, h.MSG_APPLY_BYTES, msg, apply if apply is not None else I32(0))
             h.call(b, h.MSG_CORK_BYTES, msg, cork if cork is not None else I32(0))
-            b.ret(I32(value))
+            b.ret(I32(value) if isinstance(value, int) else value)
+
+        # Runs that judged something end in one block, which records the event (record.py).
+        record = fn.append_basic_block("record")
+        recorded: list[tuple[ir.Value, ir.Value, ir.Block]] = []
+
+        def finish(outcome: ir.Value, apply: ir.Value) -> None:
+            recorded.append((outcome, apply, b.block))
+            b.branch(record)
+
+        def refuse_unseen() -> None:
+            # Nothing of the message could be looked at: refused even in dry-run, and counted.
+            self.count(b, SLOT_REFUSED + Reason.PULL_FAILED, 1, size)
+            verdict(SK_DROP)
 
         size = b.zext(ctx_load(MSG_SIZE, I32), I64)
         with b.if_then(b.icmp_unsigned("==", size, I64(0)), likely=False):
@@ -626,11 +644,11 @@ class _Emitter:
         n = b.select(b.icmp_unsigned("<", size, max_head), size, max_head)
         pulled = h.call(b, h.MSG_PULL_DATA, msg, I32(0), b.trunc(n, I32), I64(0))
         with b.if_then(b.icmp_unsigned("!=", pulled, I64(0)), likely=False):
-            verdict(SK_DROP)
+            refuse_unseen()
         b.store(I32(0), key)
         scratch = h.call(b, h.MAP_LOOKUP_ELEM, self.scratch_map, key)
         with b.if_then(b.icmp_unsigned("==", b.ptrtoint(scratch, I64), I64(0)), likely=False):
-            verdict(SK_DROP)
+            refuse_unseen()
         sk = ctx_load(MSG_SK, PTR)
         conn = h.call(
             b,
@@ -641,13 +659,16 @@ class _Emitter:
             I64(BPF_SK_STORAGE_GET_F_CREATE),
         )
         with b.if_then(b.icmp_unsigned("==", b.ptrtoint(conn, I64), I64(0)), likely=False):
-            verdict(SK_DROP)  # no per-connection state: cannot follow the stream, refuse
+            refuse_unseen()  # no per-connection state: cannot follow the stream, refuse
+        # The connection's word: where this run starts in bits 0..7 (the rest: record.py).
         resume = b.load(conn, typ=I64)
+        kind = b.and_(resume, I64(0xFF))
+        mode = self.read_mode(b)  # every run: `sockpol mode` switches without a reload
         start = b.select(
-            b.icmp_unsigned("==", resume, I64(RESUME_CHUNK_LINE)),
+            b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_LINE)),
             self.config(b, "chunk_start"),
             b.select(
-                b.icmp_unsigned("==", resume, I64(RESUME_CHUNK_DATA_END)),
+                b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_DATA_END)),
                 self.config(b, "chunk_data_end"),
                 self.config(b, "start"),
             ),
@@ -675,6 +696,8 @@ class _Emitter:
         b.store(I8(ord("/")), scratch)
         for w in range(self.nw):
             b.store(zero, self.fact_word(b, scan, w))
+        with b.if_then(b.icmp_unsigned("==", kind, I64(RESUME_UNJUDGED)), likely=False):
+            finish(self.unjudged(b, msg, resume, mode), I32(0))  # dry-run left it so
         h.call(b, h.LOOP, b.trunc(n, I32), scan_step, scan, I64(0))
 
         state = self.get(b, scan, "state")
@@ -691,8 +714,11 @@ class _Emitter:
         h.call(b, h.LOOP, b.trunc(self.config(b, "nrules"), I32), rule_step, scan, I64(0))
         rule = self.get(b, scan, "rule")
         matched = b.icmp_unsigned("!=", rule, I64(NO_RULE))
-        rule_allow = self.load_table(b, "allow", rule, I32)
-        allow = b.select(matched, rule_allow, self.config(b, "default_allow"))
+        flags = b.select(
+            matched, self.load_table(b, "allow", rule, I32), self.config(b, "default_allow")
+        )
+        counter = b.select(matched, b.add(rule, I64(SLOT_RULES)), I64(SLOT_DEFAULT))
+        reason = b.select(matched, I64(Reason.RULE), I64(Reason.DEFAULT))
         # The verdict covers the head and its body; later bytes are the next request. A chunked
         # body is followed chunk by chunk from the next run on.
         pos = self.get(b, scan, "pos")
@@ -700,26 +726,43 @@ class _Emitter:
             "!=", b.and_(self.get(b, scan, "seen"), I64(FLAG_TE_LINE)), I64(0)
         )
         covered = b.select(chunked, pos, b.add(pos, self.get(b, scan, "cl")))
-        b.store(b.select(chunked, I64(RESUME_CHUNK_LINE), I64(RESUME_REQUEST)), conn)
-        h.call(b, h.MSG_APPLY_BYTES, msg, b.trunc(covered, I32))
-        h.call(b, h.MSG_CORK_BYTES, msg, I32(0))
-        b.ret(b.select(b.icmp_unsigned("!=", allow, I64(0)), I32(SK_PASS), I32(SK_DROP)))
+        # Bits 32..63: the counter slot that the chunks of this body are added to.
+        nxt = b.select(chunked, I64(RESUME_CHUNK_LINE), I64(RESUME_REQUEST))
+        b.store(b.or_(nxt, b.shl(counter, I64(32))), conn)
+        outcome = self.judged(b, msg, flags, reason, mode, counter, covered)
+        finish(outcome, b.trunc(covered, I32))
 
         b.position_at_end(not_complete)
+        body_counter = b.lshr(resume, I64(32))
         with b.if_then(b.icmp_unsigned("==", state, I64(CHUNK_LINE))):
             # Pass the size line and the chunk's data; the CRLF after the data comes next.
-            b.store(I64(RESUME_CHUNK_DATA_END), conn)
+            keep = b.and_(resume, I64(0xFFFFFFFF00000000))
+            b.store(b.or_(keep, I64(RESUME_CHUNK_DATA_END)), conn)
             data_end = b.add(self.get(b, scan, "pos"), self.get(b, scan, "chunk"))
+            self.count(b, body_counter, 0, data_end)
             verdict(SK_PASS, b.trunc(data_end, I32))
         with b.if_then(b.icmp_unsigned("==", state, I64(BODY_END))):
             b.store(I64(RESUME_REQUEST), conn)
+            self.count(b, body_counter, 0, self.get(b, scan, "pos"))
             verdict(SK_PASS, b.trunc(self.get(b, scan, "pos"), I32))
-        with b.if_then(b.icmp_unsigned("<", state, I64(TERMINAL_STATES))):
-            verdict(SK_DROP)  # the scanner refused the head
-        with b.if_then(b.icmp_unsigned(">=", size, max_head)):
-            verdict(SK_DROP)  # no end of head within max-head bytes
+        # The scanner refused the head, or no end of head came within max-head bytes (in
+        # dry-run: passed, and the rest of the connection goes unjudged).
+        refused = b.icmp_unsigned("<", state, I64(TERMINAL_STATES))
+        with b.if_then(b.or_(refused, b.icmp_unsigned(">=", size, max_head))):
+            reason = b.select(refused, state, I64(Reason.HEAD_TOO_LARGE))
+            head = b.zext(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), I64)
+            finish(self.unframed(b, msg, reason, mode, head, conn), I32(0))
         # The head continues in a later send: hold these bytes and judge the whole head then.
         verdict(SK_PASS, cork=b.trunc(b.add(size, I64(1)), I32))
+
+        b.position_at_end(record)
+        outcome, apply = b.phi(I64, "outcome"), b.phi(I32, "apply")
+        for value, nbytes, block in recorded:
+            outcome.add_incoming(value, block)
+            apply.add_incoming(nbytes, block)
+        self.record_event(b, msg, scan, outcome)
+        passed = b.icmp_unsigned("!=", self.passes(b, outcome), I64(0))
+        verdict(b.select(passed, I32(SK_PASS), I32(SK_DROP)), apply)
 
     # --- sock_ops program -------------------------------------------------------------------
 
@@ -774,6 +817,7 @@ class _Emitter:
         append, pop = self.path_append(), self.path_pop()
         char = self.path_char(append, pop)
         feed, finish = self.path_feed(char, append), self.path_finish(pop)
+        self.record_functions()  # before msg_program: each function resets self.base
         self.msg_program(self.scan_step(feed, finish), self.path_step(), self.rule_step())
         self.sockops_program()
         used_t = ir.ArrayType(PTR, len(self.used))

@@ -28,12 +28,16 @@ class Helper:
 
 
 MAP_LOOKUP_ELEM = Helper("map_lookup_elem", 1, PTR, (PTR, PTR))
+KTIME_GET_NS = Helper("ktime_get_ns", 5, I64, ())
+GET_CURRENT_PID_TGID = Helper("get_current_pid_tgid", 14, I64, ())
 GET_SOCKET_COOKIE = Helper("get_socket_cookie", 46, I64, (PTR,))
 MSG_APPLY_BYTES = Helper("msg_apply_bytes", 61, I64, (PTR, I32))
 MSG_CORK_BYTES = Helper("msg_cork_bytes", 62, I64, (PTR, I32))
 MSG_PULL_DATA = Helper("msg_pull_data", 63, I64, (PTR, I32, I32, I64))
 SOCK_HASH_UPDATE = Helper("sock_hash_update", 70, I64, (PTR, PTR, PTR, I64))
+GET_CURRENT_CGROUP_ID = Helper("get_current_cgroup_id", 80, I64, ())
 SK_STORAGE_GET = Helper("sk_storage_get", 107, PTR, (PTR, PTR, PTR, I64))
+RINGBUF_OUTPUT = Helper("ringbuf_output", 130, I64, (PTR, PTR, I64, I64))
 LOOP = Helper("loop", 181, I64, (I32, PTR, PTR, I64))
 
 
