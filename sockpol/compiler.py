@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llvmlite import ir
 
-from sockpol import __version__
+from sockpol import __version__, telemetry
 from sockpol.codegen import elf
 from sockpol.codegen.emit import emit_module
 from sockpol.codegen.lower import DEFAULT_SHAPE, LoweringError, MatcherIR, TableShape, lower
@@ -62,9 +62,11 @@ def metadata_for(policy: Policy, source: Source, shape: TableShape | None = None
         default=policy.default.value,
         max_head=policy.max_head,
         rules=[
-            RuleInfo(r.index, r.action.value, r.span.line, r.span.column, r.describe())
+            RuleInfo(r.index, r.action.value, r.span.line, r.span.column, r.describe(), r.log)
             for r in policy.rules
         ],
+        mode=policy.mode.value,
+        telemetry=telemetry.layout(),
         source_path=source.path,
         source_sha256=hashlib.sha256(source.text.encode()).hexdigest(),
         compiler_version=__version__,

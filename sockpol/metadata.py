@@ -8,7 +8,7 @@ the runtime and `sockpol inspect` read it back with pyelftools.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from sockpol.diagnostics import SockpolError
@@ -29,6 +29,7 @@ class RuleInfo:
     line: int
     column: int
     text: str
+    log: bool = False  # `log`: the rule records an event when it passes a request
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class PolicyMetadata:
     format: int = FORMAT_VERSION
     reasons: dict[str, str] = field(default_factory=dict)  # refusal reason code -> meaning
     shape: dict[str, int] = field(default_factory=dict)  # table dimensions (lower.TableShape)
+    mode: str = "enforce"  # the mode the policy starts in: enforce or dry-run
+    telemetry: dict = field(default_factory=dict)  # counter/event layouts (telemetry.layout())
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -53,8 +56,15 @@ class PolicyMetadata:
         raw = json.loads(data.decode())
         if raw.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported metadata format {raw.get('format')!r}")
-        raw["rules"] = [RuleInfo(**r) for r in raw["rules"]]
-        return PolicyMetadata(**raw)
+        # Fields this version does not know (written by a newer compiler) are left out, so an
+        # older CLI can still report on a newer object.
+        raw["rules"] = [RuleInfo(**_known(RuleInfo, r)) for r in raw["rules"]]
+        return PolicyMetadata(**_known(PolicyMetadata, raw))
+
+
+def _known(cls: type, raw: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
 
 
 class ObjectFileError(SockpolError):
