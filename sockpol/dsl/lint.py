@@ -354,16 +354,15 @@ class _Linter:
             if catch_all is None and _catch_all(rule):
                 catch_all = rule
             earlier.append(rule)
-        if catch_all is None:
-            everything = Rule(policy.span, -1, policy.default, _any_methods(policy), _all(), ())
-            if covered_by(everything, list(policy.rules)).covered:
-                self.add(
-                    "L008",
-                    policy.default_span,
-                    f"the default ({policy.default.value}) never decides: the rules together "
-                    "match every request",
-                    severity=Severity.NOTE,
-                )
+        everything = Rule(policy.span, -1, policy.default, _any_methods(policy), _all(), ())
+        if catch_all is not None or covered_by(everything, list(policy.rules)).covered:
+            self.add(
+                "L008",
+                policy.default_span,
+                f"the default ({policy.default.value}) never decides: the rules together "
+                "match every request",
+                severity=Severity.NOTE,
+            )
 
     def rule(self, policy: Policy, rule: Rule, earlier: list[Rule], catch_all: Rule | None):
         reach = self.unreachable(policy, rule)
