@@ -147,7 +147,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="sockpol-") as tmp:
         obj = _object_for(args, tmp)
-        loaded = runtime.load(obj, args.cgroup, name=args.name)
+        loaded = runtime.load(obj, args.cgroup, name=args.name, mode=args.mode)
         where = f"cgroup {args.cgroup}" if args.cgroup else "no cgroup (add sockets by hand)"
         print(f"loaded policy {loaded.name}: {where}; pinned at {loaded.pin_dir}")
         loaded.close()
@@ -209,45 +209,112 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sockpol import runtime
+    from sockpol import runtime, statusview
 
     statuses = runtime.status()
     if args.name:
         statuses = [s for s in statuses if s.name == args.name]
         if not statuses:
             raise SockpolError(f"no policy named '{args.name}' is loaded")
+    counts = {s.name: c for s in statuses if (c := _counters(s)) is not None}
     if args.json:
-        print(json.dumps([_status_json(s) for s in statuses], indent=2, default=str))
+        out = [_status_json(s, counts.get(s.name)) for s in statuses]
+        print(json.dumps(out, indent=2, default=str))
         return EXIT_OK
     if not statuses:
         print("no sockpol policies loaded")
         return EXIT_OK
-    for s in statuses:
-        ports = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in s.ports)
-        loaded = s.loaded_at.strftime("%Y-%m-%d %H:%M:%S") if s.loaded_at else "?"
-        print(f"{s.name}: port {ports or '?'}; cgroup {s.cgroup or '-'}; loaded {loaded}")
-        print(f"  object {s.object_path} sha256 {s.object_sha256[:16]}")
-        ids = ", ".join(f"{k} {v}" for k, v in s.program_ids.items())
-        print(
-            f"  programs: {ids or '-'}; "
-            f"sockets governed: {s.sockets if s.sockets is not None else '?'}"
-        )
-        if s.problem:
-            print(f"  problem: {s.problem}")
-        if args.name and s.metadata:
-            print(f"  default {s.metadata.default}")
-            for r in s.metadata.rules:
-                print(f"  rule {r.index:>3}  line {r.line:>4}  {r.text}")
+    if args.name:
+        print(statusview.policy(statuses[0], counts.get(args.name)))
+    else:
+        print(statusview.policies(statuses, counts))
     return EXIT_OK
 
 
-def _status_json(s) -> dict:
+def _counters(s):
+    """A policy's counters, or None when it has none (loaded by an older sockpol) or they
+    cannot be read right now (unloaded meanwhile)."""
+    from sockpol.runtime.counters import TelemetryError, read_counters
+    from sockpol.runtime.libbpf import BpfError
+
+    if s.metadata is None:
+        return None
+    try:
+        return read_counters(s.pin_dir, s.metadata)
+    except (TelemetryError, BpfError, OSError):
+        return None
+
+
+def _status_json(s, counters=None) -> dict:
     from dataclasses import asdict
 
     d = asdict(s)
     d["pin_dir"] = str(s.pin_dir)
     d["loaded_at"] = s.loaded_at.isoformat() if s.loaded_at else None
+    d["reloaded_at"] = s.reloaded_at.isoformat() if s.reloaded_at else None
+    d["counters"] = counters.to_json() if counters is not None else None
     return d
+
+
+def cmd_mode(args: argparse.Namespace) -> int:
+    from sockpol.runtime import counters
+
+    if args.mode is None:
+        print(f"{args.name}: {counters.read_mode(counters.policy_dir(args.name))}")
+        return EXIT_OK
+    before = counters.set_mode(args.name, args.mode)
+    change = "unchanged" if before == args.mode else f"was {before}"
+    print(f"{args.name}: mode {args.mode} ({change}); applies from the next message on")
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    import time
+
+    from sockpol.runtime.events import Event, EventStream, format_json
+
+    deadline = time.monotonic() + args.duration if args.duration is not None else None
+    seen = 0
+
+    def stop() -> bool:
+        return (args.count is not None and seen >= args.count) or (
+            deadline is not None and time.monotonic() >= deadline
+        )
+
+    with EventStream(args.names) as stream:
+        for item in stream.follow(stop):
+            print(format_json(item) if args.json else item.text(), flush=True)
+            if isinstance(item, Event):
+                seen += 1
+                if stop():
+                    break
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from sockpol.runtime import metrics
+
+    try:
+        host, port = metrics.parse_listen(args.listen)
+    except ValueError as e:
+        raise SockpolError(f"metrics: {e}") from None
+    try:
+        server, _ = metrics.serve(host, port)
+    except OSError as e:
+        raise SockpolError(f"metrics: cannot listen on {args.listen}: {e.strerror}") from None
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    bound = server.server_address  # type: ignore[attr-defined]
+    print(f"serving sockpol metrics on http://{bound[0]}:{bound[1]}/metrics", flush=True)
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()  # type: ignore[attr-defined]
+    return EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -304,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup", help="cgroup v2 directory whose TCP connections are governed")
     p.add_argument("--policy", help="the policy to load when the file has several")
     p.add_argument("--name", help="name to load under (default: the policy's name)")
+    p.add_argument(
+        "--mode", choices=["enforce", "dry-run"], help="start in this mode, not the policy's"
+    )
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser(
@@ -318,10 +388,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=cmd_unload)
 
-    p = sub.add_parser("status", help="list loaded policies")
+    p = sub.add_parser(
+        "status", help="list loaded policies; with a name, its rules and their counters"
+    )
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "mode", help="show or switch a loaded policy's mode (enforce, dry-run) without reloading"
+    )
+    p.add_argument("name")
+    p.add_argument("mode", nargs="?", choices=["enforce", "dry-run"])
+    p.set_defaults(func=cmd_mode)
+
+    p = sub.add_parser(
+        "events", help="stream refused, dry-run, audit and logged requests as they happen"
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="policies to follow (default: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--count", type=int, help="stop after this many events")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("metrics", help="serve Prometheus metrics of all loaded policies")
+    p.add_argument(
+        "--listen", required=True, metavar="ADDR:PORT", help="e.g. 127.0.0.1:9464 or :9464"
+    )
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("inspect", help="show the policy record inside a compiled object")
     p.add_argument("object")

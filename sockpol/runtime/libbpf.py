@@ -43,6 +43,8 @@ log = logging.getLogger("sockpol.libbpf")
 
 # Kernel UAPI constants (include/uapi/linux/bpf.h); stable ABI values.
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_RINGBUF = 27
 BPF_MAP_TYPE_SOCKHASH = 18
 BPF_PROG_TYPE_SOCK_OPS = 13
 BPF_PROG_TYPE_SK_MSG = 16
@@ -153,6 +155,8 @@ assert ctypes.sizeof(_LinkUpdateOpts) == 16
 assert ctypes.sizeof(_MapCreateOpts) == 48
 
 _PRINT_FN = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
+# int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
+RINGBUF_SAMPLE_FN = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
 
 
 def _declare(so: ctypes.CDLL) -> None:
@@ -195,6 +199,12 @@ def _declare(so: ctypes.CDLL) -> None:
         "bpf_map_delete_elem": (c_int, [c_int, p]),
         "bpf_map_get_next_key": (c_int, [c_int, p, p]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, p, POINTER(c_uint32)]),
+        "libbpf_num_possible_cpus": (c_int, []),
+        "ring_buffer__new": (p, [c_int, RINGBUF_SAMPLE_FN, p, p]),
+        "ring_buffer__add": (c_int, [p, c_int, RINGBUF_SAMPLE_FN, p]),
+        "ring_buffer__poll": (c_int, [p, c_int]),
+        "ring_buffer__consume": (c_int, [p]),
+        "ring_buffer__free": (None, [p]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(so, name)
@@ -461,6 +471,78 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
         return None
     _check("bpf_map_lookup_elem", ret)
     return v.raw
+
+
+def num_possible_cpus() -> int:
+    """How many values a per-CPU map holds per key (possible CPUs, not online ones)."""
+    return _check("libbpf_num_possible_cpus", lib().libbpf_num_possible_cpus())
+
+
+def map_lookup_percpu(fd: int, key: bytes, value_size: int) -> list[bytes] | None:
+    """One key of a per-CPU map: each possible CPU's value (each padded to 8 bytes in the
+    kernel's copy), or None when the key is absent."""
+    stride = (value_size + 7) // 8 * 8
+    ncpus = num_possible_cpus()
+    raw = map_lookup(fd, key, stride * ncpus)
+    if raw is None:
+        return None
+    return [raw[i * stride : i * stride + value_size] for i in range(ncpus)]
+
+
+class RingBuffer:
+    """libbpf's ring buffer consumer over one or more BPF_MAP_TYPE_RINGBUF maps.
+
+    `callback(tag, data)` gets each record's bytes; `tag` says which map it came from (the value
+    given to `add`). Records are delivered in the order the producers committed them, per map.
+    """
+
+    def __init__(self, callback) -> None:
+        self._callback = callback
+        self._tags: dict[int, object] = {}
+        # Kept alive as long as libbpf may call it.
+        self._sample = RINGBUF_SAMPLE_FN(self._on_sample)
+        self._ptr: int | None = None
+        self._error: BaseException | None = None
+
+    def _on_sample(self, ctx: int | None, data: int, size: int) -> int:
+        try:
+            self._callback(self._tags[ctx or 0], ctypes.string_at(data, size))
+            return 0
+        except BaseException as e:  # never unwind through C; re-raised by poll()
+            self._error = e
+            return -1
+
+    def add(self, map_fd: int, tag: object) -> None:
+        key = len(self._tags) + 1  # the ctx pointer libbpf hands back; 0 would read as NULL
+        self._tags[key] = tag
+        if self._ptr is None:
+            ptr = lib().ring_buffer__new(map_fd, self._sample, key, None)
+            self._ptr = _check_ptr("ring_buffer__new", ptr)
+        else:
+            _check("ring_buffer__add", lib().ring_buffer__add(self._ptr, map_fd, self._sample, key))
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for records and deliver them; returns how many."""
+        if self._ptr is None:
+            return 0
+        ret = lib().ring_buffer__poll(self._ptr, timeout_ms)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if ret == -errno_mod.EINTR:
+            return 0
+        return _check("ring_buffer__poll", ret)
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib().ring_buffer__free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def map_has_key(fd: int, key: bytes, value_size: int = 8) -> bool:

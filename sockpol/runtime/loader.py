@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sockpol import telemetry as t
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import (
     MSG_PROGRAM,
@@ -52,6 +53,7 @@ from sockpol.metadata import (
     read_metadata,
 )
 from sockpol.runtime import libbpf, pins
+from sockpol.runtime.counters import CTL_PIN, read_mode_fd, write_mode
 from sockpol.runtime.libbpf import BpfError
 from sockpol.runtime.state import PolicyState, StateError, create_state_map, read_state
 from sockpol.runtime.system import check_privileges, resolve_cgroup
@@ -174,6 +176,9 @@ class PolicyStatus:
     sockets: int | None = None
     metadata: PolicyMetadata | None = None
     problem: str | None = None  # set when the pins are incomplete or unreadable
+    mode: str | None = None  # enforce or dry-run (None: loaded by a sockpol without modes)
+    reloaded_at: datetime | None = None  # the last hot reload of its tables, if any
+    reloads: int = 0  # hot reloads since the programs were loaded
 
 
 def _cookie(sock: socket.socket) -> int:
@@ -189,11 +194,13 @@ def load(
     cgroup: str | os.PathLike[str] | None,
     *,
     name: str | None = None,
+    mode: str | None = None,
 ) -> LoadedPolicy:
     """Load a compiled policy object, attach it to `cgroup` (None: to no cgroup) and pin it.
 
     Loading a name that is already loaded replaces it without a moment of ungoverned traffic; if
-    the new object fails anywhere, the old policy stays exactly as it was.
+    the new object fails anywhere, the old policy stays exactly as it was. `mode` (enforce or
+    dry-run) overrides the mode the policy declares.
     """
     path = Path(obj_path)
     meta = read_metadata(path)
@@ -225,7 +232,7 @@ def load(
         pins.sweep_stale(root)
         old = _Installed.open(root / name) if (root / name).exists() else None
         try:
-            return _Load(root, path, meta, state, cgroup_dir, old).run()
+            return _Load(root, path, meta, state, cgroup_dir, old, mode or meta.mode).run()
         finally:
             if old is not None:
                 old.close()
@@ -314,11 +321,13 @@ class _Load:
         state: PolicyState,
         cgroup_dir: Path | None,
         old: _Installed | None,
+        mode: str = "enforce",
     ) -> None:
         self.root, self.path, self.meta, self.state = root, path, meta, state
         self.name = state.name
         self.cgroup_dir = cgroup_dir
         self.old = old
+        self.mode = mode
         self.undo = _Undo()
         self.fds: list[int] = []  # fds we own, closed at the end either way
         self.kept_old_link = False  # the old cgroup link now runs the new program
@@ -330,7 +339,9 @@ class _Load:
             progs, socks = self._check_contract(obj)
             if self.old is not None:
                 self._reuse_sockhash(socks)
+                self._reuse_telemetry(obj)
             self._load(obj, progs)
+            self._set_mode(obj)
             msg_fd, sockops_fd = progs[MSG_PROGRAM].fd(), progs[SOCKOPS_PROGRAM].fd()
             socks_fd = socks.fd()
             staging = self._pin_all(obj, msg_fd, sockops_fd, socks_fd)
@@ -421,6 +432,48 @@ class _Load:
             socks.reuse_fd(self.old.socks_fd)
         except BpfError as e:
             raise LoadError("replace", str(e)) from None
+
+    def _reuse_telemetry(self, obj: libbpf.BpfObject) -> None:
+        """Replacing: keep the event ring buffer and the mode map of the policy in force.
+
+        Connections opened before the replacement keep running the old program; sharing these
+        two maps keeps their events in the stream `sockpol events` reads and `sockpol mode`
+        switching them too. Counters start again: their rule slots belong to the old rules."""
+        assert self.old is not None
+        for map_name in (t.EVENTS_MAP, t.CTL_MAP):
+            new = obj.map(map_name)
+            pin = self.old.pin_dir / pins.map_pin_name(map_name)
+            if new is None or not pin.exists():
+                continue  # an object or a policy from before counters and events
+            fd = libbpf.obj_get(str(pin))
+            try:
+                info = libbpf.map_info(fd)
+                shape = (new.type, new.key_size, new.value_size, new.max_entries)
+                if shape == (info.type, info.key_size, info.value_size, info.max_entries):
+                    new.reuse_fd(fd)  # libbpf dups it
+                else:
+                    log.warning(
+                        "replace: %s changed shape; not shared with the old version", map_name
+                    )
+            except BpfError as e:
+                raise LoadError("replace", f"{map_name}: {e}") from None
+            finally:
+                os.close(fd)
+
+    def _set_mode(self, obj: libbpf.BpfObject) -> None:
+        """Write the starting mode before anything is attached (when shared with the version
+        being replaced, put its mode back if this load fails)."""
+        ctl = obj.map(t.CTL_MAP)
+        if ctl is None:
+            return
+        fd = ctl.fd()
+        try:
+            before = read_mode_fd(fd)
+            write_mode(fd, self.mode)
+        except (BpfError, SockpolError) as e:
+            raise LoadError("load", f"setting mode {self.mode}: {e}") from None
+        if self.old is not None:
+            self.undo.push(f"restore mode {before}", lambda: write_mode(ctl.fd(), before))
 
     def _load(self, obj: libbpf.BpfObject, progs: dict[str, libbpf.Program]) -> None:
         with libbpf.capture_messages() as messages:
@@ -744,6 +797,13 @@ def _status_of(pin_dir: Path) -> PolicyStatus:
             sockets=sockets,
             metadata=meta,
             problem="; ".join(problems) or None,
+            mode=read_mode_fd(fds[CTL_PIN]) if CTL_PIN in fds else None,
+            reloaded_at=(
+                datetime.fromtimestamp(state.reloaded_at, UTC)
+                if state is not None and state.reloaded_at
+                else None
+            ),
+            reloads=state.reloads if state is not None else 0,
         )
     finally:
         for fd in fds.values():

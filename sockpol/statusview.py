@@ -1,0 +1,127 @@
+"""`sockpol status` as readable tables: all loaded policies, or one policy rule by rule.
+
+Plain aligned text (no terminal library): the output is read in terminals, pasted into tickets
+and grepped, and must look the same everywhere. Scripts use `--json` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sockpol.runtime.counters import Count, PolicyCounters
+from sockpol.runtime.loader import PolicyStatus
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[int]) -> str:
+    """Columns padded to their widest cell; `right` are the indexes of right-aligned columns.
+    The last column is never padded (it holds free text such as a rule)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = []
+        for i, cell in enumerate(row):
+            if i == len(row) - 1 and i not in right:
+                parts.append(cell)
+            elif i in right:
+                parts.append(cell.rjust(widths[i]))
+            else:
+                parts.append(cell.ljust(widths[i]))
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def ports_text(ports: Sequence[Sequence[int]]) -> str:
+    return ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in ports) or "?"
+
+
+def _when(s: PolicyStatus) -> str:
+    return s.loaded_at.strftime("%Y-%m-%d %H:%M:%S") if s.loaded_at else "?"
+
+
+def policies(statuses: Sequence[PolicyStatus], counts: dict[str, PolicyCounters]) -> str:
+    """One line per loaded policy."""
+    rows = []
+    for s in statuses:
+        c = counts.get(s.name)
+        decided = sum((x.requests for x in c.rules), c.default.requests) if c else None
+        refused = sum(x.requests for x in c.refused.values()) if c else None
+        rows.append(
+            [
+                s.name,
+                s.mode or "-",
+                ports_text(s.ports),
+                s.cgroup or "-",
+                _when(s),
+                s.object_sha256[:12] or "-",
+                len(s.metadata.rules) if s.metadata else "?",
+                "?" if s.sockets is None else s.sockets,
+                "-" if decided is None else decided,
+                "-" if refused is None else refused,
+            ]
+        )
+    text = table(
+        ["NAME", "MODE", "PORTS", "CGROUP", "LOADED (UTC)", "SHA256", "RULES", "SOCKETS",
+         "REQUESTS", "REFUSED"],
+        rows,
+        right={6, 7, 8, 9},
+    )  # fmt: skip
+    problems = [f"{s.name}: {s.problem}" for s in statuses if s.problem]
+    return "\n".join([text, *problems])
+
+
+def policy(s: PolicyStatus, c: PolicyCounters | None) -> str:
+    """One policy: where it is, then each rule with its source line and counts."""
+    meta = s.metadata
+    lines = [
+        f"policy {s.name}: mode {s.mode or '?'}, default {meta.default if meta else '?'}, "
+        f"port {ports_text(s.ports)}",
+        f"  cgroup   {s.cgroup or '- (no cgroup; sockets added by hand)'}",
+        f"  loaded   {_when(s)} UTC"
+        + (
+            f"; tables reloaded {s.reloaded_at.strftime('%Y-%m-%d %H:%M:%S')} UTC "
+            f"({s.reloads} reload{'s' if s.reloads != 1 else ''})"
+            if s.reloaded_at
+            else ""
+        ),
+        f"  object   {s.object_path or '?'}",
+        f"  sha256   {s.object_sha256 or '?'}",
+        f"  programs {', '.join(f'{k} {v}' for k, v in s.program_ids.items()) or '-'}; "
+        f"sockets governed {'?' if s.sockets is None else s.sockets}",
+    ]
+    if s.problem:
+        lines.append(f"  problem  {s.problem}")
+    if meta is None:
+        return "\n".join(lines)
+    if c is None:
+        lines.append("  (no counters: loaded by a sockpol without them)")
+    rows = []
+    for i, rule in enumerate(meta.rules):
+        count = c.rules[i] if c is not None and i < len(c.rules) else Count()
+        rows.append([rule.index, rule.line, count.requests, count.bytes, rule.text])
+    default = c.default if c is not None else Count()
+    rows.append(["-", "-", default.requests, default.bytes, f"default {meta.default}"])
+    lines += ["", _indent(table(["RULE", "LINE", "REQUESTS", "BYTES", "TEXT"], rows, {0, 1, 2, 3}))]
+    if c is None:
+        return "\n".join(lines)
+    for title, counts in (
+        ("refused", c.refused),
+        ("would be refused (passed by dry-run or an audit rule)", c.would_refuse),
+    ):
+        if counts:
+            rows = [[reason, n.requests, n.bytes] for reason, n in sorted(counts.items())]
+            lines += [
+                "",
+                f"  {title}:",
+                _indent(table(["REASON", "REQUESTS", "BYTES"], rows, {1, 2}), 4),
+            ]
+    lines += [
+        "",
+        f"  events lost (ring buffer full): {c.lost_events}; "
+        f"unjudged dry-run sends: {c.unjudged.requests} ({c.unjudged.bytes} bytes)",
+    ]
+    return "\n".join(lines)
+
+
+def _indent(text: str, n: int = 2) -> str:
+    return "\n".join(" " * n + line if line else line for line in text.splitlines())
