@@ -22,9 +22,16 @@ from pathlib import Path
 from llvmlite import ir
 
 from sockpol import __version__, telemetry
-from sockpol.codegen import elf
+from sockpol.codegen import elf, emit
 from sockpol.codegen.emit import emit_module
-from sockpol.codegen.lower import DEFAULT_SHAPE, LoweringError, MatcherIR, TableShape, lower
+from sockpol.codegen.lower import (
+    DEFAULT_SHAPE,
+    MAX_FACT_WORDS,
+    LoweringError,
+    MatcherIR,
+    TableShape,
+    lower,
+)
 from sockpol.codegen.scanner import REASON_TEXT, StateLimit
 from sockpol.diagnostics import CompileError, Diagnostic, DiagnosticBag, SockpolError, Source
 from sockpol.dsl import load_source
@@ -98,6 +105,18 @@ def compile_policy(
         bag.error(policy.name_span, f"policy '{policy.name}' is too complex: {e}", code="E901")
         bag.raise_if_errors()
         raise
+    if not matcher.rule_loop and not getattr(emit, "CANDIDATE_LOOKUP", False):
+        # The kernel program still walks every rule with one fact per path pattern; the
+        # candidate lookup (codegen/candidates.py) lifts that limit once emit.py reads it.
+        bag = DiagnosticBag(source)
+        bag.error(
+            policy.name_span,
+            f"policy '{policy.name}' has {len(matcher.policy.rules)} rules whose distinct path "
+            f"patterns, method sets and conditions need more than {MAX_FACT_WORDS * 64} facts, "
+            "the most this version's kernel program holds",
+            code="E900",
+        )
+        bag.raise_if_errors()
     needed = matcher.needed_shape()
     if shape is not None and not shape.covers(needed):
         raise ShapeMismatch(

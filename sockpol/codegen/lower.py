@@ -8,10 +8,12 @@ Facts are shared between rules that ask the same question, which keeps the autom
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, fields, replace
 
 from sockpol.codegen import http
-from sockpol.codegen.automaton import EMPTY, Re, anyof, lit, lit_ci, opt, plus, seq, star
+from sockpol.codegen.automaton import Re, anyof, lit, lit_ci, opt, plus, seq, star
+from sockpol.codegen.candidates import LookupBuilder, LookupTooLarge, RuleLookup, Unreachable
 from sockpol.codegen.scanner import (
     ScannerSpec,
     ScannerTables,
@@ -20,7 +22,9 @@ from sockpol.codegen.scanner import (
     pack,
     refit,
 )
+from sockpol.dsl import patterns
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy
+from sockpol.dsl.patterns import parse_pattern
 from sockpol.telemetry import MODE_DRY_RUN, MODE_ENFORCE, RULE_AUDIT, RULE_LOG, RULE_PASS
 
 MAX_FACT_WORDS = 8  # 512 distinct facts; the fact set lives on the BPF stack
@@ -42,6 +46,7 @@ class RuleEntry:
     facts: frozenset[int]
     log: bool = False  # record an event when the rule passes a request (`log`)
     audit: bool = False  # record the request as one a deny rule would refuse (`audit`)
+    cls: int = 0  # the rule's class: candidates.RuleLookup.classes[cls] are its non-path facts
 
     @property
     def flags(self) -> int:
@@ -100,6 +105,12 @@ class MatcherIR:
     fact_words: int
     fact_names: tuple[str, ...]
     shape: TableShape | None = None  # set by with_shape(); None means the minimal shape
+    # The candidate lookup (candidates.py): path state -> candidate rules -> class check.
+    lookup: RuleLookup | None = None
+    # Whether `rules[i].facts` include a path fact, as the rule loop of emit.py needs (only
+    # while the patterns fit in MAX_FACT_WORDS words; the candidate lookup has no such limit).
+    rule_loop: bool = True
+    unreachable: tuple[Unreachable, ...] = ()  # rules that never decide a request
 
     def needed_shape(self) -> TableShape:
         t = self.tables
@@ -135,52 +146,30 @@ class MatcherIR:
 
 
 def glob_regex(pattern: str) -> Re:
-    """The regex of a path glob (see docs/language.md): `*` is a run of non-`/` bytes (non-empty
-    as a whole segment), a whole-segment `**` is zero or more segments, a trailing `**` inside a
-    segment is any bytes. It is matched against the *normalized* path (normalize.py), where
-    remaining escapes have upper-case hex digits."""
-    assert pattern.startswith("/")
-    segments = pattern[1:].split("/")
+    """The regex of a path glob (see docs/language.md and the token list in dsl/patterns.py):
+    `*` is a run of non-`/` bytes (non-empty as a whole segment), a whole-segment `**` is zero
+    or more segments, a trailing `**` inside a segment is any bytes. It is matched against the
+    *normalized* path (normalize.py), where remaining escapes have upper-case hex digits, as
+    the tokens' literals do."""
     parts: list[Re] = []
-    pending_slash = True  # the "/" before the current segment is still to be emitted
-    for i, seg in enumerate(segments):
-        last = i == len(segments) - 1
-        if seg == "**":
-            if last:
+    for token in parse_pattern(pattern).tokens:
+        match token:
+            case patterns.Literal(text):
+                parts.append(lit(text))
+            case patterns.Star(whole_segment):
+                parts.append((plus if whole_segment else star)(anyof(SEGMENT_BYTE)))
+            case patterns.AnySegments():
+                parts.append(star(seq(lit("/"), plus(anyof(SEGMENT_BYTE)))))
+            case patterns.AnySubpath():
                 parts.append(opt(seq(lit("/"), star(anyof(http.PATH_BYTE)))))
-            else:
-                # "/**/" : a slash, then any number of "segment/" groups.
-                parts.append(seq(lit("/"), star(seq(plus(anyof(SEGMENT_BYTE)), lit("/")))))
-                pending_slash = False
-            continue
-        if pending_slash:
-            parts.append(lit("/"))
-        pending_slash = True
-        parts.append(_segment_regex(seg, last))
+            case patterns.AnyRest():
+                parts.append(star(anyof(http.PATH_BYTE)))
     return seq(*parts)
 
 
-def _segment_regex(seg: str, last: bool) -> Re:
-    if seg == "*":
-        return plus(anyof(SEGMENT_BYTE))
-    parts: list[Re] = []
-    i = 0
-    while i < len(seg):
-        c = seg[i]
-        if seg.startswith("**", i):
-            assert last and i + 2 == len(seg), "checker allows `**` only at the end"
-            parts.append(star(anyof(http.PATH_BYTE)))
-            i += 2
-        elif c == "*":
-            parts.append(star(anyof(SEGMENT_BYTE)))
-            i += 1
-        elif c == "%":
-            parts.append(lit("%" + seg[i + 1 : i + 3].upper()))
-            i += 3
-        else:
-            parts.append(lit(c))
-            i += 1
-    return seq(*parts) if parts else EMPTY
+def path_regex(text: str) -> Re:
+    """The regex of a rule's path pattern (a glob)."""
+    return glob_regex(text)
 
 
 def _condition_regex(cond: HostCondition | HeaderCondition) -> Re:
@@ -192,6 +181,19 @@ def _condition_regex(cond: HostCondition | HeaderCondition) -> Re:
 
 
 def lower(policy: Policy) -> MatcherIR:
+    # Lowering allocates millions of small objects (position sets, DFA rows) and frees almost
+    # none until it is done; the cyclic collector would walk them all again and again, which
+    # doubles the time of a 10,000-rule policy.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _lower(policy)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _lower(policy: Policy) -> MatcherIR:
     facts: dict[tuple, int] = {}
     names: list[str] = []
 
@@ -201,10 +203,13 @@ def lower(policy: Policy) -> MatcherIR:
             names.append(name)
         return facts[key]
 
-    entries = []
+    # Facts the head scanner establishes (method sets, conditions), and each rule's class: the
+    # facts it needs besides its path. Paths are matched by the path automaton (candidates.py).
     method_sets: dict[frozenset[str], int] = {}
-    path_patterns: dict[str, int] = {}
     conditions: dict[tuple, tuple[int, Re]] = {}
+    pattern_ids: dict[str, int] = {}
+    rule_patterns: list[int] = []
+    rule_needs: list[frozenset[int]] = []
     for rule in policy.rules:
         needed = set()
         if rule.methods.methods is not None:
@@ -212,28 +217,28 @@ def lower(policy: Policy) -> MatcherIR:
             f = fact(("method", ms), f"method in {{{','.join(sorted(ms))}}}")
             method_sets[ms] = f
             needed.add(f)
-        f = fact(("path", rule.path.text), f"path matches {rule.path.text}")
-        path_patterns[rule.path.text] = f
-        needed.add(f)
         for cond in rule.conditions:
             key = ("cond", str(cond))
             f = fact(key, str(cond))
             if key not in conditions:
                 conditions[key] = (f, _condition_regex(cond))
             needed.add(f)
-        entries.append(
-            RuleEntry(
-                rule.index,
-                rule.action is not Action.DENY,
-                frozenset(needed),
-                log=rule.log,
-                audit=rule.action is Action.AUDIT,
-            )
-        )
         if len(facts) > MAX_FACT_WORDS * 64:
             raise LoweringError(
-                f"policy needs more than {MAX_FACT_WORDS * 64} distinct facts", rule.index
+                f"policy needs more than {MAX_FACT_WORDS * 64} distinct method sets and "
+                "conditions",
+                rule.index,
             )
+        rule_patterns.append(pattern_ids.setdefault(rule.path.text, len(pattern_ids)))
+        rule_needs.append(frozenset(needed))
+
+    # The rule loop of the current kernel program (emit.py) also needs one fact per path
+    # pattern; it gets them while they fit.
+    n_scanner_facts = len(facts)
+    legacy = n_scanner_facts + len(pattern_ids) <= MAX_FACT_WORDS * 64
+    if legacy:
+        for text in pattern_ids:
+            fact(("path", text), f"path matches {text}")
 
     method_facts: dict[str, set[int]] = {}
     for ms, f in method_sets.items():
@@ -241,16 +246,41 @@ def lower(policy: Policy) -> MatcherIR:
             method_facts.setdefault(m, set()).add(f)
     spec = ScannerSpec(
         method_facts={m: frozenset(fs) for m, fs in method_facts.items()},
-        path_patterns=[(glob_regex(text), f) for text, f in path_patterns.items()],
+        path_patterns=[(path_regex(text), pid) for text, pid in pattern_ids.items()],
         header_patterns=[(regex, f) for f, regex in conditions.values()],
     )
-    tables = pack(build_scanner(spec), build_path_matcher(spec))
+    try:
+        builder = LookupBuilder(rule_patterns, rule_needs)
+        matcher = build_path_matcher(spec.path_patterns, builder.outcome, spec.state_limit)
+        lookup = builder.finish()
+    except LookupTooLarge as e:
+        raise LoweringError(str(e)) from None
+    path_facts = [
+        frozenset(n_scanner_facts + rule_patterns[r] for r in found) if legacy else frozenset()
+        for found in lookup.lists
+    ]
+    path_cands = [lookup.cand_word(out) for out in range(len(lookup.lists))]
+    tables = pack(build_scanner(spec), matcher, path_facts, path_cands, dense_path=legacy)
+    entries = tuple(
+        RuleEntry(
+            rule.index,
+            rule.action is not Action.DENY,
+            rule_needs[i] | {n_scanner_facts + rule_patterns[i]} if legacy else rule_needs[i],
+            log=rule.log,
+            audit=rule.action is Action.AUDIT,
+            cls=lookup.rule_class[i],
+        )
+        for i, rule in enumerate(policy.rules)
+    )
     return MatcherIR(
         policy=policy,
         tables=tables,
-        rules=tuple(entries),
+        rules=entries,
         fact_words=max(1, (len(facts) + 63) // 64),
         fact_names=tuple(names),
+        lookup=lookup,
+        rule_loop=legacy,
+        unreachable=tuple(builder.unreachable()),
     )
 
 

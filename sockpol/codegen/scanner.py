@@ -15,13 +15,13 @@ well-formed, unambiguous request heads.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from sockpol.codegen import http
 from sockpol.codegen.automaton import (
-    NFA,
+    DFA,
     Mark,
     Re,
     Set,
@@ -30,8 +30,11 @@ from sockpol.codegen.automaton import (
     determinize,
     lit,
     lit_ci,
+    minimize,
     plus,
+    trim,
 )
+from sockpol.codegen.comb import Comb, CombTooLarge, pack_comb
 
 
 class Reason(IntEnum):
@@ -97,7 +100,11 @@ EMIT_MASK = 0xFFFF
 
 
 class StateLimit(Exception):
-    pass
+    """An automaton grew past the state limit; `phase` says which (\"path\", \"header\", ...)."""
+
+    def __init__(self, message: str, phase: str) -> None:
+        super().__init__(message)
+        self.phase = phase
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,7 @@ class ScannerSpec:
     method_facts: dict[str, frozenset[int]]  # method token -> facts it establishes
     path_patterns: list[tuple[Re, int]]  # (regex over the normalized path, fact)
     header_patterns: list[tuple[Re, int]]  # (regex over a whole header line, fact)
-    state_limit: int = 60_000
+    state_limit: int = 400_000
 
 
 @dataclass
@@ -165,17 +172,18 @@ class _Builder:
             self._commit_cache[key] = s
         return self._commit_cache[key]
 
-    def determinize(self, patterns: list[tuple[Re, Hashable]]):
-        nfa = NFA()
-        start = nfa.state()
-        for regex, tag in patterns:
-            nfa.add(regex, tag, start)
+    def determinize(self, phase: str, patterns: list[tuple[Re, Hashable]]) -> DFA:
+        """The phase's minimal DFA. Everything the phase reads of a state (its tags, which
+        decide the commit at the phase's end, its marks, and being the start) keys the
+        minimization, so merged states behave the same in the assembled scanner."""
         try:
-            return determinize(nfa, start, self.spec.state_limit)
+            dfa = determinize(patterns, self.spec.state_limit)
         except StateLimitExceeded as e:
-            raise StateLimit(f"automaton exceeds {e} states") from None
+            raise StateLimit(f"the {phase} automaton exceeds {e} states", phase) from None
+        dfa, _ = minimize(dfa, lambda s: (dfa.tags[s], dfa.marks[s], s == dfa.start))
+        return dfa
 
-    def place(self, dfa) -> list[int]:
+    def place(self, dfa: DFA) -> list[int]:
         return [self.sc.new_state() for _ in dfa.delta]
 
     def build(self) -> Scanner:
@@ -198,12 +206,10 @@ class _Builder:
     def method(self, path_start: int) -> int:
         patterns: list[tuple[Re, Hashable]] = [(http.any_token(), "token")]
         patterns += [(lit(m), ("method", m)) for m in self.spec.method_facts]
-        dfa = self.determinize(patterns)
+        dfa = self.determinize("method", patterns)
         ids = self.place(dfa)
-        for d, row in enumerate(dfa.delta):
-            out = self.sc.delta[ids[d]]
-            for b in range(256):
-                out[b] = ids[row[b]] if b in row else Reason.BAD_METHOD
+        for d in range(len(dfa.delta)):
+            out = self.sc.delta[ids[d]] = dfa.row(d, Reason.BAD_METHOD, ids)
             if "token" in dfa.tags[d]:
                 facts = frozenset().union(
                     *(self.spec.method_facts[t[1]] for t in dfa.tags[d] if t != "token")
@@ -220,7 +226,7 @@ class _Builder:
             (http.ambiguous_path_now(), "ambiguous"),
             (http.ambiguous_path_at_end(), "ambiguous-at-end"),
         ]
-        dfa = self.determinize(patterns)
+        dfa = self.determinize("raw path", patterns)
         # Every path starts with "/" and then stays a valid path; a state outside that (only
         # reachable when the target does not start with "/") is a bad target, whatever else
         # the ambiguity patterns would say about it.
@@ -232,12 +238,10 @@ class _Builder:
                 ids.append(Reason.AMBIGUOUS_PATH)
             else:
                 ids.append(self.sc.new_state(flags=FLAG_PATH_BYTE if d != dfa.start else 0))
-        for d, row in enumerate(dfa.delta):
+        for d in range(len(dfa.delta)):
             if ids[d] < TERMINAL_STATES:
                 continue
-            out = self.sc.delta[ids[d]]
-            for b in range(256):
-                out[b] = ids[row[b]] if b in row else Reason.BAD_TARGET
+            out = self.sc.delta[ids[d]] = dfa.row(d, Reason.BAD_TARGET, ids)
             tags = dfa.tags[d]
             if "valid" in tags:
                 if "ambiguous-at-end" in tags:
@@ -275,19 +279,17 @@ class _Builder:
             (http.field_line(lit_ci("upgrade")), "upgrade-line"),
         ]
         patterns += [(regex, ("fact", fact)) for regex, fact in self.spec.header_patterns]
-        dfa = self.determinize(patterns)
+        dfa = self.determinize("header", patterns)
         ids = self.place(dfa)
         line_start = ids[dfa.start]
         head_cr = self.sc.new_state()
         self.sc.delta[head_cr] = [Reason.BAD_HEADER] * 256
         self.sc.delta[head_cr][http.LF] = END
-        for d, row in enumerate(dfa.delta):
+        for d in range(len(dfa.delta)):
             sid = ids[d]
-            out = self.sc.delta[sid]
+            out = self.sc.delta[sid] = dfa.row(d, Reason.BAD_HEADER, ids)
             if "cl-digit" in dfa.marks[d]:
                 self.sc.flags[sid] |= FLAG_CL_DIGIT
-            for b in range(256):
-                out[b] = ids[row[b]] if b in row else Reason.BAD_HEADER
             tags = dfa.tags[d]
             if d == dfa.start:
                 out[http.CR] = head_cr
@@ -372,69 +374,144 @@ def build_scanner(spec: ScannerSpec) -> Scanner:
 
 @dataclass
 class PathMatcher:
-    """A DFA over normalized paths; `accepts[s]` is the set of facts of paths ending in s."""
+    """The minimal DFA over normalized paths, over its byte classes.
 
-    delta: list[list[int]]
-    accepts: list[frozenset[int]]
+    `outputs[s]` is what a path ending in state s decides, as an index the caller defined (0:
+    no rule's path matches). A class missing from `delta[s]` goes to the dead state, the last
+    one: no rule's path can match any more, whatever follows.
+    """
+
+    classmap: bytes
+    delta: list[dict[int, int]]
+    outputs: list[int]
     start: int
+    n_classes: int
+
+    @property
+    def dead(self) -> int:
+        return len(self.delta) - 1
+
+    def dense(self) -> list[list[int]]:
+        dead = self.dead
+        return [[row.get(c, dead) for c in range(self.n_classes)] for row in self.delta]
 
 
-def build_path_matcher(spec: ScannerSpec) -> PathMatcher:
-    nfa = NFA()
-    start = nfa.state()
-    for regex, fact in spec.path_patterns:
-        nfa.add(regex, fact, start)
+def build_path_matcher(
+    patterns: Sequence[tuple[Re, int]],
+    outcome: Callable[[frozenset[int]], int],
+    limit: int,
+) -> PathMatcher:
+    """One DFA for every rule's path: `patterns` are (regex, pattern id), `outcome` maps the set
+    of pattern ids a path matches to an output index (0: nothing; the caller folds rule order and
+    conditions into it, so that minimization merges every state that decides the same)."""
     try:
-        dfa = determinize(nfa, start, spec.state_limit)
+        dfa = determinize(patterns, limit)
     except StateLimitExceeded as e:
-        raise StateLimit(f"path automaton exceeds {e} states") from None
-    dead = len(dfa.delta)  # no rule's path can match any more
-    delta = [[row.get(b, dead) for b in range(256)] for row in dfa.delta] + [[dead] * 256]
-    accepts = [frozenset(int(t) for t in tags) for tags in dfa.tags] + [frozenset()]
-    return PathMatcher(delta, accepts, dfa.start)
+        raise StateLimit(f"the path automaton exceeds {e} states", "path") from None
+    memo: dict[frozenset[Hashable], int] = {}
+    outputs = []
+    for tags in dfa.tags:
+        out = memo.get(tags)
+        if out is None:
+            out = memo[tags] = outcome(frozenset(int(t) for t in tags))  # type: ignore[arg-type]
+        outputs.append(out)
+    # States that can no longer reach a match are the dead state; then merge equivalent ones.
+    dfa, kept = trim(dfa, lambda s: outputs[s] != 0)
+    outputs = [o for o, k in zip(outputs, kept, strict=True) if k >= 0]
+    small, mapping = minimize(dfa, lambda s: outputs[s])
+    new_outputs = [0] * (len(small.delta) + 1)
+    for s, m in enumerate(mapping):
+        if m >= 0:
+            new_outputs[m] = outputs[s]
+    return PathMatcher(small.classmap, [*small.delta, {}], new_outputs, small.start, dfa.n_classes)
 
 
 def _pow2_bits(n: int) -> int:
     return max(1, (n - 1).bit_length())
 
 
-def _compress(rows: list[list[int]], padding: int) -> tuple[bytes, int, int, list[int]]:
-    """Byte classes (identical columns) and a transition table padded to powers of two in both
-    dimensions, so the kernel can bound every index with a mask."""
+def _pow2(n: int) -> int:
+    return 1 << _pow2_bits(n)
+
+
+def _columns(rows: list[list[int]]) -> tuple[bytearray, list[int]]:
+    """Classes of identical columns: the column -> class map, and one column of each class.
+    Columns are compared with zip(*rows), which runs in C, not once per state and byte here."""
     columns: dict[tuple[int, ...], int] = {}
-    classmap = bytearray(256)
-    for b in range(256):
-        classmap[b] = columns.setdefault(tuple(row[b] for row in rows), len(columns))
-    class_bits = _pow2_bits(len(columns))
+    classmap = bytearray(len(rows[0]))
+    first_of_class: list[int] = []
+    for b, col in enumerate(zip(*rows, strict=True)):
+        cls = columns.setdefault(col, len(columns))
+        if cls == len(first_of_class):
+            first_of_class.append(b)
+        classmap[b] = cls
+    return classmap, first_of_class
+
+
+def _compress(rows: list[list[int]], padding: int) -> tuple[bytes, int, int, list[int]]:
+    """Classes of identical columns and a transition table padded to powers of two in both
+    dimensions, so the kernel can bound every index with a mask. `rows` are indexed by byte, or
+    by an earlier class (then the returned map is over those classes; compose it)."""
+    classmap, first_of_class = _columns(rows)
+    class_bits = _pow2_bits(len(first_of_class))
     state_bits = _pow2_bits(len(rows))
-    trans = [padding] * ((1 << state_bits) << class_bits)
-    for col, cls in columns.items():
-        for s, t in enumerate(col):
-            trans[(s << class_bits) | cls] = t
+    pad_row = [padding] * ((1 << class_bits) - len(first_of_class))
+    trans: list[int] = []
+    for row in rows:
+        trans += [row[b] for b in first_of_class]
+        trans += pad_row
+    trans += [padding] * (((1 << state_bits) - len(rows)) << class_bits)
     return bytes(classmap), class_bits, state_bits, trans
 
 
 @dataclass(frozen=True)
 class PathTables:
+    """The path automaton, twice: dense (`trans`, `accept`, `start`; state numbers are rows)
+    for the kernel's rule loop while a policy's facts fit it, and packed by row displacement
+    (`comb`, `cands`, `start_id`; state numbers are comb ids) for the candidate lookup."""
+
     classmap: bytes
     class_bits: int
     state_bits: int
-    trans: list[int]
-    accept: list[int]  # per state: fact-set index
+    trans: list[int]  # empty when only the packed form was asked for
+    accept: list[int]  # per state: fact-set index of the path facts (the rule loop's view)
     start: int
     n_states: int
+    comb: Comb | None = None  # with the candidate words of accepting states
+    start_id: int = 0
+    comb_classmap: bytes = b""  # byte -> class of the packed form
+
+    @property
+    def comb_bytes(self) -> int:
+        """Kernel memory of the packed form: class map, slots, candidate words."""
+        if self.comb is None:
+            return 0
+        return 256 + 4 * len(self.comb.slots) + 4 * _pow2(len(self.comb.accepts))
 
     def step(self, state: int, byte: int) -> int:
         return self.trans[(state << self.class_bits) | self.classmap[byte]]
 
+    def step_id(self, state_id: int, byte: int) -> int:
+        assert self.comb is not None
+        return self.comb.step(state_id, self.comb_classmap[byte])
 
-def pack(sc: Scanner, pm: PathMatcher) -> ScannerTables:
+
+def pack(
+    sc: Scanner,
+    pm: PathMatcher,
+    path_facts: Sequence[frozenset[int]] = (),
+    path_cands: Sequence[int] = (),
+    dense_path: bool = True,
+) -> ScannerTables:
+    """Tables for the kernel. The path automaton's outputs index `path_facts` (the facts a path
+    ending there establishes) and `path_cands` (where its candidate rules are). The dense path
+    table is built only if `dense_path` (the packed one always)."""
     factsets: dict[frozenset[int], int] = {frozenset(): 0}
 
     def factset(facts: frozenset[int]) -> int:
         idx = factsets.setdefault(facts, len(factsets))
         if idx > EMIT_MASK:
-            raise StateLimit("more than 65535 distinct fact sets")
+            raise StateLimit("more than 65535 distinct fact sets", "facts")
         return idx
 
     # Padding (never reachable: indices are masked) refuses rather than reading as END.
@@ -442,14 +519,25 @@ def pack(sc: Scanner, pm: PathMatcher) -> ScannerTables:
     info = [0] * (1 << state_bits)
     for s in range(len(sc.delta)):
         info[s] = factset(sc.emits[s]) | sc.flags[s]
-    dead = len(pm.delta) - 1
-    p_classmap, p_class_bits, p_state_bits, p_trans = _compress(pm.delta, dead)
+    # The path automaton packed (comb.py); dense as well while the rule loop needs it.
+    p_classmap, p_class_bits, p_state_bits, p_trans = pm.classmap, 0, 0, []
+    if dense_path:
+        p_classes, p_class_bits, p_state_bits, p_trans = _compress(pm.dense(), pm.dead)
+        p_classmap = bytes(p_classes[c] for c in pm.classmap)
     accept = [0] * (1 << p_state_bits)
-    for s, facts in enumerate(pm.accepts):
-        accept[s] = factset(facts)
+    if dense_path and path_facts:
+        for s, out in enumerate(pm.outputs):
+            if out:
+                accept[s] = factset(path_facts[out])
+    words = [path_cands[out] if out and path_cands else 0 for out in pm.outputs]
+    try:
+        comb = pack_comb(pm.delta, pm.n_classes, pm.dead, words)
+    except CombTooLarge as e:
+        raise StateLimit(f"the path automaton is too large to pack: {e}", "path") from None
     path = PathTables(
-        p_classmap, p_class_bits, p_state_bits, p_trans, accept, pm.start, len(pm.delta)
-    )
+        p_classmap, p_class_bits, p_state_bits, p_trans, accept, pm.start, len(pm.delta),
+        comb, comb.ids[pm.start], pm.classmap,
+    )  # fmt: skip
     return ScannerTables(
         classmap=classmap,
         class_bits=class_bits,
@@ -491,6 +579,9 @@ def refit(
         accept=p.accept + [0] * ((1 << path_state_bits) - len(p.accept)),
         start=p.start,
         n_states=p.n_states,
+        comb=p.comb,
+        start_id=p.start_id,
+        comb_classmap=p.comb_classmap,
     )
     return ScannerTables(
         classmap=t.classmap,

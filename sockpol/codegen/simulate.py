@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sockpol.codegen.candidates import CAND_LENGTH_SHIFT, MAX_TABLE
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.normalize import Normalizer
 from sockpol.codegen.scanner import (
@@ -88,6 +89,7 @@ class ScanResult:
     chunk_size: int
     seen: int  # singleton-header flags seen
     path: bytes | None  # the normalized path, once the path has ended
+    path_state: int | None = None  # where the path automaton ended on it
 
 
 def start_state(ir: MatcherIR, resume: int) -> int:
@@ -104,7 +106,7 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
     t = ir.tables
     state, facts, cl, chunk, seen, pos = start_state(ir, resume), 0, 0, 0, 0, 0
     norm = Normalizer()
-    path = None
+    path = path_state = None
     for i, b in enumerate(data):
         nxt = t.step(state, b)
         info = t.info[nxt]
@@ -135,22 +137,48 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
                 nxt = Reason.PATH_TOO_LONG
             else:
                 path = bytes(norm.out)
+                path_state = walk_path(ir, path)
                 facts |= path_facts(ir, path)
         state, pos = nxt, i + 1
         if state < TERMINAL_STATES:
             break
-    return ScanResult(state, facts, pos, cl, chunk, seen, path)
+    return ScanResult(state, facts, pos, cl, chunk, seen, path, path_state)
+
+
+def walk_path(ir: MatcherIR, path: bytes) -> int:
+    """The path automaton's (packed) state id after the normalized path."""
+    p = ir.tables.path
+    state = p.start_id
+    for b in path:
+        state = p.step_id(state, b)
+    return state
 
 
 def path_facts(ir: MatcherIR, path: bytes) -> int:
+    """The path facts of the rule loop (see lower.MatcherIR.rule_loop), from the dense table."""
     p = ir.tables.path
+    if not p.trans:
+        return 0
     state = p.start
     for b in path:
         state = p.step(state, b)
     return sum(1 << f for f in ir.tables.factsets[p.accept[state]])
 
 
-def decide(ir: MatcherIR, facts: int) -> int | None:
+def decide(ir: MatcherIR, facts: int, path_state: int | None = None) -> int | None:
+    """The first rule that holds: the candidate lookup when the path state is known (the
+    candidates of that state, in order, checked against their class), else the rule loop."""
+    lookup = ir.lookup
+    if path_state is not None and lookup is not None:
+        comb = ir.tables.path.comb
+        assert comb is not None
+        word = comb.word(path_state)
+        offset, length = word & (MAX_TABLE - 1), word >> CAND_LENGTH_SHIFT
+        for entry in lookup.table[offset : offset + length]:
+            need = sum(1 << f for f in lookup.classes[entry >> 16])
+            if facts & need == need:
+                return entry & 0xFFFF
+        return None
     for entry in ir.rules:
         need = sum(1 << f for f in entry.facts)
         if facts & need == need:
@@ -202,7 +230,7 @@ def run(
 
 def _judged(ir: MatcherIR, s: ScanResult, mode: int) -> RunResult:
     """A complete head: the first matching rule or the default decides, and is counted."""
-    rule = decide(ir, s.facts)
+    rule = decide(ir, s.facts, s.path_state)
     if rule is None:
         flags = RULE_PASS if ir.policy.default.value == "allow" else 0
         slot, reason = SLOT_DEFAULT, Reason.DEFAULT
