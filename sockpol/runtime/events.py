@@ -60,7 +60,7 @@ class Event:
 
     @property
     def path_cut(self) -> bool:
-        return self.path_len > len(self.path.encode("ascii", "backslashreplace"))
+        return self.path_len > t.PATH_BYTES
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -71,19 +71,16 @@ class Event:
 
     def text(self) -> str:
         when = self.time.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        if self.rule is not None:
-            by = f"rule {self.rule}" + (f" (line {self.line})" if self.line else "")
-        elif self.reason == "default":
-            by = "default"
-        else:
-            by = "-"
-        why = f" {self.reason}" if self.reason and self.reason not in ("rule", "default") else ""
+        if self.rule is not None:  # a rule decided (deny, audit, log)
+            cause = f"rule {self.rule}" + (f" (line {self.line})" if self.line else "")
+        else:  # the default, or a refusal before any rule: its reason
+            cause = self.reason or "-"
         cut = "..."
         method = self.method + (cut if self.method_cut else "")
         host = (self.host or "-") + (cut if self.host_cut else "")
         path = self.path + (cut if self.path_cut else "")
         return (
-            f"{when} {self.policy} {self.verdict}{why} by {by}: {method} {host} {path} "
+            f"{when} {self.policy} {self.verdict} {cause}: {method} {host} {path} "
             f"[{_endpoint(self.src, self.sport)} -> {_endpoint(self.dst, self.dport)} "
             f"pid {self.pid} cgroup {self.cgroup_id}]"
         )
@@ -116,9 +113,11 @@ def _port(raw: int) -> int:
 
 
 def _text(raw: bytes, length: int, room: int) -> tuple[str, bool]:
-    """A copied field: its bytes (undecodable ones escaped), and whether the value was cut."""
+    """A copied field: its bytes (control and non-ASCII bytes as \\xNN, so a hostile request
+    cannot write escape sequences to an operator's terminal), and whether it was cut."""
     data = raw[: min(length, room)]
-    return data.decode("ascii", "backslashreplace"), length > room
+    text = "".join(chr(c) if 0x20 <= c < 0x7F and c != 0x5C else f"\\x{c:02x}" for c in data)
+    return text, length > room
 
 
 def decode(policy: str, data: bytes, meta: PolicyMetadata | None, clock_offset_ns: int) -> Event:

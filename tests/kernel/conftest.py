@@ -55,7 +55,12 @@ from sockpol.metadata import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
 HERE = Path(__file__).parent
 TEST_CGROUP_PREFIX = "sockpol-test-"
 SOCKPOL_PROGS = {MSG_PROGRAM, SOCKOPS_PROGRAM}
-SOCKPOL_MAPS = {SOCK_MAP, "sockpol_state"}
+SOCKPOL_MAPS = {SOCK_MAP, "sockpol_state"} | {  # and the telemetry maps (sockpol/telemetry.py)
+    "sockpol_counts",
+    "sockpol_events",
+    "sockpol_evbuf",
+    "sockpol_ctl",
+}
 SOCKPOL_MAP_PREFIX = "sockpol."  # libbpf's global-data maps: sockpol.rodata, sockpol.data, ...
 
 _loud_skips: list[str] = []
