@@ -60,7 +60,7 @@ def mutated(draw: st.DrawFn) -> str:
     return "".join(text)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_results_or_positioned_documented_errors(text):
     try:
@@ -75,7 +75,7 @@ def test_results_or_positioned_documented_errors(text):
         str(e)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_no_command_shows_a_traceback(tmp_path_factory, text):
     folder = tmp_path_factory.mktemp("cli")

@@ -310,7 +310,7 @@ def _held_to_tables(ir, mode: int):
 
 
 @settings(
-    max_examples=EXAMPLES or 300,
+    max_examples=EXAMPLES or 200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
