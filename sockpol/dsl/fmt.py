@@ -65,6 +65,8 @@ def format_size(size: int) -> str:
 
 
 def format_path(text: str) -> str:
+    if text.startswith('~"'):
+        return text  # a path regex is kept exactly as written: its escapes are regex syntax
     return re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group().upper(), text)
 
 

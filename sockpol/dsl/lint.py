@@ -103,12 +103,29 @@ class PathResult:
     example: str | None  # a normalized path the rule matches and the others don't
 
 
+class NotAnalyzed(Exception):
+    """A path pattern this linter has no automaton for (it then reports nothing about it)."""
+
+
+def _path_re(text: str) -> Re:
+    if text.startswith('~"'):
+        # A path regex: analyzed once the regex module offers its automaton form.
+        try:
+            from sockpol.dsl import regex  # type: ignore[attr-defined]
+
+            to_re = regex.to_automaton  # type: ignore[attr-defined]
+        except (ImportError, AttributeError):
+            raise NotAnalyzed(text) from None
+        return to_re(text)
+    return glob_regex(text)
+
+
 @cache
 def _dfa(glob: str | None) -> DFA:
     """The DFA of a glob, or of the normalized paths (None); each determinized once."""
     nfa = NFA()
     start = nfa.state()
-    nfa.add(normalized_paths() if glob is None else glob_regex(glob), "A", start)
+    nfa.add(normalized_paths() if glob is None else _path_re(glob), "A", start)
     return determinize(nfa, start, 200_000)
 
 
@@ -318,11 +335,14 @@ def _identity(rule: Rule) -> tuple[Hashable, ...]:
 
 
 def _catch_all(rule: Rule) -> bool:
-    return (
-        rule.methods.methods is None
-        and not rule.conditions
-        and path_covered("/**", frozenset([rule.path.text])).covered
-    )
+    try:
+        return (
+            rule.methods.methods is None
+            and not rule.conditions
+            and path_covered("/**", frozenset([rule.path.text])).covered
+        )
+    except NotAnalyzed:
+        return False
 
 
 def _passes(rule: Rule) -> bool:
@@ -355,7 +375,11 @@ class _Linter:
                 catch_all = rule
             earlier.append(rule)
         everything = Rule(policy.span, -1, policy.default, _any_methods(policy), _all(), ())
-        if catch_all is not None or covered_by(everything, list(policy.rules)).covered:
+        try:
+            unused = catch_all is not None or covered_by(everything, list(policy.rules)).covered
+        except NotAnalyzed:
+            unused = False
+        if unused:
             self.add(
                 "L008",
                 policy.default_span,
@@ -365,6 +389,12 @@ class _Linter:
             )
 
     def rule(self, policy: Policy, rule: Rule, earlier: list[Rule], catch_all: Rule | None):
+        try:
+            self._rule(policy, rule, earlier, catch_all)
+        except NotAnalyzed:
+            pass  # a pattern without an automaton here: say nothing rather than guess
+
+    def _rule(self, policy: Policy, rule: Rule, earlier: list[Rule], catch_all: Rule | None):
         reach = self.unreachable(policy, rule)
         if reach:
             self.add("L006", rule.path.span, reach)
