@@ -14,6 +14,7 @@ largest run). Traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import itertools
 import os
 import socket
@@ -30,7 +31,15 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/policygen.py
 
-from conftest import _remove_cgroup, run_in_cgroup  # noqa: E402
+# Not `from conftest import ...`: with several conftest.py files under tests/ that name is
+# whichever pytest imported last (tests/kernel/ktls/conftest.py, for one).
+_spec = importlib.util.spec_from_file_location(
+    "sockpol_kernel_conftest", Path(__file__).with_name("conftest.py")
+)
+_kernel_conftest = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _kernel_conftest  # dataclasses look their module up there
+_spec.loader.exec_module(_kernel_conftest)
+_remove_cgroup, run_in_cgroup = _kernel_conftest._remove_cgroup, _kernel_conftest.run_in_cgroup
 from policygen import ConnectionSpec, PolicySpec, connections, policies  # noqa: E402
 
 from sockpol import runtime  # noqa: E402
