@@ -208,6 +208,15 @@ class Cell:
     host: str | None
     headers: tuple[tuple[str, frozenset[str]], ...]  # present names, with the values they carry
 
+    def request(self, path: str) -> bytes:
+        """A request of this cell for `path`: what the counter-examples stand for."""
+        lines = [f"{self.method} {path} HTTP/1.1"]
+        if self.host is not None:
+            lines.append(f"Host: {self.host}")
+        for name, values in self.headers:
+            lines += [f"{name}: {v}" for v in sorted(values) or ["x-sockpol-other"]]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
     def describe(self, path: str) -> str:
         parts = [f"{self.method} {path}"]
         if self.host is not None:
@@ -290,8 +299,9 @@ def cells(rules: Iterable[Rule]) -> Iterable[Cell] | None:
 @dataclass(frozen=True)
 class Coverage:
     covered: bool
-    example: str | None = None  # a request the rule matches and the others don't
+    example: str | None = None  # a request the rule matches and the others don't, described
     analyzed: bool = True
+    request: bytes | None = None  # ... and as sent
 
 
 def covered_by(rule: Rule, others: list[Rule]) -> Coverage:
@@ -305,7 +315,8 @@ def covered_by(rule: Rule, others: list[Rule]) -> Coverage:
         active = frozenset(o.path.text for o in others if holds(o, cell))
         result = path_covered(rule.path.text, active)
         if not result.covered:
-            return Coverage(False, cell.describe(result.example or "?"))
+            path = result.example or "/"
+            return Coverage(False, cell.describe(path), request=cell.request(path))
     return Coverage(True)
 
 
