@@ -48,7 +48,7 @@ from sockpol.dsl.interp import simulate_sends  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 
-EXAMPLES = int(os.environ.get("SOCKPOL_DIFF_EXAMPLES", "0")) or 40
+EXAMPLES = int(os.environ.get("SOCKPOL_DIFF_EXAMPLES", "0")) or 30
 CONNECTIONS = (2, 10)  # connections per policy (cheap; a policy costs ~2 s to compile and verify)
 _names = itertools.count()
 
