@@ -109,11 +109,11 @@ class NotAnalyzed(Exception):
 
 def _path_re(text: str) -> Re:
     if text.startswith('~"'):
-        # A path regex: analyzed once the regex module offers its automaton form.
+        # A path regex (sockpol/dsl/regex.py): its automaton over normalized-path bytes.
         try:
             from sockpol.dsl import regex  # type: ignore[attr-defined]
 
-            to_re = regex.to_automaton  # type: ignore[attr-defined]
+            to_re = regex.to_re  # type: ignore[attr-defined]
         except (ImportError, AttributeError):
             raise NotAnalyzed(text) from None
         return to_re(text)
