@@ -22,7 +22,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import _read_response  # the fixtures' HTTP response reader
 
 from sockpol import runtime
 from sockpol.codegen.simulate import Connection
@@ -48,6 +47,30 @@ policy {name} {{
 }}
 """
 LINES = {0: 5, 1: 6, 2: 7, 3: 8, 4: 9}  # rule index -> source line in POLICY
+
+
+def _read_response(sock: socket.socket, timeout: float) -> bytes:
+    """One response (head and Content-Length body), or what arrives before the timeout. (Not
+    imported from conftest: with tests/kernel/ktls collected too, `conftest` is ambiguous.)"""
+    sock.settimeout(timeout)
+    buf = b""
+    try:
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                length = 0
+                for line in buf[:end].split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip() or 0)
+                if len(buf) >= end + 4 + length:
+                    return buf
+            chunk = sock.recv(65536)
+            if not chunk:
+                return buf
+            buf += chunk
+    except OSError:
+        return buf
 
 
 def req(method: str, path: str, host: str = "shop.example.com", body: bytes = b"") -> bytes:
@@ -462,12 +485,11 @@ def test_metrics_scraped_match_the_traffic(policy, cgroup, http_server, run_in_c
 
 
 def test_several_policies_on_different_cgroups_and_ports(
-    compiled_policy, cgroup2_root, run_in_cgroup
+    compiled_policy, cgroup, http_server, run_in_cgroup
 ):
-    from conftest import RecordingHTTPServer, _remove_cgroup
-
-    servers = [RecordingHTTPServer(), RecordingHTTPServer()]
-    groups = [cgroup2_root / f"sockpol-test-ops-{os.getpid()}-{i}" for i in range(2)]
+    # Two servers (the fixture's, and one more of its kind) and two cgroups inside the fixture's.
+    servers = [http_server, type(http_server)()]
+    groups = [cgroup / "one", cgroup / "two"]
     names = ["t-ops-one", "t-ops-two"]
     try:
         for name, group, server in zip(names, groups, servers, strict=True):
@@ -490,12 +512,14 @@ def test_several_policies_on_different_cgroups_and_ports(
         assert {n: listed[n].ports for n in names} == {
             n: [(s.port, s.port)] for n, s in zip(names, servers, strict=True)
         }
+        assert {n: listed[n].cgroup for n in names} == {
+            n: str(g) for n, g in zip(names, groups, strict=True)
+        }
         runtime.unload(names[0])
         assert names[0] not in {s.name for s in runtime.status()}
         # The other one still enforces and counts.
-        out = run_in_cgroup(
-            groups[1], session, servers[1].port, [[req("GET", "/quiet")], TRAFFIC[1]]
-        )
+        traffic = [[req("GET", "/quiet")], TRAFFIC[1]]
+        out = run_in_cgroup(groups[1], session, servers[1].port, traffic)
         assert [c["results"][0][1] for c in out["connections"]] == [None, errno.EACCES]
         (s,) = [s for s in runtime.status() if s.name == names[1]]
         c = rc.read_counters(s.pin_dir, s.metadata)
@@ -509,10 +533,7 @@ def test_several_policies_on_different_cgroups_and_ports(
                 runtime.unload(name)
             except runtime.PolicyNotFound:
                 pass
-        for server in servers:
-            server.stop()
-        for group in groups:
-            _remove_cgroup(group, cgroup2_root)
+        servers[1].stop()
 
 
 def test_replacement_keeps_the_event_stream_and_takes_the_new_mode(
