@@ -279,7 +279,11 @@ RESUME = {
 }
 
 
-def _held_to_tables(ir, mode: int):
+def _held_to_tables(ir, mode: int | list[int]):
+    """`mode`: the mode in force, or a one-item list the test may change between sends (as
+    `sockpol mode` does: every run reads the mode afresh)."""
+    modes = mode if isinstance(mode, list) else [mode]
+
     """An observer for `Connection`: every run of the interpreter must equal the tables' run on
     the same message, with the tables' own per-connection word carried from run to run."""
     word = simulate.RESUME_REQUEST
@@ -287,7 +291,7 @@ def _held_to_tables(ir, mode: int):
     def observe(message: bytes, resume: str, run) -> None:
         nonlocal word
         assert RESUME[resume] == word & 0xFF, (resume, word)
-        expected = simulate.run(ir, message, word, mode)
+        expected = simulate.run(ir, message, word, modes[0])
         reason = run.verdict.reason if run.verdict is not None else "none"
         event = run.verdict.event if run.verdict is not None else None
         got = (run.allow, reason, run.covers, run.cork, event)
@@ -319,11 +323,14 @@ def test_interpreter_agrees_with_the_tables(data):
     spec = data.draw(policies())
     p = spec.policy(8080)
     ir = lower(p)
-    mode = MODE_DRY_RUN if p.mode is Mode.DRY_RUN else MODE_ENFORCE
-    for _ in range(4):
+    for n in range(4):
+        mode = [MODE_DRY_RUN if p.mode is Mode.DRY_RUN else MODE_ENFORCE]
         conn_spec = data.draw(connections(spec))
         conn = Connection(p, observe=_held_to_tables(ir, mode))
         for chunk in conn_spec.sends():
+            if n == 3 and data.draw(st.integers(0, 3)) == 0:  # `sockpol mode` between sends
+                mode[0] = MODE_ENFORCE if mode[0] == MODE_DRY_RUN else MODE_DRY_RUN
+                conn.mode = Mode.DRY_RUN if mode[0] == MODE_DRY_RUN else Mode.ENFORCE
             conn.send(chunk)
 
 
