@@ -33,6 +33,7 @@ from elftools.elf.elffile import ELFFile
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata, read_metadata
 from sockpol.runtime import libbpf, pins
+from sockpol.runtime.counters import COUNTS_PIN, reset_counters
 from sockpol.runtime.state import PolicyState, create_state_map, read_state
 from sockpol.runtime.system import check_privileges
 
@@ -140,6 +141,10 @@ def reload(name: str, obj_path: str | os.PathLike[str]) -> ReloadResult:
             os.close(state_fd)
         _check_compatible(state.policy_metadata(), new_meta)
         generation = swap_tables(pin_dir, tables)
+        # Counter slots are per rule index; after a reload the indexes name other rules, so the
+        # counts start again (the mode, a runtime switch, is kept as it is).
+        if (pin_dir / COUNTS_PIN).exists():
+            reset_counters(pin_dir)
         new_state = replace(
             state,
             object_path=str(obj.resolve()),
