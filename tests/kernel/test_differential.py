@@ -44,7 +44,8 @@ from policygen import ConnectionSpec, PolicySpec, connections, policies  # noqa:
 
 from sockpol import runtime  # noqa: E402
 from sockpol.compiler import compile_source  # noqa: E402
-from sockpol.dsl.interp import simulate_sends  # noqa: E402
+from sockpol.dsl.ast import Mode  # noqa: E402
+from sockpol.dsl.interp import Connection  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 
@@ -108,14 +109,22 @@ class SinkServer:
         self.listener.close()
 
 
-def send_all(port: int, conns: list[list[bytes]]) -> list[tuple[int, list[int]]]:
+def send_all(
+    port: int, conns: list[list[bytes | str]], name: str = ""
+) -> list[tuple[int, list[int]]]:
     """In the child (in the cgroup): per connection its local port and each send's result,
-    a byte count or -errno. Half-closes and reads to EOF so the server sees the end."""
+    a byte count or -errno. Half-closes and reads to EOF so the server sees the end. A str item
+    switches the loaded policy `name` to that mode first, as `sockpol mode` does."""
     out = []
     for sends in conns:
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         results = []
         for data in sends:
+            if isinstance(data, str):
+                from sockpol.runtime.counters import set_mode
+
+                set_mode(name, data)
+                continue
             try:
                 results.append(s.send(data))
             except OSError as e:
@@ -161,7 +170,10 @@ def rig(cgroup2_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         )
 
 
-def _check(rig: Rig, spec: PolicySpec, conns: list[ConnectionSpec]) -> None:
+def _check(
+    rig: Rig, spec: PolicySpec, conns: list[ConnectionSpec], switches: list[int | None]
+) -> None:
+    """`switches[i]`: before which send of connection i to flip the mode (None: no switch)."""
     text = spec.render(rig.server.port)
     (compiled,), _ = compile_source(text, "differential.pol")
     obj = rig.tmp / "differential.bpf.o"
@@ -175,28 +187,49 @@ def _check(rig: Rig, spec: PolicySpec, conns: list[ConnectionSpec]) -> None:
         # A LoadError here (the verifier refusing a valid policy) fails the test.
         runtime.load(obj, cgroup, name=name).close()
         try:
-            plan = [c.sends() for c in conns]
-            results = run_in_cgroup(cgroup, send_all, rig.server.port, plan)
+            plan = _plan(compiled.policy.mode, conns, switches)
+            results = run_in_cgroup(cgroup, send_all, rig.server.port, plan, name)
         finally:
             runtime.unload(name)
     finally:
         _remove_cgroup(cgroup, rig.cgroup_root)
     policy = compiled.policy if spec.governed else None
     rig.policies += 1
-    for sends, (local_port, returned) in zip(plan, results, strict=True):
+    mode = compiled.policy.mode
+    for items, (local_port, returned) in zip(plan, results, strict=True):
         rig.connections += 1
-        rig.sends += len(sends)
         received = rig.server.wait(local_port)
-        model = simulate_sends(policy, sends)
+        model = Connection(policy, mode=mode)
+        sends = []
+        for item in items:
+            if isinstance(item, str):
+                mode = model.mode = Mode(item)
+            else:
+                sends.append(item)
+                model.send(item)
+        rig.sends += len(sends)
         predicted = [s.returned if s.returned is not None else -errno.EACCES for s in model.sends]
         if received != bytes(model.delivered) or returned != predicted:
             raise AssertionError(
                 "the kernel and the interpreter disagree\n"
-                f"policy:\n{text}\nsends: {sends!r}\n"
+                f"policy:\n{text}\nsends and mode switches: {items!r}\n"
                 f"kernel send() results: {returned}\ninterpreter:           {predicted}\n"
                 f"server received: {received!r}\ninterpreter:     {bytes(model.delivered)!r}\n"
                 f"interpreter verdicts: {[(v.allow, v.reason) for v in model.verdicts]}"
             )
+
+
+def _plan(
+    mode: Mode, conns: list[ConnectionSpec], switches: list[int | None]
+) -> list[list[bytes | str]]:
+    plan: list[list[bytes | str]] = []
+    for conn, at in zip(conns, switches, strict=True):
+        items: list[bytes | str] = list(conn.sends())
+        if at is not None:
+            mode = Mode.ENFORCE if mode is Mode.DRY_RUN else Mode.DRY_RUN
+            items.insert(min(at, len(items)), mode.value)
+        plan.append(items)
+    return plan
 
 
 @settings(
@@ -213,4 +246,7 @@ def test_kernel_agrees_with_the_interpreter(rig: Rig, data: st.DataObject) -> No
     spec = data.draw(policies(modes=rig.modes), label="policy")
     n = data.draw(st.integers(*CONNECTIONS), label="connections")
     conns = [data.draw(connections(spec), label=f"connection {i}") for i in range(n)]
-    _check(rig, spec, conns)
+    # `sockpol mode` between two sends, on a few connections (the mode then stays switched).
+    switch = st.one_of(st.none(), st.none(), st.none(), st.integers(0, 6))
+    switches = [data.draw(switch, label="switch") if rig.modes else None for _ in conns]
+    _check(rig, spec, conns, switches)
