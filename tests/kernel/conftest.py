@@ -227,6 +227,10 @@ def _remove_stale_test_cgroups() -> None:
 
     root = cgroup2_mount()
     for stale in root.glob(f"{TEST_CGROUP_PREFIX}*"):
+        # Named <prefix><pid>-<n>: a cgroup of a test session that is still running is not stale.
+        owner = stale.name[len(TEST_CGROUP_PREFIX) :].split("-")[0]
+        if owner.isdigit() and Path(f"/proc/{owner}").exists():
+            continue
         try:
             _remove_cgroup(stale, root)
         except OSError as e:
