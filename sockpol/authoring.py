@@ -351,11 +351,16 @@ def explain_lines(verdict, source: Source | None, request: bytes | None = None) 
         out.append(f"  path (normalized): {path}")
         host = head.host
         out.append(f"  host: {host.decode('latin-1') if host is not None else '(no Host header)'}")
-        for h in head.headers:
+        # The headers the rules tried ask about come first, marked; the others are listed too.
+        asked = {
+            c.name for check in verdict.checks for c in check.rule.conditions if hasattr(c, "name")
+        }
+        for h in sorted(head.headers, key=lambda h: h.name not in asked):
             if h.name != "host":
                 value = h.value.decode("latin-1")
                 value = value if len(value) <= 100 else f"{value[:97]}... ({len(value)} bytes)"
-                out.append(f"  header {h.name}: {value}")
+                mark = "  (a condition asks about it)" if h.name in asked else ""
+                out.append(f"  header {h.name}: {value}{mark}")
         if head.chunked:
             out.append("  body: chunked")
         elif head.content_length:
