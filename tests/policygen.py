@@ -16,6 +16,7 @@ are not HTTP at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from hypothesis import strategies as st
 
@@ -41,7 +42,7 @@ class RuleSpec:
 
     def text(self) -> str:
         methods = "*" if self.methods is None else ",".join(self.methods)
-        path = _quote(self.path) if self.quoted else self.path
+        path = _quote(self.path) if self.quoted and not self.path.startswith('~"') else self.path
         line = f"{self.action} {methods} {path}"
         conds = []
         for kind, name, value in self.conditions:
@@ -111,8 +112,32 @@ names = st.from_regex(r"[a-z][a-z0-9_-]{0,12}", fullmatch=True)
 other_ports = st.sampled_from(["1", "80", "443", "8080", "9000-9010", "65535", "1000-1999"])
 
 
+# Path regexes (`~"..."`) with paths they match, used once the language has them.
+REGEXES = {
+    '~"/v[0-9]+/.*"': ["/v1/a", "/v22/", "/v3/x/y"],
+    '~"/a/(b|c)"': ["/a/b", "/a/c"],
+    '~"/[^/]+\\.json"': ["/x.json", "/%3A.json"],
+    '~"/api/\\d{1,3}/items"': ["/api/7/items", "/api/123/items"],
+    '~"/ad.*"': ["/ad", "/admin/x"],
+    '~"/(static|img)/[a-z]+"': ["/static/css", "/img/x"],
+}
+
+
+@cache
+def regexes_supported() -> bool:
+    """Whether this checkout's language has path regexes (a probe, so the generators follow
+    the language as it grows)."""
+    try:
+        load_source('policy p {\n port 1\n default deny\n allow GET ~"/a"\n}\n', "probe.pol")
+    except Exception:
+        return False
+    return True
+
+
 @st.composite
 def path_patterns(draw: st.DrawFn) -> str:
+    if regexes_supported() and draw(st.integers(0, 7)) == 0:
+        return draw(st.sampled_from(sorted(REGEXES)))
     n = draw(st.integers(0, 4))
     segments: list[str] = []
     for i in range(n):
@@ -384,7 +409,12 @@ def requests(draw: st.DrawFn, policy: PolicySpec) -> RequestSpec:
     rule = draw(st.sampled_from(policy.rules)) if policy.rules else None
     methods = list(rule.methods) if rule and rule.methods else []
     method = draw(st.sampled_from(methods + METHODS + ["get", "G@T", "GET\t"]))
-    path = draw(path_for(rule.path)) if rule and draw(st.integers(0, 4)) else draw(path_for("/**"))
+    if rule and rule.path in REGEXES and draw(st.integers(0, 4)):
+        path = draw(st.sampled_from(REGEXES[rule.path]))
+    elif rule and rule.path not in REGEXES and draw(st.integers(0, 4)):
+        path = draw(path_for(rule.path))
+    else:
+        path = draw(path_for("/**"))
     if draw(st.integers(0, 2)) == 0:
         path = draw(respell(path))
     if draw(st.integers(0, 30)) == 0:  # near the normalizer's limits (depth 64, 2048 bytes)
