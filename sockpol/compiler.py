@@ -33,7 +33,14 @@ from sockpol.codegen.lower import (
     lower,
 )
 from sockpol.codegen.scanner import REASON_TEXT, StateLimit
-from sockpol.diagnostics import CompileError, Diagnostic, DiagnosticBag, SockpolError, Source
+from sockpol.diagnostics import (
+    CompileError,
+    Diagnostic,
+    DiagnosticBag,
+    Severity,
+    SockpolError,
+    Source,
+)
 from sockpol.dsl import load_source
 from sockpol.dsl.ast import Policy, PolicyFile
 from sockpol.metadata import PolicyMetadata, RuleInfo
@@ -97,7 +104,11 @@ def compile_policy(
     except LoweringError as e:
         bag = DiagnosticBag(source)
         span = policy.rules[e.rule_index].span if e.rule_index is not None else policy.name_span
-        bag.error(span, str(e), code="E900")
+        message, hint = str(e), ""
+        if e.code == "E901":
+            message, hint = _too_complex(policy, e)
+            span = policy.rules[e.rule_index].path.span if e.rule_index is not None else span
+        bag.error(span, message, code=e.code, hint=hint)
         bag.raise_if_errors()
         raise
     except StateLimit as e:
@@ -130,9 +141,65 @@ def compile_policy(
     return CompiledPolicy(policy, matcher, module, metadata)
 
 
+def _too_complex(policy: Policy, e: LoweringError) -> tuple[str, str]:
+    """The message and hint of an automaton past its state limit, naming the rules."""
+    lines = [policy.rules[i].span.line for i in e.rules]
+    shown = ", ".join(str(n) for n in lines[:8])
+    more = f" and {len(lines) - 8} more" if len(lines) > 8 else ""
+    who = f"rule on line {shown}" if len(lines) == 1 else f"rules on lines {shown}{more}"
+    return (
+        f"policy '{policy.name}' is too complex: {e}; the {who} "
+        f"{'has the pattern' if len(lines) == 1 else 'have the patterns'} found in most of them",
+        "wildcards ('**', regex '.*' and repetitions) that can overlap multiply states; "
+        "narrow them, merge rules, or split the policy",
+    )
+
+
 def compile_source(text: str, path: str) -> tuple[list[CompiledPolicy], list[Diagnostic]]:
     policy_file, warnings = front_end(text, path)
-    return [compile_policy(p, policy_file.source) for p in policy_file.policies], warnings
+    compiled = [compile_policy(p, policy_file.source) for p in policy_file.policies]
+    for c in compiled:
+        warnings += unreachable_warnings(c.matcher, warnings)
+    return compiled, warnings
+
+
+def unreachable_warnings(matcher: MatcherIR, earlier: list[Diagnostic]) -> list[Diagnostic]:
+    """Rules the path automaton shows can never decide a request (W910, W911). A rule the
+    checker already reported as a repetition (W190) is not reported again."""
+    repeated = {(d.span.line, d.span.column) for d in earlier if d.code == "W190" and d.span}
+    out = []
+    for u in matcher.unreachable:
+        rule = matcher.policy.rules[u.rule]
+        if (rule.span.line, rule.span.column) in repeated:
+            continue
+        if not u.by:
+            out.append(
+                Diagnostic(
+                    Severity.WARNING,
+                    f"the path {rule.path.text} matches no request path, so the rule never "
+                    "decides a request",
+                    rule.path.span,
+                    "W911",
+                )
+            )
+            continue
+        lines = [matcher.policy.rules[k].span.line for k in u.by]
+        shown = ", ".join(str(n) for n in lines[:5])
+        if len(lines) == 1:
+            who = f"the rule on line {shown} decides"
+        else:
+            more = f" and {len(lines) - 5} more" if len(lines) > 5 else ""
+            who = f"the rules on lines {shown}{more} decide"
+        out.append(
+            Diagnostic(
+                Severity.WARNING,
+                f"this rule never decides a request: {who} every request it matches",
+                rule.span,
+                "W910",
+                "the first matching rule decides; move this rule up, or remove it",
+            )
+        )
+    return out
 
 
 def select(compiled: list[CompiledPolicy], name: str | None, source: Source) -> CompiledPolicy:

@@ -16,6 +16,7 @@ trie states with two live edges each costs 200,000 edges, not 100,000 x classes.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -138,28 +139,32 @@ class _Positions:
         self.mark: list[Hashable | None] = [None]
         self.follow: list[set[int]] = [set()]
         self.tags: list[set[Hashable]] = [set()]
+        # The pattern that first needed each position: what a state-limit error blames.
+        self.owner: list[Hashable] = [None]
+        self._owner: Hashable = None
 
     def add_all(self, patterns: Iterable[tuple[Re, Hashable]]) -> None:
         """Add every pattern, sharing common leading atoms (bytes, wildcards) in a trie.
 
         The union of thousands of routes then has one position per distinct prefix rather than
         one per pattern byte, so the DFA states along shared prefixes are single positions."""
-        root: _TrieNode = ({}, [])
+        root: _TrieNode = ({}, [], None)
         for regex, tag in patterns:
             node = root
             for atom in _atoms(regex):
                 child = node[0].get(atom)
                 if child is None:
-                    child = node[0][atom] = ({}, [])
+                    child = node[0][atom] = ({}, [], tag)
                 node = child
             node[1].append(tag)
         stack: list[tuple[_TrieNode, list[int]]] = [(root, [0])]
         while stack:
-            (children, tags), preds = stack.pop()
+            (children, tags, _), preds = stack.pop()
             for tag in tags:
                 for p in preds:
                     self.tags[p].add(tag)
             for atom, child in children.items():
+                self._owner = child[2]
                 if isinstance(atom, int):
                     q = self._position(1 << atom, None)
                     for p in preds:
@@ -176,6 +181,7 @@ class _Positions:
         self.mark.append(mark)
         self.follow.append(set())
         self.tags.append(set())
+        self.owner.append(self._owner)
         return len(self.mask) - 1
 
     def _build(self, r: Re) -> tuple[bool, list[int], list[int]]:
@@ -218,7 +224,7 @@ class _Positions:
         raise TypeError(f"not a regex node: {r!r}")
 
 
-_TrieNode = tuple[dict[object, "_TrieNode"], list[Hashable]]
+_TrieNode = tuple[dict[object, "_TrieNode"], list[Hashable], Hashable]  # children, tags, owner
 
 
 def _atoms(r: Re) -> Iterable[int | Re]:
@@ -238,7 +244,15 @@ def _atoms(r: Re) -> Iterable[int | Re]:
 
 
 class StateLimitExceeded(Exception):
-    pass
+    """More than `limit` states. `blame` ranks the patterns (by tag) whose positions occur in
+    the most of the states built so far: the wildcards that multiply states are in nearly all of
+    them, a literal route in a handful."""
+
+    def __init__(self, limit: int, blame: list[tuple[Hashable, int]], states: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+        self.blame = blame
+        self.states = states
 
 
 @dataclass
@@ -387,7 +401,7 @@ def determinize(
                     targets[key] = j
                 row[ci] = j
         if len(order) > limit:
-            raise StateLimitExceeded(limit)
+            raise StateLimitExceeded(limit, _blame(pos, order), len(order))
         delta.append(row)
         i += 1
         if progress is not None and not i & 0xFFF:
@@ -395,6 +409,13 @@ def determinize(
     tags = [_union(pos.tags, st) for st in order]
     marks = [frozenset(m for p in st if (m := pos.mark[p]) is not None) for st in order]
     return DFA(bytes(classmap), delta, tags, marks)
+
+
+def _blame(pos: _Positions, states: list[frozenset[int]]) -> list[tuple[Hashable, int]]:
+    counts: Counter[Hashable] = Counter()
+    for st in states:
+        counts.update({pos.owner[p] for p in st} - {None})
+    return counts.most_common()
 
 
 def _by_byte(dfa: DFA) -> DFA:

@@ -17,12 +17,13 @@ from sockpol.codegen.candidates import LookupBuilder, LookupTooLarge, RuleLookup
 from sockpol.codegen.scanner import (
     ScannerSpec,
     ScannerTables,
+    StateLimit,
     build_path_matcher,
     build_scanner,
     pack,
     refit,
 )
-from sockpol.dsl import patterns
+from sockpol.dsl import patterns, regex
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy
 from sockpol.dsl.patterns import parse_pattern
 from sockpol.telemetry import MODE_DRY_RUN, MODE_ENFORCE, RULE_AUDIT, RULE_LOG, RULE_PASS
@@ -32,11 +33,20 @@ SEGMENT_BYTE = http.PATH_BYTE & ~(1 << ord("/"))
 
 
 class LoweringError(Exception):
-    """A policy that is valid but too large for this code generator; names the rule."""
+    """A policy that is valid but too large for this code generator; names the rule (and, for
+    an automaton past its state limit, every rule responsible: `rules`)."""
 
-    def __init__(self, message: str, rule_index: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        rule_index: int | None = None,
+        rules: tuple[int, ...] = (),
+        code: str = "E900",
+    ) -> None:
         super().__init__(message)
-        self.rule_index = rule_index
+        self.rule_index = rule_index if rule_index is not None or not rules else rules[0]
+        self.rules = rules or ((rule_index,) if rule_index is not None else ())
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,9 @@ def glob_regex(pattern: str) -> Re:
     `*` is a run of non-`/` bytes (non-empty as a whole segment), a whole-segment `**` is zero
     or more segments, a trailing `**` inside a segment is any bytes. It is matched against the
     *normalized* path (normalize.py), where remaining escapes have upper-case hex digits, as
-    the tokens' literals do."""
+    the tokens' literals do. (A path regex `~"..."` is accepted too: see path_regex.)"""
+    if regex.is_regex(pattern):
+        return regex.to_re(pattern)
     parts: list[Re] = []
     for token in parse_pattern(pattern).tokens:
         match token:
@@ -168,8 +180,8 @@ def glob_regex(pattern: str) -> Re:
 
 
 def path_regex(text: str) -> Re:
-    """The regex of a rule's path pattern (a glob)."""
-    return glob_regex(text)
+    """The regex of a rule's path pattern: a glob, or a path regex `~"..."` (dsl/regex.py)."""
+    return regex.to_re(text) if regex.is_regex(text) else glob_regex(text)
 
 
 def _condition_regex(cond: HostCondition | HeaderCondition) -> Re:
@@ -251,16 +263,30 @@ def _lower(policy: Policy) -> MatcherIR:
     )
     try:
         builder = LookupBuilder(rule_patterns, rule_needs)
-        matcher = build_path_matcher(spec.path_patterns, builder.outcome, spec.state_limit)
+        matcher = build_path_matcher(spec.path_patterns, builder.outcome, spec.path_state_limit)
         lookup = builder.finish()
+        scanner = build_scanner(spec)
     except LookupTooLarge as e:
         raise LoweringError(str(e)) from None
+    except StateLimit as e:
+        # Name the rules whose patterns (paths, or conditions for the header automaton) are in
+        # most of the states: removing or narrowing them is what brings the count down.
+        culprits: list[int] = []
+        for tag in e.blame:
+            if e.phase == "path":
+                found = [i for i, pid in enumerate(rule_patterns) if pid == tag]
+            elif isinstance(tag, tuple) and tag[0] == "fact":
+                found = [i for i, need in enumerate(rule_needs) if tag[1] in need]
+            else:
+                found = []
+            culprits += [i for i in found[:1] if i not in culprits]
+        raise LoweringError(str(e), rules=tuple(culprits), code="E901") from None
     path_facts = [
         frozenset(n_scanner_facts + rule_patterns[r] for r in found) if legacy else frozenset()
         for found in lookup.lists
     ]
     path_cands = [lookup.cand_word(out) for out in range(len(lookup.lists))]
-    tables = pack(build_scanner(spec), matcher, path_facts, path_cands, dense_path=legacy)
+    tables = pack(scanner, matcher, path_facts, path_cands, dense_path=legacy)
     entries = tuple(
         RuleEntry(
             rule.index,

@@ -99,12 +99,28 @@ SINGLETON_FLAGS = FLAG_HOST_LINE | FLAG_CL_LINE | FLAG_TE_LINE
 EMIT_MASK = 0xFFFF
 
 
-class StateLimit(Exception):
-    """An automaton grew past the state limit; `phase` says which (\"path\", \"header\", ...)."""
+# Documented limits (docs/language.md, "Limits"): states of one automaton while it is built,
+# before minimization. They bound compile time and memory (about 2 s of subset construction for
+# the path automaton); a policy past them gets an error naming the rules responsible.
+PATH_STATE_LIMIT = 250_000
+HEAD_STATE_LIMIT = 50_000  # per phase of the head scanner (method, raw path, header line)
 
-    def __init__(self, message: str, phase: str) -> None:
+
+class StateLimit(Exception):
+    """An automaton grew past its state limit. `phase` says which ("path", "header", ...);
+    `blame` lists the tags of the patterns found in the most states, most first."""
+
+    def __init__(self, message: str, phase: str, blame: Sequence[Hashable] = ()) -> None:
         super().__init__(message)
         self.phase = phase
+        self.blame = list(blame)
+
+
+def _blamed(e: StateLimitExceeded) -> list[Hashable]:
+    """The patterns in at least a tenth of the states built, at least the first. Those are the
+    ones multiplying states: with n overlapping wildcards each is in about half of the 2**n
+    states (less in the breadth-first part built before the limit), a literal route in few."""
+    return [tag for i, (tag, n) in enumerate(e.blame) if i == 0 or 10 * n >= e.states]
 
 
 @dataclass(frozen=True)
@@ -112,7 +128,8 @@ class ScannerSpec:
     method_facts: dict[str, frozenset[int]]  # method token -> facts it establishes
     path_patterns: list[tuple[Re, int]]  # (regex over the normalized path, fact)
     header_patterns: list[tuple[Re, int]]  # (regex over a whole header line, fact)
-    state_limit: int = 400_000
+    state_limit: int = HEAD_STATE_LIMIT
+    path_state_limit: int = PATH_STATE_LIMIT
 
 
 @dataclass
@@ -179,7 +196,9 @@ class _Builder:
         try:
             dfa = determinize(patterns, self.spec.state_limit)
         except StateLimitExceeded as e:
-            raise StateLimit(f"the {phase} automaton exceeds {e} states", phase) from None
+            raise StateLimit(
+                f"the {phase} automaton needs more than {e.limit:,} states", phase, _blamed(e)
+            ) from None
         dfa, _ = minimize(dfa, lambda s: (dfa.tags[s], dfa.marks[s], s == dfa.start))
         return dfa
 
@@ -407,7 +426,9 @@ def build_path_matcher(
     try:
         dfa = determinize(patterns, limit)
     except StateLimitExceeded as e:
-        raise StateLimit(f"the path automaton exceeds {e} states", "path") from None
+        raise StateLimit(
+            f"the path automaton needs more than {e.limit:,} states", "path", _blamed(e)
+        ) from None
     memo: dict[frozenset[Hashable], int] = {}
     outputs = []
     for tags in dfa.tags:

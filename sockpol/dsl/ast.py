@@ -47,10 +47,15 @@ class MethodSet:
 
 @dataclass(frozen=True)
 class PathPattern:
-    """A path glob as written: `/exact`, `/one/*/segment`, `/any/depth/**`."""
+    """A path glob as written: `/exact`, `/one/*/segment`, `/any/depth/**`; or a path regex,
+    kept as written with its marker: `~"/v[0-9]+/.*"` (see dsl/regex.py)."""
 
     span: Span
     text: str
+
+    @property
+    def is_regex(self) -> bool:
+        return self.text.startswith('~"')
 
 
 @dataclass(frozen=True)

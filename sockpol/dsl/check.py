@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sockpol.diagnostics import Diagnostic, DiagnosticBag, Severity, Source, Span
-from sockpol.dsl import patterns
+from sockpol.dsl import patterns, regex
 from sockpol.dsl.ast import (
     Action,
     HeaderCondition,
@@ -251,7 +251,9 @@ class _Checker:
     def path(self, rule: Rule) -> None:
         raw = self._raw(rule.path.span)
         piece = self._piece(rule.path.span, rule.path.text, quoted=(raw or "").startswith('"'))
-        for problem in patterns.problems(rule.path.text):
+        text = rule.path.text
+        found = regex.problems(text) if regex.is_regex(text) else patterns.problems(text)
+        for problem in found:
             self.bag.error(
                 piece.sub(problem.offset, problem.length),
                 problem.message,

@@ -308,7 +308,7 @@ class _FileParser:
             _join(_token_span(method_tokens[0], lineno), _token_span(method_tokens[-1], lineno)),
             None if texts == ("*",) else texts,
         )
-        path_text = path_token.value
+        path_text = path_token.value  # a REGEX stays as written: ~"..."
         if path_token.type == "STRING":
             path_text = self._unquote(path_token, lineno)
         path = PathPattern(_token_span(path_token, lineno), path_text)
@@ -451,6 +451,8 @@ _EXAMPLES: dict[str, list[str]] = {
         'allow GET /x "y"',
         'allow GET "/x" y',
         'allow GET "/x" ,',
+        'allow GET ~"/x" y',
+        'allow GET ~"/x" ,',
     ],
     "after_log": [
         "allow GET /x log x",
@@ -633,7 +635,12 @@ def _describe_terminal(name: str) -> str:
         return name
     if pattern.type == "str":
         return f"'{pattern.value}'"
-    return {"WORD": "a name", "PATH": "a path", "STRING": "a quoted string"}.get(name, name)
+    return {
+        "WORD": "a name",
+        "PATH": "a path",
+        "STRING": "a quoted string",
+        "REGEX": 'a path regex ~"..."',
+    }.get(name, name)
 
 
 # -- small helpers ---------------------------------------------------------------------------

@@ -139,7 +139,12 @@ def to_regex(pattern: str | Pattern) -> str:
     """The reference semantics: a Python regex matching exactly the paths the pattern matches.
 
     Anchored at both ends with flags embedded; use it with `re.match` or `re.fullmatch`.
+    A path regex (`~"..."`, see dsl/regex.py) gets its own reference translation.
     """
+    if isinstance(pattern, str) and pattern.startswith('~"'):
+        from sockpol.dsl import regex  # regex.py builds on this module
+
+        return regex.to_python(pattern)
     if isinstance(pattern, str):
         pattern = parse_pattern(pattern)
     parts = []
