@@ -32,10 +32,22 @@ def _policy_files(paths: list[str], suffix: str = ".pol") -> list[str]:
     out: list[str] = []
     for p in paths:
         if os.path.isdir(p):
-            out += sorted(str(f) for f in Path(p).rglob(f"*{suffix}"))
+            out += _find(Path(p), suffix)
         else:
             out.append(p)
     return out
+
+
+def _find(folder: Path, suffix: str) -> list[str]:
+    """Files ending in `suffix` below `folder`, skipping hidden directories (.git, .venv, ...)."""
+    return sorted(
+        str(f)
+        for f in folder.rglob(f"*{suffix}")
+        if not any(
+            part.startswith(".") and part not in (".", "..")
+            for part in f.relative_to(folder).parts[:-1]
+        )
+    )
 
 
 # -- lint -----------------------------------------------------------------------------------------
@@ -203,7 +215,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     paths: list[str] = []
     for p in args.paths or ["."]:
         if os.path.isdir(p):
-            paths += sorted(str(f) for f in Path(p).rglob("*.poltest"))
+            paths += _find(Path(p), ".poltest")
         elif p.endswith(".pol"):
             paths.append(str(Path(p).with_suffix(".poltest")))
         else:
