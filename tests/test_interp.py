@@ -150,6 +150,14 @@ def test_refusals(data, reason):
     assert not verdict.allow and verdict.reason == reason, verdict
 
 
+def test_a_second_content_length_is_refused_at_its_first_digit():
+    # As the program does: the send that brings that digit is refused, not held.
+    p = policy("allow * /**", default="allow")
+    run = judge(p, b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2")
+    assert not run.allow and run.verdict.reason == "duplicate-header"
+    assert judge(p, b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: ").cork
+
+
 def test_refusal_names_are_the_scanners():
     names = {r.name.lower().replace("_", "-") for r in Reason}
     assert set(REFUSALS) <= names

@@ -308,7 +308,7 @@ def _fields(r: _Reader) -> tuple[tuple[Header, ...], int, bool]:
         line_start = r.pos
         if _end_of_fields(r, "bad-header"):
             return tuple(headers), content_length, "transfer-encoding" in seen
-        name, value, cl = _field_line(r, line_start, "bad-header")
+        name, value, cl = _field_line(r, line_start, "bad-header", frozenset(seen))
         # The line is complete at its CR: these are decided before the LF is seen.
         if name == "transfer-encoding" and value.lower() != b"chunked":
             raise r.refuse("transfer-encoding", "a Transfer-Encoding other than 'chunked'")
@@ -341,9 +341,10 @@ def _end_of_fields(r: _Reader, reason: str) -> bool:
 
 
 def _field_line(
-    r: _Reader, line_start: int, reason: str
+    r: _Reader, line_start: int, reason: str, seen: frozenset[str] = frozenset()
 ) -> tuple[str, bytes, _ContentLength | None]:
-    """`name: value` up to and including its CR; the value trimmed of spaces and tabs."""
+    """`name: value` up to and including its CR; the value trimmed of spaces and tabs. `seen`:
+    the framing headers already read (a second Content-Length is refused at its first digit)."""
     b = r.next()
     if b not in TCHAR:
         what = "a continuation line (obs-fold)" if b in WS else f"byte {_byte(b)}"
@@ -358,7 +359,10 @@ def _field_line(
         if b not in FIELD_BYTE:
             raise r.refuse(reason, f"byte {_byte(b)} in the value of {name}")
         if cl is not None and cl.feed(b):
-            raise r.refuse("bad-content-length", f"Content-Length above {CL_MAX}")
+            if "content-length" in seen:
+                raise r.refuse("duplicate-header", "a second content-length header")
+            if cl.value > CL_MAX:
+                raise r.refuse("bad-content-length", f"Content-Length above {CL_MAX}")
     return name, r.data[value_start : r.pos - 1].strip(WS), cl
 
 
@@ -425,11 +429,11 @@ class _ContentLength:
     value: int = 0
 
     def feed(self, b: int) -> bool:
-        """Take one byte; True when the value has grown past CL_MAX."""
+        """Take one byte; True when it is a digit of the value."""
         if b in DIGITS and self.phase <= 1:
             self.phase = 1
             self.value = self.value * 10 + b - 0x30
-            return self.value > CL_MAX
+            return True
         if b in WS and self.phase != 3:
             self.phase = 0 if self.phase == 0 else 2
         else:
