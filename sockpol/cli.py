@@ -108,16 +108,11 @@ def _object_paths(output: str | None, names: list[str]) -> list[Path]:
 
 
 def _print_stats(c, data: bytes) -> None:
-    t = c.matcher.tables
-    table_bytes = (
-        256 + len(t.trans) * 2 + len(t.info) * 4 + len(t.factsets) * c.matcher.fact_words * 8
-    )
-    print(
-        f"{c.policy.name}: {t.n_states} scanner states, {1 << t.class_bits} byte classes, "
-        f"{len(c.matcher.fact_names)} facts, {len(c.matcher.rules)} rules, "
-        f"tables {table_bytes} bytes, object {len(data)} bytes",
-        file=sys.stderr,
-    )
+    """Sizes, and the verifier's instruction count when the object can be loaded here."""
+    from sockpol.stats import compile_stats
+
+    for line in compile_stats(c, data).lines():
+        print(line, file=sys.stderr)
 
 
 def _object_for(args: argparse.Namespace, tmpdir: str) -> Path:
@@ -363,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output file, or directory for several policies")
     p.add_argument("--policy", help="the policy to compile when the file has several")
     p.add_argument("--emit", choices=["obj", "llvm", "asm"], default="obj")
-    p.add_argument("--stats", action="store_true", help="print automaton and table sizes")
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="print automaton and table sizes, and (as root) the verifier's instruction count",
+    )
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("load", help="load a policy (.pol or compiled .o) and attach it")

@@ -1,0 +1,173 @@
+"""`sockpol compile --stats`: the sizes of a compiled policy, and what the verifier thinks of it.
+
+The sizes come from the matcher IR and the object itself (the `.data` section is where the tables
+live: two slots for hot reload, see emit.py). The verifier's count is the number of instructions
+it processed to accept each program (`bpf_prog_info.verified_insns`, the "processed N insns" of
+its log), read back after loading the object with libbpf, without attaching anything. It needs
+root (CAP_BPF and CAP_NET_ADMIN) and a kernel that can load the object; otherwise the stats say why
+it is missing. The point of reporting it: the program walks tables with bounded loops, so the
+count must not grow with the number of rules (bench/README.md shows it does not).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import tempfile
+from ctypes import Structure, c_char, c_uint32, c_uint64
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from elftools.elf.elffile import ELFFile
+
+if TYPE_CHECKING:
+    from sockpol.compiler import CompiledPolicy
+
+
+@dataclass(frozen=True)
+class Stats:
+    policy: str
+    rules: int
+    rule_classes: int  # distinct (method set, conditions) combinations
+    facts: int  # method sets and conditions the head scanner establishes
+    scanner_states: int
+    scanner_classes: int
+    path_states: int  # states of the (minimal) path automaton
+    path_classes: int
+    path_slots: int  # used slots of its packed form (comb.py)
+    longest_candidates: int  # most candidate rules looked at for one request
+    data_bytes: int  # the object's .data: every table, both slots
+    object_bytes: int
+    verified_insns: dict[str, int] = field(default_factory=dict)  # program -> count
+    verifier_note: str = ""  # why there is no count, if there is none
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{self.policy}: {self.rules} rules in {self.rule_classes} classes, "
+            f"{self.facts} scanner facts",
+            f"  head scanner: {self.scanner_states} states x {self.scanner_classes} byte classes",
+            f"  path automaton: {self.path_states} states x {self.path_classes} byte classes, "
+            f"{self.path_slots} packed slots; at most {self.longest_candidates} candidate "
+            "rules per request",
+            f"  tables: {self.data_bytes} bytes (.data, two slots); "
+            f"object: {self.object_bytes} bytes",
+        ]
+        if self.verified_insns:
+            counts = ", ".join(f"{p} {n}" for p, n in sorted(self.verified_insns.items()))
+            out.append(f"  verifier: processed instructions: {counts}")
+        else:
+            out.append(f"  verifier: not loaded ({self.verifier_note})")
+        return out
+
+
+def compile_stats(c: CompiledPolicy, obj: bytes, verify: bool = True) -> Stats:
+    t, m = c.matcher.tables, c.matcher
+    p = t.path
+    comb = p.comb
+    lookup = m.lookup
+    elf = ELFFile(io.BytesIO(obj))
+    data = elf.get_section_by_name(".data")
+    counts: dict[str, int] = {}
+    note = ""
+    if verify:
+        counts, note = verifier_counts(obj)
+    return Stats(
+        policy=c.policy.name,
+        rules=len(m.rules),
+        rule_classes=len(lookup.classes) if lookup else 0,
+        facts=sum(1 for name in m.fact_names if not name.startswith("path matches")),
+        scanner_states=t.n_states,
+        scanner_classes=max(t.classmap) + 1,
+        path_states=len(comb.ids) if comb else p.n_states,
+        path_classes=comb.n_classes if comb else max(p.classmap) + 1,
+        path_slots=sum(1 for s in comb.slots if s) if comb else 0,
+        longest_candidates=lookup.longest if lookup else len(m.rules),
+        data_bytes=data.data_size if data is not None else 0,
+        object_bytes=len(obj),
+        verified_insns=counts,
+        verifier_note=note,
+    )
+
+
+def verifier_counts(obj: bytes) -> tuple[dict[str, int], str]:
+    """Load the object (programs and maps, nothing attached) and read each program's
+    verified-instruction count. Returns ({}, reason) when that is not possible here."""
+    if os.geteuid() != 0:
+        return {}, "needs root"
+    try:
+        from sockpol.runtime import libbpf
+    except Exception as e:  # noqa: BLE001 -- no libbpf: say so, the sizes still stand
+        return {}, f"libbpf unavailable: {e}"
+    with tempfile.NamedTemporaryFile(suffix=".bpf.o") as f, libbpf.capture_messages() as messages:
+        f.write(obj)
+        f.flush()
+        try:
+            with libbpf.BpfObject.open_file(f.name) as o:
+                programs = o.programs()
+                for prog in programs:
+                    prog.capture_log()
+                o.load()
+                return {prog.name: _verified_insns(prog.fd()) for prog in programs}, ""
+        except Exception as e:  # noqa: BLE001 -- any load failure is reported, not raised
+            detail = next((text for _, text in reversed(messages) if "processed" in text), "")
+            return {}, f"the kernel did not load it: {e}{'; ' + detail.strip() if detail else ''}"
+
+
+class _ProgInfo(Structure):
+    """struct bpf_prog_info (include/uapi/linux/bpf.h) up to `verified_insns` (Linux 5.16+)."""
+
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("tag", c_char * 8),
+        ("jited_prog_len", c_uint32),
+        ("xlated_prog_len", c_uint32),
+        ("jited_prog_insns", c_uint64),
+        ("xlated_prog_insns", c_uint64),
+        ("load_time", c_uint64),
+        ("created_by_uid", c_uint32),
+        ("nr_map_ids", c_uint32),
+        ("map_ids", c_uint64),
+        ("name", c_char * 16),
+        ("ifindex", c_uint32),
+        ("gpl_compatible", c_uint32),
+        ("netns_dev", c_uint64),
+        ("netns_ino", c_uint64),
+        ("nr_jited_ksyms", c_uint32),
+        ("nr_jited_func_lens", c_uint32),
+        ("jited_ksyms", c_uint64),
+        ("jited_func_lens", c_uint64),
+        ("btf_id", c_uint32),
+        ("func_info_rec_size", c_uint32),
+        ("func_info", c_uint64),
+        ("nr_func_info", c_uint32),
+        ("nr_line_info", c_uint32),
+        ("line_info", c_uint64),
+        ("jited_line_info", c_uint64),
+        ("nr_jited_line_info", c_uint32),
+        ("line_info_rec_size", c_uint32),
+        ("jited_line_info_rec_size", c_uint32),
+        ("nr_prog_tags", c_uint32),
+        ("prog_tags", c_uint64),
+        ("run_time_ns", c_uint64),
+        ("run_cnt", c_uint64),
+        ("recursion_misses", c_uint64),
+        ("verified_insns", c_uint32),
+        ("attach_btf_obj_id", c_uint32),
+        ("attach_btf_id", c_uint32),
+    ]
+
+
+def _verified_insns(fd: int) -> int:
+    from sockpol.runtime import libbpf
+
+    info = _ProgInfo()
+    size = c_uint32(ctypes.sizeof(info))
+    err = libbpf.lib().bpf_obj_get_info_by_fd(fd, ctypes.addressof(info), ctypes.byref(size))
+    if err:
+        raise OSError(-err, "bpf_obj_get_info_by_fd")
+    return info.verified_insns
+
+
+__all__ = ["Stats", "compile_stats", "verifier_counts"]
