@@ -15,7 +15,8 @@ Recipe (../shared/notes/ktls-vm.md, verified on these machines):
   module tree there is invisible to it;
 - qemu under TCG (`--disable-kvm`: nested KVM hangs here), `--verbose` or the guest's console is
   lost, and `vng` exits 255 even when the guest script succeeded, so the guest writes its own
-  exit status and a JUnit XML into a directory shared read-write (`--rwdir`).
+  exit status, and a pytest plugin in the guest (guest_plugin.py) streams one JSON line per test
+  phase into a directory shared read-write (`--rwdir`).
 
 Kernel choice: upstream stable kernels now carry "tls: reject the combination of TLS and sockmap"
 (Debian 6.1.190 and later). Two kernels are therefore used, both found with apt-cache:
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import re
 import shlex
@@ -40,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,7 +234,7 @@ def select_kernels() -> dict[str, Kernel]:
 @dataclass
 class TestResult:
     nodeid: str
-    outcome: str  # passed, failed, error, skipped
+    outcome: str  # passed, failed, error, skipped, xfailed, unfinished
     message: str = ""
     details: str = ""
     seconds: float = 0.0
@@ -263,8 +264,9 @@ export PATH={path} HOME=/root SOCKPOL_IN_VM=1 CI={ci} PYTHONDONTWRITEBYTECODE=1
 echo "{start} $(uname -r) $(cut -d' ' -f1 /proc/uptime)"
 mount | grep -q ' /sys/fs/bpf type bpf' || mount -t bpf bpf /sys/fs/bpf
 cd {repo} || exit 1
-timeout -k 10 {guest_timeout} {python} -m pytest -p no:cacheprovider -ra -o junit_family=xunit2 \\
-    --junitxml={results}/junit.xml {args} > {results}/pytest.log 2>&1
+PYTHONPATH={plugin_dir} SOCKPOL_VM_RESULTS={results}/results.jsonl \\
+    timeout -k 10 {guest_timeout} {python} -m pytest -p no:cacheprovider -p sockpol_vm_guest \\
+    -ra --durations=15 {args} > {results}/pytest.log 2>&1
 status=$?
 echo "$status" > {results}/status
 echo "{exit} $status"
@@ -286,6 +288,9 @@ def run(
         shared = Path(tmp)
         results = shared / "results"
         results.mkdir()
+        plugin_dir = shared / "plugin"
+        plugin_dir.mkdir()
+        shutil.copy(Path(__file__).with_name("guest_plugin.py"), plugin_dir / "sockpol_vm_guest.py")
         script = shared / "guest.sh"
         # The guest's kTLS tests check the kernel against what its changelog says.
         env = {
@@ -304,6 +309,7 @@ def run(
                 guest_timeout=int(max(timeout - BOOT_TIMEOUT, 60)),
                 python=shlex.quote(sys.executable),
                 results=shlex.quote(str(results)),
+                plugin_dir=shlex.quote(str(plugin_dir)),
                 args=" ".join(shlex.quote(a) for a in pytest_args),
             )
         )
@@ -328,10 +334,19 @@ def run(
             console,
             log_file.read_text(errors="replace") if log_file.exists() else "",
         )
-        junit = results / "junit.xml"
-        if junit.exists():
-            run_.results = parse_junit(junit)
+        stream = results / "results.jsonl"
+        if stream.exists():
+            run_.results = parse_results(stream.read_text())
+        _keep_log(kernel, run_)
     return run_
+
+
+def _keep_log(kernel: Kernel, run_: VMRun) -> None:
+    """The last guest log per kernel stays in the cache, for a look after a failed CI run."""
+    logs = CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / f"{kernel.release}.pytest.log").write_text(run_.pytest_log)
+    (logs / f"{kernel.release}.console.log").write_text(run_.console)
 
 
 def _boot(argv: list[str], timeout: float) -> str:
@@ -363,32 +378,43 @@ def _guest_release(console: str) -> str | None:
     return m.group(1) if m else None
 
 
-def parse_junit(path: Path) -> dict[str, TestResult]:
-    """JUnit XML (xunit2) -> {pytest node id: result}."""
+def parse_results(stream: str) -> dict[str, TestResult]:
+    """The guest plugin's JSON lines -> {node id: result}, one outcome per test.
+
+    A test with a failed phase failed (call) or errored (setup/teardown); a skipped setup is a
+    skip, or an xfail when pytest says so; a test that started but never finished was running
+    when the guest's time ran out.
+    """
+    phases: dict[str, dict[str, dict]] = {}
+    for line in stream.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        phases.setdefault(rec["nodeid"], {})[rec["when"]] = rec
     results = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        nodeid = junit_nodeid(case.get("classname", ""), case.get("name", ""))
-        outcome, message, details = "passed", "", ""
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
-                message = child.get("message", "")
-                details = child.text or ""
-                break
-        if nodeid in results and results[nodeid].outcome != "passed" and outcome == "passed":
-            continue  # a teardown error reported as a second testcase must not be hidden
-        results[nodeid] = TestResult(nodeid, outcome, message, details, float(case.get("time", 0)))
+    for nodeid, by_when in phases.items():
+        seconds = sum(r.get("seconds", 0) for r in by_when.values())
+        failed = [r for w, r in by_when.items() if r.get("outcome") == "failed"]
+        if failed:
+            r = failed[0]
+            outcome = "failed" if r["when"] == "call" else "error"
+            results[nodeid] = TestResult(nodeid, outcome, r["message"], r["details"], seconds)
+            continue
+        done = [by_when[w] for w in ("setup", "call") if w in by_when]
+        skipped = [r for r in done if r["outcome"] == "skipped"]
+        if skipped:
+            r = skipped[0]
+            outcome = "xfailed" if r.get("xfail") is not None else "skipped"
+            message = r["xfail"] if r.get("xfail") else r["message"]
+            results[nodeid] = TestResult(nodeid, outcome, message, "", seconds)
+        elif "teardown" in by_when:
+            results[nodeid] = TestResult(nodeid, "passed", "", "", seconds)
+        else:
+            results[nodeid] = TestResult(
+                nodeid, "unfinished", "still running when the guest's time limit ended it"
+            )
     return results
-
-
-def junit_nodeid(classname: str, name: str) -> str:
-    """tests.kernel.test_x.TestY + test_z[p] -> tests/kernel/test_x.py::TestY::test_z[p]."""
-    parts = classname.split(".")
-    for i in range(len(parts), 0, -1):
-        path = REPO.joinpath(*parts[:i]).with_suffix(".py")
-        if path.exists():
-            return "::".join(["/".join(parts[:i]) + ".py", *parts[i:], name])
-    return f"{classname}::{name}"
 
 
 def collect(paths: Sequence[str]) -> list[str]:
