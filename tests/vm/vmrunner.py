@@ -20,10 +20,11 @@ Recipe (../shared/notes/ktls-vm.md, verified on these machines):
 
 Kernel choice: upstream stable kernels now carry "tls: reject the combination of TLS and sockmap"
 (Debian 6.1.190 and later). Two kernels are therefore used, both found with apt-cache:
-- `latest`: the newest 6.1 ABI; every kernel test runs there (LTS compatibility, and kTLS is
-  expected to be refused on sockhash sockets, which the tests check sockpol fails closed on);
+- `latest`: the newest 6.1 ABI; the core kernel tests run there (LTS compatibility), and the
+  kTLS tests, which there check that sockpol fails closed (vmsession.PLAN says which tests);
 - `ktls`: the newest 6.1 ABI whose Debian changelog does not list that patch; the kTLS tests run
   there and must find policy inside TLS working.
+Downloads and their verdicts stay in CACHE; kernels no longer chosen are pruned.
 
 Run by hand:  sudo .venv/bin/python tests/vm/vmrunner.py [--kernel latest|ktls] [pytest args]
 """
@@ -56,7 +57,7 @@ KERNEL_PATTERN = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$"
 REJECTION_PATCH = "tls: reject the combination of TLS and sockmap"
 MARKER = ".sockpol-vm"  # in /usr/lib/modules/<release>: which package was installed there
 
-BOOT_TIMEOUT = 120.0  # seconds from `vng` start to the guest script's first line, at most
+BOOT_TIMEOUT = 120.0  # of a run's time limit, kept for booting and shutting down the guest
 EXIT_LINE = "SOCKPOL-VM-EXIT:"
 START_LINE = "SOCKPOL-VM-START:"
 
@@ -147,32 +148,56 @@ class Kernel:
 
 def available_packages() -> list[str]:
     """6.1 kernel packages apt knows, newest ABI first."""
-    out = _run(["apt-cache", "search", "--names-only", KERNEL_PATTERN])
-    names = [line.split(" ", 1)[0] for line in out.stdout.splitlines() if line.strip()]
-    if not names:
-        ensure_apt_lists()
+    for attempt in range(2):
         out = _run(["apt-cache", "search", "--names-only", KERNEL_PATTERN])
         names = [line.split(" ", 1)[0] for line in out.stdout.splitlines() if line.strip()]
-    if not names:
-        raise VMUnavailable("apt-cache knows no linux-image-6.1.0-*-amd64-unsigned package")
-    return sorted(names, key=lambda n: int(n.split("-")[3]), reverse=True)
+        if names:
+            return sorted(names, key=lambda n: int(n.split("-")[3]), reverse=True)
+        if attempt == 0:
+            _run(
+                ["apt-get", "update", "-qq"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            )
+    raise VMUnavailable("apt-cache knows no linux-image-6.1.0-*-amd64-unsigned package")
 
 
-def ensure_apt_lists() -> None:
-    _run(["apt-get", "update", "-qq"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+def candidate_version(package: str) -> str:
+    out = _run(["apt-cache", "show", "--no-all-versions", package])
+    m = re.search(r"^Version: (\S+)", out.stdout, re.MULTILINE)
+    if m is None:
+        raise VMUnavailable(f"apt-cache show {package}: no version")
+    return m.group(1)
 
 
-def fetch(package: str) -> Kernel:
+# Whether a kernel version carries the rejection, remembered so that a kernel that is not used
+# need not stay in the cache (or be downloaded again) just to be looked at.
+VERDICTS = CACHE / "rejects-tls-sockmap.json"
+
+
+def _verdicts() -> dict[str, bool]:
+    try:
+        return json.loads(VERDICTS.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def rejects_tls_sockmap(package: str, version: str) -> bool:
+    key = f"{package}_{version}"
+    known = _verdicts()
+    if key not in known:
+        known[key] = fetch(package, version).rejects_tls_sockmap
+        VERDICTS.write_text(json.dumps(known, indent=1, sort_keys=True))
+    return known[key]
+
+
+def fetch(package: str, version: str) -> Kernel:
     """Download (once) and extract (once) a kernel package into the cache."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    debs = sorted(CACHE.glob(f"{package}_*.deb"))
-    if not debs:
+    deb = CACHE / f"{package}_{version}_amd64.deb"
+    if not deb.exists():
         # apt downloads into the current directory; _apt cannot write to a root-only cache.
-        out = _run(["apt-get", "download", "-q", package], cwd=CACHE, timeout=900)
-        debs = sorted(CACHE.glob(f"{package}_*.deb"))
-        if out.returncode != 0 or not debs:
-            raise VMUnavailable(f"apt-get download {package} failed: {out.stderr[-500:]}")
-    deb = debs[-1]
+        out = _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=CACHE, timeout=900)
+        if out.returncode != 0 or not deb.exists():
+            raise VMUnavailable(f"apt-get download {package}={version} failed: {out.stderr[-500:]}")
     tree = CACHE / deb.stem
     if not (tree / ".extracted").exists():
         shutil.rmtree(tree, ignore_errors=True)
@@ -181,7 +206,6 @@ def fetch(package: str) -> Kernel:
             raise VMError(f"dpkg-deb -x {deb} failed: {out.stderr[-500:]}")
         (tree / ".extracted").touch()
     (release,) = [p.name for p in (tree / "lib/modules").iterdir()]
-    version = deb.stem.split("_")[1]
     return Kernel(package, version, release, tree, _changelog_has(tree, REJECTION_PATCH))
 
 
@@ -193,11 +217,20 @@ def _changelog_has(tree: Path, text: str) -> bool:
 
 
 def install(kernel: Kernel) -> None:
-    """Put the kernel's modules, image and config under /usr/lib/modules/<release>; depmod."""
+    """Put the kernel's modules, image and config under /usr/lib/modules/<release>; depmod.
+
+    Only a directory this runner made (it has MARKER) is ever replaced: a host that really runs
+    a Debian 6.1 kernel has the same release installed as a package, and that is left alone.
+    """
     target = MODULES / kernel.release
     marker = target / MARKER
     if marker.exists() and marker.read_text().strip() == kernel.version:
         return
+    if target.exists() and not marker.exists():
+        raise VMUnavailable(
+            f"{target} exists and was not made by the VM runner (an installed kernel?); "
+            "not touching it"
+        )
     shutil.rmtree(target, ignore_errors=True)
     MODULES.mkdir(parents=True, exist_ok=True)
     source = kernel.tree / "lib/modules" / kernel.release
@@ -214,16 +247,32 @@ def install(kernel: Kernel) -> None:
     marker.write_text(kernel.version + "\n")
 
 
+def prune(keep: Sequence[Kernel]) -> None:
+    """Drop cached packages and module trees of kernels no longer chosen (newer ABIs appear)."""
+    stems = {k.tree.name for k in keep}
+    for path in CACHE.glob("linux-image-*"):
+        if path.name.removesuffix(".deb") not in stems:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    releases = {k.release for k in keep}
+    for tree in MODULES.glob("6.1.0-*-amd64"):
+        if tree.name not in releases and (tree / MARKER).exists():
+            shutil.rmtree(tree, ignore_errors=True)
+
+
 def select_kernels() -> dict[str, Kernel]:
     """{"latest": newest 6.1, "ktls": newest 6.1 without the TLS+sockmap rejection}."""
     packages = available_packages()
-    latest = fetch(packages[0])
+    latest = fetch(packages[0], candidate_version(packages[0]))
     chosen = {"latest": latest}
     for package in packages:
-        kernel = latest if package == latest.package else fetch(package)
-        if not kernel.rejects_tls_sockmap:
-            chosen["ktls"] = kernel
+        version = candidate_version(package)
+        if not rejects_tls_sockmap(package, version):
+            chosen["ktls"] = latest if package == latest.package else fetch(package, version)
             break
+    prune(list(chosen.values()))
     return chosen
 
 
