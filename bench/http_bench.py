@@ -127,8 +127,10 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def process(args: list[str], port: int):
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def process(args: list[str], port: int, log: Path):
+    # Output goes to a file: a pipe nobody reads fills up and blocks the server before it listens.
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_port(port)
         yield proc
@@ -260,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sockpol-http-")))
         (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=args.port))
         nginx = shutil.which("nginx")
-        stack.enter_context(process([nginx, "-c", str(work / "nginx.conf")], args.port))
+        stack.enter_context(
+            process([nginx, "-c", str(work / "nginx.conf")], args.port, work / "nginx.log")
+        )
         # Each policy gets requests drawn from its own allowed rules, spread over the whole
         # policy (HAProxy's ACLs are evaluated in order, so where a request matches matters to
         # it); the no-policy run sends the largest policy's mix.
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                     cfg.write_text(
                         HAPROXY_CONF.format(proxy_port=args.proxy_port, port=args.port, acls=acls)
                     )
-                    with process(["haproxy", "-f", str(cfg), "-db"], args.proxy_port):
+                    haproxy = ["haproxy", "-f", str(cfg), "-db"]
+                    with process(haproxy, args.proxy_port, work / "haproxy.log"):
                         res = run_wrk(args, args.proxy_port, script, None)
                 results[name].append(res)
                 print(f"round {round_ + 1} {name}: {json.dumps(res)}", file=sys.stderr)

@@ -117,7 +117,7 @@ def haproxy_acls(rules: list[Rule]) -> list[str]:
         if r.methods is not None:
             conds.append("{ method " + " ".join(r.methods) + " }")
         regex = to_regex(r.path).replace("\\", "\\\\")
-        conds.append(f'{{ path_reg "{regex}" }}')
+        conds.append(f'{{ path_reg -- "{regex}" }}')
         if r.header:
             name, value = r.header
             if value is None:
