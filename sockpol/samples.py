@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sockpol.dsl import regex
 from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, Rule
 
 
@@ -23,6 +24,8 @@ class Sample:
 
 
 def sample_path(pattern: str) -> str:
+    if regex.is_regex(pattern):
+        return regex.example(pattern)
     segments = []
     for seg in pattern[1:].split("/"):
         if seg == "**":

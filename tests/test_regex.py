@@ -152,3 +152,13 @@ def test_regexes_and_globs_share_one_automaton():
     assert verdict("DELETE /api/v1/admin/x") == (False, 1)
     assert verdict("POST /api/v2/items/7") == (True, 2)
     assert verdict("POST /api/v2/items/x") == (False, None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['~"/api/v[0-9]+/users/\\d+"', '~".*\\.json"', '~"/admin(/.*)?"', '~"/a%3a(x|yy){2}"'],
+)
+def test_example_paths_match_and_look_like_paths(text):
+    path = regex.example(text)
+    assert path.startswith("/") and "//" not in path
+    assert re.fullmatch(to_regex(text), path)

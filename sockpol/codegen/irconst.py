@@ -32,9 +32,7 @@ def word_rows(row_t: ir.ArrayType, rows: Sequence[Sequence[int]]) -> ir.Constant
         return ir.Constant(array_t, [])
     elem = str(row_t.element)
     inner = str(row_t)
-    text = ", ".join(
-        f"{inner} [" + ", ".join(f"{elem} {v}" for v in row) + "]" for row in rows
-    )
+    text = ", ".join(f"{inner} [" + ", ".join(f"{elem} {v}" for v in row) + "]" for row in rows)
     return ir.FormattedConstant(array_t, "[" + text + "]")
 
 

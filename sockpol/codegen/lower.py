@@ -237,8 +237,7 @@ def _lower(policy: Policy) -> MatcherIR:
             needed.add(f)
         if len(facts) > MAX_FACT_WORDS * 64:
             raise LoweringError(
-                f"policy needs more than {MAX_FACT_WORDS * 64} distinct method sets and "
-                "conditions",
+                f"policy needs more than {MAX_FACT_WORDS * 64} distinct method sets and conditions",
                 rule.index,
             )
         rule_patterns.append(pattern_ids.setdefault(rule.path.text, len(pattern_ids)))

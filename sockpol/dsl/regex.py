@@ -482,4 +482,32 @@ def to_python(text: str) -> str:
     return r"(?s)\A(?:" + node.py + r")\Z"
 
 
-__all__ = ["MAX_REPEAT", "is_regex", "problems", "to_python", "to_re"]
+def example(text: str) -> str:
+    """A short path the regex matches, for sample requests: breadth-first over its DFA,
+    preferring letters and digits, starting with `/` and avoiding `//` (which normalization
+    would merge) where the regex allows."""
+    from collections import deque
+
+    from sockpol.codegen.automaton import determinize
+
+    dfa = determinize([(to_re(text), "match")], 20_000)
+    order = sorted(range(256), key=lambda b: (not chr(b).isalnum(), chr(b) != "/", b))
+    for strict in (True, False):
+        seen = {dfa.start: b""}
+        todo = deque([dfa.start])
+        while todo:
+            state = todo.popleft()
+            path = seen[state]
+            if dfa.tags[state]:
+                return path.decode("latin-1")
+            for b in order:
+                if strict and (b != 47 if not path else b == 47 and path.endswith(b"/")):
+                    continue
+                nxt = dfa.next(state, b)
+                if nxt is not None and nxt not in seen and PATH >> b & 1:
+                    seen[nxt] = path + bytes([b])
+                    todo.append(nxt)
+    raise ValueError(f"{text} matches no path")
+
+
+__all__ = ["MAX_REPEAT", "example", "is_regex", "problems", "to_python", "to_re"]
