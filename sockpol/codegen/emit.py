@@ -444,7 +444,9 @@ class _Emitter(RecordingMixin):
         b.position_at_end(hex1)
         self.put(b, scan, "pct", PCT_NONE)
         high = self.load_table(b, "hexval", self.get(b, scan, "hex1"), I8)
-        value = b.or_(b.shl(high, I64(4)), self.load_table(b, "hexval", c, I8))
+        # add, not or: kernels before 6.4 lose all bounds on `or` with a register operand, and
+        # these values index tables (the bits never overlap, so the sum is the same number).
+        value = b.add(b.shl(high, I64(4)), self.load_table(b, "hexval", c, I8))
         unreserved = self.load_table(b, "unreserved", value, I8)
         with b.if_else(b.icmp_unsigned("!=", unreserved, I64(0))) as (decode, keep):
             with decode:
@@ -518,7 +520,7 @@ class _Emitter(RecordingMixin):
         byte = b.zext(b.load(p, typ=I8), I64)
         cls = self.load_table(b, "classmap", byte, I8)
         nxt = self.load_table(
-            b, "trans", b.or_(b.shl(self.get(b, scan, "state"), I64(t.class_bits)), cls), I16
+            b, "trans", b.add(b.shl(self.get(b, scan, "state"), I64(t.class_bits)), cls), I16
         )
         info = self.load_table(b, "info", nxt, I32)
 
@@ -542,7 +544,7 @@ class _Emitter(RecordingMixin):
         is_hex = b.icmp_unsigned("!=", b.and_(info, I64(FLAG_HEX_DIGIT)), I64(0))
         chunk_old = self.get(b, scan, "chunk")
         digit = self.load_table(b, "hexval", byte, I8)
-        chunk_new = b.select(is_hex, b.or_(b.shl(chunk_old, I64(4)), digit), chunk_old)
+        chunk_new = b.select(is_hex, b.add(b.shl(chunk_old, I64(4)), digit), chunk_old)
         self.put(b, scan, "chunk", chunk_new)
         chunk_big = b.icmp_unsigned(">", chunk_new, I64(CHUNK_MAX))
         nxt = b.select(chunk_big, self.small(b, Reason.BAD_CHUNK), nxt)
@@ -580,7 +582,7 @@ class _Emitter(RecordingMixin):
         c = b.zext(b.load(gep(b, self.get(b, scan, "scratch"), I8, [i]), typ=I8), I64)
         cls = self.load_table(b, "path_classmap", c, I8)
         shifted = b.shl(self.get(b, scan, "pstate"), I64(self.ir.tables.path.class_bits))
-        self.put(b, scan, "pstate", self.load_table(b, "path_trans", b.or_(shifted, cls), I16))
+        self.put(b, scan, "pstate", self.load_table(b, "path_trans", b.add(shifted, cls), I16))
         b.ret(I64(0))
         return fn
 
