@@ -374,7 +374,8 @@ def probe_ktls_sockmap() -> Finding:
                     Verdict.OK,
                     "TLS_TX set on a socket in a sockhash, and the sk_msg program judged its "
                     "plaintext (a drop-all program refused the send)",
-                    "policy inside TLS works for clients whose TLS library uses kTLS",
+                    "the kernel runs policies on the plaintext of kTLS sockets "
+                    "(what sockpol covers there: docs/ktls.md)",
                 )
             return Finding(
                 "ktls_sockmap",

@@ -75,6 +75,11 @@ class VMSession:
 
     def summary(self) -> list[str]:
         out = []
+        if self.kernels["ktls"].rejects_tls_sockmap:
+            out.append(
+                "WARNING: apt offers no 6.1 kernel without the TLS+sockmap rejection: kTLS "
+                "enforcement was not tested, only that sockpol fails closed"
+            )
         for role, r in self.runs.items():
             counts: dict[str, int] = {}
             for res in r.results.values():
