@@ -119,7 +119,7 @@ def test_reload_under_traffic_judges_each_request_by_the_policy_in_force(
         thread.join()
     try:
         # Thresholds leave room for a loaded machine, where a grace period takes longer.
-        assert len(flips) > 10, f"too few reloads happened during the traffic ({len(flips)})"
+        assert len(flips) > 5, f"too few reloads happened during the traffic ({len(flips)})"
         # The keep-alive connection was never refused or reset by any of the reloads.
         assert outcome["keepalive_ok"] == ROUNDS
         expected = {"A": {"/a": True, "/b": False}, "B": {"/a": False, "/b": True}}
