@@ -429,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup-parent", help="cgroup v2 directory to create the demo cgroup in")
     p.set_defaults(func=cmd_demo)
     _authoring_parsers(sub)
+    from sockpol.doctor import add_doctor_command
+
+    add_doctor_command(sub)
     return parser
 
 

@@ -755,7 +755,10 @@ class _Emitter(RecordingMixin):
             head = b.zext(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), I64)
             finish(self.unframed(b, msg, reason, mode, head, conn), I32(0))
         # The head continues in a later send: hold these bytes and judge the whole head then.
-        verdict(SK_PASS, cork=b.trunc(b.add(size, I64(1)), I32))
+        # DROP, not PASS: plain TCP re-runs the program when the cork fills and ignores this
+        # verdict, but under kTLS (6.1) the verdict returned with the cork is applied to all the
+        # held bytes: PASS let the first bytes of a denied, record-split head reach the peer.
+        verdict(SK_DROP, cork=b.trunc(b.add(size, I64(1)), I32))
 
         b.position_at_end(record)
         outcome, apply = b.phi(I64, "outcome"), b.phi(I32, "apply")
