@@ -332,6 +332,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from sockpol.doctor import cmd_doctor as doctor
+
+    return doctor(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sockpol.demo import run_demo
 
@@ -429,9 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup-parent", help="cgroup v2 directory to create the demo cgroup in")
     p.set_defaults(func=cmd_demo)
     _authoring_parsers(sub)
-    from sockpol.doctor import add_doctor_command
 
-    add_doctor_command(sub)
+    # Defined here, not by sockpol.doctor: importing it imports the runtime, which the
+    # authoring commands (lint, fmt, test, explain) must never need.
+    p = sub.add_parser(
+        "doctor", help="probe the running kernel: what sockpol can enforce here (incl. kTLS)"
+    )
+    p.add_argument("--json", action="store_true", help="findings as JSON")
+    p.add_argument(
+        "--require-ktls",
+        action="store_true",
+        help="exit 1 unless policy inside TLS (kTLS on sockhash sockets) works here",
+    )
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
