@@ -26,6 +26,23 @@ class Mode(Enum):
     DRY_RUN = "dry-run"  # refuse nothing; record every refusal as an event instead
 
 
+class TlsUserspace(Enum):
+    """What a `tls` policy does with a connection whose TLS is done in user space: after the
+    handshake the program sees only ciphertext, so no request on it can be judged."""
+
+    DENY = "deny"  # refuse its first application data record (reason TLS_USERSPACE)
+    ALLOW = "allow"  # pass the connection unjudged (counted and logged as such)
+
+
+@dataclass(frozen=True)
+class TlsSpec:
+    """`tls [userspace deny|allow]`: the policy's ports carry TLS. Handshake records pass;
+    requests are judged on the plaintext kTLS shows the program (docs/ktls.md)."""
+
+    span: Span
+    userspace: TlsUserspace = TlsUserspace.DENY
+
+
 @dataclass(frozen=True)
 class PortRange:
     span: Span
@@ -120,6 +137,7 @@ class Policy:
     rules: tuple[Rule, ...]
     mode: Mode = Mode.ENFORCE
     mode_span: Span | None = None  # the `mode` statement, None when the policy has none
+    tls: TlsSpec | None = None  # None: the ports carry plaintext HTTP
 
     def governs(self, port: int) -> bool:
         return any(r.low <= port <= r.high for r in self.ports)
