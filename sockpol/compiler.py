@@ -22,11 +22,10 @@ from pathlib import Path
 from llvmlite import ir
 
 from sockpol import __version__, telemetry
-from sockpol.codegen import elf, emit
+from sockpol.codegen import elf
 from sockpol.codegen.emit import emit_module
 from sockpol.codegen.lower import (
     DEFAULT_SHAPE,
-    MAX_FACT_WORDS,
     LoweringError,
     MatcherIR,
     TableShape,
@@ -80,6 +79,7 @@ def metadata_for(policy: Policy, source: Source, shape: TableShape | None = None
             for r in policy.rules
         ],
         mode=policy.mode.value,
+        tls=policy.tls.userspace.value if policy.tls is not None else None,
         telemetry=telemetry.layout(),
         source_path=source.path,
         source_sha256=hashlib.sha256(source.text.encode()).hexdigest(),
@@ -116,18 +116,6 @@ def compile_policy(
         bag.error(policy.name_span, f"policy '{policy.name}' is too complex: {e}", code="E901")
         bag.raise_if_errors()
         raise
-    if not matcher.rule_loop and not getattr(emit, "CANDIDATE_LOOKUP", False):
-        # The kernel program still walks every rule with one fact per path pattern; the
-        # candidate lookup (codegen/candidates.py) lifts that limit once emit.py reads it.
-        bag = DiagnosticBag(source)
-        bag.error(
-            policy.name_span,
-            f"policy '{policy.name}' has {len(matcher.policy.rules)} rules whose distinct path "
-            f"patterns, method sets and conditions need more than {MAX_FACT_WORDS * 64} facts, "
-            "the most this version's kernel program holds",
-            code="E900",
-        )
-        bag.raise_if_errors()
     needed = matcher.needed_shape()
     if shape is not None and not shape.covers(needed):
         raise ShapeMismatch(

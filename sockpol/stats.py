@@ -63,8 +63,7 @@ class Stats:
 
 def compile_stats(c: CompiledPolicy, obj: bytes, verify: bool = True) -> Stats:
     t, m = c.matcher.tables, c.matcher
-    p = t.path
-    comb = p.comb
+    comb = t.path.comb
     lookup = m.lookup
     elf = ELFFile(io.BytesIO(obj))
     data = elf.get_section_by_name(".data")
@@ -75,14 +74,14 @@ def compile_stats(c: CompiledPolicy, obj: bytes, verify: bool = True) -> Stats:
     return Stats(
         policy=c.policy.name,
         rules=len(m.rules),
-        rule_classes=len(lookup.classes) if lookup else 0,
-        facts=sum(1 for name in m.fact_names if not name.startswith("path matches")),
+        rule_classes=len(lookup.classes),
+        facts=len(m.fact_names),
         scanner_states=t.n_states,
         scanner_classes=max(t.classmap) + 1,
-        path_states=len(comb.ids) if comb else p.n_states,
-        path_classes=comb.n_classes if comb else max(p.classmap) + 1,
-        path_slots=sum(1 for s in comb.slots if s) if comb else 0,
-        longest_candidates=lookup.longest if lookup else len(m.rules),
+        path_states=len(comb.ids),
+        path_classes=comb.n_classes,
+        path_slots=sum(1 for s in comb.slots if s),
+        longest_candidates=lookup.longest,
         data_bytes=data.data_size if data is not None else 0,
         object_bytes=len(obj),
         verified_insns=counts,

@@ -87,7 +87,13 @@ def test_btf_describes_sockhash_and_functions(tmp_path):
     assert f"VAR '{SOCK_MAP}'" in out
     assert "DATASEC '.maps'" in out
     assert "nr_elems=18" in out  # BPF_MAP_TYPE_SOCKHASH, libbpf's __uint encoding
-    for fn in (MSG_PROGRAM, SOCKOPS_PROGRAM, "sockpol_scan_step", "sockpol_rule_step"):
+    for fn in (
+        MSG_PROGRAM,
+        SOCKOPS_PROGRAM,
+        "sockpol_scan_step",
+        "sockpol_path_step",
+        "sockpol_cand_step",
+    ):
         assert f"FUNC '{fn}'" in out
     assert "FUNC 'sockpol_scan_step' type_id" in out and "linkage=static" in out
 

@@ -23,7 +23,10 @@ from llvmlite import ir
 
 from sockpol import __version__
 from sockpol.codegen import helpers as h
+from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
+from sockpol.codegen.comb import PAYLOAD_MASK, TAG_SHIFT
 from sockpol.codegen.debuginfo import DebugInfo
+from sockpol.codegen.irconst import int_array, word_rows
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.normalize import (
     HEX_DIGITS,
@@ -91,6 +94,7 @@ SCAN_FIELDS = [
     "data", "data_end", "scratch", "tables",  # pointers
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
     "out_len", "seg_start", "seg_dots", "depth", "pct", "hex1", "norm_error", "pstate",  # path
+    "cand_off",  # where the path state's candidate rules start in cand_table
 ]  # fmt: skip
 POINTER_FIELDS = {"data", "data_end", "scratch", "tables"}
 S = {name: i for i, name in enumerate(SCAN_FIELDS)}
@@ -98,7 +102,7 @@ S_FACTS = len(SCAN_FIELDS)
 
 CONFIG = [
     "nrules", "default_allow", "max_head", "start", "path_start", "zero", "one", "leading",
-    "chunk_start", "chunk_data_end",
+    "chunk_start", "chunk_data_end", "path_classes", "path_dead",
 ]  # fmt: skip
 
 
@@ -128,6 +132,7 @@ class _Emitter(RecordingMixin):
         assert shape.covers(ir_.needed_shape())
         self.n_factsets = 1 << shape.factset_bits
         self.n_rules = 1 << shape.rule_bits
+        self.shape = shape
         self.u8 = self.dbg.basic("unsigned char", 8, False)
         self.u32 = self.dbg.basic("unsigned int", 32, False)
         self.u64 = self.dbg.basic("unsigned long long", 64, False)
@@ -176,12 +181,17 @@ class _Emitter(RecordingMixin):
     def tables(self) -> None:
         ir_, t = self.ir, self.ir.tables
         p = t.path
+        comb, lookup, shape = p.comb, ir_.lookup, self.shape
         factsets = [ir_.words(fs) for fs in t.factsets]
         factsets += [[0] * self.nw] * (self.n_factsets - len(factsets))
-        need = [ir_.words(r.facts) for r in ir_.rules]
-        need += [[0] * self.nw] * (self.n_rules - len(need))
+        # Per rule class: the facts it needs (method set, conditions); per rule: its flags.
+        need = [ir_.words(c) for c in lookup.classes]
+        need += [[0] * self.nw] * ((1 << shape.rclass_bits) - len(need))
         # Per rule: pass, log and audit bits (telemetry.RULE_*).
         allow = [r.flags for r in ir_.rules] + [0] * (self.n_rules - len(ir_.rules))
+        slots = comb.slots + [0] * ((1 << shape.slot_bits) - len(comb.slots))
+        accepts = comb.accepts + [0] * ((1 << shape.accept_bits) - len(comb.accepts))
+        cands = list(lookup.table) + [0] * ((1 << shape.cand_bits) - len(lookup.table))
         config = {
             "nrules": len(ir_.rules),
             "default_allow": int(ir_.policy.default.value == "allow"),
@@ -193,30 +203,28 @@ class _Emitter(RecordingMixin):
             "leading": PCT_LEADING_SLASH,
             "chunk_start": t.chunk_start,
             "chunk_data_end": t.chunk_data_end,
+            "path_classes": comb.n_classes,
+            "path_dead": comb.dead_id,
         }
         hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
         def words(rows: list[list[int]]) -> ir.Constant:
-            return ir.Constant(
-                ir.ArrayType(self.words_t, len(rows)),
-                [ir.Constant(self.words_t, row) for row in rows],
-            )
+            return word_rows(self.words_t, rows)
 
         def array(typ: ir.IntType, values: list[int]) -> ir.Constant:
-            if typ is I8:
-                return ir.Constant(ir.ArrayType(I8, len(values)), bytearray(values))
-            return ir.Constant(ir.ArrayType(typ, len(values)), values)
+            return int_array(typ, values)
 
         fields = {
             "classmap": array(I8, list(t.classmap)),
             "trans": array(I16, t.trans),
             "info": array(I32, t.info),
             "factsets": words(factsets),
-            "need": words(need),
+            "class_need": words(need),
             "allow": array(I32, allow),
             "path_classmap": array(I8, list(p.classmap)),
-            "path_trans": array(I16, p.trans),
-            "path_accept": array(I32, p.accept),
+            "path_slots": array(I32, slots),
+            "cand_words": array(I32, accepts),
+            "cand_table": array(I32, cands),
             "hexval": array(I8, hexval),
             "unreserved": array(I8, [int(c in UNRESERVED) for c in range(256)]),
             "hexdigit": array(I8, list(HEX_DIGITS)),
@@ -573,32 +581,46 @@ class _Emitter(RecordingMixin):
         b.ret(b.zext(b.icmp_unsigned("<", nxt, I64(TERMINAL_STATES)), I64))
         return fn
 
+    def comb_slot(self, b: ir.IRBuilder, state: ir.Value, k: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(found, payload) of the slot at `state + k` tagged `k + 1` (comb.py)."""
+        e = self.load_table(b, "path_slots", b.add(state, k), I32)
+        found = b.icmp_unsigned("==", b.lshr(e, I64(TAG_SHIFT)), b.add(k, I64(1)))
+        return found, b.and_(e, I64(PAYLOAD_MASK))
+
     def path_step(self) -> ir.Function:
-        """One byte of the normalized path through the path automaton."""
+        """One byte of the normalized path through the packed path automaton (comb.py): the
+        state's slot for the byte's class, else its default slot, else the dead state."""
         fn, b = self.function("sockpol_path_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
         self.base = self.get(b, scan, "tables")
         i = b.and_(b.zext(index, I64), I64(PATH_MAX - 1))
         c = b.zext(b.load(gep(b, self.get(b, scan, "scratch"), I8, [i]), typ=I8), I64)
         cls = self.load_table(b, "path_classmap", c, I8)
-        shifted = b.shl(self.get(b, scan, "pstate"), I64(self.ir.tables.path.class_bits))
-        self.put(b, scan, "pstate", self.load_table(b, "path_trans", b.add(shifted, cls), I16))
+        state = self.get(b, scan, "pstate")
+        hit, nxt = self.comb_slot(b, state, cls)
+        dflt_hit, dflt = self.comb_slot(b, state, self.config(b, "path_classes"))
+        dead = self.config(b, "path_dead")
+        self.put(b, scan, "pstate", b.select(hit, nxt, b.select(dflt_hit, dflt, dead)))
         b.ret(I64(0))
         return fn
 
-    def rule_step(self) -> ir.Function:
-        """Rule `index`: do all its facts hold? The first that does ends the loop."""
-        fn, b = self.function("sockpol_rule_step", I64, [("index", I32), ("ctx", PTR)])
+    def cand_step(self) -> ir.Function:
+        """Candidate `index` of the path state: does its class hold? The first that does is
+        the first matching rule and ends the loop (candidates.py)."""
+        fn, b = self.function("sockpol_cand_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
         self.base = self.get(b, scan, "tables")
-        r = b.zext(index, I64)
+        entry = self.load_table(
+            b, "cand_table", b.add(self.get(b, scan, "cand_off"), b.zext(index, I64)), I32
+        )
+        cls = b.lshr(entry, I64(16))
         ok = ir.Constant(I1, 1)
         for w in range(self.nw):
-            need = b.load(self.table(b, "need", r, I64(w)), typ=I64)
+            need = b.load(self.table(b, "class_need", cls, I64(w)), typ=I64)
             have = b.load(self.fact_word(b, scan, w), typ=I64)
             ok = b.and_(ok, b.icmp_unsigned("==", b.and_(have, need), need))
         with b.if_then(ok):
-            self.put(b, scan, "rule", r)
+            self.put(b, scan, "rule", b.and_(entry, I64(0xFFFF)))
         b.ret(b.zext(ok, I64))
         return fn
 
@@ -710,10 +732,14 @@ class _Emitter(RecordingMixin):
         b.position_at_end(complete)
         out_len = b.trunc(self.get(b, scan, "out_len"), I32)
         h.call(b, h.LOOP, out_len, path_step, scan, I64(0))
-        self.or_factset(
-            b, scan, self.load_table(b, "path_accept", self.get(b, scan, "pstate"), I32)
+        # The final state's candidate word: where its candidate rules are, and how many.
+        accepting, index = self.comb_slot(
+            b, self.get(b, scan, "pstate"), b.add(self.config(b, "path_classes"), I64(1))
         )
-        h.call(b, h.LOOP, b.trunc(self.config(b, "nrules"), I32), rule_step, scan, I64(0))
+        word = b.select(accepting, self.load_table(b, "cand_words", index, I32), I64(0))
+        self.put(b, scan, "cand_off", b.and_(word, I64((1 << CAND_LENGTH_SHIFT) - 1)))
+        count = b.trunc(b.lshr(word, I64(CAND_LENGTH_SHIFT)), I32)
+        h.call(b, h.LOOP, count, rule_step, scan, I64(0))
         rule = self.get(b, scan, "rule")
         matched = b.icmp_unsigned("!=", rule, I64(NO_RULE))
         flags = b.select(
@@ -823,7 +849,7 @@ class _Emitter(RecordingMixin):
         char = self.path_char(append, pop)
         feed, finish = self.path_feed(char, append), self.path_finish(pop)
         self.record_functions()  # before msg_program: each function resets self.base
-        self.msg_program(self.scan_step(feed, finish), self.path_step(), self.rule_step())
+        self.msg_program(self.scan_step(feed, finish), self.path_step(), self.cand_step())
         self.sockops_program()
         used_t = ir.ArrayType(PTR, len(self.used))
         used = ir.GlobalVariable(self.m, used_t, "llvm.compiler.used")

@@ -78,13 +78,17 @@ class TableShape:
     shifts, offsets) depends on them and on nothing else of the policy, so any policy whose
     tables fit a loaded program's shape can be swapped in without touching the program."""
 
-    state_bits: int
+    state_bits: int  # the head scanner: states, byte classes
     class_bits: int
-    path_state_bits: int
-    path_class_bits: int
     factset_bits: int
     rule_bits: int
     fact_words: int
+    # The rule lookup (candidates.py, comb.py): slots of the packed path automaton, words of its
+    # accepting states, candidate entries, rule classes.
+    slot_bits: int
+    accept_bits: int
+    cand_bits: int
+    rclass_bits: int
 
     def covers(self, other: TableShape) -> bool:
         return all(getattr(self, f.name) >= getattr(other, f.name) for f in fields(self))
@@ -103,8 +107,9 @@ class TableShape:
 
 
 # Room to grow by default, so that most edits of a policy can be hot-reloaded into the program
-# that is already loaded (512 head states, 64 byte classes, 64 rules, 256 fact sets, 128 facts).
-DEFAULT_SHAPE = TableShape(9, 6, 9, 6, 8, 6, 2)
+# that is already loaded (512 head states, 64 byte classes, 256 fact sets, 64 rules, 128 facts,
+# 4096 path slots, 64 accepting path states, 64 candidate entries, 16 rule classes).
+DEFAULT_SHAPE = TableShape(9, 6, 8, 6, 2, 12, 6, 6, 4)
 
 
 @dataclass(frozen=True)
@@ -114,12 +119,9 @@ class MatcherIR:
     rules: tuple[RuleEntry, ...]
     fact_words: int
     fact_names: tuple[str, ...]
+    # The rule lookup (candidates.py): path state -> candidate rules -> class check.
+    lookup: RuleLookup
     shape: TableShape | None = None  # set by with_shape(); None means the minimal shape
-    # The candidate lookup (candidates.py): path state -> candidate rules -> class check.
-    lookup: RuleLookup | None = None
-    # Whether `rules[i].facts` include a path fact, as the rule loop of emit.py needs (only
-    # while the patterns fit in MAX_FACT_WORDS words; the candidate lookup has no such limit).
-    rule_loop: bool = True
     unreachable: tuple[Unreachable, ...] = ()  # rules that never decide a request
 
     def needed_shape(self) -> TableShape:
@@ -127,20 +129,19 @@ class MatcherIR:
         return TableShape(
             state_bits=_bits(t.n_states),
             class_bits=_bits(max(t.classmap) + 1),
-            path_state_bits=_bits(t.path.n_states),
-            path_class_bits=_bits(max(t.path.classmap) + 1),
             factset_bits=_bits(len(t.factsets)),
             rule_bits=_bits(len(self.rules)),
             fact_words=self.fact_words,
+            slot_bits=t.path.comb.slot_bits,
+            accept_bits=_bits(len(t.path.comb.accepts)),
+            cand_bits=_bits(len(self.lookup.table)),
+            rclass_bits=_bits(len(self.lookup.classes)),
         )
 
     def with_shape(self, shape: TableShape) -> MatcherIR:
         """These tables laid out in `shape`, which must cover what they need."""
         assert shape.covers(self.needed_shape()), shape.shortfall(self.needed_shape())
-        t = refit(
-            self.tables, shape.class_bits, shape.state_bits,
-            shape.path_class_bits, shape.path_state_bits,
-        )  # fmt: skip
+        t = refit(self.tables, shape.class_bits, shape.state_bits)
         return replace(self, tables=t, fact_words=shape.fact_words, shape=shape)
 
     @property
@@ -243,14 +244,6 @@ def _lower(policy: Policy) -> MatcherIR:
         rule_patterns.append(pattern_ids.setdefault(rule.path.text, len(pattern_ids)))
         rule_needs.append(frozenset(needed))
 
-    # The rule loop of the current kernel program (emit.py) also needs one fact per path
-    # pattern; it gets them while they fit.
-    n_scanner_facts = len(facts)
-    legacy = n_scanner_facts + len(pattern_ids) <= MAX_FACT_WORDS * 64
-    if legacy:
-        for text in pattern_ids:
-            fact(("path", text), f"path matches {text}")
-
     method_facts: dict[str, set[int]] = {}
     for ms, f in method_sets.items():
         for m in ms:
@@ -280,17 +273,13 @@ def _lower(policy: Policy) -> MatcherIR:
                 found = []
             culprits += [i for i in found[:1] if i not in culprits]
         raise LoweringError(str(e), rules=tuple(culprits), code="E901") from None
-    path_facts = [
-        frozenset(n_scanner_facts + rule_patterns[r] for r in found) if legacy else frozenset()
-        for found in lookup.lists
-    ]
     path_cands = [lookup.cand_word(out) for out in range(len(lookup.lists))]
-    tables = pack(scanner, matcher, path_facts, path_cands, dense_path=legacy)
+    tables = pack(scanner, matcher, path_cands)
     entries = tuple(
         RuleEntry(
             rule.index,
             rule.action is not Action.DENY,
-            rule_needs[i] | {n_scanner_facts + rule_patterns[i]} if legacy else rule_needs[i],
+            rule_needs[i],
             log=rule.log,
             audit=rule.action is Action.AUDIT,
             cls=lookup.rule_class[i],
@@ -304,7 +293,6 @@ def _lower(policy: Policy) -> MatcherIR:
         fact_words=max(1, (len(facts) + 63) // 64),
         fact_names=tuple(names),
         lookup=lookup,
-        rule_loop=legacy,
         unreachable=tuple(builder.unreachable()),
     )
 

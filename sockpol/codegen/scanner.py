@@ -57,6 +57,10 @@ class Reason(IntEnum):
     PULL_FAILED = 15
     RULE = 16  # refused by a deny rule
     DEFAULT = 17  # refused by the policy default
+    # TLS (docs/ktls.md): decided by the program's record walk before any HTTP is seen.
+    TLS_NOT_DECLARED = 18  # a TLS record on a policy without `tls`
+    TLS_USERSPACE = 19  # application data encrypted in user space: no request can be read
+    TLS_BAD_RECORD = 20  # a record that no TLS client sends at that point of a handshake
 
 
 REASON_TEXT = {
@@ -75,6 +79,9 @@ REASON_TEXT = {
     Reason.PULL_FAILED: "the kernel could not linearize the message or allocate state",
     Reason.RULE: "refused by a deny rule",
     Reason.DEFAULT: "no rule matched and the default is deny",
+    Reason.TLS_NOT_DECLARED: "a TLS handshake on a port whose policy does not say `tls`",
+    Reason.TLS_USERSPACE: "TLS done in user space (no kTLS): the requests are ciphertext",
+    Reason.TLS_BAD_RECORD: "TLS record framing that no client sends during a handshake",
 }
 
 # Terminal states that are not refusals: where a run of the program ends with a pass.
@@ -410,10 +417,6 @@ class PathMatcher:
     def dead(self) -> int:
         return len(self.delta) - 1
 
-    def dense(self) -> list[list[int]]:
-        dead = self.dead
-        return [[row.get(c, dead) for c in range(self.n_classes)] for row in self.delta]
-
 
 def build_path_matcher(
     patterns: Sequence[tuple[Re, int]],
@@ -487,46 +490,26 @@ def _compress(rows: list[list[int]], padding: int) -> tuple[bytes, int, int, lis
 
 @dataclass(frozen=True)
 class PathTables:
-    """The path automaton, twice: dense (`trans`, `accept`, `start`; state numbers are rows)
-    for the kernel's rule loop while a policy's facts fit it, and packed by row displacement
-    (`comb`, `cands`, `start_id`; state numbers are comb ids) for the candidate lookup."""
+    """The path automaton packed by row displacement (comb.py; state numbers are comb ids),
+    with the candidate word of each accepting state (where its candidate rules are)."""
 
-    classmap: bytes
-    class_bits: int
-    state_bits: int
-    trans: list[int]  # empty when only the packed form was asked for
-    accept: list[int]  # per state: fact-set index of the path facts (the rule loop's view)
-    start: int
+    classmap: bytes  # byte -> class
+    comb: Comb
+    start: int  # comb id of the start state
     n_states: int
-    comb: Comb | None = None  # with the candidate words of accepting states
-    start_id: int = 0
-    comb_classmap: bytes = b""  # byte -> class of the packed form
 
     @property
     def comb_bytes(self) -> int:
         """Kernel memory of the packed form: class map, slots, candidate words."""
-        if self.comb is None:
-            return 0
         return 256 + 4 * len(self.comb.slots) + 4 * _pow2(len(self.comb.accepts))
 
     def step(self, state: int, byte: int) -> int:
-        return self.trans[(state << self.class_bits) | self.classmap[byte]]
-
-    def step_id(self, state_id: int, byte: int) -> int:
-        assert self.comb is not None
-        return self.comb.step(state_id, self.comb_classmap[byte])
+        return self.comb.step(state, self.classmap[byte])
 
 
-def pack(
-    sc: Scanner,
-    pm: PathMatcher,
-    path_facts: Sequence[frozenset[int]] = (),
-    path_cands: Sequence[int] = (),
-    dense_path: bool = True,
-) -> ScannerTables:
-    """Tables for the kernel. The path automaton's outputs index `path_facts` (the facts a path
-    ending there establishes) and `path_cands` (where its candidate rules are). The dense path
-    table is built only if `dense_path` (the packed one always)."""
+def pack(sc: Scanner, pm: PathMatcher, path_cands: Sequence[int]) -> ScannerTables:
+    """Tables for the kernel. The path automaton's outputs index `path_cands` (where the
+    candidate rules of a path ending there are)."""
     factsets: dict[frozenset[int], int] = {frozenset(): 0}
 
     def factset(facts: frozenset[int]) -> int:
@@ -540,25 +523,12 @@ def pack(
     info = [0] * (1 << state_bits)
     for s in range(len(sc.delta)):
         info[s] = factset(sc.emits[s]) | sc.flags[s]
-    # The path automaton packed (comb.py); dense as well while the rule loop needs it.
-    p_classmap, p_class_bits, p_state_bits, p_trans = pm.classmap, 0, 0, []
-    if dense_path:
-        p_classes, p_class_bits, p_state_bits, p_trans = _compress(pm.dense(), pm.dead)
-        p_classmap = bytes(p_classes[c] for c in pm.classmap)
-    accept = [0] * (1 << p_state_bits)
-    if dense_path and path_facts:
-        for s, out in enumerate(pm.outputs):
-            if out:
-                accept[s] = factset(path_facts[out])
-    words = [path_cands[out] if out and path_cands else 0 for out in pm.outputs]
+    words = [path_cands[out] if out else 0 for out in pm.outputs]
     try:
         comb = pack_comb(pm.delta, pm.n_classes, pm.dead, words)
     except CombTooLarge as e:
         raise StateLimit(f"the path automaton is too large to pack: {e}", "path") from None
-    path = PathTables(
-        p_classmap, p_class_bits, p_state_bits, p_trans, accept, pm.start, len(pm.delta),
-        comb, comb.ids[pm.start], pm.classmap,
-    )  # fmt: skip
+    path = PathTables(pm.classmap, comb, comb.ids[pm.start], len(pm.delta))
     return ScannerTables(
         classmap=classmap,
         class_bits=class_bits,
@@ -582,28 +552,10 @@ def _relayout(trans: list[int], old_cb: int, old_sb: int, cb: int, sb: int, pad:
     return out
 
 
-def refit(
-    t: ScannerTables, class_bits: int, state_bits: int, path_class_bits: int, path_state_bits: int
-) -> ScannerTables:
-    """The same automata laid out in larger tables (a loaded program's fixed shape)."""
+def refit(t: ScannerTables, class_bits: int, state_bits: int) -> ScannerTables:
+    """The same automata laid out in larger tables (a loaded program's fixed shape). The path
+    automaton's packed form is padded by the emitter."""
     assert class_bits >= t.class_bits and state_bits >= t.state_bits
-    p = t.path
-    assert path_class_bits >= p.class_bits and path_state_bits >= p.state_bits
-    dead = p.n_states - 1
-    path = PathTables(
-        classmap=p.classmap,
-        class_bits=path_class_bits,
-        state_bits=path_state_bits,
-        trans=_relayout(
-            p.trans, p.class_bits, p.state_bits, path_class_bits, path_state_bits, dead
-        ),
-        accept=p.accept + [0] * ((1 << path_state_bits) - len(p.accept)),
-        start=p.start,
-        n_states=p.n_states,
-        comb=p.comb,
-        start_id=p.start_id,
-        comb_classmap=p.comb_classmap,
-    )
     return ScannerTables(
         classmap=t.classmap,
         class_bits=class_bits,
@@ -615,7 +567,7 @@ def refit(
         factsets=t.factsets,
         start=t.start,
         n_states=t.n_states,
-        path=path,
+        path=t.path,
         chunk_start=t.chunk_start,
         chunk_data_end=t.chunk_data_end,
     )

@@ -138,7 +138,6 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
             else:
                 path = bytes(norm.out)
                 path_state = walk_path(ir, path)
-                facts |= path_facts(ir, path)
         state, pos = nxt, i + 1
         if state < TERMINAL_STATES:
             break
@@ -148,41 +147,22 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
 def walk_path(ir: MatcherIR, path: bytes) -> int:
     """The path automaton's (packed) state id after the normalized path."""
     p = ir.tables.path
-    state = p.start_id
-    for b in path:
-        state = p.step_id(state, b)
-    return state
-
-
-def path_facts(ir: MatcherIR, path: bytes) -> int:
-    """The path facts of the rule loop (see lower.MatcherIR.rule_loop), from the dense table."""
-    p = ir.tables.path
-    if not p.trans:
-        return 0
     state = p.start
     for b in path:
         state = p.step(state, b)
-    return sum(1 << f for f in ir.tables.factsets[p.accept[state]])
+    return state
 
 
-def decide(ir: MatcherIR, facts: int, path_state: int | None = None) -> int | None:
-    """The first rule that holds: the candidate lookup when the path state is known (the
-    candidates of that state, in order, checked against their class), else the rule loop."""
+def decide(ir: MatcherIR, facts: int, path_state: int) -> int | None:
+    """The first rule that holds: the candidates of the path state, in order, each checked
+    against the facts of its class (the kernel's cand_step)."""
     lookup = ir.lookup
-    if path_state is not None and lookup is not None:
-        comb = ir.tables.path.comb
-        assert comb is not None
-        word = comb.word(path_state)
-        offset, length = word & (MAX_TABLE - 1), word >> CAND_LENGTH_SHIFT
-        for entry in lookup.table[offset : offset + length]:
-            need = sum(1 << f for f in lookup.classes[entry >> 16])
-            if facts & need == need:
-                return entry & 0xFFFF
-        return None
-    for entry in ir.rules:
-        need = sum(1 << f for f in entry.facts)
+    word = ir.tables.path.comb.word(path_state)
+    offset, length = word & (MAX_TABLE - 1), word >> CAND_LENGTH_SHIFT
+    for entry in lookup.table[offset : offset + length]:
+        need = sum(1 << f for f in lookup.classes[entry >> 16])
         if facts & need == need:
-            return entry.index
+            return entry & 0xFFFF
     return None
 
 
