@@ -47,6 +47,9 @@ class PolicyMetadata:
     shape: dict[str, int] = field(default_factory=dict)  # table dimensions (lower.TableShape)
     mode: str = "enforce"  # the mode the policy starts in: enforce or dry-run
     telemetry: dict = field(default_factory=dict)  # counter/event layouts (telemetry.layout())
+    # `tls`: the ports carry TLS, and what happens to user-space TLS: "deny" or "allow"; None
+    # for a plaintext policy (and for objects from before `tls`, which lack the key).
+    tls: str | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -60,6 +63,15 @@ class PolicyMetadata:
         # older CLI can still report on a newer object.
         raw["rules"] = [RuleInfo(**_known(RuleInfo, r)) for r in raw["rules"]]
         return PolicyMetadata(**_known(PolicyMetadata, raw))
+
+
+def describe_tls(tls: str | None) -> str:
+    """How a policy's `tls` statement reads in listings (`PolicyMetadata.tls`)."""
+    if tls is None:
+        return "no tls (plaintext HTTP)"
+    if tls == "allow":
+        return "tls (kTLS judged; user-space TLS passes unjudged)"
+    return "tls (kTLS judged; user-space TLS refused)"
 
 
 def _known(cls: type, raw: dict) -> dict:
