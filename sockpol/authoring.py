@@ -170,6 +170,7 @@ _DESCRIPTIONS = {
     "L006": "A rule that no request that is not refused can match.",
     "L007": "A policy without rules: the default decides every request.",
     "L008": "A default that never decides: the rules match every request.",
+    "L009": "A policy with `tls` that governs only port 80, where clients speak plaintext HTTP.",
 }
 
 

@@ -70,6 +70,7 @@ class PolicySpec:
     header_comment: bool = False
     statements_first: bool = True  # port/default/max-head before the rules, or after
     mode: str | None = None  # "enforce", "dry-run" or no `mode` statement
+    tls: str | None = None  # the `tls` line as written ("tls userspace allow"), or none
 
     def render(self, port: int) -> str:
         lines = ["# generated policy"] if self.header_comment else []
@@ -83,6 +84,8 @@ class PolicySpec:
             head.append(f"    max-head {self.max_head}")
         if self.mode is not None:
             head.append(f"    mode {self.mode}")
+        if self.tls is not None:
+            head.append(f"    {self.tls}")
         body = ["    " + r.text() for r in self.rules]
         lines += head + [""] + body if self.statements_first else body + head
         lines.append("}")
@@ -198,9 +201,14 @@ def rules(draw: st.DrawFn) -> RuleSpec:
 
 @st.composite
 def policies(
-    draw: st.DrawFn, max_rules: int = 8, governed: bool | None = None, modes: bool = True
+    draw: st.DrawFn,
+    max_rules: int = 8,
+    governed: bool | None = None,
+    modes: bool = True,
+    tls: bool = False,
 ) -> PolicySpec:
-    """A valid policy; `modes`: may have a `mode` statement (dry-run included)."""
+    """A valid policy; `modes`: may have a `mode` statement (dry-run included); `tls`: may have
+    a `tls` statement (such a policy loads only where kTLS works, so kernel tests leave it off)."""
     ours = draw(st.sampled_from(["{PORT}", "{RANGE}"]))
     items = draw(st.lists(other_ports, max_size=3, unique=True))
     position = draw(st.integers(0, len(items)))
@@ -228,6 +236,9 @@ def policies(
         header_comment=draw(st.booleans()),
         statements_first=draw(st.integers(0, 4)) != 0,
         mode=draw(st.sampled_from([None, None, "enforce", "dry-run"])) if modes else None,
+        tls=draw(st.sampled_from([None, "tls", "tls userspace deny", "tls userspace allow"]))
+        if tls
+        else None,
     )
 
 

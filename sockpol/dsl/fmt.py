@@ -5,12 +5,13 @@ The layout, so every file reads the same:
 * comment lines and blank lines outside policies are kept (runs of blank lines become one);
 * `policy NAME {` and `}` at the start of their lines, one blank line between policies;
 * inside a policy, indented by four spaces: the `port` lines (in their order), `default`,
-  `max-head`, `mode`, then one blank line, then the rules in their order (order is meaning).
+  `max-head`, `mode`, `tls`, then one blank line, then the rules in their order (order is meaning).
   A comment block directly above a statement moves with it; blank lines between rules are kept
   (at most one), since they group rules; comments before `}` stay last;
 * tokens separated by one space; methods joined by `,`; ports by `, `; paths unquoted with
   upper-case escapes; host patterns and header names lower-case; strings re-quoted; `max-head`
-  in KiB when it is a whole number of KiB; trailing comments two spaces after the statement.
+  in KiB when it is a whole number of KiB; `tls userspace deny` stays as written (it means
+  what plain `tls` means, and says so); trailing comments two spaces after the statement.
 
 A file is formatted only if it checks without errors: the layout is derived from its syntax tree,
 one statement per line, so nothing is lost and `fmt(fmt(x)) == fmt(x)`.
@@ -29,10 +30,12 @@ from sockpol.dsl.ast import (
     Policy,
     PolicyFile,
     Rule,
+    TlsSpec,
+    TlsUserspace,
 )
 
 INDENT = "    "
-HEAD_ORDER = ("port", "default", "max-head", "mode")
+HEAD_ORDER = ("port", "default", "max-head", "mode", "tls")
 
 
 def split_comment(line: str) -> tuple[str, str]:
@@ -126,9 +129,19 @@ class _Formatter:
         if policy.mode_span is not None:
             self.statements[policy.mode_span.line] = f"mode {policy.mode.value}"
             self.kinds[policy.mode_span.line] = "mode"
+        if policy.tls is not None:
+            self.statements[policy.tls.span.line] = self._tls_text(policy.tls)
+            self.kinds[policy.tls.span.line] = "tls"
         for rule in policy.rules:
             self.statements[rule.span.line] = format_rule(rule)
             self.kinds[rule.span.line] = "rule"
+
+    def _tls_text(self, tls: TlsSpec) -> str:
+        """`tls`, or `tls userspace allow`; an explicit `tls userspace deny` is kept."""
+        code, _ = split_comment(self.lines[tls.span.line - 1])
+        if tls.userspace is TlsUserspace.DENY and len(code.split()) == 1:
+            return "tls"
+        return f"tls userspace {tls.userspace.value}"
 
     def run(self) -> str:
         out: list[str] = []

@@ -12,7 +12,8 @@ matched by an earlier rule, with a counter-example when it is not.
 
 Codes (docs/errors.md): L001 shadowed, L002 duplicate, L003 after-catch-all, L004 order-decisive
 overlap, L005 scope overlap between policies, L006 unreachable, L007 empty policy, L008 default
-never used. A finding is silenced by a comment on the line it points at:
+never used, L009 a `tls` policy on plaintext port 80 only. A finding is silenced by a comment on
+the line it points at:
 `# sockpol: ignore[shadowed]`, `# sockpol: ignore[L001]`, or `# sockpol: ignore` for all.
 """
 
@@ -41,7 +42,9 @@ CODES = {
     "L006": "unreachable",
     "L007": "empty-policy",
     "L008": "default-unused",
+    "L009": "tls-port",
 }
+PLAINTEXT_PORTS = frozenset({80})  # where clients speak plaintext HTTP, by convention
 NAMES = {name: code for code, name in CODES.items()}
 MAX_CELLS = 20_000  # beyond this many method x host x header cells a rule is not analyzed
 MAX_SLASHES = 65  # a normalized path has at most 64 completed segments after the leading '/'
@@ -369,6 +372,7 @@ class _Linter:
         self.findings.append(Finding(code, message, self.path, span, **kw))
 
     def policy(self, policy: Policy) -> None:
+        self.tls_port(policy)
         if not policy.rules:
             self.add(
                 "L007",
@@ -398,6 +402,21 @@ class _Linter:
                 "match every request",
                 severity=Severity.NOTE,
             )
+
+    def tls_port(self, policy: Policy) -> None:
+        """`tls` on a policy whose only port is plaintext HTTP's: most likely the wrong port, and
+        `tls` makes the policy unloadable on kernels without kTLS for nothing."""
+        if policy.tls is None or not policy.ports:
+            return
+        if not all(r.low == r.high and r.low in PLAINTEXT_PORTS for r in policy.ports):
+            return
+        self.add(
+            "L009",
+            policy.tls.span,
+            f"policy '{policy.name}' says tls, but governs only port 80, where clients speak "
+            "plaintext HTTP; tls makes it unloadable on kernels without kTLS",
+            hint="govern the port TLS is served on (443), or remove 'tls'",
+        )
 
     def rule(self, policy: Policy, rule: Rule, earlier: list[Rule], catch_all: Rule | None):
         try:

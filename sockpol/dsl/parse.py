@@ -7,8 +7,9 @@ broken `policy ... {` line still opens a (nameless) block so its statements are 
 as "outside a policy".
 
 Besides syntax, parse reports what the AST cannot hold and so the checker cannot see: a missing
-or repeated `default`, a missing `port`, a repeated `max-head`, a port that is not a number, and
-a `max-head` size that is malformed or out of range. Everything else is check.py's.
+or repeated `default`, a missing `port`, a repeated `max-head`, `mode` or `tls`, a port that is
+not a number, a `max-head` size that is malformed or out of range, and an unknown `mode` or
+`tls userspace` word. Everything else is check.py's.
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ from sockpol.dsl.ast import (
     PolicyFile,
     PortRange,
     Rule,
+    TlsSpec,
+    TlsUserspace,
 )
 from sockpol.grammar import parser
 
 MAX_ERRORS = 50  # past this, a file is not a policy with typos; more errors would only be noise
 
-STATEMENTS = ("policy", "port", "default", "max-head", "mode", "allow", "deny", "audit")
-KEYWORDS = (*STATEMENTS, "if", "and", "host", "header", "log")
+STATEMENTS = ("policy", "port", "default", "max-head", "mode", "tls", "allow", "deny", "audit")
+KEYWORDS = (*STATEMENTS, "if", "and", "host", "header", "log", "userspace")
 MODES = {m.value: m for m in Mode}
+TLS_USERSPACE = {u.value: u for u in TlsUserspace}
 
 MAX_HEAD_MIN = 256
 MAX_HEAD_MAX = 64 * 1024
@@ -81,6 +85,7 @@ class _Block:
     defaults: list[tuple[Action, Span]] = field(default_factory=list)
     max_head: tuple[int, Span] | None = None
     mode: tuple[Mode, Span] | None = None
+    tls: TlsSpec | None = None
     rules: list[Rule] = field(default_factory=list)
     saw_port: bool = False
     broken: bool = False  # a line inside failed to parse
@@ -296,6 +301,39 @@ class _FileParser:
             return
         block.mode = (mode, _span(node.meta, lineno))
 
+    def _tls(self, node: Tree, lineno: int) -> None:
+        block = self._statement_block(node, lineno)
+        span = _span(node.meta, lineno)
+        userspace = TlsUserspace.DENY
+        if node.children:
+            token = _first_token(node.children[0])
+            found = TLS_USERSPACE.get(token.value)
+            if found is None:
+                words = list(TLS_USERSPACE)
+                close = difflib.get_close_matches(token.value.lower(), words, n=1, cutoff=0.5)
+                self.bag.error(
+                    _token_span(token, lineno),
+                    f"unknown word '{_short(token)}' after 'tls userspace': expected deny or allow",
+                    "E155",
+                    f"did you mean '{close[0]}'?"
+                    if close
+                    else "'tls userspace deny' refuses user-space TLS, 'tls userspace allow' "
+                    "passes it unjudged",
+                )
+                return
+            userspace = found
+        if block is None:
+            return
+        if block.tls is not None:
+            self.bag.error(
+                span,
+                f"a second 'tls' (the first is on line {block.tls.span.line})",
+                "E156",
+                "a policy has at most one tls statement",
+            )
+            return
+        block.tls = TlsSpec(span, userspace)
+
     def _rule(self, node: Tree, lineno: int) -> None:
         block = self._statement_block(node, lineno)
         log = bool(node.children) and _is_tree(node.children[-1], "log")
@@ -405,6 +443,7 @@ class _FileParser:
                 tuple(block.rules),
                 mode,
                 mode_span,
+                block.tls,
             )
         )
 
@@ -441,6 +480,22 @@ _EXAMPLES: dict[str, list[str]] = {
     "mode": ["mode", "mode /", 'mode "dry-run"', "mode {"],
     "eol": ["max-head 8KiB KiB", "max-head 8 x", "default deny x", "default allow /"],
     "mode_eol": ["mode enforce x", "mode dry-run /", "mode enforce enforce"],
+    "tls": ["tls x", "tls /", 'tls "x"', "tls {", "tls deny", "tls allow", "tls tls", "tls ,"],
+    "tls_userspace": [
+        "tls userspace",
+        "tls userspace /",
+        'tls userspace "deny"',
+        "tls userspace {",
+        "tls userspace ,",
+        "tls userspace userspace",
+    ],
+    "tls_eol": [
+        "tls userspace deny x",
+        "tls userspace allow /",
+        "tls userspace deny deny",
+        "tls userspace x y",
+        "tls userspace allow {",
+    ],
     "methods": ["allow", "allow /x", "allow ,", 'allow "GET"'],
     "method": ["allow GET,", "allow GET, /x", "allow GET,,"],
     "path": ["allow GET", "allow GET HEAD", "allow GET {", "allow GET,HEAD", "allow GET,HEAD x"],
@@ -508,6 +563,9 @@ _MESSAGES = {
     "mode": "expected enforce or dry-run after 'mode'",
     "eol": "expected the end of the line",
     "mode_eol": "expected the end of the line after the mode",
+    "tls": "expected 'userspace' or the end of the line after 'tls'",
+    "tls_userspace": "expected deny or allow after 'tls userspace'",
+    "tls_eol": "expected the end of the line after 'tls userspace deny|allow'",
     "methods": "expected methods after the action: GET, GET,HEAD or *",
     "method": "expected a method after ','",
     "path": "expected a path starting with '/'",
@@ -603,7 +661,8 @@ def _statement_hint(word: str) -> str:
     if close:
         return f"did you mean '{close[0]}'?"
     return (
-        "a line holds one of: policy NAME {, port, default, max-head, mode, allow, deny, audit, }"
+        "a line holds one of: policy NAME {, port, default, max-head, mode, tls, allow, deny, "
+        "audit, }"
     )
 
 
@@ -621,6 +680,10 @@ def _hint(label: str | None, token: Token) -> str:
         return "separate ports with ',' (port 80, 81)"
     if label == "eol" and token.type == "WORD":
         return "write the size without a space: 8KiB"
+    if label == "tls" and value in ("allow", "deny"):
+        return f"write 'tls userspace {value}'"
+    if label in ("tls", "tls_userspace"):
+        return "write 'tls', 'tls userspace deny' or 'tls userspace allow'"
     if label == "after_condition" and token.type in ("WORD", "HOST", "HEADER"):
         return "join conditions with 'and'"
     return ""
