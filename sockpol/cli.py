@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sockpol import __version__
 from sockpol.diagnostics import CompileError, Diagnostic, SockpolError, Source, render
+from sockpol.metadata import describe_tls
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -55,9 +56,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     _print_warnings(args.file, text, warnings)
     for p in policy_file.policies:
         ports = ", ".join(str(r) for r in p.ports)
+        tls = "" if p.tls is None else f", {describe_tls(p.tls.userspace.value)}"
         print(
             f"{args.file}: policy {p.name}: port {ports}, {len(p.rules)} rules, "
-            f"default {p.default.value}"
+            f"default {p.default.value}{tls}"
         )
     return EXIT_OK
 
@@ -216,14 +218,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         out = [_status_json(s, counts.get(s.name)) for s in statuses]
         print(json.dumps(out, indent=2, default=str))
         return EXIT_OK
+    tls_line = _tls_support_line()
     if not statuses:
         print("no sockpol policies loaded")
+        print(tls_line)
         return EXIT_OK
     if args.name:
         print(statusview.policy(statuses[0], counts.get(args.name)))
     else:
-        print(statusview.policies(statuses, counts))
+        print(statusview.policies(statuses, counts, [tls_line]))
     return EXIT_OK
+
+
+def _tls_support_line() -> str:
+    from sockpol.runtime.probe import tls_policy_support
+    from sockpol.statusview import tls_support_line
+
+    support = tls_policy_support()
+    return tls_support_line(support.ok, support.reason)
 
 
 def _counters(s):
@@ -322,7 +334,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(meta), indent=2))
         return EXIT_OK
     ports = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in meta.ports)
-    print(f"policy {meta.policy}: port {ports}; default {meta.default}; max-head {meta.max_head}")
+    print(
+        f"policy {meta.policy}: port {ports}; default {meta.default}; max-head {meta.max_head}; "
+        f"{describe_tls(meta.tls)}"
+    )
     print(
         f"source {meta.source_path} sha256 {meta.source_sha256[:16]}; "
         f"sockpol {meta.compiler_version}"

@@ -6,7 +6,9 @@ The command is self-contained so that cli.py needs one line to register it:
     add_doctor_command(sub)
 
 Exit status: 0 when plaintext HTTP policies can be enforced here (and, with --require-ktls, policy
-inside TLS too), 1 otherwise, so scripts can gate on it.
+inside TLS too), 1 otherwise, so scripts can gate on it. The report also says whether policies
+with a `tls` statement can be loaded here: `sockpol load` decides that from the same two probes
+(`probe.tls_support_from`), and refuses them where they cannot.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from sockpol.runtime.probe import CORE, TLS, Finding, Verdict, probe, summary
+from sockpol.runtime.probe import CORE, TLS, Finding, Verdict, probe, summary, tls_support_from
 
 EXIT_OK = 0
 EXIT_MISSING = 1
@@ -43,6 +45,7 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     findings = probe()
     works = summary(findings)
+    works["tls_policies"] = works["plaintext"] and tls_support_from(findings).ok
     if args.json:
         records = [dict(asdict(f), verdict=f.verdict.value) for f in findings]
         print(json.dumps({"findings": records, "works": works}, indent=2), file=out)
@@ -67,6 +70,14 @@ def render(findings: list[Finding], works: dict[str, bool], out: TextIO) -> None
     print("what works here:", file=out)
     print(f"  plaintext HTTP policies:  {_answer(works['plaintext'], CORE, by_key)}", file=out)
     print(f"  policy inside TLS (kTLS): {_answer(works['ktls'], CORE + TLS, by_key)}", file=out)
+    tls = tls_support_from(findings)
+    if not works["plaintext"]:
+        loadable = "no (no policy loads here)"
+    elif tls.ok:
+        loadable = "yes"
+    else:
+        loadable = f"no, sockpol load refuses them: {tls.reason}"
+    print(f"  policies with `tls`:      {loadable}", file=out)
 
 
 def _answer(ok: bool, keys: tuple[str, ...], by_key: dict[str, Finding]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sockpol.metadata import describe_tls
 from sockpol.runtime.counters import Count, PolicyCounters
 from sockpol.runtime.loader import PolicyStatus
 
@@ -35,12 +36,31 @@ def ports_text(ports: Sequence[Sequence[int]]) -> str:
     return ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in ports) or "?"
 
 
+def tls_cell(s: PolicyStatus) -> str:
+    """The TLS column: '-' (plaintext), 'tls' (user-space TLS refused), 'tls+userspace'
+    (user-space TLS passes unjudged), '?' (no metadata)."""
+    if s.metadata is None:
+        return "?"
+    return {None: "-", "deny": "tls"}.get(s.metadata.tls, "tls+userspace")
+
+
+def tls_support_line(ok: bool, reason: str) -> str:
+    """Whether policies with a `tls` statement can be loaded on this kernel, in one line."""
+    if ok:
+        return "tls policies: can be loaded on this kernel (kTLS on sockets in a sockhash works)"
+    return f"tls policies: cannot be loaded on this kernel: {reason} (see sockpol doctor)"
+
+
 def _when(s: PolicyStatus) -> str:
     return s.loaded_at.strftime("%Y-%m-%d %H:%M:%S") if s.loaded_at else "?"
 
 
-def policies(statuses: Sequence[PolicyStatus], counts: dict[str, PolicyCounters]) -> str:
-    """One line per loaded policy."""
+def policies(
+    statuses: Sequence[PolicyStatus],
+    counts: dict[str, PolicyCounters],
+    footer: Sequence[str] = (),
+) -> str:
+    """One line per loaded policy; then problems, then `footer` lines."""
     rows = []
     for s in statuses:
         c = counts.get(s.name)
@@ -51,6 +71,7 @@ def policies(statuses: Sequence[PolicyStatus], counts: dict[str, PolicyCounters]
                 s.name,
                 s.mode or "-",
                 ports_text(s.ports),
+                tls_cell(s),
                 s.cgroup or "-",
                 _when(s),
                 s.object_sha256[:12] or "-",
@@ -61,13 +82,13 @@ def policies(statuses: Sequence[PolicyStatus], counts: dict[str, PolicyCounters]
             ]
         )
     text = table(
-        ["NAME", "MODE", "PORTS", "CGROUP", "LOADED (UTC)", "SHA256", "RULES", "SOCKETS",
+        ["NAME", "MODE", "PORTS", "TLS", "CGROUP", "LOADED (UTC)", "SHA256", "RULES", "SOCKETS",
          "REQUESTS", "REFUSED"],
         rows,
-        right={6, 7, 8, 9},
+        right={7, 8, 9, 10},
     )  # fmt: skip
     problems = [f"{s.name}: {s.problem}" for s in statuses if s.problem]
-    return "\n".join([text, *problems])
+    return "\n".join([text, *problems, *footer])
 
 
 def policy(s: PolicyStatus, c: PolicyCounters | None) -> str:
@@ -76,6 +97,7 @@ def policy(s: PolicyStatus, c: PolicyCounters | None) -> str:
     lines = [
         f"policy {s.name}: mode {s.mode or '?'}, default {meta.default if meta else '?'}, "
         f"port {ports_text(s.ports)}",
+        f"  tls      {describe_tls(meta.tls) if meta else '?'}",
         f"  cgroup   {s.cgroup or '- (no cgroup; sockets added by hand)'}",
         f"  loaded   {_when(s)} UTC"
         + (

@@ -48,7 +48,7 @@ def _findings(ktls_ok: bool) -> list[Finding]:
     return [
         Finding("kernel", "kernel", Verdict.OK, "Linux 9.9 (x86_64)"),
         *ok,
-        Finding("ktls", "kernel TLS (kTLS)", tls, "tried", "no TLS here"),
+        Finding("ktls", "kernel TLS (kTLS)", tls, "tried", "no TLS here", "" if ktls_ok else "TLS"),
         Finding("ktls_sockmap", "kTLS on sockets in a sockhash", tls, "tried", "no TLS here"),
     ]
 
@@ -70,6 +70,7 @@ def test_doctor_without_ktls(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "-> no TLS here" in text
     assert "plaintext HTTP policies:  yes" in text
     assert "policy inside TLS (kTLS): no (kernel TLS (kTLS): missing)" in text
+    assert "policies with `tls`:      no, sockpol load refuses them: it lacks TLS" in text
     status, _ = _doctor(monkeypatch, _findings(ktls_ok=False), "--require-ktls")
     assert status == doctor.EXIT_MISSING
 
@@ -78,7 +79,7 @@ def test_doctor_with_ktls_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     status, text = _doctor(monkeypatch, _findings(ktls_ok=True), "--require-ktls", "--json")
     assert status == doctor.EXIT_OK
     report = json.loads(text)
-    assert report["works"] == {"plaintext": True, "ktls": True}
+    assert report["works"] == {"plaintext": True, "ktls": True, "tls_policies": True}
     assert [f["key"] for f in report["findings"]][:2] == ["kernel", "privileges"]
     assert {f["verdict"] for f in report["findings"]} == {"ok"}
 

@@ -1,6 +1,8 @@
 """Load, replace, inspect and unload compiled policies in the running kernel.
 
 A load, in order (each step undone if a later one fails, so a failed load leaves nothing behind):
+  0. a policy with a `tls` statement needs kTLS on sockets in a sockhash: where the kernel cannot
+     do that (probe.tls_policy_support()), the load is refused before anything is touched;
   1. read `.sockpol.meta`, open the object with libbpf, check the object contract
      (sk_msg program `sockpol_msg`, sock_ops program `sockpol_sockops`, sockhash `sockpol_socks`);
   2. replacing a loaded policy of the same name: make the object reuse the pinned sockhash, so the
@@ -210,6 +212,7 @@ def load(
             "load", f"invalid policy name {name!r} (letters, digits, _ and -; 64 at most)"
         )
     check_privileges()
+    require_tls_support(meta, name)
     cgroup_dir = resolve_cgroup(cgroup) if cgroup is not None else None
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -236,6 +239,18 @@ def load(
         finally:
             if old is not None:
                 old.close()
+
+
+def require_tls_support(meta: PolicyMetadata, name: str, done: str = "nothing was loaded") -> None:
+    """Refuse a policy with a `tls` statement (either `userspace` choice: both ask for requests to
+    be judged inside kTLS) on a kernel that cannot run its program on kTLS sockets."""
+    if meta.tls is None:
+        return
+    from sockpol.runtime.probe import tls_policy_support
+
+    support = tls_policy_support()
+    if not support.ok:
+        raise LoadError("load", support.refusal(name, done))
 
 
 def _metadata_dict(meta: PolicyMetadata) -> dict:

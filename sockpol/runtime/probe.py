@@ -21,6 +21,10 @@ program that silently stopped running would fail open).
 
 Every probe cleans up after itself and uses only loopback sockets; without root the BPF probes
 report UNKNOWN instead of guessing.
+
+`tls_policy_support()` answers the loader's one question, "can policies with a `tls` statement be
+loaded here?", from the last two probes alone (a few milliseconds, once per process); `sockpol
+load` and `reload` refuse such a policy where the answer is no, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import functools
 import gzip
 import os
 import platform
@@ -59,6 +64,7 @@ class Finding:
     verdict: Verdict
     detail: str  # what was observed
     meaning: str = ""  # what this means for sockpol, or what to do
+    lacks: str = ""  # when missing: what the kernel lacks, one short phrase for one-line messages
 
     @property
     def ok(self) -> bool:
@@ -308,6 +314,10 @@ def probe_ktls() -> Finding:
                 "n": "the kernel was built without it (CONFIG_TLS is not set)",
                 "m": "CONFIG_TLS=m but the tls module did not load (modprobe tls)",
             }.get(config or "", "the tls ULP is not available (CONFIG_TLS?)")
+            lacks = {
+                "n": "kernel TLS (CONFIG_TLS is not set)",
+                "m": "kernel TLS (CONFIG_TLS=m, but the tls module does not load)",
+            }.get(config or "", "kernel TLS (the tls ULP is not available)")
             return Finding(
                 "ktls",
                 title,
@@ -315,6 +325,7 @@ def probe_ktls() -> Finding:
                 f'setsockopt(TCP_ULP, "tls") failed: {ktls.describe_errno(e.errno)}: {why}',
                 "policy inside TLS is impossible here; TLS connections on governed ports are "
                 "refused (the program sees only ciphertext)",
+                lacks,
             )
         try:
             ktls.enable(client, ktls.StaticKeys.fixed(), ktls.TLS_TX)
@@ -326,6 +337,7 @@ def probe_ktls() -> Finding:
                 f"the tls ULP is there but TLS_TX (AES-128-GCM) failed: "
                 f"{ktls.describe_errno(e.errno)} (gcm(aes) crypto missing?)",
                 "policy inside TLS is impossible here",
+                f"kernel TLS with AES-128-GCM (TLS_TX failed: {_errname(e.errno)})",
             )
     return Finding("ktls", title, Verdict.OK, "TCP_ULP tls and TLS_TX (AES-128-GCM) work")
 
@@ -353,8 +365,13 @@ def probe_ktls_sockmap() -> Finding:
                 action()
             except OSError as e:
                 detail = f"{step} on a socket in a sockhash failed: {ktls.describe_errno(e.errno)}"
+                lacks = f"kTLS on sockets in a sockhash ({step} fails: {_errname(e.errno)})"
                 if e.errno == errno.EINVAL:
                     detail += f'; this kernel carries "{REJECTION_PATCH}"'
+                    lacks = (
+                        "kTLS on sockets in a sockhash (TLS_TX fails with EINVAL: the kernel "
+                        f'carries "{REJECTION_PATCH}")'
+                    )
                 return Finding(
                     "ktls_sockmap",
                     title,
@@ -363,6 +380,7 @@ def probe_ktls_sockmap() -> Finding:
                     "policy inside TLS is impossible here: a TLS library's attempt to use kTLS on "
                     "a governed socket fails, it falls back to user-space TLS, and sockpol "
                     "refuses the ciphertext it cannot read (fails closed)",
+                    lacks,
                 )
         try:
             client.send(b"GET /probe HTTP/1.1\r\n\r\n")
@@ -389,6 +407,7 @@ def probe_ktls_sockmap() -> Finding:
             Verdict.MISSING,
             "TLS_TX was accepted but the sk_msg program did not run on the send (fails open)",
             "policy inside TLS would be bypassed on this kernel: do not rely on it",
+            "kTLS on sockets in a sockhash (the sk_msg program does not run on kTLS sends)",
         )
 
 
@@ -435,6 +454,62 @@ def guarded(key: str, title: str, fn: Callable[[], Finding]) -> Finding:
         return fn()
     except (OSError, SockpolError) as e:
         return Finding(key, title, Verdict.UNKNOWN, f"probe failed: {e}")
+
+
+def _errname(err: int | None) -> str:
+    return errno.errorcode.get(err or 0, str(err))
+
+
+# ---------------------------------------------------------------------------------------------
+# Can policies with a `tls` statement be loaded here?
+
+
+@dataclass(frozen=True)
+class TlsSupport:
+    """Whether this kernel runs sk_msg programs on the plaintext of kTLS sockets in a sockhash,
+    which a policy with a `tls` statement needs (`tls userspace allow` too)."""
+
+    ok: bool
+    reason: str  # when not ok: why, one phrase ("it lacks kernel TLS (CONFIG_TLS is not set)")
+    findings: tuple[Finding, ...]  # the "ktls" and "ktls_sockmap" findings it was decided on
+
+    def refusal(self, policy: str, done: str = "nothing was loaded") -> str:
+        """The one-line message of a refused load (or reload) of `policy`."""
+        return (
+            f"policy {policy!r} has a tls statement, but this kernel cannot judge requests "
+            f"inside TLS: {self.reason}; {done} (see 'sockpol doctor' and docs/ktls.md)"
+        )
+
+
+def tls_support_from(findings: list[Finding]) -> TlsSupport:
+    """The answer for a list of findings (`probe()`'s, or the two probes' alone)."""
+    by_key = {f.key: f for f in findings}
+    used = tuple(by_key[k] for k in TLS if k in by_key)
+    for key in TLS:
+        f = by_key.get(key)
+        if f is None:
+            return TlsSupport(False, f"{key} was not probed", used)
+        if f.ok:
+            continue
+        if f.verdict is Verdict.MISSING and f.lacks:
+            return TlsSupport(False, f"it lacks {f.lacks}", used)
+        if f.verdict is Verdict.MISSING:
+            return TlsSupport(False, f"{f.title} is missing ({f.detail})", used)
+        return TlsSupport(False, f"{f.title} could not be verified ({f.detail})", used)
+    return TlsSupport(True, "", used)
+
+
+@functools.cache
+def tls_policy_support() -> TlsSupport:
+    """Can policies with a `tls` statement be loaded on this kernel? Tried for real (the kTLS
+    probe, then kTLS on a socket in a sockhash with a drop-all program that must run), once per
+    process: a few milliseconds, nothing left behind. Needs the privileges loading needs;
+    without them the answer is no ("could not be verified")."""
+    ktls_finding = guarded("ktls", "kernel TLS (kTLS)", probe_ktls)
+    if not ktls_finding.ok:
+        return tls_support_from([ktls_finding])
+    sockmap = guarded("ktls_sockmap", "kTLS on sockets in a sockhash", probe_ktls_sockmap)
+    return tls_support_from([ktls_finding, sockmap])
 
 
 def summary(findings: list[Finding]) -> dict[str, bool]:

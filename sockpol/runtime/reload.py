@@ -13,8 +13,10 @@ throughout. A reload:
 
 A run sees either the old tables or the new ones, never a mix; established connections get the
 new policy from their next request; no socket is touched. The new policy must fit the loaded
-program's table shape (its code has the masks and offsets baked in) and govern the same ports
-(the sock_ops program has them as constants); otherwise `sockpol load` must replace the program.
+program's table shape (its code has the masks and offsets baked in), govern the same ports
+(the sock_ops program has them as constants) and keep the loaded policy's `tls` statement;
+otherwise `sockpol load` must replace the program. A policy with `tls` is refused, before
+anything is touched, on a kernel that cannot run policies on kTLS sockets (as `load` does).
 """
 
 from __future__ import annotations
@@ -89,6 +91,16 @@ def _check_compatible(old: PolicyMetadata, new: PolicyMetadata) -> None:
             f"reload: the governed ports changed ({old.ports} -> {new.ports}); ports are part "
             "of the sock_ops program, replace it with sockpol load"
         )
+    if new.tls != old.tls:
+        raise ReloadError(
+            f"reload: the tls statement changed ({_tls_word(old.tls)} -> {_tls_word(new.tls)}); "
+            "how TLS records are handled is part of the loaded program, replace it with "
+            "sockpol load"
+        )
+
+
+def _tls_word(tls: str | None) -> str:
+    return "none" if tls is None else f"tls userspace {tls}"
 
 
 def swap_tables(pin_dir: Path, tables: bytes) -> int:
@@ -131,6 +143,12 @@ def reload(name: str, obj_path: str | os.PathLike[str]) -> ReloadResult:
         raise ReloadError(f"reload: no policy named {name!r} is loaded (see sockpol status)")
     obj = Path(obj_path)
     new_meta = read_metadata(obj)
+    if new_meta.tls is not None:
+        from sockpol.runtime.probe import tls_policy_support
+
+        support = tls_policy_support()
+        if not support.ok:
+            raise ReloadError("reload: " + support.refusal(name, "nothing was changed"))
     tables = _initial_tables(obj)
     with pins.locked(root):
         pin_dir = root / name
