@@ -369,7 +369,7 @@ def probe_ktls_sockmap() -> Finding:
                 if e.errno == errno.EINVAL:
                     detail += f'; this kernel carries "{REJECTION_PATCH}"'
                     lacks = (
-                        "kTLS on sockets in a sockhash (TLS_TX fails with EINVAL: the kernel "
+                        f"kTLS on sockets in a sockhash ({step} fails with EINVAL: the kernel "
                         f'carries "{REJECTION_PATCH}")'
                     )
                 return Finding(

@@ -6,8 +6,10 @@ CONFIG_TLS; kernels carrying "tls: reject the combination of TLS and sockmap"), 
 `reload` must refuse the policy with one line naming what the kernel lacks, before anything is
 loaded: no pins, no programs, no cgroup attachment. Where it can (the 6.1 VM), the policy loads.
 
-Every test asserts one branch or the other, chosen by `probe.tls_policy_support()` (which is
-itself held to the kernel's CONFIG_TLS here); none skips.
+Every test asserts one branch or the other, chosen by `probe.tls_policy_support()`; none skips.
+The answer itself is held to the kernel's CONFIG_TLS and, in the VM (tests/vm sets
+SOCKPOL_EXPECT_KTLS_SOCKMAP from the kernel's changelog), to whether the kernel rejects TLS on
+sockmap sockets.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ def test_the_answer_matches_the_kernel(support: probe.TlsSupport) -> None:
         assert ktls.ok, ktls.detail
     else:
         assert config is None  # no config to compare with: the probe alone decides
+    expected = os.environ.get("SOCKPOL_EXPECT_KTLS_SOCKMAP")  # set by tests/vm for its kernels
+    if expected in ("0", "1"):
+        assert support.ok is (expected == "1"), support.reason
+        if expected == "0":
+            assert "tls: reject the combination of TLS and sockmap" in support.reason
     # doctor decides from its own full probe, and must say the same
     assert probe.tls_support_from(probe.probe()).ok is support.ok
     assert support.ok or ("\n" not in support.reason and support.reason)
