@@ -19,7 +19,7 @@ from sockpol.codegen import simulate
 from sockpol.codegen.lower import lower
 from sockpol.codegen.normalize import normalize as table_normalize
 from sockpol.codegen.scanner import Reason
-from sockpol.dsl import load_source
+from sockpol.dsl import load_source, tls
 from sockpol.dsl.ast import Mode
 from sockpol.dsl.interp import (
     REFUSALS,
@@ -105,7 +105,8 @@ def test_normalization_agrees_with_the_code_generator(tail):
 @pytest.mark.parametrize(
     "data, reason",
     [
-        (b"\x16\x03\x01\x00\xa5\x01\x00", "bad-method"),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", "tls-not-declared"),
+        (b"\x01\x00binary", "bad-method"),
         (b" GET / HTTP/1.1\r\n\r\n", "bad-method"),
         (b"GET\t/ HTTP/1.1\r\n\r\n", "bad-method"),
         (b"GET http://h/ HTTP/1.1\r\n\r\n", "bad-target"),
@@ -284,6 +285,7 @@ RESUME = {
     "chunk-size": simulate.RESUME_CHUNK_LINE,
     "chunk-end": simulate.RESUME_CHUNK_DATA_END,
     "unjudged": RESUME_UNJUDGED,
+    "tls-pass": tls.RESUME_TLS_PASS,
 }
 
 

@@ -122,7 +122,7 @@ def test_enforce_mode_records_refusals_audits_and_logs():
     default = run(ir, req("GET", "/other"))
     assert not default.allow and default.reason is Reason.DEFAULT
     assert default.counts[0][0] == t.SLOT_DEFAULT
-    garbage = run(ir, b"\x16\x03\x01\x00")
+    garbage = run(ir, b"\x00\x01\x02\x03")
     assert not garbage.allow and garbage.event is t.Verdict.REFUSED
     assert garbage.counts == ((t.SLOT_REFUSED + Reason.BAD_METHOD, 1, 4),)
 

@@ -58,8 +58,16 @@ from sockpol.codegen.scanner import (
     Reason,
 )
 from sockpol.codegen.simulate import CHUNK_MAX, CL_MAX, NO_RULE
+from sockpol.dsl import tls
 from sockpol.metadata import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
-from sockpol.telemetry import RESUME_UNJUDGED, SLOT_DEFAULT, SLOT_REFUSED, SLOT_RULES
+from sockpol.telemetry import (
+    RESUME_UNJUDGED,
+    SLOT_DEFAULT,
+    SLOT_REFUSED,
+    SLOT_RULES,
+    SLOT_UNJUDGED,
+    SLOT_WOULD_REFUSE,
+)
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
@@ -102,7 +110,7 @@ S_FACTS = len(SCAN_FIELDS)
 
 CONFIG = [
     "nrules", "default_allow", "max_head", "start", "path_start", "zero", "one", "leading",
-    "chunk_start", "chunk_data_end", "path_classes", "path_dead",
+    "chunk_start", "chunk_data_end", "path_classes", "path_dead", "tls",
 ]  # fmt: skip
 
 
@@ -172,9 +180,15 @@ class _Emitter(RecordingMixin):
         self.scratch_map = self.btf_map(
             SCRATCH_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, 1, self.u32, scratch_value
         )
-        # Per connection: where the next run starts (a request, a chunk-size line, ...).
+        # Per connection: the word (where the next run starts: a request, a chunk-size line,
+        # ...; TLS flags; a counter slot) and the bytes of a body or TLS record still to come.
         self.conn_map = self.btf_map(
-            CONN_MAP, BPF_MAP_TYPE_SK_STORAGE, None, self.int, self.u64, BPF_F_NO_PREALLOC
+            CONN_MAP,
+            BPF_MAP_TYPE_SK_STORAGE,
+            None,
+            self.int,
+            self.dbg.array(self.u64, 2, 64),
+            BPF_F_NO_PREALLOC,
         )
         self.record_maps()  # counters, events, mode (record.py)
 
@@ -205,6 +219,7 @@ class _Emitter(RecordingMixin):
             "chunk_data_end": t.chunk_data_end,
             "path_classes": comb.n_classes,
             "path_dead": comb.dead_id,
+            "tls": tls.policy_mode(ir_.policy),
         }
         hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
@@ -664,15 +679,6 @@ class _Emitter(RecordingMixin):
         size = b.zext(ctx_load(MSG_SIZE, I32), I64)
         with b.if_then(b.icmp_unsigned("==", size, I64(0)), likely=False):
             verdict(SK_PASS)
-        max_head = self.config(b, "max_head")
-        n = b.select(b.icmp_unsigned("<", size, max_head), size, max_head)
-        pulled = h.call(b, h.MSG_PULL_DATA, msg, I32(0), b.trunc(n, I32), I64(0))
-        with b.if_then(b.icmp_unsigned("!=", pulled, I64(0)), likely=False):
-            refuse_unseen()
-        b.store(I32(0), key)
-        scratch = h.call(b, h.MAP_LOOKUP_ELEM, self.scratch_map, key)
-        with b.if_then(b.icmp_unsigned("==", b.ptrtoint(scratch, I64), I64(0)), likely=False):
-            refuse_unseen()
         sk = ctx_load(MSG_SK, PTR)
         conn = h.call(
             b,
@@ -684,7 +690,33 @@ class _Emitter(RecordingMixin):
         )
         with b.if_then(b.icmp_unsigned("==", b.ptrtoint(conn, I64), I64(0)), likely=False):
             refuse_unseen()  # no per-connection state: cannot follow the stream, refuse
-        # The connection's word: where this run starts in bits 0..7 (the rest: record.py).
+        # The rest of a body (or TLS record) that an earlier verdict covered: pass it without a
+        # look (and without pulling it). Counted here, not left to apply_bytes: under kTLS
+        # apply_bytes ends with the record, and the next record runs the program again.
+        left_ptr = gep(b, conn, I8, [I64(8)])
+        left = b.load(left_ptr, typ=I64)
+        with b.if_then(b.icmp_unsigned("!=", left, I64(0))):
+            part = b.select(b.icmp_unsigned("<", left, size), left, size)
+            b.store(b.sub(left, part), left_ptr)
+            verdict(SK_PASS, b.trunc(part, I32))
+
+        def covering(total: ir.Value) -> ir.Value:
+            """apply_bytes for a verdict on `total` bytes from the start of this message; what
+            lies beyond it is counted down by the next runs."""
+            part = b.select(b.icmp_unsigned("<", total, size), total, size)
+            b.store(b.sub(total, part), left_ptr)
+            return b.trunc(part, I32)
+
+        max_head = self.config(b, "max_head")
+        n = b.select(b.icmp_unsigned("<", size, max_head), size, max_head)
+        pulled = h.call(b, h.MSG_PULL_DATA, msg, I32(0), b.trunc(n, I32), I64(0))
+        with b.if_then(b.icmp_unsigned("!=", pulled, I64(0)), likely=False):
+            refuse_unseen()
+        b.store(I32(0), key)
+        scratch = h.call(b, h.MAP_LOOKUP_ELEM, self.scratch_map, key)
+        with b.if_then(b.icmp_unsigned("==", b.ptrtoint(scratch, I64), I64(0)), likely=False):
+            refuse_unseen()
+        # The connection's word: where this run starts in bits 0..7 (the rest: record.py, tls.py).
         resume = b.load(conn, typ=I64)
         kind = b.and_(resume, I64(0xFF))
         mode = self.read_mode(b)  # every run: `sockpol mode` switches without a reload
@@ -722,6 +754,10 @@ class _Emitter(RecordingMixin):
             b.store(zero, self.fact_word(b, scan, w))
         with b.if_then(b.icmp_unsigned("==", kind, I64(RESUME_UNJUDGED)), likely=False):
             finish(self.unjudged(b, msg, resume, mode), I32(0))  # dry-run left it so
+        with b.if_then(b.icmp_unsigned("==", kind, I64(tls.RESUME_TLS_PASS)), likely=False):
+            self.count(b, SLOT_UNJUDGED, 1, size)  # `tls userspace allow`: ciphertext passes
+            verdict(SK_PASS)
+        self.tls_phase(b, msg, scan, conn, resume, kind, size, mode, verdict, finish, covering)
         h.call(b, h.LOOP, b.trunc(n, I32), scan_step, scan, I64(0))
 
         state = self.get(b, scan, "state")
@@ -756,21 +792,21 @@ class _Emitter(RecordingMixin):
         covered = b.select(chunked, pos, b.add(pos, self.get(b, scan, "cl")))
         # Bits 32..63: the counter slot that the chunks of this body are added to.
         nxt = b.select(chunked, I64(RESUME_CHUNK_LINE), I64(RESUME_REQUEST))
-        b.store(b.or_(nxt, b.shl(counter, I64(32))), conn)
+        b.store(b.or_(b.or_(nxt, I64(tls.CONN_HTTP)), b.shl(counter, I64(32))), conn)
         outcome = self.judged(b, msg, flags, reason, mode, counter, covered)
-        finish(outcome, b.trunc(covered, I32))
+        finish(outcome, covering(covered))
 
         b.position_at_end(not_complete)
         body_counter = b.lshr(resume, I64(32))
         with b.if_then(b.icmp_unsigned("==", state, I64(CHUNK_LINE))):
             # Pass the size line and the chunk's data; the CRLF after the data comes next.
             keep = b.and_(resume, I64(0xFFFFFFFF00000000))
-            b.store(b.or_(keep, I64(RESUME_CHUNK_DATA_END)), conn)
+            b.store(b.or_(keep, I64(RESUME_CHUNK_DATA_END | tls.CONN_HTTP)), conn)
             data_end = b.add(self.get(b, scan, "pos"), self.get(b, scan, "chunk"))
             self.count(b, body_counter, 0, data_end)
-            verdict(SK_PASS, b.trunc(data_end, I32))
+            verdict(SK_PASS, covering(data_end))
         with b.if_then(b.icmp_unsigned("==", state, I64(BODY_END))):
-            b.store(I64(RESUME_REQUEST), conn)
+            b.store(I64(RESUME_REQUEST | tls.CONN_HTTP), conn)
             self.count(b, body_counter, 0, self.get(b, scan, "pos"))
             verdict(SK_PASS, b.trunc(self.get(b, scan, "pos"), I32))
         # The scanner refused the head, or no end of head came within max-head bytes (in
@@ -794,6 +830,132 @@ class _Emitter(RecordingMixin):
         self.record_event(b, msg, scan, outcome)
         passed = b.icmp_unsigned("!=", self.passes(b, outcome), I64(0))
         verdict(b.select(passed, I32(SK_PASS), I32(SK_DROP)), apply)
+
+    def tls_phase(self, b, msg, scan, conn, resume, kind, size, mode, verdict, finish, covering):
+        """The TLS handshake, one record per run, until the connection's bytes are HTTP: tls.py
+        step for step. Returns (falls through) when this message is to be read as HTTP."""
+        at_request = b.icmp_unsigned("==", kind, I64(RESUME_REQUEST))
+        tls_mode = self.config(b, "tls")
+        data, data_end = self.get(b, scan, "data"), self.get(b, scan, "data_end")
+
+        def has(k: int) -> ir.Value:  # data[0..k) is in the window
+            return b.icmp_unsigned("<=", b.gep(data, [I64(k)], source_etype=I8), data_end)
+
+        def byte(i: int) -> ir.Value:
+            return b.zext(b.load(b.gep(data, [I64(i)], source_etype=I8), typ=I8), I64)
+
+        def eq(a: ir.Value, v: int) -> ir.Value:
+            return b.icmp_unsigned("==", a, I64(v))
+
+        # A kTLS socket's alert (close_notify): 2 plaintext bytes, for the peer's TLS stack.
+        alert = b.and_(at_request, b.and_(b.icmp_unsigned("!=", tls_mode, I64(0)), eq(size, 2)))
+        with b.if_then(alert, likely=False):
+            with b.if_then(has(2)):
+                with b.if_then(b.icmp_unsigned("<=", b.sub(byte(0), I64(1)), I64(1))):
+                    verdict(SK_PASS)
+
+        handshake = b.and_(at_request, eq(b.and_(resume, I64(tls.CONN_HTTP)), 0))
+        with b.if_then(handshake, likely=False):
+            with b.if_then(has(1)):
+                kind_byte = byte(0)
+                record = b.icmp_unsigned(
+                    "<=", b.sub(kind_byte, I64(tls.ContentType.CHANGE_CIPHER_SPEC)), I64(3)
+                )
+                with b.if_else(record) as (is_record, is_http):
+                    with is_http:
+                        b.store(b.or_(resume, I64(tls.CONN_HTTP)), conn)
+                    with is_record:
+                        self._tls_record(
+                            b, msg, conn, resume, size, mode, verdict, finish, covering,
+                            tls_mode, kind_byte, has, byte, eq,
+                        )  # fmt: skip
+
+    def _tls_record(
+        self, b, msg, conn, resume, size, mode, verdict, finish, covering,
+        tls_mode, t, has, byte, eq,
+    ) -> None:  # fmt: skip
+        is_hs = eq(t, tls.ContentType.HANDSHAKE)
+        need = b.select(is_hs, I64(tls.HELLO_HEADER), I64(tls.HEADER))
+
+        def short() -> None:
+            with b.if_then(b.icmp_unsigned("<", size, need)):
+                verdict(SK_DROP, cork=b.trunc(need, I32))  # tcp_bpf runs again when it fills
+            reason = I64(Reason.TLS_BAD_RECORD)
+            finish(self.unframed(b, msg, reason, mode, I64(0), conn), I32(0))
+
+        with b.if_then(b.not_(has(tls.HEADER)), likely=False):
+            short()
+        hello = b.alloca(I64, name="hello")
+        b.store(I64(0), hello)
+        with b.if_then(is_hs):
+            with b.if_then(b.not_(has(tls.HELLO_HEADER)), likely=False):
+                short()
+            length = b.add(b.shl(byte(3), I64(8)), byte(4))
+            hs_len = b.add(b.add(b.shl(byte(6), I64(16)), b.shl(byte(7), I64(8))), byte(8))
+            whole = eq(b.sub(length, b.add(hs_len, I64(4))), 0)
+            b.store(b.zext(b.and_(eq(byte(5), tls.CLIENT_HELLO), whole), I64), hello)
+        is_hello = b.icmp_unsigned("!=", b.load(hello, typ=I64), I64(0))
+        length = b.add(b.shl(byte(3), I64(8)), byte(4))
+        valid = b.and_(
+            b.and_(eq(byte(1), 3), b.icmp_unsigned("<=", byte(2), I64(4))),
+            b.icmp_unsigned("<=", b.sub(length, I64(1)), I64(tls.MAX_RECORD - 1)),
+        )
+        flags = b.and_(resume, I64(tls.CONN_TLS_FLAGS))
+
+        def bit(v: int) -> ir.Value:
+            return b.icmp_unsigned("!=", b.and_(flags, I64(v)), I64(0))
+
+        seen_hello, done, ccs = bit(tls.CONN_HELLO), bit(tls.CONN_DONE), bit(tls.CONN_CCS)
+        is_ccs = eq(t, tls.ContentType.CHANGE_CIPHER_SPEC)
+        is_alert = eq(t, tls.ContentType.ALERT)
+        is_app = eq(t, tls.ContentType.APPLICATION_DATA)
+        long_alert = b.icmp_unsigned(">", length, I64(tls.MAX_ALERT_AFTER_HANDSHAKE))
+        bad = b.or_(
+            b.and_(b.not_(seen_hello), b.not_(is_hello)),
+            b.and_(
+                b.and_(seen_hello, done),
+                b.or_(b.or_(is_ccs, is_hs), b.and_(is_alert, long_alert)),
+            ),
+        )
+        userspace = b.and_(b.and_(seen_hello, done), is_app)
+        undeclared = eq(tls_mode, tls.TLS_NONE)
+        allow_userspace = eq(tls_mode, tls.TLS_USERSPACE_ALLOW)
+        refuse = b.or_(
+            b.or_(b.not_(valid), undeclared),
+            b.or_(bad, b.and_(userspace, b.not_(allow_userspace))),
+        )
+        reason = b.select(
+            b.not_(valid),
+            I64(Reason.TLS_BAD_RECORD),
+            b.select(
+                undeclared,
+                I64(Reason.TLS_NOT_DECLARED),
+                b.select(bad, I64(Reason.TLS_BAD_RECORD), I64(Reason.TLS_USERSPACE)),
+            ),
+        )
+        with b.if_then(refuse, likely=False):
+            finish(self.unframed(b, msg, reason, mode, I64(0), conn), I32(0))
+        with b.if_then(userspace, likely=False):  # `tls userspace allow`
+            self.count(b, SLOT_WOULD_REFUSE + Reason.TLS_USERSPACE, 1, size)
+            b.store(b.or_(flags, I64(tls.RESUME_TLS_PASS)), conn)
+            verdict(SK_PASS)
+        tls12 = b.and_(b.and_(is_hs, ccs), b.not_(is_hello))
+        add = b.select(
+            b.not_(seen_hello),
+            I64(tls.CONN_HELLO),
+            b.select(
+                is_ccs,
+                I64(tls.CONN_CCS),
+                b.select(
+                    tls12,
+                    I64(tls.CONN_TLS12_DONE),
+                    b.select(is_app, I64(tls.CONN_TLS13_DONE), I64(0)),
+                ),
+            ),
+        )
+        word = b.or_(b.and_(resume, I64(~tls.CONN_TLS_FLAGS & (2**64 - 1))), b.or_(flags, add))
+        b.store(word, conn)
+        verdict(SK_PASS, covering(b.add(length, I64(tls.HEADER))))
 
     # --- sock_ops program -------------------------------------------------------------------
 

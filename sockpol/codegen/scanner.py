@@ -35,6 +35,7 @@ from sockpol.codegen.automaton import (
     trim,
 )
 from sockpol.codegen.comb import Comb, CombTooLarge, pack_comb
+from sockpol.dsl import tls
 
 
 class Reason(IntEnum):
@@ -79,9 +80,9 @@ REASON_TEXT = {
     Reason.PULL_FAILED: "the kernel could not linearize the message or allocate state",
     Reason.RULE: "refused by a deny rule",
     Reason.DEFAULT: "no rule matched and the default is deny",
-    Reason.TLS_NOT_DECLARED: "a TLS handshake on a port whose policy does not say `tls`",
-    Reason.TLS_USERSPACE: "TLS done in user space (no kTLS): the requests are ciphertext",
-    Reason.TLS_BAD_RECORD: "TLS record framing that no client sends during a handshake",
+    Reason.TLS_NOT_DECLARED: tls.DETAIL[tls.NOT_DECLARED],
+    Reason.TLS_USERSPACE: tls.DETAIL[tls.USERSPACE],
+    Reason.TLS_BAD_RECORD: tls.DETAIL[tls.BAD_RECORD],
 }
 
 # Terminal states that are not refusals: where a run of the program ends with a pass.

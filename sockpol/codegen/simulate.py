@@ -35,6 +35,7 @@ from sockpol.codegen.scanner import (
     TERMINAL_STATES,
     Reason,
 )
+from sockpol.dsl import tls
 from sockpol.telemetry import (
     MODE_DRY_RUN,
     MODE_ENFORCE,
@@ -54,6 +55,7 @@ CL_MAX = 0xFFFF0000  # Content-Length values above this are refused (apply_bytes
 CHUNK_MAX = 0xFFFF0000  # likewise chunk sizes
 NO_RULE = 0xFFFFFFFF
 HEXVAL = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+WORD_MASK = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,11 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
             norm.feed(b)
         if info & FLAG_PATH_END:
             norm.finish()
-            if norm.error:
-                nxt = Reason.PATH_TOO_LONG
-            else:
+            if not norm.error:
                 path = bytes(norm.out)
                 path_state = walk_path(ir, path)
+        if norm.error:  # as soon as the path is too long or deep, not only at its end
+            nxt = Reason.PATH_TOO_LONG
         state, pos = nxt, i + 1
         if state < TERMINAL_STATES:
             break
@@ -169,13 +171,20 @@ def decide(ir: MatcherIR, facts: int, path_state: int) -> int | None:
 def run(
     ir: MatcherIR, message: bytes, resume: int = RESUME_REQUEST, mode: int = MODE_ENFORCE
 ) -> RunResult:
-    """One run on `message`. `resume` is the connection's word from the previous run
-    (`RunResult.conn`): the resume point in bits 0..7, the reason an unjudged connection lost its
-    framing in bits 8..15, the counter slot of the request whose chunked body follows in 32..63."""
+    """One run on `message`. `resume` is the connection's state from the previous run
+    (`RunResult.conn`), the two u64 of its socket storage as one number: the word (the resume
+    point in bits 0..7, the reason an unjudged connection lost its framing in bits 8..15, TLS
+    flags in 16..23 (tls.py), the counter slot of the request whose body follows in 32..63) and,
+    from bit 64 on, how many bytes of an earlier verdict's body or TLS record are still to come."""
     size = len(message)
-    kind, saved_reason, body_slot = resume & 0xFF, (resume >> 8) & 0xFF, resume >> 32
+    word, left = resume & WORD_MASK, resume >> 64
+    kind, saved_reason, body_slot = word & 0xFF, (word >> 8) & 0xFF, (word >> 32) & 0xFFFFFFFF
     if size == 0:
         return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, conn=resume)
+    if left:
+        # The rest of a body (or record) an earlier verdict covered: passed without a look.
+        n = min(left, size)
+        return RunResult(True, Reason.NONE, None, n, 0, 0, 0, kind, conn=word | (left - n) << 64)
     if kind == RESUME_UNJUDGED:
         reason = Reason(saved_reason)
         if mode == MODE_DRY_RUN:
@@ -185,30 +194,62 @@ def run(
         return RunResult(
             False, reason, None, 0, 0, 0, 0, kind, None, Verdict.REFUSED, counts, resume
         )
+    if kind == tls.RESUME_TLS_PASS:
+        counts = ((SLOT_UNJUDGED, 1, size),)
+        return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, counts=counts, conn=resume)
     n = min(size, ir.policy.max_head)
+    tls_mode = tls.policy_mode(ir.policy)
+    if kind == RESUME_REQUEST and tls_mode and tls.is_alert_plaintext(message[:n], size):
+        return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, conn=resume)
+    if kind == RESUME_REQUEST and not word & tls.CONN_HTTP:
+        step = tls.step(message[:n], size, word, tls_mode)
+        if step.action != tls.Action.HTTP:
+            return _tls_record(step, word, size, mode)
+        word |= tls.CONN_HTTP
     s = scan(ir, message[:n], kind)
     if s.state == END:
-        return _judged(ir, s, mode)
+        return _judged(ir, s, mode, size)
     if s.state == CHUNK_LINE:
         covered = s.pos + s.chunk_size
-        nxt = RESUME_CHUNK_DATA_END | body_slot << 32
+        nxt = RESUME_CHUNK_DATA_END | tls.CONN_HTTP | body_slot << 32
+        apply = min(covered, size)
         return RunResult(
-            True, Reason.NONE, None, covered, 0, s.pos, 0, RESUME_CHUNK_DATA_END,
-            counts=((body_slot, 0, covered),), conn=nxt,
+            True, Reason.NONE, None, apply, 0, s.pos, 0, RESUME_CHUNK_DATA_END,
+            counts=((body_slot, 0, covered),), conn=nxt | (covered - apply) << 64,
         )  # fmt: skip
     if s.state == BODY_END:
         return RunResult(
             True, Reason.NONE, None, s.pos, 0, s.pos, 0, RESUME_REQUEST,
-            counts=((body_slot, 0, s.pos),), conn=RESUME_REQUEST,
+            counts=((body_slot, 0, s.pos),), conn=RESUME_REQUEST | tls.CONN_HTTP,
         )  # fmt: skip
     if s.state < TERMINAL_STATES:
-        return _unframed(Reason(s.state), s, size, mode, resume)
+        return _unframed(Reason(s.state), s, size, mode, word)
     if size >= ir.policy.max_head:
-        return _unframed(Reason.HEAD_TOO_LARGE, s, size, mode, resume)
-    return RunResult(True, Reason.NONE, None, 0, size + 1, s.pos, 0, kind, conn=resume)
+        return _unframed(Reason.HEAD_TOO_LARGE, s, size, mode, word)
+    return RunResult(True, Reason.NONE, None, 0, size + 1, s.pos, 0, kind, conn=word)
 
 
-def _judged(ir: MatcherIR, s: ScanResult, mode: int) -> RunResult:
+def _tls_record(step: tls.Step, word: int, size: int, mode: int) -> RunResult:
+    """A run that met a TLS record (tls.step) instead of HTTP."""
+    kind = word & 0xFF
+    if step.action == tls.Action.CORK:
+        return RunResult(True, Reason.NONE, None, 0, step.covered, 0, 0, kind, conn=word)
+    if step.action == tls.Action.REFUSE:
+        reason = Reason[step.reason.upper().replace("-", "_")]
+        return _unframed(reason, ScanResult(0, 0, 0, 0, 0, 0, None), size, mode, word)
+    if step.action == tls.Action.USERSPACE_ALLOW:
+        counts = ((SLOT_WOULD_REFUSE + Reason.TLS_USERSPACE, 1, size),)
+        nxt = tls.RESUME_TLS_PASS | step.flags
+        return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, tls.RESUME_TLS_PASS, None, None,
+                         counts, nxt)  # fmt: skip
+    apply = min(step.covered, size)
+    nxt = (word & ~tls.CONN_TLS_FLAGS) | step.flags
+    return RunResult(
+        True, Reason.NONE, None, apply, 0, 0, 0, kind, conn=nxt | (step.covered - apply) << 64
+    )
+
+
+def _judged(ir: MatcherIR, s: ScanResult, mode: int, size: int) -> RunResult:
     """A complete head: the first matching rule or the default decides, and is counted."""
     rule = decide(ir, s.facts, s.path_state)
     if rule is None:
@@ -237,13 +278,18 @@ def _judged(ir: MatcherIR, s: ScanResult, mode: int) -> RunResult:
         reason = Reason.NONE
         if flags & RULE_LOG:
             event = Verdict.LOGGED
+    # The verdict covers this message up to the end of the body; the rest of the body, in later
+    # messages, is counted down in the socket storage (under kTLS apply_bytes ends with the
+    # record, so it cannot be left to cover them).
+    apply = min(covered, size)
+    conn = nxt | tls.CONN_HTTP | slot << 32 | (covered - apply) << 64
     return RunResult(
-        allow, reason, rule, covered, 0, s.pos, s.content_length, nxt, s.path,
-        event, tuple(counts), nxt | slot << 32,
+        allow, reason, rule, apply, 0, s.pos, s.content_length, nxt, s.path,
+        event, tuple(counts), conn,
     )  # fmt: skip
 
 
-def _unframed(reason: Reason, s: ScanResult, size: int, mode: int, resume: int) -> RunResult:
+def _unframed(reason: Reason, s: ScanResult, size: int, mode: int, word: int) -> RunResult:
     """Refused before any rule: in dry-run the send passes and the connection goes unjudged."""
     if mode == MODE_DRY_RUN:
         conn = RESUME_UNJUDGED | reason << 8
@@ -252,8 +298,8 @@ def _unframed(reason: Reason, s: ScanResult, size: int, mode: int, resume: int) 
             Verdict.DRY_RUN, ((SLOT_WOULD_REFUSE + reason, 1, size),), conn,
         )  # fmt: skip
     return RunResult(
-        False, reason, None, 0, 0, s.pos, s.content_length, resume & 0xFF, s.path,
-        Verdict.REFUSED, ((SLOT_REFUSED + reason, 1, size),), resume,
+        False, reason, None, 0, 0, s.pos, s.content_length, word & 0xFF, s.path,
+        Verdict.REFUSED, ((SLOT_REFUSED + reason, 1, size),), word,
     )  # fmt: skip
 
 

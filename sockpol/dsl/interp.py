@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
+from sockpol.dsl import tls
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy, Rule
 from sockpol.dsl.patterns import to_regex
 
@@ -66,6 +67,7 @@ REFUSALS = (
     "path-too-long",
     "bad-chunk",
     "head-too-large",
+    *tls.REFUSALS,
 )
 ALLOWED, DENY_RULE, DENY_DEFAULT = "none", "rule", "default"
 # Events the program records (sockpol.telemetry.Verdict, lower-case): a refusal, a request that
@@ -176,15 +178,29 @@ class Run:
     a request head or (in a chunked body) a chunk-size line."""
 
     allow: bool
-    covers: int  # bytes the verdict covers (head + body, size line + data); 0 = the whole message
+    # Bytes of this message the verdict covers (head + body, size line + data, up to the end of
+    # the message); 0 = the whole message.
+    covers: int
     cork: int = 0  # > 0: hold the message until it is this long, then run again
     resume: str = "request"  # where the next run starts: see RESUME
     verdict: Verdict | None = None  # set when the run judged a head or refused something
+    # Bytes of the body (or chunk data) still to come in later messages, which the next runs
+    # pass without a look. The program counts them itself rather than leaving them to
+    # apply_bytes: under kTLS, apply_bytes ends with the TLS record.
+    left: int = 0
+    tls: int = 0  # the connection's TLS phase after this run: tls.CONN_* flags
+
+
+def _covering(allow: bool, total: int, message: bytes, **kw) -> Run:
+    """A verdict on `total` bytes from the start of `message`, which may end sooner."""
+    covers = min(total, len(message))
+    return Run(allow, covers, left=total - covers, **kw)
 
 
 # Where a run starts: at a request head, at a chunk-size line, at the CRLF ending chunk data, or
-# nowhere: a dry-run pass of a refused head left the connection without framing ("unjudged").
-RESUME = ("request", "chunk-size", "chunk-end", "unjudged")
+# nowhere: a dry-run pass of a refused head left the connection without framing ("unjudged"),
+# or `tls userspace allow` let a connection's user-space TLS pass ("tls-pass").
+RESUME = ("request", "chunk-size", "chunk-end", "unjudged", "tls-pass")
 
 
 # -- reading a head -------------------------------------------------------------------------------
@@ -263,8 +279,22 @@ def _method(r: _Reader) -> str:
 
 
 def _path(r: _Reader) -> tuple[bytes, int]:
-    """The raw path up to the SP or '?' that ends it, with its escapes checked."""
+    """The raw path up to the SP or '?' that ends it, with its escapes checked. A path whose
+    bytes so far already normalize beyond the limits is refused before it ends (the kernel
+    normalizes as the bytes go by)."""
     start = r.pos
+    try:
+        return _path_bytes(r, start)
+    except _NeedMore:
+        so_far = re.sub(rb"%[0-9A-Fa-f]?$", b"", r.data[start:])  # an escape not yet whole
+        if so_far and normalize_path(so_far) is None:
+            raise r.refuse(
+                "path-too-long", "the path so far normalizes beyond the limits"
+            ) from None
+        raise
+
+
+def _path_bytes(r: _Reader, start: int) -> tuple[bytes, int]:
     b = r.next()
     if b != ord("/"):
         raise r.refuse("bad-target", "the target does not start with '/' (origin-form)")
@@ -565,13 +595,50 @@ def judge(
     resume: str = "request",
     mode: Mode | None = None,
     lost: str = "",
+    left: int = 0,
+    phase: int = 0,
 ) -> Run:
     """One run of the kernel program on `message`, which starts where `resume` says. `mode` is
     the mode in force (default: the policy's); `lost` is the refusal that left an "unjudged"
-    connection without framing."""
+    connection without framing; `left` and `phase` are `Run.left` and `Run.tls` of the run
+    before (a body still to come; where the connection is in its TLS handshake, tls.py)."""
     dry_run = (mode or policy.mode) is Mode.DRY_RUN
     if not message:
-        return Run(True, 0, resume=resume)
+        return Run(True, 0, resume=resume, left=left, tls=phase)
+    if left:
+        return _covering(True, left, message, resume=resume, tls=phase)
+    if resume == "tls-pass":  # counted as unjudged, not recorded as events
+        return Run(True, 0, resume=resume, tls=phase)
+    window = message[: policy.max_head]
+    tls_mode = tls.policy_mode(policy)
+    if resume == "request" and tls_mode and tls.is_alert_plaintext(window, len(message)):
+        return Run(True, 0, resume=resume, tls=phase)
+    if resume == "request" and not phase & tls.CONN_HTTP:
+        step = tls.step(window, len(message), phase, tls_mode)
+        if step.action != tls.Action.HTTP:
+            return _tls_run(step, message, dry_run, phase)
+        phase |= tls.CONN_HTTP
+    run = _judge_http(policy, message, resume, mode, dry_run, lost)
+    return Run(run.allow, run.covers, run.cork, run.resume, run.verdict, run.left, phase)
+
+
+def _tls_run(step: tls.Step, message: bytes, dry_run: bool, phase: int) -> Run:
+    """A run that met a TLS record instead of HTTP (tls.step)."""
+    if step.action == tls.Action.CORK:
+        return Run(True, 0, cork=step.covered, tls=phase)
+    if step.action == tls.Action.REFUSE:
+        refusal = Refusal(step.reason, 0, tls.DETAIL[step.reason])
+        if dry_run:
+            return Run(True, 0, resume="unjudged", verdict=_refused(refusal, True), tls=phase)
+        return Run(False, 0, verdict=_refused(refusal, False), tls=phase)
+    if step.action == tls.Action.USERSPACE_ALLOW:
+        return Run(True, 0, resume="tls-pass", tls=step.flags)
+    return _covering(True, step.covered, message, tls=step.flags)
+
+
+def _judge_http(
+    policy: Policy, message: bytes, resume: str, mode: Mode | None, dry_run: bool, lost: str
+) -> Run:
     if resume == "unjudged":
         # Where requests start is unknown: pass everything while in dry-run, else refuse.
         refusal = Refusal(lost, 0, "the connection lost its framing in dry-run mode")
@@ -586,13 +653,14 @@ def judge(
             verdict = decide(policy, found, mode)
             if found.chunked:
                 return Run(verdict.allow, found.length, resume="chunk-size", verdict=verdict)
-            return Run(verdict.allow, found.length + found.content_length, verdict=verdict)
+            total = found.length + found.content_length
+            return _covering(verdict.allow, total, message, verdict=verdict)
     else:
         found = read_chunk(window, after_data=resume == "chunk-end")
         if isinstance(found, ChunkLine):
             if found.last:
                 return Run(True, found.length, resume="request")
-            return Run(True, found.length + found.size, resume="chunk-end")
+            return _covering(True, found.length + found.size, message, resume="chunk-end")
     if isinstance(found, Refusal):
         refusal = found
     elif len(message) >= policy.max_head:
@@ -665,6 +733,8 @@ class Connection:
     _cork: bytearray | None = None  # a held message, waiting for `_owed` more bytes
     _owed: int = 0
     _resume: str = "request"
+    _left: int = 0  # body bytes still to come (Run.left)
+    _tls: int = 0  # where the connection is in its TLS handshake (Run.tls)
     _lost: str = ""  # the refusal that left the connection "unjudged"
     # Called with (message, resume, run) after every run: lets tests hold another model to each.
     observe: Callable[[bytes, str, Run], None] | None = field(default=None, repr=False)
@@ -707,7 +777,10 @@ class Connection:
         assert self.policy is not None
         while True:
             if self._eval == _NONE:
-                run = judge(self.policy, bytes(msg), self._resume, self.mode, self._lost)
+                run = judge(
+                    self.policy, bytes(msg), self._resume, self.mode, self._lost, self._left,
+                    self._tls,
+                )  # fmt: skip
                 if self.observe is not None:
                     self.observe(bytes(msg), self._resume, run)
                 if run.verdict is not None:
@@ -718,6 +791,8 @@ class Connection:
                     return 0
                 self._eval = _PASS if run.allow else _DROP
                 self._apply = run.covers
+                self._left = run.left
+                self._tls = run.tls
                 if run.allow:
                     if run.resume == "unjudged" and self._resume != "unjudged":
                         assert run.verdict is not None

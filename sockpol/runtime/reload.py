@@ -14,9 +14,10 @@ throughout. A reload:
 A run sees either the old tables or the new ones, never a mix; established connections get the
 new policy from their next request; no socket is touched. The new policy must fit the loaded
 program's table shape (its code has the masks and offsets baked in), govern the same ports
-(the sock_ops program has them as constants) and keep the loaded policy's `tls` statement;
-otherwise `sockpol load` must replace the program. A policy with `tls` is refused, before
-anything is touched, on a kernel that cannot run policies on kTLS sockets (as `load` does).
+(the sock_ops program has them as constants); otherwise `sockpol load` must replace the
+program. The `tls` statement is a table value and may change: connections past their handshake
+stay HTTP, new ones follow the new statement. A policy with `tls` is refused, before anything
+is touched, on a kernel that cannot run policies on kTLS sockets (as `load` does).
 """
 
 from __future__ import annotations
@@ -91,16 +92,6 @@ def _check_compatible(old: PolicyMetadata, new: PolicyMetadata) -> None:
             f"reload: the governed ports changed ({old.ports} -> {new.ports}); ports are part "
             "of the sock_ops program, replace it with sockpol load"
         )
-    if new.tls != old.tls:
-        raise ReloadError(
-            f"reload: the tls statement changed ({_tls_word(old.tls)} -> {_tls_word(new.tls)}); "
-            "how TLS records are handled is part of the loaded program, replace it with "
-            "sockpol load"
-        )
-
-
-def _tls_word(tls: str | None) -> str:
-    return "none" if tls is None else f"tls userspace {tls}"
 
 
 def swap_tables(pin_dir: Path, tables: bytes) -> int:

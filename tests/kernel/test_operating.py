@@ -92,7 +92,7 @@ TRAFFIC = [
     ],
     [req("DELETE", "/admin/users")],
     [req("GET", "/nowhere")],
-    [b"\x16\x03\x01\x00\xa5\x01\x00"],  # a TLS ClientHello: bad-method
+    [b"\x01\x03\x01\x00\xa5\x01\x00"],  # binary, not a TLS record either: bad-method
     [req("GET", "/public/%2e%2e/admin/x")],  # normalized to /admin/x: rule 4
 ]
 
@@ -248,7 +248,7 @@ def test_counters_and_events_match_the_traffic(policy, cgroup, http_server, run_
         ("logged", None, 0, "GET", "b", "/ok"),
         ("refused", "rule", 4, "DELETE", "shop.example.com", "/admin/users"),
         ("refused", "default", None, "GET", "shop.example.com", "/nowhere"),
-        ("refused", "bad-method", None, "\\x16\\x03\\x01\\x00\\xa5\\x01\\x00", None, "/"),
+        ("refused", "bad-method", None, "\\x01\\x03\\x01\\x00\\xa5\\x01\\x00", None, "/"),
         ("refused", "rule", 4, "GET", "shop.example.com", "/admin/x"),  # normalized
     ]
     assert [e.line for e in events] == [LINES[0], LINES[3], LINES[0], LINES[4], None, None, 9]

@@ -1,0 +1,172 @@
+"""The TLS handshake as the sk_msg program sees it, before any HTTP (docs/ktls.md).
+
+A TLS library sets the kTLS ULP when it gets the socket, but TLS_TX only once the handshake has
+made the keys: everything the client sends before that crosses the program as TLS records, and
+everything after it as the plaintext of the records the kernel is about to encrypt. On a port
+whose policy says `tls`, the program therefore walks the client's records one per run (the
+verdict's apply_bytes ends at the record, the kernel runs the program again on what follows)
+and passes those a handshake needs, until the first byte that cannot start a record: from then
+on the connection is HTTP, judged as on a plaintext port.
+
+Which records a client sends, in order (C: client hello, X: key exchange, CCS: change cipher
+spec, F: finished; [..] encrypted in user space):
+
+- TLS 1.2: C, X, CCS, [F] as a *handshake* record, then application data;
+- TLS 1.3: C, (CCS), [F] as an *application-data* record, then application data;
+- TLS 1.3 after a HelloRetryRequest: C, (CCS), C, [F].
+
+So a handshake record after a change cipher spec that is not a ClientHello is the TLS 1.2
+Finished; an application-data record is the TLS 1.3 Finished if it is the first one and no TLS
+1.2 Finished came before it. Past either Finished the handshake is over: an application-data
+record then is a request encrypted in user space (no kTLS), which the program cannot read —
+`tls userspace deny` refuses it, `tls userspace allow` lets the connection pass unjudged.
+Limits (fail closed): a ClientHello split over records, TLS 1.3 client certificates (more than
+one encrypted handshake record) and 0-RTT early data are refused.
+
+`step()` is the decision, used by the reference interpreter (interp.py) and the tables' mirror
+(codegen/simulate.py); codegen/emit.py's `tls_phase` is the same in the kernel. Refusal reasons
+are the names of codegen.scanner.Reason in the interpreter's spelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from sockpol.dsl.ast import Policy, TlsUserspace
+
+
+class ContentType(IntEnum):
+    CHANGE_CIPHER_SPEC = 20
+    ALERT = 21
+    HANDSHAKE = 22
+    APPLICATION_DATA = 23
+
+
+CLIENT_HELLO = 1  # handshake message type
+HEADER = 5  # type, version (2), length (2)
+HELLO_HEADER = HEADER + 4  # and the handshake header: type, length (3)
+MAX_RECORD = (1 << 14) + 2048  # largest TLSCiphertext.length
+MAX_ALERT_AFTER_HANDSHAKE = 64  # an encrypted alert (close_notify) is 2 bytes plus overhead
+
+# The policy's `tls` statement, as the program's config value.
+TLS_NONE, TLS_USERSPACE_DENY, TLS_USERSPACE_ALLOW = 0, 1, 2
+
+# Bits 16..23 of the per-connection word (bits 0..7: the resume point, 8..15: a saved reason,
+# 32..63: a counter slot).
+CONN_HTTP = 1 << 16  # past the handshake (or none): the bytes are HTTP
+CONN_HELLO = 1 << 17  # a ClientHello passed
+CONN_CCS = 1 << 18  # a ChangeCipherSpec passed
+CONN_TLS12_DONE = 1 << 19  # the TLS 1.2 Finished passed
+CONN_TLS13_DONE = 1 << 20  # the TLS 1.3 Finished passed
+CONN_TLS_FLAGS = CONN_HELLO | CONN_CCS | CONN_TLS12_DONE | CONN_TLS13_DONE
+CONN_DONE = CONN_TLS12_DONE | CONN_TLS13_DONE
+
+# Resume point of a connection that `tls userspace allow` passes unjudged.
+RESUME_TLS_PASS = 4
+
+
+BAD_RECORD, NOT_DECLARED, USERSPACE = "tls-bad-record", "tls-not-declared", "tls-userspace"
+REFUSALS = (NOT_DECLARED, USERSPACE, BAD_RECORD)
+DETAIL = {
+    NOT_DECLARED: "a TLS handshake on a port whose policy does not say `tls`",
+    USERSPACE: "TLS done in user space (no kTLS): the requests are ciphertext",
+    BAD_RECORD: "TLS record framing that no client sends during a handshake",
+}
+
+
+class Action(IntEnum):
+    HTTP = 0  # not a record: the connection is HTTP from these bytes on
+    PASS = 1  # pass the record (`covered` bytes) and remember `flags`
+    CORK = 2  # too few bytes to tell: hold them until `covered` bytes
+    REFUSE = 3  # refuse for `reason`
+    USERSPACE_ALLOW = 4  # pass this and everything after it, unjudged
+
+
+def policy_mode(policy: Policy) -> int:
+    """The config value of a policy's `tls` statement."""
+    if policy.tls is None:
+        return TLS_NONE
+    return TLS_USERSPACE_ALLOW if policy.tls.userspace is TlsUserspace.ALLOW else TLS_USERSPACE_DENY
+
+
+@dataclass(frozen=True)
+class Step:
+    action: Action
+    covered: int = 0
+    flags: int = 0  # the connection's TLS flags after this record
+    reason: str = ""  # for REFUSE: one of the REFUSALS below
+
+
+def is_alert_plaintext(data: bytes, size: int) -> bool:
+    """A kTLS socket's alert (e.g. close_notify at shutdown), as the program sees it: the
+    2-byte plaintext of a record the library sends with a TLS_SET_RECORD_TYPE cmsg."""
+    return size == 2 and len(data) >= 2 and data[0] in (1, 2)
+
+
+def is_client_hello(data: bytes, length: int) -> bool:
+    """A record holding one whole ClientHello (the handshake length fills the record)."""
+    return (
+        data[0] == ContentType.HANDSHAKE
+        and data[5] == CLIENT_HELLO
+        and int.from_bytes(data[6:9], "big") + 4 == length
+    )
+
+
+def step(data: bytes, size: int, word: int, tls_mode: int) -> Step:
+    """What the program does with a message (its first `len(data)` bytes, of `size`) that
+    starts on a connection still in its TLS phase (`word & CONN_HTTP` is 0)."""
+    if not data or data[0] not in iter(ContentType):
+        return Step(Action.HTTP)
+    need = HELLO_HEADER if data[0] == ContentType.HANDSHAKE else HEADER
+    if len(data) < need:
+        if size < need:
+            return Step(Action.CORK, covered=need)
+        return Step(Action.REFUSE, reason=BAD_RECORD)  # (no window is this small)
+    length = int.from_bytes(data[3:5], "big")
+    if data[1] != 3 or data[2] > 4 or not 1 <= length <= MAX_RECORD:
+        return Step(Action.REFUSE, reason=BAD_RECORD)
+    if tls_mode == TLS_NONE:
+        return Step(Action.REFUSE, reason=NOT_DECLARED)
+    flags = word & CONN_TLS_FLAGS
+    kind = data[0]
+    hello = kind == ContentType.HANDSHAKE and is_client_hello(data, length)
+    bad = Step(Action.REFUSE, reason=BAD_RECORD)
+    if not flags & CONN_HELLO:
+        if not hello:
+            return bad
+        flags |= CONN_HELLO
+    elif kind == ContentType.CHANGE_CIPHER_SPEC:
+        if flags & CONN_DONE:
+            return bad
+        flags |= CONN_CCS
+    elif kind == ContentType.ALERT:
+        if flags & CONN_DONE and length > MAX_ALERT_AFTER_HANDSHAKE:
+            return bad
+    elif kind == ContentType.HANDSHAKE:
+        if flags & CONN_DONE:
+            return bad
+        if flags & CONN_CCS and not hello:
+            flags |= CONN_TLS12_DONE
+    elif flags & CONN_DONE:  # application data after the handshake: encrypted in user space
+        if tls_mode == TLS_USERSPACE_ALLOW:
+            return Step(Action.USERSPACE_ALLOW, flags=flags)
+        return Step(Action.REFUSE, reason=USERSPACE)
+    else:
+        flags |= CONN_TLS13_DONE
+    return Step(Action.PASS, covered=HEADER + length, flags=flags)
+
+
+__all__ = [
+    "CONN_HTTP",
+    "CONN_TLS_FLAGS",
+    "RESUME_TLS_PASS",
+    "TLS_NONE",
+    "TLS_USERSPACE_ALLOW",
+    "TLS_USERSPACE_DENY",
+    "Action",
+    "Step",
+    "is_alert_plaintext",
+    "policy_mode",
+    "step",
+]
