@@ -125,8 +125,9 @@ def swap_tables(pin_dir: Path, tables: bytes) -> int:
         os.close(fd)
 
 
-def reload(name: str, obj_path: str | os.PathLike[str]) -> ReloadResult:
-    """Swap the tables of loaded policy `name` for those of the compiled object `obj_path`."""
+def reload(name: str, obj_path: str | os.PathLike[str], check_tls: bool = True) -> ReloadResult:
+    """Swap the tables of loaded policy `name` for those of the compiled object `obj_path`.
+    `check_tls`: as for `load`."""
     started = time.monotonic()
     check_privileges()
     root = pins.pin_root(create=False)
@@ -134,7 +135,7 @@ def reload(name: str, obj_path: str | os.PathLike[str]) -> ReloadResult:
         raise ReloadError(f"reload: no policy named {name!r} is loaded (see sockpol status)")
     obj = Path(obj_path)
     new_meta = read_metadata(obj)
-    if new_meta.tls is not None:
+    if new_meta.tls is not None and check_tls:
         from sockpol.runtime.probe import tls_policy_support
 
         support = tls_policy_support()

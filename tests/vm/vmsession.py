@@ -20,9 +20,16 @@ PLAN: dict[str, list[str]] = {
         "tests/kernel/test_runtime.py",
         "tests/kernel/test_enforcement.py",
         "tests/kernel/test_kernel_probe.py",
+        "tests/kernel/test_tls_policy_load.py",
+        "tests/kernel/test_tls_handshake.py",
         "tests/kernel/ktls",
     ],
-    "ktls": ["tests/kernel/ktls", "tests/kernel/test_kernel_probe.py"],
+    "ktls": [
+        "tests/kernel/ktls",
+        "tests/kernel/test_kernel_probe.py",
+        "tests/kernel/test_tls_policy_load.py",
+        "tests/kernel/test_tls_handshake.py",
+    ],
 }
 TIMEOUT = float(os.environ.get("SOCKPOL_VM_TIMEOUT", "900"))  # per boot, seconds
 

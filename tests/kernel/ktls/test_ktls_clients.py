@@ -5,8 +5,10 @@ established, before any TLS library touches the socket, which is the order kTLS 
 - Python `ssl` with kTLS (`SSL_OP_ENABLE_KTLS`, 0x8; Python 3.11 has no name for it);
 - `openssl s_client` with an OPENSSL_CONF whose system_default section says `Options = KTLS`;
 - curl, which does TLS in user space: the program only ever sees TLS records (ciphertext).
-Verdicts are compared with the same requests over plaintext HTTP, and nginx's access log says
-what reached the server.
+The policy says `tls`: the client's handshake records pass, the requests are judged on the
+plaintext kTLS shows the program. Verdicts are compared with the same requests over plaintext
+HTTP (the same policy governs a plaintext port too), and nginx's access log says what reached
+the server.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from sockpol.compiler import compile_to_file
-from sockpol.runtime import ktls, load, unload
+from sockpol.runtime import counters as rc
+from sockpol.runtime import ktls, load, reload, status, unload
 
 SSL_OP_ENABLE_KTLS = 0x8
 POLICY_NAME = "ktls-clients"
@@ -32,6 +35,7 @@ POLICY = """\
 policy ktls-clients {{
     port {ports}
     default deny
+    {tls}
     allow GET /ok
     allow GET /public/**
 }}
@@ -176,21 +180,26 @@ def _wait_listening(ports: list[int], proc: subprocess.Popen, timeout: float = 3
                 time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def policy_object(nginx: Nginx, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def policy_object(nginx: Nginx, tmp: Path, tls: str) -> Path:
     ports = ", ".join(str(p) for p in [*nginx.ports.values(), nginx.plain_port])
-    return compile_to_file(
-        POLICY.format(ports=ports), tmp_path_factory.mktemp("pol") / "clients.o", "clients.pol"
-    )
+    text = POLICY.format(ports=ports, tls=tls)
+    return compile_to_file(text, tmp / f"clients-{tls.replace(' ', '-') or 'plain'}.o", "c.pol")
 
 
 @pytest.fixture
-def governed(policy_object: Path, cgroup: Path) -> Iterator[Path]:
-    """The test cgroup, with the policy loaded onto it; unloaded afterwards."""
-    handle = load(policy_object, cgroup)
+def governed(nginx: Nginx, cgroup: Path, tmp_path: Path) -> Iterator[Path]:
+    """The test cgroup, with the `tls` policy loaded onto it; unloaded afterwards. (On a kernel
+    that rejects TLS on sockhash sockets `load` refuses it: check_tls=False loads it there, to
+    show what then happens to clients.)"""
+    handle = load(policy_object(nginx, tmp_path, "tls"), cgroup, check_tls=False)
     handle.close()
     yield cgroup
     unload(POLICY_NAME)
+
+
+def counters() -> rc.PolicyCounters:
+    s = next(s for s in status() if s.name == POLICY_NAME)
+    return rc.read_counters(s.pin_dir, s.metadata)
 
 
 def request(path: str) -> bytes:
@@ -245,22 +254,6 @@ def outcome(rec: dict) -> str:
 # Tests
 
 
-# The TLS handshake crosses the sk_msg program before the library turns on TLS_TX: OpenSSL sets
-# the ULP when the fd is attached and TLS_TX only once the keys exist, so the ClientHello (and,
-# in TLS 1.3, the client's encrypted Finished) are sent through the sockhash like any bytes. The
-# compiler refuses every non-HTTP byte (reason bad-method), so today the handshake itself is
-# refused. The tests below then xfail, precisely on that condition (any other failure fails);
-# once the compiler passes TLS handshake records on a port, they run to the end by themselves.
-HANDSHAKE_REFUSED = (
-    "the policy refuses the TLS handshake records a kTLS client sends before TLS_TX "
-    "(ClientHello: reason bad-method); needs a TLS-aware port mode in the compiler"
-)
-
-
-def handshake_refused(rec: dict) -> bool:
-    return "cipher" not in rec and "Errno 13" in rec.get("error", "")
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_python_ssl_ktls_matches_plaintext(
     case: str, nginx: Nginx, governed: Path, run_in_cgroup, require_ktls_sockmap
@@ -270,26 +263,30 @@ def test_python_ssl_ktls_matches_plaintext(
     port = nginx.ports[case]
     tls = run_in_cgroup(governed, python_client, port, paths, str(nginx.cert), CASES[case][2].value)
     assert [outcome(r) for r in plain] == ["served"] * len(ALLOWED) + ["refused"] * len(DENIED)
-    if all(handshake_refused(r) for r in tls):
-        assert nginx.paths_on(port) == []
-        pytest.xfail(HANDSHAKE_REFUSED)
     assert [outcome(r) for r in tls] == [outcome(r) for r in plain], tls
+    # Every connection completed its handshake (the denied ones were refused at the request).
+    assert all("cipher" in r for r in tls), tls
     assert all(r.get("ktls_tx") for r in tls if "error" not in r), tls
     assert nginx.paths_on(port) == ALLOWED, "denied requests must never reach nginx"
+    c = counters()
+    assert c.rules[0].requests == 2 and c.rules[1].requests == 2, c  # plaintext and TLS alike
+    assert c.default.requests == 2 * len(DENIED), c
+    assert set(c.refused) <= {"default"}, c  # no TLS refusal: every handshake passed
 
 
-def test_python_ssl_handshake_is_refused_today(
-    nginx: Nginx, governed: Path, run_in_cgroup, ktls_kernel
+def test_tls_handshake_on_a_plaintext_policy_is_refused(
+    nginx: Nginx, cgroup: Path, tmp_path: Path, run_in_cgroup, ktls_kernel
 ) -> None:
-    """What happens now, on every kernel: the handshake is refused, nothing reaches nginx."""
-    port = nginx.ports["tls12-aes128"]
-    (rec,) = run_in_cgroup(governed, python_client, port, ["/ok"], str(nginx.cert), 0x0303)
-    assert "cipher" not in rec and "Errno 13" in rec.get("error", ""), rec
-    assert nginx.paths_on(port) == []
-
-
-def s_client_handshake_refused(out: str) -> bool:
-    return "Cipher is (NONE)" in out and "errno=13" in out
+    """Without `tls` the ClientHello is refused (tls-not-declared): nothing reaches nginx."""
+    load(policy_object(nginx, tmp_path, ""), cgroup).close()
+    try:
+        port = nginx.ports["tls12-aes128"]
+        (rec,) = run_in_cgroup(cgroup, python_client, port, ["/ok"], str(nginx.cert), 0x0303)
+        assert "cipher" not in rec and "Errno 13" in rec.get("error", ""), rec
+        assert nginx.paths_on(port) == []
+        assert counters().refused["tls-not-declared"].requests == 1
+    finally:
+        unload(POLICY_NAME)
 
 
 def openssl_s_client(port: int, path: str, conf: str, tls: str) -> tuple[int, str]:
@@ -313,9 +310,6 @@ def test_openssl_s_client_ktls_matches_plaintext(
         p: run_in_cgroup(governed, openssl_s_client, port, p, str(conf), tls)
         for p in ALLOWED + DENIED
     }
-    if all(s_client_handshake_refused(out) for _, out in outs.values()):
-        assert nginx.paths_on(port) == []
-        pytest.xfail(HANDSHAKE_REFUSED)
     for p in ALLOWED:
         assert "Using Kernel TLS for sending" in outs[p][1], outs[p][1][-2000:]
         assert "HTTP/1.1 200 OK" in outs[p][1]
@@ -332,20 +326,21 @@ def curl(url: str, cafile: str) -> tuple[int, str]:
     return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
 
 
-def test_curl_userspace_tls_is_refused(
-    nginx: Nginx, governed: Path, run_in_cgroup, ktls_kernel
+def test_curl_userspace_tls_is_refused_or_passed_as_the_policy_says(
+    nginx: Nginx, governed: Path, tmp_path: Path, run_in_cgroup, ktls_kernel
 ) -> None:
-    """curl does TLS in user space: the program sees only TLS records, which are not HTTP.
+    """curl does TLS in user space: after its handshake the program sees only ciphertext.
 
-    sockpol refuses what it cannot read (the compiler's reason: bad-method), so the request
-    never reaches nginx; the same request in plaintext is served, and the same TLS request from
-    outside the governed cgroup too.
+    `tls` (userspace deny) refuses its first request (tls-userspace), so it never reaches nginx;
+    the same request in plaintext is served, and the same TLS request from outside the governed
+    cgroup too. `tls userspace allow`, hot-reloaded, lets it pass unjudged.
     """
     port = nginx.ports["tls13-aes128"]
     url = f"https://localhost:{port}/ok"
     status, out = run_in_cgroup(governed, curl, url, str(nginx.cert))
     assert status != 0, out
     assert nginx.paths_on(port) == [], "a request must never reach nginx"
+    assert counters().refused["tls-userspace"].requests == 1
 
     status, out = run_in_cgroup(governed, curl, f"http://127.0.0.1:{nginx.plain_port}/ok", "-")
     assert (status, out) == (0, "ok\n")
@@ -353,13 +348,21 @@ def test_curl_userspace_tls_is_refused(
     assert (status, out) == (0, "ok\n")
     assert nginx.paths_on(port) == ["/ok"]
 
+    reload(POLICY_NAME, policy_object(nginx, tmp_path, "tls userspace allow"), check_tls=False)
+    status, out = run_in_cgroup(governed, curl, f"https://localhost:{port}/admin", str(nginx.cert))
+    assert (status, out) == (0, "ok\n"), out  # unjudged: even a path the policy denies
+    assert nginx.paths_on(port) == ["/ok", "/admin"]
+    assert counters().would_refuse["tls-userspace"].requests == 1
+
 
 def test_rejecting_kernel_fails_closed_for_ktls_clients(
     nginx: Nginx, governed: Path, run_in_cgroup, require_rejection
 ) -> None:
-    """Where TLS_TX is refused on sockhash sockets, OpenSSL stays in user space: refused too."""
+    """Where TLS_TX is refused on sockhash sockets, OpenSSL stays in user space: refused too
+    (`load` refuses a `tls` policy there; this one was loaded with check_tls=False)."""
     port = nginx.ports["tls13-aes256"]
     recs = run_in_cgroup(governed, python_client, port, ALLOWED, str(nginx.cert), 0x0304)
     assert [outcome(r) for r in recs] == ["refused"] * len(ALLOWED), recs
     assert not any(r.get("ktls_tx") for r in recs)
     assert nginx.paths_on(port) == []
+    assert counters().refused["tls-userspace"].requests == len(ALLOWED)
