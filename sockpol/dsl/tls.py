@@ -11,13 +11,18 @@ on the connection is HTTP, judged as on a plaintext port.
 Which records a client sends, in order (C: client hello, X: key exchange, CCS: change cipher
 spec, F: finished; [..] encrypted in user space):
 
-- TLS 1.2: C, X, CCS, [F] as a *handshake* record, then application data;
+- TLS 1.2: C, X, CCS, [F] as a *handshake* record, then application data; a kTLS client sends
+  F through kTLS (OpenSSL turns TLS_TX on when its write key changes, right after the CCS), so
+  the program sees F's plaintext: 16 bytes, `14 00 00 0c` (handshake type Finished, length 12)
+  and the verify_data, as one run (a record of its own, its type set by a cmsg);
 - TLS 1.3: C, (CCS), [F] as an *application-data* record, then application data;
 - TLS 1.3 after a HelloRetryRequest: C, (CCS), C, [F].
 
-So a handshake record after a change cipher spec that is not a ClientHello is the TLS 1.2
-Finished; an application-data record is the TLS 1.3 Finished if it is the first one and no TLS
-1.2 Finished came before it. Past either Finished the handshake is over: an application-data
+So a handshake record after a change cipher spec that is not a ClientHello, or that 16-byte
+plaintext right after a change cipher spec, is the TLS 1.2 Finished; an application-data record
+is the TLS 1.3 Finished if it is the first one and no TLS 1.2 Finished came before it. (A TLS
+1.3 kTLS client's Finished is encrypted in user space: OpenSSL turns TLS_TX on only with the
+application key, after it.) Past either Finished the handshake is over: an application-data
 record then is a request encrypted in user space (no kTLS), which the program cannot read —
 `tls userspace deny` refuses it, `tls userspace allow` lets the connection pass unjudged.
 Limits (fail closed): a ClientHello split over records, TLS 1.3 client certificates (more than
@@ -43,7 +48,8 @@ class ContentType(IntEnum):
     APPLICATION_DATA = 23
 
 
-CLIENT_HELLO = 1  # handshake message type
+CLIENT_HELLO, FINISHED = 1, 20  # handshake message types
+VERIFY_DATA = 12  # a TLS 1.2 Finished's verify_data (every TLS 1.2 cipher suite)
 HEADER = 5  # type, version (2), length (2)
 HELLO_HEADER = HEADER + 4  # and the handshake header: type, length (3)
 MAX_RECORD = (1 << 14) + 2048  # largest TLSCiphertext.length
@@ -113,11 +119,21 @@ def is_client_hello(data: bytes, length: int) -> bool:
     )
 
 
+def is_ktls_finished(data: bytes, size: int) -> bool:
+    """A TLS 1.2 client's Finished sent through kTLS, as the program sees it: the whole message
+    is the handshake message, type Finished, length 12, then the verify_data."""
+    return size == 4 + VERIFY_DATA and data[:4] == bytes((FINISHED, 0, 0, VERIFY_DATA))
+
+
 def step(data: bytes, size: int, word: int, tls_mode: int) -> Step:
     """What the program does with a message (its first `len(data)` bytes, of `size`) that
     starts on a connection still in its TLS phase (`word & CONN_HTTP` is 0)."""
     if not data or data[0] not in iter(ContentType):
         return Step(Action.HTTP)
+    flags = word & CONN_TLS_FLAGS
+    if flags & CONN_CCS and not flags & CONN_DONE and is_ktls_finished(data, size):
+        # (its first byte, 20, is also the CCS record type: the record checks would refuse it)
+        return Step(Action.PASS, covered=size, flags=flags | CONN_TLS12_DONE)
     need = HELLO_HEADER if data[0] == ContentType.HANDSHAKE else HEADER
     if len(data) < need:
         if size < need:
@@ -128,7 +144,6 @@ def step(data: bytes, size: int, word: int, tls_mode: int) -> Step:
         return Step(Action.REFUSE, reason=BAD_RECORD)
     if tls_mode == TLS_NONE:
         return Step(Action.REFUSE, reason=NOT_DECLARED)
-    flags = word & CONN_TLS_FLAGS
     kind = data[0]
     hello = kind == ContentType.HANDSHAKE and is_client_hello(data, length)
     bad = Step(Action.REFUSE, reason=BAD_RECORD)
