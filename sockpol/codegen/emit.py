@@ -812,6 +812,8 @@ class _Emitter(RecordingMixin):
         # The scanner refused the head, or no end of head came within max-head bytes (in
         # dry-run: passed, and the rest of the connection goes unjudged).
         refused = b.icmp_unsigned("<", state, I64(TERMINAL_STATES))
+        with b.if_then(b.icmp_unsigned("==", state, I64(Reason.BAD_METHOD)), likely=False):
+            self.alert_plaintext(b, scan, kind, size, verdict)
         with b.if_then(b.or_(refused, b.icmp_unsigned(">=", size, max_head))):
             reason = b.select(refused, state, I64(Reason.HEAD_TOO_LARGE))
             head = b.zext(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), I64)
@@ -831,6 +833,22 @@ class _Emitter(RecordingMixin):
         passed = b.icmp_unsigned("!=", self.passes(b, outcome), I64(0))
         verdict(b.select(passed, I32(SK_PASS), I32(SK_DROP)), apply)
 
+    def alert_plaintext(self, b, scan, kind, size, verdict) -> None:
+        """A kTLS socket's alert (the close_notify of SSL_shutdown, sent with a record-type cmsg)
+        reaches the program as 2 plaintext bytes, which the scanner refuses as a method: on a
+        `tls` policy they pass, at a request boundary (tls.is_alert_plaintext). Checked only on
+        that refusal: a check before the scan made the verifier walk the scan twice."""
+        data, data_end = self.get(b, scan, "data"), self.get(b, scan, "data_end")
+        at_request = b.icmp_unsigned("==", kind, I64(RESUME_REQUEST))
+        declared = b.icmp_unsigned("!=", self.config(b, "tls"), I64(tls.TLS_NONE))
+        two = b.icmp_unsigned("==", size, I64(2))
+        with b.if_then(b.and_(at_request, b.and_(declared, two))):
+            end = b.gep(data, [I64(2)], source_etype=I8)
+            with b.if_then(b.icmp_unsigned("<=", end, data_end)):
+                first = b.zext(b.load(data, typ=I8), I64)
+                with b.if_then(b.icmp_unsigned("<=", b.sub(first, I64(1)), I64(1))):
+                    verdict(SK_PASS)
+
     def tls_phase(self, b, msg, scan, conn, resume, kind, size, mode, verdict, finish, covering):
         """The TLS handshake, one record per run, until the connection's bytes are HTTP: tls.py
         step for step. Returns (falls through) when this message is to be read as HTTP."""
@@ -846,13 +864,6 @@ class _Emitter(RecordingMixin):
 
         def eq(a: ir.Value, v: int) -> ir.Value:
             return b.icmp_unsigned("==", a, I64(v))
-
-        # A kTLS socket's alert (close_notify): 2 plaintext bytes, for the peer's TLS stack.
-        alert = b.and_(at_request, b.and_(b.icmp_unsigned("!=", tls_mode, I64(0)), eq(size, 2)))
-        with b.if_then(alert, likely=False):
-            with b.if_then(has(2)):
-                with b.if_then(b.icmp_unsigned("<=", b.sub(byte(0), I64(1)), I64(1))):
-                    verdict(SK_PASS)
 
         handshake = b.and_(at_request, eq(b.and_(resume, I64(tls.CONN_HTTP)), 0))
         with b.if_then(handshake, likely=False):
@@ -906,6 +917,16 @@ class _Emitter(RecordingMixin):
             return b.icmp_unsigned("!=", b.and_(flags, I64(v)), I64(0))
 
         seen_hello, done, ccs = bit(tls.CONN_HELLO), bit(tls.CONN_DONE), bit(tls.CONN_CCS)
+        # The TLS 1.2 Finished of a client that turned kTLS on with its ChangeCipherSpec: the
+        # plaintext of a handshake message, not a record (tls.is_ktls_finished).
+        header = [eq(byte(i), v) for i, v in enumerate((tls.FINISHED, 0, 0, tls.VERIFY_DATA))]
+        ktls_finished = b.and_(
+            b.and_(b.and_(header[0], header[1]), b.and_(header[2], header[3])),
+            b.and_(b.and_(ccs, b.not_(done)), eq(size, 4 + tls.VERIFY_DATA)),
+        )
+        with b.if_then(ktls_finished, likely=False):
+            b.store(b.or_(resume, I64(tls.CONN_TLS12_DONE)), conn)
+            verdict(SK_PASS, covering(I64(4 + tls.VERIFY_DATA)))
         is_ccs = eq(t, tls.ContentType.CHANGE_CIPHER_SPEC)
         is_alert = eq(t, tls.ContentType.ALERT)
         is_app = eq(t, tls.ContentType.APPLICATION_DATA)

@@ -199,8 +199,6 @@ def run(
         return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, counts=counts, conn=resume)
     n = min(size, ir.policy.max_head)
     tls_mode = tls.policy_mode(ir.policy)
-    if kind == RESUME_REQUEST and tls_mode and tls.is_alert_plaintext(message[:n], size):
-        return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, conn=resume)
     if kind == RESUME_REQUEST and not word & tls.CONN_HTTP:
         step = tls.step(message[:n], size, word, tls_mode)
         if step.action != tls.Action.HTTP:
@@ -222,6 +220,9 @@ def run(
             True, Reason.NONE, None, s.pos, 0, s.pos, 0, RESUME_REQUEST,
             counts=((body_slot, 0, s.pos),), conn=RESUME_REQUEST | tls.CONN_HTTP,
         )  # fmt: skip
+    if s.state == Reason.BAD_METHOD and kind == RESUME_REQUEST and tls_mode:
+        if tls.is_alert_plaintext(message[:n], size):  # checked on this refusal only: emit.py
+            return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, conn=word)
     if s.state < TERMINAL_STATES:
         return _unframed(Reason(s.state), s, size, mode, word)
     if size >= ir.policy.max_head:

@@ -612,7 +612,9 @@ def judge(
     window = message[: policy.max_head]
     tls_mode = tls.policy_mode(policy)
     if resume == "request" and tls_mode and tls.is_alert_plaintext(window, len(message)):
-        return Run(True, 0, resume=resume, tls=phase)
+        # Never a record, so past the handshake from here (what the kernel's walk concludes
+        # before its scanner refuses the bytes as a method and its alert check passes them).
+        return Run(True, 0, resume=resume, tls=phase | tls.CONN_HTTP)
     if resume == "request" and not phase & tls.CONN_HTTP:
         step = tls.step(window, len(message), phase, tls_mode)
         if step.action != tls.Action.HTTP:
