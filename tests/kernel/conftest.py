@@ -737,3 +737,22 @@ def assert_nothing_left(kernel_env: None) -> Callable[..., None]:
         assert not left, f"policy {name} left behind: {sorted(left)}"
 
     return check
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS
+
+
+@pytest.fixture(scope="session")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(cert.pem, key.pem): a self-signed certificate for localhost (RSA 2048, one day), made
+    with the openssl command (scripts/test.sh installs it)."""
+    d = tmp_path_factory.mktemp("self-signed")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -86,21 +85,9 @@ class TlsServer:
         self.listener.close()
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("cert")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return d / "cert.pem", d / "key.pem"
-
-
 @pytest.fixture
-def server(cert: tuple[Path, Path], kernel_env: None) -> Iterator[TlsServer]:
-    s = TlsServer(*cert)
+def server(self_signed: tuple[Path, Path], kernel_env: None) -> Iterator[TlsServer]:
+    s = TlsServer(*self_signed)
     yield s
     s.stop()
 
@@ -165,11 +152,11 @@ def counters(name: str) -> rc.PolicyCounters:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_userspace_tls_handshake_passes_and_its_requests_are_refused(
-    version, server, loaded, run_in_cgroup, cert
+    version, server, loaded, run_in_cgroup, self_signed
 ):
     cg = loaded("t-tls-deny", server.port, "tls")
     out = run_in_cgroup(
-        cg, client, server.port, str(cert[0]), VERSIONS[version].value, [request("/ok")]
+        cg, client, server.port, str(self_signed[0]), VERSIONS[version].value, [request("/ok")]
     )
     assert "cipher" in out, out  # the whole handshake went through the program
     # The request did not: the write failed (EACCES, which OpenSSL reports as an EOF).
@@ -182,11 +169,11 @@ def test_userspace_tls_handshake_passes_and_its_requests_are_refused(
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_userspace_allow_lets_the_connection_pass_unjudged(
-    version, server, loaded, run_in_cgroup, cert
+    version, server, loaded, run_in_cgroup, self_signed
 ):
     cg = loaded("t-tls-allow", server.port, "tls userspace allow")
     reqs = [request("/ok"), request("/denied-in-plaintext")]
-    out = run_in_cgroup(cg, client, server.port, str(cert[0]), VERSIONS[version].value, reqs)
+    out = run_in_cgroup(cg, client, server.port, str(self_signed[0]), VERSIONS[version].value, reqs)
     assert out.get("responses") == ["HTTP/1.1 200 OK"] * 2, out
     assert [r.split(b"\r\n")[0] for r in server.received] == [r.split(b"\r\n")[0] for r in reqs]
     c = counters("t-tls-allow")
@@ -196,10 +183,10 @@ def test_userspace_allow_lets_the_connection_pass_unjudged(
 
 
 def test_tls_on_a_plaintext_policy_is_refused_at_the_client_hello(
-    server, loaded, run_in_cgroup, cert
+    server, loaded, run_in_cgroup, self_signed
 ):
     cg = loaded("t-tls-none", server.port, None)
-    out = run_in_cgroup(cg, client, server.port, str(cert[0]), VERSIONS["tls13"].value, [])
+    out = run_in_cgroup(cg, client, server.port, str(self_signed[0]), VERSIONS["tls13"].value, [])
     assert "cipher" not in out and out.get("errno") == 13, out
     assert server.handshakes == 0
     assert counters("t-tls-none").refused["tls-not-declared"].requests == 1
