@@ -264,6 +264,10 @@ def test_examples_ship_with_tests(capsys):
     assert " 0 failed" in capsys.readouterr().out
 
 
+def test_examples_are_in_the_formatters_layout(capsys):
+    assert run(["fmt", "--check", str(ROOT / "examples")]) == 0, capsys.readouterr().out
+
+
 def test_failing_test_shows_the_deciding_rule(tmp_path, capsys):
     (tmp_path / "p.pol").write_text(
         "policy p {\n    port 80\n    default allow\n    deny * /admin/**\n}\n"
