@@ -376,3 +376,11 @@ def test_former_divergences_now_agree(data):
     p = policy("allow * /**", default="allow")
     conn = Connection(p, observe=_held_to_tables(lower(p), MODE_ENFORCE))
     conn.send(data)
+
+
+def test_a_path_too_deep_is_refused_before_it_ends():
+    # As the kernel does (its normalizer refuses at the byte that overflows the 64 segments).
+    p = policy("allow * /**", default="allow")
+    partial = b"PATCH " + b"/a" * 70
+    assert simulate.run(lower(p), partial).reason is Reason.PATH_TOO_LONG
+    assert judge(p, partial).verdict.reason == "path-too-long"
