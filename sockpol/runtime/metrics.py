@@ -8,7 +8,7 @@ exporter can start, stop and restart at any time without losing counts, which li
 kernel.
 
 Metrics (label `policy` on all):
-    sockpol_policy_info{cgroup,object_sha256,default,mode}         1
+    sockpol_policy_info{cgroup,object_sha256,default,mode,tls}     1 (tls: none, deny, allow)
     sockpol_policy_dry_run                                         1 in dry-run mode, else 0
     sockpol_policy_loaded_timestamp_seconds                        program load (or replacement)
     sockpol_policy_reloaded_timestamp_seconds                      last hot reload (absent: none)
@@ -61,7 +61,7 @@ class PolicyCollector(Collector):
         info = gauge(
             "sockpol_policy_info",
             "A loaded policy (value 1) and what it is.",
-            ("cgroup", "object_sha256", "default", "mode"),
+            ("cgroup", "object_sha256", "default", "mode", "tls"),
         )
         dry_run = gauge("sockpol_policy_dry_run", "1 when the policy records instead of refusing.")
         loaded = gauge(
@@ -131,7 +131,15 @@ class PolicyCollector(Collector):
             raise TelemetryError(s.problem or "no metadata")
         p = s.name
         m["info"].add_metric(
-            [p, s.cgroup or "", s.object_sha256, meta.default, s.mode or "enforce"], 1
+            [
+                p,
+                s.cgroup or "",
+                s.object_sha256,
+                meta.default,
+                s.mode or "enforce",
+                meta.tls or "none",
+            ],
+            1,  # fmt: skip
         )
         m["dry_run"].add_metric([p], 1 if s.mode == "dry-run" else 0)
         if s.loaded_at is not None:

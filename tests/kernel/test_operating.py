@@ -478,6 +478,7 @@ def test_metrics_scraped_match_the_traffic(policy, cgroup, http_server, run_in_c
     assert abs(loaded - time.time()) < 120
     (info,) = [k for k in samples if k[0] == "sockpol_policy_info"]
     assert dict(info[1])["cgroup"] == str(cgroup) and dict(info[1])["mode"] == "enforce"
+    assert dict(info[1])["tls"] == "none"
 
 
 # ---------------------------------------------------------------------------------------------
