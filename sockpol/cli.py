@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sockpol import __version__
 from sockpol.diagnostics import CompileError, Diagnostic, SockpolError, Source, render
+from sockpol.doctor import add_doctor_command
 from sockpol.metadata import describe_tls
 
 EXIT_OK = 0
@@ -347,12 +348,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from sockpol.doctor import cmd_doctor as doctor
-
-    return doctor(args)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from sockpol.demo import run_demo
 
@@ -451,18 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     _authoring_parsers(sub)
 
-    # Defined here, not by sockpol.doctor: importing it imports the runtime, which the
-    # authoring commands (lint, fmt, test, explain) must never need.
-    p = sub.add_parser(
-        "doctor", help="probe the running kernel: what sockpol can enforce here (incl. kTLS)"
-    )
-    p.add_argument("--json", action="store_true", help="findings as JSON")
-    p.add_argument(
-        "--require-ktls",
-        action="store_true",
-        help="exit 1 unless policy inside TLS (kTLS on sockhash sockets) works here",
-    )
-    p.set_defaults(func=cmd_doctor)
+    add_doctor_command(sub)  # sockpol.doctor imports the runtime only when the command runs
     return parser
 
 

@@ -5,6 +5,9 @@ The command is self-contained so that cli.py needs one line to register it:
     from sockpol.doctor import add_doctor_command
     add_doctor_command(sub)
 
+Importing this module does not import the runtime (the probe is imported when the command runs):
+the authoring commands (lint, fmt, test, explain) share cli.py and must never need libbpf.
+
 Exit status: 0 when plaintext HTTP policies can be enforced here (and, with --require-ktls, policy
 inside TLS too), 1 otherwise, so scripts can gate on it. The report also says whether policies
 with a `tls` statement can be loaded here: `sockpol load` decides that from the same two probes
@@ -17,14 +20,15 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from sockpol.runtime.probe import CORE, TLS, Finding, Verdict, probe, summary, tls_support_from
+if TYPE_CHECKING:
+    from sockpol.runtime.probe import Finding
 
 EXIT_OK = 0
 EXIT_MISSING = 1
 
-_LABEL = {Verdict.OK: "ok", Verdict.MISSING: "MISSING", Verdict.UNKNOWN: "unknown"}
+_LABEL = {"ok": "ok", "missing": "MISSING", "unknown": "unknown"}  # by probe.Verdict value
 
 
 def add_doctor_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,6 +46,8 @@ def add_doctor_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from sockpol.runtime.probe import probe, summary, tls_support_from
+
     out = out or sys.stdout
     findings = probe()
     works = summary(findings)
@@ -57,6 +63,8 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def render(findings: list[Finding], works: dict[str, bool], out: TextIO) -> None:
+    from sockpol.runtime.probe import CORE, TLS, tls_support_from
+
     by_key = {f.key: f for f in findings}
     kernel = by_key.get("kernel")
     print(f"sockpol doctor: {kernel.detail if kernel else 'unknown kernel'}", file=out)
@@ -64,7 +72,7 @@ def render(findings: list[Finding], works: dict[str, bool], out: TextIO) -> None
     for f in findings:
         if f.key == "kernel":
             continue
-        print(f"  {_LABEL[f.verdict]:<8} {f.title:<{width}}  {f.detail}", file=out)
+        print(f"  {_LABEL[f.verdict.value]:<8} {f.title:<{width}}  {f.detail}", file=out)
         if f.meaning and not f.ok:
             print(f"  {'':<8} {'':<{width}}  -> {f.meaning}", file=out)
     print("what works here:", file=out)
