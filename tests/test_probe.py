@@ -54,7 +54,7 @@ def _findings(ktls_ok: bool) -> list[Finding]:
 
 
 def _doctor(monkeypatch: pytest.MonkeyPatch, findings: list[Finding], *argv: str):
-    monkeypatch.setattr(doctor, "probe", lambda: findings)
+    monkeypatch.setattr(probe, "probe", lambda: findings)  # doctor imports it when it runs
     parser = argparse.ArgumentParser()
     doctor.add_doctor_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["doctor", *argv])

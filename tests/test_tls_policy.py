@@ -410,7 +410,7 @@ def test_reload_may_change_tls():
 
 
 def _doctor_text(monkeypatch, findings: list[Finding], *argv: str) -> str:
-    monkeypatch.setattr(doctor, "probe", lambda: findings)
+    monkeypatch.setattr(probe, "probe", lambda: findings)  # doctor imports it when it runs
     parser = argparse.ArgumentParser()
     doctor.add_doctor_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["doctor", *argv])
