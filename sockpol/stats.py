@@ -11,11 +11,9 @@ count must not grow with the number of rules (bench/README.md shows it does not)
 
 from __future__ import annotations
 
-import ctypes
 import io
 import os
 import tempfile
-from ctypes import Structure, c_char, c_uint32, c_uint64
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -107,66 +105,10 @@ def verifier_counts(obj: bytes) -> tuple[dict[str, int], str]:
                 for prog in programs:
                     prog.capture_log()
                 o.load()
-                return {prog.name: _verified_insns(prog.fd()) for prog in programs}, ""
+                return {p.name: libbpf.prog_info(p.fd()).verified_insns for p in programs}, ""
         except Exception as e:  # noqa: BLE001 -- any load failure is reported, not raised
             detail = next((text for _, text in reversed(messages) if "processed" in text), "")
             return {}, f"the kernel did not load it: {e}{'; ' + detail.strip() if detail else ''}"
-
-
-class _ProgInfo(Structure):
-    """struct bpf_prog_info (include/uapi/linux/bpf.h) up to `verified_insns` (Linux 5.16+)."""
-
-    _fields_ = [
-        ("type", c_uint32),
-        ("id", c_uint32),
-        ("tag", c_char * 8),
-        ("jited_prog_len", c_uint32),
-        ("xlated_prog_len", c_uint32),
-        ("jited_prog_insns", c_uint64),
-        ("xlated_prog_insns", c_uint64),
-        ("load_time", c_uint64),
-        ("created_by_uid", c_uint32),
-        ("nr_map_ids", c_uint32),
-        ("map_ids", c_uint64),
-        ("name", c_char * 16),
-        ("ifindex", c_uint32),
-        ("gpl_compatible", c_uint32),
-        ("netns_dev", c_uint64),
-        ("netns_ino", c_uint64),
-        ("nr_jited_ksyms", c_uint32),
-        ("nr_jited_func_lens", c_uint32),
-        ("jited_ksyms", c_uint64),
-        ("jited_func_lens", c_uint64),
-        ("btf_id", c_uint32),
-        ("func_info_rec_size", c_uint32),
-        ("func_info", c_uint64),
-        ("nr_func_info", c_uint32),
-        ("nr_line_info", c_uint32),
-        ("line_info", c_uint64),
-        ("jited_line_info", c_uint64),
-        ("nr_jited_line_info", c_uint32),
-        ("line_info_rec_size", c_uint32),
-        ("jited_line_info_rec_size", c_uint32),
-        ("nr_prog_tags", c_uint32),
-        ("prog_tags", c_uint64),
-        ("run_time_ns", c_uint64),
-        ("run_cnt", c_uint64),
-        ("recursion_misses", c_uint64),
-        ("verified_insns", c_uint32),
-        ("attach_btf_obj_id", c_uint32),
-        ("attach_btf_id", c_uint32),
-    ]
-
-
-def _verified_insns(fd: int) -> int:
-    from sockpol.runtime import libbpf
-
-    info = _ProgInfo()
-    size = c_uint32(ctypes.sizeof(info))
-    err = libbpf.lib().bpf_obj_get_info_by_fd(fd, ctypes.addressof(info), ctypes.byref(size))
-    if err:
-        raise OSError(-err, "bpf_obj_get_info_by_fd")
-    return info.verified_insns
 
 
 __all__ = ["Stats", "compile_stats", "verifier_counts"]

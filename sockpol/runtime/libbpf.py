@@ -586,6 +586,8 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
 
 
 class _ProgInfo(Structure):
+    """Up to `verified_insns` (Linux 5.16+; older kernels leave it 0)."""
+
     _fields_ = [
         ("type", c_uint32),
         ("id", c_uint32),
@@ -599,6 +601,30 @@ class _ProgInfo(Structure):
         ("nr_map_ids", c_uint32),
         ("map_ids", c_uint64),
         ("name", c_char * BPF_OBJ_NAME_LEN),
+        ("ifindex", c_uint32),
+        ("gpl_compatible", c_uint32),
+        ("netns_dev", c_uint64),
+        ("netns_ino", c_uint64),
+        ("nr_jited_ksyms", c_uint32),
+        ("nr_jited_func_lens", c_uint32),
+        ("jited_ksyms", c_uint64),
+        ("jited_func_lens", c_uint64),
+        ("btf_id", c_uint32),
+        ("func_info_rec_size", c_uint32),
+        ("func_info", c_uint64),
+        ("nr_func_info", c_uint32),
+        ("nr_line_info", c_uint32),
+        ("line_info", c_uint64),
+        ("jited_line_info", c_uint64),
+        ("nr_jited_line_info", c_uint32),
+        ("line_info_rec_size", c_uint32),
+        ("jited_line_info_rec_size", c_uint32),
+        ("nr_prog_tags", c_uint32),
+        ("prog_tags", c_uint64),
+        ("run_time_ns", c_uint64),
+        ("run_cnt", c_uint64),
+        ("recursion_misses", c_uint64),
+        ("verified_insns", c_uint32),
     ]
 
 
@@ -632,6 +658,7 @@ class ProgInfo:
     name: str
     tag: str
     map_ids: tuple[int, ...]
+    verified_insns: int  # what the verifier processed (0 before Linux 5.16)
 
 
 @dataclass(frozen=True)
@@ -675,6 +702,7 @@ def prog_info(fd: int) -> ProgInfo:
         name=info.name.decode(errors="replace"),
         tag=bytes(info.tag).hex(),
         map_ids=tuple(ids),
+        verified_insns=info.verified_insns,
     )
 
 
