@@ -7,27 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "bench: run as root (it installs packages, makes cgroups and loads BPF programs)" >&2
-    exit 1
-fi
-need=()
-for pkg in wrk nginx haproxy libbpf1 bpftool; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if [ "${#need[@]}" -gt 0 ]; then
-    echo "== installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# Packages, .venv with sockpol, bpffs: the same setup as demo.sh and test.sh.
+bash scripts/setup.sh wrk nginx haproxy libbpf1 bpftool
 # The packaged nginx and haproxy services are not used (the benchmark starts its own on
 # 127.0.0.1 with its own configuration); stop them if the install started them.
 systemctl stop nginx haproxy 2>/dev/null || true
-mount | grep -q " /sys/fs/bpf type bpf" || mount -t bpf bpf /sys/fs/bpf
-
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+PYTHON=.venv/bin/python
 out=bench/results
 mkdir -p "$out"
 if [ "${1:-}" = "--quick" ]; then
