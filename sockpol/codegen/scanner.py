@@ -16,7 +16,7 @@ well-formed, unambiguous request heads.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 from sockpol.codegen import http
@@ -557,18 +557,12 @@ def refit(t: ScannerTables, class_bits: int, state_bits: int) -> ScannerTables:
     """The same automata laid out in larger tables (a loaded program's fixed shape). The path
     automaton's packed form is padded by the emitter."""
     assert class_bits >= t.class_bits and state_bits >= t.state_bits
-    return ScannerTables(
-        classmap=t.classmap,
+    return replace(
+        t,
         class_bits=class_bits,
         state_bits=state_bits,
         trans=_relayout(
             t.trans, t.class_bits, t.state_bits, class_bits, state_bits, int(Reason.BAD_HEADER)
         ),
         info=t.info + [0] * ((1 << state_bits) - len(t.info)),
-        factsets=t.factsets,
-        start=t.start,
-        n_states=t.n_states,
-        path=t.path,
-        chunk_start=t.chunk_start,
-        chunk_data_end=t.chunk_data_end,
     )
