@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -134,14 +133,3 @@ def _warm_up() -> None:
                         server.recv(64)
                     except OSError:
                         pass  # the real tests report what does not work
-
-
-@pytest.fixture
-def loopback_listener() -> Iterator[socket.socket]:
-    """A listening socket in the test process (not in any test cgroup): the peer."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", 0))
-        s.listen(16)
-        s.settimeout(5)
-        yield s
