@@ -14,12 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from policygen import connections, policies
+from tables_observer import held_to_tables
 
 from sockpol.codegen import simulate
 from sockpol.codegen.lower import lower
 from sockpol.codegen.normalize import normalize as table_normalize
 from sockpol.codegen.scanner import Reason
-from sockpol.dsl import load_source, tls
+from sockpol.dsl import load_source
 from sockpol.dsl.ast import Mode
 from sockpol.dsl.interp import (
     REFUSALS,
@@ -32,7 +33,7 @@ from sockpol.dsl.interp import (
     read_head,
     simulate_sends,
 )
-from sockpol.telemetry import MODE_DRY_RUN, MODE_ENFORCE, RESUME_UNJUDGED, VERDICT_NAMES
+from sockpol.telemetry import MODE_DRY_RUN, MODE_ENFORCE
 
 EXAMPLES = int(os.environ.get("SOCKPOL_DIFF_EXAMPLES", "0")) or None
 
@@ -280,48 +281,6 @@ def test_judge_covers_head_and_body():
 
 # -- the interpreter against the code generator's tables -------------------------------------------
 
-RESUME = {
-    "request": simulate.RESUME_REQUEST,
-    "chunk-size": simulate.RESUME_CHUNK_LINE,
-    "chunk-end": simulate.RESUME_CHUNK_DATA_END,
-    "unjudged": RESUME_UNJUDGED,
-    "tls-pass": tls.RESUME_TLS_PASS,
-}
-
-
-def _held_to_tables(ir, mode: int | list[int]):
-    """`mode`: the mode in force, or a one-item list the test may change between sends (as
-    `sockpol mode` does: every run reads the mode afresh)."""
-    modes = mode if isinstance(mode, list) else [mode]
-
-    """An observer for `Connection`: every run of the interpreter must equal the tables' run on
-    the same message, with the tables' own per-connection word carried from run to run."""
-    word = simulate.RESUME_REQUEST
-
-    def observe(message: bytes, resume: str, run) -> None:
-        nonlocal word
-        assert RESUME[resume] == word & 0xFF, (resume, word)
-        expected = simulate.run(ir, message, word, modes[0])
-        reason = run.verdict.reason if run.verdict is not None else "none"
-        event = run.verdict.event if run.verdict is not None else None
-        got = (run.allow, reason, run.covers, run.cork, event)
-        want = (
-            expected.allow,
-            expected.reason.name.lower().replace("_", "-"),
-            expected.apply_bytes,
-            expected.cork_bytes,
-            VERDICT_NAMES.get(expected.event) if expected.event is not None else None,
-        )
-        context = f"resume={resume} message={message[:300]!r}"
-        assert got == want, f"interpreter {got} != tables {want}; {context}"
-        if run.verdict is not None and run.verdict.head is not None:
-            rule = run.verdict.rule.index if run.verdict.rule is not None else None
-            assert rule == expected.rule, context
-        if not run.cork:
-            word = expected.conn
-
-    return observe
-
 
 @settings(
     max_examples=EXAMPLES or 200,
@@ -336,7 +295,7 @@ def test_interpreter_agrees_with_the_tables(data):
     for n in range(4):
         mode = [MODE_DRY_RUN if p.mode is Mode.DRY_RUN else MODE_ENFORCE]
         conn_spec = data.draw(connections(spec))
-        conn = Connection(p, observe=_held_to_tables(ir, mode))
+        conn = Connection(p, observe=held_to_tables(ir, mode))
         for chunk in conn_spec.sends():
             if n == 3 and data.draw(st.integers(0, 3)) == 0:  # `sockpol mode` between sends
                 mode[0] = MODE_ENFORCE if mode[0] == MODE_DRY_RUN else MODE_DRY_RUN
@@ -374,7 +333,7 @@ FORMER_DIVERGENCES = [
 @pytest.mark.parametrize("data", FORMER_DIVERGENCES)
 def test_former_divergences_now_agree(data):
     p = policy("allow * /**", default="allow")
-    conn = Connection(p, observe=_held_to_tables(lower(p), MODE_ENFORCE))
+    conn = Connection(p, observe=held_to_tables(lower(p), MODE_ENFORCE))
     conn.send(data)
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tables_observer import held_to_tables, reason_name
 
 from sockpol.codegen import simulate
 from sockpol.codegen.lower import MatcherIR
@@ -49,7 +50,6 @@ from sockpol.telemetry import (
     MODE_ENFORCE,
     RESUME_UNJUDGED,
     SLOT_WOULD_REFUSE,
-    VERDICT_NAMES,
 )
 
 V12, V13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
@@ -314,53 +314,6 @@ def compile_policy(tls_line: str | None, mode: str = "enforce") -> tuple[Policy,
     return policy, compiled.matcher
 
 
-RESUME = {
-    "request": simulate.RESUME_REQUEST,
-    "chunk-size": simulate.RESUME_CHUNK_LINE,
-    "chunk-end": simulate.RESUME_CHUNK_DATA_END,
-    "unjudged": RESUME_UNJUDGED,
-    "tls-pass": tls.RESUME_TLS_PASS,
-}
-PHASE = 0xFF << 16  # the TLS bits of the word
-
-
-def reason_name(r: Reason) -> str:
-    return r.name.lower().replace("_", "-")
-
-
-def held_to_tables(ir: MatcherIR, mode: int):
-    """An observer for `interp.Connection` (as tests/test_interp.py's `_held_to_tables`): every
-    run of the interpreter must be the tables' run on the same message, the tables' own
-    per-connection storage (word and bytes still to come) carried from run to run; here the
-    TLS phase and the bytes still to come are compared too."""
-    conn = simulate.RESUME_REQUEST
-
-    def observe(message: bytes, resume: str, run: interp.Run) -> None:
-        nonlocal conn
-        context = f"resume={resume} conn={conn:#x} message={message[:40]!r}..."
-        assert RESUME[resume] == conn & 0xFF, context
-        want = simulate.run(ir, message, conn, mode)
-        reason = run.verdict.reason if run.verdict is not None else "none"
-        event = run.verdict.event if run.verdict is not None else None
-        got = (run.allow, reason, run.covers, run.cork, event)
-        expected = (
-            want.allow, reason_name(want.reason), want.apply_bytes, want.cork_bytes,
-            VERDICT_NAMES.get(want.event) if want.event is not None else None,
-        )  # fmt: skip
-        assert got == expected, f"interpreter {got} != tables {expected}; {context}"
-        if run.cork:
-            return  # the kernel keeps the storage as it was
-        phase = want.conn & PHASE
-        if phase & tls.CONN_HTTP:  # (the tables keep only this bit once the bytes are HTTP)
-            assert run.tls & tls.CONN_HTTP, context
-        else:
-            assert run.tls & PHASE == phase, context
-        assert run.left == want.conn >> 64, context
-        conn = want.conn
-
-    return observe
-
-
 @dataclass
 class Both:
     """One client connection through both models at once, send by send."""
@@ -370,7 +323,9 @@ class Both:
     mode: int = MODE_ENFORCE
 
     def __post_init__(self) -> None:
-        self.interp = interp.Connection(self.policy, observe=held_to_tables(self.ir, self.mode))
+        self.interp = interp.Connection(
+            self.policy, observe=held_to_tables(self.ir, self.mode, tls_state=True)
+        )
         self.tables = simulate.Connection(self.ir, mode=self.mode)
         self.sent = bytearray()
         self.results: list[tuple[int | None, bool]] = []  # (interp's send() count, tables' ok)
