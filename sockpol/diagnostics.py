@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,14 @@ class Source:
     path: str
     text: str
 
+    @cached_property
+    def lines(self) -> list[str]:
+        """The lines as the parser numbers them: only "\n" ends one (splitlines() would also
+        split on \x0c and others). Split once: every diagnostic rendered reads a line."""
+        return self.text.split("\n")
+
     def line_text(self, line: int) -> str:
-        # Only "\n" ends a line, as the parser counts them (splitlines() also splits on \x0c etc.).
-        lines = self.text.split("\n")
-        return lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
+        return self.lines[line - 1].rstrip("\r") if 0 < line <= len(self.lines) else ""
 
 
 class SockpolError(Exception):

@@ -73,8 +73,7 @@ class _Checker:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.bag = DiagnosticBag(source)
-        # Lines as parse.py numbered them (Source.line_text re-splits the text on every call).
-        self.lines = [line.removesuffix("\r") for line in source.text.split("\n")]
+        self.lines = [line.removesuffix("\r") for line in source.lines]
 
     # -- file and policies -----------------------------------------------------------------------
 

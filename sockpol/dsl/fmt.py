@@ -112,7 +112,7 @@ def format_source(text: str, path: str = "<policy>") -> str:
 class _Formatter:
     def __init__(self, file: PolicyFile) -> None:
         self.file = file
-        self.lines = [line.removesuffix("\r") for line in file.source.text.split("\n")]
+        self.lines = [line.removesuffix("\r") for line in file.source.lines]
         self.statements: dict[int, str] = {}  # line -> canonical statement text
         self.kinds: dict[int, str] = {}
         for policy in file.policies:

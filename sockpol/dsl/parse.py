@@ -100,7 +100,7 @@ class _FileParser:
         self.outside_reported = False  # one "outside a policy" error per run of such lines
 
     def run(self) -> tuple[PolicyFile, list[Diagnostic]]:
-        for lineno, text in enumerate(self.source.text.split("\n"), start=1):
+        for lineno, text in enumerate(self.source.lines, start=1):
             if len(self.bag.items) >= MAX_ERRORS and self._error_count() >= MAX_ERRORS:
                 self.bag.items.append(
                     Diagnostic(
