@@ -45,7 +45,6 @@ CODES = {
     "L009": "tls-port",
 }
 PLAINTEXT_PORTS = frozenset({80})  # where clients speak plaintext HTTP, by convention
-NAMES = {name: code for code, name in CODES.items()}
 MAX_CELLS = 20_000  # beyond this many method x host x header cells a rule is not analyzed
 MAX_SLASHES = 65  # a normalized path has at most 64 completed segments after the leading '/'
 OTHER_METHOD = "X-SOCKPOL-OTHER"  # stands for every method no rule names
@@ -106,29 +105,13 @@ class PathResult:
     example: str | None  # a normalized path the rule matches and the others don't
 
 
-class NotAnalyzed(Exception):
-    """A path pattern this linter has no automaton for (it then reports nothing about it)."""
-
-
-def _path_re(text: str) -> Re:
-    if text.startswith('~"'):
-        # A path regex (sockpol/dsl/regex.py): its automaton over normalized-path bytes.
-        try:
-            from sockpol.dsl import regex  # type: ignore[attr-defined]
-
-            to_re = regex.to_re  # type: ignore[attr-defined]
-        except (ImportError, AttributeError):
-            raise NotAnalyzed(text) from None
-        return to_re(text)
-    return glob_regex(text)
-
-
 @cache
 def _dfa(glob: str | None) -> DFA:
     """The DFA of a glob, or of the normalized paths (None); each determinized once."""
     nfa = NFA()
     start = nfa.state()
-    nfa.add(normalized_paths() if glob is None else _path_re(glob), "A", start)
+    # glob_regex takes path regexes (~"...") too: every pattern has an automaton.
+    nfa.add(normalized_paths() if glob is None else glob_regex(glob), "A", start)
     return determinize(nfa, start, 200_000)
 
 
@@ -349,14 +332,11 @@ def _identity(rule: Rule) -> tuple[Hashable, ...]:
 
 
 def _catch_all(rule: Rule) -> bool:
-    try:
-        return (
-            rule.methods.methods is None
-            and not rule.conditions
-            and path_covered("/**", frozenset([rule.path.text])).covered
-        )
-    except NotAnalyzed:
-        return False
+    return (
+        rule.methods.methods is None
+        and not rule.conditions
+        and path_covered("/**", frozenset([rule.path.text])).covered
+    )
 
 
 def _passes(rule: Rule) -> bool:
@@ -390,11 +370,7 @@ class _Linter:
                 catch_all = rule
             earlier.append(rule)
         everything = Rule(policy.span, -1, policy.default, _any_methods(policy), _all(), ())
-        try:
-            unused = catch_all is not None or covered_by(everything, list(policy.rules)).covered
-        except NotAnalyzed:
-            unused = False
-        if unused:
+        if catch_all is not None or covered_by(everything, list(policy.rules)).covered:
             self.add(
                 "L008",
                 policy.default_span,
@@ -419,12 +395,6 @@ class _Linter:
         )
 
     def rule(self, policy: Policy, rule: Rule, earlier: list[Rule], catch_all: Rule | None):
-        try:
-            self._rule(policy, rule, earlier, catch_all)
-        except NotAnalyzed:
-            pass  # a pattern without an automaton here: say nothing rather than guess
-
-    def _rule(self, policy: Policy, rule: Rule, earlier: list[Rule], catch_all: Rule | None):
         reach = self.unreachable(policy, rule)
         if reach:
             self.add("L006", rule.path.span, reach)
@@ -450,7 +420,9 @@ class _Linter:
                 hint="delete one of them",
             )
             return
-        candidates = [e for e in earlier if overlap(e, rule) is not None]
+        # Each earlier rule that overlaps this one, with a request both match.
+        overlapping = [(e, ex) for e in earlier if (ex := overlap(e, rule)) is not None]
+        candidates = [e for e, _ in overlapping]
         if candidates:
             coverage = covered_by(rule, candidates)
             if coverage.covered:
@@ -471,12 +443,11 @@ class _Linter:
                     hint="delete it, or move it above the rules that cover it",
                 )
                 return
-        for e in candidates:
+        for e, example in overlapping:
             if _passes(e) == _passes(rule):
                 continue
             if covered_by(e, [rule]).covered:
                 continue  # a carve-out above a broader rule: the documented idiom
-            example = overlap(e, rule)
             self.add(
                 "L004",
                 rule.span,
