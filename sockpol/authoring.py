@@ -198,7 +198,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         elif args.check:
             print(f"{path}: would be reformatted", file=sys.stderr)
         else:
-            from sockpol.compiler import write_atomically
+            from sockpol.files import write_atomically
 
             write_atomically(Path(path), formatted.encode("utf-8"))
             print(f"{path}: formatted", file=sys.stderr)

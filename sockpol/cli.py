@@ -66,7 +66,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from sockpol.compiler import select, write_atomically
+    from sockpol.compiler import select
+    from sockpol.files import write_atomically
 
     text, compiled = _compile(args.file)
     if args.policy is not None:
@@ -219,15 +220,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         out = [_status_json(s, counts.get(s.name)) for s in statuses]
         print(json.dumps(out, indent=2, default=str))
         return EXIT_OK
-    tls_line = _tls_support_line()
-    if not statuses:
-        print("no sockpol policies loaded")
-        print(tls_line)
-        return EXIT_OK
-    if args.name:
+    if args.name:  # one policy: the kernel's kTLS support is not part of its view
         print(statusview.policy(statuses[0], counts.get(args.name)))
+    elif not statuses:
+        print("no sockpol policies loaded")
+        print(_tls_support_line())
     else:
-        print(statusview.policies(statuses, counts, [tls_line]))
+        print(statusview.policies(statuses, counts, [_tls_support_line()]))
     return EXIT_OK
 
 

@@ -14,8 +14,6 @@ pipeline has succeeded, and then atomically.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from sockpol.diagnostics import (
 )
 from sockpol.dsl import load_source
 from sockpol.dsl.ast import Policy, PolicyFile
+from sockpol.files import write_atomically
 from sockpol.metadata import PolicyMetadata, RuleInfo
 
 
@@ -211,20 +210,6 @@ def select(compiled: list[CompiledPolicy], name: str | None, source: Source) -> 
         )
         bag.raise_if_errors()
     return compiled[0]
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory, so a failure never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def compile_to_file(
