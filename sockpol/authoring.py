@@ -18,7 +18,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from sockpol import __version__
-from sockpol.diagnostics import CompileError, Diagnostic, SockpolError, Source, render
+from sockpol.diagnostics import CompileError, Diagnostic, SockpolError, render
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERRORS = 0, 1, 2
 
@@ -230,7 +230,7 @@ def cmd_test(args: argparse.Namespace) -> int:
             from sockpol.dsl import read_source_file
 
             tf = parse_test_file(read_source_file(path), path)
-            policy, source = _policy_for(tf.policy_file, tf.policy_name)
+            policy = _policy_for(tf.policy_file, tf.policy_name)
             outcomes = run_tests(tf, policy)
         except (TestFileError, SockpolError) as e:
             errors += 1
@@ -245,7 +245,7 @@ def cmd_test(args: argparse.Namespace) -> int:
                     print(f"PASS {path}:{o.case.line} {o.case.name}")
                 continue
             failures += 1
-            print(_failure(path, o, source))
+            print(_failure(path, o))
     if args.junit:
         _write_junit(args.junit, suites)
     passed = total - failures
@@ -264,22 +264,22 @@ def _policy_for(policy_file: str, name: str | None):
         if policy is None:
             names = ", ".join(p.name for p in file.policies)
             raise SockpolError(f"{policy_file}: no policy named '{name}' (it defines {names})")
-        return policy, file.source
+        return policy
     if len(file.policies) != 1:
         raise SockpolError(
             f"{policy_file} defines {len(file.policies)} policies: name one with 'policy NAME' "
             "at the top of the test file"
         )
-    return file.policies[0], file.source
+    return file.policies[0]
 
 
-def _failure(path: str, o, source: Source) -> str:
+def _failure(path: str, o) -> str:
     lines = [
         f"FAIL {path}:{o.case.line} {o.case.name}",
         f"  expected: {o.case.expect}",
         f"  got:      {o.actual}",
     ]
-    lines += ["  " + x for x in explain_lines(o.verdict, source)]
+    lines += ["  " + x for x in explain_lines(o.verdict)]
     return "\n".join(lines)
 
 
@@ -304,7 +304,7 @@ def _write_junit(target: str, suites) -> None:
             if not o.passed:
                 message = f"expected {o.case.expect}, got {o.actual}"
                 ET.SubElement(case, "failure", message=message).text = "\n".join(
-                    explain_lines(o.verdict, None)
+                    explain_lines(o.verdict)
                 )
     tree = ET.ElementTree(root)
     ET.indent(tree)
@@ -318,13 +318,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from sockpol.dsl.ast import Mode
     from sockpol.dsl.interp import evaluate
 
-    policy, source = _policy_for(args.file, args.policy)
+    policy = _policy_for(args.file, args.policy)
     request, note = _request_from(args)
     verdict = evaluate(policy, request, Mode.ENFORCE if args.enforce else None)
     print(f"policy {policy.name} ({args.file}), mode {(policy.mode.value)}")
     if note:
         print(note)
-    for line in explain_lines(verdict, source, request):
+    for line in explain_lines(verdict, request):
         print(line)
     return EXIT_CLEAN if verdict.allow else EXIT_FINDINGS
 
@@ -354,7 +354,7 @@ def _request_from(args: argparse.Namespace) -> tuple[bytes, str]:
     return data, ""
 
 
-def explain_lines(verdict, source: Source | None, request: bytes | None = None) -> list[str]:
+def explain_lines(verdict, request: bytes | None = None) -> list[str]:
     """How the request was read, and what decided it (shared by explain and test failures)."""
     out: list[str] = []
     head = verdict.head

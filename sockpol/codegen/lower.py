@@ -161,7 +161,7 @@ def glob_regex(pattern: str) -> Re:
     `*` is a run of non-`/` bytes (non-empty as a whole segment), a whole-segment `**` is zero
     or more segments, a trailing `**` inside a segment is any bytes. It is matched against the
     *normalized* path (normalize.py), where remaining escapes have upper-case hex digits, as
-    the tokens' literals do. (A path regex `~"..."` is accepted too: see path_regex.)"""
+    the tokens' literals do. A path regex `~"..."` is accepted too (dsl/regex.py)."""
     if regex.is_regex(pattern):
         return regex.to_re(pattern)
     parts: list[Re] = []
@@ -178,11 +178,6 @@ def glob_regex(pattern: str) -> Re:
             case patterns.AnyRest():
                 parts.append(star(anyof(http.PATH_BYTE)))
     return seq(*parts)
-
-
-def path_regex(text: str) -> Re:
-    """The regex of a rule's path pattern: a glob, or a path regex `~"..."` (dsl/regex.py)."""
-    return regex.to_re(text) if regex.is_regex(text) else glob_regex(text)
 
 
 def _condition_regex(cond: HostCondition | HeaderCondition) -> Re:
@@ -250,7 +245,7 @@ def _lower(policy: Policy) -> MatcherIR:
             method_facts.setdefault(m, set()).add(f)
     spec = ScannerSpec(
         method_facts={m: frozenset(fs) for m, fs in method_facts.items()},
-        path_patterns=[(path_regex(text), pid) for text, pid in pattern_ids.items()],
+        path_patterns=[(glob_regex(text), pid) for text, pid in pattern_ids.items()],
         header_patterns=[(regex, f) for f, regex in conditions.values()],
     )
     try:

@@ -70,10 +70,6 @@ class PathPattern:
     span: Span
     text: str
 
-    @property
-    def is_regex(self) -> bool:
-        return self.text.startswith('~"')
-
 
 @dataclass(frozen=True)
 class HostCondition:

@@ -20,10 +20,9 @@ one statement per line, so nothing is lost and `fmt(fmt(x)) == fmt(x)`.
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass, field
 
-from sockpol.dsl import load_source
+from sockpol.dsl import load_source, regex
 from sockpol.dsl.ast import (
     HeaderCondition,
     HostCondition,
@@ -33,6 +32,7 @@ from sockpol.dsl.ast import (
     TlsSpec,
     TlsUserspace,
 )
+from sockpol.dsl.patterns import upper_escapes
 
 INDENT = "    "
 HEAD_ORDER = ("port", "default", "max-head", "mode", "tls")
@@ -68,9 +68,9 @@ def format_size(size: int) -> str:
 
 
 def format_path(text: str) -> str:
-    if text.startswith('~"'):
+    if regex.is_regex(text):
         return text  # a path regex is kept exactly as written: its escapes are regex syntax
-    return re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group().upper(), text)
+    return upper_escapes(text)
 
 
 def format_rule(rule: Rule) -> str:

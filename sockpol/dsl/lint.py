@@ -32,6 +32,7 @@ from sockpol.codegen.lower import glob_regex
 from sockpol.diagnostics import Diagnostic, Severity, Source, Span
 from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, PolicyFile, Rule
 from sockpol.dsl.interp import PATH_MAX, host_matches
+from sockpol.dsl.patterns import upper_escapes
 
 CODES = {
     "L001": "shadowed",
@@ -327,7 +328,7 @@ def _rule_ref(rule: Rule) -> str:
 
 def _identity(rule: Rule) -> tuple[Hashable, ...]:
     methods = None if rule.methods.methods is None else frozenset(rule.methods.methods)
-    path = re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group().upper(), rule.path.text)
+    path = upper_escapes(rule.path.text)
     return (methods, path, frozenset(str(c) for c in rule.conditions))
 
 

@@ -354,10 +354,11 @@ def _tokens(text: str) -> list[PathToken]:
                 flush()
                 tokens.append(Star(whole_star))
             else:
-                literal += _upper_escapes(part)
+                literal += upper_escapes(part)
     flush()
     return tokens
 
 
-def _upper_escapes(text: str) -> str:
+def upper_escapes(text: str) -> str:
+    """%-escapes with upper-case hex digits, as normalized paths have them."""
     return re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group().upper(), text)

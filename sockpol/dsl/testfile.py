@@ -212,9 +212,7 @@ def _request(body: list[str], raw: bool) -> bytes:
 
 def describe(verdict: Verdict) -> str:
     """A verdict in `expect` form."""
-    if verdict.refusal is not None and verdict.head is None:
-        return f"refuse {verdict.reason}"
-    if verdict.refusal is not None:  # a chunked body refused after its head was judged
+    if verdict.refusal is not None:  # the head, or a chunked body after its head was judged
         return f"refuse {verdict.reason}"
     what = f"rule {verdict.rule.index}" if verdict.rule is not None else "default"
     if verdict.event == "audit":
