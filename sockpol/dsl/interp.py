@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 from sockpol.dsl import tls
@@ -620,8 +620,7 @@ def judge(
         if step.action != tls.Action.HTTP:
             return _tls_run(step, message, dry_run, phase)
         phase |= tls.CONN_HTTP
-    run = _judge_http(policy, message, resume, mode, dry_run, lost)
-    return Run(run.allow, run.covers, run.cork, run.resume, run.verdict, run.left, phase)
+    return replace(_judge_http(policy, message, window, resume, mode, dry_run, lost), tls=phase)
 
 
 def _tls_run(step: tls.Step, message: bytes, dry_run: bool, phase: int) -> Run:
@@ -639,7 +638,13 @@ def _tls_run(step: tls.Step, message: bytes, dry_run: bool, phase: int) -> Run:
 
 
 def _judge_http(
-    policy: Policy, message: bytes, resume: str, mode: Mode | None, dry_run: bool, lost: str
+    policy: Policy,
+    message: bytes,
+    window: bytes,  # the message's first max-head bytes: what the program pulls
+    resume: str,
+    mode: Mode | None,
+    dry_run: bool,
+    lost: str,
 ) -> Run:
     if resume == "unjudged":
         # Where requests start is unknown: pass everything while in dry-run, else refuse.
@@ -647,7 +652,6 @@ def _judge_http(
         if dry_run:  # passed unjudged: recorded in a counter, not as an event
             return Run(True, 0, resume=resume, verdict=Verdict(True, lost, refusal=refusal))
         return Run(False, 0, resume=resume, verdict=_refused(refusal, False))
-    window = message[: policy.max_head]
     found: Head | ChunkLine | Refusal | None
     if resume == "request":
         found = read_head(window)
