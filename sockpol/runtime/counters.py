@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sockpol import telemetry as t
-from sockpol.codegen.scanner import Reason
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata
 from sockpol.runtime import libbpf, pins
@@ -37,6 +36,10 @@ class TelemetryError(SockpolError):
 
 def reason_name(value: int) -> str:
     """`scanner.Reason` as the docs and metadata spell it: BAD_METHOD -> bad-method."""
+    # Imported here: codegen (lark, automata) would more than double the import time of every
+    # runtime command.
+    from sockpol.codegen.scanner import Reason
+
     try:
         return Reason(value).name.lower().replace("_", "-")
     except ValueError:
@@ -99,17 +102,12 @@ def _pin(pin_dir: Path, name: str) -> Iterator[int]:
 
 def read_counters(pin_dir: Path, meta: PolicyMetadata | None) -> PolicyCounters:
     """Every counter of the policy pinned at `pin_dir` (meta: its metadata, for rules/layout)."""
+    from sockpol.codegen.scanner import Reason  # (see reason_name)
+
     layout = _layout(meta)
     with _pin(pin_dir, COUNTS_PIN) as fd:
         info = libbpf.map_info(fd)
-        slots: list[Count] = []
-        for slot in range(info.max_entries):
-            per_cpu = libbpf.map_lookup_percpu(fd, _KEY.pack(slot), info.value_size) or []
-            total = Count()
-            for value in per_cpu:
-                requests, nbytes = t.COUNTER.unpack_from(value)
-                total += Count(requests, nbytes)
-            slots.append(total)
+        slots = [_slot_total(fd, s, info.value_size) for s in range(info.max_entries)]
 
     def slot(i: int) -> Count:
         return slots[i] if 0 <= i < len(slots) else Count()
@@ -140,9 +138,15 @@ def lost_events(pin_dir: Path, meta: PolicyMetadata | None) -> int:
     """Just the lost-events counter (what `sockpol events` polls)."""
     slot = _layout(meta)["slot_lost"]
     with _pin(pin_dir, COUNTS_PIN) as fd:
-        info = libbpf.map_info(fd)
-        per_cpu = libbpf.map_lookup_percpu(fd, _KEY.pack(slot), info.value_size) or []
-        return sum(t.COUNTER.unpack_from(v)[0] for v in per_cpu)
+        return _slot_total(fd, slot, libbpf.map_info(fd).value_size).requests
+
+
+def _slot_total(fd: int, slot: int, value_size: int) -> Count:
+    """One counter slot, summed over the CPUs."""
+    total = Count()
+    for value in libbpf.map_lookup_percpu(fd, _KEY.pack(slot), value_size) or []:
+        total += Count(*t.COUNTER.unpack_from(value))
+    return total
 
 
 def reset_counters(pin_dir: Path) -> None:
@@ -182,9 +186,8 @@ def set_mode(name: str, mode: str) -> str:
     if mode not in t.MODES:
         raise TelemetryError(f"unknown mode {mode!r}: expected enforce or dry-run")
     check_privileges()
-    pin_dir = policy_dir(name)
-    before = read_mode(pin_dir)
-    with _pin(pin_dir, CTL_PIN) as fd:
+    with _pin(policy_dir(name), CTL_PIN) as fd:
+        before = read_mode_fd(fd)
         write_mode(fd, mode)
     return before
 
