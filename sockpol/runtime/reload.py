@@ -31,13 +31,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from elftools.elf.elffile import ELFFile
-
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata, read_metadata
 from sockpol.runtime import libbpf, pins
 from sockpol.runtime.counters import COUNTS_PIN, reset_counters
-from sockpol.runtime.state import PolicyState, create_state_map, read_state
+from sockpol.runtime.state import create_state_map, read_state
 from sockpol.runtime.system import check_privileges
 
 DATA_MAP_PIN = pins.MAP_PREFIX + "sockpol_data"
@@ -61,6 +59,8 @@ class ReloadResult:
 
 def _initial_tables(obj: Path) -> bytes:
     """Slot 0 of the object's `sockpol_tables` (both slots start equal)."""
+    from elftools.elf.elffile import ELFFile  # only reload needs it, not every runtime command
+
     with obj.open("rb") as f:
         elf = ELFFile(f)
         symtab = elf.get_section_by_name(".symtab")
@@ -135,12 +135,13 @@ def reload(name: str, obj_path: str | os.PathLike[str], check_tls: bool = True) 
         raise ReloadError(f"reload: no policy named {name!r} is loaded (see sockpol status)")
     obj = Path(obj_path)
     new_meta = read_metadata(obj)
-    if new_meta.tls is not None and check_tls:
-        from sockpol.runtime.probe import tls_policy_support
+    if check_tls:
+        from sockpol.runtime.loader import LoadError, require_tls_support
 
-        support = tls_policy_support()
-        if not support.ok:
-            raise ReloadError("reload: " + support.refusal(name, "nothing was changed"))
+        try:
+            require_tls_support(new_meta, name, "nothing was changed")
+        except LoadError as e:
+            raise ReloadError("reload: " + e.message) from None
     tables = _initial_tables(obj)
     with pins.locked(root):
         pin_dir = root / name
@@ -150,11 +151,6 @@ def reload(name: str, obj_path: str | os.PathLike[str], check_tls: bool = True) 
         finally:
             os.close(state_fd)
         _check_compatible(state.policy_metadata(), new_meta)
-        generation = swap_tables(pin_dir, tables)
-        # Counter slots are per rule index; after a reload the indexes name other rules, so the
-        # counts start again (the mode, a runtime switch, is kept as it is).
-        if (pin_dir / COUNTS_PIN).exists():
-            reset_counters(pin_dir)
         new_state = replace(
             state,
             object_path=str(obj.resolve()),
@@ -163,18 +159,29 @@ def reload(name: str, obj_path: str | os.PathLike[str], check_tls: bool = True) 
             reloaded_at=time.time(),
             reloads=state.reloads + 1,
         )
-        _replace_state(pin_dir, new_state)
+        # The new record exists before the tables flip, so a failure to make it changes nothing.
+        state_fd = create_state_map(new_state)
+        try:
+            generation = swap_tables(pin_dir, tables)
+            # Counter slots are per rule index; after a reload the indexes name other rules, so
+            # the counts start again (the mode, a runtime switch, is kept as it is).
+            if (pin_dir / COUNTS_PIN).exists():
+                reset_counters(pin_dir)
+            _replace_state(pin_dir, state_fd)
+        finally:
+            os.close(state_fd)
     return ReloadResult(name, generation, len(new_meta.rules), time.monotonic() - started)
 
 
-def _replace_state(pin_dir: Path, state: PolicyState) -> None:
-    """Pin a new record beside the old one, then rename it over (bpffs renames atomically)."""
-    fd = create_state_map(state)
+def _replace_state(pin_dir: Path, fd: int) -> None:
+    """Pin the new record (map `fd`) beside the old one, then rename it over (bpffs renames
+    atomically); a failure leaves no staged pin behind."""
+    staged = pin_dir / (pins.PIN_STATE + "-new")
+    if staged.exists():
+        staged.unlink()
+    libbpf.obj_pin(fd, str(staged))
     try:
-        staged = pin_dir / (pins.PIN_STATE + "-new")
-        if staged.exists():
-            staged.unlink()
-        libbpf.obj_pin(fd, str(staged))
         os.rename(staged, pin_dir / pins.PIN_STATE)
-    finally:
-        os.close(fd)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
