@@ -26,7 +26,13 @@ from pathlib import Path
 from sockpol import telemetry as t
 from sockpol.metadata import PolicyMetadata
 from sockpol.runtime import libbpf, pins
-from sockpol.runtime.counters import EVENTS_PIN, TelemetryError, lost_events, reason_name
+from sockpol.runtime.counters import (
+    EVENTS_PIN,
+    TelemetryError,
+    lost_events,
+    policy_dir,
+    reason_name,
+)
 from sockpol.runtime.state import StateError, read_state
 
 NO_RULE = 0xFFFFFFFF
@@ -194,11 +200,13 @@ class EventStream:
         self._ring: libbpf.RingBuffer | None = None
         self._pending: list[Event] = []
         self._offset = time.time_ns() - time.monotonic_ns()
-        root = pins.pin_root(create=False)
         for name in self.names:
-            if root is None or not pins.valid_name(name) or not (root / name).is_dir():
-                raise TelemetryError(f"no policy named {name!r} is loaded (see sockpol status)")
-        self._refresh()
+            policy_dir(name)  # raises for a policy that is not loaded
+        try:
+            self._refresh()
+        except BaseException:
+            self.close()  # the ring and the maps opened so far
+            raise
 
     # -- sources ---------------------------------------------------------------------------
 
@@ -228,7 +236,11 @@ class EventStream:
                 fd = libbpf.obj_get(str(pin_dir / EVENTS_PIN))
             except (libbpf.BpfError, FileNotFoundError):
                 continue  # loaded by a sockpol without events, or being unloaded
-            map_id = libbpf.map_info(fd).id
+            try:
+                map_id = libbpf.map_info(fd).id
+            except BaseException:
+                os.close(fd)
+                raise
             meta = _metadata(pin_dir)
             known = self._sources.get(name)
             if known is not None and known.map_id == map_id:
