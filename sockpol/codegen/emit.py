@@ -39,7 +39,7 @@ from sockpol.codegen.normalize import (
     PCT_PERCENT,
     UNRESERVED,
 )
-from sockpol.codegen.record import RecordingMixin
+from sockpol.codegen.record import BPF_MAP_TYPE_PERCPU_ARRAY, RecordingMixin
 from sockpol.codegen.scanner import (
     BODY_END,
     CHUNK_LINE,
@@ -72,7 +72,6 @@ from sockpol.telemetry import (
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
 SK_DROP, SK_PASS = 0, 1
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_SOCKHASH = 18
 BPF_MAP_TYPE_SK_STORAGE = 24
 BPF_F_NO_PREALLOC = 1

@@ -43,8 +43,6 @@ log = logging.getLogger("sockpol.libbpf")
 
 # Kernel UAPI constants (include/uapi/linux/bpf.h); stable ABI values.
 BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_RINGBUF = 27
 BPF_MAP_TYPE_SOCKHASH = 18
 BPF_PROG_TYPE_SOCK_OPS = 13
 BPF_PROG_TYPE_SK_MSG = 16
@@ -203,7 +201,6 @@ def _declare(so: ctypes.CDLL) -> None:
         "ring_buffer__new": (p, [c_int, RINGBUF_SAMPLE_FN, p, p]),
         "ring_buffer__add": (c_int, [p, c_int, RINGBUF_SAMPLE_FN, p]),
         "ring_buffer__poll": (c_int, [p, c_int]),
-        "ring_buffer__consume": (c_int, [p]),
         "ring_buffer__free": (None, [p]),
     }
     for name, (restype, argtypes) in sigs.items():
@@ -537,12 +534,6 @@ class RingBuffer:
         if self._ptr is not None:
             lib().ring_buffer__free(self._ptr)
             self._ptr = None
-
-    def __enter__(self) -> RingBuffer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def map_has_key(fd: int, key: bytes, value_size: int = 8) -> bool:
