@@ -23,7 +23,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from sockpol.runtime.probe import Finding
+    from sockpol.runtime.probe import Finding, TlsSupport
 
 EXIT_OK = 0
 EXIT_MISSING = 1
@@ -51,19 +51,20 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     findings = probe()
     works = summary(findings)
-    works["tls_policies"] = works["plaintext"] and tls_support_from(findings).ok
+    tls = tls_support_from(findings)
+    works["tls_policies"] = works["plaintext"] and tls.ok
     if args.json:
         records = [dict(asdict(f), verdict=f.verdict.value) for f in findings]
         print(json.dumps({"findings": records, "works": works}, indent=2), file=out)
     else:
-        render(findings, works, out)
+        render(findings, works, tls, out)
     if not works["plaintext"] or (args.require_ktls and not works["ktls"]):
         return EXIT_MISSING
     return EXIT_OK
 
 
-def render(findings: list[Finding], works: dict[str, bool], out: TextIO) -> None:
-    from sockpol.runtime.probe import CORE, TLS, tls_support_from
+def render(findings: list[Finding], works: dict[str, bool], tls: TlsSupport, out: TextIO) -> None:
+    from sockpol.runtime.probe import CORE, TLS
 
     by_key = {f.key: f for f in findings}
     kernel = by_key.get("kernel")
@@ -78,7 +79,6 @@ def render(findings: list[Finding], works: dict[str, bool], out: TextIO) -> None
     print("what works here:", file=out)
     print(f"  plaintext HTTP policies:  {_answer(works['plaintext'], CORE, by_key)}", file=out)
     print(f"  policy inside TLS (kTLS): {_answer(works['ktls'], CORE + TLS, by_key)}", file=out)
-    tls = tls_support_from(findings)
     if not works["plaintext"]:
         loadable = "no (no policy loads here)"
     elif tls.ok:

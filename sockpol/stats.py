@@ -92,10 +92,9 @@ def verifier_counts(obj: bytes) -> tuple[dict[str, int], str]:
     verified-instruction count. Returns ({}, reason) when that is not possible here."""
     if os.geteuid() != 0:
         return {}, "needs root"
-    try:
-        from sockpol.runtime import libbpf
-    except Exception as e:  # noqa: BLE001 -- no libbpf: say so, the sizes still stand
-        return {}, f"libbpf unavailable: {e}"
+    # (Importing it does not load libbpf.so: a missing library is reported as a load failure.)
+    from sockpol.runtime import libbpf
+
     with tempfile.NamedTemporaryFile(suffix=".bpf.o") as f, libbpf.capture_messages() as messages:
         f.write(obj)
         f.flush()
