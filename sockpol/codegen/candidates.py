@@ -145,23 +145,25 @@ class LookupBuilder:
         listed = {rule for found in self.lists for rule in found}
         if len(listed) == len(self.rule_patterns):
             return []
-        matched = frozenset().union(*self.pattern_sets)
+        # Each pattern's sets, and each set's candidates, once: a rule after a catch-all is in
+        # every set, and walking all sets for each of thousands of such rules was quadratic.
+        sets_with: dict[int, list[frozenset[int]]] = {}
+        for patterns in self.pattern_sets:
+            for p in patterns:
+                sets_with.setdefault(p, []).append(patterns)
+        found_in: dict[frozenset[int], tuple[int, ...]] = {}
         out = []
         for rule, pattern in enumerate(self.rule_patterns):
             if rule in listed:
                 continue
+            need = self.classes[self.rule_class[rule]]
             by: set[int] = set()
-            if pattern in matched:
-                need = self.classes[self.rule_class[rule]]
-                for patterns in self.pattern_sets:
-                    if pattern in patterns:
-                        by.add(
-                            next(
-                                k
-                                for k in self.candidates(patterns)
-                                if self.classes[self.rule_class[k]] <= need
-                            )
-                        )
+            for patterns in sets_with.get(pattern, ()):
+                if patterns not in found_in:
+                    found_in[patterns] = self.candidates(patterns)
+                by.add(
+                    next(k for k in found_in[patterns] if self.classes[self.rule_class[k]] <= need)
+                )
             out.append(Unreachable(rule, tuple(sorted(by))))
         return out
 
