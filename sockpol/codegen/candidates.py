@@ -56,7 +56,6 @@ class Unreachable:
 @dataclass(frozen=True)
 class RuleLookup:
     classes: tuple[frozenset[int], ...]  # class -> facts it needs
-    rule_class: tuple[int, ...]  # rule -> class
     lists: tuple[tuple[int, ...], ...]  # output index -> candidate rules (0: none)
     offsets: tuple[int, ...]  # output index -> offset of its list in `table`
     table: tuple[int, ...]  # rule | class << 16
@@ -133,7 +132,6 @@ class LookupBuilder:
             raise LookupTooLarge(f"more than {MAX_TABLE} candidate entries")
         return RuleLookup(
             tuple(self.classes),
-            tuple(self.rule_class),
             tuple(self.lists),
             tuple(offsets),
             tuple(table),

@@ -120,10 +120,6 @@ def gep(b: ir.IRBuilder, base: ir.Value, etype: ir.Type, indices: list[ir.Value]
     return inst
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (max(n, 1) - 1).bit_length())
-
-
 class _Emitter(RecordingMixin):
     def __init__(self, ir_: MatcherIR) -> None:
         self.ir = ir_

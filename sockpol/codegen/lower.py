@@ -15,6 +15,7 @@ from sockpol.codegen import http
 from sockpol.codegen.automaton import Re, anyof, lit, lit_ci, opt, plus, seq, star
 from sockpol.codegen.candidates import LookupBuilder, LookupTooLarge, RuleLookup, Unreachable
 from sockpol.codegen.scanner import (
+    PATH_STATE_LIMIT,
     ScannerSpec,
     ScannerTables,
     StateLimit,
@@ -53,10 +54,8 @@ class LoweringError(Exception):
 class RuleEntry:
     index: int
     allow: bool  # the request passes: an allow or an audit rule
-    facts: frozenset[int]
     log: bool = False  # record an event when the rule passes a request (`log`)
     audit: bool = False  # record the request as one a deny rule would refuse (`audit`)
-    cls: int = 0  # the rule's class: candidates.RuleLookup.classes[cls] are its non-path facts
 
     @property
     def flags(self) -> int:
@@ -245,12 +244,12 @@ def _lower(policy: Policy) -> MatcherIR:
             method_facts.setdefault(m, set()).add(f)
     spec = ScannerSpec(
         method_facts={m: frozenset(fs) for m, fs in method_facts.items()},
-        path_patterns=[(glob_regex(text), pid) for text, pid in pattern_ids.items()],
         header_patterns=[(regex, f) for f, regex in conditions.values()],
     )
+    path_patterns = [(glob_regex(text), pid) for text, pid in pattern_ids.items()]
     try:
         builder = LookupBuilder(rule_patterns, rule_needs)
-        matcher = build_path_matcher(spec.path_patterns, builder.outcome, spec.path_state_limit)
+        matcher = build_path_matcher(path_patterns, builder.outcome, PATH_STATE_LIMIT)
         lookup = builder.finish()
         scanner = build_scanner(spec)
     except LookupTooLarge as e:
@@ -274,12 +273,10 @@ def _lower(policy: Policy) -> MatcherIR:
         RuleEntry(
             rule.index,
             rule.action is not Action.DENY,
-            rule_needs[i],
             log=rule.log,
             audit=rule.action is Action.AUDIT,
-            cls=lookup.rule_class[i],
         )
-        for i, rule in enumerate(policy.rules)
+        for rule in policy.rules
     )
     return MatcherIR(
         policy=policy,

@@ -89,7 +89,6 @@ REASON_TEXT = {
 END = 0  # a request head is complete
 CHUNK_LINE = 1  # a chunk-size line (of a non-zero chunk) is complete
 BODY_END = 2  # the last chunk and the trailer section are complete
-FIRST_REFUSAL = Reason.BAD_METHOD
 TERMINAL_STATES = Reason.BAD_CHUNK + 1  # states below stop the walk
 
 # Where a run starts, kept per connection (socket storage) between runs.
@@ -134,10 +133,8 @@ def _blamed(e: StateLimitExceeded) -> list[Hashable]:
 @dataclass(frozen=True)
 class ScannerSpec:
     method_facts: dict[str, frozenset[int]]  # method token -> facts it establishes
-    path_patterns: list[tuple[Re, int]]  # (regex over the normalized path, fact)
     header_patterns: list[tuple[Re, int]]  # (regex over a whole header line, fact)
     state_limit: int = HEAD_STATE_LIMIT
-    path_state_limit: int = PATH_STATE_LIMIT
 
 
 @dataclass
@@ -455,10 +452,6 @@ def _pow2_bits(n: int) -> int:
     return max(1, (n - 1).bit_length())
 
 
-def _pow2(n: int) -> int:
-    return 1 << _pow2_bits(n)
-
-
 def _columns(rows: list[list[int]]) -> tuple[bytearray, list[int]]:
     """Classes of identical columns: the column -> class map, and one column of each class.
     Columns are compared with zip(*rows), which runs in C, not once per state and byte here."""
@@ -497,12 +490,6 @@ class PathTables:
     classmap: bytes  # byte -> class
     comb: Comb
     start: int  # comb id of the start state
-    n_states: int
-
-    @property
-    def comb_bytes(self) -> int:
-        """Kernel memory of the packed form: class map, slots, candidate words."""
-        return 256 + 4 * len(self.comb.slots) + 4 * _pow2(len(self.comb.accepts))
 
     def step(self, state: int, byte: int) -> int:
         return self.comb.step(state, self.classmap[byte])
@@ -529,7 +516,7 @@ def pack(sc: Scanner, pm: PathMatcher, path_cands: Sequence[int]) -> ScannerTabl
         comb = pack_comb(pm.delta, pm.n_classes, pm.dead, words)
     except CombTooLarge as e:
         raise StateLimit(f"the path automaton is too large to pack: {e}", "path") from None
-    path = PathTables(pm.classmap, comb, comb.ids[pm.start], len(pm.delta))
+    path = PathTables(pm.classmap, comb, comb.ids[pm.start])
     return ScannerTables(
         classmap=classmap,
         class_bits=class_bits,
