@@ -689,11 +689,6 @@ class _Emitter(RecordingMixin):
         # look (and without pulling it). Counted here, not left to apply_bytes: under kTLS
         # apply_bytes ends with the record, and the next record runs the program again.
         left_ptr = gep(b, conn, I8, [I64(8)])
-        left = b.load(left_ptr, typ=I64)
-        with b.if_then(b.icmp_unsigned("!=", left, I64(0))):
-            part = b.select(b.icmp_unsigned("<", left, size), left, size)
-            b.store(b.sub(left, part), left_ptr)
-            verdict(SK_PASS, b.trunc(part, I32))
 
         def covering(total: ir.Value) -> ir.Value:
             """apply_bytes for a verdict on `total` bytes from the start of this message; what
@@ -701,6 +696,10 @@ class _Emitter(RecordingMixin):
             part = b.select(b.icmp_unsigned("<", total, size), total, size)
             b.store(b.sub(total, part), left_ptr)
             return b.trunc(part, I32)
+
+        left = b.load(left_ptr, typ=I64)
+        with b.if_then(b.icmp_unsigned("!=", left, I64(0))):
+            verdict(SK_PASS, covering(left))
 
         max_head = self.config(b, "max_head")
         n = b.select(b.icmp_unsigned("<", size, max_head), size, max_head)
@@ -752,7 +751,13 @@ class _Emitter(RecordingMixin):
         with b.if_then(b.icmp_unsigned("==", kind, I64(tls.RESUME_TLS_PASS)), likely=False):
             self.count(b, SLOT_UNJUDGED, 1, size)  # `tls userspace allow`: ciphertext passes
             verdict(SK_PASS)
-        self.tls_phase(b, msg, scan, conn, resume, kind, size, mode, verdict, finish, covering)
+
+        def refuse(reason: ir.Value, head: ir.Value | None = None) -> None:
+            """Refused before any rule (scanner, max-head, TLS walk): record.unframed."""
+            head = head if head is not None else I64(0)
+            finish(self.unframed(b, msg, reason, mode, head, conn), I32(0))
+
+        self.tls_phase(b, scan, conn, resume, kind, size, verdict, refuse, covering)
         h.call(b, h.LOOP, b.trunc(n, I32), scan_step, scan, I64(0))
 
         state = self.get(b, scan, "state")
@@ -811,8 +816,7 @@ class _Emitter(RecordingMixin):
             self.alert_plaintext(b, scan, kind, size, verdict)
         with b.if_then(b.or_(refused, b.icmp_unsigned(">=", size, max_head))):
             reason = b.select(refused, state, I64(Reason.HEAD_TOO_LARGE))
-            head = b.zext(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), I64)
-            finish(self.unframed(b, msg, reason, mode, head, conn), I32(0))
+            refuse(reason, b.zext(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), I64))
         # The head continues in a later send: hold these bytes and judge the whole head then.
         # DROP, not PASS: plain TCP re-runs the program when the cork fills and ignores this
         # verdict, but under kTLS (6.1) the verdict returned with the cork is applied to all the
@@ -844,7 +848,7 @@ class _Emitter(RecordingMixin):
                 with b.if_then(b.icmp_unsigned("<=", b.sub(first, I64(1)), I64(1))):
                     verdict(SK_PASS)
 
-    def tls_phase(self, b, msg, scan, conn, resume, kind, size, mode, verdict, finish, covering):
+    def tls_phase(self, b, scan, conn, resume, kind, size, verdict, refuse, covering):
         """The TLS handshake, one record per run, until the connection's bytes are HTTP: tls.py
         step for step. Returns (falls through) when this message is to be read as HTTP."""
         at_request = b.icmp_unsigned("==", kind, I64(RESUME_REQUEST))
@@ -872,22 +876,20 @@ class _Emitter(RecordingMixin):
                         b.store(b.or_(resume, I64(tls.CONN_HTTP)), conn)
                     with is_record:
                         self._tls_record(
-                            b, msg, conn, resume, size, mode, verdict, finish, covering,
+                            b, conn, resume, size, verdict, refuse, covering,
                             tls_mode, kind_byte, has, byte, eq,
                         )  # fmt: skip
 
     def _tls_record(
-        self, b, msg, conn, resume, size, mode, verdict, finish, covering,
-        tls_mode, t, has, byte, eq,
-    ) -> None:  # fmt: skip
+        self, b, conn, resume, size, verdict, refuse, covering, tls_mode, t, has, byte, eq
+    ) -> None:
         is_hs = eq(t, tls.ContentType.HANDSHAKE)
         need = b.select(is_hs, I64(tls.HELLO_HEADER), I64(tls.HEADER))
 
         def short() -> None:
             with b.if_then(b.icmp_unsigned("<", size, need)):
                 verdict(SK_DROP, cork=b.trunc(need, I32))  # tcp_bpf runs again when it fills
-            reason = I64(Reason.TLS_BAD_RECORD)
-            finish(self.unframed(b, msg, reason, mode, I64(0), conn), I32(0))
+            refuse(I64(Reason.TLS_BAD_RECORD))
 
         with b.if_then(b.not_(has(tls.HEADER)), likely=False):
             short()
@@ -936,7 +938,7 @@ class _Emitter(RecordingMixin):
         userspace = b.and_(b.and_(seen_hello, done), is_app)
         undeclared = eq(tls_mode, tls.TLS_NONE)
         allow_userspace = eq(tls_mode, tls.TLS_USERSPACE_ALLOW)
-        refuse = b.or_(
+        refused = b.or_(
             b.or_(b.not_(valid), undeclared),
             b.or_(bad, b.and_(userspace, b.not_(allow_userspace))),
         )
@@ -949,8 +951,8 @@ class _Emitter(RecordingMixin):
                 b.select(bad, I64(Reason.TLS_BAD_RECORD), I64(Reason.TLS_USERSPACE)),
             ),
         )
-        with b.if_then(refuse, likely=False):
-            finish(self.unframed(b, msg, reason, mode, I64(0), conn), I32(0))
+        with b.if_then(refused, likely=False):
+            refuse(reason)
         with b.if_then(userspace, likely=False):  # `tls userspace allow`
             self.count(b, SLOT_WOULD_REFUSE + Reason.TLS_USERSPACE, 1, size)
             b.store(b.or_(flags, I64(tls.RESUME_TLS_PASS)), conn)
