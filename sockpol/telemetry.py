@@ -39,6 +39,7 @@ TELEMETRY_FORMAT = 1
 EVENTS_BYTES = 256 * 1024
 
 MODE_ENFORCE, MODE_DRY_RUN = 0, 1
+NO_RULE = 0xFFFFFFFF  # "no rule decided" wherever a rule index goes (events, the scan state)
 MODES = {"enforce": MODE_ENFORCE, "dry-run": MODE_DRY_RUN}
 MODE_NAMES = {v: k for k, v in MODES.items()}
 CTL = struct.Struct("<II")  # mode, reserved
@@ -98,7 +99,7 @@ EVENT_FIELDS = [
     ("time_ns", "Q"),  # bpf_ktime_get_ns(): CLOCK_MONOTONIC
     ("pid_tgid", "Q"),  # bpf_get_current_pid_tgid(): tgid << 32 | pid of the sender
     ("cgroup_id", "Q"),  # bpf_get_current_cgroup_id() of the sender
-    ("rule", "I"),  # index of the deciding rule, NO_RULE (0xffffffff) when none decided
+    ("rule", "I"),  # index of the deciding rule, NO_RULE when none decided
     ("size", "I"),  # bytes in the message the program judged (msg->size)
     ("verdict", "B"),  # Verdict
     ("reason", "B"),  # scanner.Reason (NONE for LOGGED)

@@ -26,6 +26,7 @@ from sockpol.codegen import helpers as h
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
 from sockpol.codegen.comb import PAYLOAD_MASK, TAG_SHIFT
 from sockpol.codegen.debuginfo import DebugInfo
+from sockpol.codegen.helpers import I1, I8, I16, I32, I64, MAX_SCAN, PTR, gep
 from sockpol.codegen.irconst import int_array, word_rows
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.normalize import (
@@ -57,10 +58,11 @@ from sockpol.codegen.scanner import (
     TERMINAL_STATES,
     Reason,
 )
-from sockpol.codegen.simulate import CHUNK_MAX, CL_MAX, NO_RULE
+from sockpol.codegen.simulate import CHUNK_MAX, CL_MAX
 from sockpol.dsl import tls
 from sockpol.metadata import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
 from sockpol.telemetry import (
+    NO_RULE,
     RESUME_UNJUDGED,
     SLOT_DEFAULT,
     SLOT_REFUSED,
@@ -69,8 +71,6 @@ from sockpol.telemetry import (
     SLOT_WOULD_REFUSE,
 )
 
-I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-PTR = ir.PointerType()
 SK_DROP, SK_PASS = 0, 1
 BPF_MAP_TYPE_SOCKHASH = 18
 BPF_MAP_TYPE_SK_STORAGE = 24
@@ -82,8 +82,6 @@ SCRATCH_MAP = "sockpol_scratch"
 TABLES_GLOBAL = "sockpol_tables"
 BPF_NOEXIST = 1
 BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4
-# Largest packet offset the verifier accepts is 0xffff, and we read data[i] with data + i + 1.
-MAX_SCAN = 0xFFFE
 DATA_LAYOUT = "e-m:e-p:64:64-i64:64-i128:128-n32:64-S128"
 
 # struct sk_msg_md and struct bpf_sock_ops field offsets (include/uapi/linux/bpf.h).
@@ -111,13 +109,6 @@ CONFIG = [
     "nrules", "default_allow", "max_head", "start", "path_start", "zero", "one", "leading",
     "chunk_start", "chunk_data_end", "path_classes", "path_dead", "tls",
 ]  # fmt: skip
-
-
-def gep(b: ir.IRBuilder, base: ir.Value, etype: ir.Type, indices: list[ir.Value]) -> ir.Value:
-    """A GEP whose result is an opaque `ptr`, whatever llvmlite thinks the base points to."""
-    inst = b.gep(base, indices, inbounds=True, source_etype=etype)
-    inst.type = PTR
-    return inst
 
 
 class _Emitter(RecordingMixin):

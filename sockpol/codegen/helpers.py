@@ -10,9 +10,17 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-I32 = ir.IntType(32)
-I64 = ir.IntType(64)
+I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
+# Largest packet offset the verifier accepts is 0xffff, and data[i] is read with data + i + 1.
+MAX_SCAN = 0xFFFE
+
+
+def gep(b: ir.IRBuilder, base: ir.Value, etype: ir.Type, indices: list[ir.Value]) -> ir.Value:
+    """A GEP whose result is an opaque `ptr`, whatever llvmlite thinks the base points to."""
+    inst = b.gep(base, indices, inbounds=True, source_etype=etype)
+    inst.type = PTR
+    return inst
 
 
 @dataclass(frozen=True)

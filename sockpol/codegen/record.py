@@ -24,6 +24,7 @@ import struct
 from llvmlite import ir
 
 from sockpol.codegen import helpers as h
+from sockpol.codegen.helpers import I8, I16, I32, I64, MAX_SCAN, PTR, gep
 from sockpol.codegen.scanner import Reason
 from sockpol.telemetry import (
     COUNTS_MAP,
@@ -37,6 +38,7 @@ from sockpol.telemetry import (
     HOST_BYTES,
     METHOD_BYTES,
     MODE_DRY_RUN,
+    NO_RULE,
     PATH_BYTES,
     RESUME_UNJUDGED,
     RULE_AUDIT,
@@ -51,13 +53,9 @@ from sockpol.telemetry import (
     counter_slots,
 )
 
-I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-PTR = ir.PointerType()
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_RINGBUF = 27
-NO_RULE = 0xFFFFFFFF
-MAX_SCAN = 0xFFFE  # as in emit.py: the largest packet offset the verifier accepts, minus one
 
 # struct sk_msg_md (include/uapi/linux/bpf.h)
 MSG_FAMILY, MSG_REMOTE_IP4, MSG_LOCAL_IP4 = 16, 20, 24
@@ -74,14 +72,8 @@ END_OF_HEAD = b"\r\n\r\n"
 WHAT_SHIFT = 8
 
 
-def _gep(b: ir.IRBuilder, base: ir.Value, etype: ir.Type, indices: list[ir.Value]) -> ir.Value:
-    inst = b.gep(base, indices, inbounds=True, source_etype=etype)
-    inst.type = PTR
-    return inst
-
-
 def _byte(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int) -> ir.Value:
-    return _gep(b, base, I8, [offset if isinstance(offset, ir.Value) else I64(offset)])
+    return gep(b, base, I8, [offset if isinstance(offset, ir.Value) else I64(offset)])
 
 
 def _is_null(b: ir.IRBuilder, p: ir.Value) -> ir.Value:
@@ -321,7 +313,7 @@ class RecordingMixin:
             b.store(word, _byte(b, ev, EVENT_OFFSETS["path"] + off))
 
         def st_slot(field: str) -> ir.Value:
-            return _gep(b, st, self.copier_t, [I32(0), I32(C[field])])
+            return gep(b, st, self.copier_t, [I32(0), I32(C[field])])
 
         b.store(self.get(b, scan, "data"), st_slot("data"))
         b.store(self.get(b, scan, "data_end"), st_slot("data_end"))
@@ -348,7 +340,7 @@ class RecordingMixin:
         host_len = I64(0)
         put("host_len", host_len)
         loop(scanned, self.fn_find_host)
-        host_at = b.load(_gep(b, st, self.copier_t, [I32(0), I32(C["host_at"])]), typ=I64)
+        host_at = b.load(gep(b, st, self.copier_t, [I32(0), I32(C["host_at"])]), typ=I64)
         with b.if_then(b.and_(is_head, b.icmp_unsigned("!=", host_at, I64(0)))):
             ran = loop(I64(HOST_BYTES + 2), self.fn_copy_host)
             put("host_len", b.sub(ran, I64(1)))
@@ -380,8 +372,8 @@ class RecordingMixin:
         body = fn.append_basic_block("in_window")
         b.cbranch(b.icmp_unsigned(">", i, I64(MAX_SCAN + 1 - n)), stop, bounded)
         b.position_at_end(bounded)
-        data = b.load(_gep(b, st, self.copier_t, [I32(0), I32(C["data"])]), typ=PTR)
-        data_end = b.load(_gep(b, st, self.copier_t, [I32(0), I32(C["data_end"])]), typ=PTR)
+        data = b.load(gep(b, st, self.copier_t, [I32(0), I32(C["data"])]), typ=PTR)
+        data_end = b.load(gep(b, st, self.copier_t, [I32(0), I32(C["data_end"])]), typ=PTR)
         # Not inbounds: data + i + n may point past the window; that is what the check tests.
         p = b.gep(data, [i], source_etype=I8)
         b.cbranch(b.icmp_unsigned(">", b.gep(p, [I64(n)], source_etype=I8), data_end), stop, body)
@@ -395,7 +387,7 @@ class RecordingMixin:
         return b.zext(b.load(self._window(fn, b, st, i), typ=I8), I64)
 
     def _ev(self, b: ir.IRBuilder, st: ir.Value) -> ir.Value:
-        return b.load(_gep(b, st, self.copier_t, [I32(0), I32(C["ev"])]), typ=PTR)
+        return b.load(gep(b, st, self.copier_t, [I32(0), I32(C["ev"])]), typ=PTR)
 
     def _copy_method_fn(self) -> ir.Function:
         """Byte `index` of the request line, until the first blank: into `method`."""
@@ -420,20 +412,20 @@ class RecordingMixin:
         p = self._window(fn, b, st, index, len(pattern))
         at_end = ir.Constant(ir.IntType(1), 1)
         for k, want in enumerate(END_OF_HEAD):
-            c = b.zext(b.load(_gep(b, p, I8, [I64(k)]), typ=I8), I64)
+            c = b.zext(b.load(gep(b, p, I8, [I64(k)]), typ=I8), I64)
             at_end = b.and_(at_end, b.icmp_unsigned("==", c, I64(want)))
         with b.if_then(at_end):
             b.ret(I64(1))  # the blank line: no Host header in this head
         miss = ir.Constant(ir.IntType(1), 0)
         for k, want in enumerate(pattern):
-            c = b.zext(b.load(_gep(b, p, I8, [I64(k)]), typ=I8), I64)
+            c = b.zext(b.load(gep(b, p, I8, [I64(k)]), typ=I8), I64)
             if want != ord("\n"):
                 c = b.or_(c, I64(0x20))  # ASCII lower case; ':' is unchanged
             miss = b.or_(miss, b.icmp_unsigned("!=", c, I64(want)))
         with b.if_then(miss):
             b.ret(I64(0))
         host_at = b.add(index, I64(len(pattern)))
-        b.store(host_at, _gep(b, st, self.copier_t, [I32(0), I32(C["host_at"])]))
+        b.store(host_at, gep(b, st, self.copier_t, [I32(0), I32(C["host_at"])]))
         b.ret(I64(1))
         return fn
 
@@ -441,7 +433,7 @@ class RecordingMixin:
         """Byte `index` of the Host line's value (blanks after the colon included), until CR."""
         fn, b, index, st = self._copier_fn("sockpol_copy_host")
         i = index
-        host_at = b.load(_gep(b, st, self.copier_t, [I32(0), I32(C["host_at"])]), typ=I64)
+        host_at = b.load(gep(b, st, self.copier_t, [I32(0), I32(C["host_at"])]), typ=I64)
         c = self._byte_at(fn, b, st, b.add(host_at, i))
         cr = b.icmp_unsigned("==", c, I64(0x0D))
         with b.if_then(b.or_(cr, b.icmp_unsigned("==", c, I64(0x0A)))):

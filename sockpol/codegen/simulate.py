@@ -53,7 +53,6 @@ from sockpol.telemetry import (
 
 CL_MAX = 0xFFFF0000  # Content-Length values above this are refused (apply_bytes takes a u32)
 CHUNK_MAX = 0xFFFF0000  # likewise chunk sizes
-NO_RULE = 0xFFFFFFFF
 HEXVAL = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
 WORD_MASK = (1 << 64) - 1
 

@@ -35,8 +35,6 @@ from sockpol.runtime.counters import (
 )
 from sockpol.runtime.state import StateError, read_state
 
-NO_RULE = 0xFFFFFFFF
-
 
 @dataclass(frozen=True)
 class Event:
@@ -138,7 +136,7 @@ def decode(policy: str, data: bytes, meta: PolicyMetadata | None, clock_offset_n
     else:
         src = str(ipaddress.IPv4Address(f["local_ip4"]))
         dst = str(ipaddress.IPv4Address(f["remote_ip4"]))
-    rule = None if f["rule"] == NO_RULE else f["rule"]
+    rule = None if f["rule"] == t.NO_RULE else f["rule"]
     line = None
     if rule is not None and meta is not None and rule < len(meta.rules):
         line = meta.rules[rule].line
