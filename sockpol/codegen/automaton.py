@@ -303,35 +303,12 @@ def byte_classes(masks: Iterable[int]) -> list[int]:
     return classes
 
 
-class NFA:
-    """The earlier interface, kept for callers that build an automaton pattern by pattern:
-    `nfa.add(regex, tag, nfa.state())` then `determinize(nfa, start, limit)`, which returns a DFA
-    over single bytes (`delta[s]` maps a byte, not a class)."""
-
-    def __init__(self) -> None:
-        self.patterns: list[tuple[Re, Hashable]] = []
-
-    def state(self) -> int:
-        return 0
-
-    def add(self, regex: Re, tag: Hashable, start: int = 0) -> None:
-        self.patterns.append((regex, tag))
-
-
-def determinize(
-    patterns: Iterable[tuple[Re, Hashable]] | NFA,
-    limit: int = 50_000,
-    *args: int,
-    progress: Callable[[int], None] | None = None,
-) -> DFA:
+def determinize(patterns: Iterable[tuple[Re, Hashable]], limit: int = 50_000) -> DFA:
     """Subset construction of the union of tagged regexes over byte classes.
 
     A DFA state's tags are the tags of every regex that matches the bytes leading to it; its marks
     those of the `Mark` positions just consumed. Raises StateLimitExceeded past `limit` states.
-    (`determinize(nfa, start, limit)`: the earlier interface, see NFA.)
     """
-    if isinstance(patterns, NFA):
-        return _by_byte(determinize(patterns.patterns, args[0] if args else 50_000))
     pos = _Positions()
     pos.add_all(patterns)
     classes = sorted(byte_classes(set(pos.mask[1:])), key=lambda c: (c & -c).bit_length())
@@ -404,8 +381,6 @@ def determinize(
             raise StateLimitExceeded(limit, _blame(pos, order), len(order))
         delta.append(row)
         i += 1
-        if progress is not None and not i & 0xFFF:
-            progress(len(order))
     tags = [_union(pos.tags, st) for st in order]
     marks = [frozenset(m for p in st if (m := pos.mark[p]) is not None) for st in order]
     return DFA(bytes(classmap), delta, tags, marks)
@@ -418,7 +393,7 @@ def _blame(pos: _Positions, states: list[frozenset[int]]) -> list[tuple[Hashable
     return counts.most_common()
 
 
-def _by_byte(dfa: DFA) -> DFA:
+def by_byte(dfa: DFA) -> DFA:
     """The same DFA with one class per byte."""
     members_of = [[b for b in range(256) if dfa.classmap[b] == c] for c in range(dfa.n_classes)]
     delta = [{b: t for c, t in row.items() for b in members_of[c]} for row in dfa.delta]

@@ -27,7 +27,18 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from sockpol.codegen import http
-from sockpol.codegen.automaton import DFA, NFA, Re, alt, anyof, byteset, determinize, lit, seq, star
+from sockpol.codegen.automaton import (
+    DFA,
+    Re,
+    alt,
+    anyof,
+    by_byte,
+    byteset,
+    determinize,
+    lit,
+    seq,
+    star,
+)
 from sockpol.codegen.lower import glob_regex
 from sockpol.diagnostics import Diagnostic, Severity, Source, Span
 from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, PolicyFile, Rule
@@ -108,12 +119,10 @@ class PathResult:
 
 @cache
 def _dfa(glob: str | None) -> DFA:
-    """The DFA of a glob, or of the normalized paths (None); each determinized once."""
-    nfa = NFA()
-    start = nfa.state()
-    # glob_regex takes path regexes (~"...") too: every pattern has an automaton.
-    nfa.add(normalized_paths() if glob is None else glob_regex(glob), "A", start)
-    return determinize(nfa, start, 200_000)
+    """The DFA of a glob, or of the normalized paths (None), over single bytes; each
+    determinized once. glob_regex takes path regexes (~"...") too."""
+    regex = normalized_paths() if glob is None else glob_regex(glob)
+    return by_byte(determinize([(regex, "A")], 200_000))
 
 
 def _search(musts: tuple[str, ...], others: tuple[str, ...], slashes: bool = False):
