@@ -176,7 +176,7 @@ def _object_for_reload(args: argparse.Namespace, tmpdir: str) -> Path:
     from sockpol.codegen.lower import TableShape
     from sockpol.compiler import compile_policy, front_end
 
-    loaded = next((s for s in runtime.status() if s.name == args.name), None)
+    loaded = next(iter(runtime.status(args.name)), None)
     if loaded is None or loaded.metadata is None:
         raise SockpolError(f"reload: no policy named '{args.name}' is loaded (see sockpol status)")
     text = _read_policy_file(args.file)
@@ -210,9 +210,8 @@ def cmd_unload(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from sockpol import runtime, statusview
 
-    statuses = runtime.status()
+    statuses = runtime.status(args.name or None)
     if args.name:
-        statuses = [s for s in statuses if s.name == args.name]
         if not statuses:
             raise SockpolError(f"no policy named '{args.name}' is loaded")
     counts = {s.name: c for s in statuses if (c := _counters(s)) is not None}

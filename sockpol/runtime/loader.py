@@ -753,13 +753,20 @@ def _teardown(pin_dir: Path) -> list[str]:
 # status
 
 
-def status() -> list[PolicyStatus]:
-    """Every loaded policy, read from the pins alone (works from any process)."""
+def status(name: str | None = None) -> list[PolicyStatus]:
+    """Every loaded policy (or just `name`, if it is loaded), read from the pins alone (works
+    from any process). Reading one policy opens only its pins."""
     root = pins.pin_root(create=False)
     if root is None:
         return []
+    if name is not None:
+        if not pins.valid_name(name):
+            return []
+        candidates = [root / name]
+    else:
+        candidates = sorted(root.iterdir())
     out = []
-    for pin_dir in sorted(root.iterdir()):
+    for pin_dir in candidates:
         if pin_dir.name.startswith(pins.TEMP_PREFIX) or not pin_dir.is_dir():
             continue
         try:
