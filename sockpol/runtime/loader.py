@@ -305,8 +305,10 @@ class _Installed:
                 "replace",
                 f"{pin_dir} has no {pins.PIN_SOCKS} pin; unload policy {pin_dir.name} first",
             )
-        installed = _Installed(pin_dir, socks, get(pins.PIN_MSG), get(pins.PIN_SOCKOPS), None, None)
-        try:
+        installed = _Installed(pin_dir, socks, None, None, None, None)
+        try:  # every fd opened so far is the installed's, closed with it on failure
+            installed.msg_fd = get(pins.PIN_MSG)
+            installed.sockops_fd = get(pins.PIN_SOCKOPS)
             installed.link_fd = get(pins.PIN_LINK)
             state_fd = get(pins.PIN_STATE)
             if state_fd is not None:
