@@ -463,7 +463,7 @@ def test_status_shows_tls_per_policy_and_whether_tls_policies_load():
 def test_status_listing_says_whether_tls_policies_load(monkeypatch, capsys):
     from sockpol import runtime
 
-    monkeypatch.setattr(runtime, "status", lambda: [])
+    monkeypatch.setattr(runtime, "status", lambda name=None: [])
     monkeypatch.setattr(probe, "tls_policy_support", lambda: NO_TLS)
     assert run(["status"]) == 0
     assert capsys.readouterr().out.splitlines() == [
