@@ -3,15 +3,16 @@
 The generated object has:
 - `sockpol_msg` (section `sk_msg`): pulls the first `max-head` bytes of each message into the data
   window, walks the scanner automaton over them with `bpf_loop` (one callback per byte, so the
-  verifier checks the step once rather than once per byte) while normalizing the path into a
-  per-CPU scratch buffer, walks the path automaton over the normalized path, then finds the first
+  verifier checks the step once rather than once per byte) while normalizing the path into the
+  connection's work area, walks the path automaton over the normalized path, then finds the first
   rule whose facts all hold. It sets `bpf_msg_apply_bytes` on every run so the verdict covers
   exactly the request head plus its Content-Length body, and corks an incomplete head.
 - `sockpol_sockops` (section `sockops`): inserts client-side TCP connections to governed ports into
   the sockhash when they become established.
-- `sockpol_socks`: the BTF-defined sockhash; `sockpol_scratch`: a per-CPU buffer for the normalized
-  path; `sockpol_tables` in `.data`: every policy-dependent number the program reads, so a later
-  reload can swap tables without touching programs.
+- `sockpol_socks`: the BTF-defined sockhash; `sockpol_conn`: socket storage holding the stream
+  state between runs and each run's work area (normalized path, scan state); `sockpol_tables` in
+  `.data`: every policy-dependent number the program reads, so a later reload can swap tables
+  without touching programs.
 
 `simulate.py` (with `normalize.py`) is the same algorithm in Python; keep them in step.
 """
@@ -40,7 +41,7 @@ from sockpol.codegen.normalize import (
     PCT_PERCENT,
     UNRESERVED,
 )
-from sockpol.codegen.record import BPF_MAP_TYPE_PERCPU_ARRAY, RecordingMixin
+from sockpol.codegen.record import RecordingMixin
 from sockpol.codegen.scanner import (
     BODY_END,
     CHUNK_LINE,
@@ -78,7 +79,6 @@ BPF_F_NO_PREALLOC = 1
 BPF_SK_STORAGE_GET_F_CREATE = 1
 CONN_MAP = "sockpol_conn"
 SOCK_MAP_ENTRIES = 65536
-SCRATCH_MAP = "sockpol_scratch"
 TABLES_GLOBAL = "sockpol_tables"
 BPF_NOEXIST = 1
 BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4
@@ -89,21 +89,44 @@ MSG_DATA, MSG_DATA_END, MSG_SIZE, MSG_SK = 0, 8, 68, 72
 OPS_OP, OPS_FAMILY, OPS_REMOTE_PORT = 0, 20, 64
 AF_INET, AF_INET6 = 2, 10
 
-# The scratch buffer: normalized path bytes, then the stack of segment starts (u16 each).
+# The connection's socket storage (`sockpol_conn`): the connection's word and the bytes of a body
+# or TLS record still to come (kept between runs), then the run's work area ("scratch"): the
+# normalized path, the stack of segment starts (u16 each), the scan's scalars and its fact words
+# (rewritten by every run).
+CONN_WORD, CONN_LEFT, CONN_SCRATCH = 0, 8, 16
 STACK_OFFSET = PATH_MAX
-SCRATCH_SIZE = PATH_MAX + 2 * MAX_DEPTH
+SCALARS_OFFSET = PATH_MAX + 2 * MAX_DEPTH
 assert PATH_MAX & (PATH_MAX - 1) == 0 and MAX_DEPTH & (MAX_DEPTH - 1) == 0
 
-# The scan state on the stack of sockpol_msg, shared with the callbacks through its address.
-SCAN_FIELDS = [
-    "data", "data_end", "scratch", "tables",  # pointers
+# Why the scan state lives in map memory and not on the stack: bpf_loop callbacks share state with
+# their caller through a context on the caller's stack, and kernels with upstream f597664454bd
+# (6.19.y, 7.0, later 6.18.y builds) re-verify a callback until the caller's state at its entry
+# converges. Scalars carried there from iteration to iteration (the automaton state, the path
+# normalizer's counters) become precise, and the normalizer's branches keep distinct value ranges
+# apart until the verifier gives up at a million instructions. The verifier tracks no values in
+# map memory (every load is just "a scalar", and every index drawn from one is masked before use),
+# so with the scalars there each callback's entry state is the same at every iteration and the
+# walk converges at once. On the stack stay only the pointers the callbacks need: map memory cannot
+# hold a pointer the verifier still knows as one.
+# Socket storage rather than a per-CPU buffer: the socket is locked while its sendmsg runs the
+# program, whereas a program run can be preempted (preempt=full or lazy) and another run on the
+# same CPU would then overwrite a shared per-CPU buffer in the middle of the first one's scan.
+SCAN_POINTERS = ["data", "data_end", "scratch", "tables"]
+SCAN_SCALARS = [
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
     "out_len", "seg_start", "seg_dots", "depth", "pct", "hex1", "norm_error", "pstate",  # path
     "cand_off",  # where the path state's candidate rules start in cand_table
 ]  # fmt: skip
-POINTER_FIELDS = {"data", "data_end", "scratch", "tables"}
-S = {name: i for i, name in enumerate(SCAN_FIELDS)}
-S_FACTS = len(SCAN_FIELDS)
+POINTER_FIELDS = set(SCAN_POINTERS)
+S = {name: i for i, name in enumerate(SCAN_POINTERS)}
+SCALAR = {name: SCALARS_OFFSET + 8 * i for i, name in enumerate(SCAN_SCALARS)}
+FACTS_OFFSET = SCALARS_OFFSET + 8 * len(SCAN_SCALARS)
+
+
+def conn_value_size(fact_words: int) -> int:
+    """Bytes of a connection's socket storage for a program with `fact_words` fact words."""
+    return CONN_SCRATCH + FACTS_OFFSET + 8 * fact_words
+
 
 CONFIG = [
     "nrules", "default_allow", "max_head", "start", "path_start", "zero", "one", "leading",
@@ -120,8 +143,7 @@ class _Emitter(RecordingMixin):
         self.dbg = DebugInfo(self.m, f"{ir_.policy.name}.pol", f"sockpol {__version__}")
         self.nw = ir_.fact_words
         self.words_t = ir.ArrayType(I64, self.nw)
-        field_types = [PTR if n in POINTER_FIELDS else I64 for n in SCAN_FIELDS]
-        self.scan_t = ir.LiteralStructType([*field_types, self.words_t])
+        self.scan_t = ir.LiteralStructType([PTR] * len(SCAN_POINTERS))
         shape = ir_.shape or ir_.needed_shape()
         assert shape.covers(ir_.needed_shape())
         self.n_factsets = 1 << shape.factset_bits
@@ -162,18 +184,15 @@ class _Emitter(RecordingMixin):
         self.socks = self.btf_map(
             SOCK_MAP, BPF_MAP_TYPE_SOCKHASH, SOCK_MAP_ENTRIES, self.u64, self.u32
         )
-        scratch_value = self.dbg.array(self.u8, SCRATCH_SIZE, 8)
-        self.scratch_map = self.btf_map(
-            SCRATCH_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, 1, self.u32, scratch_value
-        )
         # Per connection: the word (where the next run starts: a request, a chunk-size line,
-        # ...; TLS flags; a counter slot) and the bytes of a body or TLS record still to come.
+        # ...; TLS flags; a counter slot), the bytes of a body or TLS record still to come, and
+        # the work area of a run (CONN_SCRATCH above).
         self.conn_map = self.btf_map(
             CONN_MAP,
             BPF_MAP_TYPE_SK_STORAGE,
             None,
             self.int,
-            self.dbg.array(self.u64, 2, 64),
+            self.dbg.array(self.u64, conn_value_size(self.nw) // 8, 64),
             BPF_F_NO_PREALLOC,
         )
         self.record_maps()  # counters, events, mode (record.py)
@@ -282,7 +301,9 @@ class _Emitter(RecordingMixin):
     # --- the scan struct --------------------------------------------------------------------
 
     def slot(self, b: ir.IRBuilder, scan: ir.Value, name: str) -> ir.Value:
-        return gep(b, scan, self.scan_t, [I32(0), I32(S[name])])
+        if name in POINTER_FIELDS:
+            return gep(b, scan, self.scan_t, [I32(0), I32(S[name])])
+        return gep(b, self.get(b, scan, "scratch"), I8, [I64(SCALAR[name])])
 
     def get(self, b: ir.IRBuilder, scan: ir.Value, name: str) -> ir.Value:
         return b.load(self.slot(b, scan, name), typ=PTR if name in POINTER_FIELDS else I64)
@@ -303,7 +324,7 @@ class _Emitter(RecordingMixin):
         return self.load_table(b, "small", I64(value), I8)
 
     def fact_word(self, b: ir.IRBuilder, scan: ir.Value, w: int) -> ir.Value:
-        return gep(b, scan, self.scan_t, [I32(0), I32(S_FACTS), I64(w)])
+        return gep(b, self.get(b, scan, "scratch"), I8, [I64(FACTS_OFFSET + 8 * w)])
 
     def or_factset(self, b: ir.IRBuilder, scan: ir.Value, index: ir.Value) -> None:
         row = b.and_(index, I64(self.n_factsets - 1))
@@ -634,7 +655,6 @@ class _Emitter(RecordingMixin):
         msg = fn.args[0]
         scan = b.alloca(self.scan_t, name="scan")
         self.base = self.select_tables(b)
-        key = b.alloca(I32, name="zero")
 
         def ctx_load(offset: int, typ: ir.Type) -> ir.Value:
             return b.load(gep(b, msg, I8, [I64(offset)]), typ=typ)
@@ -679,7 +699,7 @@ class _Emitter(RecordingMixin):
         # The rest of a body (or TLS record) that an earlier verdict covered: pass it without a
         # look (and without pulling it). Counted here, not left to apply_bytes: under kTLS
         # apply_bytes ends with the record, and the next record runs the program again.
-        left_ptr = gep(b, conn, I8, [I64(8)])
+        left_ptr = gep(b, conn, I8, [I64(CONN_LEFT)])
 
         def covering(total: ir.Value) -> ir.Value:
             """apply_bytes for a verdict on `total` bytes from the start of this message; what
@@ -697,10 +717,7 @@ class _Emitter(RecordingMixin):
         pulled = h.call(b, h.MSG_PULL_DATA, msg, I32(0), b.trunc(n, I32), I64(0))
         with b.if_then(b.icmp_unsigned("!=", pulled, I64(0)), likely=False):
             refuse_unseen()
-        b.store(I32(0), key)
-        scratch = h.call(b, h.MAP_LOOKUP_ELEM, self.scratch_map, key)
-        with b.if_then(b.icmp_unsigned("==", b.ptrtoint(scratch, I64), I64(0)), likely=False):
-            refuse_unseen()
+        scratch = gep(b, conn, I8, [I64(CONN_SCRATCH)])
         # The connection's word: where this run starts in bits 0..7 (the rest: record.py, tls.py).
         resume = b.load(conn, typ=I64)
         kind = b.and_(resume, I64(0xFF))
@@ -725,9 +742,8 @@ class _Emitter(RecordingMixin):
         # instead of following exact values (out_len 1, 2, 3, ...) byte by byte until it gives up
         # ("the sequence of 8193 jumps is too complex").
         zero, one = self.config(b, "zero"), self.config(b, "one")
-        for name in SCAN_FIELDS:
-            if name not in POINTER_FIELDS:
-                self.put(b, scan, name, zero)
+        for name in SCAN_SCALARS:
+            self.put(b, scan, name, zero)
         self.put(b, scan, "state", start)
         self.put(b, scan, "rule", I64(NO_RULE))
         self.put(b, scan, "out_len", one)  # the normalized path starts as "/"

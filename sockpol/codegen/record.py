@@ -95,7 +95,7 @@ def pack(b: ir.IRBuilder, *values: ir.Value | int) -> ir.Value:
 
 class RecordingMixin:
     """Needs from the emitter: function, call, btf_map, dbg types, get/put/config/small on the
-    scan struct, `base`, `n_rules`, `scratch_map`."""
+    scan struct, `base`, `n_rules`."""
 
     # --- maps -------------------------------------------------------------------------------
 
