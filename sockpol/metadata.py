@@ -21,6 +21,14 @@ MSG_PROGRAM = "sockpol_msg"
 SOCKOPS_PROGRAM = "sockpol_sockops"
 SOCK_MAP = "sockpol_socks"
 
+# The most instructions the verifier may process to accept sockpol_msg: a tenth of its limit
+# (1,000,000), so that the next verifier change that multiplies the count (as upstream
+# f597664454bd did, from about 200,000 to over the limit) is caught by the tests and by `sockpol
+# doctor`, not by a user whose policies stop loading. Checked on every kernel of the VM matrix.
+VERIFIER_BUDGET = 100_000
+VERIFIER_LIMIT = 1_000_000
+KERNELS_DOC = "docs/kernels.md"
+
 
 @dataclass(frozen=True)
 class RuleInfo:

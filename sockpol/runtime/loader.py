@@ -48,9 +48,11 @@ from pathlib import Path
 from sockpol import telemetry as t
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import (
+    KERNELS_DOC,
     MSG_PROGRAM,
     SOCK_MAP,
     SOCKOPS_PROGRAM,
+    VERIFIER_BUDGET,
     PolicyMetadata,
     read_metadata,
 )
@@ -634,6 +636,7 @@ def _warnings(messages: list[tuple[int, str]], limit: int = 10) -> list[str]:
     return [line.removeprefix("libbpf: ") for line in lines[-limit:]]
 
 
+_PROCESSED = re.compile(r"^processed (\d+) insns", re.MULTILINE)
 _PROG_FAILED = re.compile(r"prog '([^']+)': BPF program load failed: (.*)")
 _MAP_FAILED = re.compile(r"map '([^']+)'.*failed.*")
 
@@ -660,8 +663,14 @@ def _load_error(
             # error is) and then reports ENOSPC instead of the verifier's own error code.
             reason = "verifier log truncated, its end is shown"
         detail = f"{said} ({reason})" if said else reason
+        processed = _PROCESSED.findall(verifier_log)
+        count = f"; processed {int(processed[-1]):,} instructions" if processed else ""
         return LoadError(
-            "load", f"verifier rejected {prog_name}: {detail}", verifier_tail(verifier_log)
+            "load",
+            f"verifier rejected {prog_name} on Linux {os.uname().release}: {detail}{count} "
+            f"(sockpol's programs take under {VERIFIER_BUDGET:,} on the kernels listed in "
+            f"{KERNELS_DOC}; please report this kernel with the lines below)",
+            verifier_tail(verifier_log),
         )
     for _level, text in messages:
         if _MAP_FAILED.search(text):

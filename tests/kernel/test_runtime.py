@@ -256,7 +256,8 @@ def test_verifier_rejection_of_a_fresh_load_leaves_nothing(
     with pytest.raises(LoadError) as info:
         load(unverifiable_copy(policy("rt-reject")), cgroup)
     message = str(info.value)
-    assert message.startswith("load: verifier rejected sockpol_msg:")
+    assert message.startswith(f"load: verifier rejected sockpol_msg on Linux {os.uname().release}:")
+    assert "processed " in message and "docs/kernels.md" in message
     assert "Traceback" not in message
     assert len(info.value.log_lines) <= 20
     assert "rt-reject" not in [s.name for s in status()]

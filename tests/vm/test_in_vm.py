@@ -1,6 +1,6 @@
-"""Kernel and kTLS tests run inside Debian's 6.1 kernel, reported here test by test.
+"""Kernel and kTLS tests run inside each kernel of the matrix, reported here test by test.
 
-Each guest test becomes one host test, `test_in_guest[<kernel role>::<node id>]`, whose outcome is
+Each guest test becomes one host test, `test_in_guest[<kernel line>::<node id>]`, whose outcome is
 the guest's (pass, fail with the guest's message, skip or xfail with its reason). The node ids are
 collected on the host from the same checkout the guest runs, so a guest test that did not report
 at all (a crash, a timeout) fails here instead of vanishing.
@@ -27,34 +27,40 @@ def _guest_tests() -> list[tuple[str, str]]:
             everything = vmrunner.collect(paths)
         except vmrunner.VMError as e:
             everything = [f"<collection failed: {e}>"]
-        for role, prefixes in PLAN.items():
-            _collected[role] = [
+        for line, prefixes in PLAN.items():
+            _collected[line] = [
                 n for n in everything if n.startswith("<") or n.startswith(tuple(prefixes))
             ]
-    return [(role, nodeid) for role, ids in _collected.items() for nodeid in ids]
+    return [(line, nodeid) for line, ids in _collected.items() for nodeid in ids]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "guest_test" in metafunc.fixturenames:
         cases = _guest_tests()
         metafunc.parametrize(
-            "guest_test", cases, ids=[f"{role}::{nodeid}" for role, nodeid in cases]
+            "guest_test", cases, ids=[f"{line}::{nodeid}" for line, nodeid in cases]
         )
 
 
+# A test waits for its kernel's whole guest run (the first one also for the boots before it).
+WAIT = pytest.mark.timeout(3 * 3600)
+
+
+@WAIT
 def test_vm_boots_the_chosen_kernel(vm: VMSession) -> None:
-    for role in PLAN:
-        run = vm.run(role)
+    for line in vm.lines():
+        run = vm.run(line)
         assert run.guest_release == run.kernel.release, run.console[-3000:]
         assert run.status is not None, f"the guest's pytest did not finish:\n{run.tail()}"
         assert run.results, f"no results came back from the guest:\n{run.tail()}"
 
 
+@WAIT
 def test_in_guest(vm: VMSession, guest_test: tuple[str, str]) -> None:
-    role, nodeid = guest_test
+    line, nodeid = guest_test
     if nodeid.startswith("<collection failed"):
         pytest.fail(nodeid, pytrace=False)
-    run = vm.run(role)
+    run = vm.run(line)
     where = f"in the VM ({run.kernel.describe()})"
     result = run.results.get(nodeid)
     if result is None:

@@ -1,38 +1,27 @@
-"""Run pytest inside a VM booted with Debian's Linux 6.1, and bring the results back.
+"""Run pytest inside a VM booted with one of Debian's kernels, and bring the results back.
 
-Why a VM: the development and CI hosts run 6.18 without CONFIG_TLS, and the 6.1 LTS kernel is the
-one whose sockhash/verifier behaviour sockpol must also support. virtme-ng boots a kernel with the
-host's root file system (9p, behind a writable overlay), so the guest runs the project's own
-.venv python on the project's own checkout; only the kernel differs.
+Why a VM: the development and CI hosts run one kernel (6.18 without CONFIG_TLS), and sockpol must
+load and enforce on every kernel line users run (kernels.py lists the matrix and resolves it).
+virtme-ng boots a kernel with the host's root file system (9p, behind a writable overlay), so the
+guest runs the project's own .venv python on the project's own checkout; only the kernel differs.
 
 Recipe (../shared/notes/ktls-vm.md, verified on these machines):
 - host packages qemu-system-x86, busybox-static, kmod; virtme-ng from PyPI in the project's venv
   (the `vm` extra) with the venv's bin on PATH (vng runs virtme-run);
-- `apt-get download linux-image-6.1.0-N-amd64-unsigned`, `dpkg-deb -x` into a cache directory,
-  never installed as a package; its modules, vmlinuz and config go to /usr/lib/modules/<release>
-  and `depmod` runs there. The guest then uses the host's /lib/modules (virtme_root_mods=1).
-  Why not boot from the cache directory: virtme mounts tmpfs over /var/cache in the guest, so a
-  module tree there is invisible to it;
+- the kernel's packages downloaded and extracted into a cache, never installed as packages; their
+  modules, vmlinuz and config go to /usr/lib/modules/<release> and `depmod` runs there
+  (kernels.install); the guest then uses the host's /lib/modules (virtme_root_mods=1);
 - qemu under TCG (`--disable-kvm`: nested KVM hangs here), `--verbose` or the guest's console is
   lost, and `vng` exits 255 even when the guest script succeeded, so the guest writes its own
   exit status, and a pytest plugin in the guest (guest_plugin.py) streams one JSON line per test
   phase into a directory shared read-write (`--rwdir`).
 
-Kernel choice: upstream stable kernels now carry "tls: reject the combination of TLS and sockmap"
-(Debian 6.1.190 and later). Two kernels are therefore used, both found with apt-cache:
-- `latest`: the newest 6.1 ABI; the core kernel tests run there (LTS compatibility), and the
-  kTLS tests, which there check that sockpol fails closed (vmsession.PLAN says which tests);
-- `ktls`: the newest 6.1 ABI whose Debian changelog does not list that patch; the kTLS tests run
-  there and must find policy inside TLS working.
-Downloads and their verdicts stay in CACHE; kernels no longer chosen are pruned.
-
-Run by hand:  sudo .venv/bin/python tests/vm/vmrunner.py [--kernel latest|ktls] [pytest args]
+Run by hand:  sudo .venv/bin/python tests/vm/vmrunner.py [--kernel LINE] [pytest args]
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import re
@@ -47,15 +36,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmkernels import CACHE, LINES, Kernel, install, resolve
+
 REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("SOCKPOL_VM_CACHE", "/var/cache/sockpol-vm"))
-MODULES = Path("/usr/lib/modules")
 # Host packages the VM itself needs, and those the guest's tests use (it sees the host's root).
 VM_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod")
 GUEST_PACKAGES = ("nginx", "openssl", "curl")
-KERNEL_PATTERN = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$"
-REJECTION_PATCH = "tls: reject the combination of TLS and sockmap"
-MARKER = ".sockpol-vm"  # in /usr/lib/modules/<release>: which package was installed there
 
 BOOT_TIMEOUT = 120.0  # of a run's time limit, kept for booting and shutting down the guest
 EXIT_LINE = "SOCKPOL-VM-EXIT:"
@@ -126,157 +112,6 @@ def ensure_vng() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels
-
-
-@dataclass(frozen=True)
-class Kernel:
-    package: str  # linux-image-6.1.0-56-amd64-unsigned
-    version: str  # 6.1.192-2 (Debian version)
-    release: str  # 6.1.0-56-amd64 (uname -r)
-    tree: Path  # the extracted package in the cache
-    rejects_tls_sockmap: bool  # its changelog lists REJECTION_PATCH
-
-    @property
-    def vmlinuz(self) -> Path:
-        return MODULES / self.release / "vmlinuz"
-
-    def describe(self) -> str:
-        tls = "rejects TLS on sockmap sockets" if self.rejects_tls_sockmap else "kTLS+sockmap ok"
-        return f"{self.release} (Debian {self.version}; {tls})"
-
-
-def available_packages() -> list[str]:
-    """6.1 kernel packages apt knows, newest ABI first."""
-    for attempt in range(2):
-        out = _run(["apt-cache", "search", "--names-only", KERNEL_PATTERN])
-        names = [line.split(" ", 1)[0] for line in out.stdout.splitlines() if line.strip()]
-        if names:
-            return sorted(names, key=lambda n: int(n.split("-")[3]), reverse=True)
-        if attempt == 0:
-            _run(
-                ["apt-get", "update", "-qq"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            )
-    raise VMUnavailable("apt-cache knows no linux-image-6.1.0-*-amd64-unsigned package")
-
-
-def candidate_version(package: str) -> str:
-    out = _run(["apt-cache", "show", "--no-all-versions", package])
-    m = re.search(r"^Version: (\S+)", out.stdout, re.MULTILINE)
-    if m is None:
-        raise VMUnavailable(f"apt-cache show {package}: no version")
-    return m.group(1)
-
-
-# Whether a kernel version carries the rejection, remembered so that a kernel that is not used
-# need not stay in the cache (or be downloaded again) just to be looked at.
-VERDICTS = CACHE / "rejects-tls-sockmap.json"
-
-
-def _verdicts() -> dict[str, bool]:
-    try:
-        return json.loads(VERDICTS.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def rejects_tls_sockmap(package: str, version: str) -> bool:
-    key = f"{package}_{version}"
-    known = _verdicts()
-    if key not in known:
-        known[key] = fetch(package, version).rejects_tls_sockmap
-        VERDICTS.write_text(json.dumps(known, indent=1, sort_keys=True))
-    return known[key]
-
-
-def fetch(package: str, version: str) -> Kernel:
-    """Download (once) and extract (once) a kernel package into the cache."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    deb = CACHE / f"{package}_{version}_amd64.deb"
-    if not deb.exists():
-        # apt downloads into the current directory; _apt cannot write to a root-only cache.
-        out = _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=CACHE, timeout=900)
-        if out.returncode != 0 or not deb.exists():
-            raise VMUnavailable(f"apt-get download {package}={version} failed: {out.stderr[-500:]}")
-    tree = CACHE / deb.stem
-    if not (tree / ".extracted").exists():
-        shutil.rmtree(tree, ignore_errors=True)
-        out = _run(["dpkg-deb", "-x", str(deb), str(tree)])
-        if out.returncode != 0:
-            raise VMError(f"dpkg-deb -x {deb} failed: {out.stderr[-500:]}")
-        (tree / ".extracted").touch()
-    (release,) = [p.name for p in (tree / "lib/modules").iterdir()]
-    return Kernel(package, version, release, tree, _changelog_has(tree, REJECTION_PATCH))
-
-
-def _changelog_has(tree: Path, text: str) -> bool:
-    for log in tree.glob("usr/share/doc/*/changelog.Debian.gz"):
-        if text in gzip.decompress(log.read_bytes()).decode(errors="replace"):
-            return True
-    return False
-
-
-def install(kernel: Kernel) -> None:
-    """Put the kernel's modules, image and config under /usr/lib/modules/<release>; depmod.
-
-    Only a directory this runner made (it has MARKER) is ever replaced: a host that really runs
-    a Debian 6.1 kernel has the same release installed as a package, and that is left alone.
-    """
-    target = MODULES / kernel.release
-    marker = target / MARKER
-    if marker.exists() and marker.read_text().strip() == kernel.version:
-        return
-    if target.exists() and not marker.exists():
-        raise VMUnavailable(
-            f"{target} exists and was not made by the VM runner (an installed kernel?); "
-            "not touching it"
-        )
-    shutil.rmtree(target, ignore_errors=True)
-    MODULES.mkdir(parents=True, exist_ok=True)
-    source = kernel.tree / "lib/modules" / kernel.release
-    # Hard links when the cache is on the same file system: 400 MB copied for nothing otherwise.
-    if _run(["cp", "-al", str(source), str(target)]).returncode != 0:
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, symlinks=True)
-    shutil.copy2(kernel.tree / "boot" / f"vmlinuz-{kernel.release}", target / "vmlinuz")
-    # Fedora's place for the config; the guest has no /proc/config.gz and sees the host's /boot.
-    shutil.copy2(kernel.tree / "boot" / f"config-{kernel.release}", target / "config")
-    out = _run(["depmod", kernel.release])
-    if out.returncode != 0:
-        raise VMError(f"depmod {kernel.release} failed: {out.stderr[-500:]}")
-    marker.write_text(kernel.version + "\n")
-
-
-def prune(keep: Sequence[Kernel]) -> None:
-    """Drop cached packages and module trees of kernels no longer chosen (newer ABIs appear)."""
-    stems = {k.tree.name for k in keep}
-    for path in CACHE.glob("linux-image-*"):
-        if path.name.removesuffix(".deb") not in stems:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-    releases = {k.release for k in keep}
-    for tree in MODULES.glob("6.1.0-*-amd64"):
-        if tree.name not in releases and (tree / MARKER).exists():
-            shutil.rmtree(tree, ignore_errors=True)
-
-
-def select_kernels() -> dict[str, Kernel]:
-    """{"latest": newest 6.1, "ktls": newest 6.1 without the TLS+sockmap rejection}."""
-    packages = available_packages()
-    latest = fetch(packages[0], candidate_version(packages[0]))
-    chosen = {"latest": latest}
-    for package in packages:
-        version = candidate_version(package)
-        if not rejects_tls_sockmap(package, version):
-            chosen["ktls"] = latest if package == latest.package else fetch(package, version)
-            break
-    prune(list(chosen.values()))
-    return chosen
-
-
-# ---------------------------------------------------------------------------------------------
 # Booting and collecting results
 
 
@@ -299,6 +134,7 @@ class VMRun:
     console: str
     pytest_log: str
     results: dict[str, TestResult] = field(default_factory=dict)
+    verifier: list[dict] = field(default_factory=list)  # test_verifier_budget's records
 
     def tail(self, lines: int = 40) -> str:
         text = self.pytest_log or self.console
@@ -329,8 +165,12 @@ def run(
     env: dict[str, str] | None = None,
     memory: str = "2G",
     cpus: int = 2,
+    objects: Path | None = None,
 ) -> VMRun:
-    """Boot `kernel`, run pytest with `pytest_args` in the guest (cwd = the repo), collect."""
+    """Boot `kernel`, run pytest with `pytest_args` in the guest (cwd = the repo), collect.
+
+    `objects`: compiled policies for test_verifier_budget, handed to the guest (Python under TCG
+    is slow, so they are compiled on the host); its counts come back in VMRun.verifier."""
     vng = ensure_vng()
     install(kernel)
     with tempfile.TemporaryDirectory(prefix="sockpol-vm-") as tmp:
@@ -344,8 +184,12 @@ def run(
         # The guest's kTLS tests check the kernel against what its changelog says.
         env = {
             "SOCKPOL_EXPECT_KTLS_SOCKMAP": "0" if kernel.rejects_tls_sockmap else "1",
+            "SOCKPOL_VERIFIER_REPORT": str(results / "verifier.jsonl"),
             **(env or {}),
         }
+        if objects is not None:  # the shared directory is the one the guest can see
+            shutil.copytree(objects, results / "budget-objects")
+            env["SOCKPOL_BUDGET_OBJECTS"] = str(results / "budget-objects")
         extra = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
         script.write_text(
             GUEST_SCRIPT.format(
@@ -386,6 +230,9 @@ def run(
         stream = results / "results.jsonl"
         if stream.exists():
             run_.results = parse_results(stream.read_text())
+        report = results / "verifier.jsonl"
+        if report.exists():
+            run_.verifier = [json.loads(line) for line in report.read_text().splitlines() if line]
         _keep_log(kernel, run_)
     return run_
 
@@ -394,8 +241,8 @@ def _keep_log(kernel: Kernel, run_: VMRun) -> None:
     """The last guest log per kernel stays in the cache, for a look after a failed CI run."""
     logs = CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    (logs / f"{kernel.release}.pytest.log").write_text(run_.pytest_log)
-    (logs / f"{kernel.release}.console.log").write_text(run_.console)
+    (logs / f"{kernel.line}.pytest.log").write_text(run_.pytest_log)
+    (logs / f"{kernel.line}.console.log").write_text(run_.console)
 
 
 def _boot(argv: list[str], timeout: float) -> str:
@@ -482,13 +329,16 @@ def collect(paths: Sequence[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--kernel", choices=["latest", "ktls"], default="latest")
+    parser.add_argument("--kernel", default="newest", help="a line of vmkernels.LINES")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("pytest_args", nargs="*", default=["tests/kernel"])
     args = parser.parse_args(argv)
     check_host()
     ensure_packages(VM_PACKAGES + GUEST_PACKAGES)
-    kernel = select_kernels()[args.kernel]
+    kernels, notes = resolve([line for line in LINES if line.name == args.kernel])
+    for note in notes:
+        print(f"note: {note}")
+    kernel = kernels[args.kernel]
     print(f"booting {kernel.describe()} ...", flush=True)
     result = run(kernel, args.pytest_args, timeout=args.timeout)
     print(result.pytest_log or result.console[-5000:])

@@ -1,0 +1,59 @@
+"""The policies whose programs must verify within the budget on every kernel, compiled once.
+
+Every example, the benchmark's generated API policies at 10 and 10,000 rules, and a `tls` policy
+with every kind of condition (hosts, headers with and without values, regex paths, audit and log
+rules, a dry-run mode): together they reach every part of sockpol_msg that a policy can switch on.
+The VM runner compiles them on the host (Python under TCG is slow) and hands the guest the
+directory through SOCKPOL_BUDGET_OBJECTS; without it the test compiles them itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sockpol.compiler import compile_source
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+from policies import api_rules, policy_text  # noqa: E402
+
+EVERYTHING = """\
+policy everything {
+    port 8443, 9000-9010
+    tls userspace allow
+    mode dry-run
+    max-head 16KiB
+    default deny
+
+    allow GET,HEAD /api/v1/orders/* if host "shop.example" and header x-api-key
+    allow POST /api/v1/orders if header content-type = "application/json"
+    audit DELETE /api/v1/orders/*
+    allow GET ~"/api/v[0-9]+/items/[0-9]+" log
+    deny * /admin/**
+    allow * /static/** if host "*.cdn.example"
+}
+"""
+
+
+def sources() -> dict[str, str]:
+    """{file name: policy text}."""
+    out = {p.name: p.read_text() for p in sorted((REPO / "examples").glob("*.pol"))}
+    for n in (10, 10_000):
+        out[f"api-{n}.pol"] = policy_text(f"api-{n}", 8080, api_rules(n))
+    out["everything.pol"] = EVERYTHING
+    return out
+
+
+def compile_all(out_dir: Path) -> dict[str, Path]:
+    """Compile every policy of `sources()` into `out_dir`; {policy name: object path}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objects = {}
+    for file_name, text in sources().items():
+        compiled, _ = compile_source(text, file_name)
+        for c in compiled:
+            path = out_dir / f"{c.policy.name}.bpf.o"
+            path.write_bytes(c.object_code())
+            objects[c.policy.name] = path
+    return objects
