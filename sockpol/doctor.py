@@ -8,6 +8,10 @@ The command is self-contained so that cli.py needs one line to register it:
 Importing this module does not import the runtime (the probe is imported when the command runs):
 the authoring commands (lint, fmt, test, explain) share cli.py and must never need libbpf.
 
+Last, doctor compiles and loads sockpol's own program (selfcheck.py) and prints the verifier's
+count against the budget: probing features one by one cannot tell whether the verifier accepts
+the program sockpol emits.
+
 Exit status: 0 when plaintext HTTP policies can be enforced here (and, with --require-ktls, policy
 inside TLS too), 1 otherwise, so scripts can gate on it. The report also says whether policies
 with a `tls` statement can be loaded here: `sockpol load` decides that from the same two probes
@@ -18,12 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TextIO
 
+from sockpol.metadata import KERNELS_DOC, MSG_PROGRAM, VERIFIER_BUDGET
+
 if TYPE_CHECKING:
     from sockpol.runtime.probe import Finding, TlsSupport
+    from sockpol.selfcheck import ProgramCheck
 
 EXIT_OK = 0
 EXIT_MISSING = 1
@@ -51,19 +59,62 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     findings = probe()
     works = summary(findings)
+    check = None
+    if works["plaintext"]:  # every feature is there: does the real program verify?
+        from sockpol.selfcheck import check_program
+
+        check = check_program()
+    findings.append(program_finding(check))
+    works["plaintext"] = works["plaintext"] and findings[-1].ok
+    works["ktls"] = works["ktls"] and works["plaintext"]
     tls = tls_support_from(findings)
     works["tls_policies"] = works["plaintext"] and tls.ok
     if args.json:
         records = [dict(asdict(f), verdict=f.verdict.value) for f in findings]
-        print(json.dumps({"findings": records, "works": works}, indent=2), file=out)
+        program = None
+        if check is not None:
+            program = dict(asdict(check), budget=VERIFIER_BUDGET, within_budget=check.within_budget)
+        print(
+            json.dumps({"findings": records, "program": program, "works": works}, indent=2),
+            file=out,
+        )
     else:
-        render(findings, works, tls, out)
+        render(findings, works, tls, out, check)
     if not works["plaintext"] or (args.require_ktls and not works["ktls"]):
         return EXIT_MISSING
     return EXIT_OK
 
 
-def render(findings: list[Finding], works: dict[str, bool], tls: TlsSupport, out: TextIO) -> None:
+def program_finding(check: ProgramCheck | None) -> Finding:
+    from sockpol.runtime.probe import Finding, Verdict
+
+    title = f"sockpol's program ({MSG_PROGRAM})"
+    if check is None:
+        return Finding("program", title, Verdict.UNKNOWN, "not tried: a feature above is missing")
+    release = os.uname().release
+    if not check.loaded:
+        count = f" after {check.processed:,} instructions" if check.processed is not None else ""
+        return Finding(
+            "program",
+            title,
+            Verdict.MISSING,
+            f"the verifier of Linux {release} refused it{count}: {check.note}",
+            f"no policy loads on this kernel; see {KERNELS_DOC} and report it",
+            "a verifier that accepts sockpol's program",
+        )
+    within = "within" if check.within_budget else "OVER"
+    detail = f"verified in {check.processed:,} instructions ({within} the budget of "
+    detail += f"{VERIFIER_BUDGET:,}; the verifier's limit is 1,000,000)"
+    return Finding("program", title, Verdict.OK, detail)
+
+
+def render(
+    findings: list[Finding],
+    works: dict[str, bool],
+    tls: TlsSupport,
+    out: TextIO,
+    check: ProgramCheck | None = None,
+) -> None:
     from sockpol.runtime.probe import CORE, TLS
 
     by_key = {f.key: f for f in findings}
@@ -76,9 +127,13 @@ def render(findings: list[Finding], works: dict[str, bool], tls: TlsSupport, out
         print(f"  {_LABEL[f.verdict.value]:<8} {f.title:<{width}}  {f.detail}", file=out)
         if f.meaning and not f.ok:
             print(f"  {'':<8} {'':<{width}}  -> {f.meaning}", file=out)
+        if f.key == "program" and check is not None and check.log_tail:
+            for line in check.log_tail:
+                print(f"  {'':<8} {'':<{width}}  | {line}", file=out)
     print("what works here:", file=out)
-    print(f"  plaintext HTTP policies:  {_answer(works['plaintext'], CORE, by_key)}", file=out)
-    print(f"  policy inside TLS (kTLS): {_answer(works['ktls'], CORE + TLS, by_key)}", file=out)
+    core = (*CORE, "program")
+    print(f"  plaintext HTTP policies:  {_answer(works['plaintext'], core, by_key)}", file=out)
+    print(f"  policy inside TLS (kTLS): {_answer(works['ktls'], core + TLS, by_key)}", file=out)
     if not works["plaintext"]:
         loadable = "no (no policy loads here)"
     elif tls.ok:

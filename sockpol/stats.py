@@ -87,27 +87,56 @@ def compile_stats(c: CompiledPolicy, obj: bytes, verify: bool = True) -> Stats:
     )
 
 
-def verifier_counts(obj: bytes) -> tuple[dict[str, int], str]:
-    """Load the object (programs and maps, nothing attached) and read each program's
-    verified-instruction count. Returns ({}, reason) when that is not possible here."""
+@dataclass(frozen=True)
+class Verification:
+    counts: dict[str, int]  # program -> verified instructions; empty when it did not load
+    note: str = ""  # why it did not load
+    program: str = ""  # the program the verifier rejected
+    processed: int | None = None  # the instructions it processed before it gave up
+    log_tail: tuple[str, ...] = ()  # the verifier's last lines, where it says why
+
+
+def verify(obj: bytes) -> Verification:
+    """Load the object (programs and maps, nothing attached, nothing pinned) and read each
+    program's verified-instruction count, or why the kernel refused it."""
     if os.geteuid() != 0:
-        return {}, "needs root"
+        return Verification({}, "needs root")
     # (Importing it does not load libbpf.so: a missing library is reported as a load failure.)
     from sockpol.runtime import libbpf
+    from sockpol.runtime.loader import processed_count, verifier_tail
 
-    with tempfile.NamedTemporaryFile(suffix=".bpf.o") as f, libbpf.capture_messages() as messages:
+    with tempfile.NamedTemporaryFile(suffix=".bpf.o") as f, libbpf.capture_messages():
         f.write(obj)
         f.flush()
+        programs = []
         try:
             with libbpf.BpfObject.open_file(f.name) as o:
                 programs = o.programs()
                 for prog in programs:
                     prog.capture_log()
                 o.load()
-                return {p.name: libbpf.prog_info(p.fd()).verified_insns for p in programs}, ""
+                return Verification(
+                    {p.name: libbpf.prog_info(p.fd()).verified_insns for p in programs}
+                )
         except Exception as e:  # noqa: BLE001 -- any load failure is reported, not raised
-            detail = next((text for _, text in reversed(messages) if "processed" in text), "")
-            return {}, f"the kernel did not load it: {e}{'; ' + detail.strip() if detail else ''}"
+            refused = next((p for p in programs if p.log.strip()), None)
+            if refused is None:
+                return Verification({}, f"the kernel did not load it: {e}")
+            processed = processed_count(refused.log)
+            count = f"; processed {processed:,} instructions" if processed is not None else ""
+            return Verification(
+                {},
+                f"the kernel did not load it: {e}{count}",
+                refused.name,
+                processed,
+                tuple(verifier_tail(refused.log, 8)),
+            )
 
 
-__all__ = ["Stats", "compile_stats", "verifier_counts"]
+def verifier_counts(obj: bytes) -> tuple[dict[str, int], str]:
+    """verify(), as ({program: count}, "") or ({}, why not)."""
+    v = verify(obj)
+    return v.counts, v.note
+
+
+__all__ = ["Stats", "Verification", "compile_stats", "verifier_counts", "verify"]

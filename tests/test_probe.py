@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from sockpol import doctor
+from sockpol import doctor, selfcheck
 from sockpol.runtime import ktls, probe
 from sockpol.runtime.probe import Finding, Verdict
+from sockpol.selfcheck import ProgramCheck
 
 
 def test_kernel_config_reads_plain_and_gzip(tmp_path: Path) -> None:
@@ -53,8 +54,17 @@ def _findings(ktls_ok: bool) -> list[Finding]:
     ]
 
 
-def _doctor(monkeypatch: pytest.MonkeyPatch, findings: list[Finding], *argv: str):
-    monkeypatch.setattr(probe, "probe", lambda: findings)  # doctor imports it when it runs
+VERIFIED = ProgramCheck(True, 11_922)
+
+
+def _doctor(
+    monkeypatch: pytest.MonkeyPatch,
+    findings: list[Finding],
+    *argv: str,
+    program: ProgramCheck = VERIFIED,
+):
+    monkeypatch.setattr(probe, "probe", lambda: list(findings))  # doctor imports it when it runs
+    monkeypatch.setattr(selfcheck, "check_program", lambda: program)
     parser = argparse.ArgumentParser()
     doctor.add_doctor_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["doctor", *argv])
@@ -90,3 +100,36 @@ def test_doctor_fails_when_core_is_missing(monkeypatch: pytest.MonkeyPatch) -> N
     status, text = _doctor(monkeypatch, findings)
     assert status == doctor.EXIT_MISSING
     assert "plaintext HTTP policies:  no (sk_msg programs: missing)" in text
+    assert "not tried: a feature above is missing" in text
+
+
+def test_doctor_reports_the_program_count_against_the_budget(monkeypatch) -> None:
+    status, text = _doctor(monkeypatch, _findings(ktls_ok=False))
+    assert "ok       sockpol's program (sockpol_msg)" in text
+    assert "verified in 11,922 instructions (within the budget of 100,000" in text
+    over = ProgramCheck(True, 250_000)
+    status, text = _doctor(monkeypatch, _findings(ktls_ok=False), program=over)
+    assert status == doctor.EXIT_OK  # it loads: a warning, not a failure
+    assert "verified in 250,000 instructions (OVER the budget of 100,000" in text
+
+
+def test_doctor_fails_when_the_verifier_refuses_the_program(monkeypatch) -> None:
+    refused = ProgramCheck(
+        False,
+        1_000_001,
+        "the kernel did not load it: Argument list too long; processed 1,000,001 instructions",
+        ("BPF program is too large. Processed 1000001 insn", "processed 1000001 insns"),
+    )
+    status, text = _doctor(monkeypatch, _findings(ktls_ok=True), program=refused)
+    assert status == doctor.EXIT_MISSING
+    assert "MISSING  sockpol's program (sockpol_msg)" in text
+    assert "refused it after 1,000,001 instructions" in text
+    assert "| BPF program is too large. Processed 1000001 insn" in text
+    assert "see docs/kernels.md" in text
+    assert "plaintext HTTP policies:  no (sockpol's program (sockpol_msg): missing)" in text
+    assert "policy inside TLS (kTLS): no" in text
+    status, text = _doctor(monkeypatch, _findings(ktls_ok=True), "--json", program=refused)
+    report = json.loads(text)
+    assert report["works"] == {"plaintext": False, "ktls": False, "tls_policies": False}
+    assert report["program"]["processed"] == 1_000_001
+    assert report["program"]["within_budget"] is False

@@ -663,8 +663,8 @@ def _load_error(
             # error is) and then reports ENOSPC instead of the verifier's own error code.
             reason = "verifier log truncated, its end is shown"
         detail = f"{said} ({reason})" if said else reason
-        processed = _PROCESSED.findall(verifier_log)
-        count = f"; processed {int(processed[-1]):,} instructions" if processed else ""
+        processed = processed_count(verifier_log)
+        count = f"; processed {processed:,} instructions" if processed is not None else ""
         return LoadError(
             "load",
             f"verifier rejected {prog_name} on Linux {os.uname().release}: {detail}{count} "
@@ -676,6 +676,12 @@ def _load_error(
         if _MAP_FAILED.search(text):
             return LoadError("load", text.removeprefix("libbpf: "), _warnings(messages))
     return LoadError("load", libbpf.strerror(e.errno), _warnings(messages))
+
+
+def processed_count(text: str) -> int | None:
+    """The verifier's "processed N insns" from its log (it says so on refusals too)."""
+    found = _PROCESSED.findall(text)
+    return int(found[-1]) if found else None
 
 
 def verifier_verdict(text: str) -> str:

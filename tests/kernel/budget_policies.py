@@ -13,28 +13,12 @@ import sys
 from pathlib import Path
 
 from sockpol.compiler import compile_source
+from sockpol.selfcheck import REFERENCE_POLICY
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 from policies import api_rules, policy_text  # noqa: E402
-
-EVERYTHING = """\
-policy everything {
-    port 8443, 9000-9010
-    tls userspace allow
-    mode dry-run
-    max-head 16KiB
-    default deny
-
-    allow GET,HEAD /api/v1/orders/* if host "shop.example" and header x-api-key
-    allow POST /api/v1/orders if header content-type = "application/json"
-    audit DELETE /api/v1/orders/*
-    allow GET ~"/api/v[0-9]+/items/[0-9]+" log
-    deny * /admin/**
-    allow * /static/** if host "*.cdn.example"
-}
-"""
 
 
 def sources() -> dict[str, str]:
@@ -42,7 +26,7 @@ def sources() -> dict[str, str]:
     out = {p.name: p.read_text() for p in sorted((REPO / "examples").glob("*.pol"))}
     for n in (10, 10_000):
         out[f"api-{n}.pol"] = policy_text(f"api-{n}", 8080, api_rules(n))
-    out["everything.pol"] = EVERYTHING
+    out["everything.pol"] = REFERENCE_POLICY  # the policy `sockpol doctor` loads
     return out
 
 

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from sockpol import doctor
+from sockpol.metadata import VERIFIER_BUDGET
 from sockpol.runtime import probe
 from sockpol.runtime.probe import Verdict
 
@@ -73,4 +74,9 @@ def test_doctor_reports_the_live_kernel(findings) -> None:
     out = io.StringIO()
     assert args.func(args, out=out) == doctor.EXIT_OK
     report = json.loads(out.getvalue())
-    assert [f["key"] for f in report["findings"]] == list(findings)
+    assert [f["key"] for f in report["findings"]] == [*findings, "program"]
+    # The real program was compiled, loaded and counted against the budget.
+    program = report["program"]
+    assert program["loaded"] and program["within_budget"], program
+    assert 0 < program["processed"] <= VERIFIER_BUDGET == program["budget"]
+    assert report["findings"][-1]["verdict"] == "ok"

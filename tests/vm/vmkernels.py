@@ -9,7 +9,8 @@ run starts, not pinned. The lines (../shared/notes/kernels.md):
   sockmap", where policy inside TLS works through sockmap;
 - `6.12` (trixie): Debian 13's kernel;
 - `6.18` (trixie-backports): the LTS line of the development machines;
-- `7.0` (trixie-backports): the first line with the bpf_loop verifier change;
+- `7.0` (trixie-backports): the first line with the bpf_loop verifier change (when the registry
+  serves no complete 7.0 kernel, the next line that it does serve, said loudly);
 - `newest` (trixie-backports): whatever line is newest there (7.3 in December 2026).
 
 The host's own apt configuration lists only bookworm; the other suites are read through a private
@@ -31,7 +32,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 CACHE = Path(os.environ.get("SOCKPOL_VM_CACHE", "/var/cache/sockpol-vm"))
@@ -60,6 +61,9 @@ class Line:
     suites: tuple[str, ...]
     before_rejection: bool = False  # the newest package whose kernel allows TLS on sockmap
     build: str = ""  # a part of the package name that says which release it was built for
+    # Series tried in this order when the registry serves no complete kernel of `series` (it
+    # listed 7.0, 7.1 and 6.19 images in December 2026 but no modules for any of them).
+    fallback: tuple[str, ...] = ()
 
 
 LINES: tuple[Line, ...] = (
@@ -67,7 +71,7 @@ LINES: tuple[Line, ...] = (
     Line("6.1-ktls", "6.1", ("bookworm", "bookworm-security"), before_rejection=True),
     Line("6.12", "6.12", ("trixie",), build="+deb13"),  # not bookworm-security's 6.12 builds
     Line("6.18", "6.18", ("trixie-backports",)),
-    Line("7.0", "7.0", ("trixie-backports",)),
+    Line("7.0", "7.0", ("trixie-backports",), fallback=("7.1", "7.2")),
     Line("newest", None, ("trixie-backports",)),
 )
 
@@ -82,6 +86,18 @@ class Package:
     @property
     def upstream(self) -> tuple[int, ...]:
         return tuple(int(x) for x in re.findall(r"\d+", self.version.split("-")[0])[:3])
+
+    @property
+    def newness(self) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+        """Orders packages of a line: the upstream version, then the ABI (6.1.0-57: several
+        ABIs share 6.1.192), then the Debian revision."""
+        abi = re.match(r"linux-image-\d+\.\d+\.\d+-(\d+)-", self.name)
+        revision = self.version.split("-", 1)[1] if "-" in self.version else ""
+        return (
+            self.upstream,
+            int(abi.group(1)) if abi else 0,
+            tuple(int(x) for x in re.findall(r"\d+", revision)),
+        )
 
 
 @dataclass(frozen=True)
@@ -209,7 +225,7 @@ class Apt:
             series.setdefault(key, []).append(pkg)
         for pkgs in series.values():
             # Newest first; of two packages of one version, the unsigned one (same kernel).
-            pkgs.sort(key=lambda p: (p.upstream, "unsigned" in p.name), reverse=True)
+            pkgs.sort(key=lambda p: (p.newness, "unsigned" in p.name), reverse=True)
         return series
 
     def download(self, pkg: Package, into: Path) -> list[Path]:
@@ -288,16 +304,37 @@ def _package_of(kernel: Kernel, apt: Apt) -> Package:
 def _choose(
     apt: Apt, line: Line, series: dict[str, list[Package]], notes: list[str]
 ) -> Package | None:
-    if line.series is None:
-        newest = max(series, key=lambda s: tuple(int(x) for x in s.split(".")))
-        candidates = series[newest]
+    pkg = _choose_in(apt, line, series, notes)
+    for other in line.fallback:
+        if pkg is not None:
+            break
+        pkg = _choose_in(apt, replace(line, series=other), series, notes)
+        if pkg is not None:
+            notes.append(
+                f"{line.name}: the registry serves no complete {line.series} kernel; "
+                f"testing {pkg.name} {pkg.version} in its place"
+            )
+    return pkg
+
+
+def _choose_in(
+    apt: Apt, line: Line, series: dict[str, list[Package]], notes: list[str]
+) -> Package | None:
+    if line.series is None:  # every series, newest first
+        order = sorted(series, key=lambda s: tuple(int(x) for x in s.split(".")), reverse=True)
+        candidates = [p for s in order for p in series[s]]
     else:
         candidates = series.get(line.series, [])
     candidates = [p for p in candidates if line.build in p.name]
-    for pkg in [p for p in candidates if p.missing]:
-        notes.append(f"{line.name}: skipped {pkg.name} {pkg.version}: the registry lacks "
-                     f"{', '.join(pkg.missing)}")  # fmt: skip
-    candidates = [p for p in candidates if not p.missing]
+    complete = [p for p in candidates if not p.missing]
+    newer = candidates[: candidates.index(complete[0])] if complete else candidates
+    if newer:
+        shown = ", ".join(p.version for p in newer[:4]) + (", ..." if len(newer) > 4 else "")
+        notes.append(
+            f"{line.name}: skipped {len(newer)} newer package(s) whose modules the registry "
+            f"does not serve ({shown})"
+        )
+    candidates = complete
     if not line.before_rejection:
         return candidates[0] if candidates else None
     verdicts = _load_json(VERDICTS)

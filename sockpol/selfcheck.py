@@ -1,0 +1,58 @@
+"""Does sockpol's own program verify on this kernel? (`sockpol doctor`'s last question)
+
+Probing features one by one (runtime/probe.py) says what the kernel offers; it cannot say whether
+the verifier accepts the program sockpol actually emits. A stable update once changed the verifier
+under the same version line, and every policy stopped loading while every probe still said yes.
+So doctor compiles a policy that switches on every part of sockpol_msg (TLS walk, hosts, headers
+with and without values, regex paths, audit and log rules, dry-run), loads it without attaching
+anything, and reports the verifier's count against the budget (metadata.VERIFIER_BUDGET). The
+program's code is the same for every policy (the policy lives in its tables), so this count is the
+count of every policy here; tests/kernel/test_verifier_budget.py checks that claim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sockpol.metadata import MSG_PROGRAM, VERIFIER_BUDGET
+
+REFERENCE_POLICY = """\
+policy everything {
+    port 8443, 9000-9010
+    tls userspace allow
+    mode dry-run
+    max-head 16KiB
+    default deny
+
+    allow GET,HEAD /api/v1/orders/* if host "shop.example" and header x-api-key
+    allow POST /api/v1/orders if header content-type = "application/json"
+    audit DELETE /api/v1/orders/*
+    allow GET ~"/api/v[0-9]+/items/[0-9]+" log
+    deny * /admin/**
+    allow * /static/** if host "*.cdn.example"
+}
+"""
+
+
+@dataclass(frozen=True)
+class ProgramCheck:
+    loaded: bool
+    processed: int | None  # sockpol_msg's verified (or, when refused, processed) instructions
+    note: str = ""  # why it did not load
+    log_tail: tuple[str, ...] = ()  # the verifier's last lines, when it refused
+
+    @property
+    def within_budget(self) -> bool:
+        return self.loaded and self.processed is not None and self.processed <= VERIFIER_BUDGET
+
+
+def check_program() -> ProgramCheck:
+    """Compile REFERENCE_POLICY, load it (nothing attached, nothing pinned), read the count."""
+    from sockpol.compiler import compile_source
+    from sockpol.stats import verify
+
+    (compiled,), _ = compile_source(REFERENCE_POLICY, "<doctor>")
+    v = verify(compiled.object_code())
+    if not v.counts:
+        return ProgramCheck(False, v.processed, v.note, v.log_tail)
+    return ProgramCheck(True, v.counts.get(MSG_PROGRAM))
