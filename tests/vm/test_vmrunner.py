@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import vmkernels
 import vmrunner
 
 
@@ -56,3 +57,71 @@ def test_guest_script_exports_what_the_guest_tests_need() -> None:
     script = vmrunner.GUEST_SCRIPT
     for needed in ("SOCKPOL_IN_VM=1", "CI={ci}", "mount -t bpf", "-p sockpol_vm_guest", "timeout"):
         assert needed in script
+
+
+# --- the kernel matrix (vmkernels.py), without the registry ------------------------------------
+
+
+def pkg(name: str, version: str, missing: tuple[str, ...] = ()) -> vmkernels.Package:
+    return vmkernels.Package(name, version, (), missing)
+
+
+def test_packages_of_one_line_are_ordered_by_version_abi_and_revision() -> None:
+    pkgs = [
+        pkg("linux-image-6.1.0-55-amd64-unsigned", "6.1.192-1"),
+        pkg("linux-image-6.1.0-57-amd64-unsigned", "6.1.192-3"),
+        pkg("linux-image-6.1.0-53-amd64-unsigned", "6.1.187-1"),
+        pkg("linux-image-6.1.0-56-amd64-unsigned", "6.1.192-2"),
+    ]
+    newest = sorted(pkgs, key=lambda p: p.newness, reverse=True)
+    assert [p.name.split("-")[3] for p in newest] == ["57", "56", "55", "53"]
+    assert pkg("x", "7.3.4-1~bpo13+1").upstream == (7, 3, 4)
+
+
+def test_a_line_whose_modules_are_not_served_falls_back_loudly() -> None:
+    series = {
+        "7.0": [pkg("linux-image-7.0.13+deb13-amd64", "7.0.13-1~bpo13+1", ("linux-modules-7.0",))],
+        "7.2": [pkg("linux-image-7.2.12+deb13-amd64", "7.2.12-1~bpo13+1")],
+        "7.3": [pkg("linux-image-7.3.4+deb13-amd64", "7.3.4-1~bpo13+1")],
+    }
+    line = next(line for line in vmkernels.LINES if line.name == "7.0")
+    notes: list[str] = []
+    chosen = vmkernels._choose(None, line, series, notes)
+    assert chosen is not None and chosen.version == "7.2.12-1~bpo13+1"
+    assert any("skipped 1 newer" in n for n in notes)
+    assert any("no complete 7.0 kernel; testing linux-image-7.2.12" in n for n in notes)
+
+
+def test_the_newest_line_is_the_newest_complete_kernel() -> None:
+    series = {
+        "7.3": [pkg("linux-image-7.3.4+deb13-amd64", "7.3.4-1", ("linux-modules-7.3.4",))],
+        "7.2": [pkg("linux-image-7.2.12+deb13-amd64", "7.2.12-1")],
+        "6.12": [pkg("linux-image-6.12.117+deb13-amd64-unsigned", "6.12.117-1")],
+    }
+    newest = next(line for line in vmkernels.LINES if line.name == "newest")
+    assert vmkernels._choose(None, newest, series, []).version == "7.2.12-1"
+
+
+def test_the_6_12_line_takes_trixies_build_not_bookwormsecuritys() -> None:
+    series = {
+        "6.12": [
+            pkg("linux-image-6.12.118+deb12-amd64-unsigned", "6.12.118-1~deb12u1"),
+            pkg("linux-image-6.12.117+deb13-amd64-unsigned", "6.12.117-1"),
+        ]
+    }
+    line = next(line for line in vmkernels.LINES if line.name == "6.12")
+    assert vmkernels._choose(None, line, series, []).name.endswith("+deb13-amd64-unsigned")
+
+
+def test_archives_are_read_from_deb822_and_one_line_sources() -> None:
+    deb822 = (
+        "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n\nTypes: deb\nURIs: http://mirror.invalid/debian-security/\n"
+        "Suites: bookworm-security\nComponents: main\n"
+    )
+    assert vmkernels.archives_from([deb822]) == {
+        "main": "http://mirror.invalid/debian",
+        "security": "http://mirror.invalid/debian-security",
+    }
+    one_line = "deb [arch=amd64] http://other.invalid/debian trixie main\n"
+    assert vmkernels.archives_from([one_line]) == {"main": "http://other.invalid/debian"}

@@ -131,13 +131,21 @@ def _run(argv: Sequence[str], timeout: float = 600, **kw) -> subprocess.Complete
 
 
 def _host_archives() -> dict[str, str]:
-    """{"main": uri, "security": uri} from the host's own apt sources (one-line or deb822)."""
-    found: dict[str, str] = {}
+    """{"main": uri, "security": uri} from the host's own apt sources."""
     files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in files:
-        if not path.is_file() or path.suffix not in ("", ".list", ".sources"):
-            continue
-        text = path.read_text(errors="replace")
+    return archives_from(
+        [
+            p.read_text(errors="replace")
+            for p in files
+            if p.is_file() and p.suffix in ("", ".list", ".sources")
+        ]
+    )
+
+
+def archives_from(texts: Sequence[str]) -> dict[str, str]:
+    """The Debian archive and security archive named by apt sources (one-line or deb822)."""
+    found: dict[str, str] = {}
+    for text in texts:
         pairs: list[tuple[str, list[str]]] = []
         for stanza in re.split(r"\n\s*\n", text):  # deb822
             uris = re.search(r"^URIs:\s*(\S+)", stanza, re.MULTILINE)
