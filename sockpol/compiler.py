@@ -29,7 +29,8 @@ from sockpol.codegen.lower import (
     TableShape,
     lower,
 )
-from sockpol.codegen.scanner import REASON_TEXT, StateLimit
+from sockpol.codegen.scanner import StateLimit
+from sockpol.contract import REASON_TEXT
 from sockpol.diagnostics import (
     CompileError,
     Diagnostic,
@@ -83,9 +84,7 @@ def metadata_for(policy: Policy, source: Source, shape: TableShape | None = None
         source_path=source.path,
         source_sha256=hashlib.sha256(source.text.encode()).hexdigest(),
         compiler_version=__version__,
-        reasons={
-            reason.name.lower().replace("_", "-"): text for reason, text in REASON_TEXT.items()
-        },
+        reasons={reason.slug: text for reason, text in REASON_TEXT.items()},
     )
 
 

@@ -148,7 +148,7 @@ def run_demo(file: str | None, policy: str | None = None, cgroup_parent: str | N
             if expected.allow:
                 why = f"rule {expected.rule}" if expected.rule is not None else "default"
             else:
-                why = expected.reason.name.lower().replace("_", "-")
+                why = expected.reason.slug
                 if expected.rule is not None:
                     why += f" {expected.rule}"
             if passed:

@@ -16,18 +16,14 @@ from sockpol.diagnostics import SockpolError
 SECTION = ".sockpol.meta"
 FORMAT_VERSION = 1
 
-# Names shared by codegen (which emits them) and the runtime (which looks them up).
-MSG_PROGRAM = "sockpol_msg"
-SOCKOPS_PROGRAM = "sockpol_sockops"
-SOCK_MAP = "sockpol_socks"
-
-# The most instructions the verifier may process to accept sockpol_msg: a tenth of its limit
-# (1,000,000), so that the next verifier change that multiplies the count (as upstream
-# f597664454bd did, from about 200,000 to over the limit) is caught by the tests and by `sockpol
-# doctor`, not by a user whose policies stop loading. Checked on every kernel of the VM matrix.
-VERIFIER_BUDGET = 100_000
-VERIFIER_LIMIT = 1_000_000
-KERNELS_DOC = "docs/kernels.md"
+# Names shared by codegen (which emits them) and the runtime (which looks them up): contract.py.
+from sockpol.contract import (  # noqa: E402,F401 -- re-exported for the modules that read metadata
+    KERNELS_DOC,
+    MSG_PROGRAM,
+    SOCK_MAP,
+    SOCKOPS_PROGRAM,
+    VERIFIER_BUDGET,
+)
 
 
 @dataclass(frozen=True)

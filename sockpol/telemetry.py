@@ -12,8 +12,8 @@ Maps (BTF-defined in `.maps`, pinned as `map_<name>` next to the programs):
                     0                 the default decided (allow or deny)
                     1                 events lost (ring buffer full); `bytes` unused
                     2                 sends passed unjudged: a dry-run connection whose framing
-                                      was lost (see `RESUME_UNJUDGED`)
-                    4 + reason        refused, by `scanner.Reason` (RULE and DEFAULT included)
+                                      was lost (see `contract.RESUME_UNJUDGED`)
+                    4 + reason        refused, by `contract.Reason` (RULE and DEFAULT included)
                     36 + reason       would have been refused: dry-run mode, or an audit rule
                     68 + rule         the rule decided (whatever its action)
 `sockpol_events`  RINGBUF of `EVENT` records (below), `EVENTS_BYTES` bytes.
@@ -80,11 +80,10 @@ VERDICT_NAMES = {
     Verdict.LOGGED: "logged",
 }
 
-# Per-connection resume value (socket storage, low 32 bits) of a connection that a dry-run pass
-# left without HTTP framing (the scanner refused its head, so where the next request starts is
-# unknown). Later sends pass unjudged while the policy stays in dry-run, and are refused, for the
-# reason saved in bits 8..15, once it enforces: in enforce mode the connection would be gone.
-RESUME_UNJUDGED = 3
+# contract.RESUME_UNJUDGED: the resume value of a connection that a dry-run pass left without HTTP
+# framing (the scanner refused its head, so where the next request starts is unknown). Later sends
+# pass unjudged while the policy stays in dry-run, and are refused, for the reason saved in bits
+# 8..15, once it enforces: in enforce mode the connection would be gone.
 
 # The event record. Bounded copies: the method's first METHOD_BYTES bytes; the first HOST_BYTES
 # bytes of the value of the head's first line starting `host:` (any case), as sent, blanks after

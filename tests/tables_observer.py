@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from sockpol.codegen import simulate
 from sockpol.codegen.lower import MatcherIR
-from sockpol.codegen.scanner import Reason
+from sockpol.contract import RESUME_UNJUDGED, Reason
 from sockpol.dsl import interp, tls
-from sockpol.telemetry import RESUME_UNJUDGED, VERDICT_NAMES
+from sockpol.telemetry import VERDICT_NAMES
 
 # The interpreter's resume points, as the tables number them.
 RESUME = {

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from sockpol.codegen.lower import lower
 from sockpol.codegen.normalize import normalize
-from sockpol.codegen.scanner import Reason
 from sockpol.codegen.simulate import run
 from sockpol.compiler import front_end
+from sockpol.contract import Reason
 from sockpol.dsl.patterns import to_regex
 
 POLICY = """

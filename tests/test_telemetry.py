@@ -12,9 +12,9 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from sockpol import telemetry as t
-from sockpol.codegen.scanner import Reason
 from sockpol.codegen.simulate import Connection, run
 from sockpol.compiler import compile_source
+from sockpol.contract import RESUME_UNJUDGED, Reason
 from sockpol.diagnostics import CompileError
 from sockpol.dsl import load_source
 from sockpol.dsl.ast import Action, Mode
@@ -138,7 +138,7 @@ def test_dry_run_passes_what_enforce_refuses():
 def test_dry_run_connection_without_framing_is_unjudged_until_enforced():
     conn = Connection(matcher().matcher, mode=t.MODE_DRY_RUN)
     assert conn.send(b"NOT HTTP\r\n\r\n")
-    assert conn.verdicts[-1].resume == t.RESUME_UNJUDGED
+    assert conn.verdicts[-1].resume == RESUME_UNJUDGED
     assert conn.send(b"anything at all")
     assert conn.verdicts[-1].counts == ((t.SLOT_UNJUDGED, 1, 15),)
     conn.mode = t.MODE_ENFORCE

@@ -41,14 +41,13 @@ from tables_observer import held_to_tables, reason_name
 
 from sockpol.codegen import simulate
 from sockpol.codegen.lower import MatcherIR
-from sockpol.codegen.scanner import Reason
 from sockpol.compiler import compile_source
+from sockpol.contract import RESUME_UNJUDGED, Reason
 from sockpol.dsl import interp, load_source, tls
 from sockpol.dsl.ast import Policy
 from sockpol.telemetry import (
     MODE_DRY_RUN,
     MODE_ENFORCE,
-    RESUME_UNJUDGED,
     SLOT_WOULD_REFUSE,
 )
 

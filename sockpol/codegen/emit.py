@@ -27,7 +27,7 @@ from sockpol.codegen import helpers as h
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
 from sockpol.codegen.comb import PAYLOAD_MASK, TAG_SHIFT
 from sockpol.codegen.debuginfo import DebugInfo
-from sockpol.codegen.helpers import I1, I8, I16, I32, I64, MAX_SCAN, PTR, gep
+from sockpol.codegen.helpers import I1, I8, I16, I32, I64, PTR, gep
 from sockpol.codegen.irconst import int_array, word_rows
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.normalize import (
@@ -59,12 +59,38 @@ from sockpol.codegen.scanner import (
     TERMINAL_STATES,
     Reason,
 )
-from sockpol.codegen.simulate import CHUNK_MAX, CL_MAX
+from sockpol.contract import (
+    AF_INET,
+    AF_INET6,
+    BPF_F_NO_PREALLOC,
+    BPF_MAP_TYPE_SK_STORAGE,
+    BPF_MAP_TYPE_SOCKHASH,
+    BPF_NOEXIST,
+    BPF_SK_STORAGE_GET_F_CREATE,
+    BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    CHUNK_MAX,
+    CL_MAX,
+    CONN_MAP,
+    MAX_SCAN,
+    MSG_DATA,
+    MSG_DATA_END,
+    MSG_PROGRAM,
+    MSG_SIZE,
+    MSG_SK,
+    OPS_FAMILY,
+    OPS_OP,
+    OPS_REMOTE_PORT,
+    RESUME_UNJUDGED,
+    SK_DROP,
+    SK_PASS,
+    SOCK_MAP,
+    SOCK_MAP_ENTRIES,
+    SOCKOPS_PROGRAM,
+    TABLES_SYMBOL,
+)
 from sockpol.dsl import tls
-from sockpol.metadata import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
 from sockpol.telemetry import (
     NO_RULE,
-    RESUME_UNJUDGED,
     SLOT_DEFAULT,
     SLOT_REFUSED,
     SLOT_RULES,
@@ -72,22 +98,8 @@ from sockpol.telemetry import (
     SLOT_WOULD_REFUSE,
 )
 
-SK_DROP, SK_PASS = 0, 1
-BPF_MAP_TYPE_SOCKHASH = 18
-BPF_MAP_TYPE_SK_STORAGE = 24
-BPF_F_NO_PREALLOC = 1
-BPF_SK_STORAGE_GET_F_CREATE = 1
-CONN_MAP = "sockpol_conn"
-SOCK_MAP_ENTRIES = 65536
-TABLES_GLOBAL = "sockpol_tables"
-BPF_NOEXIST = 1
-BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4
 DATA_LAYOUT = "e-m:e-p:64:64-i64:64-i128:128-n32:64-S128"
-
-# struct sk_msg_md and struct bpf_sock_ops field offsets (include/uapi/linux/bpf.h).
-MSG_DATA, MSG_DATA_END, MSG_SIZE, MSG_SK = 0, 8, 68, 72
-OPS_OP, OPS_FAMILY, OPS_REMOTE_PORT = 0, 20, 64
-AF_INET, AF_INET6 = 2, 10
+TABLES_GLOBAL = TABLES_SYMBOL
 
 # The connection's socket storage (`sockpol_conn`): the connection's word and the bytes of a body
 # or TLS record still to come (kept between runs), then the run's work area ("scratch"): the

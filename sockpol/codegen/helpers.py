@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
+from sockpol.contract import BPF_FUNC_LOOP
+
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
-# Largest packet offset the verifier accepts is 0xffff, and data[i] is read with data + i + 1.
-MAX_SCAN = 0xFFFE
 
 
 def gep(b: ir.IRBuilder, base: ir.Value, etype: ir.Type, indices: list[ir.Value]) -> ir.Value:
@@ -46,7 +46,7 @@ SOCK_HASH_UPDATE = Helper("sock_hash_update", 70, I64, (PTR, PTR, PTR, I64))
 GET_CURRENT_CGROUP_ID = Helper("get_current_cgroup_id", 80, I64, ())
 SK_STORAGE_GET = Helper("sk_storage_get", 107, PTR, (PTR, PTR, PTR, I64))
 RINGBUF_OUTPUT = Helper("ringbuf_output", 130, I64, (PTR, PTR, I64, I64))
-LOOP = Helper("loop", 181, I64, (I32, PTR, PTR, I64))
+LOOP = Helper("loop", BPF_FUNC_LOOP, I64, (I32, PTR, PTR, I64))
 
 
 def call(builder: ir.IRBuilder, helper: Helper, *args: ir.Value) -> ir.Value:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PATH_MAX = 2048  # normalized path bytes kept; longer paths are refused
-MAX_DEPTH = 64  # segments on the stack; deeper paths are refused
+from sockpol.contract import MAX_DEPTH, PATH_MAX  # noqa: F401 -- the limits, re-exported
+
 UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 HEX_DIGITS = b"0123456789ABCDEF"
 # seg_dots counts the dots of a segment that has only dots so far, saturating at NOT_DOTS: only

@@ -24,8 +24,23 @@ import struct
 from llvmlite import ir
 
 from sockpol.codegen import helpers as h
-from sockpol.codegen.helpers import I8, I16, I32, I64, MAX_SCAN, PTR, gep
-from sockpol.codegen.scanner import Reason
+from sockpol.codegen.helpers import I8, I16, I32, I64, PTR, gep
+from sockpol.contract import (
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_MAP_TYPE_RINGBUF,
+    MAX_SCAN,
+    MSG_FAMILY,
+    MSG_LOCAL_IP4,
+    MSG_LOCAL_IP6,
+    MSG_LOCAL_PORT,
+    MSG_REMOTE_IP4,
+    MSG_REMOTE_IP6,
+    MSG_REMOTE_PORT,
+    MSG_SIZE,
+    RESUME_UNJUDGED,
+    Reason,
+)
 from sockpol.telemetry import (
     COUNTS_MAP,
     CTL_MAP,
@@ -40,7 +55,6 @@ from sockpol.telemetry import (
     MODE_DRY_RUN,
     NO_RULE,
     PATH_BYTES,
-    RESUME_UNJUDGED,
     RULE_AUDIT,
     RULE_LOG,
     RULE_PASS,
@@ -52,15 +66,6 @@ from sockpol.telemetry import (
     Verdict,
     counter_slots,
 )
-
-BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_RINGBUF = 27
-
-# struct sk_msg_md (include/uapi/linux/bpf.h)
-MSG_FAMILY, MSG_REMOTE_IP4, MSG_LOCAL_IP4 = 16, 20, 24
-MSG_REMOTE_IP6, MSG_LOCAL_IP6 = 28, 44
-MSG_REMOTE_PORT, MSG_LOCAL_PORT, MSG_SIZE = 60, 64, 68
 
 # What the copiers (bpf_loop callbacks over the judged head) share, on sockpol_event's stack.
 COPIER_FIELDS = ["data", "data_end", "ev", "host_at"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
-from enum import IntEnum
 
 from sockpol.codegen import http
 from sockpol.codegen.automaton import (
@@ -35,55 +34,13 @@ from sockpol.codegen.automaton import (
     trim,
 )
 from sockpol.codegen.comb import Comb, CombTooLarge, pack_comb
-from sockpol.dsl import tls
-
-
-class Reason(IntEnum):
-    """Why a request was refused. Those below TERMINAL_STATES are also scanner states."""
-
-    NONE = 0
-    BAD_METHOD = 3
-    BAD_TARGET = 4
-    AMBIGUOUS_PATH = 5
-    BAD_VERSION = 6
-    BAD_HEADER = 7
-    DUPLICATE_HEADER = 8
-    BAD_CONTENT_LENGTH = 9
-    TRANSFER_ENCODING = 10
-    UPGRADE = 11
-    PATH_TOO_LONG = 12
-    BAD_CHUNK = 13
-    # Decided by the program, not by a scanner state:
-    HEAD_TOO_LARGE = 14
-    PULL_FAILED = 15
-    RULE = 16  # refused by a deny rule
-    DEFAULT = 17  # refused by the policy default
-    # TLS (docs/ktls.md): decided by the program's record walk before any HTTP is seen.
-    TLS_NOT_DECLARED = 18  # a TLS record on a policy without `tls`
-    TLS_USERSPACE = 19  # application data encrypted in user space: no request can be read
-    TLS_BAD_RECORD = 20  # a record that no TLS client sends at that point of a handshake
-
-
-REASON_TEXT = {
-    Reason.BAD_METHOD: "request line does not start with a method token and one space",
-    Reason.BAD_TARGET: "request target is not an origin-form path with valid characters",
-    Reason.AMBIGUOUS_PATH: "path has an encoded '/', '\\' or NUL, or a malformed %-escape",
-    Reason.BAD_VERSION: "protocol is not HTTP/1.0 or HTTP/1.1 followed by CRLF",
-    Reason.BAD_HEADER: "malformed header line (bad name, control byte, bare CR/LF, obs-fold)",
-    Reason.DUPLICATE_HEADER: "Host, Content-Length or Transfer-Encoding appears more than once",
-    Reason.BAD_CONTENT_LENGTH: "Content-Length is not a single decimal number below 4 GiB",
-    Reason.TRANSFER_ENCODING: "Transfer-Encoding other than 'chunked', or with Content-Length",
-    Reason.UPGRADE: "Upgrade header: the bytes after a protocol switch would not be HTTP/1.x",
-    Reason.PATH_TOO_LONG: "normalized path longer than 2048 bytes or deeper than 64 segments",
-    Reason.BAD_CHUNK: "malformed chunk-size line, chunk framing or trailer",
-    Reason.HEAD_TOO_LARGE: "request head (or chunk-size line) longer than the policy's max-head",
-    Reason.PULL_FAILED: "the kernel could not linearize the message or allocate state",
-    Reason.RULE: "refused by a deny rule",
-    Reason.DEFAULT: "no rule matched and the default is deny",
-    Reason.TLS_NOT_DECLARED: tls.DETAIL[tls.NOT_DECLARED],
-    Reason.TLS_USERSPACE: tls.DETAIL[tls.USERSPACE],
-    Reason.TLS_BAD_RECORD: tls.DETAIL[tls.BAD_RECORD],
-}
+from sockpol.contract import (  # noqa: F401 -- Reason, REASON_TEXT and RESUME_* re-exported
+    REASON_TEXT,
+    RESUME_CHUNK_DATA_END,
+    RESUME_CHUNK_LINE,
+    RESUME_REQUEST,
+    Reason,
+)
 
 # Terminal states that are not refusals: where a run of the program ends with a pass.
 END = 0  # a request head is complete
@@ -91,8 +48,6 @@ CHUNK_LINE = 1  # a chunk-size line (of a non-zero chunk) is complete
 BODY_END = 2  # the last chunk and the trailer section are complete
 TERMINAL_STATES = Reason.BAD_CHUNK + 1  # states below stop the walk
 
-# Where a run starts, kept per connection (socket storage) between runs.
-RESUME_REQUEST, RESUME_CHUNK_LINE, RESUME_CHUNK_DATA_END = 0, 1, 2
 
 # State flags (bits 16.. of a state's info word; bits 0..15 index its fact set).
 FLAG_CL_DIGIT = 1 << 16  # the byte just consumed is a digit of a Content-Length value

@@ -35,11 +35,11 @@ from sockpol.codegen.scanner import (
     TERMINAL_STATES,
     Reason,
 )
+from sockpol.contract import CHUNK_MAX, CL_MAX, RESUME_UNJUDGED
 from sockpol.dsl import tls
 from sockpol.telemetry import (
     MODE_DRY_RUN,
     MODE_ENFORCE,
-    RESUME_UNJUDGED,
     RULE_AUDIT,
     RULE_LOG,
     RULE_PASS,
@@ -51,8 +51,6 @@ from sockpol.telemetry import (
     Verdict,
 )
 
-CL_MAX = 0xFFFF0000  # Content-Length values above this are refused (apply_bytes takes a u32)
-CHUNK_MAX = 0xFFFF0000  # likewise chunk sizes
 HEXVAL = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
 WORD_MASK = (1 << 64) - 1
 

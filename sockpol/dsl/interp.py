@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
 
+from sockpol.contract import BEFORE_RULES, CHUNK_MAX, CL_MAX, MAX_DEPTH, PATH_MAX
 from sockpol.dsl import tls
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy, Rule
 from sockpol.dsl.patterns import to_regex
@@ -47,48 +48,18 @@ SP, CR, LF, QMARK, PERCENT = 0x20, 0x0D, 0x0A, 0x3F, 0x25
 
 # -- limits (docs/language.md, "Normalization and refusals") -------------------------------------
 
-PATH_MAX = 2048  # bytes of a normalized path, at every step of normalizing it
-MAX_DEPTH = 64  # completed segments (each followed by '/') on the way
-CL_MAX = 0xFFFF0000  # the largest Content-Length accepted
-CHUNK_MAX = 0xFFFF0000  # the largest chunk size accepted
+# PATH_MAX: bytes of a normalized path, at every step of normalizing it; MAX_DEPTH: completed
+# segments (each followed by '/') on the way; CL_MAX, CHUNK_MAX: the largest Content-Length and
+# chunk size accepted (all from the contract: the kernel program enforces the same).
 AMBIGUOUS_ESCAPES = frozenset({0x2F, 0x5C, 0x00})  # %2F, %5C, %00
 
-# Refusal reasons, named as scanner.Reason members are (BAD_METHOD -> "bad-method").
-REFUSALS = (
-    "bad-method",
-    "bad-target",
-    "ambiguous-path",
-    "bad-version",
-    "bad-header",
-    "duplicate-header",
-    "bad-content-length",
-    "transfer-encoding",
-    "upgrade",
-    "path-too-long",
-    "bad-chunk",
-    "head-too-large",
-    *tls.REFUSALS,
-)
+# Refusal reasons before any rule, by slug (contract.Reason: BAD_METHOD -> "bad-method").
+REFUSALS = tuple(r.slug for r in BEFORE_RULES)
 ALLOWED, DENY_RULE, DENY_DEFAULT = "none", "rule", "default"
 # Events the program records (sockpol.telemetry.Verdict, lower-case): a refusal, a request that
 # passed only because the policy runs in dry-run mode or an audit rule matched it, and a request
 # that a rule marked `log` passed.
 REFUSED, DRY_RUN, AUDIT, LOGGED = "refused", "dry-run", "audit", "logged"
-
-REFUSAL_TEXT = {
-    "bad-method": "the request line does not start with a method token and one space",
-    "bad-target": "the target is not an origin-form path of valid characters",
-    "ambiguous-path": "the path has an encoded '/', '\\' or NUL, or a malformed %-escape",
-    "bad-version": "the protocol is not HTTP/1.0 or HTTP/1.1 followed by CRLF",
-    "bad-header": "a header line is malformed",
-    "duplicate-header": "Host, Content-Length or Transfer-Encoding appears more than once",
-    "bad-content-length": "Content-Length is not one decimal number up to 4,294,901,760",
-    "transfer-encoding": "Transfer-Encoding other than one 'chunked', or with Content-Length",
-    "upgrade": "an Upgrade header: what follows a protocol switch could not be judged",
-    "path-too-long": "the normalized path is longer than 2048 bytes or 64 segments deep",
-    "bad-chunk": "a chunked body's size line, framing or trailer is malformed",
-    "head-too-large": "no blank line ends the head within max-head bytes",
-}
 
 
 # -- results --------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ one encrypted handshake record) and 0-RTT early data are refused.
 
 `step()` is the decision, used by the reference interpreter (interp.py) and the tables' mirror
 (codegen/simulate.py); codegen/emit.py's `tls_phase` is the same in the kernel. Refusal reasons
-are the names of codegen.scanner.Reason in the interpreter's spelling.
+are the slugs of contract.Reason.
 """
 
 from __future__ import annotations
@@ -38,6 +38,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from sockpol.contract import (  # noqa: F401 -- CONN_* and RESUME_TLS_PASS re-exported
+    CONN_CCS,
+    CONN_DONE,
+    CONN_HELLO,
+    CONN_HTTP,
+    CONN_TLS12_DONE,
+    CONN_TLS13_DONE,
+    CONN_TLS_FLAGS,
+    REASON_TEXT,
+    RESUME_TLS_PASS,
+    Reason,
+)
 from sockpol.dsl.ast import Policy, TlsUserspace
 
 
@@ -58,26 +70,16 @@ MAX_ALERT_AFTER_HANDSHAKE = 64  # an encrypted alert (close_notify) is 2 bytes p
 # The policy's `tls` statement, as the program's config value.
 TLS_NONE, TLS_USERSPACE_DENY, TLS_USERSPACE_ALLOW = 0, 1, 2
 
-# Bits 16..23 of the per-connection word (bits 0..7: the resume point, 8..15: a saved reason,
-# 32..63: a counter slot).
-CONN_HTTP = 1 << 16  # past the handshake (or none): the bytes are HTTP
-CONN_HELLO = 1 << 17  # a ClientHello passed
-CONN_CCS = 1 << 18  # a ChangeCipherSpec passed
-CONN_TLS12_DONE = 1 << 19  # the TLS 1.2 Finished passed
-CONN_TLS13_DONE = 1 << 20  # the TLS 1.3 Finished passed
-CONN_TLS_FLAGS = CONN_HELLO | CONN_CCS | CONN_TLS12_DONE | CONN_TLS13_DONE
-CONN_DONE = CONN_TLS12_DONE | CONN_TLS13_DONE
+# The connection word's TLS bits (16..23) and RESUME_TLS_PASS are the contract's
+# (contract.CONN_*), imported above.
 
-# Resume point of a connection that `tls userspace allow` passes unjudged.
-RESUME_TLS_PASS = 4
-
-
-BAD_RECORD, NOT_DECLARED, USERSPACE = "tls-bad-record", "tls-not-declared", "tls-userspace"
+BAD_RECORD = Reason.TLS_BAD_RECORD.slug
+NOT_DECLARED = Reason.TLS_NOT_DECLARED.slug
+USERSPACE = Reason.TLS_USERSPACE.slug
 REFUSALS = (NOT_DECLARED, USERSPACE, BAD_RECORD)
 DETAIL = {
-    NOT_DECLARED: "a TLS handshake on a port whose policy does not say `tls`",
-    USERSPACE: "TLS done in user space (no kTLS): the requests are ciphertext",
-    BAD_RECORD: "TLS record framing that no client sends during a handshake",
+    r.slug: REASON_TEXT[r]
+    for r in (Reason.TLS_NOT_DECLARED, Reason.TLS_USERSPACE, Reason.TLS_BAD_RECORD)
 }
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sockpol import telemetry as t
+from sockpol.contract import reason_slug
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata
 from sockpol.runtime import libbpf, pins
@@ -35,15 +36,8 @@ class TelemetryError(SockpolError):
 
 
 def reason_name(value: int) -> str:
-    """`scanner.Reason` as the docs and metadata spell it: BAD_METHOD -> bad-method."""
-    # Imported here: codegen (lark, automata) would more than double the import time of every
-    # runtime command.
-    from sockpol.codegen.scanner import Reason
-
-    try:
-        return Reason(value).name.lower().replace("_", "-")
-    except ValueError:
-        return f"reason-{value}"
+    """`contract.Reason` as the docs and metadata spell it: BAD_METHOD -> bad-method."""
+    return reason_slug(value)
 
 
 @dataclass(frozen=True)

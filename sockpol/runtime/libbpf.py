@@ -37,17 +37,20 @@ from ctypes import (
 )
 from dataclasses import dataclass
 
+from sockpol.contract import (  # noqa: F401 -- re-exported for the runtime
+    BPF_CGROUP_SOCK_OPS,
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_SOCKHASH,
+    BPF_PROG_TYPE_SK_MSG,
+    BPF_PROG_TYPE_SOCK_OPS,
+    BPF_SK_MSG_VERDICT,
+)
 from sockpol.diagnostics import SockpolError
 
 log = logging.getLogger("sockpol.libbpf")
 
-# Kernel UAPI constants (include/uapi/linux/bpf.h); stable ABI values.
-BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_SOCKHASH = 18
-BPF_PROG_TYPE_SOCK_OPS = 13
-BPF_PROG_TYPE_SK_MSG = 16
-BPF_CGROUP_SOCK_OPS = 3
-BPF_SK_MSG_VERDICT = 7
+# Kernel UAPI constants (include/uapi/linux/bpf.h); stable ABI values. The map types are the
+# contract's (the code generator emits the same ones).
 BPF_LINK_TYPE_CGROUP = 3
 BPF_ANY = 0
 BPF_NOEXIST = 1

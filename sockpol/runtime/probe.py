@@ -42,11 +42,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from sockpol.contract import BPF_FUNC_LOOP
 from sockpol.diagnostics import SockpolError
 from sockpol.runtime import ktls
 from sockpol.runtime import libbpf as bpf
 
-BPF_FUNC_LOOP = 181
 BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 REJECTION_PATCH = "tls: reject the combination of TLS and sockmap"
 

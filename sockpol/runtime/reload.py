@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sockpol.contract import MEMBARRIER_CMD_GLOBAL, TABLES_SYMBOL, sys_membarrier
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata, read_metadata
 from sockpol.runtime import libbpf, pins
@@ -39,10 +40,7 @@ from sockpol.runtime.state import create_state_map, read_state
 from sockpol.runtime.system import check_privileges
 
 DATA_MAP_PIN = pins.MAP_PREFIX + "sockpol_data"
-TABLES_SYMBOL = "sockpol_tables"
 GEN_SIZE = 8  # the u32 generation, padded to the tables' 8-byte alignment
-MEMBARRIER_CMD_GLOBAL = 1
-SYS_MEMBARRIER = 324  # x86_64
 
 
 class ReloadError(SockpolError):
@@ -74,8 +72,11 @@ def _initial_tables(obj: Path) -> bytes:
 
 
 def _grace_period() -> None:
+    number = sys_membarrier()
+    if number is None:  # fail safe: no flip without knowing the old tables are unread
+        raise ReloadError(f"reload: no membarrier system call number for {os.uname().machine}")
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(SYS_MEMBARRIER, MEMBARRIER_CMD_GLOBAL, 0, 0) != 0:
+    if libc.syscall(number, MEMBARRIER_CMD_GLOBAL, 0, 0) != 0:
         err = ctypes.get_errno()
         raise ReloadError(f"reload: membarrier failed: {os.strerror(err)}")
 

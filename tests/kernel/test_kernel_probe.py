@@ -1,8 +1,8 @@
 """The kernel probe against the running kernel (root): what it finds must match what is there.
 
 On the development and CI hosts (6.18, no CONFIG_TLS) kTLS must be reported missing, naming
-CONFIG_TLS; in the 6.1 VM (CONFIG_TLS=m) it must be found. Whether TLS works on a socket in a
-sockhash is checked against real sockets by tests/ktls; here only its consistency.
+CONFIG_TLS; in the VMs (Debian kernels, CONFIG_TLS=m) it must be found. Whether TLS works on a
+socket in a sockhash is checked against real sockets by tests/ktls; here only its consistency.
 """
 
 from __future__ import annotations

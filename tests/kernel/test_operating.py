@@ -154,7 +154,7 @@ def kernel_counts(name: str) -> Counter:
         put(layout["slot_rules"] + i, count)
     put(layout["slot_default"], c.default)
     put(layout["slot_unjudged"], c.unjudged)
-    from sockpol.codegen.scanner import Reason
+    from sockpol.contract import Reason
 
     for reason in Reason:
         name_ = rc.reason_name(reason)

@@ -4,7 +4,8 @@ A `tls` policy (`tls userspace allow` too) needs the kernel to run its sk_msg pr
 plaintext of kTLS sockets in a sockhash. Where it cannot (the 6.18 development and CI hosts: no
 CONFIG_TLS; kernels carrying "tls: reject the combination of TLS and sockmap"), `sockpol load` and
 `reload` must refuse the policy with one line naming what the kernel lacks, before anything is
-loaded: no pins, no programs, no cgroup attachment. Where it can (the 6.1 VM), the policy loads.
+loaded: no pins, no programs, no cgroup attachment. Where it can (the VMs with kTLS on sockmap),
+the policy loads.
 
 Every test asserts one branch or the other, chosen by `probe.tls_policy_support()`; none skips.
 The answer itself is held to the kernel's CONFIG_TLS and, in the VM (tests/vm sets

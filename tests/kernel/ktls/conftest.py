@@ -1,8 +1,8 @@
 """Fixtures for policy inside TLS: kTLS sockets with static keys, and real TLS servers/clients.
 
 These tests need a kernel with CONFIG_TLS. The development and CI hosts (6.18) have none, so here
-they skip, loudly, naming CONFIG_TLS; they run for real inside the 6.1 VM (tests/vm), where a
-kernel without working kTLS is a failure (SOCKPOL_IN_VM=1 with CI=true).
+they skip, loudly, naming CONFIG_TLS; they run for real inside the VM matrix (tests/vm,
+docs/kernels.md), where a kernel without working kTLS is a failure (SOCKPOL_IN_VM=1 with CI=true).
 
 Kernels that carry "tls: reject the combination of TLS and sockmap" refuse TLS_TX on a socket in
 a sockhash. The VM runner knows from the kernel's changelog which kind it booted and says so in
@@ -59,7 +59,7 @@ def ktls_kernel(kernel_env: None) -> probe.Finding:
     if not finding.ok:
         reason = (
             f"kernel {os.uname().release} has no usable kTLS: {finding.detail}. "
-            "These tests need CONFIG_TLS; they run in the 6.1 VM (tests/vm, marker vm)"
+            "These tests need CONFIG_TLS; they run in the VMs (tests/vm; docs/kernels.md)"
         )
         if IN_VM and ON_CI:
             pytest.fail(f"in the VM kTLS must work: {reason}", pytrace=False)

@@ -1,0 +1,168 @@
+"""The contract between the compiler, the kernel program it emits, and the runtime that loads it.
+
+Every number and name that more than one of them must agree on is defined here and nowhere else:
+what the program and its maps are called, the kernel's own constants (map types, context
+offsets, flags, system call numbers per architecture), the limits the program enforces (which the
+reference interpreter enforces too), the reasons a request is refused with their slugs and texts,
+and the per-connection state words. The modules that use them import them from here; this
+module imports nothing of sockpol, so any layer may depend on it (docs/design.md, "Layers").
+"""
+
+from __future__ import annotations
+
+import os
+from enum import IntEnum
+
+# --- names in the object ------------------------------------------------------------------------
+
+MSG_PROGRAM = "sockpol_msg"  # section sk_msg
+SOCKOPS_PROGRAM = "sockpol_sockops"  # section sockops
+SOCK_MAP = "sockpol_socks"  # the sockhash the programs are attached to
+CONN_MAP = "sockpol_conn"  # per-connection socket storage (stream state and a run's work area)
+TABLES_SYMBOL = "sockpol_tables"  # the policy's tables in .data (two slots and a generation)
+SOCK_MAP_ENTRIES = 65536
+
+# --- the kernel's constants (include/uapi/linux/bpf.h; the same on every architecture) ----------
+
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_SOCKHASH = 18
+BPF_MAP_TYPE_SK_STORAGE = 24
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_NOEXIST = 1
+BPF_F_NO_PREALLOC = 1
+BPF_SK_STORAGE_GET_F_CREATE = 1
+BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4
+BPF_PROG_TYPE_SOCK_OPS = 13
+BPF_PROG_TYPE_SK_MSG = 16
+BPF_CGROUP_SOCK_OPS = 3  # attach types
+BPF_SK_MSG_VERDICT = 7
+BPF_FUNC_LOOP = 181  # the bpf_loop helper (5.17+), which the scanner cannot do without
+SK_DROP, SK_PASS = 0, 1
+AF_INET, AF_INET6 = 2, 10
+
+# struct sk_msg_md field offsets.
+MSG_DATA, MSG_DATA_END, MSG_FAMILY = 0, 8, 16
+MSG_REMOTE_IP4, MSG_LOCAL_IP4, MSG_REMOTE_IP6, MSG_LOCAL_IP6 = 20, 24, 28, 44
+MSG_REMOTE_PORT, MSG_LOCAL_PORT, MSG_SIZE, MSG_SK = 60, 64, 68, 72
+# struct bpf_sock_ops field offsets.
+OPS_OP, OPS_FAMILY, OPS_REMOTE_PORT = 0, 20, 64
+
+# membarrier(2): its system call number differs per architecture (asm-generic: 283).
+MEMBARRIER_CMD_GLOBAL = 1
+SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "riscv64": 283, "s390x": 356, "ppc64le": 365}
+
+
+def sys_membarrier(machine: str | None = None) -> int | None:
+    """The membarrier system call number here, or None on an architecture not listed."""
+    return SYS_MEMBARRIER.get(machine or os.uname().machine)
+
+
+# --- limits the program enforces (and the reference interpreter with it) -----------------------
+
+PATH_MAX = 2048  # normalized path bytes kept; longer paths are refused
+MAX_DEPTH = 64  # segments on the normalizer's stack; deeper paths are refused
+CL_MAX = 0xFFFF0000  # Content-Length values above this are refused (apply_bytes takes a u32)
+CHUNK_MAX = 0xFFFF0000  # likewise chunk sizes
+# The largest packet offset the verifier accepts is 0xffff, and data[i] is read with data + i + 1.
+MAX_SCAN = 0xFFFE
+
+# The most instructions the verifier may process to accept sockpol_msg: a tenth of its limit, so
+# that the next verifier change that multiplies the count (as upstream f597664454bd did, from
+# about 200,000 to over the limit) is caught by the tests and by `sockpol doctor`, not by a user
+# whose policies stop loading. Checked on every kernel of the VM matrix (docs/kernels.md).
+VERIFIER_BUDGET = 100_000
+VERIFIER_LIMIT = 1_000_000
+KERNELS_DOC = "docs/kernels.md"
+
+
+# --- why a request was refused ------------------------------------------------------------------
+
+
+class Reason(IntEnum):
+    """Why a request was refused. Those below scanner.TERMINAL_STATES are also scanner states;
+    the number is what counters and events carry, the slug what people read and write (poltest
+    files, `sockpol explain`, metrics labels)."""
+
+    NONE = 0
+    BAD_METHOD = 3
+    BAD_TARGET = 4
+    AMBIGUOUS_PATH = 5
+    BAD_VERSION = 6
+    BAD_HEADER = 7
+    DUPLICATE_HEADER = 8
+    BAD_CONTENT_LENGTH = 9
+    TRANSFER_ENCODING = 10
+    UPGRADE = 11
+    PATH_TOO_LONG = 12
+    BAD_CHUNK = 13
+    # Decided by the program, not by a scanner state:
+    HEAD_TOO_LARGE = 14
+    PULL_FAILED = 15
+    RULE = 16  # refused by a deny rule
+    DEFAULT = 17  # refused by the policy default
+    # TLS (docs/ktls.md): decided by the program's record walk before any HTTP is seen.
+    TLS_NOT_DECLARED = 18  # a TLS record on a policy without `tls`
+    TLS_USERSPACE = 19  # application data encrypted in user space: no request can be read
+    TLS_BAD_RECORD = 20  # a record that no TLS client sends at that point of a handshake
+
+    @property
+    def slug(self) -> str:
+        """BAD_METHOD -> "bad-method"."""
+        return self.name.lower().replace("_", "-")
+
+
+REASON_TEXT = {
+    Reason.BAD_METHOD: "request line does not start with a method token and one space",
+    Reason.BAD_TARGET: "request target is not an origin-form path with valid characters",
+    Reason.AMBIGUOUS_PATH: "path has an encoded '/', '\\' or NUL, or a malformed %-escape",
+    Reason.BAD_VERSION: "protocol is not HTTP/1.0 or HTTP/1.1 followed by CRLF",
+    Reason.BAD_HEADER: "malformed header line (bad name, control byte, bare CR/LF, obs-fold)",
+    Reason.DUPLICATE_HEADER: "Host, Content-Length or Transfer-Encoding appears more than once",
+    Reason.BAD_CONTENT_LENGTH: "Content-Length is not a single decimal number below 4 GiB",
+    Reason.TRANSFER_ENCODING: "Transfer-Encoding other than 'chunked', or with Content-Length",
+    Reason.UPGRADE: "Upgrade header: the bytes after a protocol switch would not be HTTP/1.x",
+    Reason.PATH_TOO_LONG: "normalized path longer than 2048 bytes or deeper than 64 segments",
+    Reason.BAD_CHUNK: "malformed chunk-size line, chunk framing or trailer",
+    Reason.HEAD_TOO_LARGE: "request head (or chunk-size line) longer than the policy's max-head",
+    Reason.PULL_FAILED: "the kernel could not linearize the message or allocate state",
+    Reason.RULE: "refused by a deny rule",
+    Reason.DEFAULT: "no rule matched and the default is deny",
+    Reason.TLS_NOT_DECLARED: "a TLS handshake on a port whose policy does not say `tls`",
+    Reason.TLS_USERSPACE: "TLS done in user space (no kTLS): the requests are ciphertext",
+    Reason.TLS_BAD_RECORD: "TLS record framing that no client sends during a handshake",
+}
+
+# Refusals before any rule, by slug, in the order the reference interpreter lists them (a
+# poltest file names one of these after `refused`).
+BEFORE_RULES = (
+    Reason.BAD_METHOD, Reason.BAD_TARGET, Reason.AMBIGUOUS_PATH, Reason.BAD_VERSION,
+    Reason.BAD_HEADER, Reason.DUPLICATE_HEADER, Reason.BAD_CONTENT_LENGTH,
+    Reason.TRANSFER_ENCODING, Reason.UPGRADE, Reason.PATH_TOO_LONG, Reason.BAD_CHUNK,
+    Reason.HEAD_TOO_LARGE, Reason.TLS_NOT_DECLARED, Reason.TLS_USERSPACE, Reason.TLS_BAD_RECORD,
+)  # fmt: skip
+
+
+def reason_slug(value: int) -> str:
+    """The slug of a reason number as counters and events carry it ("reason-N" if unknown)."""
+    try:
+        return Reason(value).slug
+    except ValueError:
+        return f"reason-{value}"
+
+
+# --- the connection's word (socket storage, bits 0..7: where the next run starts) ---------------
+
+RESUME_REQUEST = 0  # a request head
+RESUME_CHUNK_LINE = 1  # a chunk-size line
+RESUME_CHUNK_DATA_END = 2  # the CRLF after a chunk's data
+RESUME_UNJUDGED = 3  # dry-run lost the framing: the rest of the connection passes unjudged
+RESUME_TLS_PASS = 4  # `tls userspace allow`: the rest of the connection passes unjudged
+# Bits 16..23: the TLS walk (dsl/tls.py).
+CONN_HTTP = 1 << 16  # past the handshake (or none): the bytes are HTTP
+CONN_HELLO = 1 << 17  # a ClientHello passed
+CONN_CCS = 1 << 18  # a ChangeCipherSpec passed
+CONN_TLS12_DONE = 1 << 19  # the TLS 1.2 Finished passed
+CONN_TLS13_DONE = 1 << 20  # the TLS 1.3 Finished passed
+CONN_TLS_FLAGS = CONN_HELLO | CONN_CCS | CONN_TLS12_DONE | CONN_TLS13_DONE
+CONN_DONE = CONN_TLS12_DONE | CONN_TLS13_DONE
