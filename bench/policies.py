@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sockpol.dsl.patterns import to_regex
+from sockpol.dsl.pathmatch import to_regex
 
 WORDS = (
     "orders users carts items invoices payments refunds shipments products reviews tags "
@@ -108,7 +108,7 @@ def requests(rules: list[Rule], k: int, seed: int = 1) -> list[tuple[str, str, d
 def haproxy_acls(rules: list[Rule]) -> list[str]:
     """`http-request` lines doing the same first-match allow/deny (default deny) in HAProxy.
 
-    Paths use the same reference regexes as sockpol's interpreter (patterns.to_regex, PCRE
+    Paths use the same reference regexes as sockpol's interpreter (pathmatch.to_regex, PCRE
     compatible). HAProxy does not normalize paths the way sockpol does; the benchmark's requests
     are already normalized, so both judge them alike."""
     out = []

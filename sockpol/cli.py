@@ -452,7 +452,7 @@ def _authoring(name: str) -> Callable[[argparse.Namespace], int]:
     """lint/fmt/test/explain live in sockpol.authoring, imported only when one runs."""
 
     def run_command(args: argparse.Namespace) -> int:
-        from sockpol import authoring
+        from sockpol.authoring import commands as authoring
 
         return authoring.dispatch(name, args)
 

@@ -158,7 +158,7 @@ RESUME_CHUNK_LINE = 1  # a chunk-size line
 RESUME_CHUNK_DATA_END = 2  # the CRLF after a chunk's data
 RESUME_UNJUDGED = 3  # dry-run lost the framing: the rest of the connection passes unjudged
 RESUME_TLS_PASS = 4  # `tls userspace allow`: the rest of the connection passes unjudged
-# Bits 16..23: the TLS walk (dsl/tls.py).
+# Bits 16..23: the TLS walk (model/tls.py).
 CONN_HTTP = 1 << 16  # past the handshake (or none): the bytes are HTTP
 CONN_HELLO = 1 << 17  # a ClientHello passed
 CONN_CCS = 1 << 18  # a ChangeCipherSpec passed

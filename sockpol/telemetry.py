@@ -50,7 +50,7 @@ RULE_LOG = 2  # record an event (log on an allow rule)
 RULE_AUDIT = 4  # record an event as a would-be refusal by this rule (audit)
 
 # Counter slots.
-REASON_SLOTS = 32  # scanner.Reason values stay below this
+REASON_SLOTS = 32  # contract.Reason values stay below this
 SLOT_DEFAULT = 0
 SLOT_LOST = 1
 SLOT_UNJUDGED = 2
@@ -101,7 +101,7 @@ EVENT_FIELDS = [
     ("rule", "I"),  # index of the deciding rule, NO_RULE when none decided
     ("size", "I"),  # bytes in the message the program judged (msg->size)
     ("verdict", "B"),  # Verdict
-    ("reason", "B"),  # scanner.Reason (NONE for LOGGED)
+    ("reason", "B"),  # contract.Reason (NONE for LOGGED)
     ("method_len", "B"),
     ("host_len", "B"),  # 0: no Host header found in the judged bytes
     ("path_len", "H"),

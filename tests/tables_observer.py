@@ -1,6 +1,6 @@
 """The reference interpreter held to the code generator's tables, run by run.
 
-`held_to_tables(ir, mode)` is an observer for `sockpol.dsl.interp.Connection`: every run of the
+`held_to_tables(ir, mode)` is an observer for `sockpol.model.interp.Connection`: every run of the
 interpreter must equal `codegen.simulate.run` on the same message (verdict, reason, bytes
 covered, cork, event, deciding rule), with the tables' own per-connection storage (word and the
 bytes still to come) carried from run to run. Used by tests/test_interp.py and
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from sockpol.codegen import simulate
 from sockpol.codegen.lower import MatcherIR
 from sockpol.contract import RESUME_UNJUDGED, Reason
-from sockpol.dsl import interp, tls
+from sockpol.model import interp, tls
 from sockpol.telemetry import VERDICT_NAMES
 
 # The interpreter's resume points, as the tables number them.

@@ -14,11 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from policygen import connections, policies
 
+from sockpol.authoring import testfile
+from sockpol.authoring.fmt import format_source, split_comment
+from sockpol.authoring.lint import CODES, covered_by, lint_file, lint_files
 from sockpol.cli import run
-from sockpol.dsl import load_source, testfile
-from sockpol.dsl.fmt import format_source, split_comment
-from sockpol.dsl.interp import evaluate
-from sockpol.dsl.lint import CODES, covered_by, lint_file, lint_files
+from sockpol.dsl import load_source
+from sockpol.model.interp import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.pol"))

@@ -9,7 +9,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockpol.codegen.automaton import (
+from sockpol.automata.automaton import (
     DFA,
     Alt,
     Re,
@@ -25,7 +25,7 @@ from sockpol.codegen.automaton import (
 from sockpol.codegen.lower import lower
 from sockpol.codegen.simulate import decide, scan
 from sockpol.compiler import front_end
-from sockpol.dsl import interp
+from sockpol.model import interp
 
 ALPHABET = "ab/"
 

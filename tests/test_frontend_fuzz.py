@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from policygen import policies
 
+from sockpol.authoring.lint import CODES
 from sockpol.cli import EXIT_INTERNAL, run
 from sockpol.diagnostics import CompileError, Severity
 from sockpol.dsl import load_source
-from sockpol.dsl.lint import CODES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = set(re.findall(r"`([EWNL]\d{3})`", (ROOT / "docs/errors.md").read_text()))

@@ -22,7 +22,7 @@ from sockpol.codegen.normalize import normalize as table_normalize
 from sockpol.codegen.scanner import Reason
 from sockpol.dsl import load_source
 from sockpol.dsl.ast import Mode
-from sockpol.dsl.interp import (
+from sockpol.model.interp import (
     REFUSALS,
     Connection,
     Head,

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sockpol.dsl.pathmatch import to_regex
 from sockpol.dsl.patterns import (
     AnyRest,
     AnySegments,
@@ -17,7 +18,6 @@ from sockpol.dsl.patterns import (
     Star,
     parse_pattern,
     problems,
-    to_regex,
 )
 
 

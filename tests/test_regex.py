@@ -19,7 +19,7 @@ from sockpol.codegen.normalize import normalize
 from sockpol.codegen.simulate import run
 from sockpol.diagnostics import CompileError
 from sockpol.dsl import load_source, regex
-from sockpol.dsl.patterns import to_regex
+from sockpol.dsl.pathmatch import to_regex
 
 
 def policy(path: str, extra: str = "") -> str:

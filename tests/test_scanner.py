@@ -18,7 +18,7 @@ from sockpol.codegen.normalize import normalize
 from sockpol.codegen.simulate import run
 from sockpol.compiler import front_end
 from sockpol.contract import Reason
-from sockpol.dsl.patterns import to_regex
+from sockpol.dsl.pathmatch import to_regex
 
 POLICY = """
 policy shop {

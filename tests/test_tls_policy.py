@@ -17,13 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from policygen import policies
 
 from sockpol import doctor
+from sockpol.authoring.fmt import format_source
+from sockpol.authoring.lint import lint_file
 from sockpol.cli import run
 from sockpol.compiler import compile_source
 from sockpol.diagnostics import CompileError, Severity, Span
 from sockpol.dsl import load_source
 from sockpol.dsl.ast import TlsUserspace
-from sockpol.dsl.fmt import format_source
-from sockpol.dsl.lint import lint_file
 from sockpol.metadata import PolicyMetadata, describe_tls
 from sockpol.runtime import loader, probe
 from sockpol.runtime.loader import PolicyStatus

@@ -43,8 +43,9 @@ from sockpol.codegen import simulate
 from sockpol.codegen.lower import MatcherIR
 from sockpol.compiler import compile_source
 from sockpol.contract import RESUME_UNJUDGED, Reason
-from sockpol.dsl import interp, load_source, tls
+from sockpol.dsl import load_source
 from sockpol.dsl.ast import Policy
+from sockpol.model import interp, tls
 from sockpol.telemetry import (
     MODE_DRY_RUN,
     MODE_ENFORCE,

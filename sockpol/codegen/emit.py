@@ -88,7 +88,7 @@ from sockpol.contract import (
     SOCKOPS_PROGRAM,
     TABLES_SYMBOL,
 )
-from sockpol.dsl import tls
+from sockpol.model import tls
 from sockpol.telemetry import (
     NO_RULE,
     SLOT_DEFAULT,

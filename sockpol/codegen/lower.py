@@ -11,8 +11,8 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass, fields, replace
 
-from sockpol.codegen import http
-from sockpol.codegen.automaton import Re, anyof, lit, lit_ci, opt, plus, seq, star
+from sockpol.automata import http
+from sockpol.automata.automaton import Re, anyof, lit, lit_ci, opt, plus, seq, star
 from sockpol.codegen.candidates import LookupBuilder, LookupTooLarge, RuleLookup, Unreachable
 from sockpol.codegen.scanner import (
     PATH_STATE_LIMIT,

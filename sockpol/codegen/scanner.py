@@ -4,7 +4,7 @@ The kernel program walks this automaton one byte at a time. Its phases follow th
 
     method SP path [? query] SP HTTP/1.x CRLF  (field-name: value CRLF)*  CRLF
 
-Each phase is determinized from tagged regular expressions (`automaton.py`). Where a phase ends (the
+Each phase is determinized from tagged regular expressions (`sockpol/automata`). Where a phase ends (the
 SP after the method or path, the CR of a header line) the scanner enters a *commit state* that
 records which facts the phase established ("method is GET", "path matches pattern 3", "header
 x-api-key present"). The kernel ORs the commit state's fact set into the request's facts; rules are
@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 
-from sockpol.codegen import http
-from sockpol.codegen.automaton import (
+from sockpol.automata import http
+from sockpol.automata.automaton import (
     DFA,
     Mark,
     Re,

@@ -36,7 +36,7 @@ from sockpol.codegen.scanner import (
     Reason,
 )
 from sockpol.contract import CHUNK_MAX, CL_MAX, RESUME_UNJUDGED
-from sockpol.dsl import tls
+from sockpol.model import tls
 from sockpol.telemetry import (
     MODE_DRY_RUN,
     MODE_ENFORCE,

@@ -7,7 +7,7 @@ an encoded unreserved character (`%41` for `A`) is refused before any rule is lo
 byte-exact and case-sensitive, except that a percent-escape's hex digits match in either case
 (`%2a` = `%2A`): escapes are compared in their encoded form, never decoded.
 
-Semantics, exactly (`to_regex` is the executable form of this list):
+Semantics, exactly (`glob_to_regex` is the executable form of this list):
 
 * a literal character matches itself;
 * `*` matches any run of bytes other than `/`; when it is a whole segment (`/a/*/b`) the run must
@@ -135,16 +135,12 @@ def parse_pattern(text: str) -> Pattern:
     return Pattern(text, tuple(_tokens(text)))
 
 
-def to_regex(pattern: str | Pattern) -> str:
-    """The reference semantics: a Python regex matching exactly the paths the pattern matches.
+def glob_to_regex(pattern: str | Pattern) -> str:
+    """The reference semantics of a glob: a Python regex matching exactly the paths it matches.
 
-    Anchored at both ends with flags embedded; use it with `re.match` or `re.fullmatch`.
-    A path regex (`~"..."`, see dsl/regex.py) gets its own reference translation.
+    Anchored at both ends with flags embedded; use it with `re.match` or `re.fullmatch`. For any
+    path pattern, glob or `~"regex"`, use `pathmatch.to_regex`.
     """
-    if isinstance(pattern, str) and pattern.startswith('~"'):
-        from sockpol.dsl import regex  # regex.py builds on this module
-
-        return regex.to_python(pattern)
     if isinstance(pattern, str):
         pattern = parse_pattern(pattern)
     parts = []

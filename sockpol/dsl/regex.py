@@ -27,7 +27,7 @@ a normalized path (space, `"`, `\\`, `#`, `?`, non-ASCII...), escapes that never
 cannot match a path starting with `/`.
 
 `to_re` builds the automaton (`codegen.automaton.Re`); `to_python` is the reference semantics as a
-Python regex over normalized paths (what `patterns.to_regex` returns for a regex pattern, and
+Python regex over normalized paths (what `pathmatch.to_regex` returns for a regex pattern, and
 what the tests and the interpreter use).
 """
 
@@ -37,8 +37,8 @@ import re
 import string
 from dataclasses import dataclass
 
-from sockpol.codegen import http
-from sockpol.codegen.automaton import EMPTY, Alt, Re, Set, Star, Str, opt, seq
+from sockpol.automata import http
+from sockpol.automata.automaton import EMPTY, Alt, Re, Set, Star, Str, opt, seq
 from sockpol.dsl.patterns import UNRESERVED, Problem
 
 MAX_REPEAT = 32  # largest bound of `{m,n}`; a bound copies its operand, so it stays small
@@ -488,7 +488,7 @@ def example(text: str) -> str:
     would merge) where the regex allows."""
     from collections import deque
 
-    from sockpol.codegen.automaton import determinize
+    from sockpol.automata.automaton import determinize
 
     dfa = determinize([(to_re(text), "match")], 20_000)
     order = sorted(range(256), key=lambda b: (not chr(b).isalnum(), chr(b) != "/", b))

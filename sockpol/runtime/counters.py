@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sockpol import telemetry as t
-from sockpol.contract import reason_slug
+from sockpol.contract import Reason, reason_slug
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata
 from sockpol.runtime import libbpf, pins
@@ -96,8 +96,6 @@ def _pin(pin_dir: Path, name: str) -> Iterator[int]:
 
 def read_counters(pin_dir: Path, meta: PolicyMetadata | None) -> PolicyCounters:
     """Every counter of the policy pinned at `pin_dir` (meta: its metadata, for rules/layout)."""
-    from sockpol.codegen.scanner import Reason  # (see reason_name)
-
     layout = _layout(meta)
     with _pin(pin_dir, COUNTS_PIN) as fd:
         info = libbpf.map_info(fd)

@@ -1,4 +1,4 @@
-"""Differential test: the real kernel against the reference interpreter (sockpol.dsl.interp).
+"""Differential test: the real kernel against the reference interpreter (sockpol.model.interp).
 
 Hypothesis draws a random valid policy (tests/policygen.py covers every construct of the language),
 compiles it, loads it for a cgroup (the verifier must accept it: a rejection fails the test), and
@@ -45,7 +45,7 @@ from policygen import ConnectionSpec, PolicySpec, connections, policies  # noqa:
 from sockpol import runtime  # noqa: E402
 from sockpol.compiler import compile_source  # noqa: E402
 from sockpol.dsl.ast import Mode  # noqa: E402
-from sockpol.dsl.interp import Connection  # noqa: E402
+from sockpol.model.interp import Connection  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 

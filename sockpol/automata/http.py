@@ -5,7 +5,7 @@ These define what the scanner accepts at all; anything outside them is refused (
 
 from __future__ import annotations
 
-from sockpol.codegen.automaton import (
+from sockpol.automata.automaton import (
     Alt,
     Re,
     alt,

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from sockpol.diagnostics import SockpolError
 from sockpol.dsl.ast import Mode, Policy
-from sockpol.dsl.interp import REFUSALS, Verdict, evaluate
+from sockpol.model.interp import REFUSALS, Verdict, evaluate
 
 VERDICTS = ("allow", "deny", "audit", "refuse")
 

@@ -26,8 +26,8 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 
-from sockpol.codegen import http
-from sockpol.codegen.automaton import (
+from sockpol.automata import http
+from sockpol.automata.automaton import (
     DFA,
     Re,
     alt,
@@ -42,8 +42,8 @@ from sockpol.codegen.automaton import (
 from sockpol.codegen.lower import glob_regex
 from sockpol.diagnostics import Diagnostic, Severity, Source, Span
 from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, PolicyFile, Rule
-from sockpol.dsl.interp import PATH_MAX, host_matches
 from sockpol.dsl.patterns import upper_escapes
+from sockpol.model.interp import PATH_MAX, host_matches
 
 CODES = {
     "L001": "shadowed",

@@ -54,8 +54,8 @@ def _find(folder: Path, suffix: str) -> list[str]:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
+    from sockpol.authoring.lint import lint_files
     from sockpol.dsl import load_file
-    from sockpol.dsl.lint import lint_files
 
     loaded, failed = [], False
     for path in _policy_files(args.files):
@@ -108,7 +108,7 @@ def _finding_json(f) -> dict:
 
 def sarif_log(findings) -> dict:
     """SARIF 2.1.0, as code-scanning tools read it: one run, a rule per code, results in place."""
-    from sockpol.dsl.lint import CODES
+    from sockpol.authoring.lint import CODES
 
     codes = sorted({f.code for f in findings} | set(CODES))
     rules = [
@@ -178,8 +178,8 @@ _DESCRIPTIONS = {
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
+    from sockpol.authoring.fmt import diff, format_source
     from sockpol.dsl import read_source_file
-    from sockpol.dsl.fmt import diff, format_source
 
     changed, failed = [], False
     for path in _policy_files(args.files):
@@ -211,7 +211,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from sockpol.dsl.testfile import TestFileError, parse_test_file, run_tests
+    from sockpol.authoring.testfile import TestFileError, parse_test_file, run_tests
 
     paths: list[str] = []
     for p in args.paths or ["."]:
@@ -316,7 +316,7 @@ def _write_junit(target: str, suites) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from sockpol.dsl.ast import Mode
-    from sockpol.dsl.interp import evaluate
+    from sockpol.model.interp import evaluate
 
     policy = _policy_for(args.file, args.policy)
     request, note = _request_from(args)

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 
 from sockpol.contract import BEFORE_RULES, CHUNK_MAX, CL_MAX, MAX_DEPTH, PATH_MAX
-from sockpol.dsl import tls
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy, Rule
-from sockpol.dsl.patterns import to_regex
+from sockpol.dsl.pathmatch import to_regex
+from sockpol.model import tls
 
 # -- HTTP/1.x lexical sets (RFC 9110, 9112, 3986) -------------------------------------------------
 
