@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install what the tests need (Debian packages, sockpol with its test extras) and run them all.
 # Kernel tests need root; under CI=true a kernel test that cannot run fails instead of skipping.
-# The VM tests (tests/vm, marker vm) boot Debian's 6.1 kernel under qemu and run the kernel and
-# kTLS tests inside: they need qemu, busybox, kmod and virtme-ng (the `vm` extra), and the guest's
-# tests use nginx, openssl and curl. Leave them out with: ./scripts/test.sh -m "not vm"
+# The VM tests (tests/vm, marker vm) boot Debian's kernels, 6.1 to the newest of trixie-backports
+# (docs/kernels.md), under qemu and run the kernel and kTLS tests inside: they need qemu, busybox,
+# kmod and virtme-ng (the `vm` extra), and the guest's tests use nginx, openssl and curl; about 20
+# minutes on two cores. Leave them out with: ./scripts/test.sh -m "not vm"
 #   sudo ./scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."

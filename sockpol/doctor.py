@@ -61,9 +61,12 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
     works = summary(findings)
     check = None
     if works["plaintext"]:  # every feature is there: does the real program verify?
-        from sockpol.selfcheck import check_program
+        from sockpol.selfcheck import ProgramCheck, check_program
 
-        check = check_program()
+        try:
+            check = check_program()
+        except Exception as e:  # noqa: BLE001 -- reported like a probe that failed, not a crash
+            check = ProgramCheck(False, None, f"the check itself failed: {e}", unknown=True)
     findings.append(program_finding(check))
     works["plaintext"] = works["plaintext"] and findings[-1].ok
     works["ktls"] = works["ktls"] and works["plaintext"]
@@ -92,6 +95,17 @@ def program_finding(check: ProgramCheck | None) -> Finding:
     if check is None:
         return Finding("program", title, Verdict.UNKNOWN, "not tried: a feature above is missing")
     release = os.uname().release
+    if check.unknown:
+        return Finding("program", title, Verdict.UNKNOWN, check.note)
+    if not check.loaded and not check.log_tail:  # not the verifier: libbpf, a map, privileges
+        return Finding(
+            "program",
+            title,
+            Verdict.MISSING,
+            f"could not be loaded on Linux {release}: {check.note}",
+            "no policy loads here; see the findings above",
+            "a way to load sockpol's program",
+        )
     if not check.loaded:
         count = f" after {check.processed:,} instructions" if check.processed is not None else ""
         return Finding(

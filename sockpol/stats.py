@@ -12,7 +12,6 @@ count must not grow with the number of rules (bench/README.md shows it does not)
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -99,11 +98,16 @@ class Verification:
 def verify(obj: bytes) -> Verification:
     """Load the object (programs and maps, nothing attached, nothing pinned) and read each
     program's verified-instruction count, or why the kernel refused it."""
-    if os.geteuid() != 0:
-        return Verification({}, "needs root")
     # (Importing it does not load libbpf.so: a missing library is reported as a load failure.)
+    from sockpol.diagnostics import SockpolError
     from sockpol.runtime import libbpf
     from sockpol.runtime.loader import processed_count, verifier_tail
+    from sockpol.runtime.system import check_privileges
+
+    try:
+        check_privileges()
+    except SockpolError:
+        return Verification({}, "needs CAP_BPF and CAP_NET_ADMIN (root)")
 
     with tempfile.NamedTemporaryFile(suffix=".bpf.o") as f, libbpf.capture_messages():
         f.write(obj)

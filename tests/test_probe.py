@@ -133,3 +133,27 @@ def test_doctor_fails_when_the_verifier_refuses_the_program(monkeypatch) -> None
     assert report["works"] == {"plaintext": False, "ktls": False, "tls_policies": False}
     assert report["program"]["processed"] == 1_000_001
     assert report["program"]["within_budget"] is False
+
+
+def test_doctor_does_not_blame_the_verifier_for_other_load_failures(monkeypatch) -> None:
+    no_map = ProgramCheck(False, None, "the kernel did not load it: map 'sockpol_conn': EPERM")
+    status, text = _doctor(monkeypatch, _findings(ktls_ok=False), program=no_map)
+    assert status == doctor.EXIT_MISSING
+    assert "could not be loaded on Linux" in text and "EPERM" in text
+    assert "verifier" not in text.split("sockpol's program")[1].splitlines()[0]
+
+
+def test_doctor_survives_a_check_that_crashes(monkeypatch) -> None:
+    def boom() -> ProgramCheck:
+        raise RuntimeError("llvmlite exploded")
+
+    monkeypatch.setattr(probe, "probe", lambda: _findings(ktls_ok=False))
+    monkeypatch.setattr(selfcheck, "check_program", boom)
+    parser = argparse.ArgumentParser()
+    doctor.add_doctor_command(parser.add_subparsers(dest="command"))
+    out = io.StringIO()
+    status = parser.parse_args(["doctor"]).func(parser.parse_args(["doctor"]), out=out)
+    text = out.getvalue()
+    assert "unknown  sockpol's program (sockpol_msg)" in text
+    assert "the check itself failed: llvmlite exploded" in text
+    assert status == doctor.EXIT_MISSING  # unverified: plaintext policies are not promised

@@ -29,7 +29,7 @@ from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy
 from sockpol.dsl.patterns import parse_pattern
 from sockpol.telemetry import MODE_DRY_RUN, MODE_ENFORCE, RULE_AUDIT, RULE_LOG, RULE_PASS
 
-MAX_FACT_WORDS = 8  # 512 distinct facts; the fact set lives on the BPF stack
+MAX_FACT_WORDS = 8  # 512 distinct facts (the fact words are part of the connection's work area)
 SEGMENT_BYTE = http.PATH_BYTE & ~(1 << ord("/"))
 
 

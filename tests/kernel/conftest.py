@@ -50,12 +50,13 @@ from typing import Any
 
 import pytest
 
-from sockpol.metadata import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
+from sockpol.contract import CONN_MAP, MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
 
 HERE = Path(__file__).parent
 TEST_CGROUP_PREFIX = "sockpol-test-"
 SOCKPOL_PROGS = {MSG_PROGRAM, SOCKOPS_PROGRAM}
-SOCKPOL_MAPS = {SOCK_MAP, "sockpol_state"} | {  # and the telemetry maps (sockpol/telemetry.py)
+# The maps of a policy object, and the telemetry maps (sockpol/telemetry.py).
+SOCKPOL_MAPS = {SOCK_MAP, CONN_MAP, "sockpol_state"} | {
     "sockpol_counts",
     "sockpol_events",
     "sockpol_evbuf",

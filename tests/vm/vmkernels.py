@@ -58,21 +58,23 @@ class KernelsUnavailable(Exception):
 class Line:
     name: str  # 6.1, 6.1-ktls, 6.12, 6.18, 7.0, newest
     series: str | None  # "6.1"; None: the newest series there is
-    suites: tuple[str, ...]
     before_rejection: bool = False  # the newest package whose kernel allows TLS on sockmap
-    build: str = ""  # a part of the package name that says which release it was built for
+    # A part of the package name that says which Debian release it was built for: trixie's and
+    # trixie-backports' kernels are `+deb13`, bookworm's 6.1 `6.1.0-N`, and bookworm-security
+    # also serves 6.12 builds (`+deb12`), which the 6.12 line must not take for trixie's.
+    build: str = ""
     # Series tried in this order when the registry serves no complete kernel of `series` (it
     # listed 7.0, 7.1 and 6.19 images in December 2026 but no modules for any of them).
     fallback: tuple[str, ...] = ()
 
 
 LINES: tuple[Line, ...] = (
-    Line("6.1", "6.1", ("bookworm", "bookworm-security")),
-    Line("6.1-ktls", "6.1", ("bookworm", "bookworm-security"), before_rejection=True),
-    Line("6.12", "6.12", ("trixie",), build="+deb13"),  # not bookworm-security's 6.12 builds
-    Line("6.18", "6.18", ("trixie-backports",)),
-    Line("7.0", "7.0", ("trixie-backports",), fallback=("7.1", "7.2")),
-    Line("newest", None, ("trixie-backports",)),
+    Line("6.1", "6.1", build="6.1.0-"),  # bookworm, bookworm-security
+    Line("6.1-ktls", "6.1", build="6.1.0-", before_rejection=True),
+    Line("6.12", "6.12", build="+deb13"),  # trixie
+    Line("6.18", "6.18", build="+deb13"),  # trixie-backports
+    Line("7.0", "7.0", build="+deb13", fallback=("7.1", "7.2")),  # trixie-backports
+    Line("newest", None, build="+deb13"),  # trixie-backports
 )
 
 
@@ -191,7 +193,10 @@ class Apt:
                 lines.append(f"deb [signed-by={KEYRING}] {uri} {suite} main")
         self.sources.write_text("\n".join(lines) + "\n")
         out = _run(["apt-get", *self.options(), "update", "-q"], timeout=300)
-        if out.returncode != 0 or re.search(r"^(E|Err):", out.stdout + out.stderr, re.MULTILINE):
+        # apt-get update exits 0 when an index could not be fetched ("Err:1 ...", "W: Failed to
+        # fetch"): such a run would resolve from stale or missing indexes without saying so.
+        failed = re.search(r"^(E:|Err:\d+|W: Failed to fetch)", out.stdout + out.stderr, re.M)
+        if out.returncode != 0 or failed:
             return (out.stdout + out.stderr)[-800:]
         return None
 
@@ -238,9 +243,15 @@ class Apt:
 
     def download(self, pkg: Package, into: Path) -> list[Path]:
         into.mkdir(parents=True, exist_ok=True)
-        wanted = [f"{pkg.name}={pkg.version}", *(f"{p}={pkg.version}" for p in pkg.parts)]
-        debs = [into / f"{w.replace('=', '_').replace(':', '%3a')}_amd64.deb" for w in wanted]
-        missing = [w for w, d in zip(wanted, debs, strict=True) if not d.exists()]
+        # The split parts carry the image's version (its Depends say `(= version)`).
+        names = [pkg.name, *pkg.parts]
+        version = pkg.version.replace(":", "%3a")  # how apt spells an epoch in a file name
+
+        def deb(name: str) -> Path | None:
+            found = sorted(into.glob(f"{name}_{version}_*.deb"))
+            return found[0] if found else None
+
+        missing = [f"{n}={pkg.version}" for n in names if deb(n) is None]
         if missing:
             # apt downloads into the current directory; _apt cannot write to a root-only cache.
             out = _run(
@@ -250,10 +261,11 @@ class Apt:
                 raise KernelsUnavailable(
                     f"apt-get download {' '.join(missing)}: {out.stderr[-500:]}"
                 )
-        absent = [d.name for d in debs if not d.exists()]
+        debs = [deb(n) for n in names]
+        absent = [n for n, d in zip(names, debs, strict=True) if d is None]
         if absent:
             raise KernelsUnavailable(f"apt-get download left no {', '.join(absent)} in {into}")
-        return debs
+        return [d for d in debs if d is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,21 +304,24 @@ def resolve(lines: Sequence[Line] = LINES) -> tuple[dict[str, Kernel], list[str]
         if pkg is None:
             notes.append(f"{line.name}: no package found, and none resolved before")
             continue
-        chosen[line.name] = fetch(apt, line.name, pkg)
+        try:
+            chosen[line.name] = fetch(apt, line.name, pkg)
+        except KernelsUnavailable as e:  # one line's failure is that line's, not the matrix's
+            notes.append(f"{line.name}: {pkg.name} {pkg.version} could not be had: {e}")
     if not chosen:
         raise KernelsUnavailable("; ".join(notes) or "no kernel resolved")
-    RESOLVED.write_text(
-        json.dumps({n: asdict(_package_of(k, apt)) for n, k in chosen.items()}, indent=1)
-    )
-    prune(list(chosen.values()))
+    # Merged, so that resolving one line (vmrunner.py --kernel X) keeps the others' fallbacks.
+    resolved = {
+        **previous,
+        **{n: asdict(_packages[(k.package, k.version)]) for n, k in chosen.items()},
+    }
+    RESOLVED.write_text(json.dumps(resolved, indent=1))
+    if {line.name for line in lines} == {line.name for line in LINES}:
+        prune(list(chosen.values()))  # only a whole matrix knows what is no longer needed
     return chosen, notes
 
 
 _packages: dict[tuple[str, str], Package] = {}
-
-
-def _package_of(kernel: Kernel, apt: Apt) -> Package:
-    return _packages[(kernel.package, kernel.version)]
 
 
 def _choose(
@@ -381,9 +396,10 @@ def fetch(apt: Apt, line: str, pkg: Package) -> Kernel:
 def _modules_dir(tree: Path) -> Path:
     dirs = [d for base in ("lib/modules", "usr/lib/modules") for d in (tree / base).glob("*")]
     dirs = [d for d in dirs if d.is_dir()]
-    if len({d.name for d in dirs}) != 1:
-        raise KernelsUnavailable(f"{tree}: expected one module tree, found {dirs}")
-    return next(d for d in dirs if (d / "kernel").is_dir())
+    found = next((d for d in dirs if (d / "kernel").is_dir()), None)
+    if len({d.name for d in dirs}) != 1 or found is None:
+        raise KernelsUnavailable(f"{tree}: expected one module tree with its modules, found {dirs}")
+    return found
 
 
 def _boot_file(tree: Path, release: str, name: str) -> Path | None:

@@ -1,7 +1,7 @@
 """Run pytest inside a VM booted with one of Debian's kernels, and bring the results back.
 
 Why a VM: the development and CI hosts run one kernel (6.18 without CONFIG_TLS), and sockpol must
-load and enforce on every kernel line users run (kernels.py lists the matrix and resolves it).
+load and enforce on every kernel line users run (vmkernels.py lists the matrix and resolves it).
 virtme-ng boots a kernel with the host's root file system (9p, behind a writable overlay), so the
 guest runs the project's own .venv python on the project's own checkout; only the kernel differs.
 
@@ -10,7 +10,7 @@ Recipe (../shared/notes/ktls-vm.md, verified on these machines):
   (the `vm` extra) with the venv's bin on PATH (vng runs virtme-run);
 - the kernel's packages downloaded and extracted into a cache, never installed as packages; their
   modules, vmlinuz and config go to /usr/lib/modules/<release> and `depmod` runs there
-  (kernels.install); the guest then uses the host's /lib/modules (virtme_root_mods=1);
+  (vmkernels.install); the guest then uses the host's /lib/modules (virtme_root_mods=1);
 - qemu under TCG (`--disable-kvm`: nested KVM hangs here), `--verbose` or the guest's console is
   lost, and `vng` exits 255 even when the guest script succeeded, so the guest writes its own
   exit status, and a pytest plugin in the guest (guest_plugin.py) streams one JSON line per test

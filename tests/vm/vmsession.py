@@ -17,7 +17,6 @@ import os
 import sys
 import tempfile
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,35 +61,58 @@ class VMSession:
     notes: list[str] = field(default_factory=list)  # what the resolution could not do as asked
     runs: dict[str, vmrunner.VMRun] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
-    _futures: dict[str, Future] = field(default_factory=dict)
+    _done: dict[str, threading.Event] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _objects: tempfile.TemporaryDirectory | None = None
 
     def lines(self) -> list[str]:
         return [line for line in PLAN if line in self.kernels]
 
-    def start(self) -> None:
-        with self._lock:
-            if self._futures:
-                return
-            self._objects = tempfile.TemporaryDirectory(prefix="sockpol-budget-")
-            objects = Path(self._objects.name)
-            compile_all(objects)
-            for line in self.lines():
-                install(self.kernels[line])  # here, not in parallel: depmod, copies
-            pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="vm")
-            for line in self.lines():
-                self._futures[line] = pool.submit(self._boot, line, objects)
-            pool.shutdown(wait=False)
+    def boots(self) -> dict[str, list[str]]:
+        """{line that boots: the lines it runs for}: two lines that resolved to one kernel (the
+        newest 6.1 allowing kTLS on sockmap again, say) boot it once, with both plans."""
+        by_release: dict[str, list[str]] = {}
+        for line in self.lines():
+            by_release.setdefault(self.kernels[line].release, []).append(line)
+        return {group[0]: group for group in by_release.values()}
 
-    def _boot(self, line: str, objects: Path) -> None:
+    def start(self) -> None:
+        """Compile the budget objects, install the kernels and start the boots, once. Boots run
+        in daemon threads, at most PARALLEL at a time, so an interrupted session does not wait
+        for the queued ones; a failure here is every line's failure, reported once per test."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = {line: threading.Event() for line in self.lines()}
+            try:
+                self._objects = tempfile.TemporaryDirectory(prefix="sockpol-budget-")
+                objects = Path(self._objects.name)
+                compile_all(objects)
+                for line in self.boots():
+                    install(self.kernels[line])  # here, not in parallel: depmod, copies
+            except Exception as e:  # noqa: BLE001 -- reported by every test, not raised again
+                for line, done in self._done.items():
+                    self.failures[line] = f"preparing the VMs failed: {e}"
+                    done.set()
+                return
+            slots = threading.Semaphore(PARALLEL)
+            for line, group in self.boots().items():
+                paths = sorted({p for g in group for p in PLAN[g]})
+                args = (line, group, paths, objects, slots)
+                threading.Thread(target=self._boot, args=args, daemon=True).start()
+
+    def _boot(self, line: str, group: list[str], paths: list[str], objects: Path, slots) -> None:
         kernel = self.kernels[line]
-        try:
-            self.runs[line] = vmrunner.run(
-                kernel, PLAN[line], timeout=TIMEOUT, cpus=1, objects=objects
-            )
-        except Exception as e:  # reported by every test of this kernel
-            self.failures[line] = f"VM {kernel.describe()}: {e}"
+        with slots:
+            try:
+                run = vmrunner.run(kernel, paths, timeout=TIMEOUT, cpus=1, objects=objects)
+                for g in group:
+                    self.runs[g] = run
+            except Exception as e:  # noqa: BLE001 -- reported by every test of this kernel
+                for g in group:
+                    self.failures[g] = f"VM {kernel.describe()}: {e}"
+        for g in group:
+            self._done[g].set()
 
     def run(self, line: str) -> vmrunner.VMRun:
         """The results of `line`'s kernel, once its boot has finished (a failure fails)."""
@@ -99,7 +121,7 @@ class VMSession:
                 f"no kernel was resolved for {line}: {'; '.join(self.notes)}", pytrace=False
             )
         self.start()
-        self._futures[line].result()
+        self._done[line].wait()
         if line in self.failures:
             pytest.fail(self.failures[line], pytrace=False)
         return self.runs[line]
