@@ -21,7 +21,6 @@ from sockpol.metadata import describe_tls
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 
 

@@ -107,13 +107,11 @@ def compile_policy(
             message, hint = _too_complex(policy, e)
             span = policy.rules[e.rule_index].path.span if e.rule_index is not None else span
         bag.error(span, message, code=e.code, hint=hint)
-        bag.raise_if_errors()
-        raise
+        raise CompileError(source, bag.items) from None
     except StateLimit as e:
         bag = DiagnosticBag(source)
         bag.error(policy.name_span, f"policy '{policy.name}' is too complex: {e}", code="E901")
-        bag.raise_if_errors()
-        raise
+        raise CompileError(source, bag.items) from None
     needed = matcher.needed_shape()
     if shape is not None and not shape.covers(needed):
         raise ShapeMismatch(

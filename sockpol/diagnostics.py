@@ -90,10 +90,11 @@ class DiagnosticBag:
 
     def raise_if_errors(self) -> None:
         if self.has_errors:
-            raise CompileError(self.source, sorted(self.items, key=_position))
+            raise CompileError(self.source, sorted(self.items, key=position))
 
 
-def _position(d: Diagnostic) -> tuple[int, int]:
+def position(d: Diagnostic) -> tuple[int, int]:
+    """The order diagnostics are shown in: by line and column, file-wide ones first."""
     return (d.span.line, d.span.column) if d.span else (0, 0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -346,3 +347,13 @@ def test_pre_commit_hooks_name_the_commands():
     hooks = (ROOT / ".pre-commit-hooks.yaml").read_text()
     for command in ("sockpol lint", "sockpol fmt", "sockpol test"):
         assert f"entry: {command}" in hooks
+
+
+def test_the_test_file_docstring_example_runs(tmp_path):
+    """testfile.py's own example is a real test file that passes against the example policy."""
+    from sockpol.authoring.testfile import __doc__ as doc
+
+    example = [line[4:] for line in doc.split("A test is")[0].splitlines()[2:]]
+    shutil.copy(ROOT / "examples" / "orders-api.pol", tmp_path / "orders-api.pol")
+    (tmp_path / "orders-api.poltest").write_text("\n".join(example) + "\n")
+    assert run(["test", str(tmp_path)]) == 0

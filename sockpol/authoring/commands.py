@@ -356,6 +356,8 @@ def _request_from(args: argparse.Namespace) -> tuple[bytes, str]:
 
 def explain_lines(verdict, request: bytes | None = None) -> list[str]:
     """How the request was read, and what decided it (shared by explain and test failures)."""
+    from sockpol.model.interp import HELD
+
     out: list[str] = []
     head = verdict.head
     if head is not None:
@@ -378,6 +380,13 @@ def explain_lines(verdict, request: bytes | None = None) -> list[str]:
             out.append("  body: chunked")
         elif head.content_length:
             out.append(f"  body: {head.content_length} bytes (Content-Length)")
+    if verdict.reason == HELD:
+        out.append(
+            f"HELD: the head is incomplete ({len(request or b'')} bytes, no blank line yet): the "
+            "kernel holds these bytes until the rest arrives, and nothing reaches the server; "
+            "a head still incomplete at max-head bytes is refused (head-too-large)"
+        )
+        return out
     if verdict.refusal is not None and (head is None or verdict.reason == "bad-chunk"):
         r = verdict.refusal
         out.append(f"REFUSED before any rule: {r.reason} (at byte {r.offset}): {r.detail}")

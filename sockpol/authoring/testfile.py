@@ -16,9 +16,13 @@
     {"item": 1}
     expect allow
 
-    test "a TLS ClientHello on the port" raw
-    \\x16\\x03\\x01\\x00\\xa5
-    expect refuse bad-method
+    test "an encoded slash" raw
+    GET /api/v1/orders/1%2f..%2fadmin HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n
+    expect refuse ambiguous-path
+
+    test "a head that never ends" raw
+    GET /healthz HTTP/1.1\\r\\nHost: shop.example.com\\r\\n
+    expect held
 
 A test is `test NAME` (quoted, or the rest of the line; `raw` after a quoted name), the request,
 and an `expect` line. The request is written as text: a request line (`HTTP/1.1` is added when
@@ -33,6 +37,7 @@ escapes `\\r \\n \\t \\\\ \\xHH` stand for those bytes.
     expect deny  [rule N | default]     refused by a deny rule or the default
     expect audit [rule N]               passed by an audit rule, recorded as a would-be refusal
     expect refuse [REASON]              refused before any rule: bad-method, ambiguous-path, ...
+    expect held                         the head never completes: the kernel holds its bytes
 
 Rules are numbered from 0 in policy order, as `sockpol inspect` and `sockpol explain` show them.
 Tests see the policy enforcing, whatever its `mode`. Lines starting with `#` outside a request are
@@ -47,9 +52,9 @@ from pathlib import Path
 
 from sockpol.diagnostics import SockpolError
 from sockpol.dsl.ast import Mode, Policy
-from sockpol.model.interp import REFUSALS, Verdict, evaluate
+from sockpol.model.interp import HELD, REFUSALS, Verdict, evaluate
 
-VERDICTS = ("allow", "deny", "audit", "refuse")
+VERDICTS = ("allow", "deny", "audit", "refuse", "held")
 
 
 class TestFileError(SockpolError):
@@ -123,7 +128,8 @@ def parse_test_file(text: str, path: str) -> TestFile:
         if not stripped or stripped.startswith("#"):
             continue
         word, _, rest = stripped.partition(" ")
-        rest = rest.strip()
+        # `policy` and `file` lines may end in a comment, as language.md's example shows.
+        rest = re.sub(r"\s+#.*$", "", rest).strip()
         if word == "file" and not tf.cases:
             tf.policy_file = str(Path(path).parent / rest)
         elif word == "policy" and not tf.cases:
@@ -212,6 +218,8 @@ def _request(body: list[str], raw: bool) -> bytes:
 
 def describe(verdict: Verdict) -> str:
     """A verdict in `expect` form."""
+    if verdict.reason == HELD:
+        return "held"
     if verdict.refusal is not None:  # the head, or a chunked body after its head was judged
         return f"refuse {verdict.reason}"
     what = f"rule {verdict.rule.index}" if verdict.rule is not None else "default"

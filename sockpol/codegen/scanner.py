@@ -6,8 +6,9 @@ The kernel program walks this automaton one byte at a time. Its phases follow th
 
 Each phase is determinized from tagged regular expressions (`sockpol/automata`). Where a phase
 ends (the SP after the method or path, the CR of a header line) the scanner enters a *commit
-state* that records which facts the phase established ("method is GET", "path matches pattern
-3", "header x-api-key present"). The kernel ORs the commit state's fact set into the request's
+state* that records which facts the phase established ("method is GET", "header x-api-key
+present"); path bytes are fed to the normalizer (the path automaton decides on the normalized
+path after the head). The kernel ORs the commit state's fact set into the request's
 facts; rules are conjunctions of facts. Terminal states END and one per refusal reason stop the
 walk; any byte without a transition leads to the refusal state of its phase, so the scanner
 accepts only well-formed, unambiguous request heads.

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sockpol.diagnostics import Diagnostic, DiagnosticBag, Severity, Source, Span
+from sockpol.diagnostics import Diagnostic, DiagnosticBag, Severity, Source, Span, position
 from sockpol.dsl import patterns, regex
 from sockpol.dsl.ast import (
     Action,
@@ -46,11 +46,7 @@ def diagnose(file: PolicyFile) -> list[Diagnostic]:
     """Every error and warning of the file, in source order; never raises."""
     checker = _Checker(file.source)
     checker.file(file)
-    return sorted(checker.bag.items, key=_position)
-
-
-def _position(d: Diagnostic) -> tuple[int, int]:
-    return (d.span.line, d.span.column) if d.span else (0, 0)
+    return sorted(checker.bag.items, key=position)
 
 
 @dataclass(frozen=True)

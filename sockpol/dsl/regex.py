@@ -48,7 +48,6 @@ PREFIX = '~"'
 PATH = http.PATH_BYTE
 DIGITS = frozenset(string.digits)
 WORD = frozenset(string.ascii_letters + string.digits + "_")
-META = frozenset(".*+?()[]{}|$^\\")
 LITERAL = frozenset(string.ascii_letters + string.digits + "-_~!&',;=:@/")
 ESCAPABLE = frozenset(".*+?()[]{}|$/-")
 HEX = frozenset(string.hexdigits)

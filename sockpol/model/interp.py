@@ -56,6 +56,9 @@ AMBIGUOUS_ESCAPES = frozenset({0x2F, 0x5C, 0x00})  # %2F, %5C, %00
 # Refusal reasons before any rule, by slug (contract.Reason: BAD_METHOD -> "bad-method").
 REFUSALS = tuple(r.slug for r in BEFORE_RULES)
 ALLOWED, DENY_RULE, DENY_DEFAULT = "none", "rule", "default"
+# A head that never completes is not refused: the kernel holds (corks) its bytes until the rest
+# arrives, so nothing reaches the server; only at max-head bytes is it refused (head-too-large).
+HELD = "held"
 # Events the program records (sockpol.telemetry.Verdict, lower-case): a refusal, a request that
 # passed only because the policy runs in dry-run mode or an audit rule matched it, and a request
 # that a rule marked `log` passed.
@@ -122,7 +125,7 @@ class Verdict:
     """
 
     allow: bool
-    reason: str  # ALLOWED, DENY_RULE, DENY_DEFAULT or one of REFUSALS
+    reason: str  # ALLOWED, DENY_RULE, DENY_DEFAULT, HELD or one of REFUSALS
     rule: Rule | None = None  # the deciding rule
     head: Head | None = None
     refusal: Refusal | None = None
@@ -658,12 +661,11 @@ def _refused(refusal: Refusal, dry_run: bool) -> Verdict:
 
 def evaluate(policy: Policy, request: bytes, mode: Mode | None = None) -> Verdict:
     """The verdict on the request at the start of `request`, sent whole: the head's, unless its
-    chunked body is then refused, or the head never completes."""
+    chunked body is then refused; HELD when the head never completes (the kernel holds it)."""
     conn = Connection(policy, mode=mode)
     conn.send(request)
     if not conn.verdicts:
-        refusal = Refusal("head-too-large", len(request), "the head is incomplete")
-        return Verdict(False, refusal.reason, refusal=refusal)
+        return Verdict(False, HELD)
     first = conn.verdicts[0]
     later = next((v for v in conn.verdicts[1:] if v.reason == "bad-chunk"), None)
     if first.allow and later is not None and first.head is not None and first.head.chunked:
