@@ -7,16 +7,18 @@ non-zero exit status; a traceback is shown only with SOCKPOL_DEBUG=1.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sockpol import __version__
 from sockpol.diagnostics import CompileError, Diagnostic, SockpolError, Source, render
-from sockpol.doctor import add_doctor_command
+from sockpol.doctor import doctor_arguments
 from sockpol.metadata import describe_tls
 
 EXIT_OK = 0
@@ -181,16 +183,11 @@ def _object_for_reload(args: argparse.Namespace, tmpdir: str) -> Path:
     text = _read_policy_file(args.file)
     policy_file, warnings = front_end(text, args.file)
     _print_warnings(args.file, text, warnings)
+    # By default the policy of the loaded one's name, when the file has it.
     name = args.policy or (
         loaded.metadata.policy if policy_file.policy(loaded.metadata.policy) else None
     )
-    policies = policy_file.policies
-    chosen = policy_file.policy(name) if name else (policies[0] if len(policies) == 1 else None)
-    if chosen is None:
-        raise SockpolError(
-            f"{args.file}: choose the policy to reload with --policy "
-            f"(the file defines: {', '.join(p.name for p in policies) or 'none'})"
-        )
+    chosen = policy_file.choose(name)
     shape = TableShape(**loaded.metadata.shape) if loaded.metadata.shape else None
     compiled = compile_policy(chosen, policy_file.source, shape)
     target = Path(tmpdir) / f"{chosen.name}.bpf.o"
@@ -354,19 +351,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- argument parsing ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sockpol",
-        description="Compile HTTP access policies to BPF and enforce them in the kernel.",
-    )
-    parser.add_argument("--version", action="version", version=f"sockpol {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# --- the commands: one table, one way to register -----------------------------------------------
 
-    p = sub.add_parser("check", help="parse and check a policy file")
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its arguments, and where its code lives ("module:function"), imported only
+    when it runs: the authors' commands must not load the runtime (libbpf), and the runtime's
+    must not load the compiler (lark, llvmlite), so that each starts fast and runs where the
+    other cannot (tests/test_authoring.py checks the first)."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    target: str
+
+    def run(self, args: argparse.Namespace) -> int:
+        module, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(module), function)(args)
+
+
+def _file(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
-    p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("compile", help="compile a policy file to a BPF object")
+
+def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
     p.add_argument("-o", "--output", help="output file, or directory for several policies")
     p.add_argument("--policy", help="the policy to compile when the file has several")
@@ -376,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print automaton and table sizes, and (as root) the verifier's instruction count",
     )
-    p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("load", help="load a policy (.pol or compiled .o) and attach it")
+
+def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
     p.add_argument("--cgroup", help="cgroup v2 directory whose TCP connections are governed")
     p.add_argument("--policy", help="the policy to load when the file has several")
@@ -386,97 +395,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode", choices=["enforce", "dry-run"], help="start in this mode, not the policy's"
     )
-    p.set_defaults(func=cmd_load)
 
-    p = sub.add_parser(
-        "reload", help="swap a loaded policy's rules in place (no program or connection touched)"
-    )
+
+def _reload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("file", help="policy file (.pol) or compiled object (.o)")
     p.add_argument("--policy", help="the policy to use when the file has several")
-    p.set_defaults(func=cmd_reload)
 
-    p = sub.add_parser("unload", help="detach and remove a loaded policy")
+
+def _name(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
-    p.set_defaults(func=cmd_unload)
 
-    p = sub.add_parser(
-        "status", help="list loaded policies; with a name, its rules and their counters"
-    )
+
+def _status_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser(
-        "mode", help="show or switch a loaded policy's mode (enforce, dry-run) without reloading"
-    )
+
+def _mode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("mode", nargs="?", choices=["enforce", "dry-run"])
-    p.set_defaults(func=cmd_mode)
 
-    p = sub.add_parser(
-        "events", help="stream refused, dry-run, audit and logged requests as they happen"
-    )
+
+def _events_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help="policies to follow (default: all)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=int, help="stop after this many events")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
-    p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("metrics", help="serve Prometheus metrics of all loaded policies")
+
+def _metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--listen", required=True, metavar="ADDR:PORT", help="e.g. 127.0.0.1:9464 or :9464"
     )
-    p.set_defaults(func=cmd_metrics)
 
-    p = sub.add_parser("inspect", help="show the policy record inside a compiled object")
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("object")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser(
-        "demo", help="enforce a policy on live loopback traffic from a temporary cgroup"
-    )
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", default=None)
     p.add_argument("--policy")
     p.add_argument("--cgroup-parent", help="cgroup v2 directory to create the demo cgroup in")
-    p.set_defaults(func=cmd_demo)
-    _authoring_parsers(sub)
-
-    add_doctor_command(sub)  # sockpol.doctor imports the runtime only when the command runs
-    return parser
 
 
-def _authoring(name: str) -> Callable[[argparse.Namespace], int]:
-    """lint/fmt/test/explain live in sockpol.authoring, imported only when one runs."""
-
-    def run_command(args: argparse.Namespace) -> int:
-        from sockpol.authoring import commands as authoring
-
-        return authoring.dispatch(name, args)
-
-    return run_command
-
-
-def _authoring_parsers(sub) -> None:
-    p = sub.add_parser("lint", help="exact findings: shadowed, duplicate, unreachable rules, ...")
+def _lint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="policy files or directories")
     p.add_argument("--format", choices=["text", "json", "sarif"], default="text")
-    p.set_defaults(func=_authoring("cmd_lint"))
 
-    p = sub.add_parser("fmt", help="rewrite policy files in the canonical layout")
+
+def _fmt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="policy files or directories")
     p.add_argument("--check", action="store_true", help="only report files that would change")
     p.add_argument("--diff", action="store_true", help="print the changes, write nothing")
-    p.set_defaults(func=_authoring("cmd_fmt"))
 
-    p = sub.add_parser("test", help="run policy test files (*.poltest) against the policies")
+
+def _test_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", help=".poltest or .pol files, or directories (default: .)")
     p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
     p.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
-    p.set_defaults(func=_authoring("cmd_test"))
 
-    p = sub.add_parser("explain", help="how a request is read and which rule decides it")
+
+def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="policy file")
     p.add_argument("request", nargs="?", help="raw request file, or - for stdin (the default)")
     p.add_argument("--policy", help="the policy to use when the file has several")
@@ -486,7 +468,55 @@ def _authoring_parsers(sub) -> None:
     p.add_argument("--header", action="append", metavar="'NAME: VALUE'")
     p.add_argument("--raw", action="store_true", help="do not turn LF line ends into CRLF")
     p.add_argument("--enforce", action="store_true", help="judge as enforcing, whatever the mode")
-    p.set_defaults(func=_authoring("cmd_explain"))
+
+
+AUTHORING = "sockpol.authoring.commands"
+COMMANDS: tuple[Command, ...] = (
+    Command("check", "parse and check a policy file", _file, "sockpol.cli:cmd_check"),
+    Command("compile", "compile a policy file to a BPF object", _compile_args,
+            "sockpol.cli:cmd_compile"),
+    Command("load", "load a policy (.pol or compiled .o) and attach it", _load_args,
+            "sockpol.cli:cmd_load"),
+    Command("reload", "swap a loaded policy's rules in place (no program or connection touched)",
+            _reload_args, "sockpol.cli:cmd_reload"),
+    Command("unload", "detach and remove a loaded policy", _name, "sockpol.cli:cmd_unload"),
+    Command("status", "list loaded policies; with a name, its rules and their counters",
+            _status_args, "sockpol.cli:cmd_status"),
+    Command("mode", "show or switch a loaded policy's mode (enforce, dry-run) without reloading",
+            _mode_args, "sockpol.cli:cmd_mode"),
+    Command("events", "stream refused, dry-run, audit and logged requests as they happen",
+            _events_args, "sockpol.cli:cmd_events"),
+    Command("metrics", "serve Prometheus metrics of all loaded policies", _metrics_args,
+            "sockpol.cli:cmd_metrics"),
+    Command("inspect", "show the policy record inside a compiled object", _inspect_args,
+            "sockpol.cli:cmd_inspect"),
+    Command("demo", "enforce a policy on live loopback traffic from a temporary cgroup",
+            _demo_args, "sockpol.cli:cmd_demo"),
+    Command("lint", "exact findings: shadowed, duplicate, unreachable rules, ...", _lint_args,
+            f"{AUTHORING}:cmd_lint"),
+    Command("fmt", "rewrite policy files in the canonical layout", _fmt_args,
+            f"{AUTHORING}:cmd_fmt"),
+    Command("test", "run policy test files (*.poltest) against the policies", _test_args,
+            f"{AUTHORING}:cmd_test"),
+    Command("explain", "how a request is read and which rule decides it", _explain_args,
+            f"{AUTHORING}:cmd_explain"),
+    Command("doctor", "probe the running kernel: what sockpol can enforce here (incl. kTLS)",
+            doctor_arguments, "sockpol.doctor:cmd_doctor"),
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sockpol",
+        description="Compile HTTP access policies to BPF and enforce them in the kernel.",
+    )
+    parser.add_argument("--version", action="version", version=f"sockpol {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        command.arguments(p)
+        p.set_defaults(func=command.run)
+    return parser
 
 
 def run(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> int:

@@ -188,25 +188,8 @@ def unreachable_warnings(matcher: MatcherIR, earlier: list[Diagnostic]) -> list[
 
 def select(compiled: list[CompiledPolicy], name: str | None, source: Source) -> CompiledPolicy:
     """The one policy a command acts on: the only one in the file, or the one named."""
-    if name is not None:
-        for c in compiled:
-            if c.policy.name == name:
-                return c
-        names = ", ".join(c.policy.name for c in compiled) or "none"
-        bag = DiagnosticBag(source)
-        bag.error(None, f"no policy named '{name}' (the file defines: {names})", code="E902")
-        bag.raise_if_errors()
-    if len(compiled) != 1:
-        bag = DiagnosticBag(source)
-        names = ", ".join(c.policy.name for c in compiled)
-        bag.error(
-            None,
-            f"the file defines {len(compiled)} policies ({names or 'none'})",
-            code="E903",
-            hint="choose one with --policy NAME",
-        )
-        bag.raise_if_errors()
-    return compiled[0]
+    chosen = PolicyFile(source, tuple(c.policy for c in compiled)).choose(name)
+    return next(c for c in compiled if c.policy is chosen)
 
 
 def compile_to_file(

@@ -1,12 +1,8 @@
 """`sockpol doctor`: probe the running kernel and say plainly what works here.
 
-The command is self-contained so that cli.py needs one line to register it:
-
-    from sockpol.doctor import add_doctor_command
-    add_doctor_command(sub)
-
-Importing this module does not import the runtime (the probe is imported when the command runs):
-the authoring commands (lint, fmt, test, explain) share cli.py and must never need libbpf.
+cli.py registers it like every command (`doctor_arguments`, `cmd_doctor`). Importing this module
+does not import the runtime (the probe is imported when the command runs): the authoring
+commands (lint, fmt, test, explain) share cli.py and must never need libbpf.
 
 Last, doctor compiles and loads sockpol's own program (selfcheck.py) and prints the verifier's
 count against the budget: probing features one by one cannot tell whether the verifier accepts
@@ -25,7 +21,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from sockpol.metadata import KERNELS_DOC, MSG_PROGRAM, VERIFIER_BUDGET
 
@@ -39,18 +35,13 @@ EXIT_MISSING = 1
 _LABEL = {"ok": "ok", "missing": "MISSING", "unknown": "unknown"}  # by probe.Verdict value
 
 
-def add_doctor_command(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "doctor", help="probe the running kernel: what sockpol can enforce here (incl. kTLS)"
-    )
+def doctor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="findings as JSON")
     p.add_argument(
         "--require-ktls",
         action="store_true",
         help="exit 1 unless policy inside TLS (kTLS on sockhash sockets) works here",
     )
-    p.set_defaults(func=cmd_doctor)
-    return p
 
 
 def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:

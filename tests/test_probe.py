@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import json
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sockpol import doctor, selfcheck
+from sockpol.cli import build_parser
 from sockpol.runtime import ktls, probe
 from sockpol.runtime.probe import Finding, Verdict
 from sockpol.selfcheck import ProgramCheck
@@ -65,11 +65,9 @@ def _doctor(
 ):
     monkeypatch.setattr(probe, "probe", lambda: list(findings))  # doctor imports it when it runs
     monkeypatch.setattr(selfcheck, "check_program", lambda: program)
-    parser = argparse.ArgumentParser()
-    doctor.add_doctor_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["doctor", *argv])
+    args = build_parser().parse_args(["doctor", *argv])
     out = io.StringIO()
-    return args.func(args, out=out), out.getvalue()
+    return doctor.cmd_doctor(args, out=out), out.getvalue()
 
 
 def test_doctor_without_ktls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,10 +147,8 @@ def test_doctor_survives_a_check_that_crashes(monkeypatch) -> None:
 
     monkeypatch.setattr(probe, "probe", lambda: _findings(ktls_ok=False))
     monkeypatch.setattr(selfcheck, "check_program", boom)
-    parser = argparse.ArgumentParser()
-    doctor.add_doctor_command(parser.add_subparsers(dest="command"))
     out = io.StringIO()
-    status = parser.parse_args(["doctor"]).func(parser.parse_args(["doctor"]), out=out)
+    status = doctor.cmd_doctor(build_parser().parse_args(["doctor"]), out=out)
     text = out.getvalue()
     assert "unknown  sockpol's program (sockpol_msg)" in text
     assert "the check itself failed: llvmlite exploded" in text

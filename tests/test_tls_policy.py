@@ -6,7 +6,6 @@ tests/kernel/test_tls_policy_load.py loads `tls` policies for real.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import io
 import json
@@ -19,7 +18,7 @@ from policygen import policies
 from sockpol import doctor
 from sockpol.authoring.fmt import format_source
 from sockpol.authoring.lint import lint_file
-from sockpol.cli import run
+from sockpol.cli import build_parser, run
 from sockpol.compiler import compile_source
 from sockpol.diagnostics import CompileError, Severity, Span
 from sockpol.dsl import load_source
@@ -411,11 +410,9 @@ def test_reload_may_change_tls():
 
 def _doctor_text(monkeypatch, findings: list[Finding], *argv: str) -> str:
     monkeypatch.setattr(probe, "probe", lambda: findings)  # doctor imports it when it runs
-    parser = argparse.ArgumentParser()
-    doctor.add_doctor_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["doctor", *argv])
+    args = build_parser().parse_args(["doctor", *argv])
     out = io.StringIO()
-    args.func(args, out=out)
+    doctor.cmd_doctor(args, out=out)
     return out.getvalue()
 
 

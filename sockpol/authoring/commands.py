@@ -11,9 +11,11 @@ does not check or cannot be read, a malformed test file).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -21,6 +23,19 @@ from sockpol import __version__
 from sockpol.diagnostics import CompileError, Diagnostic, SockpolError, render
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERRORS = 0, 1, 2
+
+
+def _user_errors_exit_2(command: Callable[[argparse.Namespace], int]):
+    """Every error a user can cause exits 2 with a readable message (not cli's exit 1)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except SockpolError as e:
+            return _errors(e)
+
+    return run
 
 
 def _errors(e: SockpolError) -> int:
@@ -53,6 +68,7 @@ def _find(folder: Path, suffix: str) -> list[str]:
 # -- lint -----------------------------------------------------------------------------------------
 
 
+@_user_errors_exit_2
 def cmd_lint(args: argparse.Namespace) -> int:
     from sockpol.authoring.lint import lint_files
     from sockpol.dsl import load_file
@@ -177,6 +193,7 @@ _DESCRIPTIONS = {
 # -- fmt ------------------------------------------------------------------------------------------
 
 
+@_user_errors_exit_2
 def cmd_fmt(args: argparse.Namespace) -> int:
     from sockpol.authoring.fmt import diff, format_source
     from sockpol.dsl import read_source_file
@@ -210,6 +227,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 # -- test -----------------------------------------------------------------------------------------
 
 
+@_user_errors_exit_2
 def cmd_test(args: argparse.Namespace) -> int:
     from sockpol.authoring.testfile import TestFileError, parse_test_file, run_tests
 
@@ -230,7 +248,7 @@ def cmd_test(args: argparse.Namespace) -> int:
             from sockpol.dsl import read_source_file
 
             tf = parse_test_file(read_source_file(path), path)
-            policy = _policy_for(tf.policy_file, tf.policy_name)
+            policy = _policy_for(tf.policy_file, tf.policy_name, "'policy NAME' in the test file")
             outcomes = run_tests(tf, policy)
         except (TestFileError, SockpolError) as e:
             errors += 1
@@ -255,22 +273,11 @@ def cmd_test(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS if failures else EXIT_CLEAN
 
 
-def _policy_for(policy_file: str, name: str | None):
+def _policy_for(policy_file: str, name: str | None, how: str):
     from sockpol.dsl import load_file
 
     file, _ = load_file(policy_file)
-    if name is not None:
-        policy = file.policy(name)
-        if policy is None:
-            names = ", ".join(p.name for p in file.policies)
-            raise SockpolError(f"{policy_file}: no policy named '{name}' (it defines {names})")
-        return policy
-    if len(file.policies) != 1:
-        raise SockpolError(
-            f"{policy_file} defines {len(file.policies)} policies: name one with 'policy NAME' "
-            "at the top of the test file"
-        )
-    return file.policies[0]
+    return file.choose(name, how)
 
 
 def _failure(path: str, o) -> str:
@@ -314,11 +321,12 @@ def _write_junit(target: str, suites) -> None:
 # -- explain --------------------------------------------------------------------------------------
 
 
+@_user_errors_exit_2
 def cmd_explain(args: argparse.Namespace) -> int:
     from sockpol.dsl.ast import Mode
     from sockpol.model.interp import evaluate
 
-    policy = _policy_for(args.file, args.policy)
+    policy = _policy_for(args.file, args.policy, "--policy NAME")
     request, note = _request_from(args)
     verdict = evaluate(policy, request, Mode.ENFORCE if args.enforce else None)
     print(f"policy {policy.name} ({args.file}), mode {(policy.mode.value)}")
@@ -420,20 +428,11 @@ def _pointer(request: bytes, offset: int) -> list[str]:
     return [f"    {shown}", f"    {' ' * len(before)}^"]
 
 
-def dispatch(name: str, args: argparse.Namespace) -> int:
-    """Run one command; every error a user can cause exits 2 with a readable message."""
-    try:
-        return globals()[name](args)
-    except SockpolError as e:
-        return _errors(e)
-
-
 __all__ = [
     "cmd_explain",
     "cmd_fmt",
     "cmd_lint",
     "cmd_test",
-    "dispatch",
     "explain_lines",
     "sarif_log",
 ]

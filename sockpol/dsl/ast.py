@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from sockpol.diagnostics import Source, Span
+from sockpol.diagnostics import CompileError, DiagnosticBag, Source, Span
 
 
 class Action(Enum):
@@ -146,3 +146,21 @@ class PolicyFile:
 
     def policy(self, name: str) -> Policy | None:
         return next((p for p in self.policies if p.name == name), None)
+
+    def choose(self, name: str | None, how: str = "--policy NAME") -> Policy:
+        """The one policy a command acts on: the one named, or the file's only one. Every
+        command picks its policy here, so the errors read the same everywhere (E902, E903);
+        `how` says how this command names one."""
+        names = ", ".join(p.name for p in self.policies) or "none"
+        if name is not None:
+            found = self.policy(name)
+            if found is not None:
+                return found
+            message, code = f"no policy named '{name}' (the file defines: {names})", "E902"
+        elif len(self.policies) == 1:
+            return self.policies[0]
+        else:
+            message, code = f"the file defines {len(self.policies)} policies ({names})", "E903"
+        bag = DiagnosticBag(self.source)
+        bag.error(None, message, code=code, hint=f"choose one with {how}")
+        raise CompileError(self.source, bag.items)

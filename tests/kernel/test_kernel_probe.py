@@ -7,7 +7,6 @@ socket in a sockhash is checked against real sockets by tests/ktls; here only it
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import subprocess
@@ -15,6 +14,7 @@ import subprocess
 import pytest
 
 from sockpol import doctor
+from sockpol.cli import build_parser
 from sockpol.metadata import VERIFIER_BUDGET
 from sockpol.runtime import probe
 from sockpol.runtime.probe import Verdict
@@ -68,11 +68,9 @@ def test_probe_leaves_no_probe_objects(findings) -> None:
 
 
 def test_doctor_reports_the_live_kernel(findings) -> None:
-    parser = argparse.ArgumentParser()
-    doctor.add_doctor_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["doctor", "--json"])
+    args = build_parser().parse_args(["doctor", "--json"])
     out = io.StringIO()
-    assert args.func(args, out=out) == doctor.EXIT_OK
+    assert doctor.cmd_doctor(args, out=out) == doctor.EXIT_OK
     report = json.loads(out.getvalue())
     assert [f["key"] for f in report["findings"]] == [*findings, "program"]
     # The real program was compiled, loaded and counted against the budget.
