@@ -58,6 +58,11 @@ def sys_membarrier(machine: str | None = None) -> int | None:
     return SYS_MEMBARRIER.get(machine or os.uname().machine)
 
 
+# --- RFC 3986's unreserved characters: the escapes the normalizer decodes (kernel program,
+# reference model) and the characters path patterns may spell plainly (language, automata) -------
+
+UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
 # --- limits the program enforces (and the reference interpreter with it) -----------------------
 
 PATH_MAX = 2048  # normalized path bytes kept; longer paths are refused

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_MISSING = 1
 
-_LABEL = {"ok": "ok", "missing": "MISSING", "unknown": "unknown"}  # by probe.Verdict value
+_LABEL = {"ok": "ok", "missing": "MISSING", "unknown": "unknown"}  # by probe.Status value
 
 
 def doctor_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,19 +80,19 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def program_finding(check: ProgramCheck | None) -> Finding:
-    from sockpol.runtime.probe import Finding, Verdict
+    from sockpol.runtime.probe import Finding, Status
 
     title = f"sockpol's program ({MSG_PROGRAM})"
     if check is None:
-        return Finding("program", title, Verdict.UNKNOWN, "not tried: a feature above is missing")
+        return Finding("program", title, Status.UNKNOWN, "not tried: a feature above is missing")
     release = os.uname().release
     if check.unknown:
-        return Finding("program", title, Verdict.UNKNOWN, check.note)
+        return Finding("program", title, Status.UNKNOWN, check.note)
     if not check.loaded and not check.log_tail:  # not the verifier: libbpf, a map, privileges
         return Finding(
             "program",
             title,
-            Verdict.MISSING,
+            Status.MISSING,
             f"could not be loaded on Linux {release}: {check.note}",
             "no policy loads here; see the findings above",
             "a way to load sockpol's program",
@@ -102,7 +102,7 @@ def program_finding(check: ProgramCheck | None) -> Finding:
         return Finding(
             "program",
             title,
-            Verdict.MISSING,
+            Status.MISSING,
             f"the verifier of Linux {release} refused it{count}: {check.note}",
             f"no policy loads on this kernel; see {KERNELS_DOC} and report it",
             "a verifier that accepts sockpol's program",
@@ -110,7 +110,7 @@ def program_finding(check: ProgramCheck | None) -> Finding:
     within = "within" if check.within_budget else "OVER"
     detail = f"verified in {check.processed:,} instructions ({within} the budget of "
     detail += f"{VERIFIER_BUDGET:,}; the verifier's limit is 1,000,000)"
-    return Finding("program", title, Verdict.OK, detail)
+    return Finding("program", title, Status.OK, detail)
 
 
 def render(

@@ -64,7 +64,7 @@ def counter_slots(max_rules: int) -> int:
     return SLOT_RULES + max_rules
 
 
-class Verdict(IntEnum):
+class EventKind(IntEnum):
     """What an event records."""
 
     REFUSED = 1  # the request was refused
@@ -74,10 +74,10 @@ class Verdict(IntEnum):
 
 
 VERDICT_NAMES = {
-    Verdict.REFUSED: "refused",
-    Verdict.DRY_RUN: "dry-run",
-    Verdict.AUDIT: "audit",
-    Verdict.LOGGED: "logged",
+    EventKind.REFUSED: "refused",
+    EventKind.DRY_RUN: "dry-run",
+    EventKind.AUDIT: "audit",
+    EventKind.LOGGED: "logged",
 }
 
 # contract.RESUME_UNJUDGED: the resume value of a connection that a dry-run pass left without HTTP
@@ -100,7 +100,7 @@ EVENT_FIELDS = [
     ("cgroup_id", "Q"),  # bpf_get_current_cgroup_id() of the sender
     ("rule", "I"),  # index of the deciding rule, NO_RULE when none decided
     ("size", "I"),  # bytes in the message the program judged (msg->size)
-    ("verdict", "B"),  # Verdict
+    ("verdict", "B"),  # EventKind
     ("reason", "B"),  # contract.Reason (NONE for LOGGED)
     ("method_len", "B"),
     ("host_len", "B"),  # 0: no Host header found in the judged bytes

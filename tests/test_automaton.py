@@ -23,7 +23,7 @@ from sockpol.automata.automaton import (
     trim,
 )
 from sockpol.codegen.lower import lower
-from sockpol.codegen.simulate import decide, scan
+from sockpol.codegen.simulate import first_matching_rule, scan
 from sockpol.compiler import front_end
 from sockpol.model import interp
 
@@ -154,7 +154,7 @@ def test_candidate_lookup_finds_the_first_matching_rule(text, requests):
         assert isinstance(parsed, interp.Head), head
         rule = interp.decide(policy, parsed).rule
         expected = rule.index if rule is not None else None
-        assert decide(ir, s.facts, s.path_state) == expected, (text, head)
+        assert first_matching_rule(ir, s.facts, s.path_state) == expected, (text, head)
 
 
 def test_candidate_lists_stop_at_an_unconditional_rule():

@@ -12,7 +12,7 @@ import pytest
 from sockpol import doctor, selfcheck
 from sockpol.cli import build_parser
 from sockpol.runtime import ktls, probe
-from sockpol.runtime.probe import Finding, Verdict
+from sockpol.runtime.probe import Finding, Status
 from sockpol.selfcheck import ProgramCheck
 
 
@@ -44,10 +44,10 @@ def test_crypto_info_layout(cipher: ktls.Cipher, version: int) -> None:
 
 
 def _findings(ktls_ok: bool) -> list[Finding]:
-    ok = [Finding(k, k, Verdict.OK, "fine") for k in probe.CORE]
-    tls = Verdict.OK if ktls_ok else Verdict.MISSING
+    ok = [Finding(k, k, Status.OK, "fine") for k in probe.CORE]
+    tls = Status.OK if ktls_ok else Status.MISSING
     return [
-        Finding("kernel", "kernel", Verdict.OK, "Linux 9.9 (x86_64)"),
+        Finding("kernel", "kernel", Status.OK, "Linux 9.9 (x86_64)"),
         *ok,
         Finding("ktls", "kernel TLS (kTLS)", tls, "tried", "no TLS here", "" if ktls_ok else "TLS"),
         Finding("ktls_sockmap", "kTLS on sockets in a sockhash", tls, "tried", "no TLS here"),
@@ -94,7 +94,7 @@ def test_doctor_with_ktls_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_doctor_fails_when_core_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     findings = _findings(ktls_ok=True)
-    findings[2] = Finding("sk_msg", "sk_msg programs", Verdict.MISSING, "no", "rebuild")
+    findings[2] = Finding("sk_msg", "sk_msg programs", Status.MISSING, "no", "rebuild")
     status, text = _doctor(monkeypatch, findings)
     assert status == doctor.EXIT_MISSING
     assert "plaintext HTTP policies:  no (sk_msg programs: missing)" in text

@@ -106,24 +106,24 @@ def test_mode_and_log_diagnostics(lines, code):
 def test_enforce_mode_records_refusals_audits_and_logs():
     ir = matcher().matcher
     ok = run(ir, req("GET", "/ok"))
-    assert ok.allow and ok.event is t.Verdict.LOGGED and ok.reason is Reason.NONE
+    assert ok.allow and ok.event is t.EventKind.LOGGED and ok.reason is Reason.NONE
     assert ok.counts == ((t.SLOT_RULES + 0, 1, len(req("GET", "/ok"))),)
     quiet = run(ir, req("GET", "/quiet"))
     assert quiet.allow and quiet.event is None
     audit = run(ir, req("POST", "/audit/x", b"abc"))
     size = len(req("POST", "/audit/x", b"abc"))
-    assert audit.allow and audit.would_refuse and audit.event is t.Verdict.AUDIT
+    assert audit.allow and audit.would_refuse and audit.event is t.EventKind.AUDIT
     assert audit.counts == (
         (t.SLOT_RULES + 2, 1, size),
         (t.SLOT_WOULD_REFUSE + Reason.RULE, 1, size),
     )
     denied = run(ir, req("GET", "/admin/a"))
-    assert not denied.allow and denied.event is t.Verdict.REFUSED and denied.rule == 3
+    assert not denied.allow and denied.event is t.EventKind.REFUSED and denied.rule == 3
     default = run(ir, req("GET", "/other"))
     assert not default.allow and default.reason is Reason.DEFAULT
     assert default.counts[0][0] == t.SLOT_DEFAULT
     garbage = run(ir, b"\x00\x01\x02\x03")
-    assert not garbage.allow and garbage.event is t.Verdict.REFUSED
+    assert not garbage.allow and garbage.event is t.EventKind.REFUSED
     assert garbage.counts == ((t.SLOT_REFUSED + Reason.BAD_METHOD, 1, 4),)
 
 
@@ -131,7 +131,7 @@ def test_dry_run_passes_what_enforce_refuses():
     ir = matcher().matcher
     for data in (req("GET", "/admin/a"), req("GET", "/other")):
         result = run(ir, data, mode=t.MODE_DRY_RUN)
-        assert result.allow and result.would_refuse and result.event is t.Verdict.DRY_RUN
+        assert result.allow and result.would_refuse and result.event is t.EventKind.DRY_RUN
         assert result.counts[-1][0] == t.SLOT_WOULD_REFUSE + result.reason
 
 
@@ -144,7 +144,7 @@ def test_dry_run_connection_without_framing_is_unjudged_until_enforced():
     conn.mode = t.MODE_ENFORCE
     assert not conn.send(req("GET", "/quiet"))
     last = conn.verdicts[-1]
-    assert last.reason is Reason.BAD_TARGET and last.event is t.Verdict.REFUSED
+    assert last.reason is Reason.BAD_TARGET and last.event is t.EventKind.REFUSED
 
 
 def test_chunked_body_bytes_go_to_the_rule_that_passed_the_head():
@@ -213,7 +213,7 @@ def test_layouts_are_consistent():
 def record(**fields) -> bytes:
     values = {
         "time_ns": 5_000_000_000, "pid_tgid": (1234 << 32) | 1240, "cgroup_id": 99,
-        "rule": 3, "size": 80, "verdict": t.Verdict.REFUSED, "reason": Reason.RULE,
+        "rule": 3, "size": 80, "verdict": t.EventKind.REFUSED, "reason": Reason.RULE,
         "method_len": 6, "host_len": 5, "path_len": 9, "family": socket.AF_INET,
         "remote_port": socket.htons(8080) << 16, "local_port": 40000,
         "remote_ip4": bytes([10, 0, 0, 2]), "local_ip4": bytes([10, 0, 0, 1]),

@@ -26,7 +26,7 @@ from sockpol.dsl.ast import TlsUserspace
 from sockpol.metadata import PolicyMetadata, describe_tls
 from sockpol.runtime import loader, probe
 from sockpol.runtime.loader import PolicyStatus
-from sockpol.runtime.probe import Finding, TlsSupport, Verdict
+from sockpol.runtime.probe import Finding, Status, TlsSupport
 from sockpol.statusview import policies as status_table
 from sockpol.statusview import policy as status_detail
 
@@ -267,35 +267,33 @@ def test_describe_tls():
 # -- the decision: can this kernel load tls policies? ---------------------------------------------
 
 
-def _finding(key: str, verdict: Verdict, detail: str = "d", lacks: str = "") -> Finding:
+def _finding(key: str, verdict: Status, detail: str = "d", lacks: str = "") -> Finding:
     return Finding(key, key.replace("_", " "), verdict, detail, "", lacks)
 
 
 def test_tls_support_from_findings():
-    ok = probe.tls_support_from(
-        [_finding("ktls", Verdict.OK), _finding("ktls_sockmap", Verdict.OK)]
-    )
+    ok = probe.tls_support_from([_finding("ktls", Status.OK), _finding("ktls_sockmap", Status.OK)])
     assert ok.ok and ok.reason == ""
     no_config = probe.tls_support_from(
         [
-            _finding("ktls", Verdict.MISSING, lacks="kernel TLS (CONFIG_TLS is not set)"),
-            _finding("ktls_sockmap", Verdict.MISSING, "not tried"),
+            _finding("ktls", Status.MISSING, lacks="kernel TLS (CONFIG_TLS is not set)"),
+            _finding("ktls_sockmap", Status.MISSING, "not tried"),
         ]
     )
     assert not no_config.ok
     assert no_config.reason == "it lacks kernel TLS (CONFIG_TLS is not set)"
     rejecting = probe.tls_support_from(
         [
-            _finding("ktls", Verdict.OK),
-            _finding("ktls_sockmap", Verdict.MISSING, lacks="kTLS on sockets in a sockhash (x)"),
+            _finding("ktls", Status.OK),
+            _finding("ktls_sockmap", Status.MISSING, lacks="kTLS on sockets in a sockhash (x)"),
         ]
     )
     assert rejecting.reason == "it lacks kTLS on sockets in a sockhash (x)"
     unknown = probe.tls_support_from(
-        [_finding("ktls", Verdict.OK), _finding("ktls_sockmap", Verdict.UNKNOWN, "needs root")]
+        [_finding("ktls", Status.OK), _finding("ktls_sockmap", Status.UNKNOWN, "needs root")]
     )
     assert not unknown.ok and unknown.reason == "ktls sockmap could not be verified (needs root)"
-    assert not probe.tls_support_from([_finding("ktls", Verdict.OK)]).ok
+    assert not probe.tls_support_from([_finding("ktls", Status.OK)]).ok
 
 
 def test_refusal_is_one_line_naming_doctor_and_the_docs():
@@ -314,7 +312,7 @@ def test_tls_policy_support_is_cached_per_process(monkeypatch):
 
     def fake_ktls():
         calls.append(1)
-        return _finding("ktls", Verdict.MISSING, lacks="kernel TLS (CONFIG_TLS is not set)")
+        return _finding("ktls", Status.MISSING, lacks="kernel TLS (CONFIG_TLS is not set)")
 
     monkeypatch.setattr(probe, "probe_ktls", fake_ktls)
     probe.tls_policy_support.cache_clear()
@@ -418,21 +416,21 @@ def _doctor_text(monkeypatch, findings: list[Finding], *argv: str) -> str:
 
 def _all_findings(sockmap: Finding) -> list[Finding]:
     return [
-        _finding("kernel", Verdict.OK, "Linux 6.1.0-56-amd64 (x86_64)"),
-        *[_finding(k, Verdict.OK) for k in probe.CORE],
-        _finding("ktls", Verdict.OK),
+        _finding("kernel", Status.OK, "Linux 6.1.0-56-amd64 (x86_64)"),
+        *[_finding(k, Status.OK) for k in probe.CORE],
+        _finding("ktls", Status.OK),
         sockmap,
     ]
 
 
 def test_doctor_on_a_rejecting_kernel(monkeypatch):
     lacks = 'kTLS on sockets in a sockhash (the kernel carries "tls: reject ...")'
-    findings = _all_findings(_finding("ktls_sockmap", Verdict.MISSING, "EINVAL", lacks))
+    findings = _all_findings(_finding("ktls_sockmap", Status.MISSING, "EINVAL", lacks))
     text = _doctor_text(monkeypatch, findings)
     assert f"policies with `tls`:      no, sockpol load refuses them: it lacks {lacks}" in text
     report = json.loads(_doctor_text(monkeypatch, findings, "--json"))
     assert report["works"]["tls_policies"] is False
-    ok = _all_findings(_finding("ktls_sockmap", Verdict.OK))
+    ok = _all_findings(_finding("ktls_sockmap", Status.OK))
     assert "policies with `tls`:      yes" in _doctor_text(monkeypatch, ok)
 
 

@@ -5,6 +5,7 @@ These define what the scanner accepts at all; anything outside them is refused (
 
 from __future__ import annotations
 
+from sockpol import contract
 from sockpol.automata.automaton import (
     Alt,
     Re,
@@ -23,7 +24,7 @@ from sockpol.automata.automaton import (
 DIGIT = byte_range("0", "9")
 ALPHA = byte_range("a", "z") | byte_range("A", "Z")
 HEXDIG = DIGIT | byteset("abcdefABCDEF")
-UNRESERVED = ALPHA | DIGIT | byteset("-._~")
+UNRESERVED = byteset(contract.UNRESERVED)
 SUB_DELIMS = byteset("!$&'()*+,;=")
 # pchar without pct-encoded; '%' is allowed and its two hex digits are checked separately.
 PCHAR = UNRESERVED | SUB_DELIMS | byteset(":@%")

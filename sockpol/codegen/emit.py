@@ -219,7 +219,7 @@ class _Emitter(RecordingMixin):
         need = [ir_.words(c) for c in lookup.classes]
         need += [[0] * self.nw] * ((1 << shape.rclass_bits) - len(need))
         # Per rule: pass, log and audit bits (telemetry.RULE_*).
-        allow = [r.flags for r in ir_.rules] + [0] * (self.n_rules - len(ir_.rules))
+        rule_flags = [r.flags for r in ir_.rules] + [0] * (self.n_rules - len(ir_.rules))
         slots = comb.slots + [0] * ((1 << shape.slot_bits) - len(comb.slots))
         accepts = comb.accepts + [0] * ((1 << shape.accept_bits) - len(comb.accepts))
         cands = list(lookup.table) + [0] * ((1 << shape.cand_bits) - len(lookup.table))
@@ -252,7 +252,7 @@ class _Emitter(RecordingMixin):
             "info": array(I32, t.info),
             "factsets": words(factsets),
             "class_need": words(need),
-            "allow": array(I32, allow),
+            "rule_flags": array(I32, rule_flags),
             "path_classmap": array(I8, list(p.classmap)),
             "path_slots": array(I32, slots),
             "cand_words": array(I32, accepts),
@@ -798,7 +798,7 @@ class _Emitter(RecordingMixin):
         rule = self.get(b, scan, "rule")
         matched = b.icmp_unsigned("!=", rule, I64(NO_RULE))
         flags = b.select(
-            matched, self.load_table(b, "allow", rule, I32), self.config(b, "default_allow")
+            matched, self.load_table(b, "rule_flags", rule, I32), self.config(b, "default_allow")
         )
         counter = b.select(matched, b.add(rule, I64(SLOT_RULES)), I64(SLOT_DEFAULT))
         reason = b.select(matched, I64(Reason.RULE), I64(Reason.DEFAULT))

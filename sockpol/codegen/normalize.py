@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sockpol.contract import MAX_DEPTH, PATH_MAX  # noqa: F401 -- the limits, re-exported
+from sockpol.contract import MAX_DEPTH, PATH_MAX, UNRESERVED  # noqa: F401 -- re-exported
 
-UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 HEX_DIGITS = b"0123456789ABCDEF"
 # seg_dots counts the dots of a segment that has only dots so far, saturating at NOT_DOTS: only
 # "." and ".." segments matter, and a small bounded value keeps the kernel verifier's view finite.

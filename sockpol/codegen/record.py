@@ -63,7 +63,7 @@ from sockpol.telemetry import (
     SLOT_RULES,
     SLOT_UNJUDGED,
     SLOT_WOULD_REFUSE,
-    Verdict,
+    EventKind,
     counter_slots,
 )
 
@@ -218,15 +218,15 @@ class RecordingMixin:
 
         with b.if_then(b.icmp_unsigned("!=", b.and_(flags, I64(RULE_AUDIT)), I64(0))):
             self.call(b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), covered)
-            b.ret(outcome(1, Verdict.AUDIT, reason))
+            b.ret(outcome(1, EventKind.AUDIT, reason))
         with b.if_then(b.icmp_unsigned("==", b.and_(flags, I64(RULE_PASS)), I64(0))):
             with b.if_then(b.icmp_unsigned("==", mode, I64(MODE_DRY_RUN))):
                 self.call(b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), covered)
-                b.ret(outcome(1, Verdict.DRY_RUN, reason))
+                b.ret(outcome(1, EventKind.DRY_RUN, reason))
             self.call(b, self.fn_count, b.add(reason, I64(SLOT_REFUSED)), I64(1), covered)
-            b.ret(outcome(0, Verdict.REFUSED, reason))
+            b.ret(outcome(0, EventKind.REFUSED, reason))
         logged = b.icmp_unsigned("!=", b.and_(flags, I64(RULE_LOG)), I64(0))
-        b.ret(outcome(1, b.select(logged, I64(Verdict.LOGGED), I64(0)), Reason.NONE))
+        b.ret(outcome(1, b.select(logged, I64(EventKind.LOGGED), I64(0)), Reason.NONE))
         return fn
 
     def _unframed_fn(self) -> ir.Function:
@@ -239,9 +239,9 @@ class RecordingMixin:
             self.call(b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), size)
             # Where the next request starts is unknown: the rest of the connection is unjudged.
             b.store(b.or_(I64(RESUME_UNJUDGED), b.shl(reason, I64(8))), conn)
-            b.ret(b.or_(pack(b, 1, Verdict.DRY_RUN, reason, head), no_rule))
+            b.ret(b.or_(pack(b, 1, EventKind.DRY_RUN, reason, head), no_rule))
         self.call(b, self.fn_count, b.add(reason, I64(SLOT_REFUSED)), I64(1), size)
-        b.ret(b.or_(pack(b, 0, Verdict.REFUSED, reason, head), no_rule))
+        b.ret(b.or_(pack(b, 0, EventKind.REFUSED, reason, head), no_rule))
         return fn
 
     def _unjudged_fn(self) -> ir.Function:
@@ -256,7 +256,7 @@ class RecordingMixin:
         # Enforcing again: the connection would have been refused when it lost its framing.
         reason = _field(b, resume, 1)
         self.call(b, self.fn_count, b.add(reason, I64(SLOT_REFUSED)), I64(1), size)
-        b.ret(b.or_(pack(b, 0, Verdict.REFUSED, reason, 0), b.shl(I64(NO_RULE), I64(32))))
+        b.ret(b.or_(pack(b, 0, EventKind.REFUSED, reason, 0), b.shl(I64(NO_RULE), I64(32))))
         return fn
 
     # --- events -----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from sockpol.telemetry import (
     SLOT_RULES,
     SLOT_UNJUDGED,
     SLOT_WOULD_REFUSE,
-    Verdict,
+    EventKind,
 )
 
 HEXVAL = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
@@ -70,7 +70,7 @@ class RunResult:
     path: bytes | None = None  # the normalized path, when a request head was read
     # What the run records (telemetry.py). `reason` is also set for a request that passes only
     # because of dry-run mode or an audit rule: the reason it would have been refused for.
-    event: Verdict | None = None
+    event: EventKind | None = None
     counts: tuple[tuple[int, int, int], ...] = ()  # (slot, requests, bytes) added
     conn: int = RESUME_REQUEST  # the whole per-connection word stored for the next run
 
@@ -152,7 +152,7 @@ def walk_path(ir: MatcherIR, path: bytes) -> int:
     return state
 
 
-def decide(ir: MatcherIR, facts: int, path_state: int) -> int | None:
+def first_matching_rule(ir: MatcherIR, facts: int, path_state: int) -> int | None:
     """The first rule that holds: the candidates of the path state, in order, each checked
     against the facts of its class (the kernel's cand_step)."""
     lookup = ir.lookup
@@ -189,7 +189,7 @@ def run(
             return RunResult(True, reason, None, 0, 0, 0, 0, kind, counts=counts, conn=resume)
         counts = ((SLOT_REFUSED + reason, 1, size),)
         return RunResult(
-            False, reason, None, 0, 0, 0, 0, kind, None, Verdict.REFUSED, counts, resume
+            False, reason, None, 0, 0, 0, 0, kind, None, EventKind.REFUSED, counts, resume
         )
     if kind == tls.RESUME_TLS_PASS:
         counts = ((SLOT_UNJUDGED, 1, size),)
@@ -198,7 +198,7 @@ def run(
     tls_mode = tls.policy_mode(ir.policy)
     if kind == RESUME_REQUEST and not word & tls.CONN_HTTP:
         step = tls.step(message[:n], size, word, tls_mode)
-        if step.action != tls.Action.HTTP:
+        if step.action != tls.StepKind.HTTP:
             return _tls_record(step, word, size, mode)
         word |= tls.CONN_HTTP
     s = scan(ir, message[:n], kind)
@@ -230,12 +230,12 @@ def run(
 def _tls_record(step: tls.Step, word: int, size: int, mode: int) -> RunResult:
     """A run that met a TLS record (tls.step) instead of HTTP."""
     kind = word & 0xFF
-    if step.action == tls.Action.CORK:
+    if step.action == tls.StepKind.CORK:
         return RunResult(True, Reason.NONE, None, 0, step.covered, 0, 0, kind, conn=word)
-    if step.action == tls.Action.REFUSE:
+    if step.action == tls.StepKind.REFUSE:
         reason = Reason[step.reason.upper().replace("-", "_")]
         return _unframed(reason, ScanResult(0, 0, 0, 0, 0, 0, None), size, mode, word)
-    if step.action == tls.Action.USERSPACE_ALLOW:
+    if step.action == tls.StepKind.USERSPACE_ALLOW:
         counts = ((SLOT_WOULD_REFUSE + Reason.TLS_USERSPACE, 1, size),)
         nxt = tls.RESUME_TLS_PASS | step.flags
         return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, tls.RESUME_TLS_PASS, None, None,
@@ -249,7 +249,7 @@ def _tls_record(step: tls.Step, word: int, size: int, mode: int) -> RunResult:
 
 def _judged(ir: MatcherIR, s: ScanResult, mode: int, size: int) -> RunResult:
     """A complete head: the first matching rule or the default decides, and is counted."""
-    rule = decide(ir, s.facts, s.path_state)
+    rule = first_matching_rule(ir, s.facts, s.path_state)
     if rule is None:
         flags = RULE_PASS if ir.policy.default.value == "allow" else 0
         slot, reason = SLOT_DEFAULT, Reason.DEFAULT
@@ -264,18 +264,18 @@ def _judged(ir: MatcherIR, s: ScanResult, mode: int, size: int) -> RunResult:
     event = None
     allow = bool(flags & RULE_PASS)
     if flags & RULE_AUDIT:
-        event = Verdict.AUDIT
+        event = EventKind.AUDIT
         counts.append((SLOT_WOULD_REFUSE + reason, 1, covered))
     elif not allow and mode == MODE_DRY_RUN:
-        allow, event = True, Verdict.DRY_RUN
+        allow, event = True, EventKind.DRY_RUN
         counts.append((SLOT_WOULD_REFUSE + reason, 1, covered))
     elif not allow:
-        event = Verdict.REFUSED
+        event = EventKind.REFUSED
         counts.append((SLOT_REFUSED + reason, 1, covered))
     else:
         reason = Reason.NONE
         if flags & RULE_LOG:
-            event = Verdict.LOGGED
+            event = EventKind.LOGGED
     # The verdict covers this message up to the end of the body; the rest of the body, in later
     # messages, is counted down in the socket storage (under kTLS apply_bytes ends with the
     # record, so it cannot be left to cover them).
@@ -293,11 +293,11 @@ def _unframed(reason: Reason, s: ScanResult, size: int, mode: int, word: int) ->
         conn = RESUME_UNJUDGED | reason << 8
         return RunResult(
             True, reason, None, 0, 0, s.pos, s.content_length, RESUME_UNJUDGED, s.path,
-            Verdict.DRY_RUN, ((SLOT_WOULD_REFUSE + reason, 1, size),), conn,
+            EventKind.DRY_RUN, ((SLOT_WOULD_REFUSE + reason, 1, size),), conn,
         )  # fmt: skip
     return RunResult(
         False, reason, None, 0, 0, s.pos, s.content_length, word & 0xFF, s.path,
-        Verdict.REFUSED, ((SLOT_REFUSED + reason, 1, size),), word,
+        EventKind.REFUSED, ((SLOT_REFUSED + reason, 1, size),), word,
     )  # fmt: skip
 
 

@@ -417,10 +417,10 @@ def _show(c: str) -> str:
     return f"'{c}'" if c.isprintable() and c != "" else f"{c!r} (U+{ord(c or chr(0)):04X})"
 
 
-Problem = tuple[int, int, str, str, str]  # offset, length, code, message, hint
+TextProblem = tuple[int, int, str, str, str]  # offset, length, code, message, hint
 
 
-def _host_problems(pattern: str) -> list[Problem]:
+def _host_problems(pattern: str) -> list[TextProblem]:
     """Problems of a (lower-cased) host pattern: `api.example.com` or `*.example.com`."""
     if pattern == "":
         return [(0, 0, "E170", "empty host pattern", "leave out the condition to allow any host")]
@@ -445,7 +445,7 @@ def _host_problems(pattern: str) -> list[Problem]:
                 f'host patterns match any port: write "{pattern[:colon]}"',
             )
         ]
-    found: list[Problem] = []
+    found: list[TextProblem] = []
     body, base = (pattern[2:], 2) if pattern.startswith("*.") else (pattern, 0)
     for i, c in enumerate(body):
         if c == "*":
@@ -501,9 +501,9 @@ def _host_problems(pattern: str) -> list[Problem]:
     return found
 
 
-def _value_problems(value: str) -> list[Problem]:
+def _value_problems(value: str) -> list[TextProblem]:
     """A header value is matched exactly after trimming, so it must be trimmed printable ASCII."""
-    found: list[Problem] = []
+    found: list[TextProblem] = []
     for i, c in enumerate(value):
         if not (c == " " or "!" <= c <= "~"):
             found.append(

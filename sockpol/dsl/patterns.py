@@ -49,7 +49,9 @@ import re
 import string
 from dataclasses import dataclass
 
-UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+from sockpol import contract
+
+UNRESERVED = frozenset(chr(b) for b in contract.UNRESERVED)  # as characters
 SUB_DELIMS = frozenset("!$&'()+,;=")  # `*` is a sub-delim too, but here it is the wildcard
 ALLOWED = UNRESERVED | SUB_DELIMS | frozenset(":@/*%")
 HEX = frozenset(string.hexdigits)

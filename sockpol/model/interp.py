@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
 
-from sockpol.contract import BEFORE_RULES, CHUNK_MAX, CL_MAX, MAX_DEPTH, PATH_MAX
+from sockpol.contract import BEFORE_RULES, CHUNK_MAX, CL_MAX, MAX_DEPTH, PATH_MAX, UNRESERVED
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy, Rule
 from sockpol.dsl.pathmatch import to_regex
 from sockpol.model import tls
@@ -36,7 +36,6 @@ from sockpol.model import tls
 
 _ALNUM = (string.ascii_letters + string.digits).encode()
 TCHAR = frozenset(_ALNUM + b"!#$%&'*+-.^_`|~")
-UNRESERVED = frozenset(_ALNUM + b"-._~")
 PCHAR = UNRESERVED | frozenset(b"!$&'()*+,;=:@%")  # '%' checked separately as an escape
 PATH_BYTE = PCHAR | frozenset(b"/")
 QUERY_BYTE = PATH_BYTE | frozenset(b"?")
@@ -59,7 +58,7 @@ ALLOWED, DENY_RULE, DENY_DEFAULT = "none", "rule", "default"
 # A head that never completes is not refused: the kernel holds (corks) its bytes until the rest
 # arrives, so nothing reaches the server; only at max-head bytes is it refused (head-too-large).
 HELD = "held"
-# Events the program records (sockpol.telemetry.Verdict, lower-case): a refusal, a request that
+# Events the program records (sockpol.telemetry.EventKind, lower-case): a refusal, a request that
 # passed only because the policy runs in dry-run mode or an audit rule matched it, and a request
 # that a rule marked `log` passed.
 REFUSED, DRY_RUN, AUDIT, LOGGED = "refused", "dry-run", "audit", "logged"
@@ -591,7 +590,7 @@ def judge(
         return Run(True, 0, resume=resume, tls=phase | tls.CONN_HTTP)
     if resume == "request" and not phase & tls.CONN_HTTP:
         step = tls.step(window, len(message), phase, tls_mode)
-        if step.action != tls.Action.HTTP:
+        if step.action != tls.StepKind.HTTP:
             return _tls_run(step, message, dry_run, phase)
         phase |= tls.CONN_HTTP
     return replace(_judge_http(policy, message, window, resume, mode, dry_run, lost), tls=phase)
@@ -599,14 +598,14 @@ def judge(
 
 def _tls_run(step: tls.Step, message: bytes, dry_run: bool, phase: int) -> Run:
     """A run that met a TLS record instead of HTTP (tls.step)."""
-    if step.action == tls.Action.CORK:
+    if step.action == tls.StepKind.CORK:
         return Run(True, 0, cork=step.covered, tls=phase)
-    if step.action == tls.Action.REFUSE:
+    if step.action == tls.StepKind.REFUSE:
         refusal = Refusal(step.reason, 0, tls.DETAIL[step.reason])
         if dry_run:
             return Run(True, 0, resume="unjudged", verdict=_refused(refusal, True), tls=phase)
         return Run(False, 0, verdict=_refused(refusal, False), tls=phase)
-    if step.action == tls.Action.USERSPACE_ALLOW:
+    if step.action == tls.StepKind.USERSPACE_ALLOW:
         return Run(True, 0, resume="tls-pass", tls=step.flags)
     return _covering(True, step.covered, message, tls=step.flags)
 

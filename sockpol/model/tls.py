@@ -83,7 +83,7 @@ DETAIL = {
 }
 
 
-class Action(IntEnum):
+class StepKind(IntEnum):
     HTTP = 0  # not a record: the connection is HTTP from these bytes on
     PASS = 1  # pass the record (`covered` bytes) and remember `flags`
     CORK = 2  # too few bytes to tell: hold them until `covered` bytes
@@ -100,7 +100,7 @@ def policy_mode(policy: Policy) -> int:
 
 @dataclass(frozen=True)
 class Step:
-    action: Action
+    action: StepKind
     covered: int = 0
     flags: int = 0  # the connection's TLS flags after this record
     reason: str = ""  # for REFUSE: one of the REFUSALS below
@@ -131,24 +131,24 @@ def step(data: bytes, size: int, word: int, tls_mode: int) -> Step:
     """What the program does with a message (its first `len(data)` bytes, of `size`) that
     starts on a connection still in its TLS phase (`word & CONN_HTTP` is 0)."""
     if not data or data[0] not in iter(ContentType):
-        return Step(Action.HTTP)
+        return Step(StepKind.HTTP)
     flags = word & CONN_TLS_FLAGS
     if flags & CONN_CCS and not flags & CONN_DONE and is_ktls_finished(data, size):
         # (its first byte, 20, is also the CCS record type: the record checks would refuse it)
-        return Step(Action.PASS, covered=size, flags=flags | CONN_TLS12_DONE)
+        return Step(StepKind.PASS, covered=size, flags=flags | CONN_TLS12_DONE)
     need = HELLO_HEADER if data[0] == ContentType.HANDSHAKE else HEADER
     if len(data) < need:
         if size < need:
-            return Step(Action.CORK, covered=need)
-        return Step(Action.REFUSE, reason=BAD_RECORD)  # (no window is this small)
+            return Step(StepKind.CORK, covered=need)
+        return Step(StepKind.REFUSE, reason=BAD_RECORD)  # (no window is this small)
     length = int.from_bytes(data[3:5], "big")
     if data[1] != 3 or data[2] > 4 or not 1 <= length <= MAX_RECORD:
-        return Step(Action.REFUSE, reason=BAD_RECORD)
+        return Step(StepKind.REFUSE, reason=BAD_RECORD)
     if tls_mode == TLS_NONE:
-        return Step(Action.REFUSE, reason=NOT_DECLARED)
+        return Step(StepKind.REFUSE, reason=NOT_DECLARED)
     kind = data[0]
     hello = kind == ContentType.HANDSHAKE and is_client_hello(data, length)
-    bad = Step(Action.REFUSE, reason=BAD_RECORD)
+    bad = Step(StepKind.REFUSE, reason=BAD_RECORD)
     if not flags & CONN_HELLO:
         if not hello:
             return bad
@@ -167,11 +167,11 @@ def step(data: bytes, size: int, word: int, tls_mode: int) -> Step:
             flags |= CONN_TLS12_DONE
     elif flags & CONN_DONE:  # application data after the handshake: encrypted in user space
         if tls_mode == TLS_USERSPACE_ALLOW:
-            return Step(Action.USERSPACE_ALLOW, flags=flags)
-        return Step(Action.REFUSE, reason=USERSPACE)
+            return Step(StepKind.USERSPACE_ALLOW, flags=flags)
+        return Step(StepKind.REFUSE, reason=USERSPACE)
     else:
         flags |= CONN_TLS13_DONE
-    return Step(Action.PASS, covered=HEADER + length, flags=flags)
+    return Step(StepKind.PASS, covered=HEADER + length, flags=flags)
 
 
 __all__ = [
@@ -181,7 +181,7 @@ __all__ = [
     "TLS_NONE",
     "TLS_USERSPACE_ALLOW",
     "TLS_USERSPACE_DENY",
-    "Action",
+    "StepKind",
     "Step",
     "is_alert_plaintext",
     "policy_mode",

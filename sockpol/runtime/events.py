@@ -143,7 +143,7 @@ def decode(policy: str, data: bytes, meta: PolicyMetadata | None, clock_offset_n
     method, method_cut = _text(f["method"], f["method_len"], t.METHOD_BYTES)
     host, host_cut = _text(f["host"], f["host_len"], t.HOST_BYTES)
     path, _ = _text(f["path"], f["path_len"], t.PATH_BYTES)
-    verdict = t.VERDICT_NAMES.get(t.Verdict(f["verdict"]), str(f["verdict"]))
+    verdict = t.VERDICT_NAMES.get(t.EventKind(f["verdict"]), str(f["verdict"]))
     return Event(
         policy=policy,
         time=datetime.fromtimestamp((f["time_ns"] + clock_offset_ns) / 1e9, UTC),

@@ -51,7 +51,7 @@ BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 REJECTION_PATCH = "tls: reject the combination of TLS and sockmap"
 
 
-class Verdict(enum.Enum):
+class Status(enum.Enum):
     OK = "ok"
     MISSING = "missing"  # tried, and it does not work on this kernel/host
     UNKNOWN = "unknown"  # could not be tried (e.g. no privileges, or a prerequisite is missing)
@@ -61,14 +61,14 @@ class Verdict(enum.Enum):
 class Finding:
     key: str
     title: str
-    verdict: Verdict
+    verdict: Status
     detail: str  # what was observed
     meaning: str = ""  # what this means for sockpol, or what to do
     lacks: str = ""  # when missing: what the kernel lacks, one short phrase for one-line messages
 
     @property
     def ok(self) -> bool:
-        return self.verdict is Verdict.OK
+        return self.verdict is Status.OK
 
 
 # What plaintext HTTP policies need; kTLS is an extra.
@@ -165,7 +165,7 @@ def _feature(fn: Callable[[], int]) -> tuple[bool | None, int | None]:
 
 def _kernel() -> Finding:
     u = os.uname()
-    return Finding("kernel", "kernel", Verdict.OK, f"Linux {u.release} ({u.machine})")
+    return Finding("kernel", "kernel", Status.OK, f"Linux {u.release} ({u.machine})")
 
 
 def _privileges() -> Finding:
@@ -174,14 +174,14 @@ def _privileges() -> Finding:
     try:
         check_privileges()
     except SockpolError as e:
-        return Finding("privileges", "privileges", Verdict.MISSING, str(e))
+        return Finding("privileges", "privileges", Status.MISSING, str(e))
     return Finding(
-        "privileges", "privileges", Verdict.OK, "CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN"
+        "privileges", "privileges", Status.OK, "CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN"
     )
 
 
 def _unprivileged(key: str, title: str) -> Finding:
-    return Finding(key, title, Verdict.UNKNOWN, "not tried: needs root", "rerun as root")
+    return Finding(key, title, Status.UNKNOWN, "not tried: needs root", "rerun as root")
 
 
 def _sk_msg() -> Finding:
@@ -198,13 +198,13 @@ def _sk_msg() -> Finding:
         return Finding(
             "sk_msg",
             title,
-            Verdict.MISSING,
+            Status.MISSING,
             f"the kernel does not load {' or '.join(missing)} programs",
             "needs CONFIG_BPF_SYSCALL, CONFIG_NET_SOCK_MSG and CONFIG_CGROUP_BPF",
         )
     if failed:
-        return Finding("sk_msg", title, Verdict.UNKNOWN, "; ".join(failed))
-    return Finding("sk_msg", title, Verdict.OK, "both program types load")
+        return Finding("sk_msg", title, Status.UNKNOWN, "; ".join(failed))
+    return Finding("sk_msg", title, Status.OK, "both program types load")
 
 
 def _sockhash() -> Finding:
@@ -215,12 +215,12 @@ def _sockhash() -> Finding:
         return Finding(
             "sockhash",
             title,
-            Verdict.MISSING,
+            Status.MISSING,
             f"creating a BPF_MAP_TYPE_SOCKHASH failed: {e}",
             "needs CONFIG_BPF_STREAM_PARSER / CONFIG_NET_SOCK_MSG",
         )
     os.close(fd)
-    return Finding("sockhash", title, Verdict.OK, "a BPF_MAP_TYPE_SOCKHASH was created")
+    return Finding("sockhash", title, Status.OK, "a BPF_MAP_TYPE_SOCKHASH was created")
 
 
 def _btf() -> Finding:
@@ -228,7 +228,7 @@ def _btf() -> Finding:
     so = _libbpf()
     btf = so.btf__new_empty()
     if not btf:
-        return Finding("btf", title, Verdict.UNKNOWN, "libbpf could not create a BTF object")
+        return Finding("btf", title, Status.UNKNOWN, "libbpf could not create a BTF object")
     try:
         so.btf__add_int(btf, b"int", 4, 1)  # BTF_INT_SIGNED
         ret = so.btf__load_into_kernel(btf)
@@ -239,11 +239,11 @@ def _btf() -> Finding:
         return Finding(
             "btf",
             title,
-            Verdict.MISSING,
+            Status.MISSING,
             f"the kernel refused a minimal BTF blob: {bpf.strerror(-ret)}; {vmlinux}",
             "sockpol's objects carry BTF-defined maps and func_info; libbpf cannot load them",
         )
-    return Finding("btf", title, Verdict.OK, f"the kernel loads BTF; {vmlinux}")
+    return Finding("btf", title, Status.OK, f"the kernel loads BTF; {vmlinux}")
 
 
 def _cgroup2() -> Finding:
@@ -252,10 +252,8 @@ def _cgroup2() -> Finding:
     try:
         where = cgroup2_mount()
     except SockpolError as e:
-        return Finding(
-            "cgroup2", "cgroup v2", Verdict.MISSING, str(e), "only sockets added by hand"
-        )
-    return Finding("cgroup2", "cgroup v2", Verdict.OK, f"mounted at {where}")
+        return Finding("cgroup2", "cgroup v2", Status.MISSING, str(e), "only sockets added by hand")
+    return Finding("cgroup2", "cgroup v2", Status.OK, f"mounted at {where}")
 
 
 def _bpffs() -> Finding:
@@ -266,10 +264,10 @@ def _bpffs() -> Finding:
         return Finding(
             "bpffs",
             "bpffs",
-            Verdict.OK,
+            Status.OK,
             f"not mounted at {BPFFS_DEFAULT}; sockpol load mounts it",
         )
-    return Finding("bpffs", "bpffs", Verdict.OK, f"mounted at {BPFFS_DEFAULT}")
+    return Finding("bpffs", "bpffs", Status.OK, f"mounted at {BPFFS_DEFAULT}")
 
 
 def _bpf_loop() -> Finding:
@@ -278,16 +276,16 @@ def _bpf_loop() -> Finding:
         lambda: _libbpf().libbpf_probe_bpf_helper(bpf.BPF_PROG_TYPE_SK_MSG, BPF_FUNC_LOOP, None)
     )
     if ok is None:
-        return Finding("bpf_loop", title, Verdict.UNKNOWN, f"probe failed: {bpf.strerror(err)}")
+        return Finding("bpf_loop", title, Status.UNKNOWN, f"probe failed: {bpf.strerror(err)}")
     if not ok:
         return Finding(
             "bpf_loop",
             title,
-            Verdict.MISSING,
+            Status.MISSING,
             "sk_msg programs may not call bpf_loop (it appeared in Linux 5.17)",
             "sockpol's scanner needs it: no policy loads on this kernel",
         )
-    return Finding("bpf_loop", title, Verdict.OK, "allowed in sk_msg programs")
+    return Finding("bpf_loop", title, Status.OK, "allowed in sk_msg programs")
 
 
 def _loopback_pair(stack: ExitStack) -> tuple[socket.socket, socket.socket]:
@@ -321,7 +319,7 @@ def probe_ktls() -> Finding:
             return Finding(
                 "ktls",
                 title,
-                Verdict.MISSING,
+                Status.MISSING,
                 f'setsockopt(TCP_ULP, "tls") failed: {ktls.describe_errno(e.errno)}: {why}',
                 "policy inside TLS is impossible here; TLS connections on governed ports are "
                 "refused (the program sees only ciphertext)",
@@ -333,13 +331,13 @@ def probe_ktls() -> Finding:
             return Finding(
                 "ktls",
                 title,
-                Verdict.MISSING,
+                Status.MISSING,
                 f"the tls ULP is there but TLS_TX (AES-128-GCM) failed: "
                 f"{ktls.describe_errno(e.errno)} (gcm(aes) crypto missing?)",
                 "policy inside TLS is impossible here",
                 f"kernel TLS with AES-128-GCM (TLS_TX failed: {_errname(e.errno)})",
             )
-    return Finding("ktls", title, Verdict.OK, "TCP_ULP tls and TLS_TX (AES-128-GCM) work")
+    return Finding("ktls", title, Status.OK, "TCP_ULP tls and TLS_TX (AES-128-GCM) work")
 
 
 def probe_ktls_sockmap() -> Finding:
@@ -375,7 +373,7 @@ def probe_ktls_sockmap() -> Finding:
                 return Finding(
                     "ktls_sockmap",
                     title,
-                    Verdict.MISSING,
+                    Status.MISSING,
                     detail,
                     "policy inside TLS is impossible here: a TLS library's attempt to use kTLS on "
                     "a governed socket fails, it falls back to user-space TLS, and sockpol "
@@ -389,7 +387,7 @@ def probe_ktls_sockmap() -> Finding:
                 return Finding(
                     "ktls_sockmap",
                     title,
-                    Verdict.OK,
+                    Status.OK,
                     "TLS_TX set on a socket in a sockhash, and the sk_msg program judged its "
                     "plaintext (a drop-all program refused the send)",
                     "the kernel runs policies on the plaintext of kTLS sockets "
@@ -398,13 +396,13 @@ def probe_ktls_sockmap() -> Finding:
             return Finding(
                 "ktls_sockmap",
                 title,
-                Verdict.UNKNOWN,
+                Status.UNKNOWN,
                 f"kTLS send failed unexpectedly: {ktls.describe_errno(e.errno)}",
             )
         return Finding(
             "ktls_sockmap",
             title,
-            Verdict.MISSING,
+            Status.MISSING,
             "TLS_TX was accepted but the sk_msg program did not run on the send (fails open)",
             "policy inside TLS would be bypassed on this kernel: do not rely on it",
             "kTLS on sockets in a sockhash (the sk_msg program does not run on kTLS sends)",
@@ -438,7 +436,7 @@ def probe() -> list[Finding]:
             Finding(
                 "ktls_sockmap",
                 title,
-                Verdict.MISSING,
+                Status.MISSING,
                 "not tried: needs kTLS, sk_msg programs and sockhash maps",
                 "policy inside TLS is impossible here",
             )
@@ -453,7 +451,7 @@ def guarded(key: str, title: str, fn: Callable[[], Finding]) -> Finding:
     try:
         return fn()
     except (OSError, SockpolError) as e:
-        return Finding(key, title, Verdict.UNKNOWN, f"probe failed: {e}")
+        return Finding(key, title, Status.UNKNOWN, f"probe failed: {e}")
 
 
 def _errname(err: int | None) -> str:
@@ -491,9 +489,9 @@ def tls_support_from(findings: list[Finding]) -> TlsSupport:
             return TlsSupport(False, f"{key} was not probed", used)
         if f.ok:
             continue
-        if f.verdict is Verdict.MISSING and f.lacks:
+        if f.verdict is Status.MISSING and f.lacks:
             return TlsSupport(False, f"it lacks {f.lacks}", used)
-        if f.verdict is Verdict.MISSING:
+        if f.verdict is Status.MISSING:
             return TlsSupport(False, f"{f.title} is missing ({f.detail})", used)
         return TlsSupport(False, f"{f.title} could not be verified ({f.detail})", used)
     return TlsSupport(True, "", used)

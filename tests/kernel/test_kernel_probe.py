@@ -17,7 +17,7 @@ from sockpol import doctor
 from sockpol.cli import build_parser
 from sockpol.metadata import VERIFIER_BUDGET
 from sockpol.runtime import probe
-from sockpol.runtime.probe import Verdict
+from sockpol.runtime.probe import Status
 
 
 def bpftool_json(*args: str) -> list[dict]:
@@ -49,14 +49,14 @@ def test_ktls_finding_matches_the_kernel_config(findings) -> None:
     config = probe.kernel_config("TLS")
     found = findings["ktls"]
     if config == "n":
-        assert found.verdict is Verdict.MISSING
+        assert found.verdict is Status.MISSING
         assert "CONFIG_TLS is not set" in found.detail
-        assert findings["ktls_sockmap"].verdict is Verdict.MISSING
+        assert findings["ktls_sockmap"].verdict is Status.MISSING
         assert "not tried" in findings["ktls_sockmap"].detail
         assert probe.summary(list(findings.values()))["ktls"] is False
     elif config in ("y", "m"):
-        assert found.verdict is Verdict.OK, found.detail
-        assert findings["ktls_sockmap"].verdict in (Verdict.OK, Verdict.MISSING)
+        assert found.verdict is Status.OK, found.detail
+        assert findings["ktls_sockmap"].verdict in (Status.OK, Status.MISSING)
     else:
         pytest.skip(f"kernel config not readable (CONFIG_TLS={config!r}): nothing to compare")
 
