@@ -137,12 +137,12 @@ def test_dry_run_passes_what_enforce_refuses():
 
 def test_dry_run_connection_without_framing_is_unjudged_until_enforced():
     conn = Connection(matcher().matcher, mode=t.MODE_DRY_RUN)
-    assert conn.send(b"NOT HTTP\r\n\r\n")
+    assert conn.send(b"NOT HTTP\r\n\r\n").returned == 12
     assert conn.verdicts[-1].resume == RESUME_UNJUDGED
-    assert conn.send(b"anything at all")
+    assert conn.send(b"anything at all").returned == 15
     assert conn.verdicts[-1].counts == ((t.SLOT_UNJUDGED, 1, 15),)
     conn.mode = t.MODE_ENFORCE
-    assert not conn.send(req("GET", "/quiet"))
+    assert conn.send(req("GET", "/quiet")).failed
     last = conn.verdicts[-1]
     assert last.reason is Reason.BAD_TARGET and last.event is t.EventKind.REFUSED
 
@@ -151,7 +151,7 @@ def test_chunked_body_bytes_go_to_the_rule_that_passed_the_head():
     text = POLICY.replace("allow GET /quiet", "allow POST /up")
     conn = Connection(matcher(text).matcher)
     head = b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-    assert conn.send(head + b"3\r\nabc\r\n0\r\n\r\n")
+    assert not conn.send(head + b"3\r\nabc\r\n0\r\n\r\n").failed
     slots = {slot for r in conn.verdicts for slot, _, _ in r.counts}
     assert slots == {t.SLOT_RULES + 1}
     assert sum(b for r in conn.verdicts for _, _, b in r.counts) == len(head) + 13

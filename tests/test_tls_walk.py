@@ -331,11 +331,15 @@ class Both:
         self.results: list[tuple[int | None, bool]] = []  # (interp's send() count, tables' ok)
 
     def send(self, data: bytes) -> tuple[int | None, bool]:
-        result = (self.interp.send(data).returned, self.tables.send(data))
+        returned = self.interp.send(data).returned
+        self.tables.send(data)
+        result = (returned, not self.tables.refused)  # (interp's send() count, tables' ok)
         self.sent += data
         self.results.append(result)
         assert bytes(self.interp.delivered) == bytes(self.tables.delivered), len(self.results)
         assert self.interp.refused == self.tables.refused, len(self.results)
+        # One stream model (model/stream.py) around both judges: send() returns the same too.
+        assert self.interp.sends[-1].returned == self.tables.sends[-1].returned, len(self.results)
         assert (result[0] is None) <= (not result[1])  # a failed send is a refused one
         return result
 

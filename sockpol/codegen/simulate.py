@@ -12,7 +12,7 @@ it from the control map, so a `Connection`'s mode can change between sends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT, MAX_TABLE
 from sockpol.codegen.lower import MatcherIR
@@ -37,6 +37,7 @@ from sockpol.codegen.scanner import (
 )
 from sockpol.contract import CHUNK_MAX, CL_MAX, RESUME_UNJUDGED
 from sockpol.model import tls
+from sockpol.model.stream import Judged, Stream
 from sockpol.telemetry import (
     MODE_DRY_RUN,
     MODE_ENFORCE,
@@ -301,49 +302,21 @@ def _unframed(reason: Reason, s: ScanResult, size: int, mode: int, word: int) ->
     )  # fmt: skip
 
 
-@dataclass
-class Connection:
-    """A client connection as the kernel handles it: feed it sends, see what gets delivered.
+class Connection(Stream[int, RunResult]):
+    """A client connection as the kernel handles it, each run judged by the tables (`run`):
+    model/stream.py is the kernel's send path, the same for the reference interpreter. The
+    state between runs is the program's socket storage (the word, and the bytes still to come
+    above bit 64). `mode` may be changed between sends, as `sockpol mode` does."""
 
-    Models tcp_bpf's sendmsg path: corked bytes wait for more, a verdict covers `apply_bytes`
-    (possibly beyond this send), the program re-runs on what follows, and after a refusal
-    nothing more is sent on the connection.
-    """
+    def __init__(self, ir: MatcherIR, mode: int = MODE_ENFORCE) -> None:
+        super().__init__(RESUME_REQUEST)
+        self.ir = ir
+        self.mode = mode
 
-    ir: MatcherIR
-    mode: int = MODE_ENFORCE  # may be changed between sends, as `sockpol mode` does
-    delivered: bytearray = field(default_factory=bytearray)
-    verdicts: list[RunResult] = field(default_factory=list)
-    refused: bool = False
-    _pending: bytearray = field(default_factory=bytearray)  # corked bytes
-    _cork: int = 0
-    _skip: int = 0  # bytes still covered by an earlier pass verdict
-    _resume: int = RESUME_REQUEST
+    @property
+    def verdicts(self) -> list[RunResult]:
+        return self.records
 
-    def send(self, data: bytes) -> bool:
-        """One send(); False when the kernel refuses (EACCES, or a short count)."""
-        if self.refused:
-            return False
-        self._pending += data
-        if self._cork and len(self._pending) < self._cork:
-            return True
-        self._cork = 0
-        while self._pending:
-            if self._skip:
-                take = min(self._skip, len(self._pending))
-                self.delivered += self._pending[:take]
-                del self._pending[:take]
-                self._skip -= take
-                continue
-            result = run(self.ir, bytes(self._pending), self._resume, self.mode)
-            self.verdicts.append(result)
-            if not result.allow:
-                self.refused = True
-                self._pending.clear()
-                return False
-            if result.cork_bytes:
-                self._cork = result.cork_bytes
-                return True
-            self._resume = result.conn
-            self._skip = result.apply_bytes or len(self._pending)
-        return True
+    def judge_run(self, message: bytes) -> Judged[int, RunResult]:
+        r = run(self.ir, message, self.state, self.mode)
+        return Judged(r.allow, r.apply_bytes, r.cork_bytes, None if r.cork_bytes else r.conn, r)

@@ -24,13 +24,14 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cache
 
 from sockpol.contract import BEFORE_RULES, CHUNK_MAX, CL_MAX, MAX_DEPTH, PATH_MAX, UNRESERVED
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy, Rule
 from sockpol.dsl.pathmatch import to_regex
 from sockpol.model import tls
+from sockpol.model.stream import Judged, Send, Stream
 
 # -- HTTP/1.x lexical sets (RFC 9110, 9112, 3986) -------------------------------------------------
 
@@ -675,120 +676,60 @@ def evaluate(policy: Policy, request: bytes, mode: Mode | None = None) -> Verdic
     return first
 
 
-# -- a connection: the kernel's send path ---------------------------------------------------------
-
-_NONE, _PASS, _DROP = "none", "pass", "drop"
+# -- a connection: the kernel's send path (model/stream.py) with this interpreter judging ---------
 
 
 @dataclass(frozen=True)
-class Send:
-    data: bytes
-    returned: int | None  # what send() returns; None when it fails with EACCES
+class ConnState:
+    """What the program keeps per connection between runs, as this interpreter names it."""
+
+    resume: str = "request"  # where the next run starts: see RESUME
+    left: int = 0  # body bytes still to come (Run.left)
+    tls: int = 0  # where the connection is in its TLS handshake (Run.tls)
+    lost: str = ""  # the refusal that left the connection "unjudged"
+
+
+class Connection(Stream[ConnState, Verdict]):
+    """A governed TCP connection, send by send, judged by this interpreter (stream.py models
+    the kernel's send path around it). `policy` None: the port is not governed, all passes.
+    `mode`: the mode in force (None: the policy's); it may change between sends. `observe` is
+    called with (message, resume, run) after every run: lets tests hold another model to it."""
+
+    def __init__(
+        self,
+        policy: Policy | None,
+        mode: Mode | None = None,
+        observe: Callable[[bytes, str, Run], None] | None = None,
+    ) -> None:
+        super().__init__(ConnState())
+        self.policy = policy
+        self.mode = mode
+        self.observe = observe
 
     @property
-    def failed(self) -> bool:
-        return self.returned is None
+    def verdicts(self) -> list[Verdict]:
+        """Heads judged and refusals, in order."""
+        return self.records
 
+    def governed(self) -> bool:
+        return self.policy is not None
 
-@dataclass
-class Connection:
-    """A governed TCP connection, send by send, as Linux's tcp_bpf_sendmsg runs the program.
-
-    Per connection the kernel keeps the verdict in force (`eval`), how many more bytes it covers
-    (`apply_bytes`), a corked message with the bytes still owed before the next run, and (in the
-    program's socket storage) where the next run starts. This class keeps the same, so it predicts,
-    for a list of sends, the bytes the server receives and what each send() returns. It assumes
-    every send fits one kernel message (sends of a few KiB).
-    """
-
-    policy: Policy | None  # None: the port is not governed, everything passes
-    mode: Mode | None = None  # the mode in force; None: the policy's. May change between sends.
-    delivered: bytearray = field(default_factory=bytearray)
-    sends: list[Send] = field(default_factory=list)
-    verdicts: list[Verdict] = field(default_factory=list)  # heads judged and refusals, in order
-    _eval: str = _NONE
-    _apply: int = 0
-    _cork: bytearray | None = None  # a held message, waiting for `_owed` more bytes
-    _owed: int = 0
-    _resume: str = "request"
-    _left: int = 0  # body bytes still to come (Run.left)
-    _tls: int = 0  # where the connection is in its TLS handshake (Run.tls)
-    _lost: str = ""  # the refusal that left the connection "unjudged"
-    # Called with (message, resume, run) after every run: lets tests hold another model to each.
-    observe: Callable[[bytes, str, Run], None] | None = field(default=None, repr=False)
-
-    @property
-    def refused(self) -> bool:
-        return self._eval == _DROP
-
-    @property
-    def held(self) -> bytes:
-        """Bytes accepted by send() but held by the kernel (a head still incomplete)."""
-        return bytes(self._cork) if self._cork is not None else b""
-
-    def send(self, data: bytes) -> Send:
-        result = Send(data, self._send(data))
-        self.sends.append(result)
-        return result
-
-    def _send(self, data: bytes) -> int | None:
-        if self.policy is None or not data:
-            self.delivered += data
-            return len(data)
-        msg = self._cork if self._cork is not None else bytearray()
-        msg += data
-        copied = len(data)
-        if self._owed:
-            self._owed = max(0, self._owed - len(data))
-            if self._owed:
-                return copied  # still held; send() reports every byte as sent
-            self._eval = _NONE  # all owed bytes are here: run the program again
-        # The held message is judged now; the kernel lets go of it unless the run corks again
-        # (seen on 6.18: after a cork is drained, later messages are not held by it).
-        self._cork = None
-        copied -= self._verdict(msg)
-        # A send that lost more than it brought (a refused head held from earlier sends) fails.
-        return copied if copied > 0 else None
-
-    def _verdict(self, msg: bytearray) -> int:
-        """tcp_bpf_send_verdict: pass or drop `msg` run by run; returns the bytes dropped."""
+    def judge_run(self, message: bytes) -> Judged[ConnState, Verdict]:
         assert self.policy is not None
-        while True:
-            if self._eval == _NONE:
-                run = judge(
-                    self.policy, bytes(msg), self._resume, self.mode, self._lost, self._left,
-                    self._tls,
-                )  # fmt: skip
-                if self.observe is not None:
-                    self.observe(bytes(msg), self._resume, run)
-                if run.verdict is not None:
-                    self.verdicts.append(run.verdict)
-                if run.cork:
-                    self._owed = run.cork - len(msg)
-                    self._cork = msg
-                    return 0
-                self._eval = _PASS if run.allow else _DROP
-                self._apply = run.covers
-                self._left = run.left
-                self._tls = run.tls
-                if run.allow:
-                    if run.resume == "unjudged" and self._resume != "unjudged":
-                        assert run.verdict is not None
-                        self._lost = run.verdict.reason
-                    self._resume = run.resume
-            tosend = len(msg)
-            if self._apply and self._apply < tosend:
-                tosend = self._apply
-            chunk = bytes(msg[:tosend])
-            del msg[:tosend]
-            self._apply = self._apply - tosend if self._apply > tosend else 0
-            if self._eval == _DROP:
-                return tosend  # and the verdict stays: every later send is dropped too
-            self.delivered += chunk
-            if not self._apply:
-                self._eval = _NONE
-            if not msg:
-                return 0
+        st = self.state
+        run = judge(self.policy, message, st.resume, self.mode, st.lost, st.left, st.tls)
+        if self.observe is not None:
+            self.observe(message, st.resume, run)
+        if run.cork:
+            return Judged(run.allow, run.covers, run.cork, None, run.verdict)
+        lost, resume = st.lost, st.resume
+        if run.allow:
+            if run.resume == "unjudged" and st.resume != "unjudged":
+                assert run.verdict is not None
+                lost = run.verdict.reason
+            resume = run.resume
+        state = ConnState(resume, run.left, run.tls, lost)
+        return Judged(run.allow, run.covers, 0, state, run.verdict)
 
 
 def simulate_sends(policy: Policy | None, sends: list[bytes]) -> Connection:

@@ -123,7 +123,7 @@ def simulated(text: str, connections: list[list[bytes]], mode: int = 0):
     for sends in connections:
         conn = Connection(compiled.matcher, mode=mode)
         for data in sends:
-            if not conn.send(data):
+            if conn.send(data).failed or conn.refused:
                 break
         runs += conn.verdicts
     return runs
