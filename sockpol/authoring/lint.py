@@ -40,10 +40,11 @@ from sockpol.automata.automaton import (
     star,
 )
 from sockpol.codegen.lower import glob_regex
+from sockpol.contract import PATH_MAX
 from sockpol.diagnostics import Diagnostic, Severity, Source, Span
 from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, PolicyFile, Rule
 from sockpol.dsl.patterns import upper_escapes
-from sockpol.model.interp import PATH_MAX, host_matches
+from sockpol.model.interp import host_matches
 
 CODES = {
     "L001": "shadowed",

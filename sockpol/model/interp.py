@@ -6,52 +6,42 @@ code generator: it reads the request head with a plain hand-written parser, norm
 with its own RFC 3986 `remove_dot_segments`, and tries the rules one by one. It never looks at the
 automaton, the tables or `codegen/normalize.py`; agreeing with them is what the tests check.
 
-Three layers:
+Three layers, each its own module:
 
-* `read_head(data)` reads one request head: a `Head`, a `Refusal` (with the same reason names as
-  `sockpol.codegen.scanner.Reason`, lower-case with dashes), or None when `data` ends first. The
-  first problem in byte order decides the reason, as in a left-to-right scan.
-* `judge(policy, message)` is one run of the kernel program on one message: allow or refuse the
-  request at its start, and how many bytes the verdict covers (head + Content-Length body), or
-  that the head is incomplete and must be held (corked) until more arrives.
-* `Connection` strings runs together the way Linux's tcp_bpf does for a sequence of `send()`s
-  (cork, apply_bytes, a verdict that outlives a message, refusal ending the connection), so it can
-  predict what the server receives and what each send returns.
+* `head.py`, `read_head(data)`: one request head, a `Head`, a `Refusal` (the slugs of
+  contract.Reason), or None when `data` ends first; the path normalized.
+* this module, `judge(policy, message)`: one run of the kernel program on one message: the rules
+  tried in order, allow or refuse the request at its start, and how many bytes the verdict
+  covers (head + Content-Length body), or that the head is incomplete and must be held (corked)
+  until more arrives; `evaluate` for one request.
+* `stream.py`: the kernel's send path (tcp_bpf) around the runs, for a sequence of `send()`s
+  (cork, apply_bytes, a verdict that outlives a message, refusal ending the connection);
+  `Connection` is that model with this module judging, so it predicts what the server receives
+  and what each send returns. The tables' mirror (codegen/simulate.py) uses the same model.
 """
 
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 
-from sockpol.contract import BEFORE_RULES, CHUNK_MAX, CL_MAX, MAX_DEPTH, PATH_MAX, UNRESERVED
+from sockpol.contract import BEFORE_RULES
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy, Rule
 from sockpol.dsl.pathmatch import to_regex
 from sockpol.model import tls
+from sockpol.model.head import (  # noqa: F401 -- the first layer, re-exported for its users
+    ChunkLine,
+    Head,
+    Header,
+    Refusal,
+    normalize_path,
+    read_chunk,
+    read_head,
+    show,
+)
 from sockpol.model.stream import Judged, Send, Stream
-
-# -- HTTP/1.x lexical sets (RFC 9110, 9112, 3986) -------------------------------------------------
-
-_ALNUM = (string.ascii_letters + string.digits).encode()
-TCHAR = frozenset(_ALNUM + b"!#$%&'*+-.^_`|~")
-PCHAR = UNRESERVED | frozenset(b"!$&'()*+,;=:@%")  # '%' checked separately as an escape
-PATH_BYTE = PCHAR | frozenset(b"/")
-QUERY_BYTE = PATH_BYTE | frozenset(b"?")
-FIELD_BYTE = frozenset(range(0x20, 0x7F)) | frozenset(range(0x80, 0x100)) | {0x09}
-HEX = frozenset(b"0123456789abcdefABCDEF")
-DIGITS = frozenset(b"0123456789")
-WS = b" \t"
-SP, CR, LF, QMARK, PERCENT = 0x20, 0x0D, 0x0A, 0x3F, 0x25
-
-# -- limits (docs/language.md, "Normalization and refusals") -------------------------------------
-
-# PATH_MAX: bytes of a normalized path, at every step of normalizing it; MAX_DEPTH: completed
-# segments (each followed by '/') on the way; CL_MAX, CHUNK_MAX: the largest Content-Length and
-# chunk size accepted (all from the contract: the kernel program enforces the same).
-AMBIGUOUS_ESCAPES = frozenset({0x2F, 0x5C, 0x00})  # %2F, %5C, %00
 
 # Refusal reasons before any rule, by slug (contract.Reason: BAD_METHOD -> "bad-method").
 REFUSALS = tuple(r.slug for r in BEFORE_RULES)
@@ -66,45 +56,6 @@ REFUSED, DRY_RUN, AUDIT, LOGGED = "refused", "dry-run", "audit", "logged"
 
 
 # -- results --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Header:
-    name: str  # lower-case
-    value: bytes  # with surrounding spaces and tabs trimmed
-    offset: int  # where its line starts in the message
-
-
-@dataclass(frozen=True)
-class Head:
-    """A well-formed request head, as the policy sees it."""
-
-    method: str
-    target: str  # as sent (path and query)
-    raw_path: str  # the path as sent, without the query
-    path: str  # normalized: what rules match
-    version: str
-    headers: tuple[Header, ...]
-    length: int  # bytes, up to and including the blank line
-    content_length: int
-    chunked: bool = False  # the body is framed by Transfer-Encoding: chunked
-
-    @property
-    def host(self) -> bytes | None:
-        return next((h.value for h in self.headers if h.name == "host"), None)
-
-    def values(self, name: str) -> list[bytes]:
-        return [h.value for h in self.headers if h.name == name]
-
-
-@dataclass(frozen=True)
-class Refusal:
-    reason: str  # one of REFUSALS
-    offset: int  # the byte at which it became certain
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.reason} at byte {self.offset}: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -177,318 +128,6 @@ def _covering(allow: bool, total: int, message: bytes, **kw) -> Run:
 RESUME = ("request", "chunk-size", "chunk-end", "unjudged", "tls-pass")
 
 
-# -- reading a head -------------------------------------------------------------------------------
-
-
-class _Refuse(Exception):
-    def __init__(self, reason: str, offset: int, detail: str) -> None:
-        self.refusal = Refusal(reason, offset, detail)
-
-
-class _NeedMore(Exception):
-    pass
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def next(self) -> int:
-        if self.pos >= len(self.data):
-            raise _NeedMore
-        b = self.data[self.pos]
-        self.pos += 1
-        return b
-
-    def refuse(self, reason: str, detail: str) -> _Refuse:
-        return _Refuse(reason, self.pos - 1, detail)
-
-
-def read_head(data: bytes) -> Head | Refusal | None:
-    """The request head at the start of `data`, its refusal, or None if `data` ends first."""
-    r = _Reader(data)
-    try:
-        return _head(r)
-    except _Refuse as e:
-        return e.refusal
-    except _NeedMore:
-        return None
-
-
-def _head(r: _Reader) -> Head:
-    method = _method(r)
-    target_start = r.pos
-    raw_path, ended_by = _path(r)
-    path = normalize_path(raw_path)
-    if path is None:
-        raise r.refuse("path-too-long", f"path '{_show(raw_path)}' normalizes beyond the limits")
-    if ended_by == QMARK:
-        while (b := r.next()) != SP:
-            if b not in QUERY_BYTE:
-                raise r.refuse("bad-target", f"byte {_byte(b)} in the query")
-    target = r.data[target_start : r.pos - 1].decode("latin-1")
-    version = _version(r)
-    headers, content_length, chunked = _fields(r)
-    return Head(
-        method,
-        target,
-        raw_path.decode("latin-1"),
-        path.decode("latin-1"),
-        version,
-        headers,
-        r.pos,
-        content_length,
-        chunked,
-    )
-
-
-def _method(r: _Reader) -> str:
-    while True:
-        b = r.next()
-        if b == SP and r.pos > 1:
-            return r.data[: r.pos - 1].decode("ascii")
-        if b not in TCHAR:
-            raise r.refuse("bad-method", f"byte {_byte(b)} in or instead of the method")
-
-
-def _path(r: _Reader) -> tuple[bytes, int]:
-    """The raw path up to the SP or '?' that ends it, with its escapes checked. A path whose
-    bytes so far already normalize beyond the limits is refused before it ends (the kernel
-    normalizes as the bytes go by)."""
-    start = r.pos
-    try:
-        return _path_bytes(r, start)
-    except _NeedMore:
-        so_far = re.sub(rb"%[0-9A-Fa-f]?$", b"", r.data[start:])  # an escape not yet whole
-        if so_far and normalize_path(so_far) is None:
-            raise r.refuse(
-                "path-too-long", "the path so far normalizes beyond the limits"
-            ) from None
-        raise
-
-
-def _path_bytes(r: _Reader, start: int) -> tuple[bytes, int]:
-    b = r.next()
-    if b != ord("/"):
-        raise r.refuse("bad-target", "the target does not start with '/' (origin-form)")
-    pending = 0  # hex digits still owed to a '%'
-    hi = 0
-    while True:
-        b = r.next()
-        if b in (SP, QMARK):
-            if pending:
-                raise r.refuse("ambiguous-path", "the path ends inside a %-escape")
-            return r.data[start : r.pos - 1], b
-        if b not in PATH_BYTE:
-            raise r.refuse("bad-target", f"byte {_byte(b)} in the path")
-        if pending:
-            if b not in HEX:
-                raise r.refuse("ambiguous-path", "'%' not followed by two hex digits")
-            if pending == 2:
-                hi, pending = b, 1
-                continue
-            pending = 0
-            value = int(chr(hi) + chr(b), 16)
-            if value in AMBIGUOUS_ESCAPES:
-                raise r.refuse("ambiguous-path", f"%{value:02X} (an encoded '/', '\\' or NUL)")
-        elif b == PERCENT:
-            pending = 2
-
-
-def _version(r: _Reader) -> str:
-    start = r.pos
-    for expected in (b"H", b"T", b"T", b"P", b"/", b"1", b".", b"01", b"\r", b"\n"):
-        if r.next() not in expected:
-            raise r.refuse("bad-version", "expected HTTP/1.0 or HTTP/1.1 and CRLF")
-    return r.data[start : r.pos - 2].decode("ascii")
-
-
-def _fields(r: _Reader) -> tuple[tuple[Header, ...], int, bool]:
-    headers: list[Header] = []
-    seen: set[str] = set()
-    content_length = 0
-    while True:
-        line_start = r.pos
-        if _end_of_fields(r, "bad-header"):
-            return tuple(headers), content_length, "transfer-encoding" in seen
-        name, value, cl = _field_line(r, line_start, "bad-header", frozenset(seen))
-        # The line is complete at its CR: these are decided before the LF is seen.
-        if name == "transfer-encoding" and value.lower() != b"chunked":
-            raise r.refuse("transfer-encoding", "a Transfer-Encoding other than 'chunked'")
-        if name == "upgrade":
-            raise r.refuse("upgrade", "Upgrade header")
-        if cl is not None and not cl.valid:
-            raise r.refuse("bad-content-length", "Content-Length is not one decimal number")
-        framing = name in ("content-length", "transfer-encoding")
-        if framing and seen & {"content-length", "transfer-encoding"} - {name}:
-            raise r.refuse("transfer-encoding", "both Content-Length and Transfer-Encoding")
-        if name in ("host", "content-length", "transfer-encoding"):
-            if name in seen:
-                raise r.refuse("duplicate-header", f"a second {name} header")
-            seen.add(name)
-        if cl is not None:
-            content_length = cl.value
-        if r.next() != LF:
-            raise r.refuse("bad-header", "CR not followed by LF")
-        headers.append(Header(name, value, line_start))
-
-
-def _end_of_fields(r: _Reader, reason: str) -> bool:
-    """At the start of a line: True (and past it) if it is the empty line ending a section."""
-    if r.data[r.pos : r.pos + 1] != b"\r":
-        return False
-    r.next()
-    if r.next() != LF:
-        raise r.refuse(reason, "CR not followed by LF")
-    return True
-
-
-def _field_line(
-    r: _Reader, line_start: int, reason: str, seen: frozenset[str] = frozenset()
-) -> tuple[str, bytes, _ContentLength | None]:
-    """`name: value` up to and including its CR; the value trimmed of spaces and tabs. `seen`:
-    the framing headers already read (a second Content-Length is refused at its first digit)."""
-    b = r.next()
-    if b not in TCHAR:
-        what = "a continuation line (obs-fold)" if b in WS else f"byte {_byte(b)}"
-        raise r.refuse(reason, f"{what} where a field name starts")
-    while (b := r.next()) != ord(":"):
-        if b not in TCHAR:
-            raise r.refuse(reason, f"byte {_byte(b)} in a field name")
-    name = r.data[line_start : r.pos - 1].decode("ascii").lower()
-    value_start = r.pos
-    cl = _ContentLength() if name == "content-length" and reason == "bad-header" else None
-    while (b := r.next()) != CR:
-        if b not in FIELD_BYTE:
-            raise r.refuse(reason, f"byte {_byte(b)} in the value of {name}")
-        if cl is not None and cl.feed(b):
-            if "content-length" in seen:
-                raise r.refuse("duplicate-header", "a second content-length header")
-            if cl.value > CL_MAX:
-                raise r.refuse("bad-content-length", f"Content-Length above {CL_MAX}")
-    return name, r.data[value_start : r.pos - 1].strip(WS), cl
-
-
-@dataclass(frozen=True)
-class ChunkLine:
-    """A chunk-size line (after the CRLF ending the previous chunk's data, if any) or, for the
-    last chunk, the size line with the trailer section and the empty line that ends the body."""
-
-    size: int
-    length: int  # bytes read
-
-    @property
-    def last(self) -> bool:
-        return self.size == 0
-
-
-def read_chunk(data: bytes, after_data: bool) -> ChunkLine | Refusal | None:
-    """The chunk framing at the start of `data` (RFC 9112 7.1), its refusal, or None if `data`
-    ends first. `after_data`: `data` starts with the CRLF that must end the previous chunk."""
-    r = _Reader(data)
-    try:
-        if after_data and (r.next() != CR or r.next() != LF):
-            raise r.refuse("bad-chunk", "chunk data not followed by CRLF")
-        size = _chunk_size(r)
-        if size:
-            return ChunkLine(size, r.pos)
-        while True:  # the trailer section: field lines (never judged), then an empty line
-            line_start = r.pos
-            if _end_of_fields(r, "bad-chunk"):
-                return ChunkLine(0, r.pos)
-            _field_line(r, line_start, "bad-chunk")
-            if r.next() != LF:
-                raise r.refuse("bad-chunk", "CR not followed by LF in the trailer")
-    except _Refuse as e:
-        return e.refusal
-    except _NeedMore:
-        return None
-
-
-def _chunk_size(r: _Reader) -> int:
-    size = 0
-    b = r.next()
-    if b not in HEX:
-        raise r.refuse("bad-chunk", "a chunk size must start with a hex digit")
-    while b in HEX:
-        size = size * 16 + int(chr(b), 16)
-        if size > CHUNK_MAX:
-            raise r.refuse("bad-chunk", f"chunk size above {CHUNK_MAX}")
-        b = r.next()
-    if b == ord(";"):  # chunk extensions: passed, not judged
-        while (b := r.next()) != CR:
-            if b not in FIELD_BYTE:
-                raise r.refuse("bad-chunk", f"byte {_byte(b)} in a chunk extension")
-    if b != CR or r.next() != LF:
-        raise r.refuse("bad-chunk", "a chunk-size line must end with CRLF")
-    return size
-
-
-@dataclass
-class _ContentLength:
-    """A Content-Length value read byte by byte: spaces, digits, spaces."""
-
-    phase: int = 0  # 0 leading spaces, 1 digits, 2 trailing spaces, 3 invalid
-    value: int = 0
-
-    def feed(self, b: int) -> bool:
-        """Take one byte; True when it is a digit of the value."""
-        if b in DIGITS and self.phase <= 1:
-            self.phase = 1
-            self.value = self.value * 10 + b - 0x30
-            return True
-        if b in WS and self.phase != 3:
-            self.phase = 0 if self.phase == 0 else 2
-        else:
-            self.phase = 3
-        return False
-
-    @property
-    def valid(self) -> bool:
-        return self.phase in (1, 2)
-
-
-# -- normalization --------------------------------------------------------------------------------
-
-
-def normalize_path(raw: bytes) -> bytes | None:
-    """The path rules match: unreserved escapes decoded, other escapes upper-cased, `//` merged,
-    dot segments removed (RFC 3986 5.2.4, never above the root). None when it is too long or too
-    deep at any step, as the kernel, which normalizes as the bytes go by, checks it."""
-    segments = [_decode(s) for s in raw[1:].split(b"/")]
-    stack: list[bytes] = []
-    for i, seg in enumerate(segments):
-        last = i == len(segments) - 1
-        # While a segment is read it is in the output, even one that is then dropped ("..").
-        if _length(stack) + len(seg) > PATH_MAX:
-            return None
-        if seg == b"" or seg == b".":
-            continue
-        if seg == b"..":
-            if stack:
-                stack.pop()
-            continue
-        if last:
-            return b"/" + b"".join(s + b"/" for s in stack) + seg
-        if len(stack) >= MAX_DEPTH or _length(stack) + len(seg) + 1 > PATH_MAX:
-            return None
-        stack.append(seg)
-    return b"/" + b"".join(s + b"/" for s in stack)
-
-
-def _length(stack: list[bytes]) -> int:
-    return 1 + sum(len(s) + 1 for s in stack)
-
-
-def _decode(segment: bytes) -> bytes:
-    def one(m: re.Match[bytes]) -> bytes:
-        value = int(m.group(1), 16)
-        return bytes([value]) if value in UNRESERVED else b"%" + m.group(1).upper()
-
-    return re.sub(rb"%([0-9A-Fa-f]{2})", one, segment)
-
-
 # -- rules ----------------------------------------------------------------------------------------
 
 
@@ -520,7 +159,7 @@ def check_rule(rule: Rule, head: Head) -> RuleCheck:
     for cond in rule.conditions:
         if isinstance(cond, HostCondition):
             if not host_matches(cond.pattern, head.host):
-                shown = "no Host header" if head.host is None else f"Host is {_show(head.host)}"
+                shown = "no Host header" if head.host is None else f"Host is {show(head.host)}"
                 return RuleCheck(rule, False, f'{shown}, not "{cond.pattern}"')
         else:
             failure = _header_failure(cond, head)
@@ -534,7 +173,7 @@ def _header_failure(cond: HeaderCondition, head: Head) -> str:
     if not values:
         return f"no {cond.name} header"
     if cond.value is not None and cond.value.encode("latin-1") not in values:
-        shown = ", ".join(f'"{_show(v)}"' for v in values)
+        shown = ", ".join(f'"{show(v)}"' for v in values)
         return f'{cond.name} is {shown}, not "{cond.value}"'
     return ""
 
@@ -737,19 +376,6 @@ def simulate_sends(policy: Policy | None, sends: list[bytes]) -> Connection:
     for data in sends:
         conn.send(data)
     return conn
-
-
-# -- small helpers --------------------------------------------------------------------------------
-
-
-def _byte(b: int) -> str:
-    return repr(chr(b)) if 0x20 <= b < 0x7F else f"0x{b:02X}"
-
-
-def _show(data: bytes | str, limit: int = 60) -> str:
-    text = data.decode("latin-1") if isinstance(data, bytes) else data
-    text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = [
