@@ -14,28 +14,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sockpol.codegen import scanner as sc
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT, MAX_TABLE
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.normalize import Normalizer
-from sockpol.codegen.scanner import (
-    BODY_END,
-    CHUNK_LINE,
-    EMIT_MASK,
-    END,
-    FLAG_CL_DIGIT,
-    FLAG_CL_LINE,
-    FLAG_HEX_DIGIT,
-    FLAG_PATH_BYTE,
-    FLAG_PATH_END,
-    FLAG_TE_LINE,
+from sockpol.contract import (
+    CHUNK_MAX,
+    CL_MAX,
     RESUME_CHUNK_DATA_END,
     RESUME_CHUNK_LINE,
     RESUME_REQUEST,
-    SINGLETON_FLAGS,
-    TERMINAL_STATES,
+    RESUME_UNJUDGED,
     Reason,
 )
-from sockpol.contract import CHUNK_MAX, CL_MAX, RESUME_UNJUDGED
 from sockpol.model import tls
 from sockpol.model.stream import Judged, Stream
 from sockpol.telemetry import (
@@ -110,28 +101,28 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
     for i, b in enumerate(data):
         nxt = t.step(state, b)
         info = t.info[nxt]
-        emit = info & EMIT_MASK
+        emit = info & sc.EMIT_MASK
         if emit:
             for f in t.factsets[emit]:
                 facts |= 1 << f
-        if info & FLAG_CL_DIGIT:
+        if info & sc.FLAG_CL_DIGIT:
             cl = cl * 10 + (b - 0x30)
             if cl > CL_MAX:
                 nxt = Reason.BAD_CONTENT_LENGTH
-            if seen & FLAG_CL_LINE:
+            if seen & sc.FLAG_CL_LINE:
                 nxt = Reason.DUPLICATE_HEADER  # digits of a second Content-Length line
-        if info & FLAG_HEX_DIGIT:
+        if info & sc.FLAG_HEX_DIGIT:
             chunk = chunk * 16 + HEXVAL[b]
             if chunk > CHUNK_MAX:
                 nxt = Reason.BAD_CHUNK
-        if info & seen & SINGLETON_FLAGS:
+        if info & seen & sc.SINGLETON_FLAGS:
             nxt = Reason.DUPLICATE_HEADER
-        seen |= info & SINGLETON_FLAGS
-        if seen & FLAG_CL_LINE and seen & FLAG_TE_LINE:
+        seen |= info & sc.SINGLETON_FLAGS
+        if seen & sc.FLAG_CL_LINE and seen & sc.FLAG_TE_LINE:
             nxt = Reason.TRANSFER_ENCODING  # both framings: the classic smuggling setup
-        if info & FLAG_PATH_BYTE:
+        if info & sc.FLAG_PATH_BYTE:
             norm.feed(b)
-        if info & FLAG_PATH_END:
+        if info & sc.FLAG_PATH_END:
             norm.finish()
             if not norm.error:
                 path = bytes(norm.out)
@@ -139,7 +130,7 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
         if norm.error:  # as soon as the path is too long or deep, not only at its end
             nxt = Reason.PATH_TOO_LONG
         state, pos = nxt, i + 1
-        if state < TERMINAL_STATES:
+        if state < sc.TERMINAL_STATES:
             break
     return ScanResult(state, facts, pos, cl, chunk, seen, path, path_state)
 
@@ -203,9 +194,9 @@ def run(
             return _tls_record(step, word, size, mode)
         word |= tls.CONN_HTTP
     s = scan(ir, message[:n], kind)
-    if s.state == END:
+    if s.state == sc.END:
         return _judged(ir, s, mode, size)
-    if s.state == CHUNK_LINE:
+    if s.state == sc.CHUNK_LINE:
         covered = s.pos + s.chunk_size
         nxt = RESUME_CHUNK_DATA_END | tls.CONN_HTTP | body_slot << 32
         apply = min(covered, size)
@@ -213,7 +204,7 @@ def run(
             True, Reason.NONE, None, apply, 0, s.pos, 0, RESUME_CHUNK_DATA_END,
             counts=((body_slot, 0, covered),), conn=nxt | (covered - apply) << 64,
         )  # fmt: skip
-    if s.state == BODY_END:
+    if s.state == sc.BODY_END:
         return RunResult(
             True, Reason.NONE, None, s.pos, 0, s.pos, 0, RESUME_REQUEST,
             counts=((body_slot, 0, s.pos),), conn=RESUME_REQUEST | tls.CONN_HTTP,
@@ -221,7 +212,7 @@ def run(
     if s.state == Reason.BAD_METHOD and kind == RESUME_REQUEST and tls_mode:
         if tls.is_alert_plaintext(message[:n], size):  # checked on this refusal only: emit.py
             return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, conn=word)
-    if s.state < TERMINAL_STATES:
+    if s.state < sc.TERMINAL_STATES:
         return _unframed(Reason(s.state), s, size, mode, word)
     if size >= ir.policy.max_head:
         return _unframed(Reason.HEAD_TOO_LARGE, s, size, mode, word)
@@ -257,7 +248,7 @@ def _judged(ir: MatcherIR, s: ScanResult, mode: int, size: int) -> RunResult:
     else:
         flags = ir.rules[rule].flags
         slot, reason = SLOT_RULES + rule, Reason.RULE
-    if s.seen & FLAG_TE_LINE:
+    if s.seen & sc.FLAG_TE_LINE:
         covered, nxt = s.pos, RESUME_CHUNK_LINE
     else:
         covered, nxt = s.pos + s.content_length, RESUME_REQUEST
