@@ -1,7 +1,8 @@
 """What the kernel program records: counters, events, and the mode it reads (telemetry.py).
 
-A mixin of `emit._Emitter`: the maps, and small BPF functions that `msg_program` calls at its
-decision points, so that the decisions themselves stay readable:
+`Recorder`, built on the object (objbuilder.py) and the tables (tables.py): the maps, and small
+BPF functions that a program calls at its decision points, so that the decisions themselves
+stay readable (emit.py's `msg_program`; a second backend would call the same):
 
 - `sockpol_mode()`: the policy's current mode from the control map (enforce when unreadable);
 - `sockpol_count(slot, requests, bytes)`: add to a per-CPU counter slot;
@@ -13,8 +14,8 @@ decision points, so that the decisions themselves stay readable:
 - `sockpol_event(...)`: assemble an event in the per-CPU buffer and copy it to the ring buffer;
   a full ring buffer costs the event (counted as lost), never the request.
 
-Every function is created by `record_functions()` before `msg_program` is emitted: the emitter
-keeps the current function's table pointer in `self.base`, which creating a function resets.
+The maps are made by `maps()` and the functions by `functions()`, both before the program
+that calls them: their order is the order in the object.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from llvmlite import ir
 
 from sockpol.codegen import helpers as h
 from sockpol.codegen.helpers import I8, I16, I32, I64, PTR, gep
+from sockpol.codegen.objbuilder import ObjectBuilder
+from sockpol.codegen.tables import Fn, Tables
 from sockpol.contract import (
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_PERCPU_ARRAY,
@@ -98,34 +101,39 @@ def pack(b: ir.IRBuilder, *values: ir.Value | int) -> ir.Value:
     return out
 
 
-class RecordingMixin:
-    """Needs from the emitter: function, call, btf_map, dbg types, get/put/config/small on the
-    scan struct, `base`, `n_rules`."""
+class Recorder:
+    """The telemetry of one object: counters, events, mode."""
+
+    def __init__(self, ob: ObjectBuilder, tables: Tables) -> None:
+        self.ob = ob
+        self.tables = tables
 
     # --- maps -------------------------------------------------------------------------------
 
-    def record_maps(self) -> None:
-        counter_t = self.dbg.array(self.u64, 2, 64)  # requests, bytes
-        self.counts_map = self.btf_map(
+    def maps(self) -> None:
+        counter_t = self.ob.dbg.array(self.ob.u64, 2, 64)  # requests, bytes
+        self.counts_map = self.ob.btf_map(
             COUNTS_MAP,
             BPF_MAP_TYPE_PERCPU_ARRAY,
-            counter_slots(self.n_rules),  # sized by the shape: a hot reload may add rules
-            self.u32,
+            counter_slots(self.tables.n_rules),  # sized by the shape: a hot reload may add rules
+            self.ob.u32,
             counter_t,
         )
-        self.events_map = self.btf_map(EVENTS_MAP, BPF_MAP_TYPE_RINGBUF, EVENTS_BYTES, None, None)
-        self.evbuf_map = self.btf_map(
+        self.events_map = self.ob.btf_map(
+            EVENTS_MAP, BPF_MAP_TYPE_RINGBUF, EVENTS_BYTES, None, None
+        )
+        self.evbuf_map = self.ob.btf_map(
             EVBUF_MAP,
             BPF_MAP_TYPE_PERCPU_ARRAY,
             1,
-            self.u32,
-            self.dbg.array(self.u8, EVENT.size, 8),
+            self.ob.u32,
+            self.ob.dbg.array(self.ob.u8, EVENT.size, 8),
         )
-        self.ctl_map = self.btf_map(
-            CTL_MAP, BPF_MAP_TYPE_ARRAY, 1, self.u32, self.dbg.array(self.u32, 2, 32)
+        self.ctl_map = self.ob.btf_map(
+            CTL_MAP, BPF_MAP_TYPE_ARRAY, 1, self.ob.u32, self.ob.dbg.array(self.ob.u32, 2, 32)
         )
 
-    def record_functions(self) -> None:
+    def functions(self) -> None:
         self.fn_mode = self._mode_fn()
         self.fn_count = self._count_fn()
         self.copier_t = ir.LiteralStructType([PTR, PTR, PTR, I64])
@@ -146,29 +154,29 @@ class RecordingMixin:
     # walks the event's bpf_loop once for every call site (and state) that reaches it.
 
     def read_mode(self, b: ir.IRBuilder) -> ir.Value:
-        return self.call(b, self.fn_mode)
+        return self.ob.call(b, self.fn_mode)
 
     def count(self, b: ir.IRBuilder, slot: ir.Value | int, requests: int, nbytes: ir.Value) -> None:
         slot = I64(slot) if isinstance(slot, int) else slot
-        self.call(b, self.fn_count, slot, I64(requests), nbytes)
+        self.ob.call(b, self.fn_count, slot, I64(requests), nbytes)
 
     def judged(self, b, msg, flags, reason, mode, slot, covered) -> ir.Value:
         """A head judged by a rule (slot SLOT_RULES + rule) or the default (SLOT_DEFAULT)."""
-        return self.call(b, self.fn_judged, pack(b, flags, reason, mode), slot, covered)
+        return self.ob.call(b, self.fn_judged, pack(b, flags, reason, mode), slot, covered)
 
     def unframed(self, b, msg, reason, mode, head, conn) -> ir.Value:
         """Refused before any rule (scanner, max-head); in dry-run the connection goes on."""
-        return self.call(b, self.fn_unframed, msg, pack(b, reason, mode, head), conn)
+        return self.ob.call(b, self.fn_unframed, msg, pack(b, reason, mode, head), conn)
 
     def unjudged(self, b, msg, resume, mode) -> ir.Value:
         """A send on a connection that a dry-run pass left without framing."""
-        return self.call(b, self.fn_unjudged, msg, resume, mode)
+        return self.ob.call(b, self.fn_unjudged, msg, resume, mode)
 
     def record_event(
         self, b: ir.IRBuilder, msg: ir.Value, scan: ir.Value, outcome: ir.Value
     ) -> None:
         with b.if_then(b.icmp_unsigned("!=", _field(b, outcome, 1), I64(0))):
-            self.call(b, self.fn_event, msg, scan, outcome)
+            self.ob.call(b, self.fn_event, msg, scan, outcome)
 
     @staticmethod
     def passes(b: ir.IRBuilder, outcome: ir.Value) -> ir.Value:
@@ -177,7 +185,7 @@ class RecordingMixin:
     # --- the functions ----------------------------------------------------------------------
 
     def _mode_fn(self) -> ir.Function:
-        fn, b = self.function("sockpol_mode", I64, [])
+        fn, b = self.ob.function("sockpol_mode", I64, [])
         key = b.alloca(I32, name="key")
         b.store(I32(0), key)
         ctl = h.call(b, h.MAP_LOOKUP_ELEM, self.ctl_map, key)
@@ -187,7 +195,7 @@ class RecordingMixin:
         return fn
 
     def _count_fn(self) -> ir.Function:
-        fn, b = self.function(
+        fn, b = self.ob.function(
             "sockpol_count", I64, [("slot", I64), ("requests", I64), ("bytes", I64)]
         )
         slot, requests, nbytes = fn.args
@@ -203,12 +211,12 @@ class RecordingMixin:
         return fn
 
     def _judged_fn(self) -> ir.Function:
-        fn, b = self.function(
+        fn, b = self.ob.function(
             "sockpol_judged", I64, [("what", I64), ("slot", I64), ("covered", I64)]
         )
         what, slot, covered = fn.args
         flags, reason, mode = (_field(b, what, i) for i in range(3))
-        self.call(b, self.fn_count, slot, I64(1), covered)
+        self.ob.call(b, self.fn_count, slot, I64(1), covered)
         rule = b.select(
             b.icmp_unsigned(">=", slot, I64(SLOT_RULES)), b.sub(slot, I64(SLOT_RULES)), I64(NO_RULE)
         )
@@ -217,45 +225,49 @@ class RecordingMixin:
             return b.or_(pack(b, passed, verdict, why, 1), b.shl(rule, I64(32)))
 
         with b.if_then(b.icmp_unsigned("!=", b.and_(flags, I64(RULE_AUDIT)), I64(0))):
-            self.call(b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), covered)
+            self.ob.call(b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), covered)
             b.ret(outcome(1, EventKind.AUDIT, reason))
         with b.if_then(b.icmp_unsigned("==", b.and_(flags, I64(RULE_PASS)), I64(0))):
             with b.if_then(b.icmp_unsigned("==", mode, I64(MODE_DRY_RUN))):
-                self.call(b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), covered)
+                self.ob.call(
+                    b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), covered
+                )
                 b.ret(outcome(1, EventKind.DRY_RUN, reason))
-            self.call(b, self.fn_count, b.add(reason, I64(SLOT_REFUSED)), I64(1), covered)
+            self.ob.call(b, self.fn_count, b.add(reason, I64(SLOT_REFUSED)), I64(1), covered)
             b.ret(outcome(0, EventKind.REFUSED, reason))
         logged = b.icmp_unsigned("!=", b.and_(flags, I64(RULE_LOG)), I64(0))
         b.ret(outcome(1, b.select(logged, I64(EventKind.LOGGED), I64(0)), Reason.NONE))
         return fn
 
     def _unframed_fn(self) -> ir.Function:
-        fn, b = self.function("sockpol_unframed", I64, [("msg", PTR), ("what", I64), ("conn", PTR)])
+        fn, b = self.ob.function(
+            "sockpol_unframed", I64, [("msg", PTR), ("what", I64), ("conn", PTR)]
+        )
         msg, what, conn = fn.args
         reason, mode, head = (_field(b, what, i) for i in range(3))
         size = b.zext(b.load(_byte(b, msg, MSG_SIZE), typ=I32), I64)
         no_rule = b.shl(I64(NO_RULE), I64(32))
         with b.if_then(b.icmp_unsigned("==", mode, I64(MODE_DRY_RUN))):
-            self.call(b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), size)
+            self.ob.call(b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), size)
             # Where the next request starts is unknown: the rest of the connection is unjudged.
             b.store(b.or_(I64(RESUME_UNJUDGED), b.shl(reason, I64(8))), conn)
             b.ret(b.or_(pack(b, 1, EventKind.DRY_RUN, reason, head), no_rule))
-        self.call(b, self.fn_count, b.add(reason, I64(SLOT_REFUSED)), I64(1), size)
+        self.ob.call(b, self.fn_count, b.add(reason, I64(SLOT_REFUSED)), I64(1), size)
         b.ret(b.or_(pack(b, 0, EventKind.REFUSED, reason, head), no_rule))
         return fn
 
     def _unjudged_fn(self) -> ir.Function:
-        fn, b = self.function(
+        fn, b = self.ob.function(
             "sockpol_unjudged", I64, [("msg", PTR), ("resume", I64), ("mode", I64)]
         )
         msg, resume, mode = fn.args
         size = b.zext(b.load(_byte(b, msg, MSG_SIZE), typ=I32), I64)
         with b.if_then(b.icmp_unsigned("==", mode, I64(MODE_DRY_RUN))):
-            self.call(b, self.fn_count, I64(SLOT_UNJUDGED), I64(1), size)
+            self.ob.call(b, self.fn_count, I64(SLOT_UNJUDGED), I64(1), size)
             b.ret(I64(1))  # passes, no event: the dry-run event was recorded when framing was lost
         # Enforcing again: the connection would have been refused when it lost its framing.
         reason = _field(b, resume, 1)
-        self.call(b, self.fn_count, b.add(reason, I64(SLOT_REFUSED)), I64(1), size)
+        self.ob.call(b, self.fn_count, b.add(reason, I64(SLOT_REFUSED)), I64(1), size)
         b.ret(b.or_(pack(b, 0, EventKind.REFUSED, reason, 0), b.shl(I64(NO_RULE), I64(32))))
         return fn
 
@@ -269,9 +281,12 @@ class RecordingMixin:
         The head's bytes are copied by three bpf_loops whose callbacks keep no state between
         iterations, so the verifier checks each callback once (a copier that tracked lengths
         and match progress byte by byte made it walk thousands of states per call)."""
-        fn, b = self.function("sockpol_event", I64, [("msg", PTR), ("scan", PTR), ("outcome", I64)])
+        fn, b = self.ob.function(
+            "sockpol_event", I64, [("msg", PTR), ("scan", PTR), ("outcome", I64)]
+        )
         msg, scan, outcome = fn.args
-        self.base = self.get(b, scan, "tables")
+        fx = Fn(b, self.tables, scan=scan)
+        fx.base = fx.get("tables")
         verdict, reason, head = (_field(b, outcome, i) for i in range(1, 4))
         rule = b.lshr(outcome, I64(32))
         key = b.alloca(I32, name="key")
@@ -279,7 +294,7 @@ class RecordingMixin:
         b.store(I32(0), key)
         ev = h.call(b, h.MAP_LOOKUP_ELEM, self.evbuf_map, key)
         with b.if_then(_is_null(b, ev), likely=False):
-            self.call(b, self.fn_count, I64(SLOT_LOST), I64(1), I64(0))
+            self.ob.call(b, self.fn_count, I64(SLOT_LOST), I64(1), I64(0))
             b.ret(I64(0))
 
         def put(field: str, value: ir.Value) -> None:
@@ -311,8 +326,8 @@ class RecordingMixin:
 
         # The normalized path: its length, and its first PATH_BYTES bytes (both buffers are map
         # values of known size, so fixed-size 8-byte copies need no bounds checks).
-        put("path_len", self.get(b, scan, "out_len"))
-        scratch = self.get(b, scan, "scratch")
+        put("path_len", fx.get("out_len"))
+        scratch = fx.get("scratch")
         for off in range(0, PATH_BYTES, 8):
             word = b.load(_byte(b, scratch, off), typ=I64)
             b.store(word, _byte(b, ev, EVENT_OFFSETS["path"] + off))
@@ -320,12 +335,12 @@ class RecordingMixin:
         def st_slot(field: str) -> ir.Value:
             return gep(b, st, self.copier_t, [I32(0), I32(C[field])])
 
-        b.store(self.get(b, scan, "data"), st_slot("data"))
-        b.store(self.get(b, scan, "data_end"), st_slot("data_end"))
+        b.store(fx.get("data"), st_slot("data"))
+        b.store(fx.get("data_end"), st_slot("data_end"))
         b.store(ev, st_slot("ev"))
         # Loaded, not a constant: the verifier then knows it as a range that the value stored
         # by the search (an offset) lies within, and the search loop's walk converges at once.
-        b.store(self.config(b, "zero"), st_slot("host_at"))
+        b.store(fx.config("zero"), st_slot("host_at"))
         is_head = b.icmp_unsigned("!=", head, I64(0))
         # The search runs to the end of the head or of the window, not to the scan's `pos`:
         # reading pos here makes the verifier track it precisely in the scan loop too, and
@@ -352,7 +367,7 @@ class RecordingMixin:
 
         ret = h.call(b, h.RINGBUF_OUTPUT, self.events_map, ev, I64(EVENT.size), I64(0))
         with b.if_then(b.icmp_signed("<", ret, I64(0)), likely=False):
-            self.call(b, self.fn_count, I64(SLOT_LOST), I64(1), I64(0))  # full: lose the event
+            self.ob.call(b, self.fn_count, I64(SLOT_LOST), I64(1), I64(0))  # full: lose the event
         b.ret(I64(0))
         return fn
 
@@ -362,7 +377,7 @@ class RecordingMixin:
         # The index is declared u64 (as the helper passes it): with an i32, LLVM compares its
         # 32-bit half and indexes with a 64-bit copy made earlier, whose bounds the verifier
         # then does not know.
-        fn, b = self.function(name, I64, [("index", I64), ("ctx", PTR)])
+        fn, b = self.ob.function(name, I64, [("index", I64), ("ctx", PTR)])
         index, st = fn.args
         return fn, b, index, st
 

@@ -1,0 +1,238 @@
+"""The policy's tables in the object, the scan state in the connection's storage, and the
+explicit context every generated function works in (`Fn`): the data side of the kernel program,
+shared by every backend that judges requests with the same tables.
+
+- `Tables`: every policy-dependent number the program reads, one struct in `.data` with two
+  slots and a generation (a reload writes the idle slot, then flips the generation; a run reads
+  the generation once and uses one slot throughout); `CONFIG` names its scalar settings.
+- The scan state (`SCAN_POINTERS` on the caller's stack, `SCAN_SCALARS` and the fact words in the
+  connection's socket storage): why it lives there is below.
+- `Fn`: a builder, the tables pointer of the current function, and the scan context: the state
+  that the emitter used to keep in `self.base`, now passed explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llvmlite import binding as llvm
+from llvmlite import ir
+
+from sockpol.codegen.helpers import I8, I16, I32, I64, PTR, gep
+from sockpol.codegen.irconst import int_array, word_rows
+from sockpol.codegen.lower import MatcherIR
+from sockpol.codegen.normalize import HEX_DIGITS, PCT_LEADING_SLASH, UNRESERVED
+from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
+from sockpol.contract import MAX_DEPTH, MAX_SCAN, PATH_MAX, TABLES_SYMBOL
+from sockpol.model import tls
+
+TABLES_GLOBAL = TABLES_SYMBOL
+
+# The connection's socket storage (`sockpol_conn`): the connection's word and the bytes of a body
+# or TLS record still to come (kept between runs), then the run's work area ("scratch"): the
+# normalized path, the stack of segment starts (u16 each), the scan's scalars and its fact words
+# (rewritten by every run).
+CONN_WORD, CONN_LEFT, CONN_SCRATCH = 0, 8, 16
+STACK_OFFSET = PATH_MAX
+SCALARS_OFFSET = PATH_MAX + 2 * MAX_DEPTH
+assert PATH_MAX & (PATH_MAX - 1) == 0 and MAX_DEPTH & (MAX_DEPTH - 1) == 0
+
+# Why the scan state lives in map memory and not on the stack: bpf_loop callbacks share state with
+# their caller through a context on the caller's stack, and kernels with upstream f597664454bd
+# (6.19.y, 7.0, later 6.18.y builds) re-verify a callback until the caller's state at its entry
+# converges. Scalars carried there from iteration to iteration (the automaton state, the path
+# normalizer's counters) become precise, and the normalizer's branches keep distinct value ranges
+# apart until the verifier gives up at a million instructions. The verifier tracks no values in
+# map memory (every load is just "a scalar", and every index drawn from one is masked before use),
+# so with the scalars there each callback's entry state is the same at every iteration and the
+# walk converges at once. On the stack stay only the pointers the callbacks need: map memory cannot
+# hold a pointer the verifier still knows as one.
+# Socket storage rather than a per-CPU buffer: the socket is locked while its sendmsg runs the
+# program, whereas a program run can be preempted (preempt=full or lazy) and another run on the
+# same CPU would then overwrite a shared per-CPU buffer in the middle of the first one's scan.
+SCAN_POINTERS = ["data", "data_end", "scratch", "tables"]
+SCAN_SCALARS = [
+    "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
+    "out_len", "seg_start", "seg_dots", "depth", "pct", "hex1", "norm_error", "pstate",  # path
+    "cand_off",  # where the path state's candidate rules start in cand_table
+]  # fmt: skip
+POINTER_FIELDS = set(SCAN_POINTERS)
+S = {name: i for i, name in enumerate(SCAN_POINTERS)}
+SCALAR = {name: SCALARS_OFFSET + 8 * i for i, name in enumerate(SCAN_SCALARS)}
+FACTS_OFFSET = SCALARS_OFFSET + 8 * len(SCAN_SCALARS)
+
+
+def conn_value_size(fact_words: int) -> int:
+    """Bytes of a connection's socket storage for a program with `fact_words` fact words."""
+    return CONN_SCRATCH + FACTS_OFFSET + 8 * fact_words
+
+
+CONFIG = [
+    "nrules", "default_allow", "max_head", "start", "path_start", "zero", "one", "leading",
+    "chunk_start", "chunk_data_end", "path_classes", "path_dead", "tls",
+]  # fmt: skip
+
+
+class Tables:
+    """The tables global (built from a matcher IR and its table shape) and how to reach it."""
+
+    def __init__(self, ob: ObjectBuilder, ir_: MatcherIR) -> None:
+        self.ir = ir_
+        self.nw = ir_.fact_words
+        self.words_t = ir.ArrayType(I64, self.nw)
+        shape = ir_.shape or ir_.needed_shape()
+        assert shape.covers(ir_.needed_shape())
+        self.n_factsets = 1 << shape.factset_bits
+        self.n_rules = 1 << shape.rule_bits
+        self.shape = shape
+        self.ob = ob
+
+    def emit(self) -> None:
+        """The global in `.data`, created here: after the maps, as the object lays them out."""
+        ob = self.ob
+        ir_, t = self.ir, self.ir.tables
+        p = t.path
+        comb, lookup, shape = p.comb, ir_.lookup, self.shape
+        factsets = [ir_.words(fs) for fs in t.factsets]
+        factsets += [[0] * self.nw] * (self.n_factsets - len(factsets))
+        # Per rule class: the facts it needs (method set, conditions); per rule: its flags.
+        need = [ir_.words(c) for c in lookup.classes]
+        need += [[0] * self.nw] * ((1 << shape.rclass_bits) - len(need))
+        # Per rule: pass, log and audit bits (telemetry.RULE_*).
+        rule_flags = [r.flags for r in ir_.rules] + [0] * (self.n_rules - len(ir_.rules))
+        slots = comb.slots + [0] * ((1 << shape.slot_bits) - len(comb.slots))
+        accepts = comb.accepts + [0] * ((1 << shape.accept_bits) - len(comb.accepts))
+        cands = list(lookup.table) + [0] * ((1 << shape.cand_bits) - len(lookup.table))
+        config = {
+            "nrules": len(ir_.rules),
+            "default_allow": int(ir_.policy.default.value == "allow"),
+            "max_head": min(ir_.policy.max_head, MAX_SCAN),
+            "start": t.start,
+            "path_start": p.start,
+            "zero": 0,
+            "one": 1,
+            "leading": PCT_LEADING_SLASH,
+            "chunk_start": t.chunk_start,
+            "chunk_data_end": t.chunk_data_end,
+            "path_classes": comb.n_classes,
+            "path_dead": comb.dead_id,
+            "tls": tls.policy_mode(ir_.policy),
+        }
+        hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
+
+        def words(rows: list[list[int]]) -> ir.Constant:
+            return word_rows(self.words_t, rows)
+
+        def array(typ: ir.IntType, values: list[int]) -> ir.Constant:
+            return int_array(typ, values)
+
+        fields = {
+            "classmap": array(I8, list(t.classmap)),
+            "trans": array(I16, t.trans),
+            "info": array(I32, t.info),
+            "factsets": words(factsets),
+            "class_need": words(need),
+            "rule_flags": array(I32, rule_flags),
+            "path_classmap": array(I8, list(p.classmap)),
+            "path_slots": array(I32, slots),
+            "cand_words": array(I32, accepts),
+            "cand_table": array(I32, cands),
+            "hexval": array(I8, hexval),
+            "unreserved": array(I8, [int(c in UNRESERVED) for c in range(256)]),
+            "hexdigit": array(I8, list(HEX_DIGITS)),
+            "small": array(I8, list(range(256))),
+            "config": array(I32, [config[k] for k in CONFIG]),
+        }
+        self.t_index = {name: i for i, name in enumerate(fields)}
+        self.t_len = {name: len(c.type) for name, c in fields.items()}
+        typ = ir.LiteralStructType([c.type for c in fields.values()])
+        # Two slots and a generation: a reload writes the idle slot, then flips `gen`; a run
+        # reads `gen` once and uses one slot throughout, so no run sees half a table. Both
+        # slots start equal, so any loader gets a working policy whatever `gen` it starts with.
+        slots = ir.ArrayType(typ, 2)
+        self.data_t = ir.LiteralStructType([slots, I32])
+        gv = ir.GlobalVariable(ob.m, self.data_t, TABLES_GLOBAL)
+        initial = ir.Constant(typ, list(fields.values()))
+        gv.initializer = ir.Constant(self.data_t, [ir.Constant(slots, [initial, initial]), I32(0)])
+        gv.section = ".data"
+        gv.align = 8
+        # BTF for the variable: libbpf makes `.data` mmap-able only when its DATASEC has a
+        # global variable, and hot reload writes the idle slot through that mapping.
+        size = self.data_t.get_abi_size(llvm.create_target_data(DATA_LAYOUT))
+        ob.dbg.global_variable(gv, ob.dbg.array(ob.u8, size, 8))
+        self.gv = gv
+        self.typ = typ
+        ob.used.append(gv)
+
+    def select(self, b: ir.IRBuilder) -> ir.Value:
+        """Pointer to the slot of the current generation: the `base` of a run."""
+        gen = b.load(gep(b, self.gv, self.data_t, [I32(0), I32(1)]), typ=I32)
+        slot = b.and_(b.zext(gen, I64), I64(1))
+        return gep(b, self.gv, self.data_t, [I32(0), I32(0), slot])
+
+
+@dataclass
+class Fn:
+    """The context of one generated function: its builder, the tables slot it reads (`base`),
+    and, for the scanner's functions, the scan context pointer (`scan`, on a caller's stack)."""
+
+    b: ir.IRBuilder
+    tables: Tables
+    base: ir.Value | None = None
+    scan: ir.Value | None = None
+
+    def table(self, name: str, index: ir.Value, *rest: ir.Value) -> ir.Value:
+        """Pointer to an element of a table; `index` is masked to the table's (power-of-two)
+        length, which is what lets the verifier prove the access in bounds."""
+        t, b = self.tables, self.b
+        n = t.t_len[name]
+        assert n & (n - 1) == 0, name
+        index = b.and_(index, I64(n - 1))
+        return gep(b, self.base, t.typ, [I32(0), I32(t.t_index[name]), index, *rest])
+
+    def load_table(self, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
+        return self.b.zext(self.b.load(self.table(name, index), typ=typ), I64)
+
+    def config(self, name: str) -> ir.Value:
+        t, b = self.tables, self.b
+        ptr = gep(b, self.base, t.typ, [I32(0), I32(t.t_index["config"]), I64(CONFIG.index(name))])
+        return b.zext(b.load(ptr, typ=I32), I64)
+
+    # --- the scan state ------------------------------------------------------------------------
+
+    def slot(self, name: str) -> ir.Value:
+        if name in POINTER_FIELDS:
+            return gep(self.b, self.scan, SCAN_T, [I32(0), I32(S[name])])
+        return gep(self.b, self.get("scratch"), I8, [I64(SCALAR[name])])
+
+    def get(self, name: str) -> ir.Value:
+        return self.b.load(self.slot(name), typ=PTR if name in POINTER_FIELDS else I64)
+
+    def put(self, name: str, value: ir.Value | int) -> None:
+        if isinstance(value, int):
+            value = self.small(value)
+        self.b.store(value, self.slot(name))
+
+    def small(self, value: int) -> ir.Value:
+        """A small constant the verifier cannot see through (read from the `small` table).
+
+        The callbacks run once per byte; the verifier walks them until the state at their entry
+        stops changing. Exact constants stored on some paths (pct = 1, seg_dots = 0, state =
+        a refusal) multiply the states it must tell apart until it gives up; a value read from
+        a map is just "a byte", and the walk converges."""
+        assert 0 <= value < 256, value
+        return self.load_table("small", I64(value), I8)
+
+    def fact_word(self, w: int) -> ir.Value:
+        return gep(self.b, self.get("scratch"), I8, [I64(FACTS_OFFSET + 8 * w)])
+
+    def or_factset(self, index: ir.Value) -> None:
+        b = self.b
+        row = b.and_(index, I64(self.tables.n_factsets - 1))
+        for w in range(self.tables.nw):
+            src = b.load(self.table("factsets", row, I64(w)), typ=I64)
+            dst = self.fact_word(w)
+            b.store(b.or_(b.load(dst, typ=I64), src), dst)
+
+
+SCAN_T = ir.LiteralStructType([PTR] * len(SCAN_POINTERS))
