@@ -230,9 +230,9 @@ CHUNKED = (
 
 @pytest.mark.parametrize("cut", [1, 7, 64, len(CHUNKED)])
 def test_chunked_body_is_followed_to_the_next_request(shop, cut):
-    from sockpol.codegen.simulate import Connection
+    from sockpol.codegen.simulate import TablesConnection
 
-    conn = Connection(shop)
+    conn = TablesConnection(shop)
     stream = CHUNKED + request("GET /healthz HTTP/1.1") + request("GET /admin HTTP/1.1")
     for i in range(0, len(stream), cut):
         conn.send(stream[i : i + cut])
@@ -247,9 +247,9 @@ def test_chunked_body_is_followed_to_the_next_request(shop, cut):
     [b"g\r\n", b"5\r\nhelloXX", b"5 \r\nhello\r\n", b"0\r\nbad trailer\r\n\r\n", b"\r\n"],
 )
 def test_malformed_chunks_are_refused(shop, body):
-    from sockpol.codegen.simulate import Connection
+    from sockpol.codegen.simulate import TablesConnection
 
-    conn = Connection(shop)
+    conn = TablesConnection(shop)
     head = CHUNKED[: CHUNKED.index(b"\r\n\r\n") + 4]
     conn.send(head + body + b"\r\n\r\n")
     assert conn.refused and bytes(conn.delivered).startswith(head)

@@ -12,7 +12,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from sockpol import telemetry as t
-from sockpol.codegen.simulate import Connection, run
+from sockpol.codegen.simulate import TablesConnection, run
 from sockpol.compiler import compile_source
 from sockpol.contract import RESUME_UNJUDGED, Reason
 from sockpol.diagnostics import CompileError
@@ -136,7 +136,7 @@ def test_dry_run_passes_what_enforce_refuses():
 
 
 def test_dry_run_connection_without_framing_is_unjudged_until_enforced():
-    conn = Connection(matcher().matcher, mode=t.MODE_DRY_RUN)
+    conn = TablesConnection(matcher().matcher, mode=t.MODE_DRY_RUN)
     assert conn.send(b"NOT HTTP\r\n\r\n").returned == 12
     assert conn.verdicts[-1].resume == RESUME_UNJUDGED
     assert conn.send(b"anything at all").returned == 15
@@ -149,7 +149,7 @@ def test_dry_run_connection_without_framing_is_unjudged_until_enforced():
 
 def test_chunked_body_bytes_go_to_the_rule_that_passed_the_head():
     text = POLICY.replace("allow GET /quiet", "allow POST /up")
-    conn = Connection(matcher(text).matcher)
+    conn = TablesConnection(matcher(text).matcher)
     head = b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert not conn.send(head + b"3\r\nabc\r\n0\r\n\r\n").failed
     slots = {slot for r in conn.verdicts for slot, _, _ in r.counts}

@@ -6,7 +6,7 @@ No kernel and no sockets: Python's `ssl` runs a client and a server in memory (`
 buffers a flight's records and flushes them in one write). Each connection is fed to both models
 of the kernel program: the reference interpreter (`interp.Connection`), held run by run to the
 tables' mirror (`simulate.run`, the per-connection word carried from run to run), and the
-tables' own `simulate.Connection`.
+tables' own `simulate.TablesConnection`.
 
 What a kTLS client sends differs from these flights only after the keys exist, and is built
 from them here (`ktls_sends`): OpenSSL turns TLS_TX on when its write key becomes the
@@ -326,7 +326,7 @@ class Both:
         self.interp = interp.Connection(
             self.policy, observe=held_to_tables(self.ir, self.mode, tls_state=True)
         )
-        self.tables = simulate.Connection(self.ir, mode=self.mode)
+        self.tables = simulate.TablesConnection(self.ir, mode=self.mode)
         self.sent = bytearray()
         self.results: list[tuple[int | None, bool]] = []  # (interp's send() count, tables' ok)
 

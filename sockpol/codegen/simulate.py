@@ -2,12 +2,12 @@
 
 This mirrors `emit.py` step for step (same tables, same order of checks), so tests can compare what
 the kernel did with what the tables say, and tools can explain a verdict without a kernel.
-`run()` is one run of the program on one message; `Connection` strings runs together the way the
-kernel does for a stream of sends (cork, apply_bytes, per-connection resume state).
+`run()` is one run of the program on one message; `TablesConnection` strings runs together the
+way the kernel does for a stream of sends (model/stream.py: cork, apply_bytes, resume state).
 
 A run also says what the program records (telemetry.py): the event it emits, if any, and the
 counter slots it adds to. The mode (enforce or dry-run) is read by every run, as the kernel reads
-it from the control map, so a `Connection`'s mode can change between sends.
+it from the control map, so a `TablesConnection`'s mode can change between sends.
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ def _unframed(reason: Reason, s: ScanResult, size: int, mode: int, word: int) ->
     )  # fmt: skip
 
 
-class Connection(Stream[int, RunResult]):
+class TablesConnection(Stream[int, RunResult]):
     """A client connection as the kernel handles it, each run judged by the tables (`run`):
     model/stream.py is the kernel's send path, the same for the reference interpreter. The
     state between runs is the program's socket storage (the word, and the bytes still to come

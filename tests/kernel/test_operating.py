@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from sockpol import runtime
-from sockpol.codegen.simulate import Connection
+from sockpol.codegen.simulate import TablesConnection
 from sockpol.compiler import compile_source
 from sockpol.runtime import counters as rc
 from sockpol.runtime.events import Event, EventStream, Lost
@@ -121,7 +121,7 @@ def simulated(text: str, connections: list[list[bytes]], mode: int = 0):
     (compiled,), _ = compile_source(text, "test.pol")
     runs = []
     for sends in connections:
-        conn = Connection(compiled.matcher, mode=mode)
+        conn = TablesConnection(compiled.matcher, mode=mode)
         for data in sends:
             if conn.send(data).failed or conn.refused:
                 break
