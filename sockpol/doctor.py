@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, TextIO
 
-from sockpol.metadata import KERNELS_DOC, MSG_PROGRAM, VERIFIER_BUDGET
+from sockpol.contract import KERNELS_DOC, MSG_PROGRAM, VERIFIER_BUDGET, VERIFIER_LIMIT
 
 if TYPE_CHECKING:
     from sockpol.runtime.probe import Finding, TlsSupport
@@ -109,7 +109,7 @@ def program_finding(check: ProgramCheck | None) -> Finding:
         )
     within = "within" if check.within_budget else "OVER"
     detail = f"verified in {check.processed:,} instructions ({within} the budget of "
-    detail += f"{VERIFIER_BUDGET:,}; the verifier's limit is 1,000,000)"
+    detail += f"{VERIFIER_BUDGET:,}; the verifier's limit is {VERIFIER_LIMIT:,})"
     return Finding("program", title, Status.OK, detail)
 
 

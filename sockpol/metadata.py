@@ -16,15 +16,6 @@ from sockpol.diagnostics import SockpolError
 SECTION = ".sockpol.meta"
 FORMAT_VERSION = 1
 
-# Names shared by codegen (which emits them) and the runtime (which looks them up): contract.py.
-from sockpol.contract import (  # noqa: E402,F401 -- re-exported for the modules that read metadata
-    KERNELS_DOC,
-    MSG_PROGRAM,
-    SOCK_MAP,
-    SOCKOPS_PROGRAM,
-    VERIFIER_BUDGET,
-)
-
 
 @dataclass(frozen=True)
 class RuleInfo:

@@ -12,7 +12,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from sockpol.compiler import compile_source, compile_to_file
-from sockpol.metadata import MSG_PROGRAM, SECTION, SOCK_MAP, SOCKOPS_PROGRAM, read_metadata
+from sockpol.contract import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
+from sockpol.metadata import SECTION, read_metadata
 
 POLICY = """\
 policy orders {

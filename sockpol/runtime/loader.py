@@ -46,16 +46,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sockpol import telemetry as t
+from sockpol.contract import KERNELS_DOC, MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM, VERIFIER_BUDGET
 from sockpol.diagnostics import SockpolError
-from sockpol.metadata import (
-    KERNELS_DOC,
-    MSG_PROGRAM,
-    SOCK_MAP,
-    SOCKOPS_PROGRAM,
-    VERIFIER_BUDGET,
-    PolicyMetadata,
-    read_metadata,
-)
+from sockpol.metadata import PolicyMetadata, read_metadata
 from sockpol.runtime import libbpf, pins
 from sockpol.runtime.counters import CTL_PIN, read_mode_fd, write_mode
 from sockpol.runtime.libbpf import BpfError

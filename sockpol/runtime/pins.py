@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sockpol.metadata import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
+from sockpol.contract import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
 from sockpol.runtime.system import BPFFS_DEFAULT, ensure_bpffs, find_bpffs
 
 log = logging.getLogger("sockpol.runtime")

@@ -15,7 +15,7 @@ import pytest
 
 from sockpol import doctor
 from sockpol.cli import build_parser
-from sockpol.metadata import VERIFIER_BUDGET
+from sockpol.contract import VERIFIER_BUDGET
 from sockpol.runtime import probe
 from sockpol.runtime.probe import Status
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from budget_policies import compile_all
 
-from sockpol.metadata import MSG_PROGRAM, SOCKOPS_PROGRAM, VERIFIER_BUDGET
+from sockpol.contract import MSG_PROGRAM, SOCKOPS_PROGRAM, VERIFIER_BUDGET
 from sockpol.stats import verifier_counts
 
 
