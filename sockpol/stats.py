@@ -90,7 +90,6 @@ def compile_stats(c: CompiledPolicy, obj: bytes, verify: bool = True) -> Stats:
 class Verification:
     counts: dict[str, int]  # program -> verified instructions; empty when it did not load
     note: str = ""  # why it did not load
-    program: str = ""  # the program the verifier rejected
     processed: int | None = None  # the instructions it processed before it gave up
     log_tail: tuple[str, ...] = ()  # the verifier's last lines, where it says why
 
@@ -101,7 +100,7 @@ def verify(obj: bytes) -> Verification:
     # (Importing it does not load libbpf.so: a missing library is reported as a load failure.)
     from sockpol.diagnostics import SockpolError
     from sockpol.runtime import libbpf
-    from sockpol.runtime.loader import processed_count, verifier_tail
+    from sockpol.runtime.loader import processed_count, processed_note, verifier_tail
     from sockpol.runtime.system import check_privileges
 
     try:
@@ -126,13 +125,10 @@ def verify(obj: bytes) -> Verification:
             refused = next((p for p in programs if p.log.strip()), None)
             if refused is None:
                 return Verification({}, f"the kernel did not load it: {e}")
-            processed = processed_count(refused.log)
-            count = f"; processed {processed:,} instructions" if processed is not None else ""
             return Verification(
                 {},
-                f"the kernel did not load it: {e}{count}",
-                refused.name,
-                processed,
+                f"the kernel did not load it: {e}{processed_note(refused.log)}",
+                processed_count(refused.log),
                 tuple(verifier_tail(refused.log, 8)),
             )
 

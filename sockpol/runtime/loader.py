@@ -656,11 +656,10 @@ def _load_error(
             # error is) and then reports ENOSPC instead of the verifier's own error code.
             reason = "verifier log truncated, its end is shown"
         detail = f"{said} ({reason})" if said else reason
-        processed = processed_count(verifier_log)
-        count = f"; processed {processed:,} instructions" if processed is not None else ""
         return LoadError(
             "load",
-            f"verifier rejected {prog_name} on Linux {os.uname().release}: {detail}{count} "
+            f"verifier rejected {prog_name} on Linux {os.uname().release}: {detail}"
+            f"{processed_note(verifier_log)} "
             f"(sockpol's programs take under {VERIFIER_BUDGET:,} on the kernels listed in "
             f"{KERNELS_DOC}; please report this kernel with the lines below)",
             verifier_tail(verifier_log),
@@ -675,6 +674,12 @@ def processed_count(text: str) -> int | None:
     """The verifier's "processed N insns" from its log (it says so on refusals too)."""
     found = _PROCESSED.findall(text)
     return int(found[-1]) if found else None
+
+
+def processed_note(text: str) -> str:
+    """ "; processed N instructions" for a message, or nothing when the log does not say."""
+    processed = processed_count(text)
+    return f"; processed {processed:,} instructions" if processed is not None else ""
 
 
 def verifier_verdict(text: str) -> str:
