@@ -110,6 +110,13 @@ class Kernel:
     release: str  # uname -r: 6.1.0-57-amd64, 7.3.4+deb13-amd64
     tree: Path  # the extracted packages in the cache
     rejects_tls_sockmap: bool
+    parts: tuple[str, ...] = ()  # the packages downloaded with the image (Package.parts)
+
+    @property
+    def debs(self) -> tuple[str, ...]:
+        """The file-name prefixes of its packages in the cache (apt spells an epoch %3a)."""
+        version = self.version.replace(":", "%3a")
+        return tuple(f"{name}_{version}_" for name in (self.package, *self.parts))
 
     @property
     def vmlinuz(self) -> Path:
@@ -313,15 +320,12 @@ def resolve(lines: Sequence[Line] = LINES) -> tuple[dict[str, Kernel], list[str]
     # Merged, so that resolving one line (vmrunner.py --kernel X) keeps the others' fallbacks.
     resolved = {
         **previous,
-        **{n: asdict(_packages[(k.package, k.version)]) for n, k in chosen.items()},
+        **{n: asdict(Package(k.package, k.version, k.parts)) for n, k in chosen.items()},
     }
     RESOLVED.write_text(json.dumps(resolved, indent=1))
     if {line.name for line in lines} == {line.name for line in LINES}:
         prune(list(chosen.values()))  # only a whole matrix knows what is no longer needed
     return chosen, notes
-
-
-_packages: dict[tuple[str, str], Package] = {}
 
 
 def _choose(
@@ -377,7 +381,6 @@ def _choose_in(
 
 def fetch(apt: Apt, line: str, pkg: Package) -> Kernel:
     """Download (once) and extract (once) a kernel's packages into the cache."""
-    _packages[(pkg.name, pkg.version)] = pkg
     debs = apt.download(pkg, CACHE / "debs")
     tree = CACHE / "trees" / f"{pkg.name}_{pkg.version}"
     if not (tree / ".extracted").exists():
@@ -390,7 +393,7 @@ def fetch(apt: Apt, line: str, pkg: Package) -> Kernel:
         (tree / ".extracted").touch()
     moddir = _modules_dir(tree)
     rejects = _changelog_has(tree, REJECTION_PATCH) or pkg.upstream[:2] >= REJECTION_UPSTREAM
-    return Kernel(line, pkg.name, pkg.version, moddir.name, tree, rejects)
+    return Kernel(line, pkg.name, pkg.version, moddir.name, tree, rejects, pkg.parts)
 
 
 def _modules_dir(tree: Path) -> Path:
@@ -458,9 +461,7 @@ def install(kernel: Kernel) -> None:
 def prune(keep: Sequence[Kernel]) -> None:
     """Drop cached packages and module trees of kernels no longer chosen (newer ones appear)."""
     trees = {k.tree.name for k in keep}
-    prefixes = tuple(f"{n}_" for n in trees) + tuple(
-        f"{p}_{v}" for k in keep for p, v in _parts_of(k)
-    )
+    prefixes = tuple(prefix for k in keep for prefix in k.debs)
     for tree in (CACHE / "trees").glob("*"):
         if tree.name not in trees:
             shutil.rmtree(tree, ignore_errors=True)
@@ -472,10 +473,3 @@ def prune(keep: Sequence[Kernel]) -> None:
         for tree in MODULES.iterdir():
             if tree.name not in releases and (tree / MARKER).exists():
                 shutil.rmtree(tree, ignore_errors=True)
-
-
-def _parts_of(kernel: Kernel) -> list[tuple[str, str]]:
-    pkg = _packages.get((kernel.package, kernel.version))
-    return [(kernel.package, kernel.version)] + [
-        (p, kernel.version) for p in (pkg.parts if pkg else ())
-    ]
