@@ -13,15 +13,21 @@ from collections.abc import Callable
 
 from sockpol.codegen import simulate
 from sockpol.codegen.lower import MatcherIR
-from sockpol.contract import RESUME_UNJUDGED, Reason
+from sockpol.contract import (
+    RESUME_CHUNK_DATA_END,
+    RESUME_CHUNK_LINE,
+    RESUME_REQUEST,
+    RESUME_UNJUDGED,
+    Reason,
+)
 from sockpol.model import interp, tls
 from sockpol.telemetry import VERDICT_NAMES
 
 # The interpreter's resume points, as the tables number them.
 RESUME = {
-    "request": simulate.RESUME_REQUEST,
-    "chunk-size": simulate.RESUME_CHUNK_LINE,
-    "chunk-end": simulate.RESUME_CHUNK_DATA_END,
+    "request": RESUME_REQUEST,
+    "chunk-size": RESUME_CHUNK_LINE,
+    "chunk-end": RESUME_CHUNK_DATA_END,
     "unjudged": RESUME_UNJUDGED,
     "tls-pass": tls.RESUME_TLS_PASS,
 }
@@ -39,7 +45,7 @@ def held_to_tables(
     `sockpol mode` does: every run reads the mode afresh). `tls_state`: also compare the TLS
     phase and the bytes still to come (the handshake walk's own state)."""
     modes = mode if isinstance(mode, list) else [mode]
-    conn = simulate.RESUME_REQUEST
+    conn = RESUME_REQUEST
 
     def observe(message: bytes, resume: str, run: interp.Run) -> None:
         nonlocal conn

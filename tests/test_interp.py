@@ -19,7 +19,7 @@ from tables_observer import held_to_tables
 from sockpol.codegen import simulate
 from sockpol.codegen.lower import lower
 from sockpol.codegen.normalize import normalize as table_normalize
-from sockpol.codegen.scanner import Reason
+from sockpol.contract import Reason
 from sockpol.dsl import load_source
 from sockpol.dsl.ast import Mode
 from sockpol.model.interp import (

@@ -38,11 +38,7 @@ from sockpol.codegen.scanner import (
     CHUNK_LINE,
     END,
     FLAG_TE_LINE,
-    RESUME_CHUNK_DATA_END,
-    RESUME_CHUNK_LINE,
-    RESUME_REQUEST,
     TERMINAL_STATES,
-    Reason,
 )
 from sockpol.codegen.tables import (
     CONN_LEFT,
@@ -72,12 +68,16 @@ from sockpol.contract import (
     OPS_FAMILY,
     OPS_OP,
     OPS_REMOTE_PORT,
+    RESUME_CHUNK_DATA_END,
+    RESUME_CHUNK_LINE,
+    RESUME_REQUEST,
     RESUME_UNJUDGED,
     SK_DROP,
     SK_PASS,
     SOCK_MAP,
     SOCK_MAP_ENTRIES,
     SOCKOPS_PROGRAM,
+    Reason,
 )
 from sockpol.model import tls
 from sockpol.telemetry import (

@@ -35,13 +35,7 @@ from sockpol.automata.automaton import (
     trim,
 )
 from sockpol.codegen.comb import Comb, CombTooLarge, pack_comb
-from sockpol.contract import (  # noqa: F401 -- Reason, REASON_TEXT and RESUME_* re-exported
-    REASON_TEXT,
-    RESUME_CHUNK_DATA_END,
-    RESUME_CHUNK_LINE,
-    RESUME_REQUEST,
-    Reason,
-)
+from sockpol.contract import Reason
 
 # Terminal states that are not refusals: where a run of the program ends with a pass.
 END = 0  # a request head is complete

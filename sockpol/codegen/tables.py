@@ -26,8 +26,6 @@ from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
 from sockpol.contract import MAX_DEPTH, MAX_SCAN, PATH_MAX, TABLES_SYMBOL
 from sockpol.model import tls
 
-TABLES_GLOBAL = TABLES_SYMBOL
-
 # The connection's socket storage (`sockpol_conn`): the connection's word and the bytes of a body
 # or TLS record still to come (kept between runs), then the run's work area ("scratch"): the
 # normalized path, the stack of segment starts (u16 each), the scan's scalars and its fact words
@@ -151,7 +149,7 @@ class Tables:
         # slots start equal, so any loader gets a working policy whatever `gen` it starts with.
         slots = ir.ArrayType(typ, 2)
         self.data_t = ir.LiteralStructType([slots, I32])
-        gv = ir.GlobalVariable(ob.m, self.data_t, TABLES_GLOBAL)
+        gv = ir.GlobalVariable(ob.m, self.data_t, TABLES_SYMBOL)
         initial = ir.Constant(typ, list(fields.values()))
         gv.initializer = ir.Constant(self.data_t, [ir.Constant(slots, [initial, initial]), I32(0)])
         gv.section = ".data"
