@@ -27,22 +27,15 @@ from vmkernels import CACHE, Kernel, install
 sys.path.insert(0, str(vmrunner.REPO / "tests" / "kernel"))
 from budget_policies import compile_all  # noqa: E402
 
-CORE = [
-    "tests/kernel/test_runtime.py",
-    "tests/kernel/test_enforcement.py",
-    "tests/kernel/test_kernel_probe.py",
-    "tests/kernel/test_verifier_budget.py",
-    "tests/kernel/test_tls_policy_load.py",
-    "tests/kernel/test_tls_handshake.py",
-    "tests/kernel/ktls",
-]
+# What the `6.1-ktls` kernel is there for: TLS, and the budget and probe on every kernel.
 TLS_ONLY = [
-    "tests/kernel/ktls",
     "tests/kernel/test_kernel_probe.py",
     "tests/kernel/test_verifier_budget.py",
     "tests/kernel/test_tls_policy_load.py",
     "tests/kernel/test_tls_handshake.py",
+    "tests/kernel/ktls",
 ]
+CORE = ["tests/kernel/test_runtime.py", "tests/kernel/test_enforcement.py", *TLS_ONLY]
 PLAN: dict[str, list[str]] = {
     "6.1": CORE,
     "6.1-ktls": TLS_ONLY,
