@@ -50,8 +50,7 @@ class JudgeCore:
     def path_append(self) -> ir.Function:
         fn, b = self.ob.function("sockpol_path_append", I64, [("scan", PTR), ("c", I64)])
         scan, c = fn.args
-        fx = Fn(b, self.tables, scan=scan)
-        fx.base = fx.get("tables")
+        fx = Fn.of_scan(b, self.tables, scan)
         length = fx.get("out_len")
         with b.if_else(b.icmp_unsigned(">=", length, I64(PATH_MAX))) as (full, room):
             with full:
@@ -66,8 +65,7 @@ class JudgeCore:
     def path_pop(self) -> ir.Function:
         fn, b = self.ob.function("sockpol_path_pop", I64, [("scan", PTR)])
         (scan,) = fn.args
-        fx = Fn(b, self.tables, scan=scan)
-        fx.base = fx.get("tables")
+        fx = Fn.of_scan(b, self.tables, scan)
         depth = fx.get("depth")
         with b.if_then(b.icmp_unsigned(">", depth, I64(0))):
             d = b.sub(depth, I64(1))
@@ -83,8 +81,7 @@ class JudgeCore:
     def path_char(self, append: ir.Function, pop: ir.Function) -> ir.Function:
         fn, b = self.ob.function("sockpol_path_char", I64, [("scan", PTR), ("c", I64)])
         scan, c = fn.args
-        fx = Fn(b, self.tables, scan=scan)
-        fx.base = fx.get("tables")
+        fx = Fn.of_scan(b, self.tables, scan)
         done = fn.append_basic_block("done")
         length = fx.get("out_len")
         seg_start = fx.get("seg_start")
@@ -134,8 +131,7 @@ class JudgeCore:
     def path_feed(self, char: ir.Function, append: ir.Function) -> ir.Function:
         fn, b = self.ob.function("sockpol_path_feed", I64, [("scan", PTR), ("c", I64)])
         scan, c = fn.args
-        fx = Fn(b, self.tables, scan=scan)
-        fx.base = fx.get("tables")
+        fx = Fn.of_scan(b, self.tables, scan)
         done = fn.append_basic_block("done")
         pct = fx.get("pct")
         none, percent, hex1 = (fn.append_basic_block(n) for n in ("none", "percent", "hex1"))
@@ -186,8 +182,7 @@ class JudgeCore:
     def path_finish(self, pop: ir.Function) -> ir.Function:
         fn, b = self.ob.function("sockpol_path_finish", I64, [("scan", PTR)])
         (scan,) = fn.args
-        fx = Fn(b, self.tables, scan=scan)
-        fx.base = fx.get("tables")
+        fx = Fn.of_scan(b, self.tables, scan)
         seg_start = fx.get("seg_start")
         seg_len = b.sub(fx.get("out_len"), seg_start)
         dots = fx.get("seg_dots")
@@ -211,8 +206,7 @@ class JudgeCore:
         headers, and the path normalizer."""
         fn, b = self.ob.function("sockpol_scan_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
-        fx = Fn(b, self.tables, scan=scan)
-        fx.base = fx.get("tables")
+        fx = Fn.of_scan(b, self.tables, scan)
         stop = fn.append_basic_block("stop")
         bounded = fn.append_basic_block("bounded")
         body = fn.append_basic_block("in_window")
@@ -297,8 +291,7 @@ class JudgeCore:
         state's slot for the byte's class, else its default slot, else the dead state."""
         fn, b = self.ob.function("sockpol_path_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
-        fx = Fn(b, self.tables, scan=scan)
-        fx.base = fx.get("tables")
+        fx = Fn.of_scan(b, self.tables, scan)
         i = b.and_(b.zext(index, I64), I64(PATH_MAX - 1))
         c = b.zext(b.load(gep(b, fx.get("scratch"), I8, [i]), typ=I8), I64)
         cls = fx.load_table("path_classmap", c, I8)
@@ -315,8 +308,7 @@ class JudgeCore:
         the first matching rule and ends the loop (candidates.py)."""
         fn, b = self.ob.function("sockpol_cand_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
-        fx = Fn(b, self.tables, scan=scan)
-        fx.base = fx.get("tables")
+        fx = Fn.of_scan(b, self.tables, scan)
         entry = fx.load_table("cand_table", b.add(fx.get("cand_off"), b.zext(index, I64)), I32)
         cls = b.lshr(entry, I64(16))
         ok = ir.Constant(I1, 1)

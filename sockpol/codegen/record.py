@@ -285,8 +285,7 @@ class Recorder:
             "sockpol_event", I64, [("msg", PTR), ("scan", PTR), ("outcome", I64)]
         )
         msg, scan, outcome = fn.args
-        fx = Fn(b, self.tables, scan=scan)
-        fx.base = fx.get("tables")
+        fx = Fn.of_scan(b, self.tables, scan)
         verdict, reason, head = (_field(b, outcome, i) for i in range(1, 4))
         rule = b.lshr(outcome, I64(32))
         key = b.alloca(I32, name="key")

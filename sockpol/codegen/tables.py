@@ -179,6 +179,14 @@ class Fn:
     base: ir.Value | None = None
     scan: ir.Value | None = None
 
+    @classmethod
+    def of_scan(cls, b: ir.IRBuilder, tables: Tables, scan: ir.Value) -> Fn:
+        """The context of a function handed the scan context: its tables slot is the one the
+        program selected, read from there."""
+        fx = cls(b, tables, scan=scan)
+        fx.base = fx.get("tables")
+        return fx
+
     def table(self, name: str, index: ir.Value, *rest: ir.Value) -> ir.Value:
         """Pointer to an element of a table; `index` is masked to the table's (power-of-two)
         length, which is what lets the verifier prove the access in bounds."""
