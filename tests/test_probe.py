@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,12 @@ def _doctor(
     monkeypatch: pytest.MonkeyPatch,
     findings: list[Finding],
     *argv: str,
-    program: ProgramCheck = VERIFIED,
+    program: ProgramCheck | Callable[[], ProgramCheck] = VERIFIED,
 ):
+    """Run doctor on these findings; `program` is the check's result, or the check itself."""
+    check = program if callable(program) else lambda: program
     monkeypatch.setattr(probe, "probe", lambda: list(findings))  # doctor imports it when it runs
-    monkeypatch.setattr(selfcheck, "check_program", lambda: program)
+    monkeypatch.setattr(selfcheck, "check_program", check)
     args = build_parser().parse_args(["doctor", *argv])
     out = io.StringIO()
     return doctor.cmd_doctor(args, out=out), out.getvalue()
@@ -145,11 +148,7 @@ def test_doctor_survives_a_check_that_crashes(monkeypatch) -> None:
     def boom() -> ProgramCheck:
         raise RuntimeError("llvmlite exploded")
 
-    monkeypatch.setattr(probe, "probe", lambda: _findings(ktls_ok=False))
-    monkeypatch.setattr(selfcheck, "check_program", boom)
-    out = io.StringIO()
-    status = doctor.cmd_doctor(build_parser().parse_args(["doctor"]), out=out)
-    text = out.getvalue()
+    status, text = _doctor(monkeypatch, _findings(ktls_ok=False), program=boom)
     assert "unknown  sockpol's program (sockpol_msg)" in text
     assert "the check itself failed: llvmlite exploded" in text
     assert status == doctor.EXIT_MISSING  # unverified: plaintext policies are not promised
