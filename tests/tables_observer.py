@@ -18,7 +18,6 @@ from sockpol.contract import (
     RESUME_CHUNK_LINE,
     RESUME_REQUEST,
     RESUME_UNJUDGED,
-    Reason,
 )
 from sockpol.model import interp, tls
 from sockpol.telemetry import VERDICT_NAMES
@@ -32,10 +31,6 @@ RESUME = {
     "tls-pass": tls.RESUME_TLS_PASS,
 }
 PHASE = 0xFF << 16  # the TLS bits of the word
-
-
-def reason_name(r: Reason) -> str:
-    return r.name.lower().replace("_", "-")
 
 
 def held_to_tables(
@@ -56,7 +51,7 @@ def held_to_tables(
         event = run.verdict.event if run.verdict is not None else None
         got = (run.allow, reason, run.covers, run.cork, event)
         expected = (
-            want.allow, reason_name(want.reason), want.apply_bytes, want.cork_bytes,
+            want.allow, want.reason.slug, want.apply_bytes, want.cork_bytes,
             VERDICT_NAMES.get(want.event) if want.event is not None else None,
         )  # fmt: skip
         assert got == expected, f"interpreter {got} != tables {expected}; {context}"

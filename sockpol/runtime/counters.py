@@ -35,11 +35,6 @@ class TelemetryError(SockpolError):
     """A policy's counters, events or mode could not be read or changed."""
 
 
-def reason_name(value: int) -> str:
-    """`contract.Reason` as the docs and metadata spell it: BAD_METHOD -> bad-method."""
-    return reason_slug(value)
-
-
 @dataclass(frozen=True)
 class Count:
     requests: int = 0
@@ -113,9 +108,9 @@ def read_counters(pin_dir: Path, meta: PolicyMetadata | None) -> PolicyCounters:
         r = slot(layout["slot_refused"] + reason)
         w = slot(layout["slot_would_refuse"] + reason)
         if r.requests or r.bytes:
-            refused[reason_name(reason)] = r
+            refused[reason_slug(reason)] = r
         if w.requests or w.bytes:
-            would[reason_name(reason)] = w
+            would[reason_slug(reason)] = w
     return PolicyCounters(
         rules=[slot(rule_base + i) for i in range(nrules)],
         default=slot(layout["slot_default"]),

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sockpol import telemetry as t
+from sockpol.contract import reason_slug
 from sockpol.metadata import PolicyMetadata
 from sockpol.runtime import libbpf, pins
 from sockpol.runtime.counters import (
@@ -31,7 +32,6 @@ from sockpol.runtime.counters import (
     TelemetryError,
     lost_events,
     policy_dir,
-    reason_name,
 )
 from sockpol.runtime.state import StateError, read_state
 
@@ -148,7 +148,7 @@ def decode(policy: str, data: bytes, meta: PolicyMetadata | None, clock_offset_n
         policy=policy,
         time=datetime.fromtimestamp((f["time_ns"] + clock_offset_ns) / 1e9, UTC),
         verdict=verdict,
-        reason=reason_name(f["reason"]) if f["reason"] else None,
+        reason=reason_slug(f["reason"]) if f["reason"] else None,
         rule=rule,
         line=line,
         pid=f["pid_tgid"] >> 32,

@@ -26,6 +26,7 @@ import pytest
 from sockpol import runtime
 from sockpol.codegen.simulate import TablesConnection
 from sockpol.compiler import compile_source
+from sockpol.contract import reason_slug
 from sockpol.runtime import counters as rc
 from sockpol.runtime.events import Event, EventStream, Lost
 from sockpol.telemetry import EVENT, EVENTS_BYTES
@@ -157,7 +158,7 @@ def kernel_counts(name: str) -> Counter:
     from sockpol.contract import Reason
 
     for reason in Reason:
-        name_ = rc.reason_name(reason)
+        name_ = reason_slug(reason)
         if name_ in c.refused:
             put(layout["slot_refused"] + reason, c.refused[name_])
         if name_ in c.would_refuse:
