@@ -29,7 +29,7 @@ from llvmlite import ir
 from sockpol.codegen import helpers as h
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
 from sockpol.codegen.helpers import I1, I8, I32, I64, PTR, gep
-from sockpol.codegen.judge import JudgeCore
+from sockpol.codegen.judge import PATH_CHUNK, JudgeCore
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.objbuilder import ObjectBuilder
 from sockpol.codegen.record import Recorder
@@ -239,6 +239,7 @@ class SkMsgBackend:
             finish(self.rec.unframed(b, msg, reason, mode, head, conn), I32(0))
 
         self.tls.phase(fx, conn, resume, kind, size, RunEnd(verdict, refuse, covering))
+        fx.put("limit", n)
         h.call(b, h.LOOP, b.trunc(n, I32), scan_step, scan, I64(0))
 
         state = fx.get("state")
@@ -247,8 +248,9 @@ class SkMsgBackend:
         b.cbranch(b.icmp_unsigned("==", state, I64(END)), complete, not_complete)
 
         b.position_at_end(complete)
-        out_len = b.trunc(fx.get("out_len"), I32)
-        h.call(b, h.LOOP, out_len, path_step, scan, I64(0))
+        out_len = fx.get("out_len")
+        chunks = b.lshr(b.add(out_len, I64(PATH_CHUNK - 1)), I64(PATH_CHUNK.bit_length() - 1))
+        h.call(b, h.LOOP, b.trunc(chunks, I32), path_step, scan, I64(0))
         # The final state's candidate word: where its candidate rules are, and how many.
         accepting, index = JudgeCore.comb_slot(
             fx, fx.get("pstate"), b.add(fx.config("path_classes"), I64(1))
@@ -364,7 +366,7 @@ class SkMsgBackend:
         feed, finish = self.judge.normalizer()
         self.rec.functions()  # before msg_program, which calls them
         j = self.judge
-        self.msg_program(j.scan_step(feed, finish), j.path_step(), j.cand_step())
+        self.msg_program(j.scan_step(j.scan_byte(feed, finish)), j.path_step(), j.cand_step())
         self.sockops_program()
         return self.ob.finish()
 

@@ -32,8 +32,15 @@ from sockpol.codegen.scanner import (
     SINGLETON_FLAGS,
     TERMINAL_STATES,
 )
-from sockpol.codegen.tables import STACK_OFFSET, Fn, Tables
+from sockpol.codegen.tables import STACK_OFFSET, STATE_PATH, STATE_PLAIN, Fn, Tables
 from sockpol.contract import CHUNK_MAX, CL_MAX, MAX_DEPTH, MAX_SCAN, PATH_MAX, Reason
+
+# The state flags handled in scan_byte's counting block (digits, singleton headers).
+COUNTED_FLAGS = FLAG_CL_DIGIT | FLAG_HEX_DIGIT | SINGLETON_FLAGS
+# Bytes of the head per call of the scan's bpf_loop callback, at most (scan_step).
+SCAN_CHUNK = 16
+# Bytes of the normalized path per call of path_step.
+PATH_CHUNK = 16
 
 
 class JudgeCore:
@@ -201,38 +208,31 @@ class JudgeCore:
 
     # --- bpf_loop callbacks -----------------------------------------------------------------
 
-    def scan_step(self, feed: ir.Function, finish: ir.Function) -> ir.Function:
-        """One byte of the head: the transition, its facts, Content-Length digits, singleton
-        headers, and the path normalizer."""
-        fn, b = self.ob.function("sockpol_scan_step", I64, [("index", I32), ("ctx", PTR)])
-        index, scan = fn.args
+    def scan_byte(self, feed: ir.Function, finish: ir.Function) -> ir.Function:
+        """One byte of the head that does more than move the automaton on (the slow path of
+        `scan_step`): its facts, Content-Length and chunk-size digits, singleton headers, the
+        path normalizer, a terminal state. Takes the byte's index, the byte and the state it
+        leads to; stores the state and the position; returns 1 to stop the walk."""
+        fn, b = self.ob.function(
+            "sockpol_scan_byte", I64, [("scan", PTR), ("i", I64), ("byte", I64), ("next", I64)]
+        )
+        scan, i, byte, nxt = fn.args
         fx = Fn.of_scan(b, self.tables, scan)
-        stop = fn.append_basic_block("stop")
-        bounded = fn.append_basic_block("bounded")
-        body = fn.append_basic_block("in_window")
-        i = b.zext(index, I64)
-        # Bounds the variable packet offset for the verifier; unreachable for real heads.
-        b.cbranch(b.icmp_unsigned(">", i, I64(MAX_SCAN)), stop, bounded)
-        b.position_at_end(bounded)
-        # Not inbounds: data + i + 1 may point past the window; that is what the check tests.
-        p = b.gep(fx.get("data"), [i], source_etype=I8)
-        p_next = b.gep(p, [I64(1)], source_etype=I8)
-        b.cbranch(b.icmp_unsigned(">", p_next, fx.get("data_end")), stop, body)
-
-        b.position_at_end(stop)
-        b.ret(I64(1))
-
-        b.position_at_end(body)
-        t = self.tables.ir.tables
-        byte = b.zext(b.load(p, typ=I8), I64)
-        cls = fx.load_table("classmap", byte, I8)
-        nxt = fx.load_table("trans", b.add(b.shl(fx.get("state"), I64(t.class_bits)), cls), I16)
         info = fx.load_table("info", nxt, I32)
+        nxt_in = nxt
 
         emit = b.and_(info, I64(0xFFFF))
         with b.if_then(b.icmp_unsigned("!=", emit, I64(0))):
             fx.or_factset(emit)
 
+        # Digits and singleton headers concern a few states; the others skip this block.
+        counting = b.append_basic_block("counting")
+        counted = b.append_basic_block("counted")
+        before = b.block
+        b.cbranch(
+            b.icmp_unsigned("!=", b.and_(info, I64(COUNTED_FLAGS)), I64(0)), counting, counted
+        )
+        b.position_at_end(counting)
         # Content-Length digits accumulate; an oversized value refuses the request.
         is_digit = b.icmp_unsigned("!=", b.and_(info, I64(FLAG_CL_DIGIT)), I64(0))
         cl_old = fx.get("cl")
@@ -265,6 +265,13 @@ class JudgeCore:
         both = I64(FLAG_CL_LINE | FLAG_TE_LINE)
         smuggling = b.icmp_unsigned("==", b.and_(seen, both), both)
         nxt = b.select(smuggling, fx.small(Reason.TRANSFER_ENCODING), nxt)
+        after_counting = b.block
+        b.branch(counted)
+        b.position_at_end(counted)
+        merged = b.phi(I64, "next")
+        merged.add_incoming(nxt, after_counting)
+        merged.add_incoming(nxt_in, before)
+        nxt = merged
 
         with b.if_then(b.icmp_unsigned("!=", b.and_(info, I64(FLAG_PATH_BYTE)), I64(0))):
             self.ob.call(b, feed, scan, byte)
@@ -278,6 +285,131 @@ class JudgeCore:
         b.ret(b.zext(b.icmp_unsigned("<", nxt, I64(TERMINAL_STATES)), I64))
         return fn
 
+    def scan_step(self, byte_fn: ir.Function) -> ir.Function:
+        """The bpf_loop callback of the scan: up to SCAN_CHUNK bytes of the head from `pos`.
+
+        The fast path keeps the automaton state (and the normalized path's length) in registers
+        and does per byte only the transition: a byte that leads to a plain state (no facts, no
+        flags) moves on, and so does an ordinary path byte (not "/", "." or "%", no escape
+        pending), appended to the normalized path. It tells them apart by table bits
+        (`state_kind`, `path_plain`) and arithmetic, with one branch per byte besides the
+        window's bounds: in BPF every comparison is a branch, and every branch two paths for
+        the verifier. A byte that needs more ends the fast path with `pending` set; the next
+        call starts with it in `scan_byte`, the slow path (its one call site, so the verifier
+        walks it once), then goes on fast. Each call consumes a byte at least, so
+        `bpf_loop(n)` covers n bytes; every call starts from memory, so the verifier's walk
+        over the callback converges at once."""
+        fn, b = self.ob.function("sockpol_scan_step", I64, [("index", I32), ("ctx", PTR)])
+        _, scan = fn.args
+        fx = Fn.of_scan(b, self.tables, scan)
+        t = self.tables.ir.tables
+        stop = fn.append_basic_block("stop")
+        b.position_at_end(stop)
+        b.ret(I64(1))
+        data_end = fx.get("data_end")
+
+        def transition(state: ir.Value, q: ir.Value) -> tuple[ir.Value, ir.Value]:
+            byte = b.zext(b.load(q, typ=I8), I64)
+            cls = fx.load_table("classmap", byte, I8)
+            return byte, fx.load_table("trans", b.add(b.shl(state, I64(t.class_bits)), cls), I16)
+
+        def window(pos: ir.Value) -> ir.Value:
+            """data + pos, bounded for the verifier (unreachable for real heads: stop)."""
+            bounded = fn.append_basic_block("bounded")
+            b.cbranch(b.icmp_unsigned(">", pos, I64(MAX_SCAN - SCAN_CHUNK)), stop, bounded)
+            b.position_at_end(bounded)
+            # Not inbounds: data + pos + j + 1 may point past the window; that is the test.
+            return b.gep(fx.get("data"), [pos], source_etype=I8)
+
+        # A byte the previous call left to the slow path comes first.
+        b.position_at_end(fn.blocks[0])
+        slow = fn.append_basic_block("slow")
+        fast = fn.append_basic_block("fast")
+        b.cbranch(b.icmp_unsigned("!=", fx.get("pending"), I64(0)), slow, fast)
+        b.position_at_end(slow)
+        fx.put("pending", I64(0))
+        pos = fx.get("pos")
+        p = window(pos)
+        in_window = fn.append_basic_block("slow_in_window")
+        beyond = b.icmp_unsigned(">", b.gep(p, [I64(1)], source_etype=I8), data_end)
+        b.cbranch(beyond, stop, in_window)
+        b.position_at_end(in_window)
+        byte, nxt = transition(fx.get("state"), p)
+        done = self.ob.call(b, byte_fn, scan, pos, byte, nxt)
+        b.cbranch(b.icmp_unsigned("!=", done, I64(0)), stop, fast)
+
+        # Then the fast path, from memory (scan_byte stored its state and position).
+        b.position_at_end(fast)
+        pos = fx.get("pos")
+        p = window(pos)
+        state = fx.get("state")
+        limit = fx.get("limit")
+        scratch = fx.get("scratch")
+        out_len = fx.get("out_len")
+        # Ordinary path bytes are appended here only with no escape pending and room for the
+        # whole chunk; otherwise they take the slow path.
+        room = b.icmp_unsigned("<", out_len, I64(PATH_MAX - SCAN_CHUNK))
+        no_escape = b.icmp_unsigned("==", fx.get("pct"), I64(PCT_NONE))
+        path_bits = b.select(b.and_(room, no_escape), fx.small(STATE_PATH), fx.small(0))
+        appended: ir.Value = I64(0)
+
+        here = b.block
+        exit_ = fn.append_basic_block("exit")
+        b.position_at_end(exit_)
+        x_state, x_pos, x_len = b.phi(I64, "x_state"), b.phi(I64, "x_pos"), b.phi(I64, "x_len")
+        x_appended, x_pending = b.phi(I64, "x_appended"), b.phi(I64, "x_pending")
+        x_ret = b.phi(I64, "x_ret")
+        b.position_at_end(here)
+
+        def leave(at: ir.Value, pending: int, ret: int) -> None:
+            for phi, value in (
+                (x_state, state), (x_pos, at), (x_len, out_len), (x_appended, appended),
+                (x_pending, I64(pending)), (x_ret, I64(ret)),
+            ):  # fmt: skip
+                phi.add_incoming(value, b.block)
+
+        for j in range(SCAN_CHUNK):
+            at = b.add(pos, I64(j))
+            in_limit = fn.append_basic_block(f"limit{j}")
+            inside = fn.append_basic_block(f"in{j}")
+            # The end of the bytes pulled, or of the window: the scan stops here.
+            leave(at, 0, 1)
+            b.cbranch(b.icmp_unsigned(">=", at, limit), exit_, in_limit)
+            b.position_at_end(in_limit)
+            leave(at, 0, 1)
+            q = b.gep(p, [I64(j)], source_etype=I8)
+            beyond = b.icmp_unsigned(">", b.gep(p, [I64(j + 1)], source_etype=I8), data_end)
+            b.cbranch(beyond, exit_, inside)
+            b.position_at_end(inside)
+            byte, nxt = transition(state, q)
+            kind = fx.load_table("state_kind", nxt, I8)
+            path = b.and_(b.and_(kind, fx.load_table("path_plain", byte, I8)), path_bits)
+            moves = fn.append_basic_block(f"moves{j}")
+            leave(at, 1, 0)  # anything else: scan_byte, in the next call
+            still = b.or_(b.and_(kind, I64(STATE_PLAIN)), path)
+            b.cbranch(b.icmp_unsigned("==", still, I64(0)), exit_, moves)
+            b.position_at_end(moves)
+            # Stored whether or not it is a path byte: past the path's end, a byte that is not
+            # one is overwritten or ignored (the path is the first out_len bytes).
+            b.store(b.trunc(byte, I8), gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))]))
+            step = b.lshr(path, I64(1))  # 1 for a path byte, else 0
+            out_len = b.add(out_len, step)
+            appended = b.or_(appended, step)
+            state = nxt
+        leave(b.add(pos, I64(SCAN_CHUNK)), 0, 0)  # a whole chunk: the next call goes on
+        b.branch(exit_)
+
+        b.position_at_end(exit_)
+        fx.put("state", x_state)
+        fx.put("pos", x_pos)
+        fx.put("out_len", x_len)
+        fx.put("pending", x_pending)
+        # An appended byte ends any run of dots: the segment is neither "." nor ".." (NOT_DOTS
+        # is all ones in the counter's two bits, so OR sets it).
+        fx.put("seg_dots", b.or_(fx.get("seg_dots"), b.mul(x_appended, I64(NOT_DOTS))))
+        b.ret(x_ret)
+        return fn
+
     @staticmethod
     def comb_slot(fx: Fn, state: ir.Value, k: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(found, payload) of the slot at `state + k` tagged `k + 1` (comb.py)."""
@@ -287,20 +419,40 @@ class JudgeCore:
         return found, b.and_(e, I64(PAYLOAD_MASK))
 
     def path_step(self) -> ir.Function:
-        """One byte of the normalized path through the packed path automaton (comb.py): the
-        state's slot for the byte's class, else its default slot, else the dead state."""
+        """Bytes `index * PATH_CHUNK` on of the normalized path through the packed path
+        automaton (comb.py), up to PATH_CHUNK per call with the state in a register: per byte,
+        the state's slot for the byte's class, else its default slot, else the dead state."""
         fn, b = self.ob.function("sockpol_path_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
         fx = Fn.of_scan(b, self.tables, scan)
-        i = b.and_(b.zext(index, I64), I64(PATH_MAX - 1))
-        c = b.zext(b.load(gep(b, fx.get("scratch"), I8, [i]), typ=I8), I64)
-        cls = fx.load_table("path_classmap", c, I8)
+        first = b.mul(b.zext(index, I64), I64(PATH_CHUNK))
+        out_len = fx.get("out_len")
+        scratch = fx.get("scratch")
+        classes, dead = fx.config("path_classes"), fx.config("path_dead")
+        done = fn.append_basic_block("done")
+        b.position_at_end(done)
+        end_state = b.phi(I64, "end_state")
+        stopped = b.phi(I64, "stopped")
+        b.position_at_end(fn.blocks[0])
         state = fx.get("pstate")
-        hit, nxt = self.comb_slot(fx, state, cls)
-        dflt_hit, dflt = self.comb_slot(fx, state, fx.config("path_classes"))
-        dead = fx.config("path_dead")
-        fx.put("pstate", b.select(hit, nxt, b.select(dflt_hit, dflt, dead)))
-        b.ret(I64(0))
+        for j in range(PATH_CHUNK):
+            i = b.add(first, I64(j))
+            end_state.add_incoming(state, b.block)
+            stopped.add_incoming(I64(1), b.block)
+            step = fn.append_basic_block(f"byte{j}")
+            b.cbranch(b.icmp_unsigned(">=", i, out_len), done, step)
+            b.position_at_end(step)
+            c = b.zext(b.load(gep(b, scratch, I8, [b.and_(i, I64(PATH_MAX - 1))]), typ=I8), I64)
+            cls = fx.load_table("path_classmap", c, I8)
+            hit, nxt = self.comb_slot(fx, state, cls)
+            dflt_hit, dflt = self.comb_slot(fx, state, classes)
+            state = b.select(hit, nxt, b.select(dflt_hit, dflt, dead))
+        end_state.add_incoming(state, b.block)
+        stopped.add_incoming(I64(0), b.block)
+        b.branch(done)
+        b.position_at_end(done)
+        fx.put("pstate", end_state)
+        b.ret(stopped)
         return fn
 
     def cand_step(self) -> ir.Function:

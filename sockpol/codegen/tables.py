@@ -23,6 +23,7 @@ from sockpol.codegen.irconst import int_array, word_rows
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.normalize import HEX_DIGITS, PCT_LEADING_SLASH, UNRESERVED
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
+from sockpol.codegen.scanner import FLAG_PATH_BYTE, TERMINAL_STATES
 from sockpol.contract import MAX_DEPTH, MAX_SCAN, PATH_MAX, TABLES_SYMBOL
 from sockpol.model import tls
 
@@ -53,6 +54,8 @@ SCAN_SCALARS = [
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
     "out_len", "seg_start", "seg_dots", "depth", "pct", "hex1", "norm_error", "pstate",  # path
     "cand_off",  # where the path state's candidate rules start in cand_table
+    "limit",  # bytes of the head the scan may read (the bytes pulled)
+    "pending",  # the byte at `pos` needs the slow path (scan_step)
 ]  # fmt: skip
 POINTER_FIELDS = set(SCAN_POINTERS)
 S = {name: i for i, name in enumerate(SCAN_POINTERS)}
@@ -63,6 +66,21 @@ FACTS_OFFSET = SCALARS_OFFSET + 8 * len(SCAN_SCALARS)
 def conn_value_size(fact_words: int) -> int:
     """Bytes of a connection's socket storage for a program with `fact_words` fact words."""
     return CONN_SCRATCH + FACTS_OFFSET + 8 * fact_words
+
+
+# What the scan's fast path may do with a byte leading to a state (`state_kind`), as bits that
+# it ANDs with the byte's own bits (`path_plain`): arithmetic, not comparisons, because a
+# comparison is a branch in BPF and every branch doubles the paths the verifier walks.
+STATE_PLAIN, STATE_PATH = 1, 2
+
+
+def state_kinds(info: list[int]) -> list[int]:
+    def kind(state: int, info: int) -> int:
+        if state < TERMINAL_STATES:
+            return 0
+        return STATE_PLAIN if info == 0 else STATE_PATH if info == FLAG_PATH_BYTE else 0
+
+    return [kind(s, i) for s, i in enumerate(info)]
 
 
 CONFIG = [
@@ -128,6 +146,11 @@ class Tables:
             "classmap": array(I8, list(t.classmap)),
             "trans": array(I16, t.trans),
             "info": array(I32, t.info),
+            # Per state, for the scan's fast path (judge.scan_step): STATE_PLAIN (nothing to do
+            # but move on) or STATE_PATH (a raw path byte and nothing else), else 0.
+            "state_kind": array(I8, state_kinds(t.info)),
+            # Per byte: STATE_PATH unless it is "/", "." or "%" (the normalizer's special bytes).
+            "path_plain": array(I8, [0 if c in b"/.%" else STATE_PATH for c in range(256)]),
             "factsets": words(factsets),
             "class_need": words(need),
             "rule_flags": array(I32, rule_flags),
@@ -178,12 +201,16 @@ class Fn:
     tables: Tables
     base: ir.Value | None = None
     scan: ir.Value | None = None
+    pointers: dict[str, ir.Value] | None = None  # the scan's pointers, loaded once
 
     @classmethod
     def of_scan(cls, b: ir.IRBuilder, tables: Tables, scan: ir.Value) -> Fn:
         """The context of a function handed the scan context: its tables slot is the one the
-        program selected, read from there."""
+        program selected, read from there. The pointers are loaded once, at the function's
+        entry: no one changes them during the scan, and LLVM cannot know that (every store
+        through one of them might alias the context), so loads on demand were repeated."""
         fx = cls(b, tables, scan=scan)
+        fx.pointers = {name: fx.get(name) for name in SCAN_POINTERS}
         fx.base = fx.get("tables")
         return fx
 
@@ -212,6 +239,8 @@ class Fn:
         return gep(self.b, self.get("scratch"), I8, [I64(SCALAR[name])])
 
     def get(self, name: str) -> ir.Value:
+        if self.pointers is not None and name in self.pointers:
+            return self.pointers[name]
         return self.b.load(self.slot(name), typ=PTR if name in POINTER_FIELDS else I64)
 
     def put(self, name: str, value: ir.Value | int) -> None:
