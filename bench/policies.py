@@ -8,7 +8,12 @@ paths; a regex and a glob overlap), so the candidate lists are not trivially one
 
 `requests(policy, k)` gives k request lines the policy allows (what the HTTP benchmark sends:
 an allowed request keeps the connection; a refused one would end it), spread over the policy, the
-last rules included.
+last rules included (`--mix policy`).
+
+The issue's mix (`--mix issue`, the default): `ISSUE_MIX`, four kinds of GET of about 100 bytes
+each, sent against `issue_rules(n)`, the N generated rules with three rules allowing them inserted
+right after `/healthz`. `padded(mix, size, host)` lengthens every head to about `size` bytes with
+an `X-Pad` header, to measure what a program run costs per head byte.
 """
 
 from __future__ import annotations
@@ -105,6 +110,49 @@ def requests(rules: list[Rule], k: int, seed: int = 1) -> list[tuple[str, str, d
     return out[:k] if len(out) > k else out
 
 
+# The issue's request mix: four kinds, one Host header (wrk adds it), a client's usual two more.
+ISSUE_MIX: list[tuple[str, str, dict[str, str]]] = [
+    ("GET", path, {"User-Agent": "wrk/4.1.0", "Accept": "*/*"})
+    for path in ("/api/v1/orders/17", "/api/v1/orders/17/items", "/healthz", "/static/css/a.css")
+]
+ISSUE_RULES = [
+    Rule("allow", ("GET",), "/api/v1/orders/*", sample="/api/v1/orders/17"),
+    Rule("allow", ("GET",), "/api/v1/orders/*/items", sample="/api/v1/orders/17/items"),
+    Rule("allow", ("GET",), "/static/**", sample="/static/css/a.css"),
+]
+PAD_HEADER = "X-Pad"
+
+
+def issue_rules(n: int, seed: int = 4) -> list[Rule]:
+    """`api_rules(n)` plus `ISSUE_RULES` right after its first rule (`allow GET /healthz`): n + 3
+    rules, the four kinds of `ISSUE_MIX` decided by the first four."""
+    rules = api_rules(n, seed)
+    assert rules[0].path == "/healthz"
+    return rules[:1] + ISSUE_RULES + rules[1:]
+
+
+def head_bytes(method: str, path: str, headers: dict[str, str], host: str) -> int:
+    """The length of the head wrk sends for a request (wrk.format: request line, Host, the
+    headers, an empty line; no Content-Length without a body)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return len("\r\n".join(lines)) + 4
+
+
+def padded(
+    mix: list[tuple[str, str, dict[str, str]]], size: int, host: str
+) -> list[tuple[str, str, dict[str, str]]]:
+    """`mix` with an `X-Pad: aaa...` header making each head `size` bytes long; heads already
+    within a header's length (9 bytes) of `size`, or longer, are left as they are."""
+    out = []
+    for method, path, headers in mix:
+        pad = size - head_bytes(method, path, headers, host) - len(f"{PAD_HEADER}: \r\n")
+        if pad > 0:
+            headers = {**headers, PAD_HEADER: "a" * pad}
+        out.append((method, path, headers))
+    return out
+
+
 def haproxy_acls(rules: list[Rule]) -> list[str]:
     """`http-request` lines doing the same first-match allow/deny (default deny) in HAProxy.
 
@@ -130,4 +178,16 @@ def haproxy_acls(rules: list[Rule]) -> list[str]:
     return out
 
 
-__all__ = ["Rule", "api_rules", "haproxy_acls", "policy_text", "requests"]
+__all__ = [
+    "ISSUE_MIX",
+    "ISSUE_RULES",
+    "PAD_HEADER",
+    "Rule",
+    "api_rules",
+    "haproxy_acls",
+    "head_bytes",
+    "issue_rules",
+    "padded",
+    "policy_text",
+    "requests",
+]

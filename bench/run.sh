@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Run both benchmarks and keep their results in bench/results/ (see bench/README.md).
+# Run the benchmarks and keep their results in bench/results/ (see bench/README.md).
 #   sudo bench/run.sh                      # full: 10/100/1,000/10,000 rules; 3 x 10 s HTTP rounds
 #   sudo bench/run.sh --quick              # tiny sizes, 1 s runs: proves the scripts work
-# Installs what it needs from Debian (wrk, nginx, haproxy, libbpf1, bpftool); traffic stays on
-# 127.0.0.1.
+#   sudo bench/run.sh [--quick] ARGS...    # ARGS go to every http_bench.py run (e.g. --port 18180)
+# Installs what it needs from Debian (wrk, nginx, haproxy, libbpf1, bpftool, clang for the floor
+# program); traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Packages, .venv with sockpol, bpffs: the same setup as demo.sh and test.sh.
-bash scripts/setup.sh wrk nginx haproxy libbpf1 bpftool
+bash scripts/setup.sh wrk nginx haproxy libbpf1 bpftool clang
 # The packaged nginx and haproxy services are not used (the benchmark starts its own on
 # 127.0.0.1 with its own configuration); stop them if the install started them.
 systemctl stop nginx haproxy 2>/dev/null || true
@@ -16,16 +17,27 @@ PYTHON=.venv/bin/python
 out=bench/results
 mkdir -p "$out"
 if [ "${1:-}" = "--quick" ]; then
+    shift
     compile_args=(--sizes 10,40 --repeat 1)
-    http_args=(--sizes 10,40 --duration 1 --rounds 1 --requests 8)
+    http_args=(--sizes 10,40 --duration 1 --rounds 1)
+    heads_args=(--sizes 10 --duration 1 --rounds 1 --head-sizes 100,2000)
+    policy_args=(--requests 8)
     out=$(mktemp -d)
 else
     compile_args=()
     http_args=()
+    heads_args=(--sizes 10 --head-sizes 100,500,2000)
+    policy_args=()
 fi
 echo "== machine: $(nproc) CPUs, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== compile benchmark"
 $PYTHON bench/compile_bench.py "${compile_args[@]}" --out "$out/compile.json"
-echo "== HTTP benchmark"
-$PYTHON bench/http_bench.py "${http_args[@]}" --out "$out/http.json"
+echo "== HTTP benchmark: the issue's mix (none, floor, sockpol-N, haproxy-N; ns per program run)"
+$PYTHON bench/http_bench.py "${http_args[@]}" "$@" --out "$out/http.json"
+echo "== HTTP benchmark: ns per program run by head size (heads padded with an X-Pad header)"
+$PYTHON bench/http_bench.py "${heads_args[@]}" --configs none,floor,sockpol "$@" \
+    --out "$out/http-heads.json"
+echo "== HTTP benchmark: requests drawn from all over the policy"
+$PYTHON bench/http_bench.py "${http_args[@]}" "${policy_args[@]}" --mix policy "$@" \
+    --out "$out/http-policy.json"
 echo "== results in $out"

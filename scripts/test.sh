@@ -5,11 +5,12 @@
 # (docs/kernels.md), under qemu and run the kernel and kTLS tests inside: they need qemu, busybox,
 # kmod and virtme-ng (the `vm` extra), and the guest's tests use nginx, openssl and curl; about 20
 # minutes on two cores. Leave them out with: ./scripts/test.sh -m "not vm"
+# clang builds the benchmark's hand-written floor program (tests/test_bench_smoke.py).
 #   sudo ./scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOCKPOL_EXTRAS="[test,vm]" bash scripts/setup.sh libbpf1 bpftool iproute2 python3-venv \
-    qemu-system-x86 busybox-static kmod nginx openssl curl
+    qemu-system-x86 busybox-static kmod nginx openssl curl clang
 echo "== ruff"
 .venv/bin/ruff check sockpol tests
 echo "== pytest"
