@@ -39,6 +39,9 @@ from sockpol.contract import CHUNK_MAX, CL_MAX, MAX_DEPTH, MAX_SCAN, PATH_MAX, R
 COUNTED_FLAGS = FLAG_CL_DIGIT | FLAG_HEX_DIGIT | SINGLETON_FLAGS
 # Bytes of the head per call of the scan's bpf_loop callback, at most (scan_step).
 SCAN_CHUNK = 16
+assert SCAN_CHUNK == 16  # scan_step's (appended + 15) >> 4
+# How the fast path of scan_step ends: bit 0, the scan stops; bit 1, a byte is pending.
+EXIT_MORE, EXIT_STOP, EXIT_PENDING = 0, 1, 2
 # Bytes of the normalized path per call of path_step.
 PATH_CHUNK = 16
 
@@ -342,72 +345,93 @@ class JudgeCore:
         b.position_at_end(fast)
         pos = fx.get("pos")
         p = window(pos)
-        state = fx.get("state")
         limit = fx.get("limit")
         scratch = fx.get("scratch")
-        out_len = fx.get("out_len")
+        len0 = fx.get("out_len")
         # Ordinary path bytes are appended here only with no escape pending and room for the
         # whole chunk; otherwise they take the slow path.
-        room = b.icmp_unsigned("<", out_len, I64(PATH_MAX - SCAN_CHUNK))
+        room = b.icmp_unsigned("<", len0, I64(PATH_MAX - SCAN_CHUNK))
         no_escape = b.icmp_unsigned("==", fx.get("pct"), I64(PCT_NONE))
         path_bits = b.select(b.and_(room, no_escape), fx.small(STATE_PATH), fx.small(0))
-        appended: ir.Value = I64(0)
+        state0 = fx.get("state")
 
         here = b.block
         exit_ = fn.append_basic_block("exit")
         b.position_at_end(exit_)
-        x_state, x_pos, x_len = b.phi(I64, "x_state"), b.phi(I64, "x_pos"), b.phi(I64, "x_len")
-        x_appended, x_pending = b.phi(I64, "x_appended"), b.phi(I64, "x_pending")
-        x_ret = b.phi(I64, "x_ret")
+        x_state, x_pos = b.phi(I64, "x_state"), b.phi(I64, "x_pos")
+        x_len, x_code = b.phi(I64, "x_len"), b.phi(I64, "x_code")
         b.position_at_end(here)
 
-        def leave(at: ir.Value, pending: int, ret: int) -> None:
-            for phi, value in (
-                (x_state, state), (x_pos, at), (x_len, out_len), (x_appended, appended),
-                (x_pending, I64(pending)), (x_ret, I64(ret)),
-            ):  # fmt: skip
-                phi.add_incoming(value, b.block)
+        def chunk(checked: bool) -> None:
+            """SCAN_CHUNK bytes unrolled; `checked`: each against the window and the limit (the
+            last chunk of a head), else none (the whole chunk is known to be inside)."""
+            state, out_len = state0, len0
 
-        for j in range(SCAN_CHUNK):
-            at = b.add(pos, I64(j))
-            in_limit = fn.append_basic_block(f"limit{j}")
-            inside = fn.append_basic_block(f"in{j}")
-            # The end of the bytes pulled, or of the window: the scan stops here.
-            leave(at, 0, 1)
-            b.cbranch(b.icmp_unsigned(">=", at, limit), exit_, in_limit)
-            b.position_at_end(in_limit)
-            leave(at, 0, 1)
-            q = b.gep(p, [I64(j)], source_etype=I8)
-            beyond = b.icmp_unsigned(">", b.gep(p, [I64(j + 1)], source_etype=I8), data_end)
-            b.cbranch(beyond, exit_, inside)
-            b.position_at_end(inside)
-            byte, nxt = transition(state, q)
-            kind = fx.load_table("state_kind", nxt, I8)
-            path = b.and_(b.and_(kind, fx.load_table("path_plain", byte, I8)), path_bits)
-            moves = fn.append_basic_block(f"moves{j}")
-            leave(at, 1, 0)  # anything else: scan_byte, in the next call
-            still = b.or_(b.and_(kind, I64(STATE_PLAIN)), path)
-            b.cbranch(b.icmp_unsigned("==", still, I64(0)), exit_, moves)
-            b.position_at_end(moves)
-            # Stored whether or not it is a path byte: past the path's end, a byte that is not
-            # one is overwritten or ignored (the path is the first out_len bytes).
-            b.store(b.trunc(byte, I8), gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))]))
-            step = b.lshr(path, I64(1))  # 1 for a path byte, else 0
-            out_len = b.add(out_len, step)
-            appended = b.or_(appended, step)
-            state = nxt
-        leave(b.add(pos, I64(SCAN_CHUNK)), 0, 0)  # a whole chunk: the next call goes on
-        b.branch(exit_)
+            def leave(at: ir.Value, code: int) -> None:
+                for phi, value in ((x_state, state), (x_pos, at), (x_len, out_len)):
+                    phi.add_incoming(value, b.block)
+                x_code.add_incoming(I64(code), b.block)
+                b.branch(exit_)
+
+            for j in range(SCAN_CHUNK):
+                at = b.add(pos, I64(j))
+                if checked:
+                    # The end of the bytes pulled, or of the window: the scan stops here.
+                    in_limit = fn.append_basic_block(f"limit{j}")
+                    inside = fn.append_basic_block(f"in{j}")
+                    b.cbranch(b.icmp_unsigned(">=", at, limit), exit_, in_limit)
+                    leave_from(b.block, state, at, out_len, EXIT_STOP)
+                    b.position_at_end(in_limit)
+                    q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
+                    b.cbranch(b.icmp_unsigned(">", q_end, data_end), exit_, inside)
+                    leave_from(b.block, state, at, out_len, EXIT_STOP)
+                    b.position_at_end(inside)
+                byte, nxt = transition(state, b.gep(p, [I64(j)], source_etype=I8))
+                kind = fx.load_table("state_kind", nxt, I8)
+                path = b.and_(b.and_(kind, fx.load_table("path_plain", byte, I8)), path_bits)
+                moves = fn.append_basic_block(f"moves{j}")
+                still = b.or_(b.and_(kind, I64(STATE_PLAIN)), path)
+                b.cbranch(b.icmp_unsigned("==", still, I64(0)), exit_, moves)
+                leave_from(b.block, state, at, out_len, EXIT_PENDING)  # scan_byte, next call
+                b.position_at_end(moves)
+                # Stored whether or not it is a path byte: past the path's end, a byte that is
+                # not one is overwritten or ignored (the path is the first out_len bytes).
+                at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
+                b.store(b.trunc(byte, I8), at_len)
+                out_len = b.add(out_len, b.lshr(path, I64(1)))  # +1 for a path byte
+                state = nxt
+            leave(b.add(pos, I64(SCAN_CHUNK)), EXIT_MORE)
+
+        def leave_from(block: ir.Block, state, at, out_len, code: int) -> None:
+            for phi, value in ((x_state, state), (x_pos, at), (x_len, out_len)):
+                phi.add_incoming(value, block)
+            x_code.add_incoming(I64(code), block)
+
+        # A whole chunk inside both the window and the bytes pulled: no checks per byte.
+        whole = fn.append_basic_block("whole")
+        last = fn.append_basic_block("last")
+        fits = b.icmp_unsigned("<=", b.add(pos, I64(SCAN_CHUNK)), limit)
+        fits_pulled = fn.append_basic_block("fits_pulled")
+        b.cbranch(fits, fits_pulled, last)
+        b.position_at_end(fits_pulled)
+        chunk_end = b.gep(p, [I64(SCAN_CHUNK)], source_etype=I8)
+        b.cbranch(b.icmp_unsigned(">", chunk_end, data_end), last, whole)
+        b.position_at_end(whole)
+        chunk(checked=False)
+        b.position_at_end(last)
+        chunk(checked=True)
 
         b.position_at_end(exit_)
         fx.put("state", x_state)
         fx.put("pos", x_pos)
         fx.put("out_len", x_len)
-        fx.put("pending", x_pending)
-        # An appended byte ends any run of dots: the segment is neither "." nor ".." (NOT_DOTS
-        # is all ones in the counter's two bits, so OR sets it).
-        fx.put("seg_dots", b.or_(fx.get("seg_dots"), b.mul(x_appended, I64(NOT_DOTS))))
-        b.ret(x_ret)
+        fx.put("pending", b.lshr(x_code, I64(1)))
+        # An appended byte ends any run of dots: the segment is neither "." nor "..". The
+        # chunk appended 0 to 16 bytes, so (appended + 15) >> 4 is 1 if any; NOT_DOTS is all
+        # ones in the counter's two bits, so OR sets it.
+        appended = b.lshr(b.add(b.sub(x_len, len0), I64(SCAN_CHUNK - 1)), I64(4))
+        fx.put("seg_dots", b.or_(fx.get("seg_dots"), b.mul(appended, I64(NOT_DOTS))))
+        b.ret(b.and_(x_code, I64(1)))
         return fn
 
     @staticmethod

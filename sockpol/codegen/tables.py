@@ -143,14 +143,16 @@ class Tables:
             return int_array(typ, values)
 
         fields = {
+            # The tables of the scan's fast path (judge.scan_step) come first, so that their
+            # offsets fit in a BPF load's 16-bit displacement and one register reaches them all.
             "classmap": array(I8, list(t.classmap)),
-            "trans": array(I16, t.trans),
-            "info": array(I32, t.info),
-            # Per state, for the scan's fast path (judge.scan_step): STATE_PLAIN (nothing to do
-            # but move on) or STATE_PATH (a raw path byte and nothing else), else 0.
-            "state_kind": array(I8, state_kinds(t.info)),
             # Per byte: STATE_PATH unless it is "/", "." or "%" (the normalizer's special bytes).
             "path_plain": array(I8, [0 if c in b"/.%" else STATE_PATH for c in range(256)]),
+            # Per state: STATE_PLAIN (nothing to do but move on) or STATE_PATH (a raw path byte
+            # and nothing else), else 0.
+            "state_kind": array(I8, state_kinds(t.info)),
+            "trans": array(I16, t.trans),
+            "info": array(I32, t.info),
             "factsets": words(factsets),
             "class_need": words(need),
             "rule_flags": array(I32, rule_flags),
