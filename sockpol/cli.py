@@ -160,22 +160,28 @@ def cmd_reload(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sockpol-") as tmp:
         obj = _object_for_reload(args, tmp)
         result = runtime.reload(args.name, obj)
+    how = (
+        f"programs replaced, version {result.serial}; open connections handed over"
+        if result.replaced
+        else f"tables swapped in place, generation {result.generation}"
+    )
     print(
-        f"reloaded policy {result.name}: {result.rules} rules now in force "
-        f"(tables generation {result.generation}, {result.seconds * 1000:.0f} ms); "
-        "programs and connections untouched"
+        f"reloaded policy {result.name}: {result.rules} rules now in force on every "
+        f"connection ({how}; {result.seconds * 1000:.0f} ms)"
     )
     return EXIT_OK
 
 
 def _object_for_reload(args: argparse.Namespace, tmpdir: str) -> Path:
-    """A .o as is; a policy file compiled for the loaded program's table shape."""
+    """A .o as is; a policy file compiled for the loaded program's table shape, so that its
+    tables can be swapped in place, or, when they do not fit that shape, for its own (the
+    reload then replaces the programs)."""
     path = Path(args.file)
     if path.suffix == ".o" or _is_elf(path):
         return path
     from sockpol import runtime
     from sockpol.codegen.lower import TableShape
-    from sockpol.compiler import compile_policy, front_end
+    from sockpol.compiler import ShapeMismatch, compile_policy, front_end
 
     loaded = next(iter(runtime.status(args.name)), None)
     if loaded is None or loaded.metadata is None:
@@ -189,7 +195,10 @@ def _object_for_reload(args: argparse.Namespace, tmpdir: str) -> Path:
     )
     chosen = policy_file.choose(name)
     shape = TableShape(**loaded.metadata.shape) if loaded.metadata.shape else None
-    compiled = compile_policy(chosen, policy_file.source, shape)
+    try:
+        compiled = compile_policy(chosen, policy_file.source, shape)
+    except ShapeMismatch:
+        compiled = compile_policy(chosen, policy_file.source)
     target = Path(tmpdir) / f"{chosen.name}.bpf.o"
     target.write_bytes(compiled.object_code())
     return target
@@ -254,6 +263,15 @@ def _status_json(s, counters=None) -> dict:
     d["pin_dir"] = str(s.pin_dir)
     d["loaded_at"] = s.loaded_at.isoformat() if s.loaded_at else None
     d["reloaded_at"] = s.reloaded_at.isoformat() if s.reloaded_at else None
+    # The version in force: its source, and since when it (and its counters) count.
+    meta = s.metadata
+    d["version"] = {
+        "serial": s.serial,
+        "source": meta.source_path if meta else None,
+        "source_sha256": meta.source_sha256 if meta else None,
+        "object_sha256": s.object_sha256 or None,
+        "since": s.since.isoformat() if s.since else None,
+    }
     d["counters"] = counters.to_json() if counters is not None else None
     return d
 
@@ -477,7 +495,7 @@ COMMANDS: tuple[Command, ...] = (
             "sockpol.cli:cmd_compile"),
     Command("load", "load a policy (.pol or compiled .o) and attach it", _load_args,
             "sockpol.cli:cmd_load"),
-    Command("reload", "swap a loaded policy's rules in place (no program or connection touched)",
+    Command("reload", "put another policy in force for a loaded name, on every connection",
             _reload_args, "sockpol.cli:cmd_reload"),
     Command("unload", "detach and remove a loaded policy", _name, "sockpol.cli:cmd_unload"),
     Command("status", "list loaded policies; with a name, its rules and their counters",

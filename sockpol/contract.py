@@ -19,12 +19,18 @@ MSG_PROGRAM = "sockpol_msg"  # section sk_msg
 SOCKOPS_PROGRAM = "sockpol_sockops"  # section sockops
 SOCK_MAP = "sockpol_socks"  # the sockhash the programs are attached to
 CONN_MAP = "sockpol_conn"  # per-connection socket storage (stream state and a run's work area)
-TABLES_SYMBOL = "sockpol_tables"  # the policy's tables in .data (two slots and a generation)
+TABLES_SYMBOL = "sockpol_tables"  # the policy's tables in .data (two slots, generation, serial)
+NEXT_MAP = "sockpol_next"  # PROG_ARRAY[1]: the newest version's sk_msg program (reload, issue 18)
+# Maps every version of a loaded policy shares, so that a replacement takes over the connections
+# that are open (their socket storage, the program array that sends them to the new program, the
+# control word with the mode and the serial, the events). Counters are per version.
+SHARED_MAPS = (SOCK_MAP, CONN_MAP, NEXT_MAP)
 SOCK_MAP_ENTRIES = 65536
 
 # --- the kernel's constants (include/uapi/linux/bpf.h; the same on every architecture) ----------
 
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PROG_ARRAY = 3
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_SOCKHASH = 18
 BPF_MAP_TYPE_SK_STORAGE = 24
@@ -49,7 +55,8 @@ MSG_REMOTE_PORT, MSG_LOCAL_PORT, MSG_SIZE, MSG_SK = 60, 64, 68, 72
 OPS_OP, OPS_FAMILY, OPS_REMOTE_PORT = 0, 20, 64
 
 # membarrier(2): its system call number differs per architecture (asm-generic: 283).
-MEMBARRIER_CMD_GLOBAL = 1
+MEMBARRIER_CMD_GLOBAL = 1  # synchronize_rcu(): an RCU grace period
+MEMBARRIER_CMD_GLOBAL_EXPEDITED = 2  # smp_mb() on the calling CPU (and registered processes)
 SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "riscv64": 283, "s390x": 356, "ppc64le": 365}
 
 

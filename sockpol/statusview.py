@@ -44,6 +44,10 @@ def tls_cell(s: PolicyStatus) -> str:
     return {None: "-", "deny": "tls"}.get(s.metadata.tls, "tls+userspace")
 
 
+def _version(s: PolicyStatus) -> str:
+    return f"{s.serial}" if s.serial else "- (loaded by a sockpol without versions)"
+
+
 def tls_support_line(ok: bool, reason: str) -> str:
     """Whether policies with a `tls` statement can be loaded on this kernel, in one line."""
     if ok:
@@ -52,7 +56,12 @@ def tls_support_line(ok: bool, reason: str) -> str:
 
 
 def _when(s: PolicyStatus) -> str:
-    return s.loaded_at.strftime("%Y-%m-%d %H:%M:%S") if s.loaded_at else "?"
+    """When the version in force was put in force (its first load, or its reload)."""
+    return s.since.strftime("%Y-%m-%d %H:%M:%S") if s.since else "?"
+
+
+def _source_sha(s: PolicyStatus) -> str:
+    return (s.metadata.source_sha256[:12] if s.metadata else "") or s.object_sha256[:12] or "-"
 
 
 def policies(
@@ -74,7 +83,7 @@ def policies(
                 tls_cell(s),
                 s.cgroup or "-",
                 _when(s),
-                s.object_sha256[:12] or "-",
+                _source_sha(s),
                 len(s.metadata.rules) if s.metadata else "?",
                 "?" if s.sockets is None else s.sockets,
                 "-" if decided is None else decided,
@@ -82,7 +91,7 @@ def policies(
             ]
         )
     text = table(
-        ["NAME", "MODE", "PORTS", "TLS", "CGROUP", "LOADED (UTC)", "SHA256", "RULES", "SOCKETS",
+        ["NAME", "MODE", "PORTS", "TLS", "CGROUP", "SINCE (UTC)", "SOURCE", "RULES", "SOCKETS",
          "REQUESTS", "REFUSED"],
         rows,
         right={7, 8, 9, 10},
@@ -99,15 +108,17 @@ def policy(s: PolicyStatus, c: PolicyCounters | None) -> str:
         f"port {ports_text(s.ports)}",
         f"  tls      {describe_tls(meta.tls) if meta else '?'}",
         f"  cgroup   {s.cgroup or '- (no cgroup; sockets added by hand)'}",
-        f"  loaded   {_when(s)} UTC"
+        f"  version  {_version(s)}",
+        f"  source   {meta.source_path if meta else '?'} "
+        f"(sha256 {meta.source_sha256[:16] if meta else '?'}; "
+        f"object {s.object_sha256[:16] or '?'})",
+        f"  in force since {_when(s)} UTC"
         + (
-            f"; tables reloaded {s.reloaded_at.strftime('%Y-%m-%d %H:%M:%S')} UTC "
-            f"({s.reloads} reload{'s' if s.reloads != 1 else ''})"
-            if s.reloaded_at
+            f" (reload {s.reloads}; first loaded {s.loaded_at.strftime('%Y-%m-%d %H:%M:%S')} UTC)"
+            if s.reloads and s.loaded_at
             else ""
-        ),
-        f"  object   {s.object_path or '?'}",
-        f"  sha256   {s.object_sha256 or '?'}",
+        )
+        + "; the counts below are this version's",
         f"  programs {', '.join(f'{k} {v}' for k, v in s.program_ids.items()) or '-'}; "
         f"sockets governed {'?' if s.sockets is None else s.sockets}",
     ]

@@ -19,7 +19,8 @@ Maps (BTF-defined in `.maps`, pinned as `map_<name>` next to the programs):
 `sockpol_events`  RINGBUF of `EVENT` records (below), `EVENTS_BYTES` bytes.
 `sockpol_evbuf`   PERCPU_ARRAY, one `EVENT` record: where the program assembles an event before
                   `bpf_ringbuf_output` copies it (packet bytes cannot go to a helper directly).
-`sockpol_ctl`     ARRAY, one `struct { u32 mode; u32 reserved; }`: MODE_ENFORCE or MODE_DRY_RUN.
+`sockpol_ctl`     ARRAY, one `struct { u32 mode; u32 serial; }`: MODE_ENFORCE or MODE_DRY_RUN,
+                  and the serial of the version in force (older ones hand over: emit.handover).
                   Read by every run, written by `sockpol mode`: switching needs no reload.
 """
 
@@ -42,7 +43,8 @@ MODE_ENFORCE, MODE_DRY_RUN = 0, 1
 NO_RULE = 0xFFFFFFFF  # "no rule decided" wherever a rule index goes (events, the scan state)
 MODES = {"enforce": MODE_ENFORCE, "dry-run": MODE_DRY_RUN}
 MODE_NAMES = {v: k for k, v in MODES.items()}
-CTL = struct.Struct("<II")  # mode, reserved
+CTL = struct.Struct("<II")  # mode, serial
+CTL_SERIAL = 4  # offset of the serial: the loaded version whose program judges (emit.handover)
 
 # Per-rule flags in the rule table (the `allow` table of the tables): what a matching rule does.
 RULE_PASS = 1  # the request passes (allow, audit)

@@ -54,6 +54,7 @@ from sockpol.contract import (
     AF_INET,
     AF_INET6,
     BPF_F_NO_PREALLOC,
+    BPF_MAP_TYPE_PROG_ARRAY,
     BPF_MAP_TYPE_SK_STORAGE,
     BPF_MAP_TYPE_SOCKHASH,
     BPF_NOEXIST,
@@ -63,8 +64,10 @@ from sockpol.contract import (
     MSG_DATA,
     MSG_DATA_END,
     MSG_PROGRAM,
+    MSG_REMOTE_PORT,
     MSG_SIZE,
     MSG_SK,
+    NEXT_MAP,
     OPS_FAMILY,
     OPS_OP,
     OPS_REMOTE_PORT,
@@ -81,6 +84,7 @@ from sockpol.contract import (
 )
 from sockpol.model import tls
 from sockpol.telemetry import (
+    CTL_SERIAL,
     NO_RULE,
     SLOT_DEFAULT,
     SLOT_REFUSED,
@@ -115,8 +119,13 @@ class SkMsgBackend:
             BPF_MAP_TYPE_SK_STORAGE,
             None,
             self.ob.int,
-            self.ob.dbg.array(self.ob.u64, conn_value_size(self.tables.nw) // 8, 64),
+            self.ob.dbg.array(self.ob.u64, conn_value_size() // 8, 64),
             BPF_F_NO_PREALLOC,
+        )
+        # The newest version's sk_msg program, for runs of this one once a replacement is in
+        # force (`handover` below).
+        self.next_map = self.ob.btf_map(
+            NEXT_MAP, BPF_MAP_TYPE_PROG_ARRAY, 1, self.ob.u32, self.ob.u32
         )
         self.rec.maps()  # counters, events, mode (record.py)
 
@@ -128,6 +137,7 @@ class SkMsgBackend:
         fn, b = self.ob.function(MSG_PROGRAM, I32, [("msg", PTR)], section="sk_msg")
         msg = fn.args[0]
         scan = b.alloca(SCAN_T, name="scan")
+        self.handover(b, msg)
         fx = Fn(b, self.tables, base=self.tables.select(b), scan=scan)
 
         def ctx_load(offset: int, typ: ir.Type) -> ir.Value:
@@ -158,6 +168,14 @@ class SkMsgBackend:
 
         size = b.zext(ctx_load(MSG_SIZE, I32), I64)
         with b.if_then(b.icmp_unsigned("==", size, I64(0)), likely=False):
+            verdict(SK_PASS)
+        # A port the policy in force does not govern (a reload changed the ports after this
+        # connection was put in the sockhash): passed unjudged.
+        bswap = self.ob.m.declare_intrinsic("llvm.bswap", [I32])
+        port = b.zext(b.call(bswap, [ctx_load(MSG_REMOTE_PORT, I32)]), I64)
+        bits = fx.load_table("ports", b.lshr(b.and_(port, I64(0xFFFF)), I64(3)), I8)
+        governed = b.and_(b.lshr(bits, b.and_(port, I64(7))), I64(1))
+        with b.if_then(b.icmp_unsigned("==", governed, I64(0)), likely=False):
             verdict(SK_PASS)
         sk = ctx_load(MSG_SK, PTR)
         conn = h.call(
@@ -312,6 +330,21 @@ class SkMsgBackend:
         self.rec.record_event(b, msg, scan, outcome)
         passed = b.icmp_unsigned("!=", self.rec.passes(b, outcome), I64(0))
         verdict(b.select(passed, I32(SK_PASS), I32(SK_DROP)), apply)
+
+    def handover(self, b: ir.IRBuilder, msg: ir.Value) -> None:
+        """Connections keep the program they were put in the sockhash with; a replacement
+        (`sockpol reload` of another shape, ports or features) takes them over here: when the
+        control map's serial is not this program's own, a run tail-calls the newest version's
+        program (slot 0 of `sockpol_next`, written before the serial). Should the call fail
+        (no program there), this version judges, as it did before the replacement."""
+        key = b.alloca(I32, name="ctl_key")
+        b.store(I32(0), key)
+        ctl = h.call(b, h.MAP_LOOKUP_ELEM, self.rec.ctl_map, key)
+        with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(ctl, I64), I64(0))):
+            current = b.load(gep(b, ctl, I8, [I64(CTL_SERIAL)]), typ=I32)
+            other = b.icmp_unsigned("!=", current, self.tables.serial(b))
+            with b.if_then(b.and_(other, b.icmp_unsigned("!=", current, I32(0))), likely=False):
+                h.call(b, h.TAIL_CALL, msg, self.next_map, I32(0))
 
     # --- sock_ops program -------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class Helper:
 
 
 MAP_LOOKUP_ELEM = Helper("map_lookup_elem", 1, PTR, (PTR, PTR))
+TAIL_CALL = Helper("tail_call", 12, I64, (PTR, PTR, I32))
 KTIME_GET_NS = Helper("ktime_get_ns", 5, I64, ())
 GET_CURRENT_PID_TGID = Helper("get_current_pid_tgid", 14, I64, ())
 GET_SOCKET_COOKIE = Helper("get_socket_cookie", 46, I64, (PTR,))

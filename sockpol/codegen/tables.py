@@ -20,7 +20,7 @@ from llvmlite import ir
 
 from sockpol.codegen.helpers import I8, I16, I32, I64, PTR, gep
 from sockpol.codegen.irconst import int_array, word_rows
-from sockpol.codegen.lower import MatcherIR
+from sockpol.codegen.lower import MAX_FACT_WORDS, MatcherIR
 from sockpol.codegen.normalize import HEX_DIGITS, PCT_LEADING_SLASH, UNRESERVED
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
 from sockpol.codegen.scanner import FLAG_PATH_BYTE, TERMINAL_STATES, ScannerTables
@@ -63,8 +63,10 @@ SCALAR = {name: SCALARS_OFFSET + 8 * i for i, name in enumerate(SCAN_SCALARS)}
 FACTS_OFFSET = SCALARS_OFFSET + 8 * len(SCAN_SCALARS)
 
 
-def conn_value_size(fact_words: int) -> int:
-    """Bytes of a connection's socket storage for a program with `fact_words` fact words."""
+def conn_value_size(fact_words: int = MAX_FACT_WORDS) -> int:
+    """Bytes of a connection's socket storage. Every program uses the size for the most fact
+    words, whatever its own policy needs: a replacement shares the storage of the connections
+    that are open (`contract.SHARED_MAPS`), so its layout cannot depend on the policy."""
     return CONN_SCRATCH + FACTS_OFFSET + 8 * fact_words
 
 
@@ -91,6 +93,15 @@ def state_kinds(t: ScannerTables) -> list[int]:
         return STATE_PLAIN | (STATE_VALUE_LOOP if loops else 0)
 
     return [kind(s, i) for s, i in enumerate(t.info)]
+
+
+def port_bitmap(ports) -> list[int]:
+    """One bit per TCP port (8,192 bytes), set for the ports `ports` (PortRange list) cover."""
+    bits = bytearray(65536 // 8)
+    for r in ports:
+        for port in range(r.low, r.high + 1):
+            bits[port >> 3] |= 1 << (port & 7)
+    return list(bits)
 
 
 CONFIG = [
@@ -174,6 +185,10 @@ class Tables:
             "unreserved": array(I8, [int(c in UNRESERVED) for c in range(256)]),
             "hexdigit": array(I8, list(HEX_DIGITS)),
             "small": array(I8, list(range(256))),
+            # The governed ports, one bit each: a connection whose port a reload stopped
+            # governing passes unjudged (ports are table data; sock_ops has them as constants
+            # too, for new connections).
+            "ports": array(I8, port_bitmap(ir_.policy.ports)),
             "config": array(I32, [config[k] for k in CONFIG]),
         }
         self.t_index = {name: i for i, name in enumerate(fields)}
@@ -182,11 +197,15 @@ class Tables:
         # Two slots and a generation: a reload writes the idle slot, then flips `gen`; a run
         # reads `gen` once and uses one slot throughout, so no run sees half a table. Both
         # slots start equal, so any loader gets a working policy whatever `gen` it starts with.
+        # Then the program's serial, which the loader writes before attaching it (a run of an
+        # older version whose serial is not the control map's hands over to the newest).
         slots = ir.ArrayType(typ, 2)
-        self.data_t = ir.LiteralStructType([slots, I32])
+        self.data_t = ir.LiteralStructType([slots, I32, I32])
         gv = ir.GlobalVariable(ob.m, self.data_t, TABLES_SYMBOL)
         initial = ir.Constant(typ, list(fields.values()))
-        gv.initializer = ir.Constant(self.data_t, [ir.Constant(slots, [initial, initial]), I32(0)])
+        gv.initializer = ir.Constant(
+            self.data_t, [ir.Constant(slots, [initial, initial]), I32(0), I32(0)]
+        )
         gv.section = ".data"
         gv.align = 8
         # BTF for the variable: libbpf makes `.data` mmap-able only when its DATASEC has a
@@ -196,6 +215,10 @@ class Tables:
         self.gv = gv
         self.typ = typ
         ob.used.append(gv)
+
+    def serial(self, b: ir.IRBuilder) -> ir.Value:
+        """The program's serial (written by the loader before it attaches the program)."""
+        return b.load(gep(b, self.gv, self.data_t, [I32(0), I32(2)]), typ=I32)
 
     def select(self, b: ir.IRBuilder) -> ir.Value:
         """Pointer to the slot of the current generation: the `base` of a run."""

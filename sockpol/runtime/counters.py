@@ -160,11 +160,30 @@ def read_mode_fd(fd: int) -> str:
     return t.MODE_NAMES.get(mode, f"mode-{mode}")
 
 
+def _read_ctl(fd: int) -> tuple[int, int]:
+    value = libbpf.map_lookup(fd, _KEY.pack(0), t.CTL.size)
+    return t.CTL.unpack(value) if value is not None else (t.MODE_ENFORCE, 0)
+
+
 def write_mode(fd: int, mode: str) -> None:
-    """Set the mode in an open control map (the loader uses this before attaching)."""
+    """Set the mode in an open control map (the loader uses this before attaching). The serial
+    beside it is kept: callers hold the pin root's lock, the only other writer's."""
     if mode not in t.MODES:
         raise TelemetryError(f"unknown mode {mode!r}: expected enforce or dry-run")
-    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(t.MODES[mode], 0))
+    _, serial = _read_ctl(fd)
+    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(t.MODES[mode], serial))
+
+
+def read_serial_fd(fd: int) -> int:
+    """The serial of the version in force (0: none yet, or a policy from before serials)."""
+    return _read_ctl(fd)[1]
+
+
+def write_serial(fd: int, serial: int) -> None:
+    """Make version `serial` the one in force: runs of older versions hand over to the program
+    in the program array (emit.handover). The mode beside it is kept."""
+    mode, _ = _read_ctl(fd)
+    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(mode, serial))
 
 
 def set_mode(name: str, mode: str) -> str:
@@ -173,7 +192,8 @@ def set_mode(name: str, mode: str) -> str:
     if mode not in t.MODES:
         raise TelemetryError(f"unknown mode {mode!r}: expected enforce or dry-run")
     check_privileges()
-    with _pin(policy_dir(name), CTL_PIN) as fd:
+    pin_dir = policy_dir(name)
+    with pins.locked(pin_dir.parent), _pin(pin_dir, CTL_PIN) as fd:
         before = read_mode_fd(fd)
         write_mode(fd, mode)
     return before

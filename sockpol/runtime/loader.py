@@ -6,23 +6,29 @@ A load, in order (each step undone if a later one fails, so a failed load leaves
   1. read `.sockpol.meta`, open the object with libbpf, check the object contract
      (sk_msg program `sockpol_msg`, sock_ops program `sockpol_sockops`, sockhash `sockpol_socks`);
   2. replacing a loaded policy of the same name: make the object reuse the pinned sockhash, so the
-     connections it governs stay in it;
+     connections it governs stay in it, their socket storage (stream state), the program array
+     `sockpol_next`, the event ring and the control map (mode and serial);
   3. load (verify) the programs; a rejection becomes LoadError("load: verifier rejected ...") with
-     the tail of the verifier log; until here nothing of a running policy was touched;
+     the tail of the verifier log; until here nothing of a running policy was touched; then
+     write the version's serial (one more than the one in force) into the program's `.data`;
   4. pin programs, maps and the state record (state.py) into a staging directory (pins.py);
   5. attach `sockpol_msg` to the sockhash (BPF_SK_MSG_VERDICT), before any socket can be inserted;
   6. attach `sockpol_sockops` to the cgroup with a bpf_link (multi-attach: coexists with other
      programs); on replacement in the same cgroup, swap the program of the existing link in place
      (bpf_link_update), so there is no moment without a sock_ops program;
-  7. swap the staging directory with `/sys/fs/bpf/sockpol/<name>/` in one rename: the commit point;
-  8. then detach a link that the old version had on another cgroup (or had, when the new version
+  7. hand over: the new sk_msg program into slot 0 of `sockpol_next`, then its serial into the
+     control map (in that order);
+  8. swap the staging directory with `/sys/fs/bpf/sockpol/<name>/` in one rename: the commit point;
+  9. then detach a link that the old version had on another cgroup (or had, when the new version
      is attached to no cgroup), and unpin the old version.
 
 What connections see across a replacement: a socket keeps the sk_msg program it was given when it
-was inserted into the sockhash (the kernel copies the map's program into the socket's psock). So
-connections opened before the replacement stay governed by the OLD policy until they close;
-connections established afterwards get the new one. None is ever ungoverned. The old programs stay
-in the kernel, held by those sockets, and go away when the last of them closes.
+was inserted into the sockhash (the kernel copies the map's program into the socket's psock), but
+every run of an older version first compares its serial with the control map's and, when a newer
+version is in force, tail-calls that version's program (emit.handover). So every connection is
+judged by the new policy from its next message on, the ones opened before the replacement
+included; none is ever ungoverned. The old programs stay in the kernel, held by those sockets, as
+a first hop.
 
 `unload` detaches the link (BPF_LINK_DETACH, so it goes even if some process still holds an fd),
 removes every socket from the sockhash (they become ordinary sockets again), detaches the sk_msg
@@ -41,16 +47,31 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from sockpol import telemetry as t
-from sockpol.contract import KERNELS_DOC, MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM, VERIFIER_BUDGET
+from sockpol.contract import (
+    CONN_MAP,
+    KERNELS_DOC,
+    MSG_PROGRAM,
+    NEXT_MAP,
+    SOCK_MAP,
+    SOCKOPS_PROGRAM,
+    VERIFIER_BUDGET,
+)
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata, read_metadata
 from sockpol.runtime import libbpf, pins
-from sockpol.runtime.counters import CTL_PIN, read_mode_fd, write_mode
+from sockpol.runtime.counters import (
+    CTL_PIN,
+    read_mode_fd,
+    read_serial_fd,
+    write_mode,
+    write_serial,
+)
+from sockpol.runtime.datamap import write_data_serial
 from sockpol.runtime.libbpf import BpfError
 from sockpol.runtime.state import PolicyState, StateError, create_state_map, read_state
 from sockpol.runtime.system import check_privileges, resolve_cgroup
@@ -61,6 +82,7 @@ OBJECT_NAME = "sockpol"  # libbpf names global-data maps after it: sockpol.rodat
 SO_COOKIE = 57
 LOG_TAIL_LINES = 20
 _SOCK_KEY = struct.Struct("<Q")  # sockhash key: socket cookie, u64
+_SLOT0 = struct.Struct("<I")  # program array key and value (a program fd on update)
 _SOCK_VALUE = struct.Struct("<I")  # sockhash value on update: the socket's fd, u32
 ENOTSUPP = 524  # kernel-internal "not supported", leaks out of sock_map_update for some sockets
 _NOT_INSERTABLE = (errno.EOPNOTSUPP, errno.EINVAL, ENOTSUPP)
@@ -174,8 +196,14 @@ class PolicyStatus:
     metadata: PolicyMetadata | None = None
     problem: str | None = None  # set when the pins are incomplete or unreadable
     mode: str | None = None  # enforce or dry-run (None: loaded by a sockpol without modes)
-    reloaded_at: datetime | None = None  # the last hot reload of its tables, if any
-    reloads: int = 0  # hot reloads since the programs were loaded
+    reloaded_at: datetime | None = None  # the last reload (swap or replacement), if any
+    reloads: int = 0  # reloads since the first load of this name
+    serial: int = 0  # the version in force (state.PolicyState.serial; 0 before serials)
+
+    @property
+    def since(self) -> datetime | None:
+        """When the version in force was put in force (loaded, or reloaded)."""
+        return self.reloaded_at or self.loaded_at
 
 
 def _cookie(sock: socket.socket) -> int:
@@ -193,6 +221,7 @@ def load(
     name: str | None = None,
     mode: str | None = None,
     check_tls: bool = True,
+    reload_of: PolicyState | None = None,
 ) -> LoadedPolicy:
     """Load a compiled policy object, attach it to `cgroup` (None: to no cgroup) and pin it.
 
@@ -201,6 +230,8 @@ def load(
     dry-run) overrides the mode the policy declares. `check_tls=False` loads a `tls` policy even
     where kTLS on sockhash sockets does not work: its handshake walk then meets only user-space
     TLS (tests use it to exercise that walk on kernels without kTLS; the CLI has no such switch).
+    `reload_of`: the record of the version this one replaces through `sockpol reload`, whose
+    history (first load, number of reloads) the new record carries on.
     """
     path = Path(obj_path)
     meta = read_metadata(path)
@@ -230,6 +261,13 @@ def load(
         object_sha256=digest,
         metadata=_metadata_dict(meta),
     )
+    if reload_of is not None:
+        state = replace(
+            state,
+            loaded_at=reload_of.loaded_at,
+            reloaded_at=state.loaded_at,
+            reloads=reload_of.reloads + 1,
+        )
     with pins.locked(root):
         pins.sweep_stale(root)
         old = _Installed.open(root / name) if (root / name).exists() else None
@@ -347,6 +385,7 @@ class _Load:
         self.undo = _Undo()
         self.fds: list[int] = []  # fds we own, closed at the end either way
         self.kept_old_link = False  # the old cgroup link now runs the new program
+        self.serial: int | None = None  # this version's number (_write_serial)
 
     def run(self) -> LoadedPolicy:
         obj: libbpf.BpfObject | None = None
@@ -355,8 +394,10 @@ class _Load:
             progs, socks = self._check_contract(obj)
             if self.old is not None:
                 self._reuse_sockhash(socks)
+                self._reuse_shared(obj)
                 self._reuse_telemetry(obj)
             self._load(obj, progs)
+            self._write_serial(obj)
             self._set_mode(obj)
             msg_fd, sockops_fd = progs[MSG_PROGRAM].fd(), progs[SOCKOPS_PROGRAM].fd()
             socks_fd = socks.fd()
@@ -365,6 +406,7 @@ class _Load:
             link_fd = self._attach_cgroup(sockops_fd)
             if link_fd is not None:
                 self._pin(link_fd, staging / pins.PIN_LINK)
+            self._hand_over(obj, msg_fd)
             handle = LoadedPolicy(
                 name=self.name,
                 pin_dir=self.root / self.name,
@@ -448,6 +490,88 @@ class _Load:
             socks.reuse_fd(self.old.socks_fd)
         except BpfError as e:
             raise LoadError("replace", str(e)) from None
+
+    def _reuse_shared(self, obj: libbpf.BpfObject) -> None:
+        """Replacing: share the connections' socket storage and the program array with the
+        version in force (contract.SHARED_MAPS), so that its open connections, handed over to
+        the new program, keep their stream state (a body under way, a chunked body, TLS).
+        Objects from before the hand-over lack the array, or store less per connection: then
+        nothing is shared and those connections stay with the old program."""
+        assert self.old is not None
+        for map_name in (CONN_MAP, NEXT_MAP):
+            new = obj.map(map_name)
+            pin = self.old.pin_dir / pins.map_pin_name(map_name)
+            if new is None or not pin.exists():
+                continue
+            fd = libbpf.obj_get(str(pin))
+            try:
+                info = libbpf.map_info(fd)
+                shape = (new.type, new.key_size, new.value_size, new.max_entries)
+                if shape == (info.type, info.key_size, info.value_size, info.max_entries):
+                    new.reuse_fd(fd)
+                else:
+                    log.warning(
+                        "replace: %s changed shape (a policy loaded by an older sockpol); open "
+                        "connections stay with the old version",
+                        map_name,
+                    )
+            except BpfError as e:
+                raise LoadError("replace", f"{map_name}: {e}") from None
+            finally:
+                os.close(fd)
+
+    def _write_serial(self, obj: libbpf.BpfObject) -> None:
+        """Number this version (one more than the one in force) and write the number into the
+        program's `.data` before anything can run it: a run compares it with the control map's
+        serial to know whether it is the version in force (emit.handover)."""
+        if obj.map(NEXT_MAP) is None:
+            return  # an object from before the hand-over: it never compares
+        before = 0
+        ctl_pin = self.old.pin_dir / pins.map_pin_name(t.CTL_MAP) if self.old else None
+        if ctl_pin is not None and ctl_pin.exists():
+            fd = libbpf.obj_get(str(ctl_pin))
+            try:
+                before = read_serial_fd(fd)
+            finally:
+                os.close(fd)
+        serial = before % 0xFFFFFFFF + 1  # never 0, which means "no version yet"
+        data = next((m for m in obj.maps() if m.is_internal and m.name.endswith(".data")), None)
+        if data is None:
+            raise LoadError("load", f"{self.path}: no .data map for the program's serial")
+        try:
+            write_data_serial(data.fd(), serial)
+        except SockpolError as e:
+            raise LoadError("load", str(e)) from None
+        self.serial = serial
+        self.state = replace(self.state, serial=serial)
+
+    def _hand_over(self, obj: libbpf.BpfObject, msg_fd: int) -> None:
+        """Put the new program in the array, then make its serial the one in force: from the
+        next message on, every connection of the older versions runs it (emit.handover). In
+        that order, so that a run that sees the new serial finds the new program."""
+        next_map, ctl = obj.map(NEXT_MAP), obj.map(t.CTL_MAP)
+        if next_map is None or ctl is None or self.serial is None:
+            return
+        key = _SLOT0.pack(0)
+        next_fd, ctl_fd = next_map.fd(), ctl.fd()
+        old_msg = self.old.msg_fd if self.old is not None else None
+        try:
+            libbpf.map_update(next_fd, key, _SLOT0.pack(msg_fd))
+        except BpfError as e:
+            raise LoadError("attach", f"{NEXT_MAP}: {libbpf.strerror(e.errno)}") from None
+        if old_msg is not None:
+            self.undo.push(
+                f"give {NEXT_MAP} the previous program back",
+                lambda: libbpf.map_update(next_fd, key, _SLOT0.pack(old_msg)),
+            )
+        else:
+            self.undo.push(f"empty {NEXT_MAP}", lambda: libbpf.map_delete(next_fd, key))
+        before = read_serial_fd(ctl_fd)
+        try:
+            write_serial(ctl_fd, self.serial)
+        except BpfError as e:
+            raise LoadError("attach", f"{t.CTL_MAP}: {libbpf.strerror(e.errno)}") from None
+        self.undo.push(f"restore serial {before}", lambda: write_serial(ctl_fd, before))
 
     def _reuse_telemetry(self, obj: libbpf.BpfObject) -> None:
         """Replacing: keep the event ring buffer and the mode map of the policy in force.
@@ -845,6 +969,7 @@ def _status_of(pin_dir: Path) -> PolicyStatus:
                 else None
             ),
             reloads=state.reloads if state is not None else 0,
+            serial=state.serial if state is not None else 0,
         )
     finally:
         for fd in fds.values():

@@ -1,23 +1,31 @@
-"""Hot reload: swap a loaded policy's tables without touching programs, maps or connections.
+"""Reload: put another policy in force for a loaded name, on every connection, at any time.
 
-The program's `.data` map (pinned as `map_sockpol_data`) holds two table slots and a generation
-word (see codegen/emit.py). Every run of the program reads the generation once and uses that slot
-throughout. A reload:
+Two ways, chosen by what the loaded program can take (`_swappable`):
+
+**Tables swap** (same table shape and ports: the program's code has the shape's masks and
+offsets, sock_ops has the ports). The program's `.data` map (pinned as `map_sockpol_data`)
+holds two table slots, a generation word and the program's serial (tables.Tables). Every run
+reads the generation once and uses that slot throughout. A swap:
 
 1. waits for an RCU grace period (membarrier(MEMBARRIER_CMD_GLOBAL) runs synchronize_rcu()): the
    sk_msg program runs inside rcu_read_lock(), so after it no run that started before the previous
    flip can still be reading the idle slot;
 2. writes the new tables into the idle slot through a shared mapping of the map (BPF_F_MMAPABLE,
    which libbpf sets on `.data`);
-3. flips the generation with one aligned 32-bit store.
+3. makes those stores visible everywhere before the next (`_store_barrier`: on arm64 they could
+   otherwise be seen after the flip);
+4. flips the generation with one aligned 32-bit store.
 
-A run sees either the old tables or the new ones, never a mix; established connections get the
-new policy from their next request; no socket is touched. The new policy must fit the loaded
-program's table shape (its code has the masks and offsets baked in), govern the same ports
-(the sock_ops program has them as constants); otherwise `sockpol load` must replace the
-program. The `tls` statement is a table value and may change: connections past their handshake
-stay HTTP, new ones follow the new statement. A policy with `tls` is refused, before anything
-is touched, on a kernel that cannot run policies on kTLS sockets (as `load` does).
+**Replacement** (anything else: more rules than the shape holds, larger automata, other ports):
+`loader.load` loads the new object beside the old, sharing the connections' storage, and hands
+every open connection over (emit.handover: older programs tail-call the newest once the control
+map's serial names it). The old version stays in force if anything fails.
+
+Either way a request is judged by the old policy or the new one, never a mix (a run reads the
+generation, or the serial, once), established connections get the new policy from their next
+request, and no socket is touched. The `tls` statement and the mode are table or control data.
+A policy with `tls` is refused, before anything is touched, on a kernel that cannot run policies
+on kTLS sockets (as `load` does).
 """
 
 from __future__ import annotations
@@ -25,18 +33,25 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import mmap
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sockpol.contract import MEMBARRIER_CMD_GLOBAL, TABLES_SYMBOL, sys_membarrier
+from sockpol.contract import (
+    MEMBARRIER_CMD_GLOBAL,
+    MEMBARRIER_CMD_GLOBAL_EXPEDITED,
+    TABLES_SYMBOL,
+    sys_membarrier,
+)
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata, read_metadata
 from sockpol.runtime import libbpf, pins
-from sockpol.runtime.counters import COUNTS_PIN, reset_counters
-from sockpol.runtime.state import create_state_map, read_state
+from sockpol.runtime.counters import COUNTS_PIN, CTL_PIN, read_mode, reset_counters, write_mode
+from sockpol.runtime.datamap import data_region
+from sockpol.runtime.state import PolicyState, create_state_map, read_state
 from sockpol.runtime.system import check_privileges
 
 DATA_MAP_PIN = pins.MAP_PREFIX + "sockpol_data"
@@ -50,9 +65,11 @@ class ReloadError(SockpolError):
 @dataclass(frozen=True)
 class ReloadResult:
     name: str
-    generation: int
+    generation: int | None  # the tables slot now in use (a swap), None for a replacement
     rules: int
     seconds: float
+    serial: int  # the version in force (state.PolicyState.serial)
+    replaced: bool = False  # programs replaced, connections handed over (not a tables swap)
 
 
 def _initial_tables(obj: Path) -> bytes:
@@ -71,63 +88,68 @@ def _initial_tables(obj: Path) -> bytes:
     return data[:slot]
 
 
-def _grace_period() -> None:
+def _membarrier(cmd: int) -> None:
     number = sys_membarrier()
     if number is None:  # fail safe: no flip without knowing the old tables are unread
         raise ReloadError(f"reload: no membarrier system call number for {os.uname().machine}")
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(number, MEMBARRIER_CMD_GLOBAL, 0, 0) != 0:
+    if libc.syscall(number, cmd, 0, 0) != 0:
         err = ctypes.get_errno()
         raise ReloadError(f"reload: membarrier failed: {os.strerror(err)}")
 
 
-def _check_compatible(old: PolicyMetadata, new: PolicyMetadata) -> None:
-    if new.shape != old.shape:
-        raise ReloadError(
-            "reload: the new object's table shape differs from the loaded program's; "
-            "compile it for this program (sockpol reload NAME FILE.pol does) or replace the "
-            "program with sockpol load"
-        )
-    if new.ports != old.ports:
-        raise ReloadError(
-            f"reload: the governed ports changed ({old.ports} -> {new.ports}); ports are part "
-            "of the sock_ops program, replace it with sockpol load"
-        )
+def _grace_period() -> None:
+    """No run that started before the previous flip still reads the idle slot after this."""
+    _membarrier(MEMBARRIER_CMD_GLOBAL)
+
+
+def _store_barrier() -> None:
+    """The stores made so far reach every CPU before the stores made after (a full barrier).
+    Python has no fence, and on a weakly ordered CPU (arm64) the flip's store could otherwise
+    become visible before some of the slot's: the kernel's membarrier runs smp_mb() on the
+    calling CPU at the entry and the exit of every expedited command (kernel/sched/membarrier.c);
+    with no process registered for it, that is all this one does (microseconds, no grace
+    period). The readers need nothing: a run computes the slot's address from the generation it
+    loaded, and dependent loads are ordered on every CPU Linux runs BPF on."""
+    _membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)
+
+
+def _swappable(old: PolicyMetadata, new: PolicyMetadata) -> bool:
+    """Can the loaded program take the new tables as they are? Its code has the table shape
+    (masks, offsets) and the sock_ops program the ports; anything else is table data."""
+    return new.shape == old.shape and new.ports == old.ports
 
 
 def swap_tables(pin_dir: Path, tables: bytes) -> int:
     """Write `tables` into the idle slot and make it current; returns the new generation."""
     fd = libbpf.obj_get(str(pin_dir / DATA_MAP_PIN))
     try:
-        info = libbpf.map_info(fd)
-        if info.value_size != 2 * len(tables) + GEN_SIZE:
-            raise ReloadError(
-                f"reload: table size {len(tables)} does not fit the loaded program's "
-                f"({(info.value_size - GEN_SIZE) // 2})"
-            )
-        length = (info.value_size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        try:
-            region = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:
-            raise ReloadError(f"reload: cannot map the tables ({e.strerror})") from None
-        try:
+        with data_region(fd) as (region, size):
+            if size != 2 * len(tables) + GEN_SIZE:
+                raise ReloadError(
+                    f"reload: table size {len(tables)} does not fit the loaded program's "
+                    f"({(size - GEN_SIZE) // 2})"
+                )
             gen_word = ctypes.c_uint32.from_buffer(region, 2 * len(tables))
             current = gen_word.value & 1
             idle = current ^ 1
             _grace_period()
             region[idle * len(tables) : (idle + 1) * len(tables)] = tables
-            # x86 keeps stores in order: the slot is complete before the flip is visible.
+            _store_barrier()  # the slot is complete, on every CPU, before the flip
             gen_word.value = idle
             del gen_word  # release the buffer export before closing the mapping
-        finally:
-            region.close()
         return idle
     finally:
         os.close(fd)
 
 
 def reload(name: str, obj_path: str | os.PathLike[str], check_tls: bool = True) -> ReloadResult:
-    """Swap the tables of loaded policy `name` for those of the compiled object `obj_path`.
+    """Put the policy of the compiled object `obj_path` in force for loaded policy `name`, on
+    every connection from its next message on. When the loaded program can take its tables
+    (same table shape, same ports), they are swapped in place; otherwise the programs are
+    replaced and every open connection handed over to the new one (loader.load). Either way
+    nothing changes if anything fails. The mode: the new policy's when it declares another than
+    the loaded one did, else the one in force (`sockpol mode` switches are kept).
     `check_tls`: as for `load`."""
     started = time.monotonic()
     check_privileges()
@@ -143,35 +165,74 @@ def reload(name: str, obj_path: str | os.PathLike[str], check_tls: bool = True) 
             require_tls_support(new_meta, name, "nothing was changed")
         except LoadError as e:
             raise ReloadError("reload: " + e.message) from None
-    tables = _initial_tables(obj)
     with pins.locked(root):
-        pin_dir = root / name
-        state_fd = libbpf.obj_get(str(pin_dir / pins.PIN_STATE))
-        try:
-            state = read_state(state_fd)
-        finally:
-            os.close(state_fd)
-        _check_compatible(state.policy_metadata(), new_meta)
-        new_state = replace(
-            state,
-            object_path=str(obj.resolve()),
-            object_sha256=hashlib.sha256(obj.read_bytes()).hexdigest(),
-            metadata=json.loads(new_meta.to_json()),
-            reloaded_at=time.time(),
-            reloads=state.reloads + 1,
-        )
-        # The new record exists before the tables flip, so a failure to make it changes nothing.
-        state_fd = create_state_map(new_state)
-        try:
-            generation = swap_tables(pin_dir, tables)
-            # Counter slots are per rule index; after a reload the indexes name other rules, so
-            # the counts start again (the mode, a runtime switch, is kept as it is).
-            if (pin_dir / COUNTS_PIN).exists():
-                reset_counters(pin_dir)
-            _replace_state(pin_dir, state_fd)
-        finally:
-            os.close(state_fd)
-    return ReloadResult(name, generation, len(new_meta.rules), time.monotonic() - started)
+        state = _read_state(root / name)
+        old_meta = state.policy_metadata()
+        if new_meta.mode != old_meta.mode or not (root / name / CTL_PIN).exists():
+            mode = new_meta.mode
+        else:
+            mode = read_mode(root / name)
+        if _swappable(old_meta, new_meta):
+            generation = _swap(root / name, state, obj, new_meta, mode)
+            return ReloadResult(
+                name, generation, len(new_meta.rules), time.monotonic() - started, state.serial
+            )
+    from sockpol.runtime.loader import LoadError, load
+
+    try:
+        loaded = load(obj, state.cgroup, name=name, mode=mode, check_tls=False, reload_of=state)
+    except LoadError as e:
+        raise ReloadError(f"reload: {e}; the policy in force is unchanged") from None
+    loaded.close()
+    serial = _read_state(root / name).serial
+    return ReloadResult(
+        name, None, len(new_meta.rules), time.monotonic() - started, serial, replaced=True
+    )
+
+
+def _read_state(pin_dir: Path) -> PolicyState:
+    state_fd = libbpf.obj_get(str(pin_dir / pins.PIN_STATE))
+    try:
+        return read_state(state_fd)
+    finally:
+        os.close(state_fd)
+
+
+def _swap(pin_dir: Path, state: PolicyState, obj: Path, meta: PolicyMetadata, mode: str) -> int:
+    """The tables of `obj` into the loaded program (the caller holds the pin root's lock)."""
+    tables = _initial_tables(obj)
+    new_state = replace(
+        state,
+        object_path=str(obj.resolve()),
+        object_sha256=hashlib.sha256(obj.read_bytes()).hexdigest(),
+        metadata=json.loads(meta.to_json()),
+        reloaded_at=time.time(),
+        reloads=state.reloads + 1,
+    )
+    # The new record exists before the tables flip, so a failure to make it changes nothing.
+    state_fd = create_state_map(new_state)
+    try:
+        generation = swap_tables(pin_dir, tables)
+        # Counter slots are per rule index; after a reload the indexes name other rules, so
+        # the counts start again with the version (status says since when).
+        if (pin_dir / COUNTS_PIN).exists():
+            reset_counters(pin_dir)
+        if (pin_dir / CTL_PIN).exists() and read_mode(pin_dir) != mode:
+            with _pinned(pin_dir / CTL_PIN) as fd:
+                write_mode(fd, mode)
+        _replace_state(pin_dir, state_fd)
+    finally:
+        os.close(state_fd)
+    return generation
+
+
+@contextmanager
+def _pinned(path: Path) -> Iterator[int]:
+    fd = libbpf.obj_get(str(path))
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _replace_state(pin_dir: Path, fd: int) -> None:

@@ -40,6 +40,9 @@ class PolicyState:
     format: int = STATE_FORMAT
     reloaded_at: float | None = None  # Unix time of the last hot reload (tables swapped)
     reloads: int = 0
+    # The version in force: 1 for the first load, one more for every replacement (the control
+    # map's serial; older versions' programs hand their connections over to it).
+    serial: int = 0
 
     def policy_metadata(self) -> PolicyMetadata:
         return PolicyMetadata.from_json(json.dumps(self.metadata).encode())

@@ -146,16 +146,26 @@ TEST_NAME_PREFIXES = ("t-", "rt-", "test-")
 
 
 def _loaded_names() -> set[str]:
-    from sockpol.runtime import pins
+    """Test policies loaded by this session: a test name, and attached to one of this
+    session's cgroups (or to none). Another pytest session on the same machine (a second
+    checkout's tests) has its own policies in the same bpffs; they are not ours to unload."""
+    from sockpol.runtime import pins, status
 
     root = pins.pin_root(create=False)
     if root is None:
         return set()
-    return {
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and pins.valid_name(p.name) and p.name.startswith(TEST_NAME_PREFIXES)
-    }
+    mine = f"{TEST_CGROUP_PREFIX}{os.getpid()}-"
+    names = set()
+    for p in root.iterdir():
+        if not (p.is_dir() and pins.valid_name(p.name) and p.name.startswith(TEST_NAME_PREFIXES)):
+            continue
+        try:
+            cgroup = next(iter(status(p.name)), None)
+        except Exception:  # half-removed by its owner: not ours either way
+            continue
+        if cgroup is not None and (cgroup.cgroup is None or mine in cgroup.cgroup):
+            names.add(p.name)
+    return names
 
 
 def _unload_quietly(names: set[str], why: str) -> None:

@@ -144,24 +144,205 @@ def test_reload_under_traffic_judges_each_request_by_the_policy_in_force(
         runtime.unload("t-swap")
 
 
-def test_reload_rejects_what_does_not_fit_and_leaves_the_policy_alone(
+def test_reload_that_cannot_be_applied_changes_nothing_and_says_why(
     tmp_path, cgroup, http_server, http_client
 ):
     port = http_server.port
     a = compile_for(POLICY_A.format(port=port), tmp_path / "a.o")
     runtime.load(a, cgroup, name="t-swap2").close()
     try:
-        other_port = compile_for(POLICY_B.format(port=port + 1), tmp_path / "p.o")
-        with pytest.raises(runtime.ReloadError, match="ports changed"):
-            runtime.reload("t-swap2", other_port)
+        before = next(s for s in runtime.status() if s.name == "t-swap2")
+        broken = tmp_path / "broken.o"
+        broken.write_bytes(
+            compile_for(POLICY_B.format(port=port + 1), tmp_path / "b.o").read_bytes()[:4000]
+        )
+        with pytest.raises(Exception, match="broken.o"):
+            runtime.reload("t-swap2", broken)
         tiny = TableShape(6, 5, 3, 1, 1, 4, 1, 1, 1)
         with pytest.raises(Exception, match="larger tables"):
             compile_for(POLICY_B.format(port=port), tmp_path / "t.o", tiny)
-        # Still policy A.
+        # Still policy A, the same programs, the same record.
         conns = http_client(cgroup, port, [[request("/a")], [request("/b")]])
         assert [c.refused for c in conns] == [False, True]
+        after = next(s for s in runtime.status() if s.name == "t-swap2")
+        assert after.program_ids == before.program_ids
+        same = ("serial", "reloads", "object_sha256", "loaded_at", "reloaded_at")
+        assert [getattr(after, f) for f in same] == [getattr(before, f) for f in same]
     finally:
         runtime.unload("t-swap2")
+
+
+def filler(n: int) -> str:
+    """n rules that match none of the test's requests, so that a policy's tables grow."""
+    return "".join(f"    allow GET,HEAD /svc{i}/items/*\n" for i in range(n))
+
+
+def versions(port: int, other: int) -> dict[str, str]:
+    """Four versions of policy `any`: three sizes whose verdicts on /a and /b differ, and one
+    that governs another port only (the test's connections then pass unjudged)."""
+    head = "policy any {{\n    port {ports}\n    default deny\n    allow GET /common\n"
+    return {
+        "small": head.format(ports=port) + "    allow GET /a\n" + filler(8) + "}\n",
+        "1000": head.format(ports=port) + "    allow GET /b\n" + filler(998) + "}\n",
+        "10000": head.format(ports=f"{port}, {other}")
+        + "    allow GET /a\n    allow GET /b\n"
+        + filler(9997)
+        + "}\n",
+        "elsewhere": head.format(ports=other) + "}\n",
+    }
+
+
+# What each version does with the requests the storm sends on the governed port.
+VERDICTS = {
+    "small": {"/common": True, "/a": True, "/b": False},
+    "1000": {"/common": True, "/a": False, "/b": True},
+    "10000": {"/common": True, "/a": True, "/b": True},
+    "elsewhere": {"/common": True, "/a": True, "/b": True},  # the port is no longer governed
+}
+
+
+def keepalive_client(port: int, seconds: float, connections: int) -> list:
+    """Runs in the cgroup: `connections` keep-alive connections taking turns, each sending
+    /common, /a, /b in a cycle until `seconds` have passed. A refused send ends its connection
+    (sockpol refuses every later send on it) and a new one takes its place. Returns
+    (path, t0, t1, allowed, connection number, its request number) per request."""
+    deadline = time.monotonic() + seconds
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(connections)]
+    serial = list(range(connections))
+    counts = [0] * connections
+    paths = ["/common", "/a", "/b"]
+    out = []
+    i = 0
+    while time.monotonic() < deadline:
+        k = i % connections
+        path = paths[(i // connections) % 3]
+        t0 = time.monotonic()
+        try:
+            socks[k].sendall(request(path))
+            allowed = read_response(socks[k]).startswith(b"HTTP/1.1 200")
+        except OSError:
+            allowed = False
+        t1 = time.monotonic()
+        out.append((path, t0, t1, allowed, serial[k], counts[k]))
+        counts[k] += 1
+        if not allowed:
+            socks[k].close()
+            socks[k] = socket.create_connection(("127.0.0.1", port), timeout=5)
+            serial[k] = max(serial) + 1
+            counts[k] = 0
+        i += 1
+    for s in socks:
+        s.close()
+    return out
+
+
+def test_reload_storm_between_sizes_and_ports_keeps_every_connection_judged(
+    tmp_path, cgroup, http_server, run_in_cgroup
+):
+    """The issue's operator test: sustained keep-alive traffic while `sockpol reload` goes back
+    and forth between 10, 1,000 and 10,000 rules and another port set. Every verdict must be
+    the one of a version in force while the request was on its way (never one no version
+    gives, which a request judged by half of one version's tables could), requests sent after
+    a reload returned are judged by the new version, and keep-alive connections opened before
+    a reload are judged by the new version from their next request on."""
+    port = http_server.port
+    other = port + 1 if port < 65535 else port - 1
+    objects = {
+        name: compile_for(text, tmp_path / f"{name}.o")
+        for name, text in versions(port, other).items()
+    }
+    runtime.load(objects["small"], cgroup, name="t-any").close()
+    order = ["1000", "10000", "small", "elsewhere", "1000", "small", "10000", "elsewhere", "small"]
+    flips: list[tuple[float, float, str]] = [(0.0, 0.0, "small")]
+    errors: list[BaseException] = []
+    replaced = 0
+
+    def reloader() -> None:
+        nonlocal replaced
+        try:
+            time.sleep(0.5)
+            for which in order:
+                t0 = time.monotonic()
+                result = runtime.reload("t-any", objects[which])
+                flips.append((t0, time.monotonic(), which))
+                replaced += result.replaced
+                time.sleep(0.4)
+        except BaseException as e:  # surfaced below, after the traffic stops
+            errors.append(e)
+
+    thread = threading.Thread(target=reloader)
+    thread.start()
+    try:
+        results = run_in_cgroup(cgroup, keepalive_client, port, 0.5 + 0.4 * len(order) + 6, 4)
+    finally:
+        thread.join(timeout=120)
+    try:
+        assert not errors, errors
+        assert not thread.is_alive(), "a reload did not finish within two minutes"
+        assert len(flips) == len(order) + 1
+        assert replaced >= 5  # sizes and ports differ: the programs were replaced, not swapped
+        judged = 0
+        for path, t0, t1, allowed, conn, nth in results:
+            in_force = [w for s, e, w in flips if e <= t0][-1]
+            overlapping = {w for s, e, w in flips if s <= t1 and e >= t0}
+            possible = {in_force} | overlapping
+            assert allowed in {VERDICTS[w][path] for w in possible}, (path, possible, conn, nth)
+            judged += len(possible) == 1
+        # Requests on connections opened before the reload that put their version in force,
+        # judged (above) as that version says: the connections were handed over.
+        opened = {r[4]: r[1] for r in results if r[5] == 0}
+        crossed = [
+            r
+            for r in results
+            if len({w for s, e, w in flips if s <= r[2] and e >= r[1]}) == 0
+            and opened[r[4]] < max(e for s, e, w in flips if e <= r[1])
+        ]
+        differing = [r for r in crossed if len({VERDICTS[w][r[0]] for w in VERDICTS}) > 1]
+        assert len(differing) >= 10, f"only {len(differing)} telling requests crossed a reload"
+        assert judged >= 100, f"only {judged} requests fell between reloads"
+        status = next(s for s in runtime.status() if s.name == "t-any")
+        assert status.serial == 1 + replaced
+        assert status.reloads == len(order)
+    finally:
+        runtime.unload("t-any")
+
+
+def test_replacement_hands_open_connections_over(tmp_path, cgroup, http_server, connect_in_cgroup):
+    """A reload the loaded program cannot take as a tables swap (1,000 rules after 10) replaces
+    the programs; a connection opened before is judged by the new policy at its next request,
+    and keeps its stream state (a request whose body spans the reload)."""
+    port = http_server.port
+    other = port + 1 if port < 65535 else port - 1
+    texts = versions(port, other)
+    small = compile_for(texts["small"], tmp_path / "small.o")
+    big = compile_for(texts["1000"], tmp_path / "big.o")
+    runtime.load(small, cgroup, name="t-hand").close()
+    try:
+        conn = connect_in_cgroup(cgroup, port)
+        conn.sendall(request("/a"))
+        assert read_response(conn).startswith(b"HTTP/1.1 200")
+        # A body that the verdict on its head covers, half sent before the reload.
+        head = b"GET /common HTTP/1.1\r\nHost: localhost\r\nContent-Length: 15\r\n\r\n"
+        conn.sendall(head + b"GET /b HTT")  # looks like a request; it is body bytes
+        result = runtime.reload("t-hand", big)
+        assert result.replaced and result.serial == 2
+        conn.sendall(b"P/1.x")  # the rest of the body, through the new program: passed
+        assert read_response(conn).startswith(b"HTTP/1.1 200")
+        conn.sendall(request("/b"))  # allowed only by the new version, on the old connection
+        assert read_response(conn).startswith(b"HTTP/1.1 200")
+        with pytest.raises(PermissionError):
+            conn.sendall(request("/a"))  # refused by the new version
+        http_server.settle()
+        assert http_server.requests() == [
+            request("/a"),
+            head + b"GET /b HTTP/1.x",
+            request("/b"),
+        ]
+        status = next(s for s in runtime.status() if s.name == "t-hand")
+        assert (status.serial, status.reloads) == (2, 1)
+        assert status.metadata.rules and len(status.metadata.rules) == 1000
+    finally:
+        runtime.unload("t-hand")
 
 
 def test_established_connection_gets_the_new_policy_at_its_next_request(
