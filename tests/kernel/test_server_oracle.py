@@ -123,8 +123,10 @@ def test_the_kernel_agrees_with_every_server(endpoints, cgroup2_root, tmp_path, 
     (compiled,), _ = compile_source(text, f"{policy_name}.pol")
     obj = tmp_path / "oracle.bpf.o"
     obj.write_bytes(compiled.object_code())
-    name = f"t-oracle-{os.getpid()}"
-    cgroup = cgroup2_root / f"sockpol-test-{name}"
+    # Names of our own, not the conftest's test prefixes: a concurrent test session's clean-up
+    # removes those (as in test_differential.py), which would unload the policy mid-test.
+    name = f"oracle-{os.getpid()}-{policy_name}"
+    cgroup = cgroup2_root / f"sockpol-{name}"
     cgroup.mkdir()
     plan = [(ep.port, c.data) for c in cases for ep in endpoints]
     try:
