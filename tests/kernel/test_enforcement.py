@@ -192,6 +192,21 @@ def test_kernel_agrees_with_the_tables(shop, cgroup, http_client):
         assert (data in delivered) == expected.allow, data
 
 
+def test_a_message_refused_at_its_first_byte_is_refused_at_once(shop, cgroup, http_client):
+    """A send whose very first byte is refused (a stray control byte, a lone CR or LF) fails
+    with EACCES itself, not at the next send: the scan's loop must reach a byte that its first
+    call hands to the slow path (found by the server-oracle suite's stray bytes)."""
+    compiled = compile_source(shop_policy(shop.port), "shop.pol")[0][0]
+    sends = [b"\x01", b"\n", b"\r", b"\x00", b" ", b"\x01GET /healthz HTTP/1.1\r\n\r\n"]
+    conns = http_client(cgroup, shop.port, [[data, b"x"] for data in sends])
+    for data, conn in zip(sends, conns, strict=True):
+        expected = simulate(compiled.matcher, data)
+        assert not expected.allow and not expected.cork_bytes, data
+        assert conn.sends[0].errno == errno.EACCES, (data, conn.sends)
+    shop.settle()
+    assert shop.received() == b""
+
+
 def test_word_skipping_stops_at_the_first_odd_byte(shop, cgroup, http_client):
     """The program skips a header value eight bytes at a time while every byte is visible
     ASCII or a space (judge.skip_words). A byte outside that range anywhere in a long value
