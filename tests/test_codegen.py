@@ -107,3 +107,33 @@ def test_failed_compile_writes_nothing(tmp_path):
         compile_to_file("policy p {\n port 80\n allow GET nopath\n}\n", out, "bad.pol")
     assert not out.exists()
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_the_word_skipping_test_finds_every_byte_outside_visible_ascii():
+    """judge.skip_words skips eight header-value bytes at once when `visible_word` holds: it must
+    hold exactly when no byte is below 0x20 or above 0x7E, wherever the odd byte is and
+    whatever its neighbours (borrows and carries between bytes must not hide one)."""
+    import random
+
+    from sockpol.codegen.judge import visible_word
+
+    def expected(bs: bytes) -> bool:
+        return all(0x20 <= c <= 0x7E for c in bs)
+
+    cases = []
+    for pos in range(8):
+        for value in range(256):
+            for fill in (0x20, 0x61, 0x7E):
+                bs = bytearray([fill] * 8)
+                bs[pos] = value
+                cases.append(bytes(bs))
+    for a in range(256):
+        for b in range(0, 256, 3):
+            cases.append(bytes([a, b]) + b"aaaaaa")
+            cases.append(b"aaaaaa" + bytes([a, b]))
+    rnd = random.Random(7)
+    edges = [0x00, 0x1F, 0x20, 0x7E, 0x7F, 0x80, 0xFF]
+    for _ in range(20_000):
+        cases.append(bytes(rnd.choice([rnd.randrange(256), rnd.choice(edges)]) for _ in range(8)))
+    for bs in cases:
+        assert visible_word(int.from_bytes(bs, "little")) == expected(bs), bs

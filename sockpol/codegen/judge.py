@@ -32,7 +32,14 @@ from sockpol.codegen.scanner import (
     SINGLETON_FLAGS,
     TERMINAL_STATES,
 )
-from sockpol.codegen.tables import STACK_OFFSET, STATE_PATH, STATE_PLAIN, Fn, Tables
+from sockpol.codegen.tables import (
+    STACK_OFFSET,
+    STATE_PATH,
+    STATE_PLAIN,
+    STATE_VALUE_LOOP,
+    Fn,
+    Tables,
+)
 from sockpol.contract import CHUNK_MAX, CL_MAX, MAX_DEPTH, MAX_SCAN, PATH_MAX, Reason
 
 # The state flags handled in scan_byte's counting block (digits, singleton headers).
@@ -40,6 +47,20 @@ COUNTED_FLAGS = FLAG_CL_DIGIT | FLAG_HEX_DIGIT | SINGLETON_FLAGS
 # Bytes of the head per call of the scan's bpf_loop callback, at most (scan_step).
 SCAN_CHUNK = 16
 assert SCAN_CHUNK == 16  # scan_step's (appended + 15) >> 4
+# Words of eight bytes that scan_step skips at most per call in a state looping on them.
+SKIP_WORDS = 4
+SPACES, ONES, TOPS = (int.from_bytes(bytes([c]) * 8, "little") for c in (0x20, 0x01, 0x80))
+
+
+def visible_word(word: int) -> bool:
+    """skip_words' test of a little-endian word of eight bytes, in Python: all in 0x20..0x7E?"""
+    mask = (1 << 64) - 1
+    return ((word - SPACES) & mask | (word + ONES) & mask) & TOPS == 0
+
+
+# Bytes past `pos` that one call may read: its packet offsets must stay below 64 KiB, or the
+# verifier does not grant the loads.
+READ_AHEAD = max(SCAN_CHUNK, 8 * SKIP_WORDS)
 # How the fast path of scan_step ends: bit 0, the scan stops; bit 1, a byte is pending.
 EXIT_MORE, EXIT_STOP, EXIT_PENDING = 0, 1, 2
 # Bytes of the normalized path per call of path_step.
@@ -55,7 +76,10 @@ class JudgeCore:
         """The path normalizer's functions, in object order; (feed, finish) for scan_step."""
         append, pop = self.path_append(), self.path_pop()
         char = self.path_char(append, pop)
-        return self.path_feed(char, append), self.path_finish(pop)
+        feed, finish = self.path_feed(char, append), self.path_finish(pop)
+        for fn in (append, pop, char, feed, finish):
+            fn.attributes.add("alwaysinline")
+        return feed, finish
 
     def path_append(self) -> ir.Function:
         fn, b = self.ob.function("sockpol_path_append", I64, [("scan", PTR), ("c", I64)])
@@ -299,9 +323,13 @@ class JudgeCore:
         window's bounds: in BPF every comparison is a branch, and every branch two paths for
         the verifier. A byte that needs more ends the fast path with `pending` set; the next
         call starts with it in `scan_byte`, the slow path (its one call site, so the verifier
-        walks it once), then goes on fast. Each call consumes a byte at least, so
-        `bpf_loop(n)` covers n bytes; every call starts from memory, so the verifier's walk
-        over the callback converges at once."""
+        walks it once), then goes on fast. In a state that loops on all visible ASCII (an
+        uninteresting header's value), the call skips words of eight such bytes instead
+        (`skip_words`). A call consumes a byte at least, except one that starts with no byte
+        pending and meets such a byte first: then the next consumes it. So n bytes take at
+        most n + n/8 + 1 calls (emit.py sizes the loop so); every call starts from memory, so the
+        verifier's walk over the callback converges at once. Measurements and what was tried:
+        docs/design.md, "The cost of a request"."""
         fn, b = self.ob.function("sockpol_scan_step", I64, [("index", I32), ("ctx", PTR)])
         _, scan = fn.args
         fx = Fn.of_scan(b, self.tables, scan)
@@ -316,36 +344,47 @@ class JudgeCore:
             cls = fx.load_table("classmap", byte, I8)
             return byte, fx.load_table("trans", b.add(b.shl(state, I64(t.class_bits)), cls), I16)
 
-        def window(pos: ir.Value) -> ir.Value:
-            """data + pos, bounded for the verifier (unreachable for real heads: stop)."""
+        def window(pos: ir.Value, slack: int) -> ir.Value:
+            """data + pos, with pos bounded for the verifier (packet offsets, `slack` bytes
+            past pos included, must stay below 64 KiB)."""
             bounded = fn.append_basic_block("bounded")
-            b.cbranch(b.icmp_unsigned(">", pos, I64(MAX_SCAN - SCAN_CHUNK)), stop, bounded)
+            b.cbranch(b.icmp_unsigned(">", pos, I64(MAX_SCAN - slack)), stop, bounded)
             b.position_at_end(bounded)
             # Not inbounds: data + pos + j + 1 may point past the window; that is the test.
             return b.gep(fx.get("data"), [pos], source_etype=I8)
 
-        # A byte the previous call left to the slow path comes first.
+        # A byte the previous call left to the slow path comes first; so does every byte of the
+        # last READ_AHEAD before MAX_SCAN, one per call (the fast path reads ahead).
+        near_end = I64(MAX_SCAN - READ_AHEAD)
         b.position_at_end(fn.blocks[0])
         slow = fn.append_basic_block("slow")
         fast = fn.append_basic_block("fast")
-        b.cbranch(b.icmp_unsigned("!=", fx.get("pending"), I64(0)), slow, fast)
+        pending = b.icmp_unsigned("!=", fx.get("pending"), I64(0))
+        b.cbranch(b.or_(pending, b.icmp_unsigned(">", fx.get("pos"), near_end)), slow, fast)
         b.position_at_end(slow)
         fx.put("pending", I64(0))
         pos = fx.get("pos")
-        p = window(pos)
+        p = window(pos, 1)
         in_window = fn.append_basic_block("slow_in_window")
         beyond = b.icmp_unsigned(">", b.gep(p, [I64(1)], source_etype=I8), data_end)
         b.cbranch(beyond, stop, in_window)
         b.position_at_end(in_window)
         byte, nxt = transition(fx.get("state"), p)
         done = self.ob.call(b, byte_fn, scan, pos, byte, nxt)
-        b.cbranch(b.icmp_unsigned("!=", done, I64(0)), stop, fast)
+        go_on = fn.append_basic_block("go_on")
+        b.cbranch(b.icmp_unsigned("!=", done, I64(0)), stop, go_on)
+        b.position_at_end(go_on)
+        next_call = fn.append_basic_block("next_call")
+        b.cbranch(b.icmp_unsigned(">", fx.get("pos"), near_end), next_call, fast)
+        b.position_at_end(next_call)
+        b.ret(I64(0))
 
         # Then the fast path, from memory (scan_byte stored its state and position).
         b.position_at_end(fast)
         pos = fx.get("pos")
-        p = window(pos)
+        p = window(pos, READ_AHEAD)
         limit = fx.get("limit")
+        self.skip_words(fx, fn, pos, p, limit, data_end)
         scratch = fx.get("scratch")
         len0 = fx.get("out_len")
         # Ordinary path bytes are appended here only with no escape pending and room for the
@@ -362,64 +401,43 @@ class JudgeCore:
         x_len, x_code = b.phi(I64, "x_len"), b.phi(I64, "x_code")
         b.position_at_end(here)
 
-        def chunk(checked: bool) -> None:
-            """SCAN_CHUNK bytes unrolled; `checked`: each against the window and the limit (the
-            last chunk of a head), else none (the whole chunk is known to be inside)."""
-            state, out_len = state0, len0
-
-            def leave(at: ir.Value, code: int) -> None:
-                for phi, value in ((x_state, state), (x_pos, at), (x_len, out_len)):
-                    phi.add_incoming(value, b.block)
-                x_code.add_incoming(I64(code), b.block)
-                b.branch(exit_)
-
-            for j in range(SCAN_CHUNK):
-                at = b.add(pos, I64(j))
-                if checked:
-                    # The end of the bytes pulled, or of the window: the scan stops here.
-                    in_limit = fn.append_basic_block(f"limit{j}")
-                    inside = fn.append_basic_block(f"in{j}")
-                    b.cbranch(b.icmp_unsigned(">=", at, limit), exit_, in_limit)
-                    leave_from(b.block, state, at, out_len, EXIT_STOP)
-                    b.position_at_end(in_limit)
-                    q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
-                    b.cbranch(b.icmp_unsigned(">", q_end, data_end), exit_, inside)
-                    leave_from(b.block, state, at, out_len, EXIT_STOP)
-                    b.position_at_end(inside)
-                byte, nxt = transition(state, b.gep(p, [I64(j)], source_etype=I8))
-                kind = fx.load_table("state_kind", nxt, I8)
-                path = b.and_(b.and_(kind, fx.load_table("path_plain", byte, I8)), path_bits)
-                moves = fn.append_basic_block(f"moves{j}")
-                still = b.or_(b.and_(kind, I64(STATE_PLAIN)), path)
-                b.cbranch(b.icmp_unsigned("==", still, I64(0)), exit_, moves)
-                leave_from(b.block, state, at, out_len, EXIT_PENDING)  # scan_byte, next call
-                b.position_at_end(moves)
-                # Stored whether or not it is a path byte: past the path's end, a byte that is
-                # not one is overwritten or ignored (the path is the first out_len bytes).
-                at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
-                b.store(b.trunc(byte, I8), at_len)
-                out_len = b.add(out_len, b.lshr(path, I64(1)))  # +1 for a path byte
-                state = nxt
-            leave(b.add(pos, I64(SCAN_CHUNK)), EXIT_MORE)
-
-        def leave_from(block: ir.Block, state, at, out_len, code: int) -> None:
+        def leave(state: ir.Value, at: ir.Value, out_len: ir.Value, code: int) -> None:
+            """Record what the exit block stores for an exit from the current block."""
             for phi, value in ((x_state, state), (x_pos, at), (x_len, out_len)):
-                phi.add_incoming(value, block)
-            x_code.add_incoming(I64(code), block)
+                phi.add_incoming(value, b.block)
+            x_code.add_incoming(I64(code), b.block)
 
-        # A whole chunk inside both the window and the bytes pulled: no checks per byte.
-        whole = fn.append_basic_block("whole")
-        last = fn.append_basic_block("last")
-        fits = b.icmp_unsigned("<=", b.add(pos, I64(SCAN_CHUNK)), limit)
-        fits_pulled = fn.append_basic_block("fits_pulled")
-        b.cbranch(fits, fits_pulled, last)
-        b.position_at_end(fits_pulled)
-        chunk_end = b.gep(p, [I64(SCAN_CHUNK)], source_etype=I8)
-        b.cbranch(b.icmp_unsigned(">", chunk_end, data_end), last, whole)
-        b.position_at_end(whole)
-        chunk(checked=False)
-        b.position_at_end(last)
-        chunk(checked=True)
+        # SCAN_CHUNK bytes unrolled, each checked against the bytes pulled and the window.
+        # (Checking a whole chunk once, with a second unrolled copy for a head's last chunk,
+        # measured no faster and cost the verifier half as much again.)
+        state, out_len = state0, len0
+        for j in range(SCAN_CHUNK):
+            at = b.add(pos, I64(j))
+            in_limit = fn.append_basic_block(f"limit{j}")
+            inside = fn.append_basic_block(f"in{j}")
+            leave(state, at, out_len, EXIT_STOP)  # the end of the bytes pulled: stop here
+            b.cbranch(b.icmp_unsigned(">=", at, limit), exit_, in_limit)
+            b.position_at_end(in_limit)
+            leave(state, at, out_len, EXIT_STOP)  # the end of the window: likewise
+            q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
+            b.cbranch(b.icmp_unsigned(">", q_end, data_end), exit_, inside)
+            b.position_at_end(inside)
+            byte, nxt = transition(state, b.gep(p, [I64(j)], source_etype=I8))
+            kind = fx.load_table("state_kind", nxt, I8)
+            path = b.and_(b.and_(kind, fx.load_table("path_plain", byte, I8)), path_bits)
+            moves = fn.append_basic_block(f"moves{j}")
+            still = b.or_(b.and_(kind, I64(STATE_PLAIN)), path)
+            leave(state, at, out_len, EXIT_PENDING)  # anything else: scan_byte, next call
+            b.cbranch(b.icmp_unsigned("==", still, I64(0)), exit_, moves)
+            b.position_at_end(moves)
+            # Stored whether or not it is a path byte: past the path's end, a byte that is
+            # not one is overwritten or ignored (the path is the first out_len bytes).
+            at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
+            b.store(b.trunc(byte, I8), at_len)
+            out_len = b.add(out_len, b.lshr(path, I64(1)))  # +1 for a path byte
+            state = nxt
+        leave(state, b.add(pos, I64(SCAN_CHUNK)), out_len, EXIT_MORE)  # the next call goes on
+        b.branch(exit_)
 
         b.position_at_end(exit_)
         fx.put("state", x_state)
@@ -433,6 +451,58 @@ class JudgeCore:
         fx.put("seg_dots", b.or_(fx.get("seg_dots"), b.mul(appended, I64(NOT_DOTS))))
         b.ret(b.and_(x_code, I64(1)))
         return fn
+
+    def skip_words(self, fx: Fn, fn: ir.Function, pos, p, limit, data_end) -> None:
+        """In a state that loops on every byte from 0x20 to 0x7E (a header value no condition
+        looks at: User-Agent, Cookie...), skip such bytes eight at a time: a word is all
+        visible ASCII or space iff no byte is below 0x20 or above 0x7E, which two word
+        operations tell at once (`visible_word`, its Python twin, is tested). Up to SKIP_WORDS
+        words, then the call ends (the state is unchanged: only `pos` moves). A state that
+        does not loop, or a first word that does not qualify, goes on to the byte-wise chunk
+        where the builder is left."""
+        b = fx.b
+        kind = fx.load_table("state_kind", fx.get("state"), I8)
+        skipping = fn.append_basic_block("skip")
+        bytewise = fn.append_basic_block("bytewise")
+        loops = b.icmp_unsigned("!=", b.and_(kind, I64(STATE_VALUE_LOOP)), I64(0))
+        b.cbranch(loops, skipping, bytewise)
+        b.position_at_end(skipping)
+        done = fn.append_basic_block("skipped")
+        b.position_at_end(done)
+        skipped = b.phi(I64, "skipped")
+        fx.put("pos", b.add(pos, skipped))
+        b.ret(I64(0))
+        b.position_at_end(skipping)
+        ones, spaces, tops = I64(ONES), I64(SPACES), I64(TOPS)
+        for k in range(SKIP_WORDS):
+            stop_here = bytewise if k == 0 else done
+            end = 8 * (k + 1)
+            fits = fn.append_basic_block(f"word{k}_fits")
+            inside = fn.append_basic_block(f"word{k}")
+            if k:
+                skipped.add_incoming(I64(8 * k), b.block)
+            b.cbranch(b.icmp_unsigned(">", b.add(pos, I64(end)), limit), stop_here, fits)
+            b.position_at_end(fits)
+            if k:
+                skipped.add_incoming(I64(8 * k), b.block)
+            beyond = b.icmp_unsigned(">", b.gep(p, [I64(end)], source_etype=I8), data_end)
+            b.cbranch(beyond, stop_here, inside)
+            b.position_at_end(inside)
+            # One 8-byte load (the kernel allows unaligned packet loads where the CPU does;
+            # align 8 keeps LLVM from splitting it into bytes: BPF has no unaligned type).
+            word = b.load(b.gep(p, [I64(8 * k)], source_etype=I8), typ=I64, align=8)
+            # A byte below 0x20 borrows into its top bit when 0x20 is taken away, one above
+            # 0x7E carries into it when 1 is added (0xFF wraps, but then 0xDF has it); carries
+            # and borrows cross into other bytes only from such a byte.
+            bad = b.and_(b.or_(b.sub(word, spaces), b.add(word, ones)), tops)
+            nxt = fn.append_basic_block(f"word{k}_ok")
+            if k:
+                skipped.add_incoming(I64(8 * k), b.block)
+            b.cbranch(b.icmp_unsigned("!=", bad, I64(0)), stop_here, nxt)
+            b.position_at_end(nxt)
+        skipped.add_incoming(I64(8 * SKIP_WORDS), b.block)
+        b.branch(done)
+        b.position_at_end(bytewise)
 
     @staticmethod
     def comb_slot(fx: Fn, state: ir.Value, k: ir.Value) -> tuple[ir.Value, ir.Value]:

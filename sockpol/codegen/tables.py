@@ -23,7 +23,7 @@ from sockpol.codegen.irconst import int_array, word_rows
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.normalize import HEX_DIGITS, PCT_LEADING_SLASH, UNRESERVED
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
-from sockpol.codegen.scanner import FLAG_PATH_BYTE, TERMINAL_STATES
+from sockpol.codegen.scanner import FLAG_PATH_BYTE, TERMINAL_STATES, ScannerTables
 from sockpol.contract import MAX_DEPTH, MAX_SCAN, PATH_MAX, TABLES_SYMBOL
 from sockpol.model import tls
 
@@ -71,16 +71,26 @@ def conn_value_size(fact_words: int) -> int:
 # What the scan's fast path may do with a byte leading to a state (`state_kind`), as bits that
 # it ANDs with the byte's own bits (`path_plain`): arithmetic, not comparisons, because a
 # comparison is a branch in BPF and every branch doubles the paths the verifier walks.
-STATE_PLAIN, STATE_PATH = 1, 2
+STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP = 1, 2, 4
 
 
-def state_kinds(info: list[int]) -> list[int]:
+def state_kinds(t: ScannerTables) -> list[int]:
+    """Per state (padding included): STATE_PLAIN, STATE_PATH, and STATE_VALUE_LOOP for a plain
+    state that every byte from 0x20 to 0x7E leads back to (the value of a header no condition
+    looks at): the fast path skips such bytes eight at a time."""
+    visible = range(0x20, 0x7F)
+
     def kind(state: int, info: int) -> int:
         if state < TERMINAL_STATES:
             return 0
-        return STATE_PLAIN if info == 0 else STATE_PATH if info == FLAG_PATH_BYTE else 0
+        if info == FLAG_PATH_BYTE:
+            return STATE_PATH
+        if info != 0:
+            return 0
+        loops = state < t.n_states and all(t.step(state, c) == state for c in visible)
+        return STATE_PLAIN | (STATE_VALUE_LOOP if loops else 0)
 
-    return [kind(s, i) for s, i in enumerate(info)]
+    return [kind(s, i) for s, i in enumerate(t.info)]
 
 
 CONFIG = [
@@ -150,7 +160,7 @@ class Tables:
             "path_plain": array(I8, [0 if c in b"/.%" else STATE_PATH for c in range(256)]),
             # Per state: STATE_PLAIN (nothing to do but move on) or STATE_PATH (a raw path byte
             # and nothing else), else 0.
-            "state_kind": array(I8, state_kinds(t.info)),
+            "state_kind": array(I8, state_kinds(t)),
             "trans": array(I16, t.trans),
             "info": array(I32, t.info),
             "factsets": words(factsets),

@@ -192,6 +192,50 @@ def test_kernel_agrees_with_the_tables(shop, cgroup, http_client):
         assert (data in delivered) == expected.allow, data
 
 
+def test_a_message_refused_at_its_first_byte_is_refused_at_once(shop, cgroup, http_client):
+    """A send whose very first byte is refused (a stray control byte, a lone CR or LF) fails
+    with EACCES itself, not at the next send: the scan's loop must reach a byte that its first
+    call hands to the slow path (found by the server-oracle suite's stray bytes)."""
+    compiled = compile_source(shop_policy(shop.port), "shop.pol")[0][0]
+    sends = [b"\x01", b"\n", b"\r", b"\x00", b" ", b"\x01GET /healthz HTTP/1.1\r\n\r\n"]
+    conns = http_client(cgroup, shop.port, [[data, b"x"] for data in sends])
+    for data, conn in zip(sends, conns, strict=True):
+        expected = simulate(compiled.matcher, data)
+        assert not expected.allow and not expected.cork_bytes, data
+        assert conn.sends[0].errno == errno.EACCES, (data, conn.sends)
+    shop.settle()
+    assert shop.received() == b""
+
+
+def test_word_skipping_stops_at_the_first_odd_byte(shop, cgroup, http_client):
+    """The program skips a header value eight bytes at a time while every byte is visible
+    ASCII or a space (judge.skip_words). A byte outside that range anywhere in a long value
+    (control bytes, DEL, obs-text, HTAB, a bare CR or LF) must be judged byte by byte, exactly
+    as the tables say, at every offset within and across words. (Offsets past 100 reach words
+    skipped at the start of a later call; a checker that missed DEL failed only there.)"""
+    compiled = compile_source(shop_policy(shop.port), "shop.pol")[0][0]
+    odd = [b"\x00", b"\x01", b"\x1f", b"\x7f", b"\x80", b"\xe9", b"\t", b"\r", b"\n", b" "]
+    head = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Skip: "
+    battery = [
+        head + b"v" * k + c + b"tail\r\n\r\n"
+        for k in (0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, *range(100, 108))
+        for c in odd
+    ]
+    battery.append(get("/healthz", "User-Agent: " + "Mozilla/5.0 (X11; Linux x86_64) " * 8))
+    battery.append(get("/admin/x", "Cookie: " + "a=b; " * 40))
+    # One connection per request: a refused one ends its connection.
+    conns = http_client(cgroup, shop.port, [[data] for data in battery], read_timeout=0.3)
+    shop.settle()
+    delivered = set(shop.requests())
+    verdicts = {True: 0, False: 0}
+    for data, conn in zip(battery, conns, strict=True):
+        expected = simulate(compiled.matcher, data)
+        assert conn.refused == (not expected.allow), data
+        assert (data in delivered) == expected.allow, data
+        verdicts[expected.allow] += 1
+    assert verdicts[True] and verdicts[False]  # both kinds were exercised
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_loads_and_enforces_its_samples(
     example, tmp_path, cgroup, http_client, http_server
