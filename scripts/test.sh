@@ -6,11 +6,14 @@
 # kmod and virtme-ng (the `vm` extra), and the guest's tests use nginx, openssl and curl; about 20
 # minutes on two cores. Leave them out with: ./scripts/test.sh -m "not vm"
 # clang builds the benchmark's hand-written floor program (tests/test_bench_smoke.py).
+# The server oracle (tests/servers) runs real servers: nginx, haproxy, apache2, tomcat10 (with a
+# JRE) and nodejs; the tests start their own instances on free ports of 127.0.0.1.
 #   sudo ./scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOCKPOL_EXTRAS="[test,vm]" bash scripts/setup.sh libbpf1 bpftool iproute2 python3-venv \
-    qemu-system-x86 busybox-static kmod nginx openssl curl clang
+    qemu-system-x86 busybox-static kmod nginx openssl curl clang \
+    haproxy apache2 tomcat10 nodejs
 echo "== ruff"
 .venv/bin/ruff check sockpol tests
 echo "== pytest"

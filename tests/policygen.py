@@ -9,8 +9,8 @@ patterns exact and wildcard, header conditions with and without values, and comm
 
 Requests are built from the policy's own vocabulary (so rules match often) and then spelled
 adversarially: dot segments, repeated slashes, escapes of unreserved characters, lower-case hex,
-queries, malformed escapes, duplicate and malformed headers, Content-Length games, and bytes that
-are not HTTP at all.
+path parameters, queries, malformed escapes, duplicate and malformed headers, Content-Length
+games, and bytes that are not HTTP at all.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sockpol.dsl import load_source
 from sockpol.dsl.ast import Policy
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "PROPFIND", "X-CUSTOM_1"]
-WORDS = ["a", "b", "api", "v1", "admin", "static", "x.json", "img", "%3A", "a%20b", "~u", "ad"]
+WORDS = ["a", "b", "api", "v1", "admin", "static", "x.json", "img", "%5B", "a%20b", "~u", "ad"]
 HOSTS = ["shop.example.com", "example.com", "api.example.org", "a-b.example.com"]
 HEADER_NAMES = ["x-api-key", "content-type", "accept", "x-csrf-token", "authorization"]
 _SKIP_CASES = [
@@ -123,7 +123,7 @@ other_ports = st.sampled_from(["1", "80", "443", "8080", "9000-9010", "65535", "
 REGEXES = {
     '~"/v[0-9]+/.*"': ["/v1/a", "/v22/", "/v3/x/y"],
     '~"/a/(b|c)"': ["/a/b", "/a/c"],
-    '~"/[^/]+\\.json"': ["/x.json", "/%3A.json"],
+    '~"/[^/]+\\.json"': ["/x.json", "/%5B.json"],
     '~"/api/\\d{1,3}/items"': ["/api/7/items", "/api/123/items"],
     '~"/ad.*"': ["/ad", "/admin/x"],
     '~"/(static|img)/[a-z]+"': ["/static/css", "/img/x"],
@@ -150,7 +150,7 @@ def path_patterns(draw: st.DrawFn) -> str:
             else:
                 seg = "**"
         elif choice == 7:
-            seg = draw(st.sampled_from(["*.json", "a*", "*b", "x*y", "v*.%3A"]))
+            seg = draw(st.sampled_from(["*.json", "a*", "*b", "x*y", "v*.%5B"]))
         elif choice == 8 and last:
             seg = draw(st.sampled_from(["ad**", "a**", "x.j**"]))
         else:
@@ -283,7 +283,7 @@ def _unreserved_escape(c: str, upper: bool) -> str:
 def respell(draw: st.DrawFn, path: str) -> str:
     """The same path after normalization, spelled differently (or broken on purpose)."""
     for _ in range(draw(st.integers(0, 3))):
-        kind = draw(st.integers(0, 11))
+        kind = draw(st.integers(0, 12))
         slashes = [i for i, c in enumerate(path) if c == "/"]
         at = draw(st.sampled_from(slashes)) if slashes else 0
         if kind == 0:
@@ -300,7 +300,7 @@ def respell(draw: st.DrawFn, path: str) -> str:
                 i = draw(st.sampled_from(letters))
                 path = path[:i] + _unreserved_escape(path[i], draw(st.booleans())) + path[i + 1 :]
         elif kind == 5:
-            path = path.replace("%3A", "%3a")
+            path = path.replace("%5B", "%5b")
         elif kind == 6:
             path += "?" + draw(st.sampled_from(["q=1", "a=/x/../y", "%zz", "x?y", "a b"]))
         elif kind == 7:
@@ -314,6 +314,9 @@ def respell(draw: st.DrawFn, path: str) -> str:
             path = "/.." + path
         elif kind == 10:
             path = draw(st.sampled_from(["*", "http://h/x", "x", ""])) + path
+        elif kind == 11:  # path parameters, escapes of bytes with a raw spelling
+            extra = [";", ";x=1", "%3B", "%3b", "%3A", "%40", "%2A", "..;", "%5b", "%C3%A9"]
+            path = path[:at] + "/a" + draw(st.sampled_from(extra)) + path[at:]
         else:
             path = path.rstrip("/") + "/" + draw(st.sampled_from([".", "..", ""]))
     return path
@@ -327,14 +330,15 @@ class RequestSpec:
     headers: tuple[str, ...]
     body: bytes
     raw: bytes | None = None  # when set, sent as is
+    lead: bytes = b""  # before the request line: empty lines (skipped) or broken ones
 
     def data(self) -> bytes:
         if self.raw is not None:
-            return self.raw
+            return self.lead + self.raw
         head = f"{self.method} {self.target} {self.version}\r\n" + "".join(
             h + "\r\n" for h in self.headers
         )
-        return head.encode("utf-8") + b"\r\n" + self.body
+        return self.lead + head.encode("utf-8") + b"\r\n" + self.body
 
 
 @st.composite
@@ -454,7 +458,10 @@ def requests(draw: st.DrawFn, policy: PolicySpec) -> RequestSpec:
         headers.append(f"Content-Length:{spelled}")
         if draw(st.integers(0, 3)) == 0:
             headers.append(f"content-length: {len(body)}0")  # a duplicate
-    return RequestSpec(method, path, version, tuple(headers), body)
+    lead = b""
+    if draw(st.integers(0, 9)) == 0:
+        lead = draw(st.sampled_from([b"\r\n", b"\r\n\r\n", b"\n", b"\r", b"\r\n\r"]))
+    return RequestSpec(method, path, version, tuple(headers), body, lead=lead)
 
 
 @dataclass(frozen=True)
@@ -491,7 +498,12 @@ def chunked_bodies(draw: st.DrawFn) -> bytes:
     out = b""
     for _ in range(draw(st.integers(0, 3))):
         data = draw(st.binary(min_size=1, max_size=20))
-        size = draw(st.sampled_from(["{:x}", "{:X}", "0{:x}", "{:x};ext=1", "{:x} "]))
+        size = draw(
+            st.sampled_from(
+                ["{:x}", "{:X}", "0{:x}", "{:x};ext=1", "{:x} ", "{:x};", '{:x};a="b;c\\""']
+                + ['{:x};a="b', "{:x};a=b c", "{:x};a;b=c", "{:x};=", '{:x};a=""']
+            )
+        )
         end = draw(st.sampled_from([b"\r\n"] * 6 + [b"\n", b"", b"xx"]))
         out += size.format(len(data)).encode() + b"\r\n" + data + end
     last = draw(st.sampled_from([b"0\r\n", b"000\r\n", b"0;x\r\n", b"0\n", b"g\r\n"]))

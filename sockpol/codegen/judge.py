@@ -325,9 +325,11 @@ class JudgeCore:
         call starts with it in `scan_byte`, the slow path (its one call site, so the verifier
         walks it once), then goes on fast. In a state that loops on all visible ASCII (an
         uninteresting header's value), the call skips words of eight such bytes instead
-        (`skip_words`). Each call consumes a byte at least, so `bpf_loop(n)` covers n bytes;
-        every call starts from memory, so the verifier's walk over the callback converges at
-        once. Measurements and what was tried: docs/design.md, "The cost of a request"."""
+        (`skip_words`). A call consumes a byte at least, except one that starts with no byte
+        pending and meets such a byte first: then the next consumes it. So n bytes take at
+        most n + n/8 + 1 calls (emit.py sizes the loop so); every call starts from memory, so the
+        verifier's walk over the callback converges at once. Measurements and what was tried:
+        docs/design.md, "The cost of a request"."""
         fn, b = self.ob.function("sockpol_scan_step", I64, [("index", I32), ("ctx", PTR)])
         _, scan = fn.args
         fx = Fn.of_scan(b, self.tables, scan)

@@ -20,10 +20,10 @@ Semantics, exactly (`glob_to_regex` is the executable form of this list):
 * anything else with `**` (`/a**/b`, `/a/**x`), any `***`, and a `**` segment right after
   another (`/a/**/**`, which would mean the same as `/a/**`) are errors.
 
-Characters allowed in a pattern: unreserved `A-Z a-z 0-9 - . _ ~`, sub-delims `! $ & ' ( ) + , ; =`,
-`:`, `@`, `/`, `*`, and `%XX` escapes whose byte is neither unreserved nor `/`, `\\` or NUL (those
-encodings are refused on the wire, so a pattern holding one could never match). A literal `*`
-can be written `%2A`.
+Characters allowed in a pattern: unreserved `A-Z a-z 0-9 - . _ ~`, sub-delims `! $ & ' ( ) + , =`,
+`:`, `@`, `/`, `*`, and `%XX` escapes of bytes that a path cannot spell raw (an escape of an
+unreserved character, a sub-delim, `:`, `@`, `/`, `\\` or NUL, and a `;`, are refused on the wire
+as ambiguous-path, so a pattern holding one could never match).
 
 The tokens the code generator consumes (`Pattern.tokens`) are a flat sequence whose regexes
 concatenate:
@@ -53,7 +53,34 @@ from sockpol import contract
 
 UNRESERVED = frozenset(chr(b) for b in contract.UNRESERVED)  # as characters
 SUB_DELIMS = frozenset("!$&'()+,;=")  # `*` is a sub-delim too, but here it is the wildcard
-ALLOWED = UNRESERVED | SUB_DELIMS | frozenset(":@/*%")
+ALLOWED = (UNRESERVED | SUB_DELIMS | frozenset(":@/*%")) - {";"}
+# Bytes a request path spells raw: an escape of one is refused (ambiguous-path), so a pattern
+# holding one could never match.
+RAW_SPELLED = SUB_DELIMS | frozenset(":@*")
+SEMICOLON = (
+    "';' starts path parameters, which servers read differently (servlet containers strip them "
+    "from the segment, other servers do not); a request with ';' (or '%3B') in its path is "
+    "refused (ambiguous-path), so the rule could never match"
+)
+
+
+def raw_spelled_message(digits: str, byte: str) -> tuple[str, str]:
+    """The message and hint for an escape of a byte that requests must spell raw."""
+    if byte == ";":
+        return SEMICOLON, ""
+    hint = (
+        "a literal '*' can only be matched by a path regex (~\"...\\*...\")"
+        if byte == "*"
+        else f"write '{byte}' instead"
+    )
+    return (
+        f"'%{digits}' encodes '{byte}'; a request must spell it raw (servers that decode "
+        "escapes and servers that match raw bytes read the escape differently, so it is "
+        "refused as ambiguous-path), so the rule could never match",
+        hint,
+    )
+
+
 HEX = frozenset(string.hexdigits)
 
 
@@ -223,6 +250,8 @@ def _escape_problems(text: str, i: int) -> list[Problem]:
                 f"write '{byte}' instead",
             )
         ]
+    if byte in RAW_SPELLED:
+        return [Problem(i, 3, "E164", *raw_spelled_message(digits, byte))]
     if byte in "/\\\x00":
         what = "NUL" if byte == "\x00" else f"'{byte}'"
         return [
@@ -238,6 +267,8 @@ def _escape_problems(text: str, i: int) -> list[Problem]:
 
 
 def _bad_character(c: str, i: int) -> Problem:
+    if c == ";":
+        return Problem(i, 1, "E161", SEMICOLON)
     if c.isprintable() and c.isascii():
         shown = f"'{c}'"
         hint = f"percent-encode it as '%{ord(c):02X}'"

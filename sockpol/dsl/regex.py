@@ -39,16 +39,16 @@ from dataclasses import dataclass
 
 from sockpol.automata import http
 from sockpol.automata.automaton import EMPTY, Alt, Re, Set, Star, Str, opt, seq
-from sockpol.dsl.patterns import UNRESERVED, Problem
+from sockpol.dsl.patterns import RAW_SPELLED, SEMICOLON, UNRESERVED, Problem, raw_spelled_message
 
 MAX_REPEAT = 32  # largest bound of `{m,n}`; a bound copies its operand, so it stays small
 MAX_DEPTH = 32  # nesting of groups
 PREFIX = '~"'
 
-PATH = http.PATH_BYTE
+PATH = http.PATH_BYTE & ~http.byteset(";")  # a ';' in a path is refused (ambiguous-path)
 DIGITS = frozenset(string.digits)
 WORD = frozenset(string.ascii_letters + string.digits + "_")
-LITERAL = frozenset(string.ascii_letters + string.digits + "-_~!&',;=:@/")
+LITERAL = frozenset(string.ascii_letters + string.digits + "-_~!&',=:@/")
 ESCAPABLE = frozenset(".*+?()[]{}|$/-")
 HEX = frozenset(string.hexdigits)
 
@@ -394,10 +394,16 @@ class _Parser:
                 "before matching, so it could never match",
             )
             return _set(0, nothing=True)
+        if byte in RAW_SPELLED:
+            self.error(at, 3, "E164", *raw_spelled_message(digits, byte))
+            return _set(0, nothing=True)
         text = "%" + digits.upper()
         return _Node(Str(text.encode()), re.escape(text), False, 1 << ord("%"))
 
     def _bad_character(self, at: int, c: str) -> None:
+        if c == ";":
+            self.error(at, 1, "E207", SEMICOLON)
+            return
         if c.isprintable() and c.isascii():
             hint = f"percent-encode it as '%{ord(c):02X}'" if c not in "?#" else ""
             what = f"'{c}'"

@@ -24,6 +24,7 @@ PCHAR = UNRESERVED | frozenset(b"!$&'()*+,;=:@%")  # '%' checked separately as a
 PATH_BYTE = PCHAR | frozenset(b"/")
 QUERY_BYTE = PATH_BYTE | frozenset(b"?")
 FIELD_BYTE = frozenset(range(0x20, 0x7F)) | frozenset(range(0x80, 0x100)) | {0x09}
+QDTEXT = FIELD_BYTE - frozenset(b'"\\')  # quoted-string text (RFC 9110 5.6.4)
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
 WS = b" \t"
@@ -35,6 +36,9 @@ SP, CR, LF, QMARK, PERCENT = 0x20, 0x0D, 0x0A, 0x3F, 0x25
 # segments (each followed by '/') on the way; CL_MAX, CHUNK_MAX: the largest Content-Length and
 # chunk size accepted (all from the contract: the kernel program enforces the same).
 AMBIGUOUS_ESCAPES = frozenset({0x2F, 0x5C, 0x00})  # %2F, %5C, %00
+# Bytes with a raw spelling in a path: their escapes are refused (the raw byte is the one spelling).
+RAW_SPELLED = PCHAR - {PERCENT}
+LOWER_HEX = frozenset(b"abcdef")
 
 # -- what a head is -------------------------------------------------------------------------------
 
@@ -145,10 +149,18 @@ def _head(r: _Reader) -> Head:
 
 
 def _method(r: _Reader) -> str:
+    """The method, after any empty lines (CRLF) before the request line: RFC 9112 2.2 asks a
+    server to ignore at least one, and servers skip any number."""
+    start = 0
     while True:
         b = r.next()
-        if b == SP and r.pos > 1:
-            return r.data[: r.pos - 1].decode("ascii")
+        if b == CR and r.pos - 1 == start:
+            if r.next() != LF:
+                raise r.refuse("bad-method", "CR not followed by LF before the request line")
+            start = r.pos
+            continue
+        if b == SP and r.pos - 1 > start:
+            return r.data[start : r.pos - 1].decode("ascii")
         if b not in TCHAR:
             raise r.refuse("bad-method", f"byte {_byte(b)} in or instead of the method")
 
@@ -160,6 +172,13 @@ def _path(r: _Reader) -> tuple[bytes, int]:
     start = r.pos
     try:
         return _path_bytes(r, start)
+    except _Refuse as e:
+        # The kernel normalizes the bytes as they go by: a path already beyond the limits
+        # before the byte that makes it ambiguous was refused as too long first.
+        so_far = re.sub(rb"%[0-9A-Fa-f]?$", b"", r.data[start : e.refusal.offset])
+        if e.refusal.reason == "ambiguous-path" and so_far and normalize_path(so_far) is None:
+            raise r.refuse("path-too-long", "the path normalizes beyond the limits") from None
+        raise
     except _NeedMore:
         so_far = re.sub(rb"%[0-9A-Fa-f]?$", b"", r.data[start:])  # an escape not yet whole
         if so_far and normalize_path(so_far) is None:
@@ -170,22 +189,30 @@ def _path(r: _Reader) -> tuple[bytes, int]:
 
 
 def _path_bytes(r: _Reader, start: int) -> tuple[bytes, int]:
+    """The raw path, accepted only in its canonical spelling (docs/language.md): any other
+    spelling of a path is one that servers read differently, and is refused as ambiguous-path
+    at the byte that makes it so."""
     b = r.next()
     if b != ord("/"):
         raise r.refuse("bad-target", "the target does not start with '/' (origin-form)")
     pending = 0  # hex digits still owed to a '%'
     hi = 0
+    segment = b""  # the current segment so far (raw)
     while True:
         b = r.next()
         if b in (SP, QMARK):
             if pending:
                 raise r.refuse("ambiguous-path", "the path ends inside a %-escape")
+            if segment in (b".", b".."):
+                raise r.refuse("ambiguous-path", f"a '{segment.decode()}' segment (dot segment)")
             return r.data[start : r.pos - 1], b
         if b not in PATH_BYTE:
             raise r.refuse("bad-target", f"byte {_byte(b)} in the path")
         if pending:
             if b not in HEX:
                 raise r.refuse("ambiguous-path", "'%' not followed by two hex digits")
+            if b in LOWER_HEX:
+                raise r.refuse("ambiguous-path", "a %-escape with a lower-case hex digit")
             if pending == 2:
                 hi, pending = b, 1
                 continue
@@ -193,8 +220,22 @@ def _path_bytes(r: _Reader, start: int) -> tuple[bytes, int]:
             value = int(chr(hi) + chr(b), 16)
             if value in AMBIGUOUS_ESCAPES:
                 raise r.refuse("ambiguous-path", f"%{value:02X} (an encoded '/', '\\' or NUL)")
+            if value in RAW_SPELLED:
+                what = f"%{value:02X} encodes {chr(value)!r}, which has a raw spelling"
+                raise r.refuse("ambiguous-path", what)
+            segment = b"%"  # not a dot segment
         elif b == PERCENT:
             pending = 2
+        elif b == ord(";"):
+            raise r.refuse("ambiguous-path", "';' (path parameters)")
+        elif b == ord("/"):
+            if r.data[r.pos - 2] == ord("/"):
+                raise r.refuse("ambiguous-path", "an empty segment ('//')")
+            if segment in (b".", b".."):
+                raise r.refuse("ambiguous-path", f"a '{segment.decode()}' segment (dot segment)")
+            segment = b""
+        else:
+            segment = (segment + bytes([b]))[-3:]
 
 
 def _version(r: _Reader) -> str:
@@ -221,6 +262,8 @@ def _fields(r: _Reader) -> tuple[tuple[Header, ...], int, bool]:
             raise r.refuse("upgrade", "Upgrade header")
         if cl is not None and not cl.valid:
             raise r.refuse("bad-content-length", "Content-Length is not one decimal number")
+        if name == "host" and not HOST_VALUE.fullmatch(r.data[line_start + 5 : r.pos - 1]):
+            raise r.refuse("bad-header", "a Host that is not a host name or address and a port")
         framing = name in ("content-length", "transfer-encoding")
         if framing and seen & {"content-length", "transfer-encoding"} - {name}:
             raise r.refuse("transfer-encoding", "both Content-Length and Transfer-Encoding")
@@ -317,13 +360,44 @@ def _chunk_size(r: _Reader) -> int:
         if size > CHUNK_MAX:
             raise r.refuse("bad-chunk", f"chunk size above {CHUNK_MAX}")
         b = r.next()
-    if b == ord(";"):  # chunk extensions: passed, not judged
-        while (b := r.next()) != CR:
-            if b not in FIELD_BYTE:
-                raise r.refuse("bad-chunk", f"byte {_byte(b)} in a chunk extension")
+    while b == ord(";"):  # chunk extensions: checked, not judged
+        b = _chunk_extension(r)
     if b != CR or r.next() != LF:
         raise r.refuse("bad-chunk", "a chunk-size line must end with CRLF")
     return size
+
+
+def _chunk_extension(r: _Reader) -> int:
+    """One chunk extension after its `;` (RFC 9112 7.1.1, without the BWS senders must not
+    generate): `token [= (token / quoted-string)]`. Returns the byte after it."""
+    b = r.next()
+    if b not in TCHAR:
+        raise r.refuse("bad-chunk", f"byte {_byte(b)} where a chunk extension's name starts")
+    while (b := r.next()) in TCHAR:
+        pass
+    if b != ord("="):
+        return b
+    b = r.next()
+    if b in TCHAR:
+        while (b := r.next()) in TCHAR:
+            pass
+        return b
+    if b != ord('"'):
+        raise r.refuse("bad-chunk", f"byte {_byte(b)} where a chunk extension's value starts")
+    while (b := r.next()) != ord('"'):
+        if b == ord("\\"):
+            b = r.next()
+            if b not in FIELD_BYTE:
+                raise r.refuse("bad-chunk", f"byte {_byte(b)} escaped in a quoted string")
+        elif b not in QDTEXT:
+            raise r.refuse("bad-chunk", f"byte {_byte(b)} in a quoted chunk extension value")
+    return r.next()
+
+
+# A Host value servers all read alike: empty, or a name or IP literal and an optional port.
+HOST_VALUE = re.compile(
+    rb"[ \t]*(?:(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?)?"
+)
 
 
 @dataclass

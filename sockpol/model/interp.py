@@ -142,8 +142,9 @@ def _host_regex(pattern: str) -> re.Pattern[bytes]:
         core = rb"[A-Za-z0-9-]+" + re.escape(pattern[1:].encode())
     else:
         core = re.escape(pattern.encode())
-    # A trailing dot and any ':port' (digits, maybe none) are ignored; case never matters.
-    return re.compile(core + rb"\.?(?::[0-9]*)?", re.IGNORECASE)
+    # Any ':port' (digits, maybe none) is ignored; case never matters. (A trailing dot is
+    # refused with the head: servers disagree on whether it names the same host.)
+    return re.compile(core + rb"(?::[0-9]*)?", re.IGNORECASE)
 
 
 def host_matches(pattern: str, host: bytes | None) -> bool:
