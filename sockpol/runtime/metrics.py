@@ -61,16 +61,17 @@ class PolicyCollector(Collector):
         info = gauge(
             "sockpol_policy_info",
             "A loaded policy (value 1) and what it is.",
-            ("cgroup", "object_sha256", "default", "mode", "tls"),
+            ("cgroup", "object_sha256", "default", "mode", "tls", "version", "source_sha256"),
         )
         dry_run = gauge("sockpol_policy_dry_run", "1 when the policy records instead of refusing.")
         loaded = gauge(
             "sockpol_policy_loaded_timestamp_seconds", "When the policy's programs were loaded."
         )
         reloaded = gauge(
-            "sockpol_policy_reloaded_timestamp_seconds", "When its tables were last hot-reloaded."
+            "sockpol_policy_reloaded_timestamp_seconds",
+            "When another version was last put in force (sockpol reload).",
         )
-        reloads = counter("sockpol_policy_reloads", "Hot reloads of its tables since the load.")
+        reloads = counter("sockpol_policy_reloads", "Reloads since the first load of its name.")
         sockets = gauge("sockpol_policy_sockets", "Connections the policy governs now.")
         rule_labels = ("rule", "line", "action")
         rule_req = counter("sockpol_rule_requests", "Requests the rule decided.", rule_labels)
@@ -138,6 +139,8 @@ class PolicyCollector(Collector):
                 meta.default,
                 s.mode or "enforce",
                 meta.tls or "none",
+                str(s.serial),
+                meta.source_sha256,
             ],
             1,  # fmt: skip
         )
