@@ -22,12 +22,14 @@ if [ "${1:-}" = "--quick" ]; then
     http_args=(--sizes 10,40 --duration 1 --rounds 1)
     heads_args=(--sizes 10 --duration 1 --rounds 1 --head-sizes 100,2000)
     policy_args=(--requests 8)
+    reload_args=(--sizes 10,40 --repeat 1 --duration 1)
     out=$(mktemp -d)
 else
     compile_args=()
     http_args=()
     heads_args=(--sizes 10 --head-sizes 100,500,2000)
     policy_args=()
+    reload_args=()
 fi
 echo "== machine: $(nproc) CPUs, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== compile benchmark"
@@ -40,4 +42,6 @@ $PYTHON bench/http_bench.py "${heads_args[@]}" --configs none,floor,sockpol "$@"
 echo "== HTTP benchmark: requests drawn from all over the policy"
 $PYTHON bench/http_bench.py "${http_args[@]}" "${policy_args[@]}" --mix policy "$@" \
     --out "$out/http-policy.json"
+echo "== reload benchmark: latency by size, and a reload storm under traffic"
+$PYTHON bench/reload_bench.py "${reload_args[@]}" --out "$out/reload.json"
 echo "== results in $out"

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SOCKPOL_EXTRAS="[test,vm]" bash scripts/setup.sh libbpf1 bpftool iproute2 python3-venv \
     qemu-system-x86 busybox-static kmod nginx openssl curl clang \
-    haproxy apache2 tomcat10 nodejs
+    haproxy apache2 tomcat10 nodejs wrk
 echo "== ruff"
 .venv/bin/ruff check sockpol tests
 echo "== pytest"

@@ -26,6 +26,7 @@ sys.path.insert(0, str(BENCH))
 
 import compile_bench  # noqa: E402
 import http_bench  # noqa: E402
+import reload_bench  # noqa: E402
 from policies import (  # noqa: E402
     ISSUE_MIX,
     PAD_HEADER,
@@ -292,3 +293,20 @@ def test_http_bench_runs(tmp_path):
     }
     assert all(r["ns_per_run"] > 0 and r["ns_per_head_byte"] is not None for r in rows), rows
     assert all(r["rps_vs_none"] is None for r in rows)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or any(shutil.which(t) is None for t in ("wrk", "nginx")),
+    reason="needs root, wrk and nginx (bench/run.sh installs them)",
+)
+def test_reload_bench_runs(tmp_path):
+    _require_bpf()
+    out = tmp_path / "reload.json"
+    args = ["--sizes", "4,40", "--repeat", "1", "--duration", "1", "--every", "0.3"]
+    assert reload_bench.main([*args, "--port", "18183", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["rules"] for r in result["latency"]] == [4, 40]
+    assert all(r["swap_ms"] > 0 and r["replace_ms"] > 0 for r in result["latency"])
+    storm = result["storm"]
+    assert storm["reloads"] >= 1 and storm["rps_storm"] > 0
+    assert not storm["errors_storm"], storm  # no request lost or refused across the reloads

@@ -162,15 +162,17 @@ def test_replace_keeps_existing_connections_governed(
     assert after.sockets == 1  # the existing connection is still in the sockhash
     new_conn = connect_in_cgroup(cgroup, http_server.port)
 
-    # The old connection keeps the program it was inserted under; the new one gets the new one.
-    assert send(old_conn, "/secret/1") is None
-    assert send(old_conn, "/admin/1") == errno.EACCES
+    # The old connection was handed over to the new program (emit.handover): both connections
+    # are judged by the new policy.
+    assert after.serial == before.serial + 1
+    assert send(old_conn, "/admin/1") is None
+    assert send(old_conn, "/secret/1") == errno.EACCES
     assert send(new_conn, "/admin/2") is None
     assert send(new_conn, "/secret/2") == errno.EACCES
     http_server.settle()
     assert sorted(http_server.request_lines()) == [
+        b"GET /admin/1 HTTP/1.1",
         b"GET /admin/2 HTTP/1.1",
-        b"GET /secret/1 HTTP/1.1",
     ]
     first.close()
     second.close()
