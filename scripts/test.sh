@@ -5,7 +5,8 @@
 # (docs/kernels.md), under qemu and run the kernel and kTLS tests inside: they need qemu, busybox,
 # kmod and virtme-ng (the `vm` extra), and the guest's tests use nginx, openssl and curl; about 20
 # minutes on two cores. Leave them out with: ./scripts/test.sh -m "not vm"
-# clang builds the benchmark's hand-written floor program (tests/test_bench_smoke.py).
+# clang builds the benchmark's hand-written floor program and wrk drives the benchmarks' smoke
+# runs (tests/test_bench_smoke.py).
 # The server oracle (tests/servers) runs real servers: nginx, haproxy, apache2, tomcat10 (with a
 # JRE) and nodejs; the tests start their own instances on free ports of 127.0.0.1.
 #   sudo ./scripts/test.sh [pytest args]
