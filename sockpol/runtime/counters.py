@@ -55,6 +55,10 @@ class PolicyCounters:
     would_refuse: dict[str, Count] = field(default_factory=dict)  # passed by dry-run or audit
     unjudged: Count = Count()  # sends passed on dry-run connections that lost their framing
     lost_events: int = 0
+    # Refusals answered with a response (`answer`): requests answered; bytes discarded (the
+    # refused sends and every send after them on those connections). Refused minus answered
+    # were dropped.
+    answered: Count = Count()
 
     def to_json(self) -> dict:
         def c(x: Count) -> dict:
@@ -67,6 +71,7 @@ class PolicyCounters:
             "would_refuse": {k: c(v) for k, v in self.would_refuse.items()},
             "unjudged": c(self.unjudged),
             "lost_events": self.lost_events,
+            "answered": c(self.answered),
         }
 
 
@@ -118,6 +123,8 @@ def read_counters(pin_dir: Path, meta: PolicyMetadata | None) -> PolicyCounters:
         would_refuse=would,
         unjudged=slot(layout["slot_unjudged"]),
         lost_events=slot(layout["slot_lost"]).requests,
+        # Objects compiled before answers record no slot: nothing was answered.
+        answered=slot(layout["slot_answered"]) if "slot_answered" in layout else Count(),
     )
 
 
@@ -164,7 +171,23 @@ def write_mode(fd: int, mode: str) -> None:
     """Set the mode in an open control map (the loader uses this before attaching)."""
     if mode not in t.MODES:
         raise TelemetryError(f"unknown mode {mode!r}: expected enforce or dry-run")
-    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(t.MODES[mode], 0))
+    value = libbpf.map_lookup(fd, _KEY.pack(0), t.CTL.size)
+    answers_off = t.CTL.unpack(value)[1] if value is not None else 0  # the loader's, kept
+    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(t.MODES[mode], answers_off))
+
+
+def write_answers_off(fd: int, off: bool) -> None:
+    """Turn answers off (the kernel cannot redirect a response to the sender: refusals are then
+    dropped) or on, in an open control map; the mode is kept."""
+    value = libbpf.map_lookup(fd, _KEY.pack(0), t.CTL.size)
+    mode = t.CTL.unpack(value)[0] if value is not None else t.MODE_ENFORCE
+    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(mode, int(off)))
+
+
+def read_answers_off(pin_dir: Path) -> bool:
+    with _pin(pin_dir, CTL_PIN) as fd:
+        value = libbpf.map_lookup(fd, _KEY.pack(0), t.CTL.size)
+    return bool(value is not None and t.CTL.unpack(value)[1])
 
 
 def set_mode(name: str, mode: str) -> str:

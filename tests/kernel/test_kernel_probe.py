@@ -34,8 +34,14 @@ def findings(kernel_env: None) -> dict[str, probe.Finding]:
 
 
 def test_every_capability_is_reported_in_order(findings) -> None:
-    assert list(findings) == [*KEYS, "ktls", "ktls_sockmap"]
+    assert list(findings) == [*KEYS, "ktls", "ktls_sockmap", "answer"]
     assert findings["kernel"].detail.startswith("Linux ")
+
+
+def test_answers_are_probed_for_real(findings) -> None:
+    # Every kernel of the matrix redirects a message into its sender's receive queue: where
+    # one does not, `answer` policies fall back to dropping (tests/kernel/test_answer.py).
+    assert findings["answer"].ok, findings["answer"].detail
 
 
 def test_what_the_kernel_tests_use_is_found(findings) -> None:
