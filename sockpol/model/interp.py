@@ -261,7 +261,8 @@ def answered(policy: Policy, run: Run) -> Run:
     status = policy.rule_answer(v.rule)
     if not status:
         return run
-    return replace(run, resume="answered", left=0, discard=True, verdict=replace(v, answer=status))
+    answer = replace(v, answer=status)
+    return replace(run, covers=0, resume="answered", left=0, discard=True, verdict=answer)
 
 
 def _tls_run(step: tls.Step, message: bytes, dry_run: bool, phase: int) -> Run:
