@@ -387,6 +387,13 @@ class SkMsgBackend:
         drops the message instead (its bytes never leave either way)."""
         b = fx.b
         want = I64(ANSWER_BYTES)
+        # The row goes through map memory (the scan's cand_off, unused by now) and is read back
+        # after the helpers below, which may write any memory: LLVM then cannot know the row is
+        # below 64, keeps the table's mask, and the verifier sees an AND. Computed in registers,
+        # LLVM drops the mask and joins the row's two parts with an OR, whose bounds the 6.1
+        # verifier does not track ("math between map_value pointer and register with
+        # unbounded min value is not allowed").
+        fx.put("cand_off", row)
 
         def check(ret: ir.Value) -> None:
             with b.if_then(b.icmp_unsigned("!=", ret, I64(0)), likely=False):
@@ -405,6 +412,7 @@ class SkMsgBackend:
         end = b.gep(data, [I64(ANSWER_BYTES)], source_etype=I8)
         with b.if_then(b.icmp_unsigned(">", end, data_end), likely=False):
             verdict(SK_DROP)
+        row = fx.get("cand_off")  # (stored before the helper calls: see below)
         for k in range(ANSWER_WORDS):
             word = b.load(fx.table("answers", row, I32(k)), typ=I64)
             b.store(word, gep(b, data, I8, [I64(8 * k)]))
