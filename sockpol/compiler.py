@@ -80,6 +80,7 @@ def metadata_for(policy: Policy, source: Source, shape: TableShape | None = None
         ],
         mode=policy.mode.value,
         tls=policy.tls.userspace.value if policy.tls is not None else None,
+        answers=list(policy.answers()),
         telemetry=telemetry.layout(),
         source_path=source.path,
         source_sha256=hashlib.sha256(source.text.encode()).hexdigest(),

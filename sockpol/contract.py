@@ -38,6 +38,7 @@ BPF_MAP_TYPE_RINGBUF = 27
 BPF_NOEXIST = 1
 BPF_F_NO_PREALLOC = 1
 BPF_SK_STORAGE_GET_F_CREATE = 1
+BPF_F_INGRESS = 1  # bpf_msg_redirect_hash: into the socket's receive queue
 BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4
 BPF_PROG_TYPE_SOCK_OPS = 13
 BPF_PROG_TYPE_SK_MSG = 16
@@ -53,6 +54,7 @@ MSG_REMOTE_IP4, MSG_LOCAL_IP4, MSG_REMOTE_IP6, MSG_LOCAL_IP6 = 20, 24, 28, 44
 MSG_REMOTE_PORT, MSG_LOCAL_PORT, MSG_SIZE, MSG_SK = 60, 64, 68, 72
 # struct bpf_sock_ops field offsets.
 OPS_OP, OPS_FAMILY, OPS_REMOTE_PORT = 0, 20, 64
+OPS_SK = 184  # __bpf_md_ptr(struct bpf_sock *, sk), 5.10+
 
 # membarrier(2): its system call number differs per architecture (asm-generic: 283).
 MEMBARRIER_CMD_GLOBAL = 1  # synchronize_rcu(): an RCU grace period
@@ -163,6 +165,64 @@ def reason_slug(value: int) -> str:
         return f"reason-{value}"
 
 
+# --- answers: the response the kernel writes in place of a refused request ----------------------
+
+# Every response is exactly ANSWER_BYTES long (the body is padded with spaces before its final
+# newline): the program sizes the refused message to that, writes it as ANSWER_BYTES / 8 words
+# copied from the tables, and redirects it into the sending socket's own receive queue.
+ANSWER_BYTES = 320
+MAX_ANSWERS = 4  # distinct answers per policy (its own and the rules' overrides)
+ANSWER_STATUS_MIN, ANSWER_STATUS_MAX = 400, 599
+# Reasons answered with a response (refusals of a request head); the others (TLS records, a
+# failed pull) are always dropped. The tables hold one response per answer and `reason & 15`.
+ANSWERED_REASONS = frozenset(range(3, 15)) | {16, 17}
+ANSWER_ROWS = 16
+assert len({r & (ANSWER_ROWS - 1) for r in ANSWERED_REASONS}) == len(ANSWERED_REASONS)
+# The reason phrases of the statuses (RFC 9110 and others); any other status says "Refused".
+STATUS_PHRASES = {
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+    407: "Proxy Authentication Required", 408: "Request Timeout", 409: "Conflict", 410: "Gone",
+    411: "Length Required", 412: "Precondition Failed", 413: "Content Too Large",
+    414: "URI Too Long", 415: "Unsupported Media Type", 416: "Range Not Satisfiable",
+    417: "Expectation Failed", 421: "Misdirected Request", 422: "Unprocessable Content",
+    423: "Locked", 424: "Failed Dependency", 425: "Too Early", 426: "Upgrade Required",
+    428: "Precondition Required", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 451: "Unavailable For Legal Reasons",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+    506: "Variant Also Negotiates", 507: "Insufficient Storage", 508: "Loop Detected",
+    510: "Not Extended", 511: "Network Authentication Required",
+}  # fmt: skip
+ANSWER_HEADER = "Sockpol-Refused"  # the marker that tells sockpol's answer from the server's
+_ANSWER_BODY_ROOM = 110  # what a body may take before padding, for every name and status
+
+
+def answer_response(policy: str, status: int, reason: str) -> bytes:
+    """The response for a refusal (reason: its slug) by `policy` answered with `status`: never
+    a byte of the request. `Connection: close`: the connection takes no more requests."""
+    phrase = STATUS_PHRASES.get(status, "Refused")
+    body = f"{status} {phrase}: refused by sockpol policy {policy} ({reason})"
+    detail = next((text for r, text in REASON_TEXT.items() if r.slug == reason), "")
+    if detail and len(body) + len(detail) + 2 <= _ANSWER_BODY_ROOM:
+        body += f": {detail}"
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        "Content-Type: text/plain\r\n"
+        "Content-Length: {length}\r\n"
+        "Connection: close\r\n"
+        f"{ANSWER_HEADER}: policy={policy}; reason={reason}\r\n\r\n"
+    )
+    # The body is padded to make the whole ANSWER_BYTES long; Content-Length counts the padding.
+    for length in range(len(body) + 1, ANSWER_BYTES):
+        text = head.replace("{length}", str(length)) + body
+        if len(text) + (length - len(body)) == ANSWER_BYTES:
+            out = (text + " " * (length - len(body) - 1) + "\n").encode()
+            assert len(out) == ANSWER_BYTES
+            return out
+    raise ValueError(f"answer for policy {policy!r}, reason {reason!r} is too long")
+
+
 # --- the connection's word (socket storage, bits 0..7: where the next run starts) ---------------
 
 RESUME_REQUEST = 0  # a request head
@@ -170,6 +230,7 @@ RESUME_CHUNK_LINE = 1  # a chunk-size line
 RESUME_CHUNK_DATA_END = 2  # the CRLF after a chunk's data
 RESUME_UNJUDGED = 3  # dry-run lost the framing: the rest of the connection passes unjudged
 RESUME_TLS_PASS = 4  # `tls userspace allow`: the rest of the connection passes unjudged
+RESUME_ANSWERED = 5  # a refusal was answered: every later byte is discarded, send() succeeds
 # Bits 16..23: the TLS walk (model/tls.py).
 CONN_HTTP = 1 << 16  # past the handshake (or none): the bytes are HTTP
 CONN_HELLO = 1 << 17  # a ClientHello passed

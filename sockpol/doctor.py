@@ -146,6 +146,14 @@ def render(
     else:
         loadable = f"no, sockpol load refuses them: {tls.reason}"
     print(f"  policies with `tls`:      {loadable}", file=out)
+    answer = by_key.get("answer")
+    if answer is None:
+        answers = "not probed"
+    elif answer.ok and works["plaintext"]:
+        answers = "yes (`answer STATUS`: the client reads the response)"
+    else:
+        answers = "no: refusals are dropped whatever `answer` says (sockpol load warns)"
+    print(f"  answered refusals:        {answers}", file=out)
 
 
 def _answer(ok: bool, keys: tuple[str, ...], by_key: dict[str, Finding]) -> str:

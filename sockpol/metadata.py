@@ -45,6 +45,9 @@ class PolicyMetadata:
     # `tls`: the ports carry TLS, and what happens to user-space TLS: "deny" or "allow"; None
     # for a plaintext policy (and for objects from before `tls`, which lack the key).
     tls: str | None = None
+    # `answer`: the statuses refusals are answered with, the policy's own first (0: drop); []
+    # for objects from before answers (they drop every refusal).
+    answers: list[int] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -152,6 +152,9 @@ def policy(s: PolicyStatus, c: PolicyCounters | None) -> str:
         "",
         f"  events lost (ring buffer full): {c.lost_events}; "
         f"unjudged dry-run sends: {c.unjudged.requests} ({c.unjudged.bytes} bytes)",
+        f"  refusals answered with a response: {c.answered.requests}, dropped: "
+        f"{max(0, sum(x.requests for x in c.refused.values()) - c.answered.requests)}; "
+        f"bytes discarded after answers: {c.answered.bytes}",
     ]
     return "\n".join(lines)
 

@@ -13,14 +13,18 @@ Maps (BTF-defined in `.maps`, pinned as `map_<name>` next to the programs):
                     1                 events lost (ring buffer full); `bytes` unused
                     2                 sends passed unjudged: a dry-run connection whose framing
                                       was lost (see `contract.RESUME_UNJUDGED`)
+                    3                 refusals answered with a response (`answer`): requests
+                                      answered; bytes discarded (the refused sends and every
+                                      send after them on those connections)
                     4 + reason        refused, by `contract.Reason` (RULE and DEFAULT included)
                     36 + reason       would have been refused: dry-run mode, or an audit rule
                     68 + rule         the rule decided (whatever its action)
 `sockpol_events`  RINGBUF of `EVENT` records (below), `EVENTS_BYTES` bytes.
 `sockpol_evbuf`   PERCPU_ARRAY, one `EVENT` record: where the program assembles an event before
                   `bpf_ringbuf_output` copies it (packet bytes cannot go to a helper directly).
-`sockpol_ctl`     ARRAY, one `struct { u32 mode; u32 serial; }`: MODE_ENFORCE or MODE_DRY_RUN,
-                  and the serial of the version in force (older ones hand over: emit.handover).
+`sockpol_ctl`     ARRAY, one `struct { u32 mode; u32 serial; u32 answers_off; }`: MODE_ENFORCE or
+                  MODE_DRY_RUN, the serial of the version in force (older ones hand over:
+                  emit.handover), and 1 where this kernel cannot answer refusals (they drop).
                   Read by every run, written by `sockpol mode`: switching needs no reload.
 """
 
@@ -43,19 +47,25 @@ MODE_ENFORCE, MODE_DRY_RUN = 0, 1
 NO_RULE = 0xFFFFFFFF  # "no rule decided" wherever a rule index goes (events, the scan state)
 MODES = {"enforce": MODE_ENFORCE, "dry-run": MODE_DRY_RUN}
 MODE_NAMES = {v: k for k, v in MODES.items()}
-CTL = struct.Struct("<II")  # mode, serial
+CTL = struct.Struct("<III")  # mode, serial, answers_off
 CTL_SERIAL = 4  # offset of the serial: the loaded version whose program judges (emit.handover)
+# answers_off (byte offset 8): 1 when the loader found that this kernel cannot answer a refusal
+# (redirect a response into the sending socket): refusals are then dropped, as with `answer drop`.
+CTL_ANSWERS_OFF = 8
 
 # Per-rule flags in the rule table (the `allow` table of the tables): what a matching rule does.
 RULE_PASS = 1  # the request passes (allow, audit)
 RULE_LOG = 2  # record an event (log on an allow rule)
 RULE_AUDIT = 4  # record an event as a would-be refusal by this rule (audit)
+# Bits 8..9: the rule's answer, an index into the policy's answers (0: the policy's own).
+RULE_ANSWER_SHIFT = 8
 
 # Counter slots.
 REASON_SLOTS = 32  # contract.Reason values stay below this
 SLOT_DEFAULT = 0
 SLOT_LOST = 1
 SLOT_UNJUDGED = 2
+SLOT_ANSWERED = 3
 SLOT_REFUSED = 4
 SLOT_WOULD_REFUSE = SLOT_REFUSED + REASON_SLOTS
 SLOT_RULES = SLOT_WOULD_REFUSE + REASON_SLOTS
@@ -117,6 +127,10 @@ EVENT_FIELDS = [
     ("method", f"{METHOD_BYTES}s"),
     ("host", f"{HOST_BYTES}s"),
     ("path", f"{PATH_BYTES}s"),
+    # A refusal answered with a response: its HTTP status; 0: dropped (or not a refusal). The
+    # status is the one the program set out to write; the answered counter counts successes.
+    ("answer", "H"),
+    ("reserved", "6s"),
 ]
 EVENT = struct.Struct("<" + "".join(f for _, f in EVENT_FIELDS))
 assert EVENT.size % 8 == 0, EVENT.size
@@ -140,6 +154,7 @@ def layout() -> dict[str, object]:
         "slot_default": SLOT_DEFAULT,
         "slot_lost": SLOT_LOST,
         "slot_unjudged": SLOT_UNJUDGED,
+        "slot_answered": SLOT_ANSWERED,
         "slot_refused": SLOT_REFUSED,
         "slot_would_refuse": SLOT_WOULD_REFUSE,
         "slot_rules": SLOT_RULES,

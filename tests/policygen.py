@@ -43,6 +43,7 @@ class RuleSpec:
     conditions: tuple[tuple[str, str, str | None], ...]  # ("host", pattern, None) | ("header", ..)
     comment: str = ""
     log: bool = False
+    answer: str | None = None  # a deny rule's own `answer` ("404", "drop", ...)
 
     def text(self) -> str:
         methods = "*" if self.methods is None else ",".join(self.methods)
@@ -60,6 +61,8 @@ class RuleSpec:
             line += " if " + " and ".join(conds)
         if self.log:
             line += " log"
+        if self.answer is not None:
+            line += f" answer {self.answer}"
         return line + (f"  # {self.comment}" if self.comment else "")
 
 
@@ -75,6 +78,7 @@ class PolicySpec:
     statements_first: bool = True  # port/default/max-head before the rules, or after
     mode: str | None = None  # "enforce", "dry-run" or no `mode` statement
     tls: str | None = None  # the `tls` line as written ("tls userspace allow"), or none
+    answer: str | None = None  # the policy's `answer` ("403", "drop", ...), or none
 
     def render(self, port: int) -> str:
         lines = ["# generated policy"] if self.header_comment else []
@@ -90,6 +94,8 @@ class PolicySpec:
             head.append(f"    mode {self.mode}")
         if self.tls is not None:
             head.append(f"    {self.tls}")
+        if self.answer is not None:
+            head.append(f"    answer {self.answer}")
         body = ["    " + r.text() for r in self.rules]
         lines += head + [""] + body if self.statements_first else body + head
         lines.append("}")
@@ -185,6 +191,9 @@ def rules(draw: st.DrawFn) -> RuleSpec:
     return RuleSpec(
         action=action,
         log=action == "allow" and draw(st.integers(0, 3)) == 0,
+        answer=draw(st.sampled_from([None, None, None, "404", "drop", "429"]))
+        if action == "deny"
+        else None,
         methods=None if methods is None else tuple(dict.fromkeys(methods)),
         path=draw(path_patterns()),
         quoted=draw(st.integers(0, 4)) == 0,
@@ -233,6 +242,7 @@ def policies(
         tls=draw(st.sampled_from([None, "tls", "tls userspace deny", "tls userspace allow"]))
         if tls
         else None,
+        answer=draw(st.sampled_from([None, None, "403", "403", "drop", "451"])),
     )
 
 

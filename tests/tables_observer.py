@@ -14,6 +14,7 @@ from collections.abc import Callable
 from sockpol.codegen import simulate
 from sockpol.codegen.lower import MatcherIR
 from sockpol.contract import (
+    RESUME_ANSWERED,
     RESUME_CHUNK_DATA_END,
     RESUME_CHUNK_LINE,
     RESUME_REQUEST,
@@ -29,6 +30,7 @@ RESUME = {
     "chunk-end": RESUME_CHUNK_DATA_END,
     "unjudged": RESUME_UNJUDGED,
     "tls-pass": tls.RESUME_TLS_PASS,
+    "answered": RESUME_ANSWERED,
 }
 PHASE = 0xFF << 16  # the TLS bits of the word
 
@@ -49,10 +51,12 @@ def held_to_tables(
         want = simulate.run(ir, message, conn, modes[0])
         reason = run.verdict.reason if run.verdict is not None else "none"
         event = run.verdict.event if run.verdict is not None else None
-        got = (run.allow, reason, run.covers, run.cork, event)
+        answer = run.verdict.answer if run.verdict is not None else 0
+        got = (run.allow, reason, run.covers, run.cork, event, answer, run.discard)
         expected = (
             want.allow, want.reason.slug, want.apply_bytes, want.cork_bytes,
-            VERDICT_NAMES.get(want.event) if want.event is not None else None,
+            VERDICT_NAMES.get(want.event) if want.event is not None else None, want.answer,
+            want.discard,
         )  # fmt: skip
         assert got == expected, f"interpreter {got} != tables {expected}; {context}"
         if run.verdict is not None and run.verdict.head is not None:

@@ -166,7 +166,7 @@ def test_statement_order_within_a_policy_is_free():
         ("allow GET", 14, "expected a path starting with '/'", ""),
         ("allow GET HEAD /", 15, "expected a path starting with '/'", "separate methods with ','"),
         ("allow GET, /x", 16, "expected a method after ','", ""),
-        ("allow GET /x y", 18, "expected 'if', 'log' or the end of the line", ""),
+        ("allow GET /x y", 18, "expected 'if', 'log', 'answer' or the end of the line", ""),
         ("allow GET /x if", 20, "expected a condition", ""),
         ("allow GET /x if host a.com", 26, "expected a quoted host pattern", 'quote it: "a.com"'),
         ('allow GET /x if host = "a"', 26, "expected a quoted host pattern", "without '='"),

@@ -203,8 +203,9 @@ def test_layouts_are_consistent():
     assert t.EVENT.size % 8 == 0 and t.EVENTS_BYTES & (t.EVENTS_BYTES - 1) == 0
     assert t.EVENTS_BYTES % 4096 == 0
     offsets = t.EVENT_OFFSETS
-    assert offsets["path"] + t.PATH_BYTES == t.EVENT.size
+    assert offsets["path"] + t.PATH_BYTES == offsets["answer"]
     assert offsets["path"] % 8 == 0  # copied in 8-byte words
+    assert offsets["reserved"] + 6 == t.EVENT.size
 
 
 # -- event records ------------------------------------------------------------------------------
@@ -219,6 +220,7 @@ def record(**fields) -> bytes:
         "remote_ip4": bytes([10, 0, 0, 2]), "local_ip4": bytes([10, 0, 0, 1]),
         "remote_ip6": bytes(16), "local_ip6": bytes(16),
         "method": b"DELETE", "host": b" a.b ", "path": b"/admin/\x1bx",
+        "answer": 0, "reserved": b"",
     }  # fmt: skip
     values.update(fields)
     return t.EVENT.pack(*(values[name] for name, _ in t.EVENT_FIELDS))
@@ -285,5 +287,5 @@ def test_metrics_listen_address_errors(text):
 
 
 def test_struct_sizes_match_the_kernel_maps():
-    assert t.COUNTER.size == 16 and t.CTL.size == 8
+    assert t.COUNTER.size == 16 and t.CTL.size == 12
     assert struct.calcsize("<" + "".join(f for _, f in t.EVENT_FIELDS)) == t.EVENT.size

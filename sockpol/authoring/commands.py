@@ -400,6 +400,8 @@ def explain_lines(verdict, request: bytes | None = None) -> list[str]:
         out.append(f"REFUSED before any rule: {r.reason} (at byte {r.offset}): {r.detail}")
         if request is not None and head is None:
             out += _pointer(request, r.offset)
+        if not verdict.allow:
+            out.append(_answered(verdict))
         return out
     for check in verdict.checks:
         rule = check.rule
@@ -416,7 +418,18 @@ def explain_lines(verdict, request: bytes | None = None) -> list[str]:
     if verdict.event == "dry-run":
         decided += " -- passed: the policy runs in dry-run mode"
     out.append(decided)
+    if not verdict.allow:
+        out.append(_answered(verdict))
     return out
+
+
+def _answered(verdict) -> str:
+    if verdict.answer:
+        return (
+            f"ANSWERED {verdict.answer}: the client reads a {verdict.answer} response from "
+            "sockpol (Connection: close); the server sees nothing"
+        )
+    return "DROPPED: the send fails (EACCES); the client reads nothing (answer drop)"
 
 
 def _pointer(request: bytes, offset: int) -> list[str]:

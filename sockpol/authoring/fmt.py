@@ -5,7 +5,8 @@ The layout, so every file reads the same:
 * comment lines and blank lines outside policies are kept (runs of blank lines become one);
 * `policy NAME {` and `}` at the start of their lines, one blank line between policies;
 * inside a policy, indented by four spaces: the `port` lines (in their order), `default`,
-  `max-head`, `mode`, `tls`, then one blank line, then the rules in their order (order is meaning).
+  `max-head`, `mode`, `tls`, `answer`, then one blank line, then the rules in their order
+  (order is meaning).
   A comment block directly above a statement moves with it; blank lines between rules are kept
   (at most one), since they group rules; comments before `}` stay last;
 * tokens separated by one space; methods joined by `,`; ports by `, `; paths unquoted with
@@ -35,7 +36,7 @@ from sockpol.dsl.ast import (
 from sockpol.dsl.patterns import upper_escapes
 
 INDENT = "    "
-HEAD_ORDER = ("port", "default", "max-head", "mode", "tls")
+HEAD_ORDER = ("port", "default", "max-head", "mode", "tls", "answer")
 
 
 def split_comment(line: str) -> tuple[str, str]:
@@ -85,7 +86,8 @@ def format_rule(rule: Rule) -> str:
             conditions.append(f"header {cond.name}{value}")
     if conditions:
         out += " if " + " and ".join(conditions)
-    return out + (" log" if rule.log else "")
+    out += " log" if rule.log else ""
+    return out + (f" answer {rule.answer}" if rule.answer is not None else "")
 
 
 @dataclass
@@ -132,6 +134,9 @@ class _Formatter:
         if policy.tls is not None:
             self.statements[policy.tls.span.line] = self._tls_text(policy.tls)
             self.kinds[policy.tls.span.line] = "tls"
+        if policy.answer is not None:
+            self.statements[policy.answer.span.line] = f"answer {policy.answer}"
+            self.kinds[policy.answer.span.line] = "answer"
         for rule in policy.rules:
             self.statements[rule.span.line] = format_rule(rule)
             self.kinds[rule.span.line] = "rule"

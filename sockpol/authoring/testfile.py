@@ -39,6 +39,8 @@ escapes `\\r \\n \\t \\\\ \\xHH` stand for those bytes.
     expect refuse [REASON]              refused before any rule: bad-method, ambiguous-path, ...
     expect held                         the head never completes: the kernel holds its bytes
 
+`deny` and `refuse` may end with `answer STATUS` or `answer drop`: how the client is answered.
+
 Rules are numbered from 0 in policy order, as `sockpol inspect` and `sockpol explain` show them.
 Tests see the policy enforcing, whatever its `mode`. Lines starting with `#` outside a request are
 comments; inside a request they are part of it.
@@ -47,7 +49,7 @@ comments; inside a request they are part of it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sockpol.diagnostics import SockpolError
@@ -69,6 +71,7 @@ class Expectation:
     rule: int | None = None
     default: bool = False
     reason: str | None = None  # for refuse
+    answer: int | None = None  # deny and refuse: the status answered (0: drop); None: any
 
     def __str__(self) -> str:
         out = self.verdict
@@ -78,6 +81,8 @@ class Expectation:
             out += " default"
         elif self.reason:
             out += f" {self.reason}"
+        if self.answer is not None:
+            out += f" answer {self.answer or 'drop'}"
         return out
 
 
@@ -176,6 +181,15 @@ def _expectation(path: str, line: int, text: str) -> Expectation:
     if not words or words[0] not in VERDICTS:
         raise TestFileError(path, line, f"expect {' | '.join(VERDICTS)}; got {text!r}")
     verdict, rest = words[0], words[1:]
+    if len(rest) >= 2 and rest[-2] == "answer":
+        word = rest[-1]
+        if verdict not in ("deny", "refuse") or not (word == "drop" or word.isdigit()):
+            raise TestFileError(
+                path, line, f"'answer {word}': only deny and refuse take answer STATUS|drop"
+            )
+        answer = 0 if word == "drop" else int(word)
+        inner = _expectation(path, line, " ".join(["expect", verdict, *rest[:-2]]))
+        return replace(inner, answer=answer)
     if not rest:
         return Expectation(verdict)
     if verdict == "refuse":
@@ -216,8 +230,15 @@ def _request(body: list[str], raw: bool) -> bytes:
     return out + data
 
 
-def describe(verdict: Verdict) -> str:
-    """A verdict in `expect` form."""
+def describe(verdict: Verdict, answer: bool = True) -> str:
+    """A verdict in `expect` form (with how a refusal is answered, unless `answer` is False)."""
+    text = _describe(verdict)
+    if answer and not verdict.allow and verdict.reason != HELD:
+        text += f" answer {verdict.answer}" if verdict.answer else " answer drop"
+    return text
+
+
+def _describe(verdict: Verdict) -> str:
     if verdict.reason == HELD:
         return "held"
     if verdict.refusal is not None:  # the head, or a chunked body after its head was judged
@@ -229,8 +250,10 @@ def describe(verdict: Verdict) -> str:
 
 
 def matches(expect: Expectation, verdict: Verdict) -> bool:
-    actual = describe(verdict).split()
+    actual = describe(verdict, answer=False).split()
     if actual[0] != expect.verdict:
+        return False
+    if expect.answer is not None and verdict.answer != expect.answer:
         return False
     if expect.rule is not None:
         return actual[1:] == ["rule", str(expect.rule)]

@@ -41,6 +41,8 @@ from sockpol.codegen.scanner import (
     TERMINAL_STATES,
 )
 from sockpol.codegen.tables import (
+    ANSWER_WORDS,
+    CONN_KEY,
     CONN_LEFT,
     CONN_SCRATCH,
     SCAN_SCALARS,
@@ -53,6 +55,9 @@ from sockpol.codegen.tlswalk import RunEnd, TlsWalk
 from sockpol.contract import (
     AF_INET,
     AF_INET6,
+    ANSWER_BYTES,
+    ANSWER_ROWS,
+    BPF_F_INGRESS,
     BPF_F_NO_PREALLOC,
     BPF_MAP_TYPE_PROG_ARRAY,
     BPF_MAP_TYPE_SK_STORAGE,
@@ -71,6 +76,8 @@ from sockpol.contract import (
     OPS_FAMILY,
     OPS_OP,
     OPS_REMOTE_PORT,
+    OPS_SK,
+    RESUME_ANSWERED,
     RESUME_CHUNK_DATA_END,
     RESUME_CHUNK_LINE,
     RESUME_REQUEST,
@@ -86,6 +93,8 @@ from sockpol.model import tls
 from sockpol.telemetry import (
     CTL_SERIAL,
     NO_RULE,
+    RULE_ANSWER_SHIFT,
+    SLOT_ANSWERED,
     SLOT_DEFAULT,
     SLOT_REFUSED,
     SLOT_RULES,
@@ -137,6 +146,7 @@ class SkMsgBackend:
         fn, b = self.ob.function(MSG_PROGRAM, I32, [("msg", PTR)], section="sk_msg")
         msg = fn.args[0]
         scan = b.alloca(SCAN_T, name="scan")
+        self.own_key = b.alloca(I64, name="own_key")  # in the entry block: a static slot
         self.handover(b, msg)
         fx = Fn(b, self.tables, base=self.tables.select(b), scan=scan)
 
@@ -188,6 +198,15 @@ class SkMsgBackend:
         )
         with b.if_then(b.icmp_unsigned("==", b.ptrtoint(conn, I64), I64(0)), likely=False):
             refuse_unseen()  # no per-connection state: cannot follow the stream, refuse
+        # The connection's word: where this run starts in bits 0..7 (the rest: record.py, tls.py).
+        resume = b.load(conn, typ=I64)
+        kind = b.and_(resume, I64(0xFF))
+        with b.if_then(b.icmp_unsigned("==", kind, I64(RESUME_ANSWERED)), likely=False):
+            # A refusal on this connection was answered: whatever the client sends now (the
+            # rest of a body, the next request) is discarded, and send() reports it sent.
+            h.call(b, h.MSG_POP_DATA, msg, I32(0), b.trunc(size, I32), I64(0))
+            self.rec.count(b, SLOT_ANSWERED, 0, size)
+            verdict(SK_PASS)
         # The rest of a body (or TLS record) that an earlier verdict covered: pass it without a
         # look (and without pulling it). Counted here, not left to apply_bytes: under kTLS
         # apply_bytes ends with the record, and the next record runs the program again.
@@ -210,9 +229,6 @@ class SkMsgBackend:
         with b.if_then(b.icmp_unsigned("!=", pulled, I64(0)), likely=False):
             refuse_unseen()
         scratch = gep(b, conn, I8, [I64(CONN_SCRATCH)])
-        # The connection's word: where this run starts in bits 0..7 (the rest: record.py, tls.py).
-        resume = b.load(conn, typ=I64)
-        kind = b.and_(resume, I64(0xFF))
         mode = self.rec.read_mode(b)  # every run: `sockpol mode` switches without a reload
         start = b.select(
             b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_LINE)),
@@ -331,8 +347,11 @@ class SkMsgBackend:
         for value, nbytes, block in recorded:
             outcome.add_incoming(value, block)
             apply.add_incoming(nbytes, block)
-        self.rec.record_event(b, msg, scan, outcome)
         passed = b.icmp_unsigned("!=", self.rec.passes(b, outcome), I64(0))
+        answer, row = self.answer_for(fx, outcome, passed, resume, kind, conn)
+        self.rec.record_event(b, msg, scan, outcome, answer)
+        with b.if_then(b.icmp_unsigned("!=", answer, I64(0)), likely=False):
+            self.answer(fx, msg, conn, row, size, verdict)
         verdict(b.select(passed, I32(SK_PASS), I32(SK_DROP)), apply)
 
     def handover(self, b: ir.IRBuilder, msg: ir.Value) -> None:
@@ -349,6 +368,98 @@ class SkMsgBackend:
             other = b.icmp_unsigned("!=", current, self.tables.serial(b))
             with b.if_then(b.and_(other, b.icmp_unsigned("!=", current, I32(0))), likely=False):
                 h.call(b, h.TAIL_CALL, msg, self.next_map, I32(0))
+
+    # --- answers ----------------------------------------------------------------------------
+
+    def answer_for(
+        self,
+        fx: Fn,
+        outcome: ir.Value,
+        passed: ir.Value,
+        resume: ir.Value,
+        kind: ir.Value,
+        conn: ir.Value,
+    ) -> tuple[ir.Value, ir.Value]:
+        """(status, row): how a refusal is answered (status 0: dropped) and which response.
+
+        Answered: a request head refused (by a rule, the default or before any rule) on a
+        connection that is not inside TLS, when the policy (or the deciding deny rule) says a
+        status, the sock_ops program gave the connection its key, and the loader left answers
+        on. A refusal in a body, a TLS record and a kTLS connection are dropped."""
+        b = fx.b
+        reason = b.and_(b.lshr(outcome, I64(16)), I64(0xFF))
+        rule = b.lshr(outcome, I64(32))
+        head = b.and_(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), b.not_(passed))
+        plain = b.icmp_unsigned("==", b.and_(resume, I64(tls.CONN_TLS_FLAGS)), I64(0))
+        # contract.ANSWERED_REASONS: 3..14 (the scanner's refusals and max-head), 16, 17.
+        known = b.and_(
+            b.icmp_unsigned(">=", reason, I64(Reason.BAD_METHOD)),
+            b.icmp_unsigned("<=", reason, I64(Reason.DEFAULT)),
+        )
+        known = b.and_(known, b.icmp_unsigned("!=", reason, I64(Reason.PULL_FAILED)))
+        by_rule = b.icmp_unsigned("!=", rule, I64(NO_RULE))
+        flags = fx.load_table("rule_flags", b.select(by_rule, rule, I64(0)), I32)
+        index = b.select(by_rule, b.lshr(flags, I64(RULE_ANSWER_SHIFT)), I64(0))
+        index = b.and_(index, I64(3))
+        status = fx.load_table("answer_status", index, I32)
+        key = b.load(gep(b, conn, I8, [I64(CONN_KEY)]), typ=I64)
+        ok = b.and_(b.and_(head, plain), b.and_(known, b.icmp_unsigned("!=", key, I64(0))))
+        answer = b.select(ok, status, I64(0))
+        # Read only for a refusal that would be answered: one map lookup, off the common path.
+        before = b.block
+        with b.if_then(b.icmp_unsigned("!=", answer, I64(0)), likely=False):
+            on, asked = self.rec.answers_on(b), b.block
+        answers_on = b.phi(I64, "answers_on")
+        answers_on.add_incoming(I64(0), before)
+        answers_on.add_incoming(on, asked)
+        answer = b.select(b.icmp_unsigned("!=", answers_on, I64(0)), answer, I64(0))
+        row = b.add(b.mul(index, I64(ANSWER_ROWS)), b.and_(reason, I64(ANSWER_ROWS - 1)))
+        return answer, row
+
+    def answer(self, fx: Fn, msg: ir.Value, conn: ir.Value, row: ir.Value, size, verdict) -> None:
+        """Rewrite the message into the response of `row` and redirect it into the sending
+        socket's own receive queue: the client reads the answer, nothing of the request (nor
+        anything after it in this message) leaves, and send() reports the bytes sent. The
+        connection then discards whatever it sends (RESUME_ANSWERED). Any helper failing
+        drops the message instead (its bytes never leave either way)."""
+        b = fx.b
+        want = I64(ANSWER_BYTES)
+        # The row goes through map memory (the scan's cand_off, unused by now) and is read back
+        # after the helpers below, which may write any memory: LLVM then cannot know the row is
+        # below 64, keeps the table's mask, and the verifier sees an AND. Computed in registers,
+        # LLVM drops the mask and joins the row's two parts with an OR, whose bounds the 6.1
+        # verifier does not track ("math between map_value pointer and register with
+        # unbounded min value is not allowed").
+        fx.put("cand_off", row)
+
+        def check(ret: ir.Value) -> None:
+            with b.if_then(b.icmp_unsigned("!=", ret, I64(0)), likely=False):
+                verdict(SK_DROP)
+
+        with b.if_then(b.icmp_unsigned(">", size, want)):
+            cut = b.trunc(b.sub(size, want), I32)
+            check(h.call(b, h.MSG_POP_DATA, msg, I32(ANSWER_BYTES), cut, I64(0)))
+        with b.if_then(b.icmp_unsigned("<", size, want)):
+            grow = b.trunc(b.sub(want, size), I32)
+            check(h.call(b, h.MSG_PUSH_DATA, msg, b.trunc(size, I32), grow, I64(0)))
+        check(h.call(b, h.MSG_PULL_DATA, msg, I32(0), I32(ANSWER_BYTES), I64(0)))
+        data = b.load(gep(b, msg, I8, [I64(MSG_DATA)]), typ=PTR)
+        data_end = b.load(gep(b, msg, I8, [I64(MSG_DATA_END)]), typ=PTR)
+        # Not inbounds: data + ANSWER_BYTES may lie past the window; that is what is checked.
+        end = b.gep(data, [I64(ANSWER_BYTES)], source_etype=I8)
+        with b.if_then(b.icmp_unsigned(">", end, data_end), likely=False):
+            verdict(SK_DROP)
+        row = fx.get("cand_off")  # (stored before the helper calls: see below)
+        for k in range(ANSWER_WORDS):
+            word = b.load(fx.table("answers", row, I32(k)), typ=I64)
+            b.store(word, gep(b, data, I8, [I64(8 * k)]))
+        b.store(I64(RESUME_ANSWERED | tls.CONN_HTTP), conn)
+        b.store(I64(0), gep(b, conn, I8, [I64(CONN_LEFT)]))
+        self.rec.count(b, SLOT_ANSWERED, 1, size)
+        key = self.own_key
+        b.store(b.load(gep(b, conn, I8, [I64(CONN_KEY)]), typ=I64), key)
+        ret = h.call(b, h.MSG_REDIRECT_HASH, msg, self.socks, key, I64(BPF_F_INGRESS))
+        verdict(b.trunc(ret, I32))
 
     # --- sock_ops program -------------------------------------------------------------------
 
@@ -391,6 +502,14 @@ class SkMsgBackend:
         b.cbranch(governed, insert, done)
         b.position_at_end(insert)
         b.store(h.call(b, h.GET_SOCKET_COOKIE, ops), key)
+        # The cookie in the connection's storage too: the key of the socket's own entry, to
+        # which an answer is redirected (sk_msg programs have no helper to read a cookie).
+        sk = b.load(gep(b, ops, I8, [I64(OPS_SK)]), typ=PTR)
+        with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(sk, I64), I64(0))):
+            flags = I64(BPF_SK_STORAGE_GET_F_CREATE)
+            conn = h.call(b, h.SK_STORAGE_GET, self.conn_map, sk, ir.Constant(PTR, None), flags)
+            with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(conn, I64), I64(0))):
+                b.store(b.load(key, typ=I64), gep(b, conn, I8, [I64(CONN_KEY)]))
         h.call(b, h.SOCK_HASH_UPDATE, ops, self.socks, key, I64(BPF_NOEXIST))
         b.branch(done)
         b.position_at_end(done)

@@ -27,7 +27,14 @@ from sockpol.codegen.scanner import (
 from sockpol.dsl import patterns, regex
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy
 from sockpol.dsl.patterns import parse_pattern
-from sockpol.telemetry import MODE_DRY_RUN, MODE_ENFORCE, RULE_AUDIT, RULE_LOG, RULE_PASS
+from sockpol.telemetry import (
+    MODE_DRY_RUN,
+    MODE_ENFORCE,
+    RULE_ANSWER_SHIFT,
+    RULE_AUDIT,
+    RULE_LOG,
+    RULE_PASS,
+)
 
 MAX_FACT_WORDS = 8  # 512 distinct facts (the fact words are part of the connection's work area)
 SEGMENT_BYTE = http.PATH_BYTE & ~(1 << ord("/"))
@@ -56,6 +63,7 @@ class RuleEntry:
     allow: bool  # the request passes: an allow or an audit rule
     log: bool = False  # record an event when the rule passes a request (`log`)
     audit: bool = False  # record the request as one a deny rule would refuse (`audit`)
+    answer: int = 0  # how its refusals are answered: an index into Policy.answers()
 
     @property
     def flags(self) -> int:
@@ -64,6 +72,7 @@ class RuleEntry:
             (RULE_PASS if self.allow else 0)
             | (RULE_LOG if self.log else 0)
             | (RULE_AUDIT if self.audit else 0)
+            | self.answer << RULE_ANSWER_SHIFT
         )
 
 
@@ -277,6 +286,7 @@ def _lower(policy: Policy) -> MatcherIR:
             rule.action is not Action.DENY,
             log=rule.log,
             audit=rule.action is Action.AUDIT,
+            answer=policy.answers().index(policy.rule_answer(rule)),
         )
         for rule in policy.rules
     )

@@ -5,6 +5,8 @@ BPF functions that a program calls at its decision points, so that the decisions
 stay readable (emit.py's `msg_program`; a second backend would call the same):
 
 - `sockpol_mode()`: the policy's current mode from the control map (enforce when unreadable);
+- `sockpol_answers_on()`: whether refusals may be answered (the control map's second word is 0;
+  the loader sets it where the kernel cannot answer, `sockpol doctor`);
 - `sockpol_count(slot, requests, bytes)`: add to a per-CPU counter slot;
 - `sockpol_judged(...)`: a head was judged by a rule or the default: count it, apply audit,
   dry-run and log, and say whether the request passes;
@@ -46,6 +48,7 @@ from sockpol.contract import (
 )
 from sockpol.telemetry import (
     COUNTS_MAP,
+    CTL_ANSWERS_OFF,
     CTL_MAP,
     EVBUF_MAP,
     EVENT,
@@ -130,11 +133,12 @@ class Recorder:
             self.ob.dbg.array(self.ob.u8, EVENT.size, 8),
         )
         self.ctl_map = self.ob.btf_map(
-            CTL_MAP, BPF_MAP_TYPE_ARRAY, 1, self.ob.u32, self.ob.dbg.array(self.ob.u32, 2, 32)
+            CTL_MAP, BPF_MAP_TYPE_ARRAY, 1, self.ob.u32, self.ob.dbg.array(self.ob.u32, 3, 32)
         )
 
     def functions(self) -> None:
         self.fn_mode = self._mode_fn()
+        self.fn_answers_on = self._answers_on_fn()
         self.fn_count = self._count_fn()
         self.copier_t = ir.LiteralStructType([PTR, PTR, PTR, I64])
         self.fn_copy_method = self._copy_method_fn()
@@ -172,11 +176,20 @@ class Recorder:
         """A send on a connection that a dry-run pass left without framing."""
         return self.ob.call(b, self.fn_unjudged, msg, resume, mode)
 
+    def answers_on(self, b: ir.IRBuilder) -> ir.Value:
+        return self.ob.call(b, self.fn_answers_on)
+
     def record_event(
-        self, b: ir.IRBuilder, msg: ir.Value, scan: ir.Value, outcome: ir.Value
+        self,
+        b: ir.IRBuilder,
+        msg: ir.Value,
+        scan: ir.Value,
+        outcome: ir.Value,
+        answer: ir.Value,
     ) -> None:
+        """`answer`: the status the refusal is answered with, 0 when dropped (or passed)."""
         with b.if_then(b.icmp_unsigned("!=", _field(b, outcome, 1), I64(0))):
-            self.ob.call(b, self.fn_event, msg, scan, outcome)
+            self.ob.call(b, self.fn_event, msg, scan, outcome, answer)
 
     @staticmethod
     def passes(b: ir.IRBuilder, outcome: ir.Value) -> ir.Value:
@@ -192,6 +205,17 @@ class Recorder:
         with b.if_then(_is_null(b, ctl), likely=False):
             b.ret(I64(0))  # enforce
         b.ret(b.zext(b.load(ctl, typ=I32), I64))
+        return fn
+
+    def _answers_on_fn(self) -> ir.Function:
+        fn, b = self.ob.function("sockpol_answers_on", I64, [])
+        key = b.alloca(I32, name="key")
+        b.store(I32(0), key)
+        ctl = h.call(b, h.MAP_LOOKUP_ELEM, self.ctl_map, key)
+        with b.if_then(_is_null(b, ctl), likely=False):
+            b.ret(I64(0))  # unreadable: drop, as before answers
+        off = b.load(_byte(b, ctl, CTL_ANSWERS_OFF), typ=I32)
+        b.ret(b.zext(b.icmp_unsigned("==", off, I32(0)), I64))
         return fn
 
     def _count_fn(self) -> ir.Function:
@@ -282,9 +306,9 @@ class Recorder:
         iterations, so the verifier checks each callback once (a copier that tracked lengths
         and match progress byte by byte made it walk thousands of states per call)."""
         fn, b = self.ob.function(
-            "sockpol_event", I64, [("msg", PTR), ("scan", PTR), ("outcome", I64)]
+            "sockpol_event", I64, [("msg", PTR), ("scan", PTR), ("outcome", I64), ("answer", I64)]
         )
-        msg, scan, outcome = fn.args
+        msg, scan, outcome, answer = fn.args
         fx = Fn.of_scan(b, self.tables, scan)
         verdict, reason, head = (_field(b, outcome, i) for i in range(1, 4))
         rule = b.lshr(outcome, I64(32))
@@ -312,6 +336,7 @@ class Recorder:
         put("size", ctx32(MSG_SIZE))
         put("verdict", verdict)
         put("reason", reason)
+        put("answer", answer)
         put("family", ctx32(MSG_FAMILY))
         put("remote_port", ctx32(MSG_REMOTE_PORT))
         put("local_port", ctx32(MSG_LOCAL_PORT))

@@ -12,15 +12,17 @@ it from the control map, so a `TablesConnection`'s mode can change between sends
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sockpol.codegen import scanner as sc
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT, MAX_TABLE
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.normalize import Normalizer
 from sockpol.contract import (
+    ANSWERED_REASONS,
     CHUNK_MAX,
     CL_MAX,
+    RESUME_ANSWERED,
     RESUME_CHUNK_DATA_END,
     RESUME_CHUNK_LINE,
     RESUME_REQUEST,
@@ -32,9 +34,11 @@ from sockpol.model.stream import Judged, Stream
 from sockpol.telemetry import (
     MODE_DRY_RUN,
     MODE_ENFORCE,
+    RULE_ANSWER_SHIFT,
     RULE_AUDIT,
     RULE_LOG,
     RULE_PASS,
+    SLOT_ANSWERED,
     SLOT_DEFAULT,
     SLOT_REFUSED,
     SLOT_RULES,
@@ -65,6 +69,8 @@ class RunResult:
     event: EventKind | None = None
     counts: tuple[tuple[int, int, int], ...] = ()  # (slot, requests, bytes) added
     conn: int = RESUME_REQUEST  # the whole per-connection word stored for the next run
+    answer: int = 0  # a refusal answered: the response's status (0: dropped)
+    discard: bool = False  # the message is consumed, nothing leaves (answered, or after one)
 
     @property
     def would_refuse(self) -> bool:
@@ -158,18 +164,51 @@ def first_matching_rule(ir: MatcherIR, facts: int, path_state: int) -> int | Non
 
 
 def run(
-    ir: MatcherIR, message: bytes, resume: int = RESUME_REQUEST, mode: int = MODE_ENFORCE
+    ir: MatcherIR,
+    message: bytes,
+    resume: int = RESUME_REQUEST,
+    mode: int = MODE_ENFORCE,
+    answers: bool = True,
 ) -> RunResult:
     """One run on `message`. `resume` is the connection's state from the previous run
     (`RunResult.conn`), the two u64 of its socket storage as one number: the word (the resume
     point in bits 0..7, the reason an unjudged connection lost its framing in bits 8..15, TLS
     flags in 16..23 (tls.py), the counter slot of the request whose body follows in 32..63) and,
-    from bit 64 on, how many bytes of an earlier verdict's body or TLS record are still to come."""
+    from bit 64 on, how many bytes of an earlier verdict's body or TLS record are still to come.
+    `answers` False: the loader turned answers off (the kernel cannot answer): all are dropped."""
     size = len(message)
     word, left = resume & WORD_MASK, resume >> 64
-    kind, saved_reason, body_slot = word & 0xFF, (word >> 8) & 0xFF, (word >> 32) & 0xFFFFFFFF
+    kind = word & 0xFF
     if size == 0:
         return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, conn=resume)
+    if kind == RESUME_ANSWERED:  # after an answered refusal: everything is discarded
+        counts = ((SLOT_ANSWERED, 0, size),)
+        return RunResult(False, Reason.NONE, None, 0, 0, 0, 0, kind, None, None, counts, resume,
+                         discard=True)  # fmt: skip
+    r = _run(ir, message, word, left, mode)
+    if answers and kind == RESUME_REQUEST and not word & tls.CONN_TLS_FLAGS:
+        r = _answered(ir, r, size)
+    return r
+
+
+def _answered(ir: MatcherIR, r: RunResult, size: int) -> RunResult:
+    """A refused head answered (emit.answer_for): the response replaces the message."""
+    if r.allow or r.reason not in ANSWERED_REASONS:
+        return r
+    index = ir.rules[r.rule].flags >> RULE_ANSWER_SHIFT & 3 if r.rule is not None else 0
+    statuses = ir.policy.answers()
+    status = statuses[index] if index < len(statuses) else 0
+    if not status:
+        return r
+    counts = (*r.counts, (SLOT_ANSWERED, 1, size))
+    conn = RESUME_ANSWERED | tls.CONN_HTTP
+    return replace(r, apply_bytes=0, answer=status, discard=True, counts=counts, conn=conn)
+
+
+def _run(ir: MatcherIR, message: bytes, word: int, left: int, mode: int) -> RunResult:
+    size = len(message)
+    kind, saved_reason, body_slot = word & 0xFF, (word >> 8) & 0xFF, (word >> 32) & 0xFFFFFFFF
+    resume = word | left << 64
     if left:
         # The rest of a body (or record) an earlier verdict covered: passed without a look.
         n = min(left, size)
@@ -303,11 +342,13 @@ class TablesConnection(Stream[int, RunResult]):
         super().__init__(RESUME_REQUEST)
         self.ir = ir
         self.mode = mode
+        self.answers = True  # False: the loader turned answers off
 
     @property
     def verdicts(self) -> list[RunResult]:
         return self.records
 
     def judge_run(self, message: bytes) -> Judged[int, RunResult]:
-        r = run(self.ir, message, self.state, self.mode)
-        return Judged(r.allow, r.apply_bytes, r.cork_bytes, None if r.cork_bytes else r.conn, r)
+        r = run(self.ir, message, self.state, self.mode, self.answers)
+        state = None if r.cork_bytes else r.conn
+        return Judged(r.allow, r.apply_bytes, r.cork_bytes, state, r, discard=r.discard)

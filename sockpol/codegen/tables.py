@@ -24,14 +24,27 @@ from sockpol.codegen.lower import MAX_FACT_WORDS, MatcherIR
 from sockpol.codegen.normalize import HEX_DIGITS, PCT_LEADING_SLASH, UNRESERVED
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
 from sockpol.codegen.scanner import FLAG_PATH_BYTE, TERMINAL_STATES, ScannerTables
-from sockpol.contract import MAX_DEPTH, MAX_SCAN, PATH_MAX, TABLES_SYMBOL
+from sockpol.contract import (
+    ANSWER_BYTES,
+    ANSWER_ROWS,
+    ANSWERED_REASONS,
+    MAX_ANSWERS,
+    MAX_DEPTH,
+    MAX_SCAN,
+    PATH_MAX,
+    TABLES_SYMBOL,
+    Reason,
+    answer_response,
+)
 from sockpol.model import tls
 
 # The connection's socket storage (`sockpol_conn`): the connection's word and the bytes of a body
-# or TLS record still to come (kept between runs), then the run's work area ("scratch"): the
-# normalized path, the stack of segment starts (u16 each), the scan's scalars and its fact words
+# or TLS record still to come (kept between runs), its key in the sockhash (the socket cookie,
+# written by the sock_ops program: sk_msg programs cannot read a cookie, and an answer is
+# redirected to the socket's own entry), then the run's work area ("scratch"): the normalized
+# path, the stack of segment starts (u16 each), the scan's scalars and its fact words
 # (rewritten by every run).
-CONN_WORD, CONN_LEFT, CONN_SCRATCH = 0, 8, 16
+CONN_WORD, CONN_LEFT, CONN_KEY, CONN_SCRATCH = 0, 8, 16, 24
 STACK_OFFSET = PATH_MAX
 SCALARS_OFFSET = PATH_MAX + 2 * MAX_DEPTH
 assert PATH_MAX & (PATH_MAX - 1) == 0 and MAX_DEPTH & (MAX_DEPTH - 1) == 0
@@ -110,6 +123,32 @@ CONFIG = [
 ]  # fmt: skip
 
 
+ANSWER_WORDS = ANSWER_BYTES // 8
+ANSWER_ROW_T = ir.ArrayType(I64, ANSWER_WORDS)
+
+
+def answer_rows(policy: str, statuses: tuple[int, ...]) -> ir.Constant:
+    """Every response the program may write, as rows of little-endian words."""
+    blank = bytes(ANSWER_BYTES)
+    rows = [blank] * (MAX_ANSWERS * ANSWER_ROWS)
+    for a, status in enumerate(statuses):
+        for reason in ANSWERED_REASONS:
+            if status:
+                text = answer_response(policy, status, Reason(reason).slug)
+                rows[a * ANSWER_ROWS + (reason & (ANSWER_ROWS - 1))] = text
+    table = ir.ArrayType(ANSWER_ROW_T, len(rows))
+    return ir.Constant(
+        table,
+        [
+            ir.Constant(
+                ANSWER_ROW_T,
+                [I64(int.from_bytes(r[8 * k : 8 * k + 8], "little")) for k in range(ANSWER_WORDS)],
+            )
+            for r in rows
+        ],
+    )
+
+
 class Tables:
     """The tables global (built from a matcher IR and its table shape) and how to reach it."""
 
@@ -155,6 +194,7 @@ class Tables:
             "path_dead": comb.dead_id,
             "tls": tls.policy_mode(ir_.policy),
         }
+        statuses = ir_.policy.answers()
         hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
         def words(rows: list[list[int]]) -> ir.Constant:
@@ -190,6 +230,11 @@ class Tables:
             # too, for new connections).
             "ports": array(I8, port_bitmap(ir_.policy.ports)),
             "config": array(I32, [config[k] for k in CONFIG]),
+            # Answers (contract.answer_response): the status of each of the policy's answers
+            # (0: drop), and the response of each answer and refusal reason, row
+            # answer * ANSWER_ROWS + (reason & 15), as ANSWER_BYTES / 8 words.
+            "answer_status": array(I32, list(statuses) + [0] * (MAX_ANSWERS - len(statuses))),
+            "answers": answer_rows(ir_.policy.name, statuses),
         }
         self.t_index = {name: i for i, name in enumerate(fields)}
         self.t_len = {name: len(c.type) for name, c in fields.items()}

@@ -43,6 +43,22 @@ class TlsSpec:
     userspace: TlsUserspace = TlsUserspace.DENY
 
 
+ANSWER_DROP = 0  # `answer drop`: the send fails (EACCES), the client reads nothing
+
+
+@dataclass(frozen=True)
+class Answer:
+    """`answer drop` or `answer STATUS` (400..599): how the kernel answers a request the policy
+    refuses; on a policy (its refusals, the default's and those before any rule) or on a deny
+    rule (that rule's). contract.answer_response() is the response."""
+
+    span: Span
+    status: int  # ANSWER_DROP, or an HTTP status 400..599
+
+    def __str__(self) -> str:
+        return "drop" if self.status == ANSWER_DROP else str(self.status)
+
+
 @dataclass(frozen=True)
 class PortRange:
     span: Span
@@ -108,6 +124,7 @@ class Rule:
     path: PathPattern
     conditions: tuple[Condition, ...]
     log: bool = False  # `log`: record an event whenever this rule decides a request
+    answer: Answer | None = None  # `answer ...`: how this rule's refusals are answered
 
     def describe(self) -> str:
         text = f"{self.action.value} {self.methods} {self.path.text}"
@@ -115,6 +132,8 @@ class Rule:
             text += " if " + " and ".join(str(c) for c in self.conditions)
         if self.log:
             text += " log"
+        if self.answer is not None:
+            text += f" answer {self.answer}"
         return text
 
 
@@ -134,9 +153,29 @@ class Policy:
     mode: Mode = Mode.ENFORCE
     mode_span: Span | None = None  # the `mode` statement, None when the policy has none
     tls: TlsSpec | None = None  # None: the ports carry plaintext HTTP
+    answer: Answer | None = None  # None: refusals are dropped (`answer drop`)
 
     def governs(self, port: int) -> bool:
         return any(r.low <= port <= r.high for r in self.ports)
+
+    @property
+    def answer_status(self) -> int:
+        """How the policy answers its refusals: ANSWER_DROP or an HTTP status."""
+        return self.answer.status if self.answer is not None else ANSWER_DROP
+
+    def rule_answer(self, rule: Rule | None) -> int:
+        """How a refusal by `rule` (None: the default, or before any rule) is answered."""
+        if rule is not None and rule.answer is not None:
+            return rule.answer.status
+        return self.answer_status
+
+    def answers(self) -> tuple[int, ...]:
+        """The distinct answers of the policy, its own first: the kernel's answer table."""
+        out = [self.answer_status]
+        for rule in self.rules:
+            if rule.answer is not None and rule.answer.status not in out:
+                out.append(rule.answer.status)
+        return tuple(out)
 
 
 @dataclass(frozen=True)

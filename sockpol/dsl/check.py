@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from sockpol.contract import MAX_ANSWERS
 from sockpol.diagnostics import Diagnostic, DiagnosticBag, Severity, Source, Span, position
 from sockpol.dsl import patterns, regex
 from sockpol.dsl.ast import (
@@ -94,6 +95,33 @@ class _Checker:
         for rule in policy.rules:
             self.rule(rule)
             self.repeated_rule(rule, rules_seen)
+        self.answers(policy)
+
+    def answers(self, policy: Policy) -> None:
+        """At most MAX_ANSWERS distinct answers (the kernel's answer table); `answer` on a rule
+        that never refuses (allow, audit) says nothing."""
+        seen = [policy.answer_status]
+        for rule in policy.rules:
+            if rule.answer is None:
+                continue
+            if rule.action is not Action.DENY:
+                self.bag.warning(
+                    rule.answer.span,
+                    f"'answer {rule.answer}' on {_article(rule.action.value)} rule changes "
+                    "nothing: the requests it matches pass",
+                    "W195",
+                    "'answer' on a deny rule says how its refusals are answered",
+                )
+            if rule.answer.status not in seen:
+                seen.append(rule.answer.status)
+                if len(seen) == MAX_ANSWERS + 1:
+                    self.bag.error(
+                        rule.answer.span,
+                        f"more than {MAX_ANSWERS} distinct answers in one policy "
+                        f"({', '.join('drop' if a == 0 else str(a) for a in seen)})",
+                        "E162",
+                        "the policy's own answer counts as one; use fewer statuses",
+                    )
 
     def name(self, policy: Policy) -> None:
         name = policy.name
@@ -529,3 +557,7 @@ def _value_problems(value: str) -> list[TextProblem]:
             )
         )
     return found
+
+
+def _article(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"

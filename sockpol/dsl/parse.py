@@ -9,7 +9,8 @@ as "outside a policy".
 Besides syntax, parse reports what the AST cannot hold and so the checker cannot see: a missing
 or repeated `default`, a missing `port`, a repeated `max-head`, `mode` or `tls`, a port that is
 not a number, a `max-head` size that is malformed or out of range, and an unknown `mode` or
-`tls userspace` word. Everything else is check.py's.
+`tls userspace` word, a repeated `answer` and an answer that is neither `drop` nor a status
+400..599. Everything else is check.py's.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from functools import cache
 from lark import Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
+from sockpol.contract import ANSWER_STATUS_MAX, ANSWER_STATUS_MIN
 from sockpol.diagnostics import Diagnostic, DiagnosticBag, Severity, Source, Span
 from sockpol.dsl.ast import (
+    ANSWER_DROP,
     DEFAULT_MAX_HEAD,
     Action,
+    Answer,
     Condition,
     HeaderCondition,
     HostCondition,
@@ -43,7 +47,9 @@ from sockpol.grammar import parser
 
 MAX_ERRORS = 50  # past this, a file is not a policy with typos; more errors would only be noise
 
-STATEMENTS = ("policy", "port", "default", "max-head", "mode", "tls", "allow", "deny", "audit")
+STATEMENTS = (
+    "policy", "port", "default", "max-head", "mode", "tls", "answer", "allow", "deny", "audit",
+)  # fmt: skip
 KEYWORDS = (*STATEMENTS, "if", "and", "host", "header", "log", "userspace")
 MODES = {m.value: m for m in Mode}
 TLS_USERSPACE = {u.value: u for u in TlsUserspace}
@@ -86,6 +92,7 @@ class _Block:
     max_head: tuple[int, Span] | None = None
     mode: tuple[Mode, Span] | None = None
     tls: TlsSpec | None = None
+    answer: Answer | None = None
     rules: list[Rule] = field(default_factory=list)
     saw_port: bool = False
     broken: bool = False  # a line inside failed to parse
@@ -334,10 +341,52 @@ class _FileParser:
             return
         block.tls = TlsSpec(span, userspace)
 
+    def _answer_word(self, node: Tree, lineno: int) -> Answer | None:
+        """`drop` or a status 400..599 (the word of `answer` and of a rule's `answer`)."""
+        token = node.children[0]
+        assert isinstance(token, Token)
+        span = _token_span(token, lineno)
+        if token.value == "drop":
+            return Answer(span, ANSWER_DROP)
+        if token.value.isdigit() and len(token.value) == 3:
+            status = int(token.value)
+            if ANSWER_STATUS_MIN <= status <= ANSWER_STATUS_MAX:
+                return Answer(span, status)
+        self.bag.error(
+            span,
+            f"unknown answer '{_short(token)}': expected drop or an HTTP status 400..599",
+            "E160",
+            "answer 403 (the default body names the policy and the reason), answer 404, "
+            "answer 429, or answer drop (the send fails, the client reads nothing)",
+        )
+        return None
+
+    def _answer(self, node: Tree, lineno: int) -> None:
+        block = self._statement_block(node, lineno)
+        answer = self._answer_word(node, lineno)
+        if block is None or answer is None:
+            return
+        if block.answer is not None:
+            self.bag.error(
+                _span(node.meta, lineno),
+                f"a second 'answer' (the first is on line {block.answer.span.line})",
+                "E161",
+                "a policy has at most one answer; a deny rule may have its own",
+            )
+            return
+        block.answer = answer
+
     def _rule(self, node: Tree, lineno: int) -> None:
         block = self._statement_block(node, lineno)
-        log = bool(node.children) and _is_tree(node.children[-1], "log")
-        children = node.children[:-1] if log else node.children
+        answer = None
+        children = node.children
+        if children and _is_tree(children[-1], "rule_answer"):
+            answer_node = children[-1]
+            assert isinstance(answer_node, Tree)
+            answer = self._answer_word(answer_node, lineno)
+            children = children[:-1]
+        log = bool(children) and _is_tree(children[-1], "log")
+        children = children[:-1] if log else children
         action_node, methods_node, path_token, *condition_nodes = children
         assert isinstance(methods_node, Tree) and isinstance(path_token, Token)
         method_tokens = [t for t in methods_node.children if isinstance(t, Token)]
@@ -364,6 +413,7 @@ class _FileParser:
                 path,
                 conditions,
                 log,
+                answer,
             )
         )
 
@@ -444,6 +494,7 @@ class _FileParser:
                 mode,
                 mode_span,
                 block.tls,
+                block.answer,
             )
         )
 
@@ -495,6 +546,15 @@ _EXAMPLES: dict[str, list[str]] = {
         "tls userspace deny deny",
         "tls userspace x y",
         "tls userspace allow {",
+    ],
+    "answer": ["answer", "answer /", 'answer "403"', "answer {", "answer ,"],
+    "answer_eol": ["answer 403 x", "answer drop /", "answer 403 403", "answer 403 {"],
+    "rule_answer": ["deny GET /x answer", "deny GET /x answer /", 'deny GET /x answer "403"'],
+    "after_answer": [
+        "deny GET /x answer 403 x",
+        "deny GET /x answer 404 log",
+        "deny GET /x answer 403 answer",
+        'deny GET /x if host "a" answer 403 x',
     ],
     "methods": ["allow", "allow /x", "allow ,", 'allow "GET"'],
     "method": ["allow GET,", "allow GET, /x", "allow GET,,"],
@@ -566,16 +626,20 @@ _MESSAGES = {
     "tls": "expected 'userspace' or the end of the line after 'tls'",
     "tls_userspace": "expected deny or allow after 'tls userspace'",
     "tls_eol": "expected the end of the line after 'tls userspace deny|allow'",
+    "answer": "expected drop or an HTTP status after 'answer', like 403",
+    "answer_eol": "expected the end of the line after the answer",
+    "rule_answer": "expected drop or an HTTP status after 'answer', like 404",
+    "after_answer": "'answer ...' ends a rule: expected the end of the line",
     "methods": "expected methods after the action: GET, GET,HEAD or *",
     "method": "expected a method after ','",
     "path": "expected a path starting with '/'",
-    "after_path": "expected 'if', 'log' or the end of the line after the path",
+    "after_path": "expected 'if', 'log', 'answer' or the end of the line after the path",
     "condition": 'expected a condition: host "PATTERN" or header NAME',
     "host": 'expected a quoted host pattern, like host "api.example.com"',
     "header_name": "expected a header name after 'header'",
     "header_value": "expected a quoted value after '='",
-    "after_condition": "expected 'and', 'log' or the end of the line after a condition",
-    "after_log": "'log' ends a rule: expected the end of the line",
+    "after_condition": "expected 'and', 'log', 'answer' or the end of the line after a condition",
+    "after_log": "after 'log' only 'answer ...' may follow: expected the end of the line",
 }
 
 
@@ -661,8 +725,8 @@ def _statement_hint(word: str) -> str:
     if close:
         return f"did you mean '{close[0]}'?"
     return (
-        "a line holds one of: policy NAME {, port, default, max-head, mode, tls, allow, deny, "
-        "audit, }"
+        "a line holds one of: policy NAME {, port, default, max-head, mode, tls, answer, allow, "
+        "deny, audit, }"
     )
 
 

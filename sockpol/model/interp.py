@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 
-from sockpol.contract import BEFORE_RULES
+from sockpol.contract import ANSWERED_REASONS, BEFORE_RULES, Reason
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy, Rule
 from sockpol.dsl.pathmatch import to_regex
 from sockpol.model import tls
@@ -82,6 +82,8 @@ class Verdict:
     refusal: Refusal | None = None
     checks: tuple[RuleCheck, ...] = ()  # the rules tried, in order, up to the deciding one
     event: str | None = None  # REFUSED, DRY_RUN, AUDIT, LOGGED, or None: nothing recorded
+    # A refusal answered: the status of the response the client reads (0: dropped, or passed).
+    answer: int = 0
 
     @property
     def would_refuse(self) -> bool:
@@ -114,6 +116,9 @@ class Run:
     # apply_bytes: under kTLS, apply_bytes ends with the TLS record.
     left: int = 0
     tls: int = 0  # the connection's TLS phase after this run: tls.CONN_* flags
+    # The message is consumed without a byte leaving: the refusal was answered (the client
+    # reads the response) or an earlier one was (the connection discards what it sends).
+    discard: bool = False
 
 
 def _covering(allow: bool, total: int, message: bytes, **kw) -> Run:
@@ -125,7 +130,9 @@ def _covering(allow: bool, total: int, message: bytes, **kw) -> Run:
 # Where a run starts: at a request head, at a chunk-size line, at the CRLF ending chunk data, or
 # nowhere: a dry-run pass of a refused head left the connection without framing ("unjudged"),
 # or `tls userspace allow` let a connection's user-space TLS pass ("tls-pass").
-RESUME = ("request", "chunk-size", "chunk-end", "unjudged", "tls-pass")
+# A refusal that was answered leaves the connection "answered": every later byte is discarded.
+RESUME = ("request", "chunk-size", "chunk-end", "unjudged", "tls-pass", "answered")
+ANSWERED_SLUGS = frozenset(Reason(r).slug for r in ANSWERED_REASONS)
 
 
 # -- rules ----------------------------------------------------------------------------------------
@@ -211,14 +218,18 @@ def judge(
     lost: str = "",
     left: int = 0,
     phase: int = 0,
+    answers: bool = True,
 ) -> Run:
     """One run of the kernel program on `message`, which starts where `resume` says. `mode` is
     the mode in force (default: the policy's); `lost` is the refusal that left an "unjudged"
     connection without framing; `left` and `phase` are `Run.left` and `Run.tls` of the run
-    before (a body still to come; where the connection is in its TLS handshake, tls.py)."""
+    before (a body still to come; where the connection is in its TLS handshake, tls.py).
+    `answers` False: the kernel cannot answer (`sockpol doctor`), every refusal is dropped."""
     dry_run = (mode or policy.mode) is Mode.DRY_RUN
     if not message:
         return Run(True, 0, resume=resume, left=left, tls=phase)
+    if resume == "answered":  # after an answered refusal: discarded, whatever it is
+        return Run(False, 0, resume=resume, tls=phase, discard=True)
     if left:
         return _covering(True, left, message, resume=resume, tls=phase)
     if resume == "tls-pass":  # counted as unjudged, not recorded as events
@@ -234,7 +245,25 @@ def judge(
         if step.action != tls.StepKind.HTTP:
             return _tls_run(step, message, dry_run, phase)
         phase |= tls.CONN_HTTP
-    return replace(_judge_http(policy, message, window, resume, mode, dry_run, lost), tls=phase)
+    run = replace(_judge_http(policy, message, window, resume, mode, dry_run, lost), tls=phase)
+    if answers and resume == "request" and not phase & tls.CONN_TLS_FLAGS:
+        run = answered(policy, run)
+    return run
+
+
+def answered(policy: Policy, run: Run) -> Run:
+    """A refused request head answered as the policy (or its deny rule) says: the message is
+    replaced by the response, and the connection discards what follows. Not answered: a refusal
+    in a body (part of the request has reached the server), TLS, or on a kTLS connection (the
+    response would be encrypted by the client's own TLS)."""
+    v = run.verdict
+    if run.allow or v is None or v.reason not in ANSWERED_SLUGS:  # "rule", "default" included
+        return run
+    status = policy.rule_answer(v.rule)
+    if not status:
+        return run
+    answer = replace(v, answer=status)
+    return replace(run, covers=0, resume="answered", left=0, discard=True, verdict=answer)
 
 
 def _tls_run(step: tls.Step, message: bytes, dry_run: bool, phase: int) -> Run:
@@ -345,6 +374,7 @@ class Connection(Stream[ConnState, Verdict]):
         self.policy = policy
         self.mode = mode
         self.observe = observe
+        self.answers = True  # False: the kernel cannot answer, refusals are dropped
 
     @property
     def verdicts(self) -> list[Verdict]:
@@ -357,12 +387,17 @@ class Connection(Stream[ConnState, Verdict]):
     def judge_run(self, message: bytes) -> Judged[ConnState, Verdict]:
         assert self.policy is not None
         st = self.state
-        run = judge(self.policy, message, st.resume, self.mode, st.lost, st.left, st.tls)
+        run = judge(
+            self.policy, message, st.resume, self.mode, st.lost, st.left, st.tls, self.answers
+        )
         if self.observe is not None:
             self.observe(message, st.resume, run)
         if run.cork:
             return Judged(run.allow, run.covers, run.cork, None, run.verdict)
         lost, resume = st.lost, st.resume
+        if run.discard:
+            state = ConnState("answered", 0, run.tls, lost)
+            return Judged(run.allow, 0, 0, state, run.verdict, discard=True)
         if run.allow:
             if run.resume == "unjudged" and st.resume != "unjudged":
                 assert run.verdict is not None

@@ -6,8 +6,11 @@ judges it from the compiled tables): they differ only in how one run of the prog
 so `Stream` takes that as a method (`judge_run`) and keeps everything else: per connection the
 verdict in force, how many more bytes it covers (apply_bytes), a corked message with the bytes
 still owed before the next run, the judge's own state between runs (what the program keeps in
-socket storage), and a refusal ending the connection for sending. It predicts, for a list of
-sends, the bytes the server receives and what each send() returns. It assumes every send fits
+socket storage), a refusal ending the connection for sending, and a refusal *answered*: the
+program rewrites the rest of the message into a response and redirects it into the client's own
+receive queue, so nothing of it leaves and send() reports it sent; the runs after it discard
+every byte the same way. It predicts, for a list of sends, the bytes the server receives and what
+each send() returns. It assumes every send fits
 one kernel message (sends of a few KiB).
 """
 
@@ -41,6 +44,10 @@ class Judged(Generic[State, Record]):
     cork: int = 0  # > 0: hold the message until it is this long, then run again
     state: State | None = None  # the storage for the next run (None: unchanged)
     record: Record | None = None  # what the run decided, kept in `records` when not None
+    # The whole message is consumed and nothing of it leaves: a refusal answered (the message
+    # becomes the response, redirected to the client) or a send after it (discarded). send()
+    # counts these bytes as sent.
+    discard: bool = False
 
 
 class Stream(Generic[State, Record]):
@@ -55,6 +62,7 @@ class Stream(Generic[State, Record]):
         self._apply = 0
         self._cork: bytearray | None = None  # a held message, waiting for `_owed` more bytes
         self._owed = 0
+        self.answered = False  # a refusal was answered: the client reads a response
 
     def judge_run(self, message: bytes) -> Judged[State, Record]:
         raise NotImplementedError
@@ -106,6 +114,12 @@ class Stream(Generic[State, Record]):
                 if run.cork:
                     self._owed = run.cork - len(msg)
                     self._cork = msg
+                    return 0
+                if run.discard:
+                    if run.state is not None:
+                        self.state = run.state
+                    self.answered = True
+                    del msg[:]
                     return 0
                 self._eval = _PASS if run.allow else _DROP
                 self._apply = run.covers

@@ -55,6 +55,10 @@ class PolicyCounters:
     would_refuse: dict[str, Count] = field(default_factory=dict)  # passed by dry-run or audit
     unjudged: Count = Count()  # sends passed on dry-run connections that lost their framing
     lost_events: int = 0
+    # Refusals answered with a response (`answer`): requests answered; bytes discarded (the
+    # refused sends and every send after them on those connections). Refused minus answered
+    # were dropped.
+    answered: Count = Count()
 
     def to_json(self) -> dict:
         def c(x: Count) -> dict:
@@ -67,6 +71,7 @@ class PolicyCounters:
             "would_refuse": {k: c(v) for k, v in self.would_refuse.items()},
             "unjudged": c(self.unjudged),
             "lost_events": self.lost_events,
+            "answered": c(self.answered),
         }
 
 
@@ -118,6 +123,8 @@ def read_counters(pin_dir: Path, meta: PolicyMetadata | None) -> PolicyCounters:
         would_refuse=would,
         unjudged=slot(layout["slot_unjudged"]),
         lost_events=slot(layout["slot_lost"]).requests,
+        # Objects compiled before answers record no slot: nothing was answered.
+        answered=slot(layout["slot_answered"]) if "slot_answered" in layout else Count(),
     )
 
 
@@ -160,9 +167,11 @@ def read_mode_fd(fd: int) -> str:
     return t.MODE_NAMES.get(mode, f"mode-{mode}")
 
 
-def _read_ctl(fd: int) -> tuple[int, int]:
+def _read_ctl(fd: int) -> tuple[int, int, int]:
+    """(mode, serial, answers_off) of an open control map. Writers keep the fields they do not
+    set, and hold the pin root's lock (load, reload, `sockpol mode`)."""
     value = libbpf.map_lookup(fd, _KEY.pack(0), t.CTL.size)
-    return t.CTL.unpack(value) if value is not None else (t.MODE_ENFORCE, 0)
+    return t.CTL.unpack(value) if value is not None else (t.MODE_ENFORCE, 0, 0)
 
 
 def write_mode(fd: int, mode: str) -> None:
@@ -170,8 +179,8 @@ def write_mode(fd: int, mode: str) -> None:
     beside it is kept: callers hold the pin root's lock, the only other writer's."""
     if mode not in t.MODES:
         raise TelemetryError(f"unknown mode {mode!r}: expected enforce or dry-run")
-    _, serial = _read_ctl(fd)
-    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(t.MODES[mode], serial))
+    _, serial, answers_off = _read_ctl(fd)
+    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(t.MODES[mode], serial, answers_off))
 
 
 def read_serial_fd(fd: int) -> int:
@@ -181,9 +190,21 @@ def read_serial_fd(fd: int) -> int:
 
 def write_serial(fd: int, serial: int) -> None:
     """Make version `serial` the one in force: runs of older versions hand over to the program
-    in the program array (emit.handover). The mode beside it is kept."""
-    mode, _ = _read_ctl(fd)
-    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(mode, serial))
+    in the program array (emit.handover). The mode and answers_off beside it are kept."""
+    mode, _, answers_off = _read_ctl(fd)
+    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(mode, serial, answers_off))
+
+
+def write_answers_off(fd: int, off: bool) -> None:
+    """Turn answers off (the kernel cannot redirect a response to the sender: refusals are then
+    dropped) or on, in an open control map; the mode and the serial are kept."""
+    mode, serial, _ = _read_ctl(fd)
+    libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(mode, serial, int(off)))
+
+
+def read_answers_off(pin_dir: Path) -> bool:
+    with _pin(pin_dir, CTL_PIN) as fd:
+        return bool(_read_ctl(fd)[2])
 
 
 def set_mode(name: str, mode: str) -> str:

@@ -61,6 +61,9 @@ class Event:
     path_len: int  # the whole normalized path's length
     size: int  # bytes in the message the program judged
     time_ns: int  # the kernel's stamp (CLOCK_MONOTONIC), for ordering
+    # A refusal answered with a response (`answer`): its HTTP status; None: dropped (the send
+    # failed), or not a refusal.
+    answer: int | None = None
 
     @property
     def path_cut(self) -> bool:
@@ -79,6 +82,8 @@ class Event:
             cause = f"rule {self.rule}" + (f" (line {self.line})" if self.line else "")
         else:  # the default, or a refusal before any rule: its reason
             cause = self.reason or "-"
+        if self.answer:
+            cause += f", answered {self.answer}"
         cut = "..."
         method = self.method + (cut if self.method_cut else "")
         host = (self.host or "-") + (cut if self.host_cut else "")
@@ -126,6 +131,7 @@ def _text(raw: bytes, length: int, room: int) -> tuple[str, bool]:
 
 def decode(policy: str, data: bytes, meta: PolicyMetadata | None, clock_offset_ns: int) -> Event:
     """One ring buffer record of `policy` (meta: its metadata, for rule lines)."""
+    data = bytes(data).ljust(t.EVENT.size, b"\0")  # a shorter record (older objects): no answer
     f = dict(zip((n for n, _ in t.EVENT_FIELDS), t.EVENT.unpack_from(data), strict=True))
     if f["family"] == socket.AF_INET6:
         src = str(ipaddress.IPv6Address(f["local_ip6"]))
@@ -166,6 +172,7 @@ def decode(policy: str, data: bytes, meta: PolicyMetadata | None, clock_offset_n
         path_len=f["path_len"],
         size=f["size"],
         time_ns=f["time_ns"],
+        answer=f["answer"] or None,
     )
 
 

@@ -68,6 +68,7 @@ from sockpol.runtime.counters import (
     CTL_PIN,
     read_mode_fd,
     read_serial_fd,
+    write_answers_off,
     write_mode,
     write_serial,
 )
@@ -288,6 +289,26 @@ def require_tls_support(meta: PolicyMetadata, name: str, done: str = "nothing wa
     support = tls_policy_support()
     if not support.ok:
         raise LoadError("load", support.refusal(name, done))
+
+
+def answers_off(meta: PolicyMetadata, name: str) -> bool:
+    """Whether the program must drop the refusals it would answer: this kernel cannot redirect a
+    response to the sending socket (`sockpol doctor`, "answers"). Warns when the policy asks for
+    answers; decided for every policy, so a hot reload that adds answers is covered too."""
+    from sockpol.runtime.probe import answer_support
+
+    support = answer_support()
+    if support.ok:
+        return False
+    if any(meta.answers):
+        why = support.lacks or support.detail
+        log.warning(
+            "policy %r: this kernel cannot answer refused requests (%s): they are dropped "
+            "instead, as with `answer drop` (see 'sockpol doctor')",
+            name,
+            why,
+        )
+    return True
 
 
 def _metadata_dict(meta: PolicyMetadata) -> dict:
@@ -610,6 +631,7 @@ class _Load:
         try:
             before = read_mode_fd(fd)
             write_mode(fd, self.mode)
+            write_answers_off(fd, answers_off(self.meta, self.name))
         except (BpfError, SockpolError) as e:
             raise LoadError("load", f"setting mode {self.mode}: {e}") from None
         if self.old is not None:

@@ -20,6 +20,7 @@ Metrics (label `policy` on all):
     sockpol_refused_requests_total{reason}, sockpol_refused_bytes_total{reason}
     sockpol_would_refuse_requests_total{reason}, ..._bytes_total    passed by dry-run or audit
     sockpol_unjudged_sends_total, sockpol_unjudged_bytes_total     dry-run, framing lost
+    sockpol_answered_requests_total, sockpol_answered_bytes_total   refusals answered (`answer`)
     sockpol_events_lost_total                                      ring buffer was full
 """
 
@@ -103,6 +104,14 @@ class PolicyCollector(Collector):
         )
         unjudged_bytes = counter("sockpol_unjudged_bytes", "Bytes of those sends.")
         lost = counter("sockpol_events_lost", "Events dropped because the ring buffer was full.")
+        answered_req = counter(
+            "sockpol_answered_requests",
+            "Refusals answered with a response (answer STATUS); the other refusals were dropped.",
+        )
+        answered_bytes = counter(
+            "sockpol_answered_bytes",
+            "Bytes discarded on answered connections (the refused sends and all sends after).",
+        )
         errors = CounterMetricFamily(
             "sockpol_scrape_errors", "Policies that could not be read during scrapes."
         )
@@ -113,7 +122,8 @@ class PolicyCollector(Collector):
             "rule_bytes": rule_bytes, "default_req": default_req, "default_bytes": default_bytes,
             "refused_req": refused_req, "refused_bytes": refused_bytes, "would_req": would_req,
             "would_bytes": would_bytes, "unjudged_req": unjudged_req,
-            "unjudged_bytes": unjudged_bytes, "lost": lost,
+            "unjudged_bytes": unjudged_bytes, "lost": lost, "answered_req": answered_req,
+            "answered_bytes": answered_bytes,
         }  # fmt: skip
         for s in status():
             try:
@@ -168,6 +178,8 @@ class PolicyCollector(Collector):
         m["unjudged_req"].add_metric([p], c.unjudged.requests)
         m["unjudged_bytes"].add_metric([p], c.unjudged.bytes)
         m["lost"].add_metric([p], c.lost_events)
+        m["answered_req"].add_metric([p], c.answered.requests)
+        m["answered_bytes"].add_metric([p], c.answered.bytes)
 
 
 def registry() -> CollectorRegistry:

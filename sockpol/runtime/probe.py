@@ -12,6 +12,8 @@
     bpf_loop      the bpf_loop helper is allowed in sk_msg programs (the scanner uses it)
     ktls          the tls ULP: `setsockopt(TCP_ULP, "tls")` and TLS_TX on a loopback socket
     ktls_sockmap  TLS on a socket that is already in a sockhash, with a program that must run
+    answer        an sk_msg program redirects a message into the sending socket's own receive
+                  queue (how a refusal is answered, `answer 403`), and the helpers it uses exist
 
 Why the last one is tried for real: upstream stable kernels gained "tls: reject the combination of
 TLS and sockmap" (Debian 6.1.190, 6.12.111, ...). There TLS_TX on a socket in a sockhash fails
@@ -73,6 +75,12 @@ class Finding:
 
 # What plaintext HTTP policies need; kTLS is an extra.
 CORE = ("privileges", "sk_msg", "sockhash", "btf", "cgroup2", "bpffs", "bpf_loop")
+ANSWER_HELPERS = {  # bpf helper ids: what an answer needs, by program type
+    "msg_redirect_hash": (bpf.BPF_PROG_TYPE_SK_MSG, 71),
+    "msg_push_data": (bpf.BPF_PROG_TYPE_SK_MSG, 90),
+    "msg_pop_data": (bpf.BPF_PROG_TYPE_SK_MSG, 91),
+    "sk_storage_get in sock_ops": (bpf.BPF_PROG_TYPE_SOCK_OPS, 107),
+}
 TLS = ("ktls", "ktls_sockmap")
 
 
@@ -409,6 +417,98 @@ def probe_ktls_sockmap() -> Finding:
         )
 
 
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> int:
+    return code | dst << 8 | src << 12 | (off & 0xFFFF) << 16 | (imm & 0xFFFFFFFF) << 32
+
+
+def _redirect_to_self_program(map_fd: int) -> int:
+    """An sk_msg program that redirects every message into its own socket's receive queue:
+    `bpf_msg_redirect_hash(msg, map, &key 0, BPF_F_INGRESS)`; its fd."""
+    insns = [
+        _insn(0xBF, 6, 1),  # r6 = r1
+        _insn(0x7A, 10, 0, -8, 0),  # *(u64 *)(r10 - 8) = 0
+        _insn(0x18, 2, 1, 0, map_fd),  # r2 = map (BPF_PSEUDO_MAP_FD)
+        0,
+        _insn(0xBF, 3, 10),  # r3 = r10
+        _insn(0x07, 3, 0, 0, -8),  # r3 += -8
+        _insn(0xB7, 4, 0, 0, 1),  # r4 = BPF_F_INGRESS
+        _insn(0xBF, 1, 6),  # r1 = r6
+        _insn(0x85, 0, 0, 0, 71),  # call bpf_msg_redirect_hash
+        _insn(0x95),  # exit
+    ]
+    arr = (_BPF_INSN * len(insns))(*insns)
+    fd = _libbpf().bpf_prog_load(
+        bpf.BPF_PROG_TYPE_SK_MSG, b"sockpol_probe", b"GPL", arr, len(insns), None
+    )
+    if fd < 0:
+        raise bpf.BpfError("load probe sk_msg program (bpf_msg_redirect_hash)", -fd)
+    return fd
+
+
+def probe_answer() -> Finding:
+    """Can a refusal be answered here? The helpers exist, and a message redirected with
+    BPF_F_INGRESS to the sending socket's own entry is read back by that socket (not sent)."""
+    title = "answers (a response redirected to the sender)"
+    for name, (prog_type, helper) in ANSWER_HELPERS.items():
+        ok, err = _feature(
+            lambda t=prog_type, h=helper: _libbpf().libbpf_probe_bpf_helper(t, h, None)
+        )
+        if ok is None:
+            return Finding("answer", title, Status.UNKNOWN, f"probe of {name} failed: {err}")
+        if not ok:
+            return Finding(
+                "answer",
+                title,
+                Status.MISSING,
+                f"the helper {name} is not allowed",
+                "refusals are dropped (the send fails with EACCES) whatever `answer` says",
+                f"the {name} helper",
+            )
+    with ExitStack() as stack:
+        map_fd = bpf.map_create(bpf.BPF_MAP_TYPE_SOCKHASH, "sockpol_probe", 8, 4, 1)
+        stack.callback(os.close, map_fd)
+        prog_fd = _redirect_to_self_program(map_fd)
+        stack.callback(os.close, prog_fd)
+        bpf.prog_attach(prog_fd, map_fd, bpf.BPF_SK_MSG_VERDICT)
+        client, server = _loopback_pair(stack)
+        bpf.map_update(map_fd, bytes(8), client.fileno().to_bytes(4, "little"))
+        probe = b"sockpol answer probe"
+        client.send(probe)
+        client.settimeout(2)
+        try:
+            back = client.recv(len(probe))
+        except OSError as e:
+            back = f"nothing ({ktls.describe_errno(e.errno) if e.errno else e})".encode()
+        server.setblocking(False)
+        try:
+            leaked = server.recv(64)
+        except BlockingIOError:
+            leaked = b""
+    if back == probe and not leaked:
+        return Finding(
+            "answer",
+            title,
+            Status.OK,
+            "a message redirected with BPF_F_INGRESS to the sender's own entry came back to it, "
+            "and the peer received nothing",
+            "policies with `answer STATUS` answer refused requests with that response",
+        )
+    return Finding(
+        "answer",
+        title,
+        Status.MISSING,
+        f"redirected to itself, the sender read {back[:40]!r}; the peer received {leaked[:40]!r}",
+        "refusals are dropped (the send fails with EACCES) whatever `answer` says",
+        "a working redirect of a message into the sender's own receive queue",
+    )
+
+
+@functools.cache
+def answer_support() -> Finding:
+    """`probe_answer()`, once per process (the loader asks it for every policy with answers)."""
+    return guarded("answer", "answers (a response redirected to the sender)", probe_answer)
+
+
 def probe() -> list[Finding]:
     """Probe the running kernel; never raises for a missing feature, only reports it."""
     findings = [_kernel(), _privileges()]
@@ -443,6 +543,11 @@ def probe() -> list[Finding]:
         )
     else:
         findings.append(guarded("ktls_sockmap", title, probe_ktls_sockmap))
+    answer_title = "answers (a response redirected to the sender)"
+    if not privileged:
+        findings.append(_unprivileged("answer", answer_title))
+    else:
+        findings.append(guarded("answer", answer_title, probe_answer))
     return findings
 
 

@@ -1,12 +1,13 @@
 """One VM session per pytest session: the kernel matrix, each kernel booted lazily, at most once.
 
 Every line of vmkernels.LINES runs CORE: loading and replacing policies, enforcement of every
-example, the probe, the verifier budget (every example, 10 and 10,000 rules, a policy using every
-feature: compiled once on the host), loading `tls` policies, the TLS handshake walk, and the kTLS
-tests, which check that sockpol fails closed where the kernel refuses TLS on sockmap sockets and
-enforce for real where it allows it. `6.1-ktls` (the newest 6.1 that allows it) runs only what
-concerns TLS and the budget. Not in the VMs: test_differential, test_operating, test_reload,
-test_scale (minutes on the host already, and timed by traffic under TCG), which the host runs.
+example, answered refusals (real clients, a load run), the probe, the verifier budget (every
+example, 10 and 10,000 rules, a policy using every feature: compiled once on the host), loading
+`tls` policies, the TLS handshake walk, and the kTLS tests, which check that sockpol fails closed
+where the kernel refuses TLS on sockmap sockets and enforce for real where it allows it.
+`6.1-ktls` (the newest 6.1 that allows it) runs only what concerns TLS and the budget. Not in the
+VMs: test_differential, test_operating, test_reload, test_scale (minutes on the host already, and
+timed by traffic under TCG), which the host runs.
 
 Two kernels boot at a time, one vCPU each (the machines have two cores).
 """
@@ -35,7 +36,12 @@ TLS_ONLY = [
     "tests/kernel/test_tls_handshake.py",
     "tests/kernel/ktls",
 ]
-CORE = ["tests/kernel/test_runtime.py", "tests/kernel/test_enforcement.py", *TLS_ONLY]
+CORE = [
+    "tests/kernel/test_runtime.py",
+    "tests/kernel/test_enforcement.py",
+    "tests/kernel/test_answer.py",
+    *TLS_ONLY,
+]
 PLAN: dict[str, list[str]] = {
     "6.1": CORE,
     "6.1-ktls": TLS_ONLY,
