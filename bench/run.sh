@@ -23,6 +23,7 @@ if [ "${1:-}" = "--quick" ]; then
     heads_args=(--sizes 10 --duration 1 --rounds 1 --head-sizes 100,2000)
     policy_args=(--requests 8)
     reload_args=(--sizes 10,40 --repeat 1 --duration 1)
+    answer_args=(--rounds 1 --duration 1)
     out=$(mktemp -d)
 else
     compile_args=()
@@ -30,6 +31,7 @@ else
     heads_args=(--sizes 10 --head-sizes 100,500,2000)
     policy_args=()
     reload_args=()
+    answer_args=()
 fi
 echo "== machine: $(nproc) CPUs, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== compile benchmark"
@@ -44,4 +46,6 @@ $PYTHON bench/http_bench.py "${http_args[@]}" "${policy_args[@]}" --mix policy "
     --out "$out/http-policy.json"
 echo "== reload benchmark: latency by size, and a reload storm under traffic"
 $PYTHON bench/reload_bench.py "${reload_args[@]}" --out "$out/reload.json"
+echo "== refusal benchmark: allowed against answered (403) and dropped refusals"
+$PYTHON bench/answer_bench.py "${answer_args[@]}" --out "$out/answer.json"
 echo "== results in $out"

@@ -24,6 +24,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+import answer_bench  # noqa: E402
 import compile_bench  # noqa: E402
 import http_bench  # noqa: E402
 import reload_bench  # noqa: E402
@@ -310,3 +311,18 @@ def test_reload_bench_runs(tmp_path):
     storm = result["storm"]
     assert storm["reloads"] >= 1 and storm["rps_storm"] > 0
     assert not storm["errors_storm"], storm  # no request lost or refused across the reloads
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or any(shutil.which(t) is None for t in ("wrk", "nginx")),
+    reason="needs root, wrk and nginx (bench/run.sh installs them)",
+)
+def test_answer_bench_runs(tmp_path):
+    _require_bpf()
+    out = tmp_path / "answer.json"
+    assert answer_bench.main(["--rounds", "1", "--duration", "1", "--out", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"allowed", "refused-403", "refused-drop"}
+    assert rows["allowed"]["rps"] > 0 and not rows["allowed"]["errors"]
+    assert rows["refused-403"]["rps"] > 0 and "non2xx" in rows["refused-403"]["errors"][0]
+    assert rows["refused-drop"]["runs_per_s"] > 0 and rows["refused-drop"]["rps"] == 0
