@@ -124,8 +124,9 @@ class Exchange:
     error: str = ""
 
 
-def exchange(ep: Endpoint, data: bytes, timeout: float = 5.0) -> Exchange:
-    """Send `data` on a new connection, half-close, read until the server closes."""
+def exchange(ep: Endpoint, data: bytes, timeout: float = 5.0, fin_after: float = 0.0) -> Exchange:
+    """Send `data` on a new connection, half-close (`fin_after` seconds later), read until the
+    server closes."""
     ex = Exchange(ep.label, data)
     if not data:
         return ex
@@ -133,6 +134,8 @@ def exchange(ep: Endpoint, data: bytes, timeout: float = 5.0) -> Exchange:
     try:
         with socket.create_connection(("127.0.0.1", ep.port), timeout=timeout) as s:
             s.sendall(data)
+            if fin_after:
+                time.sleep(fin_after)
             s.shutdown(socket.SHUT_WR)
             chunks = []
             while time.monotonic() < deadline:

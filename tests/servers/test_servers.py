@@ -33,6 +33,10 @@ def exchanges(endpoints: list[Endpoint], payloads: list[bytes]) -> None:
     todo = [(ep, p) for p in set(payloads) for ep in endpoints if (ep.label, p) not in _cache]
     with ThreadPoolExecutor(16) as pool:
         for (ep, p), ex in zip(todo, pool.map(lambda t: exchange(*t), todo), strict=True):
+            # A server that did not finish in time under a loaded machine (a JVM warming up
+            # while 16 exchanges run at once) gets the case once more, alone and with longer.
+            if ex.error and "timed out" in ex.error:
+                ex = exchange(ep, p, timeout=20.0)
             with _lock:
                 _cache[(ep.label, p)] = ex
 
@@ -93,6 +97,12 @@ def test_framing_agrees_with_every_server(endpoints):
 def test_the_servers_answer_pipelined_requests(endpoints, case):
     # The oracle's own check: every server answers three pipelined requests, routed alike.
     exchanges(endpoints, [case.data])
+    want = ["public@default"] * 3
     for ep in endpoints:
         ex = _cache[(ep.label, case.data)]
-        assert [r.key() for r in ex.responses] == ["public@default"] * 3, (ep.label, ex.raw[:300])
+        if [r.key() for r in ex.responses] != want:
+            # HAProxy sometimes stops after the first response when the client's FIN arrives
+            # with the pipelined requests (seen in CI); the FIN a moment later tells the two
+            # apart: a server that cannot answer pipelined requests still fails here.
+            ex = exchange(ep, case.data, fin_after=0.3)
+        assert [r.key() for r in ex.responses] == want, (ep.label, ex.raw[:300])
