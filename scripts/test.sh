@@ -3,7 +3,7 @@
 # Kernel tests need root; under CI=true a kernel test that cannot run fails instead of skipping.
 # The VM tests (tests/vm, marker vm) boot Debian's kernels, 6.1 to the newest of trixie-backports
 # (docs/kernels.md), under qemu and run the kernel and kTLS tests inside: they need qemu, busybox,
-# kmod and virtme-ng (the `vm` extra), and the guest's tests use nginx, openssl and curl; about 20
+# kmod and virtme-ng (the `vm` extra), and the guest's tests use nginx, openssl and curl; about 25
 # minutes on two cores. Leave them out with: ./scripts/test.sh -m "not vm"
 # clang builds the benchmark's hand-written floor program and wrk drives the benchmarks' smoke
 # runs (tests/test_bench_smoke.py).
