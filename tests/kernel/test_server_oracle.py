@@ -14,10 +14,8 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +45,7 @@ from oracle import (  # noqa: E402
     policy_text,
     report,
 )
-from servers import Endpoint, start_servers  # noqa: E402
+from servers import Endpoint, running_endpoints  # noqa: E402
 
 from sockpol import runtime  # noqa: E402
 from sockpol.compiler import compile_source  # noqa: E402
@@ -71,19 +69,8 @@ def sample() -> list:
 
 @pytest.fixture(scope="module")
 def endpoints(kernel_env) -> Iterator[list[Endpoint]]:
-    workdir = Path(tempfile.mkdtemp(prefix="sockpol-kservers-"))
-    workdir.chmod(0o755)
-    started, problems = start_servers(workdir)
-    try:
-        if problems and os.environ.get("CI") == "true":
-            pytest.fail("server oracle on CI without every server: " + "; ".join(problems))
-        if len(started) < 4:
-            pytest.skip(f"SERVER ORACLE SKIPPED: fewer than four servers ({'; '.join(problems)})")
-        yield [ep for s in started for ep in s.endpoints]
-    finally:
-        for s in started:
-            s.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with running_endpoints("sockpol-kservers-", []) as eps:
+        yield eps
 
 
 def send_each(plan: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:

@@ -7,10 +7,7 @@ under CI=true that fails the tests instead, so CI cannot pass on fewer servers t
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import Endpoint, start_servers  # noqa: E402
+from servers import Endpoint, running_endpoints  # noqa: E402
 
 _problems: list[str] = []
 SUMMARY: list[str] = []  # lines for the end of the run (test_servers.py adds its totals)
@@ -38,17 +35,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 @pytest.fixture(scope="session")
 def endpoints() -> Iterator[list[Endpoint]]:
-    workdir = Path(tempfile.mkdtemp(prefix="sockpol-servers-"))
-    workdir.chmod(0o755)  # Apache's workers (www-data) read a file in it
-    started, problems = start_servers(workdir)
-    _problems.extend(problems)
-    try:
-        if problems and os.environ.get("CI") == "true":
-            pytest.fail("server oracle on CI without every server: " + "; ".join(problems))
-        if len(started) < 4:
-            pytest.skip(f"SERVER ORACLE SKIPPED: fewer than four servers ({'; '.join(problems)})")
-        yield [ep for s in started for ep in s.endpoints]
-    finally:
-        for s in started:
-            s.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with running_endpoints("sockpol-servers-", _problems) as eps:
+        yield eps

@@ -20,8 +20,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -550,3 +553,27 @@ def start_servers(workdir: Path) -> tuple[list[Server], list[str]]:
             continue
         started.append(server)
     return started, problems
+
+
+@contextmanager
+def running_endpoints(prefix: str, problems: list[str]) -> Iterator[list[Endpoint]]:
+    """Every installed server started in a fresh directory, as endpoints; stopped and removed
+    after. Servers that are missing or fail go into `problems`. Under CI=true a missing server
+    fails the caller's test; elsewhere fewer than four skip it loudly (pytest.skip/fail raise
+    through here, so the servers that did start are stopped either way)."""
+    import pytest  # only the fixtures use this; servers.py itself runs without pytest
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)  # Apache's workers (www-data) read a file in it
+    started, found = start_servers(workdir)
+    problems.extend(found)
+    try:
+        if found and os.environ.get("CI") == "true":
+            pytest.fail("server oracle on CI without every server: " + "; ".join(found))
+        if len(started) < 4:
+            pytest.skip(f"SERVER ORACLE SKIPPED: fewer than four servers ({'; '.join(found)})")
+        yield [ep for s in started for ep in s.endpoints]
+    finally:
+        for s in started:
+            s.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
