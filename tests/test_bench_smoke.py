@@ -296,10 +296,13 @@ def test_http_bench_runs(tmp_path):
     assert all(r["rps_vs_none"] is None for r in rows)
 
 
-@pytest.mark.skipif(
+needs_wrk_and_nginx = pytest.mark.skipif(
     os.geteuid() != 0 or any(shutil.which(t) is None for t in ("wrk", "nginx")),
     reason="needs root, wrk and nginx (bench/run.sh installs them)",
 )
+
+
+@needs_wrk_and_nginx
 def test_reload_bench_runs(tmp_path):
     _require_bpf()
     out = tmp_path / "reload.json"
@@ -313,10 +316,7 @@ def test_reload_bench_runs(tmp_path):
     assert not storm["errors_storm"], storm  # no request lost or refused across the reloads
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or any(shutil.which(t) is None for t in ("wrk", "nginx")),
-    reason="needs root, wrk and nginx (bench/run.sh installs them)",
-)
+@needs_wrk_and_nginx
 def test_answer_bench_runs(tmp_path):
     _require_bpf()
     out = tmp_path / "answer.json"
