@@ -416,7 +416,6 @@ class _Load:
             if self.old is not None:
                 self._reuse_sockhash(socks)
                 self._reuse_shared(obj)
-                self._reuse_telemetry(obj)
             self._load(obj, progs)
             self._write_serial(obj)
             self._set_mode(obj)
@@ -513,13 +512,14 @@ class _Load:
             raise LoadError("replace", str(e)) from None
 
     def _reuse_shared(self, obj: libbpf.BpfObject) -> None:
-        """Replacing: share the connections' socket storage and the program array with the
-        version in force (contract.SHARED_MAPS), so that its open connections, handed over to
-        the new program, keep their stream state (a body under way, a chunked body, TLS).
-        Objects from before the hand-over lack the array, or store less per connection: then
-        nothing is shared and those connections stay with the old program."""
+        """Replacing: share with the version in force what makes its open connections' state
+        (contract.SHARED_MAPS beyond the sockhash: their socket storage, the program array that
+        hands them over), the event ring buffer (one stream for `sockpol events`) and the
+        control map (mode, serial). Counters start again: their rule slots belong to the old
+        rules. A map the old version lacks, or has in another shape (a policy loaded by an
+        older sockpol), is not shared; its open connections then stay with the old version."""
         assert self.old is not None
-        for map_name in (CONN_MAP, NEXT_MAP):
+        for map_name in (CONN_MAP, NEXT_MAP, t.EVENTS_MAP, t.CTL_MAP):
             new = obj.map(map_name)
             pin = self.old.pin_dir / pins.map_pin_name(map_name)
             if new is None or not pin.exists():
@@ -529,12 +529,10 @@ class _Load:
                 info = libbpf.map_info(fd)
                 shape = (new.type, new.key_size, new.value_size, new.max_entries)
                 if shape == (info.type, info.key_size, info.value_size, info.max_entries):
-                    new.reuse_fd(fd)
+                    new.reuse_fd(fd)  # libbpf dups it
                 else:
                     log.warning(
-                        "replace: %s changed shape (a policy loaded by an older sockpol); open "
-                        "connections stay with the old version",
-                        map_name,
+                        "replace: %s changed shape; not shared with the old version", map_name
                     )
             except BpfError as e:
                 raise LoadError("replace", f"{map_name}: {e}") from None
@@ -593,33 +591,6 @@ class _Load:
         except BpfError as e:
             raise LoadError("attach", f"{t.CTL_MAP}: {libbpf.strerror(e.errno)}") from None
         self.undo.push(f"restore serial {before}", lambda: write_serial(ctl_fd, before))
-
-    def _reuse_telemetry(self, obj: libbpf.BpfObject) -> None:
-        """Replacing: keep the event ring buffer and the mode map of the policy in force.
-
-        Connections opened before the replacement keep running the old program; sharing these
-        two maps keeps their events in the stream `sockpol events` reads and `sockpol mode`
-        switching them too. Counters start again: their rule slots belong to the old rules."""
-        assert self.old is not None
-        for map_name in (t.EVENTS_MAP, t.CTL_MAP):
-            new = obj.map(map_name)
-            pin = self.old.pin_dir / pins.map_pin_name(map_name)
-            if new is None or not pin.exists():
-                continue  # an object or a policy from before counters and events
-            fd = libbpf.obj_get(str(pin))
-            try:
-                info = libbpf.map_info(fd)
-                shape = (new.type, new.key_size, new.value_size, new.max_entries)
-                if shape == (info.type, info.key_size, info.value_size, info.max_entries):
-                    new.reuse_fd(fd)  # libbpf dups it
-                else:
-                    log.warning(
-                        "replace: %s changed shape; not shared with the old version", map_name
-                    )
-            except BpfError as e:
-                raise LoadError("replace", f"{map_name}: {e}") from None
-            finally:
-                os.close(fd)
 
     def _set_mode(self, obj: libbpf.BpfObject) -> None:
         """Write the starting mode before anything is attached (when shared with the version
