@@ -183,6 +183,13 @@ def write_mode(fd: int, mode: str) -> None:
     libbpf.map_update(fd, _KEY.pack(0), t.CTL.pack(t.MODES[mode], serial, answers_off))
 
 
+def write_mode_at(pin_dir: Path, mode: str) -> None:
+    """Set the mode of the policy pinned at `pin_dir`; the caller holds the pin root's lock
+    (reload does; `set_mode` takes it)."""
+    with _pin(pin_dir, CTL_PIN) as fd:
+        write_mode(fd, mode)
+
+
 def read_serial_fd(fd: int) -> int:
     """The serial of the version in force (0: none yet, or a policy from before serials)."""
     return _read_ctl(fd)[1]

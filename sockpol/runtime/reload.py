@@ -35,8 +35,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,7 +47,7 @@ from sockpol.contract import (
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata, read_metadata
 from sockpol.runtime import libbpf, pins
-from sockpol.runtime.counters import COUNTS_PIN, CTL_PIN, read_mode, reset_counters, write_mode
+from sockpol.runtime.counters import COUNTS_PIN, CTL_PIN, read_mode, reset_counters, write_mode_at
 from sockpol.runtime.datamap import data_region
 from sockpol.runtime.state import PolicyState, create_state_map, read_state
 from sockpol.runtime.system import check_privileges
@@ -218,21 +216,11 @@ def _swap(pin_dir: Path, state: PolicyState, obj: Path, meta: PolicyMetadata, mo
         if (pin_dir / COUNTS_PIN).exists():
             reset_counters(pin_dir)
         if (pin_dir / CTL_PIN).exists() and read_mode(pin_dir) != mode:
-            with _pinned(pin_dir / CTL_PIN) as fd:
-                write_mode(fd, mode)
+            write_mode_at(pin_dir, mode)
         _replace_state(pin_dir, state_fd)
     finally:
         os.close(state_fd)
     return generation
-
-
-@contextmanager
-def _pinned(path: Path) -> Iterator[int]:
-    fd = libbpf.obj_get(str(path))
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def _replace_state(pin_dir: Path, fd: int) -> None:
