@@ -38,11 +38,11 @@ def _read_policy_file(path: str) -> str:
     return read_source_file(path)
 
 
-def _compile(path: str):
+def _compile(path: str, backend: str = "sockmap"):
     from sockpol.compiler import compile_source
 
     text = _read_policy_file(path)
-    compiled, warnings = compile_source(text, path)
+    compiled, warnings = compile_source(text, path, backend)
     _print_warnings(path, text, warnings)
     return text, compiled
 
@@ -70,7 +70,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from sockpol.compiler import select
     from sockpol.files import write_atomically
 
-    text, compiled = _compile(args.file)
+    text, compiled = _compile(args.file, args.backend)
     if args.policy is not None:
         compiled = [select(compiled, args.policy, Source(args.file, text))]
     if args.emit in ("llvm", "asm"):
@@ -121,16 +121,36 @@ def _print_stats(c, data: bytes) -> None:
 
 
 def _object_for(args: argparse.Namespace, tmpdir: str) -> Path:
-    """A loadable object: the given .o as is, or a policy file compiled into `tmpdir`."""
+    """A loadable object: the given .o as is, or a policy file compiled into `tmpdir` for the
+    backend asked for (`--backend`), by default the one this kernel can run it with."""
     path = Path(args.file)
+    backend = getattr(args, "backend", "auto")
     if path.suffix == ".o" or _is_elf(path):
-        return path
-    from sockpol.compiler import select
+        if backend != "auto":
+            from sockpol.metadata import read_metadata
 
-    text, compiled = _compile(args.file)
-    chosen = select(compiled, args.policy, Source(args.file, text))
-    target = Path(tmpdir) / f"{chosen.policy.name}.bpf.o"
-    target.write_bytes(chosen.object_code())
+            have = read_metadata(path).backend
+            if have != backend:
+                raise SockpolError(
+                    f"{path}: compiled for the {have} backend, not {backend} "
+                    f"(compile it with --backend {backend})"
+                )
+        return path
+    from sockpol.compiler import compile_policy, front_end
+
+    text = _read_policy_file(args.file)
+    policy_file, warnings = front_end(text, args.file)
+    _print_warnings(args.file, text, warnings)
+    chosen = policy_file.choose(args.policy)
+    if backend == "auto":
+        from sockpol.runtime.probe import choose_backend
+
+        choice = choose_backend(chosen.tls is not None)
+        backend = choice.backend
+        print(f"policy {chosen.name}: {backend} backend ({choice.reason})", file=sys.stderr)
+    compiled = compile_policy(chosen, policy_file.source, backend=backend)
+    target = Path(tmpdir) / f"{chosen.name}.bpf.o"
+    target.write_bytes(compiled.object_code())
     return target
 
 
@@ -149,7 +169,10 @@ def cmd_load(args: argparse.Namespace) -> int:
         obj = _object_for(args, tmp)
         loaded = runtime.load(obj, args.cgroup, name=args.name, mode=args.mode)
         where = f"cgroup {args.cgroup}" if args.cgroup else "no cgroup (add sockets by hand)"
-        print(f"loaded policy {loaded.name}: {where}; pinned at {loaded.pin_dir}")
+        print(
+            f"loaded policy {loaded.name} ({loaded.backend} backend): {where}; "
+            f"pinned at {loaded.pin_dir}"
+        )
         loaded.close()
     return EXIT_OK
 
@@ -195,10 +218,11 @@ def _object_for_reload(args: argparse.Namespace, tmpdir: str) -> Path:
     )
     chosen = policy_file.choose(name)
     shape = TableShape(**loaded.metadata.shape) if loaded.metadata.shape else None
+    backend = loaded.backend  # a reload keeps the backend of the policy in force
     try:
-        compiled = compile_policy(chosen, policy_file.source, shape)
+        compiled = compile_policy(chosen, policy_file.source, shape, backend=backend)
     except ShapeMismatch:
-        compiled = compile_policy(chosen, policy_file.source)
+        compiled = compile_policy(chosen, policy_file.source, backend=backend)
     target = Path(tmpdir) / f"{chosen.name}.bpf.o"
     target.write_bytes(compiled.object_code())
     return target
@@ -337,6 +361,12 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+BACKEND_TEXT = {
+    "sockmap": "sk_msg on a sockhash of the governed connections",
+    "lsm": "BPF LSM program on socket_sendmsg; needs BPF LSM, works with kTLS on every kernel",
+}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -351,6 +381,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"policy {meta.policy}: port {ports}; default {meta.default}; max-head {meta.max_head}; "
         f"{describe_tls(meta.tls)}"
     )
+    print(f"backend {meta.backend} ({BACKEND_TEXT.get(meta.backend, '?')})")
     print(
         f"source {meta.source_path} sha256 {meta.source_sha256[:16]}; "
         f"sockpol {meta.compiler_version}"
@@ -399,6 +430,13 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="the policy to compile when the file has several")
     p.add_argument("--emit", choices=["obj", "llvm", "asm"], default="obj")
     p.add_argument(
+        "--backend",
+        choices=["sockmap", "lsm"],
+        default="sockmap",
+        help="sockmap: sk_msg on a sockhash (default); lsm: a BPF LSM program on socket_sendmsg "
+        "(kernels that reject TLS on sockmap sockets; docs/ktls.md)",
+    )
+    p.add_argument(
         "--stats",
         action="store_true",
         help="print automaton and table sizes, and (as root) the verifier's instruction count",
@@ -412,6 +450,13 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="name to load under (default: the policy's name)")
     p.add_argument(
         "--mode", choices=["enforce", "dry-run"], help="start in this mode, not the policy's"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "sockmap", "lsm"],
+        default="auto",
+        help="the program that enforces it; auto: sockmap, or lsm for a tls policy where the "
+        "kernel rejects TLS on sockmap sockets and BPF LSM works (see sockpol doctor)",
     )
 
 

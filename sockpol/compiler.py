@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llvmlite import ir
 
-from sockpol import __version__, telemetry
+from sockpol import __version__, kernelbtf, telemetry
 from sockpol.codegen import elf
 from sockpol.codegen.emit import emit_module
 from sockpol.codegen.lower import (
@@ -29,8 +29,9 @@ from sockpol.codegen.lower import (
     TableShape,
     lower,
 )
+from sockpol.codegen.lsm import emit_lsm_module
 from sockpol.codegen.scanner import StateLimit
-from sockpol.contract import REASON_TEXT
+from sockpol.contract import BACKENDS, REASON_TEXT
 from sockpol.diagnostics import (
     CompileError,
     Diagnostic,
@@ -67,8 +68,11 @@ def front_end(text: str, path: str) -> tuple[PolicyFile, list[Diagnostic]]:
     return load_source(text, path)
 
 
-def metadata_for(policy: Policy, source: Source, shape: TableShape | None = None) -> PolicyMetadata:
+def metadata_for(
+    policy: Policy, source: Source, shape: TableShape | None = None, backend: str = "sockmap"
+) -> PolicyMetadata:
     return PolicyMetadata(
+        backend=backend,
         shape=asdict(shape) if shape else {},
         policy=policy.name,
         ports=[[r.low, r.high] for r in policy.ports],
@@ -94,10 +98,13 @@ class ShapeMismatch(SockpolError):
 
 
 def compile_policy(
-    policy: Policy, source: Source, shape: TableShape | None = None
+    policy: Policy, source: Source, shape: TableShape | None = None, backend: str = "sockmap"
 ) -> CompiledPolicy:
     """Compile one policy. `shape` fixes the table dimensions (to swap tables into a loaded
-    program); by default they leave room to grow (DEFAULT_SHAPE)."""
+    program); by default they leave room to grow (DEFAULT_SHAPE). `backend`: "sockmap" (the
+    sk_msg program, emit.py) or "lsm" (the BPF LSM program, lsm.py; docs/design.md)."""
+    if backend not in BACKENDS:
+        raise SockpolError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
     try:
         matcher = lower(policy)
     except LoweringError as e:
@@ -120,10 +127,22 @@ def compile_policy(
             f"({', '.join(shape.shortfall(needed))})"
         )
     matcher = matcher.with_shape(shape or DEFAULT_SHAPE.union(needed))
-    module = emit_module(matcher)
-    metadata = metadata_for(policy, source, matcher.shape)
+    if backend == "lsm":
+        module = emit_lsm_module(matcher, _kernel_layout())
+    else:
+        module = emit_module(matcher)
+    metadata = metadata_for(policy, source, matcher.shape, backend)
     elf.add_metadata_section(module, metadata.to_json())
     return CompiledPolicy(policy, matcher, module, metadata)
+
+
+def _kernel_layout() -> dict[str, int] | None:
+    """The struct offsets of the kernel this runs on, as the object's defaults (the loader
+    writes the loading kernel's own before every load): None where its BTF cannot be read."""
+    try:
+        return kernelbtf.lsm_layout(kernelbtf.running_kernel())
+    except kernelbtf.BtfError:
+        return None
 
 
 def _too_complex(policy: Policy, e: LoweringError) -> tuple[str, str]:
@@ -140,9 +159,13 @@ def _too_complex(policy: Policy, e: LoweringError) -> tuple[str, str]:
     )
 
 
-def compile_source(text: str, path: str) -> tuple[list[CompiledPolicy], list[Diagnostic]]:
+def compile_source(
+    text: str, path: str, backend: str = "sockmap"
+) -> tuple[list[CompiledPolicy], list[Diagnostic]]:
     policy_file, warnings = front_end(text, path)
-    compiled = [compile_policy(p, policy_file.source) for p in policy_file.policies]
+    compiled = [
+        compile_policy(p, policy_file.source, backend=backend) for p in policy_file.policies
+    ]
     for c in compiled:
         warnings += unreachable_warnings(c.matcher, warnings)
     return compiled, warnings
@@ -194,10 +217,14 @@ def select(compiled: list[CompiledPolicy], name: str | None, source: Source) -> 
 
 
 def compile_to_file(
-    source_text: str, out_path: str | Path, source_name: str = "<policy>", policy: str | None = None
+    source_text: str,
+    out_path: str | Path,
+    source_name: str = "<policy>",
+    policy: str | None = None,
+    backend: str = "sockmap",
 ) -> Path:
     """Compile one policy of `source_text` into a BPF object at `out_path` (for tests/embedding)."""
-    compiled, _ = compile_source(source_text, source_name)
+    compiled, _ = compile_source(source_text, source_name, backend)
     chosen = select(compiled, policy, Source(source_name, source_text))
     write_atomically(Path(out_path), chosen.object_code())
     return Path(out_path)

@@ -26,6 +26,17 @@ NEXT_MAP = "sockpol_next"  # PROG_ARRAY[1]: the newest version's sk_msg program 
 # control word with the mode and the serial, the events). Counters are per version.
 SHARED_MAPS = (SOCK_MAP, CONN_MAP, NEXT_MAP)
 SOCK_MAP_ENTRIES = 65536
+# The LSM backend (codegen/lsm.py, docs/design.md "The LSM backend"): a sleepable BPF LSM program
+# on socket_sendmsg, per-task storage for a run's work area and its copy of the head.
+LSM_PROGRAM = "sockpol_lsm"  # section lsm.s/socket_sendmsg
+LSM_SECTION = "lsm.s/socket_sendmsg"
+WORK_MAP = "sockpol_work"  # task storage: the work area and the head copied from the caller
+LSM_SHARED_MAPS = (CONN_MAP, WORK_MAP)  # what a replacement of an LSM object shares
+# The LSM backend's socket storage: the word, left, the cookie at LSM_CONN_KEY (nonzero: governed),
+# the connection's addresses and ports at LSM_CONN_MD laid out like struct sk_msg_md.
+LSM_CONN_KEY, LSM_CONN_MD = 16, 24
+LSM_WINDOW = 16384  # head bytes the LSM program reads at most (its max-head is capped there)
+BACKENDS = ("sockmap", "lsm")
 
 # --- the kernel's constants (include/uapi/linux/bpf.h; the same on every architecture) ----------
 
@@ -35,6 +46,7 @@ BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_SOCKHASH = 18
 BPF_MAP_TYPE_SK_STORAGE = 24
 BPF_MAP_TYPE_RINGBUF = 27
+BPF_MAP_TYPE_TASK_STORAGE = 29
 BPF_NOEXIST = 1
 BPF_F_NO_PREALLOC = 1
 BPF_SK_STORAGE_GET_F_CREATE = 1
@@ -42,6 +54,9 @@ BPF_F_INGRESS = 1  # bpf_msg_redirect_hash: into the socket's receive queue
 BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4
 BPF_PROG_TYPE_SOCK_OPS = 13
 BPF_PROG_TYPE_SK_MSG = 16
+BPF_PROG_TYPE_LSM = 29
+BPF_LSM_MAC = 27  # attach type of an LSM program
+EACCES = 13
 BPF_CGROUP_SOCK_OPS = 3  # attach types
 BPF_SK_MSG_VERDICT = 7
 BPF_FUNC_LOOP = 181  # the bpf_loop helper (5.17+), which the scanner cannot do without
@@ -231,6 +246,10 @@ RESUME_CHUNK_DATA_END = 2  # the CRLF after a chunk's data
 RESUME_UNJUDGED = 3  # dry-run lost the framing: the rest of the connection passes unjudged
 RESUME_TLS_PASS = 4  # `tls userspace allow`: the rest of the connection passes unjudged
 RESUME_ANSWERED = 5  # a refusal was answered: every later byte is discarded, send() succeeds
+RESUME_REFUSED = 6  # (LSM backend) a refusal ended the connection for sending: every send fails
+# Bit 24 (LSM backend): the head in progress began in an earlier send, which passed; the scan's
+# state is saved in the connection's storage and the next send goes on from there.
+CONN_HEAD_PART = 1 << 24
 # Bits 16..23: the TLS walk (model/tls.py).
 CONN_HTTP = 1 << 16  # past the handshake (or none): the bytes are HTTP
 CONN_HELLO = 1 << 17  # a ClientHello passed

@@ -48,6 +48,9 @@ class PolicyMetadata:
     # `answer`: the statuses refusals are answered with, the policy's own first (0: drop); []
     # for objects from before answers (they drop every refusal).
     answers: list[int] = field(default_factory=list)
+    # The program that enforces it: "sockmap" (sk_msg on a sockhash; objects from before the
+    # LSM backend lack the key) or "lsm" (a BPF LSM program on socket_sendmsg).
+    backend: str = "sockmap"
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

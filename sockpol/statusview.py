@@ -107,6 +107,8 @@ def policy(s: PolicyStatus, c: PolicyCounters | None) -> str:
         f"policy {s.name}: mode {s.mode or '?'}, default {meta.default if meta else '?'}, "
         f"port {ports_text(s.ports)}",
         f"  tls      {describe_tls(meta.tls) if meta else '?'}",
+        f"  backend  {s.backend}"
+        + (" (BPF LSM on socket_sendmsg)" if s.backend == "lsm" else " (sk_msg on a sockhash)"),
         f"  cgroup   {s.cgroup or '- (no cgroup; sockets added by hand)'}",
         f"  version  {_version(s)}",
         f"  source   {meta.source_path if meta else '?'} "

@@ -68,9 +68,12 @@ PATH_CHUNK = 16
 
 
 class JudgeCore:
-    def __init__(self, ob: ObjectBuilder, tables: Tables) -> None:
+    def __init__(self, ob: ObjectBuilder, tables: Tables, window: int = MAX_SCAN) -> None:
         self.ob = ob
         self.tables = tables
+        # The furthest byte of the head the scan may read: the sk_msg backend's packet window
+        # (MAX_SCAN); the LSM backend's copy of the head in map memory is smaller (lsm.py).
+        self.window = window
 
     def normalizer(self) -> tuple[ir.Function, ir.Function]:
         """The path normalizer's functions, in object order; (feed, finish) for scan_step."""
@@ -348,14 +351,14 @@ class JudgeCore:
             """data + pos, with pos bounded for the verifier (packet offsets, `slack` bytes
             past pos included, must stay below 64 KiB)."""
             bounded = fn.append_basic_block("bounded")
-            b.cbranch(b.icmp_unsigned(">", pos, I64(MAX_SCAN - slack)), stop, bounded)
+            b.cbranch(b.icmp_unsigned(">", pos, I64(self.window - slack)), stop, bounded)
             b.position_at_end(bounded)
             # Not inbounds: data + pos + j + 1 may point past the window; that is the test.
             return b.gep(fx.get("data"), [pos], source_etype=I8)
 
         # A byte the previous call left to the slow path comes first; so does every byte of the
         # last READ_AHEAD before MAX_SCAN, one per call (the fast path reads ahead).
-        near_end = I64(MAX_SCAN - READ_AHEAD)
+        near_end = I64(self.window - READ_AHEAD)
         b.position_at_end(fn.blocks[0])
         slow = fn.append_basic_block("slow")
         fast = fn.append_basic_block("fast")

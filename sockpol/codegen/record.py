@@ -107,9 +107,10 @@ def pack(b: ir.IRBuilder, *values: ir.Value | int) -> ir.Value:
 class Recorder:
     """The telemetry of one object: counters, events, mode."""
 
-    def __init__(self, ob: ObjectBuilder, tables: Tables) -> None:
+    def __init__(self, ob: ObjectBuilder, tables: Tables, window: int = MAX_SCAN) -> None:
         self.ob = ob
         self.tables = tables
+        self.window = window  # the furthest head byte the copiers may read (judge.JudgeCore)
 
     # --- maps -------------------------------------------------------------------------------
 
@@ -369,7 +370,7 @@ class Recorder:
         # The search runs to the end of the head or of the window, not to the scan's `pos`:
         # reading pos here makes the verifier track it precisely in the scan loop too, and
         # that loop then no longer converges.
-        scanned = I64(MAX_SCAN)
+        scanned = I64(self.window)
 
         def loop(n: ir.Value, callback: ir.Function) -> ir.Value:
             return h.call(
@@ -414,7 +415,7 @@ class Recorder:
         stop = fn.append_basic_block("stop")
         bounded = fn.append_basic_block("bounded")
         body = fn.append_basic_block("in_window")
-        b.cbranch(b.icmp_unsigned(">", i, I64(MAX_SCAN + 1 - n)), stop, bounded)
+        b.cbranch(b.icmp_unsigned(">", i, I64(self.window + 1 - n)), stop, bounded)
         b.position_at_end(bounded)
         data = b.load(gep(b, st, self.copier_t, [I32(0), I32(C["data"])]), typ=PTR)
         data_end = b.load(gep(b, st, self.copier_t, [I32(0), I32(C["data_end"])]), typ=PTR)

@@ -39,8 +39,10 @@ from dataclasses import dataclass
 
 from sockpol.contract import (  # noqa: F401 -- re-exported for the runtime
     BPF_CGROUP_SOCK_OPS,
+    BPF_LSM_MAC,
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_SOCKHASH,
+    BPF_PROG_TYPE_LSM,
     BPF_PROG_TYPE_SK_MSG,
     BPF_PROG_TYPE_SOCK_OPS,
     BPF_SK_MSG_VERDICT,
@@ -184,6 +186,7 @@ def _declare(so: ctypes.CDLL) -> None:
         "bpf_map__fd": (c_int, [p]),
         "bpf_map__reuse_fd": (c_int, [p, c_int]),
         "bpf_map__set_pin_path": (c_int, [p, c_char_p]),
+        "bpf_map__set_initial_value": (c_int, [p, p, c_size_t]),
         "bpf_prog_attach": (c_int, [c_int, c_int, c_int, c_uint32]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
         "bpf_link_create": (c_int, [c_int, c_int, c_int, p]),
@@ -348,6 +351,14 @@ class Map:
     def reuse_fd(self, fd: int) -> None:
         """Make the object use an existing kernel map instead of creating one (libbpf dups fd)."""
         _check(f"map '{self.name}': reuse fd", lib().bpf_map__reuse_fd(self._ptr, fd))
+
+    def set_initial_value(self, data: bytes) -> None:
+        """The contents of a global-data map (`.rodata`) before the object is loaded."""
+        buf = ctypes.create_string_buffer(data, len(data))
+        _check(
+            f"map '{self.name}': set initial value",
+            lib().bpf_map__set_initial_value(self._ptr, ctypes.addressof(buf), len(data)),
+        )
 
     def clear_pin_path(self) -> None:
         _check(f"map '{self.name}': set pin path", lib().bpf_map__set_pin_path(self._ptr, None))

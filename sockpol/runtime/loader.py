@@ -51,15 +51,27 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sockpol import kernelbtf
 from sockpol import telemetry as t
 from sockpol.contract import (
     CONN_MAP,
     KERNELS_DOC,
+    LSM_CONN_KEY,
+    LSM_CONN_MD,
+    LSM_PROGRAM,
+    MSG_FAMILY,
+    MSG_LOCAL_IP4,
+    MSG_LOCAL_IP6,
+    MSG_LOCAL_PORT,
     MSG_PROGRAM,
+    MSG_REMOTE_IP4,
+    MSG_REMOTE_IP6,
+    MSG_REMOTE_PORT,
     NEXT_MAP,
     SOCK_MAP,
     SOCKOPS_PROGRAM,
     VERIFIER_BUDGET,
+    WORK_MAP,
 )
 from sockpol.diagnostics import SockpolError
 from sockpol.metadata import PolicyMetadata, read_metadata
@@ -129,12 +141,30 @@ class LoadedPolicy:
     link_id: int | None
     map_id: int
     _socks_fd: int | None = field(repr=False, default=None)
+    _conn_fd: int | None = field(repr=False, default=None)  # the LSM backend's socket storage
+
+    @property
+    def backend(self) -> str:
+        return self.metadata.backend
 
     def add_socket(self, sock: socket.socket) -> bool:
         """Put an established TCP socket under the policy; False if it already was.
 
-        The key is the socket's cookie, as for sockets the sock_ops program inserts.
+        The key is the socket's cookie, as for sockets the sock_ops program inserts. On the
+        lsm backend: the socket's storage, made as sock_ops makes it (any time: no ordering
+        with the TLS ULP as for a sockhash).
         """
+        if self._conn_fd is not None:
+            value = _lsm_conn_value(sock, libbpf.map_info(self._conn_fd).value_size)
+            try:
+                libbpf.map_update(
+                    self._conn_fd, struct.pack("<i", sock.fileno()), value, libbpf.BPF_NOEXIST
+                )
+            except BpfError as e:
+                if e.errno == errno.EEXIST:
+                    return False
+                raise RuntimeOpError(f"add_socket: {e.op}: {libbpf.strerror(e.errno)}") from None
+            return True
         key = _SOCK_KEY.pack(_cookie(sock))
         try:
             libbpf.map_update(self._fd(), key, _SOCK_VALUE.pack(sock.fileno()), libbpf.BPF_NOEXIST)
@@ -152,6 +182,11 @@ class LoadedPolicy:
 
     def remove_socket(self, sock: socket.socket) -> bool:
         """Release a socket from the policy; False if it was not governed by it."""
+        if self._conn_fd is not None:
+            try:
+                return libbpf.map_delete(self._conn_fd, struct.pack("<i", sock.fileno()))
+            except BpfError as e:
+                raise RuntimeOpError(f"remove_socket: {e}") from None
         try:
             return libbpf.map_delete(self._fd(), _SOCK_KEY.pack(_cookie(sock)))
         except BpfError as e:
@@ -159,12 +194,17 @@ class LoadedPolicy:
 
     def sockets(self) -> int:
         """How many sockets the policy governs now."""
+        if self._conn_fd is not None:
+            raise RuntimeOpError("the lsm backend's socket storage cannot be counted")
         return len(libbpf.map_keys(self._fd(), _SOCK_KEY.size))
 
     def close(self) -> None:
         if self._socks_fd is not None:
             os.close(self._socks_fd)
             self._socks_fd = None
+        if self._conn_fd is not None:
+            os.close(self._conn_fd)
+            self._conn_fd = None
 
     def _fd(self) -> int:
         if self._socks_fd is None:
@@ -200,11 +240,33 @@ class PolicyStatus:
     reloaded_at: datetime | None = None  # the last reload (swap or replacement), if any
     reloads: int = 0  # reloads since the first load of this name
     serial: int = 0  # the version in force (state.PolicyState.serial; 0 before serials)
+    backend: str = "sockmap"  # the program that enforces it: sockmap (sk_msg) or lsm
 
     @property
     def since(self) -> datetime | None:
         """When the version in force was put in force (loaded, or reloaded)."""
         return self.reloaded_at or self.loaded_at
+
+
+def _lsm_conn_value(sock: socket.socket, size: int) -> bytes:
+    """A connection's socket storage on the lsm backend, as its sock_ops program writes it:
+    the cookie, and family, addresses and ports at the offsets of struct sk_msg_md."""
+    value = bytearray(size)
+    struct.pack_into("<Q", value, LSM_CONN_KEY, _cookie(sock))
+    md = LSM_CONN_MD
+    family = sock.family
+    peer, local = sock.getpeername(), sock.getsockname()
+    struct.pack_into("<I", value, md + MSG_FAMILY, int(family))
+    if family == socket.AF_INET:
+        value[md + MSG_REMOTE_IP4 : md + MSG_REMOTE_IP4 + 4] = socket.inet_aton(peer[0])
+        value[md + MSG_LOCAL_IP4 : md + MSG_LOCAL_IP4 + 4] = socket.inet_aton(local[0])
+    else:
+        value[md + MSG_REMOTE_IP6 : md + MSG_REMOTE_IP6 + 16] = socket.inet_pton(family, peer[0])
+        value[md + MSG_LOCAL_IP6 : md + MSG_LOCAL_IP6 + 16] = socket.inet_pton(family, local[0])
+    # remote_port: the port in network order in the upper half; local_port: host order.
+    struct.pack_into("<I", value, md + MSG_REMOTE_PORT, socket.htons(peer[1]) << 16)
+    struct.pack_into("<I", value, md + MSG_LOCAL_PORT, local[1])
+    return bytes(value)
 
 
 def _cookie(sock: socket.socket) -> int:
@@ -273,6 +335,14 @@ def load(
         pins.sweep_stale(root)
         old = _Installed.open(root / name) if (root / name).exists() else None
         try:
+            if meta.backend == "lsm":
+                return _LsmLoad(root, path, meta, state, cgroup_dir, old, mode or meta.mode).run()
+            if old is not None and old.backend == "lsm":
+                raise LoadError(
+                    "replace",
+                    f"policy {name} runs on the lsm backend and this object on sockmap; "
+                    f"unload it first (or compile with --backend lsm)",
+                )
             return _Load(root, path, meta, state, cgroup_dir, old, mode or meta.mode).run()
         finally:
             if old is not None:
@@ -281,11 +351,26 @@ def load(
 
 def require_tls_support(meta: PolicyMetadata, name: str, done: str = "nothing was loaded") -> None:
     """Refuse a policy with a `tls` statement (either `userspace` choice: both ask for requests to
-    be judged inside kTLS) on a kernel that cannot run its program on kTLS sockets."""
+    be judged inside kTLS) on a kernel that cannot run its program on kTLS sockets; an object of
+    the LSM backend needs BPF LSM (and kTLS, for a `tls` policy) instead of kTLS on sockmap."""
+    from sockpol.runtime.probe import lsm_support, tls_policy_support
+
+    if meta.backend == "lsm":
+        lsm = lsm_support()
+        if not lsm.ok:
+            raise LoadError(
+                "load",
+                f"policy {name!r} was compiled for the lsm backend, but this kernel cannot run "
+                f"BPF LSM programs: {lsm.lacks or lsm.detail}; {done} (see 'sockpol doctor')",
+            )
+        if meta.tls is None:
+            return
+        support = tls_policy_support(backend="lsm")
+        if not support.ok:
+            raise LoadError("load", support.refusal(name, done))
+        return
     if meta.tls is None:
         return
-    from sockpol.runtime.probe import tls_policy_support
-
     support = tls_policy_support()
     if not support.ok:
         raise LoadError("load", support.refusal(name, done))
@@ -346,6 +431,11 @@ class _Installed:
     sockops_fd: int | None
     link_fd: int | None
     state: PolicyState | None
+    lsm_link_fd: int | None = None  # an LSM object's link on socket_sendmsg
+
+    @property
+    def backend(self) -> str:
+        return "lsm" if (self.pin_dir / pins.PIN_LSM).exists() else "sockmap"
 
     @staticmethod
     def open(pin_dir: Path) -> _Installed:
@@ -353,7 +443,8 @@ class _Installed:
             p = pin_dir / pin
             return libbpf.obj_get(str(p)) if p.exists() else None
 
-        socks = get(pins.PIN_SOCKS)
+        lsm = (pin_dir / pins.PIN_LSM).exists()
+        socks = get(pins.PIN_SOCKS) if not lsm else -1
         if socks is None:
             raise LoadError(
                 "replace",
@@ -361,6 +452,7 @@ class _Installed:
             )
         installed = _Installed(pin_dir, socks, None, None, None, None)
         try:  # every fd opened so far is the installed's, closed with it on failure
+            installed.lsm_link_fd = get(pins.PIN_LSM_LINK)
             installed.msg_fd = get(pins.PIN_MSG)
             installed.sockops_fd = get(pins.PIN_SOCKOPS)
             installed.link_fd = get(pins.PIN_LINK)
@@ -378,11 +470,11 @@ class _Installed:
         return installed
 
     def close(self) -> None:
-        for fd in (self.socks_fd, self.msg_fd, self.sockops_fd, self.link_fd):
+        for fd in (self.socks_fd, self.msg_fd, self.sockops_fd, self.link_fd, self.lsm_link_fd):
             if fd is not None and fd >= 0:
                 os.close(fd)
         self.socks_fd = -1
-        self.msg_fd = self.sockops_fd = self.link_fd = None
+        self.msg_fd = self.sockops_fd = self.link_fd = self.lsm_link_fd = None
 
 
 class _Load:
@@ -511,7 +603,11 @@ class _Load:
         except BpfError as e:
             raise LoadError("replace", str(e)) from None
 
-    def _reuse_shared(self, obj: libbpf.BpfObject) -> None:
+    def _reuse_shared(
+        self,
+        obj: libbpf.BpfObject,
+        names: tuple[str, ...] = (CONN_MAP, NEXT_MAP, t.EVENTS_MAP, t.CTL_MAP),
+    ) -> None:
         """Replacing: share with the version in force what makes its open connections' state
         (contract.SHARED_MAPS beyond the sockhash: their socket storage, the program array that
         hands them over), the event ring buffer (one stream for `sockpol events`) and the
@@ -519,7 +615,7 @@ class _Load:
         rules. A map the old version lacks, or has in another shape (a policy loaded by an
         older sockpol), is not shared; its open connections then stay with the old version."""
         assert self.old is not None
-        for map_name in (CONN_MAP, NEXT_MAP, t.EVENTS_MAP, t.CTL_MAP):
+        for map_name in names:
             new = obj.map(map_name)
             pin = self.old.pin_dir / pins.map_pin_name(map_name)
             if new is None or not pin.exists():
@@ -543,7 +639,7 @@ class _Load:
         """Number this version (one more than the one in force) and write the number into the
         program's `.data` before anything can run it: a run compares it with the control map's
         serial to know whether it is the version in force (emit.handover)."""
-        if obj.map(NEXT_MAP) is None:
+        if obj.map(NEXT_MAP) is None and self.meta.backend != "lsm":
             return  # an object from before the hand-over: it never compares
         before = 0
         ctl_pin = self.old.pin_dir / pins.map_pin_name(t.CTL_MAP) if self.old else None
@@ -741,6 +837,168 @@ class _Load:
             log.warning("replace: could not remove the previous pins in %s: %s", staging, e)
 
 
+class _LsmLoad(_Load):
+    """A load of an LSM-backend object (codegen/lsm.py): no sockhash; the program is attached
+    to the socket_sendmsg hook with a bpf_link, and sock_ops marks the connections it governs
+    by giving them socket storage. Replacing: the new program is attached beside the old one,
+    which steps aside once the control map's serial is the new one's (lsm.py); then the old
+    link is detached. Steps as in `_Load.run`, each undone if a later one fails."""
+
+    def run(self) -> LoadedPolicy:
+        obj: libbpf.BpfObject | None = None
+        if self.old is not None and self.old.backend != "lsm":
+            raise LoadError(
+                "replace",
+                f"policy {self.name} runs on the sockmap backend and this object on lsm; "
+                "unload it first (or compile with --backend sockmap)",
+            )
+        try:
+            obj = self._open()
+            progs = self._check_lsm_contract(obj)
+            self._write_layout(obj)
+            if self.old is not None:
+                self._reuse_shared(obj, (CONN_MAP, WORK_MAP, t.EVENTS_MAP, t.CTL_MAP))
+            self._load(obj, progs)
+            self._write_serial(obj)
+            self._set_mode(obj)
+            lsm_fd, sockops_fd = progs[LSM_PROGRAM].fd(), progs[SOCKOPS_PROGRAM].fd()
+            staging = self._pin_lsm(obj, lsm_fd, sockops_fd)
+            lsm_link = self._attach_lsm(lsm_fd)
+            self._pin(lsm_link, staging / pins.PIN_LSM_LINK)
+            link_fd = self._attach_cgroup(sockops_fd)
+            if link_fd is not None:
+                self._pin(link_fd, staging / pins.PIN_LINK)
+            self._hand_over(obj, lsm_fd)
+            conn = obj.map(CONN_MAP)
+            assert conn is not None
+            handle = LoadedPolicy(
+                name=self.name,
+                pin_dir=self.root / self.name,
+                metadata=self.meta,
+                cgroup=self.cgroup_dir,
+                program_ids={
+                    LSM_PROGRAM: libbpf.prog_info(lsm_fd).id,
+                    SOCKOPS_PROGRAM: libbpf.prog_info(sockops_fd).id,
+                },
+                link_id=libbpf.link_info(link_fd).id if link_fd is not None else None,
+                map_id=libbpf.map_info(conn.fd()).id,
+                _socks_fd=None,
+                _conn_fd=os.dup(conn.fd()),
+            )
+            self.undo.push("close the handle", handle.close)
+            self._commit(staging)
+            self._retire_old(staging)
+            return handle
+        except BaseException:
+            self.undo.rollback()
+            raise
+        finally:
+            for fd in self.fds:
+                os.close(fd)
+            if obj is not None:
+                obj.close()
+
+    def _check_lsm_contract(self, obj: libbpf.BpfObject) -> dict[str, libbpf.Program]:
+        want = {
+            LSM_PROGRAM: libbpf.BPF_PROG_TYPE_LSM,
+            SOCKOPS_PROGRAM: libbpf.BPF_PROG_TYPE_SOCK_OPS,
+        }
+        progs: dict[str, libbpf.Program] = {}
+        for prog in obj.programs():
+            if prog.name in want:
+                if prog.type != want[prog.name]:
+                    raise LoadError(
+                        "open", f"{self.path}: program {prog.name} has the wrong program type"
+                    )
+                progs[prog.name] = prog
+                prog.capture_log()
+            else:
+                prog.set_autoload(False)
+        missing = sorted(set(want) - set(progs))
+        if missing:
+            raise LoadError("open", f"{self.path}: no program {', '.join(missing)}")
+        for map_name in (CONN_MAP, WORK_MAP):
+            if obj.map(map_name) is None:
+                raise LoadError("open", f"{self.path}: no map {map_name}")
+        for m in obj.maps():
+            m.clear_pin_path()
+        return progs
+
+    def _write_layout(self, obj: libbpf.BpfObject) -> None:
+        """The running kernel's struct offsets into `.rodata` (kernelbtf.LAYOUT_FIELDS), which
+        libbpf freezes after loading it: the verifier then knows them as constants."""
+        rodata = next((m for m in obj.maps() if m.is_internal and m.name.endswith(".rodata")), None)
+        if rodata is None:
+            raise LoadError("open", f"{self.path}: no .rodata map for the kernel's offsets")
+        try:
+            layout = kernelbtf.lsm_layout(kernelbtf.running_kernel())
+        except kernelbtf.BtfError as e:
+            raise LoadError("load", f"the kernel's BTF: {e}") from None
+        data = kernelbtf.layout_bytes(layout)
+        if rodata.value_size != len(data):
+            raise LoadError(
+                "open", f"{self.path}: .rodata is {rodata.value_size} bytes, expected {len(data)}"
+            )
+        try:
+            rodata.set_initial_value(data)
+        except BpfError as e:
+            raise LoadError("load", str(e)) from None
+
+    def _pin_lsm(self, obj: libbpf.BpfObject, lsm_fd: int, sockops_fd: int) -> Path:
+        staging = pins.staging_dir(self.root, self.name)
+        try:
+            staging.mkdir()
+        except OSError as e:
+            raise LoadError("pin", f"cannot create {staging}: {e.strerror}") from None
+        self.undo.push(f"remove {staging}", lambda: pins.remove_pins(staging))
+        self._pin(lsm_fd, staging / pins.PIN_LSM)
+        self._pin(sockops_fd, staging / pins.PIN_SOCKOPS)
+        for m in obj.maps():
+            self._pin(m.fd(), staging / pins.map_pin_name(m.name))
+        try:
+            state_fd = create_state_map(self.state)
+        except BpfError as e:
+            raise LoadError("pin", f"state record: {e}") from None
+        self.fds.append(state_fd)
+        self._pin(state_fd, staging / pins.PIN_STATE)
+        return staging
+
+    def _attach_lsm(self, lsm_fd: int) -> int:
+        try:
+            link_fd = libbpf.link_create(lsm_fd, 0, libbpf.BPF_LSM_MAC)
+        except BpfError as e:
+            raise LoadError(
+                "attach", f"{LSM_PROGRAM} to socket_sendmsg: {libbpf.strerror(e.errno)}"
+            ) from None
+        self.fds.append(link_fd)
+        self.undo.push(f"detach {LSM_PROGRAM}", lambda: libbpf.link_detach(link_fd))
+        return link_fd
+
+    def _hand_over(self, obj: libbpf.BpfObject, prog_fd: int) -> None:
+        """The new program is attached: make its serial the one in force (the old steps
+        aside from its next run on)."""
+        ctl = obj.map(t.CTL_MAP)
+        if ctl is None or self.serial is None:
+            return
+        ctl_fd = ctl.fd()
+        before = read_serial_fd(ctl_fd)
+        try:
+            write_serial(ctl_fd, self.serial)
+        except BpfError as e:
+            raise LoadError("attach", f"{t.CTL_MAP}: {libbpf.strerror(e.errno)}") from None
+        self.undo.push(f"restore serial {before}", lambda: write_serial(ctl_fd, before))
+
+    def _retire_old(self, staging: Path) -> None:
+        old = self.old
+        if old is not None and old.lsm_link_fd is not None:
+            try:
+                libbpf.link_detach(old.lsm_link_fd)
+            except BpfError as e:
+                if e.errno != errno.ENOLINK:
+                    log.warning("replace: could not detach the previous LSM link: %s", e)
+        super()._retire_old(staging)
+
+
 def _warnings(messages: list[tuple[int, str]], limit: int = 10) -> list[str]:
     lines = [text for level, text in messages if level == libbpf.LIBBPF_WARN]
     return [line.removeprefix("libbpf: ") for line in lines[-limit:]]
@@ -852,6 +1110,15 @@ def _teardown(pin_dir: Path) -> list[str]:
             problems.append(str(e))
             return None
 
+    lsm_link_fd = get(pins.PIN_LSM_LINK)
+    if lsm_link_fd is not None:
+        try:
+            libbpf.link_detach(lsm_link_fd)  # the LSM backend: its program stops judging
+        except BpfError as e:
+            if e.errno != errno.ENOLINK:
+                problems.append(f"detaching the LSM link: {e}")
+        finally:
+            os.close(lsm_link_fd)
     link_fd = get(pins.PIN_LINK)
     if link_fd is not None:
         try:
@@ -915,15 +1182,19 @@ def _status_of(pin_dir: Path) -> PolicyStatus:
     try:
         for pin in pin_dir.iterdir():
             fds[pin.name] = libbpf.obj_get(str(pin))
-        missing = [
-            p
-            for p in (pins.PIN_MSG, pins.PIN_SOCKOPS, pins.PIN_SOCKS, pins.PIN_STATE)
-            if p not in fds
-        ]
+        lsm = pins.PIN_LSM in fds
+        required = (
+            (pins.PIN_LSM, pins.PIN_LSM_LINK, pins.PIN_SOCKOPS, pins.PIN_STATE)
+            if lsm
+            else (pins.PIN_MSG, pins.PIN_SOCKOPS, pins.PIN_SOCKS, pins.PIN_STATE)
+        )
+        missing = [p for p in required if p not in fds]
         state = read_state(fds[pins.PIN_STATE]) if pins.PIN_STATE in fds else None
         meta = state.policy_metadata() if state is not None else None
         program_ids = {
-            p: libbpf.prog_info(fds[p]).id for p in (pins.PIN_MSG, pins.PIN_SOCKOPS) if p in fds
+            p: libbpf.prog_info(fds[p]).id
+            for p in (pins.PIN_MSG, pins.PIN_LSM, pins.PIN_SOCKOPS)
+            if p in fds
         }
         map_ids = {
             p: libbpf.map_info(fd).id
@@ -963,6 +1234,7 @@ def _status_of(pin_dir: Path) -> PolicyStatus:
             ),
             reloads=state.reloads if state is not None else 0,
             serial=state.serial if state is not None else 0,
+            backend="lsm" if lsm else "sockmap",
         )
     finally:
         for fd in fds.values():

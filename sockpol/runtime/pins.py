@@ -6,6 +6,8 @@
             sockpol_sockops              the sock_ops program
             sockpol_socks                the sockhash (kept across replacements)
             cgroup_link                  bpf_link of sockpol_sockops on the cgroup (if any)
+            sockpol_lsm, lsm_link        the LSM backend's program and its bpf_link (an LSM
+                                         object has these instead of sockpol_msg, sockpol_socks)
             state                        sockpol's record, see state.py
             map_<map name>               every other map of the object, dots made underscores
                                          (e.g. map_sockpol_rodata for libbpf's sockpol.rodata)
@@ -34,7 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sockpol.contract import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
+from sockpol.contract import LSM_PROGRAM, MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
 from sockpol.runtime.system import BPFFS_DEFAULT, ensure_bpffs, find_bpffs
 
 log = logging.getLogger("sockpol.runtime")
@@ -44,6 +46,8 @@ PIN_MSG = MSG_PROGRAM
 PIN_SOCKOPS = SOCKOPS_PROGRAM
 PIN_SOCKS = SOCK_MAP
 PIN_LINK = "cgroup_link"
+PIN_LSM = LSM_PROGRAM  # the LSM backend's program (instead of sockpol_msg and the sockhash)
+PIN_LSM_LINK = "lsm_link"  # its bpf_link on the socket_sendmsg hook
 PIN_STATE = "state"
 MAP_PREFIX = "map_"
 TEMP_PREFIX = "_"

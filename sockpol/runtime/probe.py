@@ -82,6 +82,9 @@ ANSWER_HELPERS = {  # bpf helper ids: what an answer needs, by program type
     "sk_storage_get in sock_ops": (bpf.BPF_PROG_TYPE_SOCK_OPS, 107),
 }
 TLS = ("ktls", "ktls_sockmap")
+LSM_TLS = ("ktls", "bpf_lsm")  # policy inside TLS on the lsm backend
+SECURITYFS_LSM = Path("/sys/kernel/security/lsm")
+BPF_F_SLEEPABLE = 1 << 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,12 +546,130 @@ def probe() -> list[Finding]:
         )
     else:
         findings.append(guarded("ktls_sockmap", title, probe_ktls_sockmap))
+    if not privileged:
+        findings.append(_unprivileged("bpf_lsm", "BPF LSM programs (the lsm backend)"))
+    else:
+        findings.append(guarded("bpf_lsm", "BPF LSM programs (the lsm backend)", probe_bpf_lsm))
     answer_title = "answers (a response redirected to the sender)"
     if not privileged:
         findings.append(_unprivileged("answer", answer_title))
     else:
         findings.append(guarded("answer", answer_title, probe_answer))
     return findings
+
+
+# ---------------------------------------------------------------------------------------------
+# The lsm backend: a sleepable BPF LSM program on socket_sendmsg (codegen/lsm.py)
+
+
+class _ProgLoadOpts(ctypes.Structure):
+    """The start of libbpf's struct bpf_prog_load_opts (its `sz` says how much is given)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_int),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32),
+        ("attach_btf_obj_fd", ctypes.c_uint32),
+    ]
+
+
+def active_lsms() -> list[str] | None:
+    """The kernel's active LSMs (securityfs), None where that cannot be read."""
+    try:
+        return SECURITYFS_LSM.read_text().strip().split(",")
+    except OSError:
+        return None
+
+
+def probe_bpf_lsm() -> Finding:
+    """Load a sleepable `return 0` LSM program on socket_sendmsg and attach it for a moment:
+    what the lsm backend needs. BPF LSM must be in the active LSM list (boot parameter `lsm=`,
+    docs/kernels.md), and the host may still refuse (EPERM, as on the development machines)."""
+    from sockpol import kernelbtf
+
+    key, title = "bpf_lsm", "BPF LSM programs (the lsm backend)"
+    lsms = active_lsms()
+    if lsms is not None and "bpf" not in lsms:
+        return Finding(
+            key, title, Status.MISSING,
+            f"bpf is not among the active LSMs ({','.join(lsms)})",
+            lacks="BPF LSM (boot with lsm=" + ",".join([*lsms, "bpf"]) + ")",
+        )  # fmt: skip
+    try:
+        btf = kernelbtf.running_kernel()
+    except kernelbtf.BtfError as e:
+        return Finding(key, title, Status.MISSING, str(e), lacks="kernel BTF")
+    hook = btf.by_name.get((12, "bpf_lsm_socket_sendmsg"))  # BTF_KIND_FUNC
+    if hook is None:
+        return Finding(key, title, Status.MISSING, "no bpf_lsm_socket_sendmsg in the kernel's BTF",
+                       lacks="CONFIG_BPF_LSM")  # fmt: skip
+    mov_r0_0, exit_ = 0xB7, 0x95
+    insns = (_BPF_INSN * 2)(mov_r0_0, exit_)
+    opts = _ProgLoadOpts(
+        sz=ctypes.sizeof(_ProgLoadOpts),
+        expected_attach_type=bpf.BPF_LSM_MAC,
+        prog_flags=BPF_F_SLEEPABLE,
+        attach_btf_id=hook,
+    )
+    fd = _libbpf().bpf_prog_load(
+        bpf.BPF_PROG_TYPE_LSM, b"sockpol_probe", b"GPL", insns, 2, ctypes.byref(opts)
+    )
+    if fd < 0:
+        err = -fd
+        active = "" if lsms is None else f" (active LSMs: {','.join(lsms)})"
+        return Finding(
+            key, title, Status.MISSING,
+            f"loading an LSM program failed: {_errname(err)} ({os.strerror(err)}){active}",
+            lacks="permission to load BPF LSM programs" if err == errno.EPERM else "BPF LSM",
+        )  # fmt: skip
+    try:
+        try:
+            link = bpf.link_create(fd, 0, bpf.BPF_LSM_MAC)
+        except bpf.BpfError as e:
+            return Finding(key, title, Status.MISSING,
+                           f"attaching an LSM program failed: {_errname(e.errno)}",
+                           lacks="BPF LSM attachment")  # fmt: skip
+        bpf.link_detach(link)
+        os.close(link)
+    finally:
+        os.close(fd)
+    where = "" if lsms is None else f" (active LSMs: {','.join(lsms)})"
+    return Finding(key, title, Status.OK, f"a sleepable program on socket_sendmsg loads{where}")
+
+
+@functools.cache
+def lsm_support() -> Finding:
+    return guarded("bpf_lsm", "BPF LSM programs (the lsm backend)", probe_bpf_lsm)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str  # sockmap or lsm
+    reason: str
+
+
+def choose_backend(tls_policy: bool) -> BackendChoice:
+    """The backend a policy gets when none is forced: sockmap (sk_msg on a sockhash: it holds a
+    split head back, answers refusals) wherever it can do the job; for a `tls` policy on a
+    kernel that rejects TLS on sockmap sockets, lsm where BPF LSM works."""
+    if not tls_policy:
+        return BackendChoice("sockmap", "plaintext policy: sk_msg on a sockhash (the default)")
+    sockmap = tls_policy_support()
+    if sockmap.ok:
+        return BackendChoice("sockmap", "kTLS on sockets in a sockhash works here")
+    lsm = tls_policy_support(backend="lsm")
+    if lsm.ok:
+        return BackendChoice(
+            "lsm",
+            f"kTLS on sockets in a sockhash does not work here ({sockmap.reason}); BPF LSM does",
+        )
+    return BackendChoice("sockmap", f"neither works here: {sockmap.reason}; lsm: {lsm.reason}")
 
 
 def guarded(key: str, title: str, fn: Callable[[], Finding]) -> Finding:
@@ -584,11 +705,11 @@ class TlsSupport:
         )
 
 
-def tls_support_from(findings: list[Finding]) -> TlsSupport:
+def tls_support_from(findings: list[Finding], keys: tuple[str, ...] = TLS) -> TlsSupport:
     """The answer for a list of findings (`probe()`'s, or the two probes' alone)."""
     by_key = {f.key: f for f in findings}
-    used = tuple(by_key[k] for k in TLS if k in by_key)
-    for key in TLS:
+    used = tuple(by_key[k] for k in keys if k in by_key)
+    for key in keys:
         f = by_key.get(key)
         if f is None:
             return TlsSupport(False, f"{key} was not probed", used)
@@ -603,14 +724,17 @@ def tls_support_from(findings: list[Finding]) -> TlsSupport:
 
 
 @functools.cache
-def tls_policy_support() -> TlsSupport:
+def tls_policy_support(backend: str = "sockmap") -> TlsSupport:
     """Can policies with a `tls` statement be loaded on this kernel? Tried for real (the kTLS
     probe, then kTLS on a socket in a sockhash with a drop-all program that must run), once per
     process: a few milliseconds, nothing left behind. Needs the privileges loading needs;
-    without them the answer is no ("could not be verified")."""
+    without them the answer is no ("could not be verified"). `backend="lsm"`: kTLS and BPF LSM
+    (the LSM hook sees kTLS plaintext without sockmap)."""
     ktls_finding = guarded("ktls", "kernel TLS (kTLS)", probe_ktls)
     if not ktls_finding.ok:
         return tls_support_from([ktls_finding])
+    if backend == "lsm":
+        return tls_support_from([ktls_finding, lsm_support()], LSM_TLS)
     sockmap = guarded("ktls_sockmap", "kTLS on sockets in a sockhash", probe_ktls_sockmap)
     return tls_support_from([ktls_finding, sockmap])
 
@@ -619,4 +743,8 @@ def summary(findings: list[Finding]) -> dict[str, bool]:
     """What works here: plaintext HTTP policies, and policy inside TLS (kTLS)."""
     by_key = {f.key: f for f in findings}
     plain = all(by_key[k].ok for k in CORE if k in by_key)
-    return {"plaintext": plain, "ktls": plain and all(by_key[k].ok for k in TLS if k in by_key)}
+    ktls = plain and all(by_key[k].ok for k in TLS if k in by_key)
+    lsm = plain and "bpf_lsm" in by_key and by_key["bpf_lsm"].ok
+    ktls_lsm = lsm and "ktls" in by_key and by_key["ktls"].ok
+    return {"plaintext": plain, "ktls": ktls or ktls_lsm, "ktls_sockmap": ktls,
+            "lsm": lsm, "ktls_lsm": ktls_lsm}  # fmt: skip
