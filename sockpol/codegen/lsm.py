@@ -273,6 +273,9 @@ class LsmBackend:
         with b.if_then(b.icmp_unsigned("==", size, I64(0)), likely=False):
             allow()
         sk = b.load(gep(b, sock, I8, [self.k(b, "socket_sk")]), typ=PTR)
+        # Newer verifiers know `sock->sk` as trusted-or-NULL, and the helper wants it checked.
+        with b.if_then(_null(b, sk), likely=False):
+            allow()
         conn = h.call(b, h.SK_STORAGE_GET, self.conn_map, sk, ir.Constant(PTR, None), I64(0))
         with b.if_then(_null(b, conn)):
             allow()  # not a connection this policy governs

@@ -971,7 +971,7 @@ class _LsmLoad(_Load):
                 "attach", f"{LSM_PROGRAM} to socket_sendmsg: {libbpf.strerror(e.errno)}"
             ) from None
         self.fds.append(link_fd)
-        self.undo.push(f"detach {LSM_PROGRAM}", lambda: libbpf.link_detach(link_fd))
+        self.undo.push(f"detach {LSM_PROGRAM}", lambda: _detach_lsm_link(link_fd))
         return link_fd
 
     def _hand_over(self, obj: libbpf.BpfObject, prog_fd: int) -> None:
@@ -992,11 +992,21 @@ class _LsmLoad(_Load):
         old = self.old
         if old is not None and old.lsm_link_fd is not None:
             try:
-                libbpf.link_detach(old.lsm_link_fd)
+                _detach_lsm_link(old.lsm_link_fd)
             except BpfError as e:
-                if e.errno != errno.ENOLINK:
-                    log.warning("replace: could not detach the previous LSM link: %s", e)
-        super()._retire_old(staging)
+                log.warning("replace: could not detach the previous LSM link: %s", e)
+        super()._retire_old(staging)  # unpins it: its last reference goes with the old fds
+
+
+def _detach_lsm_link(fd: int) -> None:
+    """Detach an LSM program's link where the kernel can (BPF_LINK_DETACH); tracing links do
+    not support it on some kernels (EOPNOTSUPP on 7.3): there the link goes when its last
+    reference does (its pin and the fds, which the caller drops next)."""
+    try:
+        libbpf.link_detach(fd)
+    except BpfError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOLINK, errno.EINVAL, ENOTSUPP):
+            raise
 
 
 def _warnings(messages: list[tuple[int, str]], limit: int = 10) -> list[str]:
@@ -1113,10 +1123,9 @@ def _teardown(pin_dir: Path) -> list[str]:
     lsm_link_fd = get(pins.PIN_LSM_LINK)
     if lsm_link_fd is not None:
         try:
-            libbpf.link_detach(lsm_link_fd)  # the LSM backend: its program stops judging
+            _detach_lsm_link(lsm_link_fd)  # the LSM backend: (or when its pin goes, below)
         except BpfError as e:
-            if e.errno != errno.ENOLINK:
-                problems.append(f"detaching the LSM link: {e}")
+            problems.append(f"detaching the LSM link: {e}")
         finally:
             os.close(lsm_link_fd)
     link_fd = get(pins.PIN_LINK)

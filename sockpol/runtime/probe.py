@@ -635,8 +635,7 @@ def probe_bpf_lsm() -> Finding:
             return Finding(key, title, Status.MISSING,
                            f"attaching an LSM program failed: {_errname(e.errno)}",
                            lacks="BPF LSM attachment")  # fmt: skip
-        bpf.link_detach(link)
-        os.close(link)
+        os.close(link)  # the link's only reference: closing it detaches the program
     finally:
         os.close(fd)
     where = "" if lsms is None else f" (active LSMs: {','.join(lsms)})"

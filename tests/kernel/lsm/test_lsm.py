@@ -13,7 +13,6 @@ several requests in one send (refused whole), bodies, and unload leaving nothing
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import time
 from pathlib import Path
@@ -22,12 +21,10 @@ import pytest
 
 from sockpol.compiler import compile_to_file
 from sockpol.runtime import counters as rc
-from sockpol.runtime import load, probe, reload, status, unload
+from sockpol.runtime import load, reload, status, unload
 from sockpol.runtime.counters import set_mode
 from sockpol.runtime.events import EventStream
 
-IN_VM = os.environ.get("SOCKPOL_IN_VM") == "1"
-ON_CI = os.environ.get("CI") == "true"
 NAME = "t-lsm-plain"
 POLICY = """\
 policy t-lsm-plain {{
@@ -38,20 +35,6 @@ policy t-lsm-plain {{
     allow POST /upload
 }}
 """
-
-
-@pytest.fixture(scope="module")
-def lsm_kernel() -> probe.Finding:
-    finding = probe.guarded("bpf_lsm", "BPF LSM programs", probe.probe_bpf_lsm)
-    if not finding.ok:
-        reason = (
-            f"kernel {os.uname().release} does not run BPF LSM programs here: {finding.detail} "
-            "(the lsm backend's tests run in the VMs: tests/vm, docs/kernels.md)"
-        )
-        if IN_VM and ON_CI:
-            pytest.fail(f"in the VM BPF LSM must work: {reason}", pytrace=False)
-        pytest.skip(f"LSM TEST SKIPPED: {reason}")
-    return finding
 
 
 @pytest.fixture
