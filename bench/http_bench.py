@@ -14,6 +14,8 @@ the same invocation:
     floor           wrk (in a cgroup the floor governs) -> nginx: bench/floor/floor.bpf.c, built
                     with clang and loaded with bpftool; one prefix check per request
     sockpol-N       wrk (in a cgroup the N-rule policy governs) -> nginx
+    lsm-N           the same policy on the lsm backend (a BPF LSM program on socket_sendmsg,
+                    codegen/lsm.py); needs a kernel that runs BPF LSM programs (a VM here)
     haproxy-N       wrk -> HAProxy (the N rules as http-request ACLs) -> nginx
 
 For the configurations that run a BPF program (floor, sockpol-N) the kernel's own statistics
@@ -67,7 +69,7 @@ from policies import (  # noqa: E402
 FLOOR_SRC = HERE / "floor" / "floor.bpf.c"
 FLOOR_MSG, FLOOR_SOCKOPS, FLOOR_SOCKS = "floor_msg", "floor_sockops", "floor_socks"
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
-KINDS = ("none", "floor", "sockpol", "haproxy")
+KINDS = ("none", "floor", "sockpol", "lsm", "haproxy")
 
 Request = tuple[str, str, dict[str, str]]
 
@@ -205,25 +207,25 @@ def cgroup():
         path.rmdir()
 
 
-def compile_policy(text: str, workdir: Path, name: str) -> Path:
+def compile_policy(text: str, workdir: Path, name: str, backend: str = "sockmap") -> Path:
     from sockpol.compiler import compile_source
 
-    (compiled,), _ = compile_source(text, f"{name}.pol")
-    obj = workdir / f"{name}.bpf.o"
+    (compiled,), _ = compile_source(text, f"{name}.pol", backend)
+    obj = workdir / f"{name}-{backend}.bpf.o"
     obj.write_bytes(compiled.object_code())
     return obj
 
 
 @contextmanager
 def sockpol_policy(obj: Path, group: Path, name: str) -> Iterator[int]:
-    """Load a compiled policy for `group`; yields the id of its sk_msg program."""
+    """Load a compiled policy for `group`; yields the id of its sk_msg (or LSM) program."""
     from sockpol import runtime
-    from sockpol.contract import MSG_PROGRAM
+    from sockpol.contract import LSM_PROGRAM, MSG_PROGRAM
 
     loaded = runtime.load(obj, group, name=name)
     loaded.close()
     try:
-        yield loaded.program_ids[MSG_PROGRAM]
+        yield loaded.program_ids.get(MSG_PROGRAM) or loaded.program_ids[LSM_PROGRAM]
     finally:
         runtime.unload(name)
 
@@ -491,8 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--configs",
-        default=",".join(KINDS),
-        help=f"which kinds of configuration to run, of {','.join(KINDS)}",
+        default=",".join(k for k in KINDS if k != "lsm"),
+        help=f"which kinds of configuration to run, of {','.join(KINDS)} (default: all but "
+        "lsm, which needs a kernel that runs BPF LSM programs)",
     )
     ap.add_argument(
         "--bpf-stats",
@@ -506,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(kinds) - set(KINDS):
         ap.error(f"--configs: unknown {', '.join(sorted(unknown))} (of {', '.join(KINDS)})")
     tools = ["wrk", "nginx"] + ["haproxy"] * ("haproxy" in kinds) + ["clang"] * ("floor" in kinds)
-    if "floor" in kinds or ("sockpol" in kinds and args.bpf_stats):
+    if "floor" in kinds or ({"sockpol", "lsm"} & set(kinds) and args.bpf_stats):
         tools.append("bpftool")
     missing = [t for t in tools if shutil.which(t) is None]
     if missing or os.geteuid() != 0:
@@ -560,16 +563,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, kind, n in configs:
             if kind == "floor":
                 objects[name] = build_floor(work, args.port)
-            elif kind == "sockpol":
+            elif kind in ("sockpol", "lsm"):
                 text = policy_text(f"bench{n}", args.port, rules[n])
-                objects[name] = compile_policy(text, work, f"bench{n}")
+                backend = "lsm" if kind == "lsm" else "sockmap"
+                objects[name] = compile_policy(text, work, f"bench{n}", backend)
             elif kind == "haproxy":
                 acls = "\n".join(haproxy_acls(rules[n]))
                 objects[name] = work / f"haproxy{n}.cfg"
                 objects[name].write_text(
                     HAPROXY_CONF.format(proxy_port=args.proxy_port, port=args.port, acls=acls)
                 )
-        stats = args.bpf_stats and ("floor" in kinds or "sockpol" in kinds)
+        stats = args.bpf_stats and bool({"floor", "sockpol", "lsm"} & set(kinds))
         if stats:
             stack.enter_context(bpf_stats())
 
@@ -591,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run_wrk(args, args.port, script, group, prog if stats else None)
 
         def mix_of(kind: str, n: int | None, head: int | None) -> tuple[int | None, int | None]:
-            return (n if kind in ("sockpol", "haproxy") else None), head
+            return (n if kind in ("sockpol", "lsm", "haproxy") else None), head
 
         results: dict[tuple[str, int | None], list[dict]] = {
             (name, head): [] for head in heads for name, _, _ in configs

@@ -138,11 +138,25 @@ def render(
     print("what works here:", file=out)
     core = (*CORE, "program")
     print(f"  plaintext HTTP policies:  {_answer(works['plaintext'], core, by_key)}", file=out)
-    print(f"  policy inside TLS (kTLS): {_answer(works['ktls'], core + TLS, by_key)}", file=out)
+    ktls_sockmap = works.get("ktls_sockmap", works["ktls"])
+    ktls_lsm = works.get("ktls_lsm", False)
+    if ktls_sockmap:
+        inside = "yes (sockmap backend: kTLS on sockets in a sockhash works)"
+    elif ktls_lsm:
+        inside = "yes, through the lsm backend (this kernel rejects TLS on sockmap sockets)"
+    else:
+        inside = _answer(False, core + TLS, by_key)
+        if "bpf_lsm" in by_key and not by_key["bpf_lsm"].ok:
+            inside += f"; lsm backend: {by_key['bpf_lsm'].lacks or by_key['bpf_lsm'].detail}"
+    print(f"  policy inside TLS (kTLS): {inside}", file=out)
+    lsm = by_key.get("bpf_lsm")
+    if lsm is not None:
+        backend = "available (--backend lsm)" if works.get("lsm") else f"no ({lsm.detail})"
+        print(f"  lsm backend:              {backend}", file=out)
     if not works["plaintext"]:
         loadable = "no (no policy loads here)"
-    elif tls.ok:
-        loadable = "yes"
+    elif tls.ok or ktls_lsm:
+        loadable = "yes" if tls.ok else "yes, on the lsm backend (sockpol load picks it)"
     else:
         loadable = f"no, sockpol load refuses them: {tls.reason}"
     print(f"  policies with `tls`:      {loadable}", file=out)

@@ -359,7 +359,8 @@ class LsmBackend:
         bytes to skip and the bytes wanted into the head buffer. Stops when all are copied,
         past the last segment, or when a read fails (`fault`)."""
         fn, b = self.ob.function("sockpol_lsm_copy", I64, [("index", I64), ("ctx", PTR)])
-        index, area = fn.args
+        index, cctx = fn.args
+        area = b.load(cctx, typ=PTR)
 
         def get(name: str) -> ir.Value:
             return b.load(_byte(b, area, A[name]), typ=I64)
@@ -417,6 +418,7 @@ class LsmBackend:
         conn = b.load(gep(b, uctx, UNIT_T, [I32(0), I32(0)]), typ=PTR)
         area = b.load(gep(b, uctx, UNIT_T, [I32(0), I32(1)]), typ=PTR)
         scan = b.alloca(SCAN_T, name="scan")
+        cctx = b.alloca(PTR, name="copy_ctx")  # in the entry block: a static stack slot
 
         def aget(name: str) -> ir.Value:
             return b.load(_byte(b, area, A[name]), typ=I64)
@@ -498,7 +500,8 @@ class LsmBackend:
         aput("dst", carried)
         aput("skip", b.add(aget("iov_offset"), off))
         aput("fault", I64(0))
-        h.call(b, h.LOOP, I32(MAX_SEGMENTS), copy, area, I64(0))
+        b.store(area, cctx)  # bpf_loop's context must be on the stack
+        h.call(b, h.LOOP, I32(MAX_SEGMENTS), copy, cctx, I64(0))
         with b.if_then(
             b.or_(
                 b.icmp_unsigned("!=", aget("fault"), I64(0)),
