@@ -117,6 +117,7 @@ def verify(obj: bytes) -> Verification:
                 programs = o.programs()
                 for prog in programs:
                     prog.capture_log()
+                _kernel_layout(o)
                 o.load()
                 return Verification(
                     {p.name: libbpf.prog_info(p.fd()).verified_insns for p in programs}
@@ -131,6 +132,20 @@ def verify(obj: bytes) -> Verification:
                 processed_count(refused.log),
                 tuple(verifier_tail(refused.log, 8)),
             )
+
+
+def _kernel_layout(o) -> None:
+    """An LSM-backend object gets this kernel's struct offsets, as the loader gives it."""
+    from sockpol import kernelbtf
+    from sockpol.contract import LSM_PROGRAM
+
+    if o.program(LSM_PROGRAM) is None:
+        return
+    rodata = next((m for m in o.maps() if m.name.endswith(".rodata")), None)
+    if rodata is not None:
+        rodata.set_initial_value(
+            kernelbtf.layout_bytes(kernelbtf.lsm_layout(kernelbtf.running_kernel()))
+        )
 
 
 def verifier_counts(obj: bytes) -> tuple[dict[str, int], str]:

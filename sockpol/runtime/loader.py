@@ -852,6 +852,12 @@ class _LsmLoad(_Load):
                 f"policy {self.name} runs on the sockmap backend and this object on lsm; "
                 "unload it first (or compile with --backend sockmap)",
             )
+        if any(self.meta.answers):
+            log.warning(
+                "policy %r: the lsm backend cannot answer refused requests: they are dropped "
+                "(send() fails with EACCES), as with `answer drop`",
+                self.name,
+            )
         try:
             obj = self._open()
             progs = self._check_lsm_contract(obj)

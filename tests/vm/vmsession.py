@@ -145,10 +145,11 @@ class VMSession:
             for res in r.results.values():
                 counts[res.outcome] = counts.get(res.outcome, 0) + 1
             tally = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
-            msg = sorted({rec.get("sockpol_msg", 0) for rec in r.verifier})
-            insns = (
-                f"; sockpol_msg verified in {'/'.join(f'{n:,}' for n in msg)} insns" if msg else ""
-            )
+            insns = ""
+            for program in ("sockpol_msg", "sockpol_lsm"):  # the lsm backend's: tests/kernel/lsm
+                got = sorted({rec[program] for rec in r.verifier if program in rec})
+                if got:
+                    insns += f"; {program} verified in {'/'.join(f'{n:,}' for n in got)} insns"
             out.append(
                 f"{r.kernel.describe()}: guest pytest exit {r.status}, {r.seconds:.0f} s wall; "
                 f"{tally}{insns}"

@@ -13,6 +13,8 @@ several requests in one send (refused whole), bodies, and unload leaving nothing
 from __future__ import annotations
 
 import errno
+import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -209,3 +211,27 @@ def _drain(stream: EventStream, n: int, timeout: float = 5.0) -> list:
     while len(out) < n and time.monotonic() < deadline:
         out += [e for e in stream.poll(0.2) if hasattr(e, "verdict")]
     return out
+
+
+def test_the_lsm_program_verifies_within_the_budget(lsm_kernel, tmp_path: Path) -> None:
+    """The policy `sockpol doctor` loads (every feature, eight fact words) and an example, on
+    the lsm backend: within VERIFIER_BUDGET (the counts go to docs/kernels.md)."""
+    from sockpol.contract import LSM_PROGRAM, VERIFIER_BUDGET
+    from sockpol.selfcheck import REFERENCE_POLICY
+    from sockpol.stats import verifier_counts
+
+    examples = Path(__file__).resolve().parents[3] / "examples" / "orders-api.pol"
+    counts = {}
+    for name, text in (("everything", REFERENCE_POLICY), ("orders-api", examples.read_text())):
+        obj = compile_to_file(text, tmp_path / f"{name}.o", f"{name}.pol", backend="lsm")
+        got, note = verifier_counts(obj.read_bytes())
+        assert got, f"{name}: {note}"
+        counts[name] = got[LSM_PROGRAM]
+    print(f"\nverifier on Linux {os.uname().release}: {LSM_PROGRAM} {counts}")
+    report = os.environ.get("SOCKPOL_VERIFIER_REPORT")  # the VM runner's summary shows them
+    if report:
+        with open(report, "a") as f:
+            for name, count in counts.items():
+                record = {"release": os.uname().release, "policy": f"lsm:{name}"}
+                f.write(json.dumps({**record, LSM_PROGRAM: count}) + "\n")
+    assert max(counts.values()) <= VERIFIER_BUDGET, counts
