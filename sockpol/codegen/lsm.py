@@ -114,26 +114,30 @@ CONN_WORD, CONN_LEFT, CONN_KEY, CONN_MD = 0, 8, LSM_CONN_KEY, LSM_CONN_MD
 MD_BYTES = 80
 CONN_SAVE = CONN_MD + MD_BYTES
 WORK_BYTES = FACTS_OFFSET + 8 * MAX_FACT_WORDS  # the judge's work area (tables.py)
-CONN_BYTES = CONN_SAVE + WORK_BYTES
+CONN_BASE = CONN_SAVE + WORK_BYTES  # bytes of the head in progress before the saved scan's
+CONN_BYTES = CONN_BASE + 8
 
 # The task's storage: the run's scalars (map memory, not the stack: the verifier then does not
 # track them across bpf_loop iterations), the iov_iter and an iovec copied from the kernel, the
-# work area, then the copy of the head (two windows long: a head's continuation is copied after
-# the bytes of the earlier sends, and the verifier must see every copy inside the buffer).
+# work area, then the copy of (a chunk of) the head. Local storage elements must stay under about
+# 4 KiB: on 7.3.4 `bpf_task_storage_get(F_CREATE)` failed for an 11 KB value and worked for 3.7 KB
+# (elements come from bpf_mem_alloc), so the head is copied and scanned LSM_WINDOW bytes at a
+# time, the scan resuming chunk after chunk as it does from one send to the next.
 A = {
     name: 8 * i
     for i, name in enumerate(
         ["off", "size", "refused", "want", "dst", "skip", "segs", "fault", "mode", "ptr",
-         "ubuf_len", "iov_offset", "carried"]
+         "ubuf_len", "iov_offset", "base"]
     )
 }  # fmt: skip
 A_ITER = 128
 A_IOVEC = A_ITER + kernelbtf.ITER_BYTES
-WORK_OFF = 256
+WORK_OFF = A_IOVEC + 16
 BUF_OFF = WORK_OFF + WORK_BYTES
-BUF_BYTES = 2 * LSM_WINDOW + 64
+BUF_BYTES = LSM_WINDOW + 64  # the scan and the event's copiers read up to LSM_WINDOW bytes
 AREA_BYTES = BUF_OFF + BUF_BYTES
 assert A_IOVEC + 16 <= WORK_OFF and LSM_WINDOW & (LSM_WINDOW - 1) == 0
+assert AREA_BYTES <= 3720 and CONN_BYTES <= 3720  # (local storage: see above; 3,720 worked)
 
 MAX_UNITS = 64  # requests, bodies and TLS records in one send; more: refused (pull-failed)
 MAX_SEGMENTS = 64  # iovecs a send's head may span
@@ -484,20 +488,21 @@ class LsmBackend:
             self.rec.count(b, SLOT_REFUSED + Reason.PULL_FAILED, 1, rest)
             verdict(SK_DROP)
 
-        # The head in progress began in an earlier send: its scan state comes back.
+        # The head in progress began in an earlier chunk or send: its scan state comes back,
+        # and positions start again at this chunk (`base`: the head's bytes before it).
         partial = b.icmp_unsigned("!=", b.and_(resume, I64(CONN_HEAD_PART)), I64(0))
         scratch = _byte(b, area, WORK_OFF)
         fx.put("scratch", scratch)
         with b.if_then(partial):
             h.call(b, PROBE_READ_KERNEL, scratch, I32(WORK_BYTES), _byte(b, conn, CONN_SAVE))
-        carried = b.select(partial, fx.get("pos"), I64(0))
-        carried = b.and_(carried, I64(LSM_WINDOW - 1))  # below max-head (<= the window)
-        aput("carried", carried)
-        max_head = _min(b, fx.config("max_head"), I64(LSM_WINDOW))
-        room = b.sub(max_head, _min(b, carried, max_head))
-        n = _min(b, rest, room)
+        saved = b.add(b.load(_byte(b, conn, CONN_BASE), typ=I64), fx.get("pos"))
+        aput("base", b.select(partial, saved, I64(0)))
+        base = aget("base")
+        max_head = fx.config("max_head")
+        room = b.sub(max_head, _min(b, base, max_head))
+        n = _min(b, _min(b, rest, room), I64(LSM_WINDOW))
         aput("want", n)
-        aput("dst", carried)
+        aput("dst", I64(0))
         aput("skip", b.add(aget("iov_offset"), off))
         aput("fault", I64(0))
         b.store(area, cctx)  # bpf_loop's context must be on the stack
@@ -510,11 +515,10 @@ class LsmBackend:
             likely=False,
         ):
             refuse_unseen()  # the caller's bytes could not be read
-        carried = aget("carried")
-        limit = b.add(carried, n)
+        limit = b.and_(n, I64(2 * LSM_WINDOW - 1))  # n <= LSM_WINDOW: for the verifier
         data = _byte(b, area, BUF_OFF)
         fx.put("data", data)
-        fx.put("data_end", gep(b, data, I8, [b.and_(limit, I64(2 * LSM_WINDOW - 1))]))
+        fx.put("data_end", gep(b, data, I8, [limit]))
         fx.put("tables", fx.base)
         zero, one = fx.config("zero"), fx.config("one")
         start = b.select(
@@ -526,6 +530,7 @@ class LsmBackend:
                 fx.config("start"),
             ),
         )
+        fx.put("pos", zero)  # a resumed scan goes on at this chunk's first byte
         fresh = fn.append_basic_block("fresh")
         ready = fn.append_basic_block("ready")
         b.cbranch(partial, ready, fresh)
@@ -547,17 +552,17 @@ class LsmBackend:
         with b.if_then(b.icmp_unsigned("==", kind, I64(RESUME_UNJUDGED)), likely=False):
             finish(self.rec.unjudged(b, md, resume, mode), I32(0))
         head_start = b.and_(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), b.not_(partial))
+        fx.put("limit", limit)
 
         def refuse(reason: ir.Value, head: ir.Value | None = None) -> None:
             head = head if head is not None else I64(0)
             finish(self.rec.unframed(b, md, reason, mode, head, conn), I32(0))
 
         self.tls.phase(fx, conn, resume, kind, rest, RunEnd(verdict, refuse, covering))
-        fx.put("limit", limit)
         calls = b.add(b.add(n, b.lshr(n, I64(3))), I64(2))
         h.call(b, h.LOOP, b.trunc(calls, I32), scan_step, scan, I64(0))
         state = fx.get("state")
-        carried = aget("carried")
+        base = aget("base")
         complete = fn.append_basic_block("head_complete")
         not_complete = fn.append_basic_block("head_not_complete")
         b.cbranch(b.icmp_unsigned("==", state, I64(END)), complete, not_complete)
@@ -585,33 +590,38 @@ class LsmBackend:
         covered = b.select(chunked, pos, b.add(pos, fx.get("cl")))
         nxt = b.select(chunked, I64(RESUME_CHUNK_LINE), I64(RESUME_REQUEST))
         b.store(b.or_(b.or_(nxt, I64(tls.CONN_HTTP)), b.shl(counter, I64(32))), conn)
-        outcome = self.rec.judged(b, md, flags, reason, mode, counter, covered)
-        finish(outcome, covering(b.sub(covered, carried)))
+        outcome = self.rec.judged(b, md, flags, reason, mode, counter, b.add(base, covered))
+        finish(outcome, covering(covered))
 
         b.position_at_end(not_complete)
         body_counter = b.lshr(resume, I64(32))
         with b.if_then(b.icmp_unsigned("==", state, I64(CHUNK_LINE))):
             keep = b.and_(resume, I64(0xFFFFFFFF00000000))
             b.store(b.or_(keep, I64(RESUME_CHUNK_DATA_END | tls.CONN_HTTP)), conn)
-            data_end = b.sub(b.add(fx.get("pos"), fx.get("chunk")), carried)
-            self.rec.count(b, body_counter, 0, data_end)
+            data_end = b.add(fx.get("pos"), fx.get("chunk"))
+            self.rec.count(b, body_counter, 0, b.add(base, data_end))
             verdict(SK_PASS, covering(data_end))
         with b.if_then(b.icmp_unsigned("==", state, I64(BODY_END))):
             b.store(I64(RESUME_REQUEST | tls.CONN_HTTP), conn)
-            ended = b.sub(fx.get("pos"), carried)
-            self.rec.count(b, body_counter, 0, ended)
+            ended = fx.get("pos")
+            self.rec.count(b, body_counter, 0, b.add(base, ended))
             verdict(SK_PASS, b.trunc(ended, I32))
         refused = b.icmp_unsigned("<", state, I64(TERMINAL_STATES))
         with b.if_then(b.icmp_unsigned("==", state, I64(Reason.BAD_METHOD)), likely=False):
             self.tls.alert_plaintext(fx, kind, rest, RunEnd(verdict, refuse, covering))
-        with b.if_then(b.or_(refused, b.icmp_unsigned(">=", limit, max_head))):
+        too_large = b.icmp_unsigned(">=", b.add(base, n), max_head)
+        stalled = b.icmp_unsigned("!=", fx.get("pos"), n)  # every byte is scanned, or refused
+        with b.if_then(b.or_(refused, b.or_(too_large, stalled))):
             reason = b.select(refused, state, I64(Reason.HEAD_TOO_LARGE))
             refuse(reason, b.zext(head_start, I64))
-        # The head goes on in the next send: these bytes pass (they do not make a request the
-        # server can act on), the scan's state is kept for the send that completes the head.
+        # The head goes on in the next chunk, or the next send: the scan's state is kept (with
+        # the head's bytes so far) for the unit that goes on with it. Bytes of this send pass
+        # only if the whole send does; those of an earlier send have passed (they do not make a
+        # request the server can act on).
         h.call(b, PROBE_READ_KERNEL, _byte(b, conn, CONN_SAVE), I32(WORK_BYTES), scratch)
+        b.store(base, _byte(b, conn, CONN_BASE))
         b.store(b.or_(b.load(conn, typ=I64), I64(CONN_HEAD_PART)), conn)
-        verdict(SK_PASS)
+        verdict(SK_PASS, b.trunc(n, I32))
 
         b.position_at_end(record)
         outcome, apply = b.phi(I64, "outcome"), b.phi(I32, "apply")
@@ -621,7 +631,8 @@ class LsmBackend:
         passed = b.icmp_unsigned("!=", self.rec.passes(b, outcome), I64(0))
         # A head that began in an earlier send is no longer in the buffer: its event carries
         # the path (kept in the work area) but not the method and Host.
-        shown = b.select(partial, b.and_(outcome, I64(~(1 << 24) & (2**64 - 1))), outcome)
+        head_here = b.icmp_unsigned("==", aget("base"), I64(0))
+        shown = b.select(head_here, outcome, b.and_(outcome, I64(~(1 << 24) & (2**64 - 1))))
         self.rec.record_event(b, md, scan, shown, I64(0))
         with b.if_then(b.not_(passed)):
             verdict(SK_DROP)
