@@ -35,7 +35,7 @@ LSM_SHARED_MAPS = (CONN_MAP, WORK_MAP)  # what a replacement of an LSM object sh
 # The LSM backend's socket storage: the word, left, the cookie at LSM_CONN_KEY (nonzero: governed),
 # the connection's addresses and ports at LSM_CONN_MD laid out like struct sk_msg_md.
 LSM_CONN_KEY, LSM_CONN_MD = 16, 24
-LSM_WINDOW = 1024  # head bytes the LSM program copies and scans at a time (lsm.py: why)
+LSM_WINDOW = 512  # head bytes the LSM program copies and scans at a time (lsm.py: why)
 BACKENDS = ("sockmap", "lsm")
 
 # --- the kernel's constants (include/uapi/linux/bpf.h; the same on every architecture) ----------

@@ -134,7 +134,7 @@ A_ITER = 128
 A_IOVEC = A_ITER + kernelbtf.ITER_BYTES
 WORK_OFF = A_IOVEC + 16
 BUF_OFF = WORK_OFF + WORK_BYTES
-BUF_BYTES = LSM_WINDOW + 64  # the scan and the event's copiers read up to LSM_WINDOW bytes
+BUF_BYTES = 2 * LSM_WINDOW + 64  # copies at [dst < W, dst + W): the verifier sees no less
 AREA_BYTES = BUF_OFF + BUF_BYTES
 assert A_IOVEC + 16 <= WORK_OFF and LSM_WINDOW & (LSM_WINDOW - 1) == 0
 assert AREA_BYTES <= 3720 and CONN_BYTES <= 3720  # (local storage: see above; 3,720 worked)
