@@ -449,9 +449,12 @@ class LsmBackend:
         def verdict(value, apply: ir.Value | None = None, cork: ir.Value | None = None) -> None:
             """How emit.py's verdicts end a unit here: PASS moves `off` on by `apply` bytes
             (none: the rest of the send passes); DROP refuses the send. A cork (a TLS record
-            header cut by the end of the send) cannot be held: refused."""
-            if cork is not None:
-                refuse(I64(Reason.TLS_BAD_RECORD))
+            header cut by the end of the send) cannot be held: refused (tls-bad-record, or
+            tls-not-declared on a policy without `tls`, the reason the whole record gets)."""
+            if cork is not None:  # on a policy without `tls`, any record is undeclared
+                undeclared = b.icmp_unsigned("==", fx.config("tls"), I64(tls.TLS_NONE))
+                why = b.select(undeclared, I64(Reason.TLS_NOT_DECLARED), I64(Reason.TLS_BAD_RECORD))
+                refuse(why)
                 return
             if value == SK_DROP:
                 mark_refused()
