@@ -44,7 +44,7 @@ from sockpol.contract import CHUNK_MAX, CL_MAX, MAX_SCAN, PATH_MAX, Reason
 # The state flags handled in scan_byte's counting block (digits, singleton headers).
 COUNTED_FLAGS = FLAG_CL_DIGIT | FLAG_HEX_DIGIT | SINGLETON_FLAGS
 # Bytes of the head per call of the scan's bpf_loop callback, at most (scan_step).
-SCAN_CHUNK = 16
+SCAN_CHUNK = 32
 # Words of eight bytes that scan_step skips at most per call in a state looping on them.
 SKIP_WORDS = 4
 SPACES, ONES, TOPS = (int.from_bytes(bytes([c]) * 8, "little") for c in (0x20, 0x01, 0x80))
@@ -59,9 +59,9 @@ def visible_word(word: int) -> bool:
 # Bytes past `pos` that one call may read: its packet offsets must stay below 64 KiB, or the
 # verifier does not grant the loads.
 READ_AHEAD = max(SCAN_CHUNK, 8 * SKIP_WORDS)
-# How the fast path of scan_step ends: bit 0, the scan stops; bit 1, a byte is pending.
-EXIT_MORE, EXIT_STOP, EXIT_PENDING = 0, 1, 2
-# Bytes of the normalized path per call of path_step.
+# How the fast path of scan_step ends: the next call goes on, or starts with the slow path.
+EXIT_MORE, EXIT_PENDING = 0, 1
+# Bytes of the path per call of path_step.
 PATH_CHUNK = 16
 
 
@@ -195,8 +195,8 @@ class JudgeCore:
 
         def transition(state: ir.Value, q: ir.Value) -> tuple[ir.Value, ir.Value]:
             byte = b.zext(b.load(q, typ=I8), I64)
-            cls = fx.load_table("classmap", byte, I8)
-            return byte, fx.load_table("trans", b.add(b.shl(state, I64(t.class_bits)), cls), I16)
+            cls = fx.load_flat("classmap", byte, I8)
+            return byte, fx.load_flat("trans", b.add(b.shl(state, I64(t.class_bits)), cls), I16)
 
         def window(pos: ir.Value, slack: int) -> ir.Value:
             """data + pos, with pos bounded for the verifier (packet offsets, `slack` bytes
@@ -213,15 +213,20 @@ class JudgeCore:
         b.position_at_end(fn.blocks[0])
         slow = fn.append_basic_block("slow")
         fast = fn.append_basic_block("fast")
+        # So does every byte once the path has less room than a chunk: the fast path appends
+        # path bytes unchecked (only paths of more than PATH_MAX - SCAN_CHUNK bytes get here).
         pending = b.icmp_unsigned("!=", fx.get("pending"), I64(0))
-        b.cbranch(b.or_(pending, b.icmp_unsigned(">", fx.get("pos"), near_end)), slow, fast)
+        near = b.icmp_unsigned(">", fx.get("pos"), near_end)
+        full = b.icmp_unsigned(">=", fx.get("out_len"), I64(PATH_MAX - SCAN_CHUNK))
+        b.cbranch(b.or_(b.or_(pending, near), full), slow, fast)
         b.position_at_end(slow)
         fx.put("pending", I64(0))
         pos = fx.get("pos")
         p = window(pos, 1)
         in_window = fn.append_basic_block("slow_in_window")
         beyond = b.icmp_unsigned(">", b.gep(p, [I64(1)], source_etype=I8), data_end)
-        b.cbranch(beyond, stop, in_window)
+        pulled = b.icmp_unsigned(">=", pos, fx.get("limit"))  # the fast path leaves it here
+        b.cbranch(b.or_(beyond, pulled), stop, in_window)
         b.position_at_end(in_window)
         byte, nxt = transition(fx.get("state"), p)
         done = self.ob.call(b, byte_fn, scan, pos, byte, nxt)
@@ -229,7 +234,9 @@ class JudgeCore:
         b.cbranch(b.icmp_unsigned("!=", done, I64(0)), stop, go_on)
         b.position_at_end(go_on)
         next_call = fn.append_basic_block("next_call")
-        b.cbranch(b.icmp_unsigned(">", fx.get("pos"), near_end), next_call, fast)
+        far = b.icmp_unsigned(">", fx.get("pos"), near_end)
+        full = b.icmp_unsigned(">=", fx.get("out_len"), I64(PATH_MAX - SCAN_CHUNK))
+        b.cbranch(b.or_(far, full), next_call, fast)
         b.position_at_end(next_call)
         b.ret(I64(0))
 
@@ -241,11 +248,6 @@ class JudgeCore:
         self.skip_words(fx, fn, pos, p, limit, data_end)
         scratch = fx.get("scratch")
         len0 = fx.get("out_len")
-        # Path bytes are appended here only with room for the whole chunk; otherwise they take
-        # the slow path, which refuses the byte past PATH_MAX.
-        room = b.icmp_unsigned("<", len0, I64(PATH_MAX - SCAN_CHUNK))
-        path_bits = b.select(room, fx.small(STATE_PATH), fx.small(0))
-        moving = b.or_(path_bits, I64(STATE_PLAIN))
         state0 = fx.get("state")
 
         here = b.block
@@ -261,28 +263,32 @@ class JudgeCore:
                 phi.add_incoming(value, b.block)
             x_code.add_incoming(I64(code), b.block)
 
-        # SCAN_CHUNK bytes unrolled, each checked against the bytes pulled and the window.
+        # SCAN_CHUNK bytes unrolled, each checked against the window (a branch: the verifier
+        # needs it to allow the load) and against the bytes pulled (arithmetic: `ok` is all
+        # ones for the bytes before `limit`). Both exits of a byte go through a block of their
+        # own: LLVM puts the exit values' copies there, not before every branch. Every exit
+        # leaves the byte pending: the next call's slow path stops at the window or the limit.
         # (Checking a whole chunk once, with a second unrolled copy for a head's last chunk,
         # measured no faster and cost the verifier half as much again.)
+        avail = b.sub(limit, pos)
         state, out_len = state0, len0
         for j in range(SCAN_CHUNK):
             at = b.add(pos, I64(j))
-            in_limit = fn.append_basic_block(f"limit{j}")
+            out = fn.append_basic_block(f"out{j}")
             inside = fn.append_basic_block(f"in{j}")
-            leave(state, at, out_len, EXIT_STOP)  # the end of the bytes pulled: stop here
-            b.cbranch(b.icmp_unsigned(">=", at, limit), exit_, in_limit)
-            b.position_at_end(in_limit)
-            leave(state, at, out_len, EXIT_STOP)  # the end of the window: likewise
             q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
-            b.cbranch(b.icmp_unsigned(">", q_end, data_end), exit_, inside)
+            b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside)
+            b.position_at_end(out)
+            leave(state, at, out_len, EXIT_PENDING)
+            b.branch(exit_)
             b.position_at_end(inside)
             byte, nxt = transition(state, b.gep(p, [I64(j)], source_etype=I8))
-            kind = fx.load_table("state_kind", nxt, I8)
-            path = b.and_(kind, path_bits)
+            kind = fx.load_flat("state_kind", nxt, I8)
+            path = b.and_(kind, I64(STATE_PATH))
             moves = fn.append_basic_block(f"moves{j}")
-            still = b.and_(kind, moving)
-            leave(state, at, out_len, EXIT_PENDING)  # anything else: scan_byte, next call
-            b.cbranch(b.icmp_unsigned("==", still, I64(0)), exit_, moves)
+            ok = b.ashr(b.sub(I64(j), avail), I64(63))
+            still = b.and_(b.and_(kind, I64(STATE_PLAIN | STATE_PATH)), ok)
+            b.cbranch(b.icmp_unsigned("==", still, I64(0)), out, moves)
             b.position_at_end(moves)
             # Stored whether or not it is a path byte: past the path's end, a byte that is
             # not one is overwritten or ignored (the path is the first out_len bytes).
@@ -297,8 +303,8 @@ class JudgeCore:
         fx.put("state", x_state)
         fx.put("pos", x_pos)
         fx.put("out_len", x_len)
-        fx.put("pending", b.lshr(x_code, I64(1)))
-        b.ret(b.and_(x_code, I64(1)))
+        fx.put("pending", x_code)
+        b.ret(I64(0))
         return fn
 
     def skip_words(self, fx: Fn, fn: ir.Function, pos, p, limit, data_end) -> None:

@@ -231,6 +231,14 @@ class Tables:
         self.t_index = {name: i for i, name in enumerate(fields)}
         self.t_len = {name: len(c.type) for name, c in fields.items()}
         typ = ir.LiteralStructType([c.type for c in fields.values()])
+        # Byte offsets of the tables in a slot (the BPF data layout), for flat_table.
+        td = llvm.create_target_data(DATA_LAYOUT)
+        self.t_offset = {name: typ.get_element_offset(td, i) for i, name in enumerate(fields)}
+        self.t_elem = {
+            name: c.type.element.width // 8
+            for name, c in fields.items()
+            if isinstance(c.type.element, ir.IntType)
+        }
         # Two slots and a generation: a reload writes the idle slot, then flips `gen`; a run
         # reads `gen` once and uses one slot throughout, so no run sees half a table. Both
         # slots start equal, so any loader gets a working policy whatever `gen` it starts with.
@@ -297,6 +305,22 @@ class Fn:
 
     def load_table(self, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
         return self.b.zext(self.b.load(self.table(name, index), typ=typ), I64)
+
+    def load_flat(self, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
+        """load_table for unrolled hot code: the address is the slot's base plus one byte
+        offset computed where it is used, so the table's constant offset becomes the load's
+        displacement. (With a GEP into the struct, LLVM computes each table's start once and
+        keeps it live across every block of an unrolled chunk: a register each, spilled to the
+        stack and reloaded per byte, since BPF has ten.)"""
+        t, b = self.tables, self.b
+        n = t.t_len[name]
+        assert n & (n - 1) == 0, name
+        index = b.and_(index, I64(n - 1))
+        size = t.t_elem[name]
+        at = b.add(
+            b.shl(index, I64(size.bit_length() - 1)) if size > 1 else index, I64(t.t_offset[name])
+        )
+        return b.zext(b.load(gep(b, self.base, I8, [at]), typ=typ), I64)
 
     def config(self, name: str) -> ir.Value:
         t, b = self.tables, self.b
