@@ -29,6 +29,7 @@ from sockpol.agent.reconciler import AgentConfig, Reconciler
 
 PREFIX = f"t-agent{os.getpid()}-"
 ROOT = Path(__file__).resolve().parents[2]
+DAEMONSET_CAPS = ("BPF", "NET_ADMIN", "PERFMON")
 
 
 def policy_text(port: int, allow: str = "/ok", extra: str = "") -> str:
@@ -320,6 +321,15 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _capabilities(pid: int) -> set[str]:
+    names = {21: "SYS_ADMIN", 12: "NET_ADMIN", 38: "PERFMON", 39: "BPF", 0: "CHOWN"}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            eff = int(line.split()[1], 16)
+            return {names.get(i, str(i)) for i in range(64) if eff >> i & 1}
+    return set()
+
+
 def _swap_configmap(directory: Path, files: dict[str, str], n: int) -> None:
     """Update a directory the way kubelet updates a mounted ConfigMap: a new timestamped
     directory, then one rename of the `..data` symlink; the visible names point through it."""
@@ -344,7 +354,6 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
     port = http_server.port
     ctr = cgroup / "app"
     ctr.mkdir()
-    rel = str(ctr.relative_to(cgroup.parents[len(cgroup.parents) - 1]))
     source = tmp_path / "configmap"
     source.mkdir()
     targets = (
@@ -354,10 +363,14 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
     _swap_configmap(source, {"targets.yaml": targets, "web.pol": policy_text(port)}, 1)
     from sockpol.runtime.system import cgroup2_mount
 
-    assert str(cgroup2_mount() / cgroup.name / "app") == str(ctr), rel
+    assert cgroup.parent == cgroup2_mount()  # targets.yaml names cgroups from the mount
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # With the DaemonSet's capabilities and no others (deploy/daemonset.yaml): nothing more is
+    # needed to load, reload and serve.
+    caps = "-all," + ",".join(f"+{c.lower()}" for c in DAEMONSET_CAPS)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sockpol.cli", "agent", "--source-dir", str(source),
+        ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--",
+         sys.executable, "-m", "sockpol.cli", "agent", "--source-dir", str(source),
          "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
          "--prefix", PREFIX, "--interval", "0.3"],
         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
@@ -367,6 +380,8 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
         assert proc.stderr is not None
         start = json.loads(proc.stderr.readline())
         assert start["action"] == "start", start
+        caps = _capabilities(proc.pid)
+        assert caps == set(DAEMONSET_CAPS), caps
         base = f"http://{start['listen']}"
         name = _wait(lambda: next(iter(owned_status()), None), 20, "the agent's load")
         assert refused(http_client, ctr, port, "/no")
@@ -399,3 +414,86 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
             proc.wait()
         for leftover in owned_status():
             runtime.unload(leftover)
+
+
+def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
+    tree, make_reconciler, http_server, http_client
+):
+    """The whole agent in one process: SockPolicy objects and pods from a list/watch server
+    (tests/agent/fakeapi.py; no API server can run here) through the real kubernetes client,
+    loads into the kernel, status and Events back to the server."""
+    import threading
+
+    import kubernetes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+    from fakeapi import FakeAPI
+
+    from sockpol.agent.kube import KubeAdapter
+    from sockpol.agent.main import Agent
+    from sockpol.runtime.probe import tls_policy_support
+
+    port = http_server.port
+
+    def pod_object(pod: Pod, node: str = "node1") -> dict:
+        return {
+            "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid,
+                         "labels": pod.labels},
+            "spec": {"nodeName": node},
+            "status": {"phase": "Running", "qosClass": pod.qos},
+        }  # fmt: skip
+
+    def sockpolicy(name: str, text: str, app: str) -> dict:
+        return {
+            "apiVersion": "sockpol.io/v1alpha1", "kind": "SockPolicy",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"policy": text, "podSelector": {"matchLabels": {"app": app}}},
+        }  # fmt: skip
+
+    api = FakeAPI()
+    config = kubernetes.client.Configuration()
+    config.host = api.url
+    kube = KubeAdapter(kubernetes.client.ApiClient(config), "node1", watch_timeout=5)
+    agent = Agent(make_reconciler(), [kube.policies], kube.pods, kube, interval=0.3)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    try:
+        a, a_ctr = tree.pod({"app": "web"}, driver="systemd")
+        api.put("pods", pod_object(a))
+        api.put("sockpolicies", sockpolicy("web", policy_text(port), "web"))
+        kube.start(agent.wake)
+        thread.start()
+        _wait(lambda: len(owned_status()) == 1, 20, "the SockPolicy's load")
+        assert refused(http_client, a_ctr, port, "/no")
+        status = lambda: api.objects["sockpolicies"]["shop/web"].get("status", {})  # noqa: E731
+        _wait(lambda: status().get("nodes", {}).get("node1", {}).get("ok"), 10, "status")
+        assert status()["nodes"]["node1"]["current"] == 1
+
+        # A new pod of this node is governed as soon as the watch reports it; another node's
+        # pod is none of this agent's business.
+        b, b_ctr = tree.pod({"app": "web"}, qos="Guaranteed", runtime="cri-o")
+        api.put("pods", pod_object(b))
+        other, other_ctr = tree.pod({"app": "web"}, qos="BestEffort")
+        api.put("pods", pod_object(other, node="node2"))
+        _wait(lambda: len(owned_status()) == 2, 20, "the new pod's load")
+        assert refused(http_client, b_ctr, port, "/no")
+        assert not refused(http_client, other_ctr, port, "/no")
+
+        # The SockPolicy is deleted: its loads go.
+        api.delete("sockpolicies", "shop", "web")
+        _wait(lambda: not owned_status(), 20, "the unloads")
+
+        if not tls_policy_support().ok:
+            # A policy this node's kernel cannot run: on the object's status and as an Event.
+            api.put("sockpolicies", sockpolicy("tls", policy_text(port, extra="    tls\n"), "web"))
+            node1 = lambda: api.objects["sockpolicies"]["shop/tls"].get(  # noqa: E731
+                "status", {}).get("nodes", {}).get("node1", {})
+            _wait(lambda: node1().get("ok") is False, 20, "the failure on the status")
+            assert "cannot judge requests inside TLS" in node1()["message"]
+            (event,) = [e for e in api.events if e["involvedObject"]["name"] == "tls"]
+            assert event["type"] == "Warning" and "node node1:" in event["message"]
+            assert not owned_status()
+    finally:
+        agent.shutdown()
+        thread.join(10)
+        kube.stop()
+        api.close()
