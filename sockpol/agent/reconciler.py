@@ -181,6 +181,8 @@ class Reconciler:
         loaded = self._owned()
         report.owned = len(loaded)
         self._learn_last_good(snapshot.specs, want, loaded)
+        clashing = self._clashes(want, loaded, report)
+        want = [d for d in want if d.name not in clashing]
         for d in want:
             self._one(d, loaded.get(d.name), report)
         if snapshot.ready and pods_ready:
@@ -224,6 +226,43 @@ class Reconciler:
                     self._last_good[spec.key] = found
                     break
 
+    def _clashes(self, want: list[DesiredLoad], loaded: dict, report: PassReport) -> set[str]:
+        """Loads that would share a cgroup and a port with another policy's: a connection can
+        be in one policy's sockhash only, so the second would silently govern nothing there.
+        The one already loaded keeps the pod (then the smaller key); the other is reported and
+        not loaded (unloaded, if it was)."""
+        by_cgroup: dict[Path, list[DesiredLoad]] = {}
+        for d in want:
+            by_cgroup.setdefault(d.cgroup, []).append(d)
+        out: set[str] = set()
+        for group in by_cgroup.values():
+            if len(group) < 2:
+                continue
+            group.sort(key=lambda d: (d.name not in loaded, d.spec.key))
+            taken: list[tuple[str, list]] = []
+            for d in group:
+                ports = self._ports(d.spec)
+                if ports is None:
+                    continue
+                clash = next((k for k, p in taken if _overlap(p, ports)), None)
+                if clash is None:
+                    taken.append((d.spec.key, ports))
+                    continue
+                out.add(d.name)
+                report.specs[d.spec.key].targets += 1
+                report.specs[d.spec.key].errors.append(
+                    f"{d.target}: not loaded: its ports overlap those of policy {clash}, which "
+                    "governs it already (a connection can be judged by one policy only)"
+                )
+        return out
+
+    def _ports(self, spec: PolicySpec) -> list | None:
+        try:
+            return self.objects.compile(spec).meta.ports
+        except SockpolError:
+            good = self._last_good.get(spec.key)
+            return good.meta.ports if good is not None else None
+
     def _object(self, spec: PolicySpec, shape: dict | None, report: SpecReport) -> Compiled | None:
         """The object to load for `spec`: its current text compiled, or, when that text does
         not compile, its last good version (reported either way)."""
@@ -255,6 +294,8 @@ class Reconciler:
             healthy
             and st.metadata.source_sha256 == compiled.meta.source_sha256
             and st.metadata.policy == compiled.meta.policy
+            # An upgraded agent reloads (in place) what an older compiler made.
+            and st.metadata.compiler_version == compiled.meta.compiler_version
             and st.cgroup == str(d.cgroup)
         )
         if in_sync:
@@ -293,7 +334,7 @@ class Reconciler:
             return None
         try:
             return self._object(spec, shape, spec_report)
-        except SockpolError:
+        except (SockpolError, TypeError, ValueError):  # does not fit, or an older shape format
             return None
 
     def _set_mode(self, d: DesiredLoad, mode: str) -> None:
@@ -366,6 +407,10 @@ class Reconciler:
             fields["retry_in_s"] = round(retry_in, 1)
         level = logging.INFO if a.ok else logging.ERROR
         log.log(level, f"{a.action} {a.name}: {'ok' if a.ok else a.error}", extra=fields)
+
+
+def _overlap(a: list, b: list) -> bool:
+    return any(lo1 <= hi2 and lo2 <= hi1 for lo1, hi1 in a for lo2, hi2 in b)
 
 
 def _runtime_mode(name: str) -> str | None:

@@ -497,3 +497,22 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
         thread.join(10)
         kube.stop()
         api.close()
+
+
+def test_two_policies_on_one_pod_and_port_is_reported_not_silently_half_done(
+    tree, make_reconciler, http_server, http_client
+):
+    port = http_server.port
+    pod, ctr = tree.pod({"app": "web", "tier": "front"})
+    first = web_spec(policy_text(port), key="shop/z-first", app="web")
+    rec = make_reconciler()
+    assert actions(rec.reconcile(Snapshot((first,)), [pod])) == [("load", True)]
+    # A second policy for the same pod and port (a smaller key, but the first is loaded).
+    second = web_spec(policy_text(port, allow="/no"), key="shop/a-second", tier="front")
+    other_port = web_spec(policy_text(port + 1), key="shop/b-other", tier="front")
+    report = rec.reconcile(Snapshot((first, second, other_port)), [pod])
+    assert actions(report) == [("load", True)], report  # only the one on another port
+    assert report.specs["shop/z-first"].ok and report.specs["shop/b-other"].ok
+    clash = report.specs["shop/a-second"]
+    assert not clash.ok and "overlap those of policy shop/z-first" in clash.message
+    assert refused(http_client, ctr, port, "/no")  # the first one's rules, as before
