@@ -109,6 +109,32 @@ def _require_host_bpffs() -> None:
         )
 
 
+def unload_all(prefix: str) -> int:
+    """Uninstalling: unload every policy the agent (with this prefix) loaded on this node."""
+    from sockpol import runtime
+    from sockpol.runtime import pins
+
+    if not names.valid_prefix(prefix):
+        raise SockpolError(f"agent: invalid --prefix {prefix!r}")
+    root = pins.pin_root(create=False)
+    failed = 0
+    for entry in sorted(root.iterdir()) if root is not None else []:
+        if not (names.owned(prefix, entry.name) and pins.valid_name(entry.name)):
+            continue
+        try:
+            runtime.unload(entry.name)
+        except runtime.PolicyNotFound:
+            continue
+        except SockpolError as e:
+            failed += 1
+            fields = {"action": "unload", "load": entry.name, "result": "error"}
+            log.error(f"unload {entry.name}: {e}", extra=fields)
+            continue
+        log.info(f"unload {entry.name}: ok",
+                 extra={"action": "unload", "load": entry.name, "result": "ok"})  # fmt: skip
+    return 1 if failed else 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     import os
     import socket
@@ -117,6 +143,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from sockpol.runtime.system import check_privileges
 
     logs.setup(args.log_level)
+    if args.unload_all:
+        return unload_all(args.prefix)
     if not args.source_dir and not args.kubernetes:
         raise SockpolError("agent: give --source-dir DIR, --kubernetes, or both")
     if not names.valid_prefix(args.prefix):

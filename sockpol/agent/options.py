@@ -34,4 +34,6 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backoff-max", type=float, default=300.0,
                    help="longest wait between retries of a failing load (default 300 s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--once", action="store_true", help="run one pass and exit")  # fmt: skip
+    p.add_argument("--once", action="store_true", help="run one pass and exit")
+    p.add_argument("--unload-all", action="store_true",
+                   help="unload every policy under the prefix and exit (uninstalling)")  # fmt: skip

@@ -408,6 +408,15 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
         # Enforcement does not depend on the agent: still loaded, still judging.
         assert name in owned_status()
         assert refused(http_client, ctr, port, "/ok")
+
+        # Uninstalling: every load under the prefix goes, and only those.
+        done = subprocess.run(
+            [sys.executable, "-m", "sockpol.cli", "agent", "--unload-all", "--prefix", PREFIX],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert not owned_status()
+        assert not refused(http_client, ctr, port, "/ok")
     finally:
         if proc.poll() is None:
             proc.kill()
