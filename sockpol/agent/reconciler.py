@@ -97,6 +97,7 @@ class PassReport:
     actions: list[Action] = field(default_factory=list)
     specs: dict[str, SpecReport] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    loads: dict[str, DesiredLoad] = field(default_factory=dict)  # desired, by load name
     desired: int = 0
     owned: int = 0
     seconds: float = 0.0
@@ -183,6 +184,7 @@ class Reconciler:
         self._learn_last_good(snapshot.specs, want, loaded)
         clashing = self._clashes(want, loaded, report)
         want = [d for d in want if d.name not in clashing]
+        report.loads = {d.name: d for d in want}
         for d in want:
             self._one(d, loaded.get(d.name), report)
         if snapshot.ready and pods_ready:

@@ -38,6 +38,7 @@ class AgentStats:
         self.spec_errors: dict[str, int] = {}  # policy key -> errors in the last pass
         self.source_problems = 0
         self.last_error: str | None = None  # a pass that raised
+        self.loads: dict[str, tuple[str, str, str, str]] = {}  # name -> key, ns, pod, cgroup
 
     def record(self, report) -> None:
         with self.lock:
@@ -52,6 +53,15 @@ class AgentStats:
             self.spec_errors = {k: len(s.errors) for k, s in report.specs.items()}
             self.source_problems = len(report.problems)
             self.last_error = None
+            self.loads = {
+                name: (
+                    d.spec.key,
+                    d.pod.namespace if d.pod else "",
+                    d.pod.name if d.pod else "",
+                    str(d.cgroup),
+                )
+                for name, d in report.loads.items()
+            }
 
 
 class AgentCollector(Collector):
@@ -94,6 +104,15 @@ class AgentCollector(Collector):
             for key, n in sorted(s.spec_errors.items()):
                 errors.add_metric([key], n)
             yield errors
+            info = GaugeMetricFamily(
+                "sockpol_agent_load_info",
+                "A load the agent keeps (1): which policy (key) and pod it is for; join on "
+                "`policy` with the sockpol_* series of the load.",
+                labels=["policy", "key", "namespace", "pod", "cgroup"],
+            )
+            for name, (key, ns, pod, cgroup) in sorted(s.loads.items()):
+                info.add_metric([name, key, ns, pod, cgroup], 1)
+            yield info
             yield GaugeMetricFamily(
                 "sockpol_agent_source_problems", "Desired-state objects that could not be read.",
                 value=s.source_problems,

@@ -191,6 +191,10 @@ def test_governs_selected_pods_follows_changes_and_removals(
     report = rec.reconcile(Snapshot((), ready=False), pods)
     assert report.actions == [] and len(owned_status()) == 2
 
+    # Nor is a policy the source could not read (its loads are kept as they are).
+    report = rec.reconcile(Snapshot((), held=("shop/web",)), pods)
+    assert report.actions == [] and len(owned_status()) == 2
+
     # The policy is removed: every load goes, nothing is left behind.
     names = set(owned_status())
     report = rec.reconcile(Snapshot(()), pods)
@@ -391,6 +395,8 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
             metrics = r.read().decode()
         assert f'sockpol_policy_info{{cgroup="{ctr}"' in metrics
         assert 'sockpol_agent_actions_total{action="load",result="ok"} 1.0' in metrics
+        assert (f'sockpol_agent_load_info{{cgroup="{ctr}",key="configmap/web",namespace="",'
+                f'pod="",policy="{name}"}} 1.0') in metrics  # fmt: skip
 
         # The ConfigMap changes (a ..data swap): the policy is reloaded in place.
         _swap_configmap(
