@@ -282,6 +282,9 @@ class KubeAdapter:
         for spec_report in report.specs.values():
             if spec_report.ref is None:
                 continue  # from the directory source
+            if spec_report.targets == 0 and spec_report.ok:
+                self._drop_entry(spec_report.ref)  # none of its pods here (any more)
+                continue
             entry = {
                 "ok": spec_report.ok,
                 "message": spec_report.message[:1024],
@@ -312,11 +315,26 @@ class KubeAdapter:
                 log.warning(f"status of SockPolicy {key}: {e}", extra=fields)
                 continue
             self._reported[key] = entry
-        known = {f"{r['namespace']}/{r['name']}" for r, _ in entries}
+        known = {f"{s.ref['namespace']}/{s.ref['name']}" for s in report.specs.values() if s.ref}
+        known |= {f"{r['namespace']}/{r['name']}" for r, _ in entries}
         for key in set(self._reported) - known:
-            del self._reported[key]
+            del self._reported[key]  # deleted objects: nothing to write
 
-    def _patch_status(self, ref: dict, entry: dict) -> None:
+    def _drop_entry(self, ref: dict) -> None:
+        """A node lists a policy only while it has pods of it: a null in a merge patch removes
+        the node's entry."""
+        key = f"{ref['namespace']}/{ref['name']}"
+        if key not in self._reported:
+            return
+        try:
+            self._patch_status(ref, None)
+        except Exception as e:
+            fields = {"action": "status", "policy": key, "result": "error"}
+            log.warning(f"status of SockPolicy {key}: {e}", extra=fields)
+            return
+        del self._reported[key]
+
+    def _patch_status(self, ref: dict, entry: dict | None) -> None:
         body = {"status": {"nodes": {self.node: entry}}}
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, ref["namespace"], PLURAL, ref["name"], body,

@@ -165,3 +165,12 @@ def test_status_per_node_by_merge_patch_and_events_on_transitions(api, adapter):
     a.report(report([]))  # recovered
     assert len(api.patches) == 2 and api.patches[1][2]["status"]["nodes"]["node1"]["ok"] is True
     assert [e["reason"] for e in api.events] == ["PolicyFailed", "PolicyEnforced"]
+
+    # Its last pod leaves the node: the node's entry goes (a null in the merge patch).
+    empty = PassReport()
+    empty.specs[spec.key] = SpecReport(spec.key, spec.ref, spec.source_sha256)
+    a.report(empty)
+    assert api.patches[2][2] == {"status": {"nodes": {"node1": None}}}
+    assert sorted(api.objects["sockpolicies"]["shop/web"]["status"]["nodes"]) == ["node2"]
+    a.report(empty)
+    assert len(api.patches) == 3
