@@ -85,6 +85,18 @@ class PodCgroups:
             out.append(self.base / to_systemd(name))
         return out
 
+    def pod_parents(self) -> list[Path]:
+        """The directories kubelet makes pod cgroups in (one per QoS class and driver)."""
+        root = [c for c in self.cgroup_root.strip("/").split("/") if c]
+        out = []
+        for qos in ([], ["burstable"], ["besteffort"]):
+            name = [*root, "kubepods", *qos]
+            if self.driver in ("cgroupfs", "auto"):
+                out.append(self.base / to_cgroupfs(name))
+            if self.driver in ("systemd", "auto"):
+                out.append(self.base / to_systemd(name))
+        return out
+
     def resolve(self, pod: Pod) -> Path | None:
         """The pod's cgroup directory, or None while kubelet has not made it (or has removed
         it)."""

@@ -32,6 +32,7 @@ class Agent:
         pods=None,
         reporter=None,
         interval: float = 10.0,
+        watch_cgroups: bool = False,
     ) -> None:
         self.reconciler, self.sources, self.pods, self.reporter = (
             reconciler, sources, pods, reporter,
@@ -40,6 +41,11 @@ class Agent:
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.stats = AgentStats()
+        self.watcher = None
+        if watch_cgroups:
+            from sockpol.agent.cgwatch import CgroupWatcher
+
+            self.watcher = CgroupWatcher(reconciler.cgroups.pod_parents(), self.wake)
 
     def snapshot(self) -> Snapshot:
         specs, problems, held, ready = [], [], [], True
@@ -55,6 +61,8 @@ class Agent:
         return Snapshot(tuple(specs), ready, tuple(problems), tuple(held))
 
     def run_once(self) -> PassReport:
+        if self.watcher is not None:
+            self.watcher.refresh()
         snapshot = self.snapshot()
         pods: list[Pod] = []
         pods_ready = True
@@ -69,6 +77,15 @@ class Agent:
         return report
 
     def run(self) -> None:
+        if self.watcher is not None:
+            self.watcher.start()
+        try:
+            self._loop()
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+
+    def _loop(self) -> None:
         while not self.stop.is_set():
             self.wake.clear()
             try:
@@ -176,7 +193,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         kube = KubeAdapter.connect(node, kubeconfig=args.kubeconfig)
         sources.append(kube.policies)
         pods, reporter = kube.pods, kube
-    agent = Agent(reconciler, sources, pods, reporter, args.interval)
+    watch = pods is not None  # pods to govern: wake when kubelet makes their cgroups
+    agent = Agent(reconciler, sources, pods, reporter, args.interval, watch_cgroups=watch)
     if kube is not None:
         kube.start(agent.wake)
     try:

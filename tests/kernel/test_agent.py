@@ -54,6 +54,7 @@ class KubeletTree:
         qos: str = "Burstable",
         driver: str = "cgroupfs",
         runtime: str = "containerd",
+        make: bool = True,
     ) -> tuple[Pod, Path]:
         uid = str(uuid.uuid4())
         pod = Pod(uid, namespace, f"pod-{uid[:8]}", labels, qos, "Running")
@@ -66,10 +67,24 @@ class KubeletTree:
             ("systemd", "containerd"): f"cri-containerd-{cid}.scope",
             ("systemd", "cri-o"): f"crio-{cid}.scope",
         }[(driver, runtime)]
-        (pod_dir / container).mkdir(parents=True)
-        if runtime == "cri-o" and driver == "systemd":
-            (pod_dir / f"crio-conmon-{cid}.scope").mkdir()
+        if make:
+            self.make(pod_dir / container)
         return pod, pod_dir / container
+
+    @staticmethod
+    def make(container: Path) -> None:
+        """What kubelet and the runtime do for a pod: its cgroup, then its containers'."""
+        container.mkdir(parents=True)
+        if container.name.startswith("crio-") and container.name.endswith(".scope"):
+            cid = container.name.removeprefix("crio-").removesuffix(".scope")
+            (container.parent / f"crio-conmon-{cid}.scope").mkdir()
+
+    def kubelet_started(self) -> None:
+        """kubelet makes the QoS level cgroups when it starts, under its driver's naming."""
+        from sockpol.agent.cgroups import PodCgroups
+
+        for d in PodCgroups(self.base).pod_parents():
+            d.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def remove(container: Path) -> None:
@@ -469,7 +484,10 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
     config = kubernetes.client.Configuration()
     config.host = api.url
     kube = KubeAdapter(kubernetes.client.ApiClient(config), "node1", watch_timeout=5)
-    agent = Agent(make_reconciler(), [kube.policies], kube.pods, kube, interval=0.3)
+    tree.kubelet_started()
+    # A long interval: every pass in this test is caused by a watch event or a new cgroup.
+    agent = Agent(make_reconciler(), [kube.policies], kube.pods, kube, interval=60,
+                  watch_cgroups=True)  # fmt: skip
     thread = threading.Thread(target=agent.run, daemon=True)
     try:
         a, a_ctr = tree.pod({"app": "web"}, driver="systemd")
@@ -483,13 +501,17 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
         _wait(lambda: status().get("nodes", {}).get("node1", {}).get("ok"), 10, "status")
         assert status()["nodes"]["node1"]["current"] == 1
 
-        # A new pod of this node is governed as soon as the watch reports it; another node's
-        # pod is none of this agent's business.
-        b, b_ctr = tree.pod({"app": "web"}, qos="Guaranteed", runtime="cri-o")
+        # A new pod of this node: the watch reports it when it is bound, before kubelet makes
+        # its cgroup; the agent loads its policy as soon as the cgroup appears (inotify), not
+        # at the next pass. Another node's pod is none of this agent's business.
+        b, b_ctr = tree.pod({"app": "web"}, qos="Guaranteed", runtime="cri-o", make=False)
         api.put("pods", pod_object(b))
+        time.sleep(0.5)
+        assert len(owned_status()) == 1  # no cgroup yet
+        tree.make(b_ctr)
+        _wait(lambda: len(owned_status()) == 2, 5, "the new pod's load, on its cgroup's mkdir")
         other, other_ctr = tree.pod({"app": "web"}, qos="BestEffort")
         api.put("pods", pod_object(other, node="node2"))
-        _wait(lambda: len(owned_status()) == 2, 20, "the new pod's load")
         assert refused(http_client, b_ctr, port, "/no")
         assert not refused(http_client, other_ctr, port, "/no")
 
