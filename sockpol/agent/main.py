@@ -41,6 +41,7 @@ class Agent:
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.stats = AgentStats()
+        self._problems: set[str] = set()
         self.watcher = None
         if watch_cgroups:
             from sockpol.agent.cgwatch import CgroupWatcher
@@ -69,8 +70,9 @@ class Agent:
         if self.pods is not None:
             pods, pods_ready = self.pods.pods()
         report = self.reconciler.reconcile(snapshot, pods, pods_ready)
-        for problem in report.problems:
+        for problem in sorted(set(report.problems) - self._problems):  # once, not every pass
             log.warning(problem, extra={"action": "read", "result": "error"})
+        self._problems = set(report.problems)
         self.stats.record(report)
         if self.reporter is not None:
             self.reporter.report(report)
