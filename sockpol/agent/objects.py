@@ -74,6 +74,25 @@ class ObjectStore:
             chosen, policy_file.source, TableShape(**shape) if shape else None
         ).object_code()
 
+    def collect(self, keep: set[Path], min_age: float = 3600.0) -> list[Path]:
+        """Remove objects no loaded version came from and nothing compiled lately, older than
+        `min_age` seconds (the state directory lives on the host: without this it would grow
+        with every edit of every policy). Returns what was removed."""
+        import time
+
+        keep = {p.resolve() for p in keep} | {c.path.resolve() for c in self._done.values()}
+        removed = []
+        now = time.time()
+        for path in self.directory.glob("*.bpf.o"):
+            try:
+                if path.resolve() in keep or now - path.stat().st_mtime < min_age:
+                    continue
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+        return removed
+
     @staticmethod
     def existing(path: str) -> Compiled | None:
         """An object a loaded version came from, if it is still there (its last good)."""

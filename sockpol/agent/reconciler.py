@@ -112,6 +112,7 @@ class AgentConfig:
     cgroup_root: str = "/"  # kubelet's --cgroup-root
     backoff_base: float = 1.0
     backoff_max: float = 300.0
+    collect_every: float = 3600.0  # seconds between sweeps of unused compiled objects
 
 
 def _runtime():
@@ -136,6 +137,7 @@ class Reconciler:
         self._key_of: dict[str, str] = {}  # load name -> policy key, as learned
         self._last_good: dict[str, Compiled] = {}  # policy key -> its last good object
         self._adopted = False
+        self._collected_at = clock()
 
     # -- the desired loads ---------------------------------------------------------------------
 
@@ -194,6 +196,11 @@ class Reconciler:
                     continue
                 self._unload(name, key, loaded[name], report)
         self.backoff.forget_except({d.name for d in want})
+        if self.clock() - self._collected_at >= self.config.collect_every:
+            self._collected_at = self.clock()
+            keep = {Path(st.object_path) for st in self._owned().values() if st.object_path}
+            keep |= {c.path for c in self._last_good.values()}
+            self.objects.collect(keep, min_age=self.config.collect_every)
         self._adopted = True
         report.seconds = time.monotonic() - started
         return report

@@ -152,3 +152,19 @@ def test_backoff_doubles_and_a_new_version_is_tried_at_once() -> None:
     assert b.blocked("x", "v2", 1.0) is None  # the desired state changed
     b.succeeded("x")
     assert b.blocked("x", "v1", 0.0) is None
+
+
+def test_unused_objects_are_swept_and_used_ones_kept(tmp_path: Path) -> None:
+    from sockpol.agent.desired import PolicySpec
+    from sockpol.agent.objects import ObjectStore
+
+    store = ObjectStore(tmp_path)
+    spec = PolicySpec("k", POLICY, "k.pol")
+    current = store.compile(spec).path
+    old_loaded, old_unused, young = (tmp_path / f"{n}.bpf.o" for n in ("a", "b", "c"))
+    for p in (old_loaded, old_unused, young):
+        p.write_bytes(b"x")
+    for p in (current, old_loaded, old_unused):
+        os.utime(p, (0, 0))
+    assert store.collect({old_loaded}, min_age=60) == [old_unused]
+    assert current.exists() and old_loaded.exists() and young.exists()

@@ -266,6 +266,14 @@ def test_repairs_drift_adopts_after_restart_and_leaves_others_alone(
         assert actions(rec2.reconcile(Snapshot((spec,)), [pod])) == []  # adopted once
         assert refused(http_client, ctr, port, "/no")
 
+        # The sweep of compiled objects keeps the one the loaded version came from.
+        objects = rec2.objects.directory
+        (objects / "stale.bpf.o").write_bytes(b"x")
+        rec2.config.collect_every = 0
+        assert actions(rec2.reconcile(Snapshot((spec,)), [pod])) == []
+        assert Path(owned_status()[name].object_path).exists()
+        assert not (objects / "stale.bpf.o").exists()
+
         # Everything desired is removed: the agent's loads go, the operator's stays.
         assert actions(rec2.reconcile(Snapshot(()), [pod])) == [("unload", True)]
         assert [s.name for s in runtime.status(hand)] == [hand]
