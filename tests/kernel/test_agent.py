@@ -561,3 +561,60 @@ def test_two_policies_on_one_pod_and_port_is_reported_not_silently_half_done(
     clash = report.specs["shop/a-second"]
     assert not clash.ok and "overlap those of policy shop/z-first" in clash.message
     assert refused(http_client, ctr, port, "/no")  # the first one's rules, as before
+
+
+def test_agent_command_with_kubernetes_follows_sockpolicies(
+    tree, tmp_path, http_server, http_client
+):
+    """`sockpol agent --kubernetes`, as the DaemonSet runs it, with a kubeconfig pointing at the
+    list/watch server: the command's wiring (client, informers, cgroup watcher, reporter)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+    from fakeapi import FakeAPI
+
+    port = http_server.port
+    api = FakeAPI()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": api.url}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
+        "users": [{"name": "t", "user": {}}],
+    }))  # fmt: skip
+    tree.kubelet_started()
+    pod, ctr = tree.pod({"app": "web"}, qos="BestEffort", driver="systemd")
+    api.put("pods", {"metadata": {"name": pod.name, "namespace": "shop", "uid": pod.uid,
+                                  "labels": pod.labels},
+                     "spec": {"nodeName": "node1"},
+                     "status": {"phase": "Running", "qosClass": pod.qos}})  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sockpol.cli", "agent", "--kubernetes", "--kubeconfig",
+         str(kubeconfig), "--node", "node1", "--listen", "127.0.0.1:0",
+         "--state-dir", str(tmp_path / "state"), "--prefix", PREFIX, "--interval", "60",
+         "--cgroup-base", str(tree.base)],
+        stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        api.put("sockpolicies", {
+            "apiVersion": "sockpol.io/v1alpha1", "kind": "SockPolicy",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"policy": policy_text(port), "podSelector": {"matchLabels": {"app": "web"}}},
+        })  # fmt: skip
+        _wait(lambda: len(owned_status()) == 1, 20, "the SockPolicy's load")
+        assert refused(http_client, ctr, port, "/no")
+        nodes = lambda: api.objects["sockpolicies"]["shop/web"].get(  # noqa: E731
+            "status", {}).get("nodes", {})
+        _wait(lambda: nodes().get("node1", {}).get("current") == 1, 10, "the status")
+        assert api.count("GET", "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode1") >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert len(owned_status()) == 1  # left loaded
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        api.close()
+        from sockpol import runtime
+
+        for leftover in owned_status():
+            runtime.unload(leftover)
