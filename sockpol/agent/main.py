@@ -97,7 +97,9 @@ class Agent:
                 self.stats.last_error = f"{type(e).__name__}: {e}"
             self.wake.wait(self.interval)
             if not self.stop.is_set():
-                time.sleep(0.2)  # let a burst of watch events arrive together
+                # Let a burst of watch events arrive together; short, since a new pod's cgroup
+                # wakes the loop too, and its policy should be in before its sandbox is up.
+                time.sleep(0.02)
 
     def health(self) -> tuple[bool, str]:
         s = self.stats
