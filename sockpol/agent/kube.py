@@ -253,11 +253,18 @@ class KubeAdapter:
 
     @staticmethod
     def connect(node: str, kubeconfig: str | None = None) -> KubeAdapter:
+        from sockpol.diagnostics import SockpolError
+
         kubernetes = _client()
-        if kubeconfig:
-            kubernetes.config.load_kube_config(config_file=kubeconfig)
-        else:
-            kubernetes.config.load_incluster_config()
+        try:
+            if kubeconfig:
+                kubernetes.config.load_kube_config(config_file=kubeconfig)
+            else:
+                kubernetes.config.load_incluster_config()
+        except (kubernetes.config.ConfigException, OSError, ValueError) as e:
+            where = kubeconfig or "the in-cluster service account (run in a pod, or --kubeconfig)"
+            message = f"agent: cannot configure the Kubernetes client from {where}: {e}"
+            raise SockpolError(message) from None
         return KubeAdapter(kubernetes.client.ApiClient(), node)
 
     def _changed(self) -> None:
