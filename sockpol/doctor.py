@@ -60,9 +60,11 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
             check = ProgramCheck(False, None, f"the check itself failed: {e}", unknown=True)
     findings.append(program_finding(check))
     works["plaintext"] = works["plaintext"] and findings[-1].ok
-    works["ktls"] = works["ktls"] and works["plaintext"]
+    for key in ("ktls", "ktls_sockmap", "lsm", "ktls_lsm"):  # nothing works without the program
+        if key in works:
+            works[key] = works[key] and works["plaintext"]
     tls = tls_support_from(findings)
-    works["tls_policies"] = works["plaintext"] and tls.ok
+    works["tls_policies"] = works["plaintext"] and (tls.ok or works.get("ktls_lsm", False))
     if args.json:
         records = [dict(asdict(f), verdict=f.verdict.value) for f in findings]
         program = None

@@ -90,7 +90,10 @@ def test_doctor_with_ktls_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     status, text = _doctor(monkeypatch, _findings(ktls_ok=True), "--require-ktls", "--json")
     assert status == doctor.EXIT_OK
     report = json.loads(text)
-    assert report["works"] == {"plaintext": True, "ktls": True, "tls_policies": True}
+    assert report["works"] == {
+        "plaintext": True, "ktls": True, "tls_policies": True,
+        "ktls_sockmap": True, "lsm": False, "ktls_lsm": False,  # no bpf_lsm finding given
+    }  # fmt: skip
     assert [f["key"] for f in report["findings"]][:2] == ["kernel", "privileges"]
     assert {f["verdict"] for f in report["findings"]} == {"ok"}
 
@@ -131,7 +134,10 @@ def test_doctor_fails_when_the_verifier_refuses_the_program(monkeypatch) -> None
     assert "policy inside TLS (kTLS): no" in text
     status, text = _doctor(monkeypatch, _findings(ktls_ok=True), "--json", program=refused)
     report = json.loads(text)
-    assert report["works"] == {"plaintext": False, "ktls": False, "tls_policies": False}
+    assert report["works"] == {
+        "plaintext": False, "ktls": False, "tls_policies": False,
+        "ktls_sockmap": False, "lsm": False, "ktls_lsm": False,
+    }  # fmt: skip
     assert report["program"]["processed"] == 1_000_001
     assert report["program"]["within_budget"] is False
 
@@ -152,3 +158,20 @@ def test_doctor_survives_a_check_that_crashes(monkeypatch) -> None:
     assert "unknown  sockpol's program (sockpol_msg)" in text
     assert "the check itself failed: llvmlite exploded" in text
     assert status == doctor.EXIT_MISSING  # unverified: plaintext policies are not promised
+
+
+def test_doctor_on_a_kernel_that_rejects_ktls_on_sockmap_but_runs_bpf_lsm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kTLS works, TLS on sockmap sockets is rejected, BPF LSM works: policy inside TLS through
+    the lsm backend (sockpol load picks it)."""
+    findings = [
+        f if f.key != "ktls_sockmap" else Finding(f.key, f.title, Status.MISSING, "EINVAL", "",
+                                                  "TLS on sockmap sockets (rejected)")
+        for f in _findings(ktls_ok=True)
+    ] + [Finding("bpf_lsm", "BPF LSM programs (the lsm backend)", Status.OK, "loads")]  # fmt: skip
+    status, text = _doctor(monkeypatch, findings, "--require-ktls")
+    assert status == doctor.EXIT_OK, text
+    assert "policy inside TLS (kTLS): yes, through the lsm backend" in text
+    assert "lsm backend:              available (--backend lsm)" in text
+    assert "policies with `tls`:      yes, on the lsm backend" in text

@@ -523,7 +523,7 @@ class LsmBackend:
         fx.put("data", data)
         fx.put("data_end", gep(b, data, I8, [limit]))
         fx.put("tables", fx.base)
-        zero, one = fx.config("zero"), fx.config("one")
+        zero = fx.config("zero")
         start = b.select(
             b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_LINE)),
             fx.config("chunk_start"),
@@ -542,11 +542,7 @@ class LsmBackend:
             fx.put(name, zero)
         fx.put("state", start)
         fx.put("rule", I64(NO_RULE))
-        fx.put("out_len", one)
-        fx.put("seg_start", one)
-        fx.put("pct", fx.config("leading"))
         fx.put("pstate", fx.config("path_start"))
-        b.store(I8(ord("/")), scratch)
         for w in range(self.tables.nw):
             b.store(zero, fx.fact_word(w))
         b.branch(ready)
@@ -649,10 +645,10 @@ class LsmBackend:
         self.maps()
         self.tables.emit()
         self.kernel_layout()
-        feed, finish = self.judge.normalizer()
+        append = self.judge.path_append()
         self.rec.functions()
         j = self.judge
-        scan_step = j.scan_step(j.scan_byte(feed, finish))
+        scan_step = j.scan_step(j.scan_byte(append))
         unit = self.unit_step(self.copy_step(), scan_step, j.path_step(), j.cand_step())
         self.lsm_program(unit)
         self.sockops_program()
