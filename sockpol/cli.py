@@ -148,7 +148,8 @@ def _object_for(args: argparse.Namespace, tmpdir: str) -> Path:
 
         choice = choose_backend(chosen.tls is not None)
         backend = choice.backend
-        print(f"policy {chosen.name}: {backend} backend ({choice.reason})", file=sys.stderr)
+        if backend == "lsm":  # not the default: say why
+            print(f"policy {chosen.name}: {backend} backend ({choice.reason})", file=sys.stderr)
     compiled = compile_policy(chosen, policy_file.source, backend=backend)
     target = Path(tmpdir) / f"{chosen.name}.bpf.o"
     target.write_bytes(compiled.object_code())

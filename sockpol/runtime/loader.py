@@ -353,7 +353,7 @@ def require_tls_support(meta: PolicyMetadata, name: str, done: str = "nothing wa
     """Refuse a policy with a `tls` statement (either `userspace` choice: both ask for requests to
     be judged inside kTLS) on a kernel that cannot run its program on kTLS sockets; an object of
     the LSM backend needs BPF LSM (and kTLS, for a `tls` policy) instead of kTLS on sockmap."""
-    from sockpol.runtime.probe import lsm_support, tls_policy_support
+    from sockpol.runtime.probe import lsm_support, lsm_tls_support, tls_policy_support
 
     if meta.backend == "lsm":
         lsm = lsm_support()
@@ -365,7 +365,7 @@ def require_tls_support(meta: PolicyMetadata, name: str, done: str = "nothing wa
             )
         if meta.tls is None:
             return
-        support = tls_policy_support(backend="lsm")
+        support = lsm_tls_support()
         if not support.ok:
             raise LoadError("load", support.refusal(name, done))
         return

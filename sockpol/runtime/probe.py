@@ -662,7 +662,7 @@ def choose_backend(tls_policy: bool) -> BackendChoice:
     sockmap = tls_policy_support()
     if sockmap.ok:
         return BackendChoice("sockmap", "kTLS on sockets in a sockhash works here")
-    lsm = tls_policy_support(backend="lsm")
+    lsm = lsm_tls_support()
     if lsm.ok:
         return BackendChoice(
             "lsm",
@@ -723,19 +723,26 @@ def tls_support_from(findings: list[Finding], keys: tuple[str, ...] = TLS) -> Tl
 
 
 @functools.cache
-def tls_policy_support(backend: str = "sockmap") -> TlsSupport:
+def tls_policy_support() -> TlsSupport:
     """Can policies with a `tls` statement be loaded on this kernel? Tried for real (the kTLS
     probe, then kTLS on a socket in a sockhash with a drop-all program that must run), once per
     process: a few milliseconds, nothing left behind. Needs the privileges loading needs;
-    without them the answer is no ("could not be verified"). `backend="lsm"`: kTLS and BPF LSM
-    (the LSM hook sees kTLS plaintext without sockmap)."""
+    without them the answer is no ("could not be verified")."""
     ktls_finding = guarded("ktls", "kernel TLS (kTLS)", probe_ktls)
     if not ktls_finding.ok:
         return tls_support_from([ktls_finding])
-    if backend == "lsm":
-        return tls_support_from([ktls_finding, lsm_support()], LSM_TLS)
     sockmap = guarded("ktls_sockmap", "kTLS on sockets in a sockhash", probe_ktls_sockmap)
     return tls_support_from([ktls_finding, sockmap])
+
+
+@functools.cache
+def lsm_tls_support() -> TlsSupport:
+    """The same question for the lsm backend: kTLS and BPF LSM (the LSM hook sees kTLS
+    plaintext without sockmap)."""
+    ktls_finding = guarded("ktls", "kernel TLS (kTLS)", probe_ktls)
+    if not ktls_finding.ok:
+        return tls_support_from([ktls_finding])
+    return tls_support_from([ktls_finding, lsm_support()], LSM_TLS)
 
 
 def summary(findings: list[Finding]) -> dict[str, bool]:

@@ -35,7 +35,7 @@ def findings(kernel_env: None) -> dict[str, probe.Finding]:
 
 
 def test_every_capability_is_reported_in_order(findings) -> None:
-    assert list(findings) == [*KEYS, "ktls", "ktls_sockmap", "answer"]
+    assert list(findings) == [*KEYS, "ktls", "ktls_sockmap", "bpf_lsm", "answer"]
     assert findings["kernel"].detail.startswith("Linux ")
 
 
