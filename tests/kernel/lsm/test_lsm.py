@@ -120,6 +120,27 @@ def test_a_head_split_across_sends_is_judged_whole_and_fails_closed(
     assert c.rules[0].requests == 1 and c.refused["default"].requests == 1, c
 
 
+def test_heads_longer_than_a_chunk_are_judged_whole(
+    governed: Path, http_server, http_client
+) -> None:
+    """The program copies and scans a head 512 bytes at a time (lsm.py, "Chunks"): a 1.6 KB
+    head is judged as one, a refusal in its last chunk refuses the whole send."""
+    pad = b"X-Pad: " + b"a" * 1500 + b"\r\n"
+    ok = b"GET /ok HTTP/1.1\r\nHost: a\r\n" + pad + b"\r\n"
+    denied = b"GET /admin HTTP/1.1\r\nHost: a\r\n" + pad + b"\r\n"
+    duplicate = b"GET /ok HTTP/1.1\r\n" + pad + b"Host: a\r\nHost: b\r\n\r\n"
+    conns = http_client(governed, http_server.port, [[ok], [denied], [duplicate]])
+    assert [c.sends[0].errno for c in conns] == [None, errno.EACCES, errno.EACCES], conns
+    http_server.settle()
+    assert http_server.requests() == [ok]
+    c = counters()
+    assert c.rules[0].requests == 1 and c.rules[0].bytes == len(ok), c
+    assert {k: v.requests for k, v in c.refused.items()} == {
+        "default": 1,
+        "duplicate-header": 1,
+    }, c
+
+
 def test_several_requests_in_one_send_pass_or_fail_together(
     governed: Path, http_server, http_client
 ) -> None:
