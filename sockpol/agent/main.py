@@ -156,11 +156,23 @@ def unload_all(prefix: str) -> int:
     return 1 if failed else 0
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """--listen ADDR:PORT as (host, port); port 0 (any free port, said in the start line) is
+    allowed here, for tests."""
+    from sockpol.runtime import metrics
+
+    try:
+        if text.endswith(":0"):
+            return metrics.parse_listen(text[:-1] + "1")[0], 0
+        return metrics.parse_listen(text)
+    except ValueError as e:
+        raise SockpolError(f"agent: --listen: {e}") from None
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    from sockpol.runtime import metrics
     from sockpol.runtime.system import check_privileges
 
     logs.setup(args.log_level)
@@ -172,11 +184,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise SockpolError(f"agent: invalid --prefix {args.prefix!r} (letters, digits, _ and -)")
     check_privileges()
     _require_host_bpffs()
-    try:  # port 0 (any free port, said in the start line) is allowed here, for tests
-        host, port = metrics.parse_listen(args.listen.removesuffix(":0") + ":1")
-        port = 0 if args.listen.endswith(":0") else metrics.parse_listen(args.listen)[1]
-    except ValueError as e:
-        raise SockpolError(f"agent: --listen: {e}") from None
+    host, port = listen_address(args.listen)
     config = AgentConfig(
         state_dir=args.state_dir, prefix=args.prefix, cgroup_base=args.cgroup_base,
         cgroup_driver=args.cgroup_driver, cgroup_root=args.cgroup_root,

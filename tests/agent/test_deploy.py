@@ -15,6 +15,7 @@ import yaml
 
 from sockpol.agent.dirsource import DirectorySource
 from sockpol.agent.kube import policy_spec
+from sockpol.agent.main import listen_address
 from sockpol.cli import build_parser
 from sockpol.compiler import compile_source
 
@@ -126,7 +127,7 @@ def test_daemonset_asks_for_no_more_than_it_needs() -> None:
     assert host_paths == {"/sys/fs/bpf", "/sys/fs/cgroup", "/var/lib/sockpol-agent"}
     # Its arguments are the agent's: the CLI parses them.
     args = build_parser().parse_args(container["args"])
-    assert args.kubernetes and args.listen == "0.0.0.0:9464"
+    assert args.kubernetes and listen_address(args.listen) == ("0.0.0.0", 9464)
     probe_port = container["livenessProbe"]["httpGet"]["port"]
     assert probe_port in {p["name"] for p in container["ports"]}
 

@@ -168,3 +168,16 @@ def test_unused_objects_are_swept_and_used_ones_kept(tmp_path: Path) -> None:
         os.utime(p, (0, 0))
     assert store.collect({old_loaded}, min_age=60) == [old_unused]
     assert current.exists() and old_loaded.exists() and young.exists()
+
+
+def test_listen_addresses() -> None:
+    from sockpol.agent.main import listen_address
+    from sockpol.diagnostics import SockpolError
+
+    assert listen_address("0.0.0.0:9464") == ("0.0.0.0", 9464)  # the DaemonSet's
+    assert listen_address("127.0.0.1:0") == ("127.0.0.1", 0)  # any free port (tests)
+    assert listen_address(":9464") == ("0.0.0.0", 9464)
+    assert listen_address("[::1]:9464") == ("::1", 9464)
+    for bad in ("9464", "host:", "host:70000", "host:x"):
+        with pytest.raises(SockpolError, match="--listen"):
+            listen_address(bad)
