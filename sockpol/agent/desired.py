@@ -65,9 +65,7 @@ class Selector:
             if op in ("Exists", "DoesNotExist") and values:
                 raise SpecError(f"selector: {op} takes no values")
             exprs.append(Requirement(str(e.get("key")), op, values))
-        return Selector(
-            tuple(sorted((str(k), str(v)) for k, v in labels.items())), tuple(exprs)
-        )
+        return Selector(tuple(sorted((str(k), str(v)) for k, v in labels.items())), tuple(exprs))
 
     def matches(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.match_labels) and all(

@@ -22,6 +22,7 @@ from sockpol.diagnostics import SockpolError
 
 log = logging.getLogger("sockpol.agent")
 
+
 class Agent:
     """The reconciler fed by its sources; `wake` makes the loop run a pass now."""
 

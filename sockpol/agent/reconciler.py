@@ -147,9 +147,7 @@ class Reconciler:
         for spec in specs:
             for target in spec.pods:
                 for pod in pods:
-                    if pod.namespace != target.namespace or not target.selector.matches(
-                        pod.labels
-                    ):
+                    if pod.namespace != target.namespace or not target.selector.matches(pod.labels):
                         continue
                     cgroup = self.cgroups.resolve(pod)
                     if cgroup is not None:

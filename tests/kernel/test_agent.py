@@ -383,10 +383,7 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
     ctr.mkdir()
     source = tmp_path / "configmap"
     source.mkdir()
-    targets = (
-        "policies:\n  - name: web\n    file: web.pol\n"
-        f"    cgroups: ['{cgroup.name}/app']\n"
-    )
+    targets = f"policies:\n  - name: web\n    file: web.pol\n    cgroups: ['{cgroup.name}/app']\n"
     _swap_configmap(source, {"targets.yaml": targets, "web.pol": policy_text(port)}, 1)
     from sockpol.runtime.system import cgroup2_mount
 
@@ -530,8 +527,11 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
         if not tls_policy_support().ok:
             # A policy this node's kernel cannot run: on the object's status and as an Event.
             api.put("sockpolicies", sockpolicy("tls", policy_text(port, extra="    tls\n"), "web"))
-            node1 = lambda: api.objects["sockpolicies"]["shop/tls"].get(  # noqa: E731
-                "status", {}).get("nodes", {}).get("node1", {})
+
+            def node1() -> dict:
+                status = api.objects["sockpolicies"]["shop/tls"].get("status", {})
+                return status.get("nodes", {}).get("node1", {})
+
             _wait(lambda: node1().get("ok") is False, 20, "the failure on the status")
             assert "cannot judge requests inside TLS" in node1()["message"]
             (event,) = [e for e in api.events if e["involvedObject"]["name"] == "tls"]
@@ -602,8 +602,10 @@ def test_agent_command_with_kubernetes_follows_sockpolicies(
         })  # fmt: skip
         _wait(lambda: len(owned_status()) == 1, 20, "the SockPolicy's load")
         assert refused(http_client, ctr, port, "/no")
-        nodes = lambda: api.objects["sockpolicies"]["shop/web"].get(  # noqa: E731
-            "status", {}).get("nodes", {})
+
+        def nodes() -> dict:
+            return api.objects["sockpolicies"]["shop/web"].get("status", {}).get("nodes", {})
+
         _wait(lambda: nodes().get("node1", {}).get("current") == 1, 10, "the status")
         assert api.count("GET", "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode1") >= 1
         proc.send_signal(signal.SIGTERM)
