@@ -91,7 +91,7 @@ class DirectorySource:
             raise SpecError(f"unknown keys {', '.join(sorted(unknown))}")
         name, file = entry.get("name"), entry.get("file")
         if not isinstance(name, str) or not name:
-            raise SpecError("'name' is required")
+            raise SpecError("'name' (a string) is required")
         if not isinstance(file, str) or not file or "/" in file:
             raise SpecError("'file' must name a policy file in the same directory")
         mode = entry.get("mode")
@@ -102,9 +102,14 @@ class DirectorySource:
         except (OSError, UnicodeDecodeError) as e:
             raise SpecError(f"{file}: {getattr(e, 'strerror', None) or e}") from None
         pods = []
+        if not isinstance(entry.get("pods") or [], list):
+            raise SpecError("'pods' must be a list of {namespace, selector}")
         for p in entry.get("pods") or []:
             if not isinstance(p, dict) or not isinstance(p.get("namespace"), str):
                 raise SpecError("each 'pods' entry needs a namespace")
+            if set(p) - {"namespace", "selector"}:  # a misspelt selector would select all
+                unknown = ", ".join(sorted(map(str, set(p) - {"namespace", "selector"})))
+                raise SpecError(f"'pods': unknown keys {unknown} (namespace, selector)")
             pods.append(PodTarget(p["namespace"], Selector.from_dict(p.get("selector"))))
         cgroups = entry.get("cgroups") or []
         if not isinstance(cgroups, list) or not all(isinstance(c, str) for c in cgroups):
@@ -112,11 +117,13 @@ class DirectorySource:
         if not pods and not cgroups:
             raise SpecError("nothing to govern: give 'pods' or 'cgroups'")
         policy = entry.get("policy")
+        if policy is not None and not isinstance(policy, str):
+            raise SpecError("'policy' must be the name of a policy in the file")
         return PolicySpec(
             key=KEY_PREFIX + name,
             source=text,
             source_name=file,
-            policy=str(policy) if policy is not None else None,
+            policy=policy,
             mode=mode,
             pods=tuple(pods),
             cgroups=tuple(cgroups),

@@ -165,12 +165,16 @@ def policy_spec(obj: dict) -> PolicySpec:
     CRD's schema rejects most such objects before they are stored)."""
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
     ns, name = meta.get("namespace") or "default", meta.get("name") or ""
+    if not isinstance(spec, dict):
+        raise SpecError("spec must be an object with policy and podSelector")
     text = spec.get("policy")
     if not isinstance(text, str) or not text.strip():
         raise SpecError("spec.policy (the policy text) is required")
     mode = spec.get("mode")
     if mode is not None and mode not in MODES:
         raise SpecError(f"spec.mode must be enforce or dry-run, not {mode!r}")
+    if not isinstance(spec.get("policyName") or "", str):
+        raise SpecError("spec.policyName must be the name of a policy in spec.policy")
     selector = Selector.from_dict(spec.get("podSelector"))
     return PolicySpec(
         key=f"{ns}/{name}",

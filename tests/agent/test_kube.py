@@ -4,6 +4,7 @@ patches and Events out. No root, no kernel."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import kubernetes  # the agent extra (pip install 'sockpol[agent]'); scripts/test.sh has it
@@ -174,3 +175,24 @@ def test_status_per_node_by_merge_patch_and_events_on_transitions(api, adapter):
     assert sorted(api.objects["sockpolicies"]["shop/web"]["status"]["nodes"]) == ["node2"]
     a.report(empty)
     assert len(api.patches) == 3
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("a string", "spec must be an object"),
+        ({"policy": POLICY, "podSelector": {"matchExpressions": ["app"]}}, "matchExpressions[0]"),
+        ({"policy": POLICY, "podSelector": {"matchLabel": {"app": "x"}}}, "unknown keys"),
+        ({"policy": POLICY, "podSelector": {}, "policyName": 5}, "spec.policyName"),
+        ({"podSelector": {}}, "spec.policy"),
+    ],
+)
+def test_a_sockpolicy_the_schema_would_reject_is_a_spec_error(spec, expected):
+    """The CRD's schema rejects these at admission; an agent must still not trip over them (a
+    CRD installed without its schema, an older version of it)."""
+    from sockpol.agent.desired import SpecError
+    from sockpol.agent.kube import policy_spec
+
+    obj = {"metadata": {"name": "n", "namespace": "shop"}, "spec": spec}
+    with pytest.raises(SpecError, match=re.escape(expected)):
+        policy_spec(obj)

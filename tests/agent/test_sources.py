@@ -145,6 +145,50 @@ def test_directory_source_problems_never_unload(tmp_path: Path) -> None:
         assert expected in text, text
 
 
+MALFORMED_ENTRIES = {
+    "matchExpressions[0]: expected an object": "{matchExpressions: [app]}",
+    "matchExpressions must be a list": "{matchExpressions: {app: web}}",
+    "'values' must be a list": "{matchExpressions: [{key: a, operator: In, values: ab}]}",
+    "'key' (a label name) is required": "{matchExpressions: [{operator: Exists}]}",
+    "label names and values are strings": "{matchLabels: {version: 2}}",
+    # A misspelt key must not leave an empty selector, which selects every pod.
+    "unknown keys matchLabel": "{matchLabel: {app: web}}",
+}
+
+
+@pytest.mark.parametrize("expected,selector", MALFORMED_ENTRIES.items())
+def test_a_malformed_selector_is_a_problem_of_its_entry_not_a_traceback(
+    tmp_path: Path, expected: str, selector: str
+) -> None:
+    (tmp_path / "web.pol").write_text(POLICY)
+    (tmp_path / "targets.yaml").write_text(
+        "policies:\n"
+        f"  - {{name: bad, file: web.pol, pods: [{{namespace: shop, selector: {selector}}}]}}\n"
+        "  - {name: good, file: web.pol, cgroups: [a]}\n"
+    )
+    snap = DirectorySource(tmp_path).snapshot()
+    assert snap.ready and [s.key for s in snap.specs] == ["configmap/good"]
+    assert snap.held == ("configmap/bad",)
+    assert expected in snap.problems[0], snap.problems
+
+
+def test_a_malformed_pods_entry_is_a_problem(tmp_path: Path) -> None:
+    (tmp_path / "web.pol").write_text(POLICY)
+    (tmp_path / "targets.yaml").write_text(
+        "policies:\n"
+        "  - {name: a, file: web.pol, pods: {namespace: shop}}\n"
+        "  - {name: b, file: web.pol, pods: [{namespace: shop, selectr: {}}]}\n"
+        "  - {name: c, file: web.pol, policy: [x], cgroups: [a]}\n"
+        "  - {name: 5, file: web.pol, cgroups: [a]}\n"
+    )
+    snap = DirectorySource(tmp_path).snapshot()
+    assert snap.ready and snap.specs == () and len(snap.problems) == 4
+    text = "\n".join(snap.problems)
+    for expected in ("'pods' must be a list", "unknown keys selectr", "'policy' must be",
+                     "'name' (a string)"):  # fmt: skip
+        assert expected in text, text
+
+
 def test_backoff_doubles_and_a_new_version_is_tried_at_once() -> None:
     b = Backoff(base=1.0, limit=8.0)
     assert [b.failed("x", "v1", 0.0, "e") for _ in range(5)] == [1.0, 2.0, 4.0, 8.0, 8.0]
