@@ -136,6 +136,7 @@ class Reconciler:
         self.clock = clock
         self._key_of: dict[str, str] = {}  # load name -> policy key, as learned
         self._last_good: dict[str, Compiled] = {}  # policy key -> its last good object
+        self._compile_errors: dict[str, str] = {}  # policy key -> its error, as last logged
         self._adopted = False
         self._collected_at = clock()
 
@@ -194,6 +195,8 @@ class Reconciler:
                     continue
                 self._unload(name, key, loaded[name], report)
         self.backoff.forget_except({d.name for d in want})
+        for key in set(self._compile_errors) - {spec.key for spec in snapshot.specs}:
+            del self._compile_errors[key]
         if self.clock() - self._collected_at >= self.config.collect_every:
             self._collected_at = self.clock()
             keep = {Path(st.object_path) for st in self._owned().values() if st.object_path}
@@ -266,7 +269,7 @@ class Reconciler:
     def _ports(self, spec: PolicySpec) -> list | None:
         try:
             return self.objects.compile(spec).meta.ports
-        except SockpolError:
+        except Exception:  # reported by _object, for this policy alone
             good = self._last_good.get(spec.key)
             return good.meta.ports if good is not None else None
 
@@ -276,15 +279,32 @@ class Reconciler:
         try:
             compiled = self.objects.compile(spec, shape)
         except CompileFailure as e:
-            message = f"policy does not compile; the last good version stays in force: {e}"
-            if message not in report.errors:
-                report.errors.append(message)
-            return self._last_good.get(spec.key)
-        except SockpolError:  # ShapeMismatch: the caller compiles for the policy's own shape
-            raise
+            return self._compile_failed(spec, report, "policy does not compile", str(e))
+        except Exception as e:
+            if shape is not None:  # ShapeMismatch: the caller compiles for the policy's own shape
+                raise
+            # The state directory cannot be written, or the compiler failed on this text: this
+            # policy's problem, reported on it, never a pass that fails for every policy.
+            why = f"{type(e).__name__}: {e}"
+            return self._compile_failed(spec, report, "policy could not be compiled here", why)
         if shape is None:
             self._last_good[spec.key] = compiled
+            if self._compile_errors.pop(spec.key, None) is not None:
+                fields = {"action": "compile", "policy": spec.key, "result": "ok"}
+                log.info(f"compile {spec.key}: ok", extra=fields)
         return compiled
+
+    def _compile_failed(self, spec: PolicySpec, report: SpecReport, what: str, why: str):
+        good = self._last_good.get(spec.key)
+        then = "the last good version stays in force" if good else "nothing is loaded for it"
+        message = f"{what}; {then}: {why}"
+        if message not in report.errors:
+            report.errors.append(message)
+        if self._compile_errors.get(spec.key) != message:  # one log line, not one per pass
+            self._compile_errors[spec.key] = message
+            fields = {"action": "compile", "policy": spec.key, "result": "error", "error": why}
+            log.error(f"compile {spec.key}: {what}; {then}: {why.splitlines()[0]}", extra=fields)
+        return good
 
     def _one(self, d: DesiredLoad, st, report: PassReport) -> None:
         spec_report = report.specs[d.spec.key]
@@ -341,7 +361,7 @@ class Reconciler:
             return None
         try:
             return self._object(spec, shape, spec_report)
-        except (SockpolError, TypeError, ValueError):  # does not fit, or an older shape format
+        except Exception:  # does not fit, an older shape format, or cannot be stored
             return None
 
     def _set_mode(self, d: DesiredLoad, mode: str) -> None:

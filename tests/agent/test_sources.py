@@ -225,3 +225,41 @@ def test_listen_addresses() -> None:
     for bad in ("9464", "host:", "host:70000", "host:x"):
         with pytest.raises(SockpolError, match="--listen"):
             listen_address(bad)
+
+
+def test_a_policy_that_cannot_be_compiled_is_its_own_problem_logged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Compile failures come before any load: no kernel needed. A pin root of its own (absent:
+    nothing owned). The text is invalid, or the state directory cannot be written: either is
+    that policy's error (on its report, one log line however many passes), never a pass that
+    fails for every policy."""
+    import logging
+
+    from sockpol.agent.desired import PolicySpec, Snapshot
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+
+    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "cgroup.procs").touch()  # what the reconciler recognizes a cgroup by
+    broken = PolicySpec("configmap/broken", POLICY.replace("/ok", "ok"), "broken.pol",
+                        cgroups=("app",))  # fmt: skip
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    stuck = Reconciler(
+        AgentConfig(state_dir=tmp_path / "app" / "cgroup.procs", cgroup_base=tmp_path)
+    )
+    with caplog.at_level(logging.INFO, logger="sockpol.agent"):
+        for _ in range(3):
+            report = rec.reconcile(Snapshot((broken,)))
+            assert report.actions == [] and report.specs["configmap/broken"].targets == 1
+            (error,) = report.specs["configmap/broken"].errors
+            assert error.startswith("policy does not compile; nothing is loaded for it: ")
+            assert "broken.pol:4:" in error and "E003" in error
+            good = PolicySpec("configmap/good", POLICY, "good.pol", cgroups=("app",))
+            report = stuck.reconcile(Snapshot((good,)))
+            (error,) = report.specs["configmap/good"].errors
+            assert error.startswith("policy could not be compiled here; nothing is loaded")
+            assert "NotADirectoryError" in error
+    lines = [r for r in caplog.records if getattr(r, "action", None) == "compile"]
+    assert [(r.policy, r.result) for r in lines] == [
+        ("configmap/broken", "error"), ("configmap/good", "error")]  # fmt: skip
