@@ -43,6 +43,11 @@ GROUP, VERSION, PLURAL, KIND = "sockpol.io", "v1alpha1", "sockpolicies", "SockPo
 API_VERSION = f"{GROUP}/{VERSION}"
 COMPONENT = "sockpol-agent"
 WATCH_TIMEOUT = 300  # seconds a watch request lasts before it is resumed
+# Seconds any other request may take, and a watch beyond its timeoutSeconds (the client's own
+# read timeout): a connection that a network partition left open and silent is given up and
+# the resource listed again, rather than waited on forever with a stale view.
+REQUEST_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
 RETRY_MAX = 30.0
 
 
@@ -72,9 +77,10 @@ class Informer:
         list_fn: Callable[..., object],
         changed: Callable[[], None],
         watch_timeout: int = WATCH_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self.what, self.list_fn, self.changed = what, list_fn, changed
-        self.watch_timeout = watch_timeout
+        self.watch_timeout, self.request_timeout = watch_timeout, request_timeout
         self.objects: dict[str, dict] = {}
         self.synced = False
         self.lists = 0  # how many times it listed (a relist after 410 is one more)
@@ -127,7 +133,8 @@ class Informer:
         self._stop.wait(wait)
 
     def _list(self) -> str:
-        resp = self.list_fn(_preload_content=False)
+        timeout = (min(CONNECT_TIMEOUT, self.request_timeout), self.request_timeout)
+        resp = self.list_fn(_preload_content=False, _request_timeout=timeout)
         body = json.loads(resp.data)
         with self.lock:
             self.objects = {self.key(o): o for o in body.get("items") or []}
@@ -140,9 +147,11 @@ class Informer:
         """Follow changes from `version` until the watch request ends; the last version seen."""
         w = kubernetes.watch.Watch()
         self._watch = w
+        read = self.watch_timeout + self.request_timeout  # the server ends it before
         for event in w.stream(
             self.list_fn, resource_version=version, timeout_seconds=self.watch_timeout,
             allow_watch_bookmarks=True,
+            _request_timeout=(min(CONNECT_TIMEOUT, self.request_timeout), read),
         ):  # fmt: skip
             obj = event.get("raw_object") or {}
             version = (obj.get("metadata") or {}).get("resourceVersion", version)
@@ -230,9 +239,16 @@ class PodInventory:
 
 
 class KubeAdapter:
-    def __init__(self, api_client, node: str, watch_timeout: int = WATCH_TIMEOUT) -> None:
+    def __init__(
+        self,
+        api_client,
+        node: str,
+        watch_timeout: int = WATCH_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         kubernetes = _client()
         self.node = node
+        self.timeout = (min(CONNECT_TIMEOUT, request_timeout), request_timeout)
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self._wake: threading.Event | None = None
@@ -241,6 +257,7 @@ class KubeAdapter:
             lambda **kw: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw),
             self._changed,
             watch_timeout,
+            request_timeout,
         )
         pods = Informer(
             "pods",
@@ -249,6 +266,7 @@ class KubeAdapter:
             ),
             self._changed,
             watch_timeout,
+            request_timeout,
         )
         self.informers = (policies, pods)
         self.policies = PolicySource(policies)
@@ -349,7 +367,7 @@ class KubeAdapter:
         body = {"status": {"nodes": {self.node: entry}}}
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, ref["namespace"], PLURAL, ref["name"], body,
-            _content_type="application/merge-patch+json",
+            _content_type="application/merge-patch+json", _request_timeout=self.timeout,
         )  # fmt: skip
 
     def _event(self, ref: dict, kind: str, reason: str, message: str) -> None:
@@ -369,7 +387,7 @@ class KubeAdapter:
             "lastTimestamp": now,
             "count": 1,
         }
-        self.core.create_namespaced_event(ref["namespace"], body)
+        self.core.create_namespaced_event(ref["namespace"], body, _request_timeout=self.timeout)
         log.info(f"event {reason} on SockPolicy {ref['namespace']}/{ref['name']}",
                  extra={"action": "event", "reason": reason, "type": kind})  # fmt: skip
 

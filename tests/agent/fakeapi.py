@@ -44,6 +44,8 @@ class FakeAPI:
         self.events: list[dict] = []
         self.cond = threading.Condition()
         self._epoch = 0  # end_watches() bumps it: open watches end
+        self._frozen = 0  # freeze_watches() bumps it: open watches go silent, never end
+        self._closed = False
         self.hold = False  # while True, open watches send nothing (a watch that is down)
         handler = type("Handler", (_Handler,), {"api": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -56,6 +58,8 @@ class FakeAPI:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def close(self) -> None:
+        with self.cond:
+            self._closed = True
         self.end_watches()
         self.server.shutdown()
         self.server.server_close()
@@ -93,6 +97,14 @@ class FakeAPI:
     def end_watches(self) -> None:
         with self.cond:
             self._epoch += 1
+            self.cond.notify_all()
+
+    def freeze_watches(self) -> None:
+        """The open watches' connections go dead, as in a network partition: nothing more
+        arrives on them and they never end (not even at their timeoutSeconds). Requests made
+        afterwards are answered as usual."""
+        with self.cond:
+            self._frozen += 1
             self.cond.notify_all()
 
     def count(self, method: str, prefix: str, watch: bool | None = None) -> int:
@@ -165,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         api = self.api
         deadline = time.monotonic() + timeout
         with api.cond:
-            epoch = api._epoch
+            epoch, frozen = api._epoch, api._frozen
             if since < api.oldest:
                 gone = {"type": "ERROR", "object": {
                     "kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -175,6 +187,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             sent = since
             while True:
+                if api._frozen != frozen:
+                    while not api._closed:
+                        api.cond.wait(0.5)
+                    return
                 for version, res, kind, obj in [] if api.hold else api.history:
                     if version > sent and res == resource:
                         sent = version

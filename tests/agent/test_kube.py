@@ -196,3 +196,27 @@ def test_a_sockpolicy_the_schema_would_reject_is_a_spec_error(spec, expected):
     obj = {"metadata": {"name": "n", "namespace": "shop"}, "spec": spec}
     with pytest.raises(SpecError, match=re.escape(expected)):
         policy_spec(obj)
+
+
+def test_a_watch_whose_connection_goes_dead_is_given_up_and_listed_again(api):
+    """A network partition leaves a watch's connection open and silent: the API server's
+    timeoutSeconds never arrives. The client's own read timeout must end it, or the agent
+    would never see a change again."""
+    import threading
+
+    config = kubernetes.client.Configuration()
+    config.host = api.url
+    a = KubeAdapter(kubernetes.client.ApiClient(config), "node1", watch_timeout=1,
+                    request_timeout=1)  # fmt: skip
+    try:
+        a.start(threading.Event())
+        assert wait_synced(a, 10)
+        wait_for(lambda: api.count("GET", POLICIES, watch=True) >= 1, "the policy watch")
+        lists = a.informers[0].lists
+        api.freeze_watches()
+        api.put("sockpolicies", sockpolicy("late", {"app": "late"}))
+        wait_for(lambda: keys(a) == ["shop/late"], "the policy, after the dead watch", 15)
+        assert a.informers[0].lists > lists
+    finally:
+        a.stop()
+        api.end_watches()
