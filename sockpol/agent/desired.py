@@ -138,6 +138,7 @@ class Pod:
     labels: dict[str, str] = field(default_factory=dict, hash=False)
     qos: str = "BestEffort"  # status.qosClass
     phase: str = "Running"
+    deleting: bool = False  # metadata.deletionTimestamp: kubelet may have removed its cgroup
 
     @property
     def active(self) -> bool:
@@ -154,6 +155,7 @@ class Pod:
             labels=dict(meta.get("labels") or {}),
             qos=status.get("qosClass") or "BestEffort",
             phase=status.get("phase") or "Pending",
+            deleting=bool(meta.get("deletionTimestamp")),
         )
 
 

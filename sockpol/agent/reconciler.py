@@ -142,9 +142,14 @@ class Reconciler:
 
     # -- the desired loads ---------------------------------------------------------------------
 
-    def desired(self, specs: Iterable[PolicySpec], pods: Iterable[Pod]) -> list[DesiredLoad]:
+    def desired(
+        self, specs: Iterable[PolicySpec], pods: Iterable[Pod]
+    ) -> tuple[list[DesiredLoad], list[tuple[PolicySpec, Pod]]]:
+        """The desired loads, and the selected pods that should have a cgroup by now (they
+        run) but have none where kubelet's layout says: governed by nothing, so reported."""
         pods = [p for p in pods if p.active and p.uid]
         out: dict[str, DesiredLoad] = {}
+        unresolved: list[tuple[PolicySpec, Pod]] = []
         for spec in specs:
             for target in spec.pods:
                 for pod in pods:
@@ -153,10 +158,12 @@ class Reconciler:
                     cgroup = self.cgroups.resolve(pod)
                     if cgroup is not None:
                         self._add(out, spec, cgroup, pod)
+                    elif pod.phase == "Running" and not pod.deleting:
+                        unresolved.append((spec, pod))
             for pattern in spec.cgroups:
                 for cgroup in self._cgroups_matching(pattern):
                     self._add(out, spec, cgroup, None)
-        return list(out.values())
+        return list(out.values()), unresolved
 
     def _add(self, out: dict[str, DesiredLoad], spec: PolicySpec, cgroup: Path, pod: Pod | None):
         rel = str(cgroup.relative_to(self.config.cgroup_base))
@@ -176,10 +183,18 @@ class Reconciler:
     def reconcile(self, snapshot: Snapshot, pods: Iterable[Pod] = (), pods_ready: bool = True):
         started = time.monotonic()
         report = PassReport(problems=list(snapshot.problems))
-        want = self.desired(snapshot.specs, pods)
+        want, unresolved = self.desired(snapshot.specs, pods)
         report.desired = len(want)
         for spec in snapshot.specs:
             report.specs[spec.key] = SpecReport(spec.key, spec.ref, spec.source_sha256)
+        for spec, pod in unresolved:
+            looked = ", ".join(str(p) for p in self.cgroups.candidates(pod))
+            report.specs[spec.key].targets += 1
+            report.specs[spec.key].errors.append(
+                f"pod {pod.namespace}/{pod.name}: not governed: it runs, but its cgroup is not "
+                f"where kubelet's layout puts it ({looked}); check the agent's --cgroup-driver "
+                "and --cgroup-root against kubelet's, and that the node uses cgroup v2"
+            )
         loaded = self._owned()
         report.owned = len(loaded)
         self._learn_last_good(snapshot.specs, want, loaded)

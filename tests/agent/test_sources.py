@@ -263,3 +263,33 @@ def test_a_policy_that_cannot_be_compiled_is_its_own_problem_logged_once(
     lines = [r for r in caplog.records if getattr(r, "action", None) == "compile"]
     assert [(r.policy, r.result) for r in lines] == [
         ("configmap/broken", "error"), ("configmap/good", "error")]  # fmt: skip
+
+
+def test_a_running_pod_whose_cgroup_is_not_where_kubelet_puts_it_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layout the agent does not expect (another --cgroup-root, a cgroup v1 node) must not
+    leave the selected pods silently ungoverned. Pods that do not run yet, or are being
+    deleted, have no cgroup for good reasons: nothing to report."""
+    from sockpol.agent.desired import PodTarget, PolicySpec, Snapshot
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+
+    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
+    spec = PolicySpec("shop/web", POLICY, "web.pol",
+                      pods=(PodTarget("shop", Selector((("app", "web"),))),))  # fmt: skip
+    running = Pod("u-1", "shop", "web-1", {"app": "web"}, "Burstable", "Running")
+    pods = [
+        running,
+        Pod("u-2", "shop", "web-2", {"app": "web"}, "Burstable", "Pending"),
+        Pod("u-3", "shop", "web-3", {"app": "web"}, "Burstable", "Running", deleting=True),
+        Pod("u-4", "shop", "other", {"app": "other"}, "Burstable", "Running"),
+    ]
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    report = rec.reconcile(Snapshot((spec,)), pods)
+    web = report.specs["shop/web"]
+    assert report.actions == [] and (web.targets, web.loaded) == (1, 0)
+    (error,) = web.errors
+    assert error.startswith("pod shop/web-1: not governed: it runs, but its cgroup is not")
+    assert str(tmp_path / "kubepods/burstable/podu-1") in error
+    assert "kubepods-burstable-podu_1.slice" in error
+    assert Pod.from_dict({"metadata": {"deletionTimestamp": "2026-12-05T00:00:00Z"}}).deleting
