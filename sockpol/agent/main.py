@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ from sockpol.agent.server import AgentStats, registry, serve
 from sockpol.diagnostics import SockpolError
 
 log = logging.getLogger("sockpol.agent")
+ONCE_SYNC_TIMEOUT = 60.0  # --once --kubernetes: how long the first lists may take
 
 
 class Agent:
@@ -170,8 +172,27 @@ def listen_address(text: str) -> tuple[str, int]:
         raise SockpolError(f"agent: --listen: {e}") from None
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Paths given wrong would otherwise make an agent that runs and governs nothing."""
+    if args.cgroup_base is not None and not (args.cgroup_base / "cgroup.controllers").is_file():
+        raise SockpolError(
+            f"agent: --cgroup-base {args.cgroup_base}: not a cgroup v2 directory (no "
+            "cgroup.controllers); give the cgroup v2 mount, or leave it out to find it"
+        )
+    if args.source_dir is not None and not args.source_dir.is_dir():
+        raise SockpolError(f"agent: --source-dir {args.source_dir}: no such directory")
+    try:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        probe = args.state_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise SockpolError(
+            f"agent: --state-dir {args.state_dir}: cannot write there ({e.strerror})"
+        ) from None
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
-    import os
     import socket
 
     from sockpol.runtime.system import check_privileges
@@ -186,6 +207,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     check_privileges()
     _require_host_bpffs()
     host, port = listen_address(args.listen)
+    _check_paths(args)
     config = AgentConfig(
         state_dir=args.state_dir, prefix=args.prefix, cgroup_base=args.cgroup_base,
         cgroup_driver=args.cgroup_driver, cgroup_root=args.cgroup_root,
@@ -200,7 +222,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         sources.append(DirectorySource(args.source_dir))
     kube = None
     if args.kubernetes:
-        from sockpol.agent.kube import KubeAdapter
+        from sockpol.agent.kube import KubeAdapter, wait_synced
 
         node = args.node or os.environ.get("NODE_NAME") or socket.gethostname()
         kube = KubeAdapter.connect(node, kubeconfig=args.kubeconfig)
@@ -208,12 +230,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
         pods, reporter = kube.pods, kube
     watch = pods is not None  # pods to govern: wake when kubelet makes their cgroups
     agent = Agent(reconciler, sources, pods, reporter, args.interval, watch_cgroups=watch)
-    if kube is not None:
-        kube.start(agent.wake)
     try:
         server = serve(host, port, registry(agent.stats), agent.health)
     except OSError as e:
         raise SockpolError(f"agent: cannot listen on {args.listen}: {e.strerror}") from None
+    if kube is not None:
+        kube.start(agent.wake)
     bound = server.server_address
     signal.signal(signal.SIGTERM, lambda *_: agent.shutdown())
     signal.signal(signal.SIGINT, lambda *_: agent.shutdown())
@@ -224,6 +246,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         if args.once:
+            # One pass on a complete view, or none: before the first list it would do nothing.
+            if kube is not None and not wait_synced(kube, ONCE_SYNC_TIMEOUT):
+                raise SockpolError(
+                    f"agent --once: no complete list of SockPolicies and pods from the "
+                    f"Kubernetes API within {ONCE_SYNC_TIMEOUT:.0f} s (see the log); nothing done"
+                )
             agent.run_once()
         else:
             agent.run()

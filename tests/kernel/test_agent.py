@@ -620,3 +620,79 @@ def test_agent_command_with_kubernetes_follows_sockpolicies(
 
         for leftover in owned_status():
             runtime.unload(leftover)
+
+
+def _agent_command(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "sockpol.cli", "agent", "--listen", "127.0.0.1:0",
+         "--prefix", PREFIX, *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_agent_command_refuses_paths_that_would_make_it_govern_nothing(kernel_env, tmp_path):
+    source = tmp_path / "configmap"
+    source.mkdir()
+    state = ["--state-dir", str(tmp_path / "state")]
+    for args, expected in [
+        (["--source-dir", str(source), "--cgroup-base", str(tmp_path), *state],
+         "not a cgroup v2 directory"),
+        (["--source-dir", str(tmp_path / "nope"), *state], "no such directory"),
+        (["--source-dir", str(source), "--state-dir", "/dev/null/state"], "cannot write there"),
+    ]:  # fmt: skip
+        done = _agent_command(*args, "--once")
+        assert done.returncode == 1, done.stderr
+        (last,) = done.stderr.strip().splitlines()[-1:]
+        assert last.startswith("sockpol: agent: ") and expected in last, done.stderr
+
+
+def test_agent_once_with_kubernetes_waits_for_the_first_lists(
+    tree, tmp_path, http_server, http_client
+):
+    """`--once --kubernetes` acts on a complete view (it used to pass before the first list,
+    doing nothing, and exit 0)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+    from fakeapi import FakeAPI
+
+    from sockpol import runtime
+
+    port = http_server.port
+    api = FakeAPI()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": api.url}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
+        "users": [{"name": "t", "user": {}}],
+    }))  # fmt: skip
+    pod, ctr = tree.pod({"app": "web"}, qos="Guaranteed", driver="cgroupfs", runtime="cri-o")
+    api.put("pods", {"metadata": {"name": pod.name, "namespace": "shop", "uid": pod.uid,
+                                  "labels": pod.labels},
+                     "spec": {"nodeName": "node1"},
+                     "status": {"phase": "Running", "qosClass": pod.qos}})  # fmt: skip
+    api.put("sockpolicies", {
+        "apiVersion": "sockpol.io/v1alpha1", "kind": "SockPolicy",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"policy": policy_text(port), "podSelector": {"matchLabels": {"app": "web"}}},
+    })  # fmt: skip
+    try:
+        done = _agent_command(
+            "--kubernetes",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--node",
+            "node1",
+            "--once",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--cgroup-base",
+            str(tree.base),
+        )
+        assert done.returncode == 0, done.stderr
+        assert len(owned_status()) == 1
+        assert refused(http_client, ctr, port, "/no")
+    finally:
+        api.close()
+        for leftover in owned_status():
+            runtime.unload(leftover)
