@@ -114,6 +114,9 @@ class DirectorySource:
         cgroups = entry.get("cgroups") or []
         if not isinstance(cgroups, list) or not all(isinstance(c, str) for c in cgroups):
             raise SpecError("'cgroups' must be a list of paths")
+        for c in cgroups:
+            if ".." in c.split("/"):  # it would leave the cgroup v2 mount
+                raise SpecError(f"'cgroups': {c!r}: '..' is not allowed")
         if not pods and not cgroups:
             raise SpecError("nothing to govern: give 'pods' or 'cgroups'")
         policy = entry.get("policy")

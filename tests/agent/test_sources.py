@@ -180,12 +180,13 @@ def test_a_malformed_pods_entry_is_a_problem(tmp_path: Path) -> None:
         "  - {name: b, file: web.pol, pods: [{namespace: shop, selectr: {}}]}\n"
         "  - {name: c, file: web.pol, policy: [x], cgroups: [a]}\n"
         "  - {name: 5, file: web.pol, cgroups: [a]}\n"
+        "  - {name: e, file: web.pol, cgroups: [a/../../b]}\n"
     )
     snap = DirectorySource(tmp_path).snapshot()
-    assert snap.ready and snap.specs == () and len(snap.problems) == 4
+    assert snap.ready and snap.specs == () and len(snap.problems) == 5
     text = "\n".join(snap.problems)
     for expected in ("'pods' must be a list", "unknown keys selectr", "'policy' must be",
-                     "'name' (a string)"):  # fmt: skip
+                     "'name' (a string)", "'..' is not allowed"):  # fmt: skip
         assert expected in text, text
 
 
