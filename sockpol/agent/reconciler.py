@@ -388,15 +388,18 @@ class Reconciler:
         now = self.clock()
         held = self.backoff.blocked(d.name, fingerprint, now)
         if held is not None:
-            spec_report.errors.append(
-                f"{d.target}: {held.error} (next try in {held.retry_at - now:.0f} s)"
-            )
+            # The same words as when it failed: a message that changed every pass (a countdown)
+            # would rewrite the status and raise a new Event on every pass, on every node. When
+            # the next try is due is in the log line of the failure (retry_in_s).
+            spec_report.errors.append(f"{d.target}: {action} failed: {held.error}")
             return False
         started = time.monotonic()
         try:
             do()
-        except (SockpolError, OSError) as e:
+        except Exception as e:  # this load's failure, whatever it is: never the pass's
             error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, (SockpolError, OSError)):
+                error = f"{type(e).__name__}: {error}"
             wait = self.backoff.failed(d.name, fingerprint, now, error)
             spec_report.errors.append(f"{d.target}: {action} failed: {error}")
             self._record(

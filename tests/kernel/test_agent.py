@@ -331,10 +331,13 @@ def test_broken_policy_keeps_last_good_and_others_are_unaffected(
     report = rec2.reconcile(Snapshot((good, broken, tls)), pods)
     failed = [x for x in report.actions if not x.ok]
     assert [(x.action, x.key) for x in failed] == [("load", "shop/c")], report
-    assert "cannot judge requests inside TLS" in report.specs["shop/c"].message
+    failing = report.specs["shop/c"].message
+    assert "cannot judge requests inside TLS" in failing
     assert report.specs["shop/a"].ok
+    # Held back (backoff_base is 60 s): not tried again, and reported in the same words (a
+    # message that changed every pass would mean a status write and an Event every pass).
     report = rec2.reconcile(Snapshot((good, broken, tls)), pods)
-    assert report.actions == [] and "next try in" in report.specs["shop/c"].message
+    assert report.actions == [] and report.specs["shop/c"].message == failing
     assert not refused(http_client, c_ctr, port, "/no")  # never half-loaded
 
 
@@ -537,6 +540,15 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
             (event,) = [e for e in api.events if e["involvedObject"]["name"] == "tls"]
             assert event["type"] == "Warning" and "node node1:" in event["message"]
             assert not owned_status()
+            # More passes while the load is held back by back-off: nothing new to say, so no
+            # status write and no Event (not one per pass, on every node).
+            patches = len([p for p in api.patches if "/sockpolicies/tls/" in p[0]])
+            for _ in range(2):
+                passes = agent.stats.passes
+                agent.wake.set()
+                _wait(lambda: agent.stats.passes > passes, 10, "a pass")  # noqa: B023
+            assert len([e for e in api.events if e["involvedObject"]["name"] == "tls"]) == 1
+            assert len([p for p in api.patches if "/sockpolicies/tls/" in p[0]]) == patches
     finally:
         agent.shutdown()
         thread.join(10)
