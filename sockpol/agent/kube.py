@@ -78,8 +78,13 @@ class Informer:
         changed: Callable[[], None],
         watch_timeout: int = WATCH_TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT,
+        status_only_is_no_change: bool = False,
     ) -> None:
         self.what, self.list_fn, self.changed = what, list_fn, changed
+        # SockPolicies: every node's agent writes its entry in the status, and each write is
+        # a MODIFIED event to every agent; waking for those would make each status write a
+        # pass on every node. metadata.generation changes with the spec, not the status.
+        self.status_only_is_no_change = status_only_is_no_change
         self.watch_timeout, self.request_timeout = watch_timeout, request_timeout
         self.objects: dict[str, dict] = {}
         self.synced = False
@@ -160,13 +165,28 @@ class Informer:
                 continue
             with self.lock:
                 if kind == "DELETED":
-                    self.objects.pop(self.key(obj), None)
+                    before = self.objects.pop(self.key(obj), None)
                 else:  # ADDED, MODIFIED
+                    before = self.objects.get(self.key(obj))
                     self.objects[self.key(obj)] = obj
-            self.changed()
+            if not (
+                self.status_only_is_no_change and kind == "MODIFIED" and _same_spec(before, obj)
+            ):
+                self.changed()
             if self._stop.is_set():
                 break
         return version
+
+
+def _same_spec(before: dict | None, after: dict) -> bool:
+    def generation(obj: dict | None) -> object:
+        return ((obj or {}).get("metadata") or {}).get("generation")
+
+    return (
+        before is not None
+        and generation(before) is not None
+        and (generation(before) == generation(after))
+    )
 
 
 def policy_spec(obj: dict) -> PolicySpec:
@@ -258,6 +278,7 @@ class KubeAdapter:
             self._changed,
             watch_timeout,
             request_timeout,
+            status_only_is_no_change=True,
         )
         pods = Informer(
             "pods",
@@ -353,7 +374,8 @@ class KubeAdapter:
         """A node lists a policy only while it has pods of it: a null in a merge patch removes
         the node's entry."""
         key = f"{ref['namespace']}/{ref['name']}"
-        if key not in self._reported:
+        # Also an entry written before this agent started (its pods left meanwhile).
+        if key not in self._reported and self._listed_entry(key) is None:
             return
         try:
             self._patch_status(ref, None)
@@ -361,7 +383,15 @@ class KubeAdapter:
             fields = {"action": "status", "policy": key, "result": "error"}
             log.warning(f"status of SockPolicy {key}: {e}", extra=fields)
             return
-        del self._reported[key]
+        self._reported.pop(key, None)
+
+    def _listed_entry(self, key: str) -> dict | None:
+        """This node's entry in the status of SockPolicy `key`, as last listed or watched."""
+        informer = self.policies.informer
+        with informer.lock:
+            obj = informer.objects.get(key) or {}
+        nodes = (obj.get("status") or {}).get("nodes") or {}
+        return nodes.get(self.node) if isinstance(nodes, dict) else None
 
     def _patch_status(self, ref: dict, entry: dict | None) -> None:
         body = {"status": {"nodes": {self.node: entry}}}

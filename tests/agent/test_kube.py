@@ -4,6 +4,7 @@ patches and Events out. No root, no kernel."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -220,3 +221,42 @@ def test_a_watch_whose_connection_goes_dead_is_given_up_and_listed_again(api):
     finally:
         a.stop()
         api.end_watches()
+
+
+def test_an_entry_left_from_before_a_restart_is_removed(api, adapter):
+    """Its pods left this node while the agent was down: the node's entry, written by the
+    agent before, goes (the agent knows it from the listed object, not from memory)."""
+    a, wake = adapter
+    api.put("sockpolicies", sockpolicy("web", {"app": "web"}))
+    api.objects["sockpolicies"]["shop/web"]["status"] = {
+        "nodes": {"node1": {"ok": True}, "node2": {"ok": True}}}  # fmt: skip
+    a.start(wake)
+    assert wait_synced(a, 10)
+    (spec,) = a.policies.snapshot().specs
+    empty = PassReport()
+    empty.specs[spec.key] = SpecReport(spec.key, spec.ref, spec.source_sha256)
+    a.report(empty)
+    assert [body for _, _, body in api.patches] == [{"status": {"nodes": {"node1": None}}}]
+    assert sorted(api.objects["sockpolicies"]["shop/web"]["status"]["nodes"]) == ["node2"]
+
+
+def test_a_status_write_wakes_no_agent_but_a_spec_change_does(api, adapter):
+    """Every node writes its entry in a SockPolicy's status; each write reaches every agent
+    as a MODIFIED event. Only a change of the spec (its generation) is a reason for a pass."""
+    a, wake = adapter
+    policy = api.put("sockpolicies", sockpolicy("web", {"app": "web"}))
+    calls = []
+    a.informers[0].changed = lambda: calls.append(1)
+    a.start(wake)
+    assert wait_synced(a, 10)
+    wait_for(lambda: api.count("GET", POLICIES, watch=True) >= 1, "the policy watch")
+    listed = len(calls)
+    policy["status"] = {"nodes": {"node2": {"ok": True}}}
+    api.put("sockpolicies", policy)  # another node's status write: same generation
+    policy = json.loads(json.dumps(policy))
+    policy["metadata"]["generation"] = 2
+    policy["spec"]["mode"] = "dry-run"
+    api.put("sockpolicies", policy)  # a spec change
+    wait_for(lambda: a.policies.snapshot().specs[0].mode == "dry-run", "the spec change")
+    assert len(calls) == listed + 1
+    assert a.informers[0].objects["shop/web"]["status"] == {"nodes": {"node2": {"ok": True}}}
