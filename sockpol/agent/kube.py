@@ -352,7 +352,12 @@ class KubeAdapter:
         for ref, entry in entries:
             key = f"{ref['namespace']}/{ref['name']}"
             before = self._reported.get(key)
+            if before is None:  # after a restart: what this node wrote before, if anything
+                listed = self._listed_entry(key)
+                if isinstance(listed, dict):
+                    before = {k: v for k, v in listed.items() if k != "lastUpdateTime"}
             if before == entry:
+                self._reported[key] = entry
                 continue
             try:
                 self._patch_status(ref, {**entry, "lastUpdateTime": _now()})

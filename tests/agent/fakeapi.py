@@ -218,6 +218,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
                 return
             obj["status"] = merge_patch(obj.get("status"), body.get("status"))
+            # As the API server: a new resourceVersion, a MODIFIED event to every watch (the
+            # generation stays: the status subresource does not change the spec).
+            api.version += 1
+            obj["metadata"]["resourceVersion"] = str(api.version)
+            api.history.append(
+                (api.version, "sockpolicies", "MODIFIED", json.loads(json.dumps(obj)))
+            )
+            api.cond.notify_all()
         self._json(200, obj)
 
     def do_POST(self) -> None:  # noqa: N802

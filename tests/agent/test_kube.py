@@ -260,3 +260,28 @@ def test_a_status_write_wakes_no_agent_but_a_spec_change_does(api, adapter):
     wait_for(lambda: a.policies.snapshot().specs[0].mode == "dry-run", "the spec change")
     assert len(calls) == listed + 1
     assert a.informers[0].objects["shop/web"]["status"] == {"nodes": {"node2": {"ok": True}}}
+
+
+def test_a_restarted_agent_rewrites_no_status_and_repeats_no_event(api, adapter):
+    a, wake = adapter
+    api.put("sockpolicies", sockpolicy("web", {"app": "web"}))
+    a.start(wake)
+    assert wait_synced(a, 10)
+    (spec,) = a.policies.snapshot().specs
+    failing = PassReport()
+    failing.specs[spec.key] = SpecReport(spec.key, spec.ref, spec.source_sha256, 1, 0, 0,
+                                         ["pod shop/w1: load failed: no"])  # fmt: skip
+    a.report(failing)
+    assert len(api.patches) == 1 and len(api.events) == 1
+    a.stop()
+    # The agent restarts (a rolling upgrade): same standing, so nothing to write or announce.
+    config = kubernetes.client.Configuration()
+    config.host = api.url
+    again = KubeAdapter(kubernetes.client.ApiClient(config), "node1", watch_timeout=5)
+    try:
+        again.start(wake)
+        assert wait_synced(again, 10)
+        again.report(failing)
+        assert len(api.patches) == 1 and len(api.events) == 1
+    finally:
+        again.stop()
