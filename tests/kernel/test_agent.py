@@ -341,6 +341,27 @@ def test_broken_policy_keeps_last_good_and_others_are_unaffected(
     assert not refused(http_client, c_ctr, port, "/no")  # never half-loaded
 
 
+def pod_object(pod: Pod, node: str = "node1") -> dict:
+    """The API's object of a running pod bound to `node`."""
+    return {
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid,
+                     "labels": pod.labels},
+        "spec": {"nodeName": node},
+        "status": {"phase": "Running", "qosClass": pod.qos},
+    }  # fmt: skip
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    """A kubeconfig for the list/watch test server (no credentials: it asks for none)."""
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": server}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
+        "users": [{"name": "t", "user": {}}],
+    }))  # fmt: skip
+    return path
+
+
 def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -473,14 +494,6 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
 
     port = http_server.port
 
-    def pod_object(pod: Pod, node: str = "node1") -> dict:
-        return {
-            "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid,
-                         "labels": pod.labels},
-            "spec": {"nodeName": node},
-            "status": {"phase": "Running", "qosClass": pod.qos},
-        }  # fmt: skip
-
     def sockpolicy(name: str, text: str, app: str) -> dict:
         return {
             "apiVersion": "sockpol.io/v1alpha1", "kind": "SockPolicy",
@@ -585,19 +598,10 @@ def test_agent_command_with_kubernetes_follows_sockpolicies(
 
     port = http_server.port
     api = FakeAPI()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": api.url}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
-        "users": [{"name": "t", "user": {}}],
-    }))  # fmt: skip
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
     tree.kubelet_started()
     pod, ctr = tree.pod({"app": "web"}, qos="BestEffort", driver="systemd")
-    api.put("pods", {"metadata": {"name": pod.name, "namespace": "shop", "uid": pod.uid,
-                                  "labels": pod.labels},
-                     "spec": {"nodeName": "node1"},
-                     "status": {"phase": "Running", "qosClass": pod.qos}})  # fmt: skip
+    api.put("pods", pod_object(pod))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "sockpol.cli", "agent", "--kubernetes", "--kubeconfig",
@@ -671,18 +675,9 @@ def test_agent_once_with_kubernetes_waits_for_the_first_lists(
 
     port = http_server.port
     api = FakeAPI()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": api.url}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
-        "users": [{"name": "t", "user": {}}],
-    }))  # fmt: skip
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
     pod, ctr = tree.pod({"app": "web"}, qos="Guaranteed", driver="cgroupfs", runtime="cri-o")
-    api.put("pods", {"metadata": {"name": pod.name, "namespace": "shop", "uid": pod.uid,
-                                  "labels": pod.labels},
-                     "spec": {"nodeName": "node1"},
-                     "status": {"phase": "Running", "qosClass": pod.qos}})  # fmt: skip
+    api.put("pods", pod_object(pod))
     api.put("sockpolicies", {
         "apiVersion": "sockpol.io/v1alpha1", "kind": "SockPolicy",
         "metadata": {"name": "web", "namespace": "shop"},
