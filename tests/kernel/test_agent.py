@@ -381,6 +381,15 @@ def _capabilities(pid: int) -> set[str]:
     return set()
 
 
+def _first_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The process's first line on stderr (its start line), waited for `timeout` at most."""
+    import select
+
+    ready, _, _ = select.select([proc.stderr], [], [], timeout)
+    assert ready, f"no line from the agent within {timeout} s"
+    return proc.stderr.readline()
+
+
 def _swap_configmap(directory: Path, files: dict[str, str], n: int) -> None:
     """Update a directory the way kubelet updates a mounted ConfigMap: a new timestamped
     directory, then one rename of the `..data` symlink; the visible names point through it."""
@@ -426,7 +435,7 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
     lines: list[dict] = []
     try:
         assert proc.stderr is not None
-        start = json.loads(proc.stderr.readline())
+        start = json.loads(_first_line(proc, 30))
         assert start["action"] == "start", start
         caps = _capabilities(proc.pid)
         assert caps == set(DAEMONSET_CAPS), caps
