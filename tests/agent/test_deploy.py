@@ -151,3 +151,15 @@ def test_rbac_grants_only_what_the_agent_uses() -> None:
         ("", "pods", "watch"),
         ("", "events", "create"),
     }
+
+
+def test_kustomization_installs_the_agent_with_the_image_it_sets() -> None:
+    """`kubectl apply -k deploy/` (docs/kubernetes.md#install): the CRD, namespace, RBAC and
+    DaemonSet, and its `images:` entry names the DaemonSet's image (else it changes nothing)."""
+    (kustomization,) = docs("kustomization.yaml")
+    assert sorted(kustomization["resources"]) == sorted(
+        ["crd.yaml", "namespace.yaml", "rbac.yaml", "daemonset.yaml"]
+    )
+    (container,) = by_kind("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    (image,) = kustomization["images"]
+    assert image["name"] == container["image"].rpartition(":")[0]
