@@ -114,7 +114,8 @@ class Agent:
                 return False, f"last completed pass {age:.0f} s ago"
             if s.last_error:
                 return True, f"last pass failed: {s.last_error}"
-            return True, f"last pass {age:.1f} s ago, {s.desired} loads desired"
+            waiting = "" if s.complete else "; waiting for a complete list from every source"
+            return True, f"last pass {age:.1f} s ago, {s.desired} loads desired{waiting}"
 
     def shutdown(self) -> None:
         self.stop.set()

@@ -101,6 +101,7 @@ class PassReport:
     desired: int = 0
     owned: int = 0
     seconds: float = 0.0
+    complete: bool = True  # every source (and the pod list) had listed everything
 
 
 @dataclass
@@ -183,6 +184,7 @@ class Reconciler:
     def reconcile(self, snapshot: Snapshot, pods: Iterable[Pod] = (), pods_ready: bool = True):
         started = time.monotonic()
         report = PassReport(problems=list(snapshot.problems))
+        report.complete = snapshot.ready and pods_ready
         want, unresolved = self.desired(snapshot.specs, pods)
         report.desired = len(want)
         for spec in snapshot.specs:

@@ -37,6 +37,7 @@ class AgentStats:
         self.owned = 0
         self.spec_errors: dict[str, int] = {}  # policy key -> errors in the last pass
         self.source_problems = 0
+        self.complete = False  # the last pass saw a complete desired state
         self.last_error: str | None = None  # a pass that raised
         self.loads: dict[str, tuple[str, str, str, str]] = {}  # name -> key, ns, pod, cgroup
 
@@ -52,6 +53,7 @@ class AgentStats:
             self.desired, self.owned = report.desired, report.owned
             self.spec_errors = {k: len(s.errors) for k, s in report.specs.items()}
             self.source_problems = len(report.problems)
+            self.complete = report.complete
             self.last_error = None
             self.loads = {
                 name: (
@@ -117,6 +119,12 @@ class AgentCollector(Collector):
                 "sockpol_agent_source_problems", "Desired-state objects that could not be read.",
                 value=s.source_problems,
             )  # fmt: skip
+            yield GaugeMetricFamily(
+                "sockpol_agent_sources_synced",
+                "1 when the last pass saw every source's complete list (0: e.g. the Kubernetes "
+                "API has not answered yet; nothing is unloaded meanwhile).",
+                value=int(s.complete),
+            )
 
 
 def registry(stats: AgentStats) -> CollectorRegistry:

@@ -294,3 +294,27 @@ def test_a_running_pod_whose_cgroup_is_not_where_kubelet_puts_it_is_reported(
     assert str(tmp_path / "kubepods/burstable/podu-1") in error
     assert "kubepods-burstable-podu_1.slice" in error
     assert Pod.from_dict({"metadata": {"deletionTimestamp": "2026-12-05T00:00:00Z"}}).deleting
+
+
+def test_metrics_and_health_say_when_a_source_has_not_listed_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prometheus_client import generate_latest
+
+    from sockpol.agent.main import Agent
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+    from sockpol.agent.server import registry
+
+    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
+    source = tmp_path / "configmap"
+    source.mkdir()
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    agent = Agent(rec, [DirectorySource(source)])
+    agent.run_once()  # no targets.yaml yet
+    assert b"sockpol_agent_sources_synced 0.0" in generate_latest(registry(agent.stats))
+    ok, detail = agent.health()
+    assert ok and "waiting for a complete list" in detail
+    (source / "targets.yaml").write_text("policies: []\n")
+    agent.run_once()
+    assert b"sockpol_agent_sources_synced 1.0" in generate_latest(registry(agent.stats))
+    assert "waiting" not in agent.health()[1]

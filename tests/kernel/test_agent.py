@@ -448,6 +448,7 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
             metrics = r.read().decode()
         assert f'sockpol_policy_info{{cgroup="{ctr}"' in metrics
         assert 'sockpol_agent_actions_total{action="load",result="ok"} 1.0' in metrics
+        assert "sockpol_agent_sources_synced 1.0" in metrics
         assert (f'sockpol_agent_load_info{{cgroup="{ctr}",key="configmap/web",namespace="",'
                 f'pod="",policy="{name}"}} 1.0') in metrics  # fmt: skip
 
