@@ -15,6 +15,7 @@ from sockpol.diagnostics import SockpolError
 
 MODES = ("enforce", "dry-run")
 QOS_CLASSES = ("Guaranteed", "Burstable", "BestEffort")
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 
 
 class SpecError(SockpolError):
@@ -148,8 +149,12 @@ class Pod:
     @staticmethod
     def from_dict(raw: dict) -> Pod:
         meta, status = raw.get("metadata") or {}, raw.get("status") or {}
+        # A static pod (a manifest in kubelet's directory) runs under the UID kubelet made
+        # from the manifest's hash; the API shows a mirror of it under another UID, with the
+        # hash in this annotation (kubelet's pod/mirror_client.go, config/common.go).
+        mirror_of = (meta.get("annotations") or {}).get(MIRROR_ANNOTATION)
         return Pod(
-            uid=meta.get("uid", ""),
+            uid=mirror_of or meta.get("uid", ""),
             namespace=meta.get("namespace", ""),
             name=meta.get("name", ""),
             labels=dict(meta.get("labels") or {}),

@@ -37,6 +37,20 @@ def test_kubelet_cgroup_names_for_both_drivers() -> None:
     )
 
 
+def test_a_static_pod_is_found_under_the_uid_kubelet_gave_it() -> None:
+    """The API shows a static pod (kube-apiserver, etcd, ...) as a mirror pod with a UID of its
+    own; kubelet's cgroup is named after the manifest's hash, which the mirror carries."""
+    mirror = Pod.from_dict({
+        "metadata": {"name": "etcd-node1", "namespace": "kube-system", "uid": "api-made-uid",
+                     "annotations": {"kubernetes.io/config.mirror": "0a1b2c3d4e5f",
+                                     "kubernetes.io/config.hash": "0a1b2c3d4e5f"}},
+        "status": {"phase": "Running", "qosClass": "Burstable"},
+    })  # fmt: skip
+    assert to_cgroupfs(pod_cgroup_name(mirror)) == "kubepods/burstable/pod0a1b2c3d4e5f"
+    plain = Pod.from_dict({"metadata": {"uid": "u-1"}, "status": {"qosClass": "Guaranteed"}})
+    assert to_cgroupfs(pod_cgroup_name(plain)) == "kubepods/podu-1"
+
+
 def test_resolver_finds_the_layout_that_exists_and_its_containers(tmp_path: Path) -> None:
     pod = Pod(UID, "ns", "p", qos="Burstable")
     resolver = PodCgroups(tmp_path)
