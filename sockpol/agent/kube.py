@@ -126,7 +126,7 @@ class Informer:
                              extra={"action": "relist", "resource": self.what})  # fmt: skip
                     continue
                 failures += 1
-                self._retry(failures, f"HTTP {e.status} {e.reason}")
+                self._retry(failures, f"HTTP {e.status} {e.reason}{_hint(self.what, e.status)}")
             except Exception as e:  # connection refused, reset, timeouts: retry with back-off
                 failures += 1
                 self._retry(failures, f"{type(e).__name__}: {e}")
@@ -176,6 +176,15 @@ class Informer:
             if self._stop.is_set():
                 break
         return version
+
+
+def _hint(what: str, status: int | None) -> str:
+    """What an operator checks first, for the answers a misinstalled agent gets."""
+    if status in (401, 403):
+        return " (the agent's ServiceAccount and ClusterRole: deploy/rbac.yaml)"
+    if status == 404 and what == "sockpolicies":
+        return " (is the SockPolicy CRD installed? deploy/crd.yaml)"
+    return ""
 
 
 def _same_spec(before: dict | None, after: dict) -> bool:

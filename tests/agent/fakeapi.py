@@ -47,6 +47,7 @@ class FakeAPI:
         self._frozen = 0  # freeze_watches() bumps it: open watches go silent, never end
         self._closed = False
         self.hold = False  # while True, open watches send nothing (a watch that is down)
+        self.uninstalled: set[str] = set()  # resources answered 404 (a CRD not installed)
         handler = type("Handler", (_Handler,), {"api": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
@@ -137,7 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         resource = {POLICIES: "sockpolicies", PODS: "pods"}.get(url.path)
-        if resource is None:
+        if resource is None or resource in api.uninstalled:
             self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
             return
         selector = query.get("fieldSelector", "")

@@ -285,3 +285,17 @@ def test_a_restarted_agent_rewrites_no_status_and_repeats_no_event(api, adapter)
         assert len(api.patches) == 1 and len(api.events) == 1
     finally:
         again.stop()
+
+
+def test_an_uninstalled_crd_is_said_with_what_to_check(api, adapter, caplog):
+    import logging
+
+    a, wake = adapter
+    api.uninstalled.add("sockpolicies")
+    with caplog.at_level(logging.WARNING, logger="sockpol.agent.kube"):
+        a.start(wake)
+        wait_for(lambda: any("CRD installed" in r.getMessage() for r in caplog.records),
+                 "the warning")  # fmt: skip
+    assert not a.policies.snapshot().ready  # nothing listed: nothing will be unloaded
+    message = next(r.getMessage() for r in caplog.records if "CRD" in r.getMessage())
+    assert message.startswith("sockpolicies: HTTP 404") and "deploy/crd.yaml" in message
