@@ -2,7 +2,8 @@
 
 The loop runs a reconcile pass when a source says something changed (a watch event) and at
 least every `--interval` seconds (to repair drift: a policy unloaded or reloaded by hand, and to
-read the directory source). On SIGTERM or SIGINT it finishes the pass in progress and exits 0,
+read the directory source). On SIGTERM or SIGINT it ends the pass in progress after the action in progress (a load is
+never cut in half) and exits 0,
 leaving every policy loaded: enforcement lives in the kernel and does not depend on the agent.
 """
 
@@ -72,12 +73,12 @@ class Agent:
         pods_ready = True
         if self.pods is not None:
             pods, pods_ready = self.pods.pods()
-        report = self.reconciler.reconcile(snapshot, pods, pods_ready)
+        report = self.reconciler.reconcile(snapshot, pods, pods_ready, self.stop.is_set)
         for problem in sorted(set(report.problems) - self._problems):  # once, not every pass
             log.warning(problem, extra={"action": "read", "result": "error"})
         self._problems = set(report.problems)
         self.stats.record(report)
-        if self.reporter is not None:
+        if self.reporter is not None and not report.interrupted:  # partial counts: not a status
             self.reporter.report(report)
         return report
 

@@ -102,6 +102,7 @@ class PassReport:
     owned: int = 0
     seconds: float = 0.0
     complete: bool = True  # every source (and the pod list) had listed everything
+    interrupted: bool = False  # ended early (the agent is stopping): its counts are partial
 
 
 @dataclass
@@ -181,7 +182,15 @@ class Reconciler:
 
     # -- a pass --------------------------------------------------------------------------------
 
-    def reconcile(self, snapshot: Snapshot, pods: Iterable[Pod] = (), pods_ready: bool = True):
+    def reconcile(
+        self,
+        snapshot: Snapshot,
+        pods: Iterable[Pod] = (),
+        pods_ready: bool = True,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> PassReport:
+        """One pass. `stopping` is asked between actions: a pass of many loads (a node's first,
+        ~85 ms each) ends early on SIGTERM, inside the pod's grace period, not after it."""
         started = time.monotonic()
         report = PassReport(problems=list(snapshot.problems))
         report.complete = snapshot.ready and pods_ready
@@ -204,9 +213,15 @@ class Reconciler:
         want = [d for d in want if d.name not in clashing]
         report.loads = {d.name: d for d in want}
         for d in want:
+            if stopping():
+                report.interrupted = True
+                break
             self._one(d, loaded.get(d.name), report)
-        if snapshot.ready and pods_ready:
+        if snapshot.ready and pods_ready and not report.interrupted:
             for name in sorted(set(loaded) - {d.name for d in want}):
+                if stopping():
+                    report.interrupted = True
+                    break
                 key = self._key_of.get(name)
                 if key in snapshot.held or (key is None and snapshot.held):
                     continue

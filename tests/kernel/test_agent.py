@@ -713,3 +713,20 @@ def test_agent_once_with_kubernetes_waits_for_the_first_lists(
         api.close()
         for leftover in owned_status():
             runtime.unload(leftover)
+
+
+def test_a_pass_ends_between_actions_when_the_agent_is_stopping(tree, make_reconciler):
+    """SIGTERM during a long pass (a node's first: one load per pod) ends it at the next action,
+    within the pod's grace period; what is loaded stays, and an interrupted pass unloads
+    nothing."""
+    pods = [tree.pod({"app": "web"}, driver="systemd")[0] for _ in range(3)]
+    spec = web_spec(policy_text(18993))
+    rec = make_reconciler()
+    report = rec.reconcile(Snapshot((spec,)), pods, stopping=lambda: len(owned_status()) >= 1)
+    assert report.interrupted and actions(report) == [("load", True)], report
+    report = rec.reconcile(Snapshot((spec,)), pods)
+    assert not report.interrupted and actions(report) == [("load", True)] * 2, report
+    report = rec.reconcile(Snapshot(()), pods, stopping=lambda: True)
+    assert report.interrupted and report.actions == [] and len(owned_status()) == 3
+    report = rec.reconcile(Snapshot(()), pods)
+    assert actions(report) == [("unload", True)] * 3 and not owned_status()
