@@ -2,9 +2,9 @@
 
 The loop runs a reconcile pass when a source says something changed (a watch event) and at
 least every `--interval` seconds (to repair drift: a policy unloaded or reloaded by hand, and to
-read the directory source). On SIGTERM or SIGINT it ends the pass in progress after the action in progress (a load is
-never cut in half) and exits 0,
-leaving every policy loaded: enforcement lives in the kernel and does not depend on the agent.
+read the directory source). On SIGTERM or SIGINT it ends the pass in progress after the action
+in progress (a load is never cut in half) and exits 0, leaving every policy loaded:
+enforcement lives in the kernel and does not depend on the agent.
 """
 
 from __future__ import annotations
