@@ -217,16 +217,23 @@ def test_unused_objects_are_swept_and_used_ones_kept(tmp_path: Path) -> None:
     from sockpol.agent.desired import PolicySpec
     from sockpol.agent.objects import ObjectStore
 
-    store = ObjectStore(tmp_path)
+    now = [1000.0]
+    store = ObjectStore(tmp_path, clock=lambda: now[0])
     spec = PolicySpec("k", POLICY, "k.pol")
-    current = store.compile(spec).path
+    superseded = store.compile(PolicySpec("k", POLICY.replace("/ok", "/old"), "k.pol")).path
+    now[0] += 3000
+    current = store.compile(spec).path  # asked for on every pass
     old_loaded, old_unused, young = (tmp_path / f"{n}.bpf.o" for n in ("a", "b", "c"))
     for p in (old_loaded, old_unused, young):
         p.write_bytes(b"x")
-    for p in (current, old_loaded, old_unused):
+    for p in (current, superseded, old_loaded, old_unused):
         os.utime(p, (0, 0))
-    assert store.collect({old_loaded}, min_age=60) == [old_unused]
+    now[0] += 1000
+    assert sorted(store.collect({old_loaded}, min_age=3600)) == sorted([old_unused, superseded])
     assert current.exists() and old_loaded.exists() and young.exists()
+    # Asked for again after its file went: compiled again, not a path that is gone.
+    again = store.compile(PolicySpec("k", POLICY.replace("/ok", "/old"), "k.pol")).path
+    assert again == superseded and again.exists()
 
 
 def test_listen_addresses() -> None:
