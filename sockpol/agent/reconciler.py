@@ -227,6 +227,9 @@ class Reconciler:
                     continue
                 self._unload(name, key, loaded[name], report)
         self.backoff.forget_except({d.name for d in want})
+        if not report.interrupted:  # names of loads gone for good (pods that left) are forgotten
+            known = {d.name for d in want} | set(loaded)
+            self._key_of = {n: k for n, k in self._key_of.items() if n in known}
         for key in set(self._compile_errors) - {spec.key for spec in snapshot.specs}:
             del self._compile_errors[key]
         if self.clock() - self._collected_at >= self.config.collect_every:
