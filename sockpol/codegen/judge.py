@@ -191,10 +191,21 @@ class JudgeCore:
         b.ret(I64(1))
         data_end = fx.get("data_end")
 
-        def transition(state: ir.Value, q: ir.Value) -> tuple[ir.Value, ir.Value]:
+        preshift = self.tables.preshift
+
+        def transition(row: ir.Value, q: ir.Value) -> tuple[ir.Value, ir.Value]:
+            """(byte, the trans entry) for the byte at q from the state whose row starts at
+            `row` (state << class_bits). The entry is the next state's row where
+            tables.preshift, else the next state."""
             byte = b.zext(b.load(q, typ=I8), I64)
             cls = fx.load_flat("classmap", byte, I8)
-            return byte, fx.load_flat("trans", b.add(b.shl(state, I64(t.class_bits)), cls), I16)
+            return byte, fx.load_flat("trans", b.add(row, cls), I16)
+
+        def row_of(state: ir.Value) -> ir.Value:
+            return b.shl(state, I64(t.class_bits))
+
+        def state_of(entry: ir.Value) -> ir.Value:
+            return b.lshr(entry, I64(t.class_bits)) if preshift else entry
 
         def window(pos: ir.Value, slack: int) -> ir.Value:
             """data + pos, with pos bounded for the verifier (packet offsets, `slack` bytes
@@ -226,8 +237,8 @@ class JudgeCore:
         pulled = b.icmp_unsigned(">=", pos, fx.get("limit"))  # the fast path leaves it here
         b.cbranch(b.or_(beyond, pulled), stop, in_window)
         b.position_at_end(in_window)
-        byte, nxt = transition(fx.get("state"), p)
-        done = self.ob.call(b, byte_fn, scan, pos, byte, nxt)
+        byte, entry = transition(row_of(fx.get("state")), p)
+        done = self.ob.call(b, byte_fn, scan, pos, byte, state_of(entry))
         go_on = fn.append_basic_block("go_on")
         b.cbranch(b.icmp_unsigned("!=", done, I64(0)), stop, go_on)
         b.position_at_end(go_on)
@@ -248,14 +259,14 @@ class JudgeCore:
         len0 = fx.get("out_len")
         state0 = fx.get("state")
 
-        def leave(state: ir.Value, j: int, out_len: ir.Value) -> ir.Block:
+        def leave(row: ir.Value, j: int, out_len: ir.Value) -> ir.Block:
             """A block that ends the call before byte j (pending: the next call's slow path
             takes it) or, for j == SCAN_CHUNK, after the chunk. A block of its own per byte:
             with one shared exit, LLVM spilled the exit values to the stack on every byte."""
             here = b.block
             out = fn.append_basic_block(f"out{j}")
             b.position_at_end(out)
-            fx.put("state", state)
+            fx.put("state", b.lshr(row, I64(t.class_bits)))
             fx.put("pos", b.add(pos, I64(j)))
             fx.put("out_len", out_len)
             fx.put("pending", int(j < SCAN_CHUNK))
@@ -270,14 +281,15 @@ class JudgeCore:
         # call's slow path takes it, or stops at the window or the limit.
         # (Checking a whole chunk once, with a second unrolled copy for a head's last chunk,
         # measured no faster and cost the verifier half as much again.)
-        state, out_len = state0, len0
+        row, out_len = row_of(state0), len0
         for j in range(SCAN_CHUNK):
             inside = fn.append_basic_block(f"in{j}")
             q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
-            out = leave(state, j, out_len)
+            out = leave(row, j, out_len)
             b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside)
             b.position_at_end(inside)
-            byte, nxt = transition(state, b.gep(p, [I64(j)], source_etype=I8))
+            byte, entry = transition(row, b.gep(p, [I64(j)], source_etype=I8))
+            nxt = state_of(entry)
             kind = fx.load_flat("state_kind", nxt, I8)
             path = b.and_(kind, I64(STATE_PATH))
             moves = fn.append_basic_block(f"moves{j}")
@@ -289,8 +301,8 @@ class JudgeCore:
             at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
             b.store(b.trunc(byte, I8), at_len)
             out_len = b.add(out_len, b.lshr(path, I64(1)))  # +1 for a path byte
-            state = nxt
-        b.branch(leave(state, SCAN_CHUNK, out_len))  # the next call goes on
+            row = entry if preshift else row_of(nxt)
+        b.branch(leave(row, SCAN_CHUNK, out_len))  # the next call goes on
         return fn
 
     def skip_words(self, fx: Fn, fn: ir.Function, pos, p, limit, data_end) -> None:
