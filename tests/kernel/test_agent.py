@@ -251,6 +251,13 @@ def test_repairs_drift_adopts_after_restart_and_leaves_others_alone(
     st = owned_status()[name]
     assert read_mode(st.pin_dir) == "enforce" and st.reloads == reloads
 
+    # Its cgroup link unpinned by hand (the programs detached): loaded again, same name.
+    (Path(st.pin_dir) / "cgroup_link").unlink()
+    assert not refused(http_client, ctr, port, "/no")
+    assert actions(rec.reconcile(Snapshot((spec,)), [pod])) == [("replace", True)]
+    assert owned_status()[name].problem is None
+    assert refused(http_client, ctr, port, "/no")
+
     # A policy an operator loaded by hand, in the same pod: never the agent's to touch.
     hand = f"t-hand{os.getpid()}"
     runtime.load(compiled_policy(policy_text(port + 1)), ctr.parent, name=hand).close()
