@@ -239,11 +239,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if kube is not None:
         kube.start(agent.wake)
     bound = server.server_address
+    listening = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
     signal.signal(signal.SIGTERM, lambda *_: agent.shutdown())
     signal.signal(signal.SIGINT, lambda *_: agent.shutdown())
     log.info(
-        f"agent started: serving http://{bound[0]}:{bound[1]}/metrics and /healthz",
-        extra={"action": "start", "prefix": args.prefix, "listen": f"{bound[0]}:{bound[1]}",
+        f"agent started: serving http://{listening}/metrics and /healthz",
+        extra={"action": "start", "prefix": args.prefix, "listen": listening,
                "sources": [type(s).__name__ for s in sources]},
     )  # fmt: skip
     try:

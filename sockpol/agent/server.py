@@ -13,6 +13,7 @@ that is stuck, and since policies stay loaded without it, a restart costs no enf
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -162,7 +163,11 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass  # scrapes and probes are not actions: no log line each
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    # An IPv6 address ([::] on an IPv6-only cluster, where probes and scrapes reach the pod's
+    # IPv6 address) needs an IPv6 socket; [::] also accepts IPv4 where the node allows it.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("AgentHTTPServer", (ThreadingHTTPServer,), {"address_family": family})
+    server = server_class((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="agent-http", daemon=True).start()
     return server

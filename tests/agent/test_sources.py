@@ -339,3 +339,24 @@ def test_metrics_and_health_say_when_a_source_has_not_listed_yet(
     agent.run_once()
     assert b"sockpol_agent_sources_synced 1.0" in generate_latest(registry(agent.stats))
     assert "waiting" not in agent.health()[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_agents_endpoints_listen_on_ipv4_and_ipv6(host: str) -> None:
+    """An IPv6-only cluster probes and scrapes the pod's IPv6 address: `--listen [::]:9464`."""
+    import json
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from sockpol.agent.server import serve
+
+    server = serve(host, 0, CollectorRegistry(), lambda: (True, "fine"))
+    try:
+        port = server.server_address[1]
+        url = f"http://[{host}]:{port}/healthz" if ":" in host else f"http://{host}:{port}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.status == 200 and json.loads(r.read()) == {"ok": True, "detail": "fine"}
+    finally:
+        server.shutdown()
+        server.server_close()
