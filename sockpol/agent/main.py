@@ -63,6 +63,14 @@ class Agent:
         if self.pods is None and any(spec.pods for spec in specs):
             problems.append("policies select pods, but the agent has no pod inventory "
                             "(run it with --kubernetes)")  # fmt: skip
+        # Keys name loads and reports: two sources giving one key (a SockPolicy `x` in a
+        # namespace called `configmap`, and targets.yaml's entry `x`) would fight over the
+        # same loads. Neither is acted on; both keep what is loaded.
+        keys = [spec.key for spec in specs]
+        for key in sorted({k for k in keys if keys.count(k) > 1}):
+            problems.append(f"two sources give the policy {key}: rename one")
+            held.append(key)
+        specs = [spec for spec in specs if spec.key not in held]
         return Snapshot(tuple(specs), ready, tuple(problems), tuple(held))
 
     def run_once(self) -> PassReport:

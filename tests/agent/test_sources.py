@@ -360,3 +360,27 @@ def test_the_agents_endpoints_listen_on_ipv4_and_ipv6(host: str) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_two_sources_giving_one_policy_key_are_held_not_mixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SockPolicy `web` in a namespace called `configmap` and targets.yaml's entry `web`
+    both have the key configmap/web, which names their loads: neither is acted on."""
+    from sockpol.agent.main import Agent
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+
+    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "cgroup.procs").touch()
+    sources = []
+    for n in (1, 2):
+        d = tmp_path / f"source{n}"
+        d.mkdir()
+        (d / "web.pol").write_text(POLICY)
+        (d / "targets.yaml").write_text("policies: [{name: web, file: web.pol, cgroups: [a]}]\n")
+        sources.append(DirectorySource(d))
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    report = Agent(rec, sources).run_once()
+    assert report.desired == 0 and report.actions == [] and report.specs == {}
+    assert report.problems == ["two sources give the policy configmap/web: rename one"]
