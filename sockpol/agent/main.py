@@ -159,7 +159,7 @@ def unload_all(prefix: str) -> int:
             runtime.unload(entry.name)
         except runtime.PolicyNotFound:
             continue
-        except SockpolError as e:
+        except (SockpolError, OSError) as e:
             failed += 1
             fields = {"action": "unload", "load": entry.name, "result": "error"}
             log.error(f"unload {entry.name}: {e}", extra=fields)
