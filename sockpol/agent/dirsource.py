@@ -17,7 +17,8 @@
 kubelet updates a mounted ConfigMap by writing a new timestamped directory and swapping the
 `..data` symlink to it in one rename; the visible names are symlinks through `..data`. Reading
 every file through one resolution of `..data` gives a consistent snapshot: never the new
-targets file with an old policy file. The directory is read on every pass (it is small).
+targets file with an old policy file. The directory is read on every pass (it is small); a
+change in it wakes the loop for one (cgwatch.py).
 
 A targets file that cannot be read makes the snapshot not ready (nothing is unloaded on its
 word); an entry that cannot be understood is reported and its loads are kept as they are.

@@ -47,10 +47,12 @@ class Agent:
         self.stats = AgentStats()
         self._problems: set[str] = set()
         self.watcher = None
-        if watch_cgroups:
+        directories = [s.directory for s in sources if getattr(s, "directory", None)]
+        if watch_cgroups or directories:
             from sockpol.agent.cgwatch import CgroupWatcher
 
-            self.watcher = CgroupWatcher(reconciler.cgroups.pod_parents(), self.wake)
+            parents = reconciler.cgroups.pod_parents() if watch_cgroups else []
+            self.watcher = CgroupWatcher(parents, self.wake, sources=directories)
 
     def snapshot(self) -> Snapshot:
         specs, problems, held, ready = [], [], [], True

@@ -384,3 +384,43 @@ def test_two_sources_giving_one_policy_key_are_held_not_mixed(
     report = Agent(rec, sources).run_once()
     assert report.desired == 0 and report.actions == [] and report.specs == {}
     assert report.problems == ["two sources give the policy configmap/web: rename one"]
+
+
+def test_a_configmap_update_wakes_a_pass_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kubelet's `..data` swap is read when it happens, not at the next periodic pass (an hour
+    away here)."""
+    import threading
+    import time
+
+    from sockpol.agent.main import Agent
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+
+    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
+    source = tmp_path / "configmap"
+    source.mkdir()
+    swap(source, {"targets.yaml": "policies: []\n"}, 1)
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    agent = Agent(rec, [DirectorySource(source)], interval=3600)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+
+        def passes_reach(n: int) -> None:
+            deadline = time.monotonic() + 10
+            while agent.stats.passes < n:
+                assert time.monotonic() < deadline, f"{agent.stats.passes} passes, not {n}"
+                time.sleep(0.02)
+
+        passes_reach(1)
+        time.sleep(0.2)  # no pass is due
+        assert agent.stats.passes == 1
+        targets = "policies: [{name: web, file: web.pol, cgroups: [nothing/here]}]\n"
+        swap(source, {"targets.yaml": targets, "web.pol": POLICY}, 2)
+        passes_reach(2)
+        assert agent.stats.desired == 0 and not agent.stats.source_problems
+    finally:
+        agent.shutdown()
+        thread.join(10)
+    assert not thread.is_alive()
