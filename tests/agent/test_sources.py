@@ -18,6 +18,13 @@ from sockpol.runtime.pins import valid_name
 UID = "1234-abcd-5678-efgh"
 
 
+@pytest.fixture
+def no_pins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pin root of this test's own that does not exist: the reconciler owns nothing, and
+    the tests that reach no load need no kernel."""
+    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
+
+
 def test_kubelet_cgroup_names_for_both_drivers() -> None:
     # kubelet's own example (pkg/kubelet/cm/cgroup_manager_linux.go, CgroupName.ToSystemd).
     burstable = pod_cgroup_name(Pod(UID, "ns", "p", qos="Burstable"))
@@ -250,7 +257,7 @@ def test_listen_addresses() -> None:
 
 
 def test_a_policy_that_cannot_be_compiled_is_its_own_problem_logged_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, no_pins: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Compile failures come before any load: no kernel needed. A pin root of its own (absent:
     nothing owned). The text is invalid, or the state directory cannot be written: either is
@@ -261,7 +268,6 @@ def test_a_policy_that_cannot_be_compiled_is_its_own_problem_logged_once(
     from sockpol.agent.desired import PolicySpec, Snapshot
     from sockpol.agent.reconciler import AgentConfig, Reconciler
 
-    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "cgroup.procs").touch()  # what the reconciler recognizes a cgroup by
     broken = PolicySpec("configmap/broken", POLICY.replace("/ok", "ok"), "broken.pol",
@@ -288,7 +294,7 @@ def test_a_policy_that_cannot_be_compiled_is_its_own_problem_logged_once(
 
 
 def test_a_running_pod_whose_cgroup_is_not_where_kubelet_puts_it_is_reported(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, no_pins: None
 ) -> None:
     """A layout the agent does not expect (another --cgroup-root, a cgroup v1 node) must not
     leave the selected pods silently ungoverned. Pods that do not run yet, or are being
@@ -296,7 +302,6 @@ def test_a_running_pod_whose_cgroup_is_not_where_kubelet_puts_it_is_reported(
     from sockpol.agent.desired import PodTarget, PolicySpec, Snapshot
     from sockpol.agent.reconciler import AgentConfig, Reconciler
 
-    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
     spec = PolicySpec("shop/web", POLICY, "web.pol",
                       pods=(PodTarget("shop", Selector((("app", "web"),))),))  # fmt: skip
     running = Pod("u-1", "shop", "web-1", {"app": "web"}, "Burstable", "Running")
@@ -318,7 +323,7 @@ def test_a_running_pod_whose_cgroup_is_not_where_kubelet_puts_it_is_reported(
 
 
 def test_metrics_and_health_say_when_a_source_has_not_listed_yet(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, no_pins: None
 ) -> None:
     from prometheus_client import generate_latest
 
@@ -326,7 +331,6 @@ def test_metrics_and_health_say_when_a_source_has_not_listed_yet(
     from sockpol.agent.reconciler import AgentConfig, Reconciler
     from sockpol.agent.server import registry
 
-    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
     source = tmp_path / "configmap"
     source.mkdir()
     rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
@@ -363,14 +367,13 @@ def test_the_agents_endpoints_listen_on_ipv4_and_ipv6(host: str) -> None:
 
 
 def test_two_sources_giving_one_policy_key_are_held_not_mixed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, no_pins: None
 ) -> None:
     """A SockPolicy `web` in a namespace called `configmap` and targets.yaml's entry `web`
     both have the key configmap/web, which names their loads: neither is acted on."""
     from sockpol.agent.main import Agent
     from sockpol.agent.reconciler import AgentConfig, Reconciler
 
-    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "cgroup.procs").touch()
     sources = []
@@ -386,9 +389,7 @@ def test_two_sources_giving_one_policy_key_are_held_not_mixed(
     assert report.problems == ["two sources give the policy configmap/web: rename one"]
 
 
-def test_a_configmap_update_wakes_a_pass_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_configmap_update_wakes_a_pass_at_once(tmp_path: Path, no_pins: None) -> None:
     """kubelet's `..data` swap is read when it happens, not at the next periodic pass (an hour
     away here)."""
     import threading
@@ -397,7 +398,6 @@ def test_a_configmap_update_wakes_a_pass_at_once(
     from sockpol.agent.main import Agent
     from sockpol.agent.reconciler import AgentConfig, Reconciler
 
-    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
     source = tmp_path / "configmap"
     source.mkdir()
     swap(source, {"targets.yaml": "policies: []\n"}, 1)
