@@ -139,6 +139,7 @@ class Reconciler:
         self._key_of: dict[str, str] = {}  # load name -> policy key, as learned
         self._last_good: dict[str, Compiled] = {}  # policy key -> its last good object
         self._compile_errors: dict[str, str] = {}  # policy key -> its error, as last logged
+        self._noted: set[str] = set()  # errors of the last pass that are no action's, logged
         self._adopted = False
         self._collected_at = clock()
 
@@ -198,18 +199,21 @@ class Reconciler:
         report.desired = len(want)
         for spec in snapshot.specs:
             report.specs[spec.key] = SpecReport(spec.key, spec.ref, spec.source_sha256)
+        noted: set[str] = set()
         for spec, pod in unresolved:
             looked = ", ".join(str(p) for p in self.cgroups.candidates(pod))
             report.specs[spec.key].targets += 1
-            report.specs[spec.key].errors.append(
+            self._note(
+                report.specs[spec.key], noted, "resolve",
                 f"pod {pod.namespace}/{pod.name}: not governed: it runs, but its cgroup is not "
                 f"where kubelet's layout puts it ({looked}); check the agent's --cgroup-driver "
-                "and --cgroup-root against kubelet's, and that the node uses cgroup v2"
-            )
+                "and --cgroup-root against kubelet's, and that the node uses cgroup v2",
+            )  # fmt: skip
         loaded = self._owned()
         report.owned = len(loaded)
         self._learn_last_good(snapshot.specs, want, loaded)
-        clashing = self._clashes(want, loaded, report)
+        clashing = self._clashes(want, loaded, report, noted)
+        self._noted = noted
         want = [d for d in want if d.name not in clashing]
         report.loads = {d.name: d for d in want}
         for d in want:
@@ -271,7 +275,18 @@ class Reconciler:
                     self._last_good[spec.key] = found
                     break
 
-    def _clashes(self, want: list[DesiredLoad], loaded: dict, report: PassReport) -> set[str]:
+    def _note(self, spec_report: SpecReport, noted: set[str], action: str, message: str) -> None:
+        """An error that is no action's (those have their own log line): on the policy's report,
+        and one log line when it first appears, not one per pass."""
+        spec_report.errors.append(message)
+        noted.add(message)
+        if message not in self._noted:
+            fields = {"action": action, "policy": spec_report.key, "result": "error"}
+            log.warning(message, extra=fields)
+
+    def _clashes(
+        self, want: list[DesiredLoad], loaded: dict, report: PassReport, noted: set[str]
+    ) -> set[str]:
         """Loads that would share a cgroup and a port with another policy's: a connection can
         be in one policy's sockhash only, so the second would silently govern nothing there.
         The one already loaded keeps the pod (then the smaller key); the other is reported and
@@ -295,10 +310,11 @@ class Reconciler:
                     continue
                 out.add(d.name)
                 report.specs[d.spec.key].targets += 1
-                report.specs[d.spec.key].errors.append(
+                self._note(
+                    report.specs[d.spec.key], noted, "clash",
                     f"{d.target}: not loaded: its ports overlap those of policy {clash}, which "
-                    "governs it already (a connection can be judged by one policy only)"
-                )
+                    "governs it already (a connection can be judged by one policy only)",
+                )  # fmt: skip
         return out
 
     def _ports(self, spec: PolicySpec) -> list | None:

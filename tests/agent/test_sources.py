@@ -3,6 +3,7 @@ the directory source (a ConfigMap's `..data` swap, bad entries), back-off."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -294,7 +295,7 @@ def test_a_policy_that_cannot_be_compiled_is_its_own_problem_logged_once(
 
 
 def test_a_running_pod_whose_cgroup_is_not_where_kubelet_puts_it_is_reported(
-    tmp_path: Path, no_pins: None
+    tmp_path: Path, no_pins: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A layout the agent does not expect (another --cgroup-root, a cgroup v1 node) must not
     leave the selected pods silently ungoverned. Pods that do not run yet, or are being
@@ -312,7 +313,11 @@ def test_a_running_pod_whose_cgroup_is_not_where_kubelet_puts_it_is_reported(
         Pod("u-4", "shop", "other", {"app": "other"}, "Burstable", "Running"),
     ]
     rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
-    report = rec.reconcile(Snapshot((spec,)), pods)
+    with caplog.at_level(logging.WARNING, logger="sockpol.agent"):
+        report = rec.reconcile(Snapshot((spec,)), pods)
+        rec.reconcile(Snapshot((spec,)), pods)  # said once in the log, not once a pass
+    (line,) = [r for r in caplog.records if getattr(r, "action", None) == "resolve"]
+    assert line.policy == "shop/web" and line.getMessage().startswith("pod shop/web-1: ")
     web = report.specs["shop/web"]
     assert report.actions == [] and (web.targets, web.loaded) == (1, 0)
     (error,) = web.errors

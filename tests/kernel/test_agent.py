@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -587,7 +588,7 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
 
 
 def test_two_policies_on_one_pod_and_port_is_reported_not_silently_half_done(
-    tree, make_reconciler, http_server, http_client
+    tree, make_reconciler, http_server, http_client, caplog
 ):
     port = http_server.port
     pod, ctr = tree.pod({"app": "web", "tier": "front"})
@@ -597,8 +598,12 @@ def test_two_policies_on_one_pod_and_port_is_reported_not_silently_half_done(
     # A second policy for the same pod and port (a smaller key, but the first is loaded).
     second = web_spec(policy_text(port, allow="/no"), key="shop/a-second", tier="front")
     other_port = web_spec(policy_text(port + 1), key="shop/b-other", tier="front")
-    report = rec.reconcile(Snapshot((first, second, other_port)), [pod])
-    assert actions(report) == [("load", True)], report  # only the one on another port
+    with caplog.at_level(logging.WARNING, logger="sockpol.agent"):
+        report = rec.reconcile(Snapshot((first, second, other_port)), [pod])
+        assert actions(report) == [("load", True)], report  # only the one on another port
+        assert rec.reconcile(Snapshot((first, second, other_port)), [pod]).actions == []
+    (line,) = [r for r in caplog.records if getattr(r, "action", None) == "clash"]
+    assert line.policy == "shop/a-second"  # logged once (the directory source has no status)
     assert report.specs["shop/z-first"].ok and report.specs["shop/b-other"].ok
     clash = report.specs["shop/a-second"]
     assert not clash.ok and "overlap those of policy shop/z-first" in clash.message
