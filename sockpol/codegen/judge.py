@@ -369,7 +369,7 @@ class JudgeCore:
         return found, b.and_(e, I64(PAYLOAD_MASK))
 
     def path_step(self) -> ir.Function:
-        """Bytes `index * PATH_CHUNK` on of the normalized path through the packed path
+        """Bytes `index * PATH_CHUNK` on of the path through the packed path
         automaton (comb.py), up to PATH_CHUNK per call with the state in a register: per byte,
         the state's slot for the byte's class, else its default slot, else the dead state."""
         fn, b = self.ob.function("sockpol_path_step", I64, [("index", I32), ("ctx", PTR)])
