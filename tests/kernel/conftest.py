@@ -733,19 +733,20 @@ def _owned_by_live_policies() -> set[int]:
 
 @pytest.fixture
 def assert_nothing_left(kernel_env: None) -> Callable[..., None]:
-    """check(name, cgroup=None, timeout=5.0): nothing of policy `name` remains in the kernel.
+    """check(name, cgroup=None, timeout=15.0): nothing of policy `name` remains in the kernel.
 
     Programs and maps are recognized by sockpol's names and must not be new since the test began
     (unless a still-loaded policy owns them); the kernel frees them asynchronously after the last
-    fd closes, hence the polling. With `cgroup`, `bpftool cgroup show` of it must be empty;
-    without, no sockpol program may be attached anywhere in the cgroup tree.
+    fd closes (a closed socket's psock, which holds the program, goes in deferred work that a
+    loaded machine runs late), hence the polling. With `cgroup`, `bpftool cgroup show` of it
+    must be empty; without, no sockpol program may be attached anywhere in the cgroup tree.
     """
     from sockpol.runtime import pins
 
     baseline_progs, baseline_maps = _sockpol_objects()
     baseline = set(baseline_progs) | set(baseline_maps)
 
-    def check(name: str, cgroup: Path | None = None, timeout: float = 5.0) -> None:
+    def check(name: str, cgroup: Path | None = None, timeout: float = 15.0) -> None:
         root = pins.pin_root(create=False)
         assert root is None or not (root / name).exists(), f"pins of {name} remain in {root}"
         if root is not None:
