@@ -135,9 +135,7 @@ class SkSkbBackend:
     def skb_program(
         self, scan_step: ir.Function, path_step: ir.Function, rule_step: ir.Function
     ) -> None:
-        fn, b = self.ob.function(
-            SKB_PROGRAM, I32, [("skb", PTR)], section="sk_skb/stream_verdict"
-        )
+        fn, b = self.ob.function(SKB_PROGRAM, I32, [("skb", PTR)], section="sk_skb/stream_verdict")
         skb = fn.args[0]
         scan = b.alloca(SCAN_T, name="scan")
         key = b.alloca(I64, name="cookie")
@@ -369,7 +367,7 @@ class SkSkbBackend:
         b.store(I64(RESUME_ANSWERED | CONN_HTTP), conn)
         b.store(I64(0), left_ptr)
         with b.if_then(b.icmp_unsigned("!=", answer, I64(0)), likely=False):
-            self.answer(fx, skb, row, key)
+            self.answer(fx, skb, row, key, size)
         with b.if_then(b.icmp_unsigned("!=", at, I64(0))):
             # `answer drop`: the requests before the refused one in this skb pass.
             h.call(b, h.SKB_CHANGE_TAIL, skb, b.trunc(at, I32), I64(0))
@@ -419,7 +417,7 @@ class SkSkbBackend:
         row = b.add(b.mul(index, I64(ANSWER_ROWS)), b.and_(reason, I64(ANSWER_ROWS - 1)))
         return answer, row
 
-    def answer(self, fx: Fn, skb: ir.Value, row: ir.Value, key: ir.Value) -> None:
+    def answer(self, fx: Fn, skb: ir.Value, row: ir.Value, key: ir.Value, size: ir.Value) -> None:
         """The skb becomes the response of `row` (ANSWER_BYTES long) and goes out of the
         socket itself, to the client. Any helper failing drops it instead."""
         b = fx.b
@@ -432,7 +430,7 @@ class SkSkbBackend:
         check(h.call(b, h.SKB_CHANGE_TAIL, skb, I32(ANSWER_BYTES), I64(0)))
         src = fx.table("answers", fx.get("cand_off"), I32(0))
         check(h.call(b, h.SKB_STORE_BYTES, skb, I32(0), src, I32(ANSWER_BYTES), I64(0)))
-        self.rec.count(b, SLOT_ANSWERED, 1, I64(ANSWER_BYTES))
+        self.rec.count(b, SLOT_ANSWERED, 1, size)
         ret = h.call(b, h.SK_REDIRECT_HASH, skb, self.socks, key, I64(0))
         b.ret(b.trunc(ret, I32))
 
