@@ -344,11 +344,8 @@ class SkSkbBackend:
             b.store(b.add(total, I64(1)), field(IN_HEAD))
             b.ret(I32(SK_PASS))
         b.store(I64(0), field(IN_HEAD))
-        refuse(
-            b.select(b.icmp_unsigned("<", span, rest), I64(Reason.PULL_FAILED),
-                     I64(Reason.HEAD_TOO_LARGE)),
-            whole,
-        )  # fmt: skip
+        short = b.icmp_unsigned("<", fx.get("pos"), limit)  # the scan could not read on
+        refuse(b.select(short, I64(Reason.PULL_FAILED), I64(Reason.HEAD_TOO_LARGE)), whole)
 
         b.position_at_end(record)
         outcome, end = b.phi(I64, "outcome"), b.phi(I64, "end")

@@ -308,11 +308,15 @@ class RecordingHTTPServer:
     are never governed by the policy under test.
     """
 
-    def __init__(self) -> None:
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
+    def __init__(self, listener: socket.socket | None = None) -> None:
+        # `listener`: one made elsewhere (tests/kernel/test_ingress.py makes it inside a test
+        # cgroup, so that the connections it accepts are governed by an ingress policy).
+        if listener is None:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(128)
+        self._listener = listener
         self.port: int = self._listener.getsockname()[1]
         self.connections: list[ServerConnection] = []
         self._lock = threading.Lock()

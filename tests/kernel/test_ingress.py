@@ -1,0 +1,475 @@
+"""Ingress policies (`side ingress`, issue 17): the sk_skb verdict program judges the requests a
+server in the cgroup receives, whoever the client is.
+
+Real servers (the recording server of conftest, nginx), real clients (raw sockets with
+TCP_NODELAY and pauses so heads arrive in several segments, curl, wrk, a client in a network
+namespace reaching the server over a veth pair). Every test checks what the *server* received:
+a refused request must never reach it whole, and nothing after it on that connection at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RecordingHTTPServer
+
+from sockpol import runtime
+from sockpol.compiler import compile_source
+from sockpol.contract import ANSWER_HEADER, SKB_PROGRAM
+from sockpol.runtime.counters import read_counters
+from sockpol.runtime.loader import LoadedPolicy
+
+NAME = "t-in-api"
+
+
+def policy_text(port: int, extra: str = "") -> str:
+    return f"""policy {NAME} {{
+    port {port}
+    side ingress
+    default deny
+{extra}
+    deny * /ok/secret answer 404
+    deny * /drop/** answer drop
+    allow GET,HEAD /ok/**
+    allow POST /upload
+}}
+"""
+
+
+def _cgroup_of_self(root: Path) -> Path:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return root / line[3:].lstrip("/")
+    return root
+
+
+def listener_in(cgroup: Path, root: Path, host: str = "127.0.0.1") -> socket.socket:
+    """A listening socket that belongs to `cgroup`: a socket's cgroup is the one its creator
+    was in, and an accepted socket takes its listener's. The test process steps into the
+    cgroup for the socket() call only."""
+    home = _cgroup_of_self(root)
+    (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        sock = socket.socket()
+    finally:
+        (home / "cgroup.procs").write_text(str(os.getpid()))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
+
+
+@pytest.fixture
+def server(cgroup: Path, cgroup2_root: Path) -> Iterator[RecordingHTTPServer]:
+    srv = RecordingHTTPServer(listener_in(cgroup, cgroup2_root))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def load(tmp_path: Path, text: str, cgroup: Path) -> LoadedPolicy:
+    compiled, _ = compile_source(text, "ingress.pol")
+    obj = tmp_path / "ingress.bpf.o"
+    obj.write_bytes(compiled[0].object_code())
+    return runtime.load(str(obj), str(cgroup), name=NAME)
+
+
+@pytest.fixture
+def policy(tmp_path: Path, cgroup: Path, server: RecordingHTTPServer) -> Iterator[LoadedPolicy]:
+    loaded = load(tmp_path, policy_text(server.port), cgroup)
+    try:
+        yield loaded
+    finally:
+        loaded.close()
+        with contextlib.suppress(Exception):
+            runtime.unload(NAME)
+
+
+def exchange(
+    port: int,
+    parts: list[bytes],
+    pause: float = 0.05,
+    read_for: float = 1.0,
+    host: str = "127.0.0.1",
+) -> bytes:
+    """Send `parts` as separate TCP segments (TCP_NODELAY, a pause between them), then read
+    what comes back until the peer closes or `read_for` seconds pass without data."""
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i, part in enumerate(parts):
+            if i:
+                time.sleep(pause)
+            try:
+                s.sendall(part)
+            except OSError:
+                break
+        s.settimeout(read_for)
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                got += chunk
+        return got
+
+
+def head(path: str, method: str = "GET", extra: str = "") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: api.test\r\n{extra}\r\n".encode()
+
+
+def quiet(*urls: str) -> list[str]:
+    """curl arguments that fetch `urls` and throw their bodies away (-o is per URL)."""
+    return [arg for url in urls for arg in ("-o", "/dev/null", url)]
+
+
+def counters(loaded: LoadedPolicy):
+    return read_counters(loaded.pin_dir, loaded.metadata)
+
+
+# --- the basics ----------------------------------------------------------------------------------
+
+
+def test_allowed_requests_reach_the_server_refused_ones_are_answered(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    assert policy.metadata.side == "ingress"
+    assert SKB_PROGRAM in policy.program_ids
+    ok = exchange(server.port, [head("/ok/a")], read_for=0.5)
+    assert ok.startswith(b"HTTP/1.1 200 OK")
+    refused = exchange(server.port, [head("/admin")])
+    assert refused.startswith(b"HTTP/1.1 403 Forbidden\r\n"), refused
+    assert f"{ANSWER_HEADER}: policy={NAME}; reason=default".encode() in refused
+    by_rule = exchange(server.port, [head("/ok/secret")])
+    assert by_rule.startswith(b"HTTP/1.1 404 Not Found\r\n"), by_rule
+    server.settle(0.2)
+    assert server.request_lines() == [b"GET /ok/a HTTP/1.1"]
+    c = counters(policy)
+    assert c.rules[2].requests == 1
+    assert c.refused["default"].requests == 1 and c.refused["rule"].requests == 1
+    assert c.answered.requests == 2
+
+
+def test_curl_reads_the_answer_and_the_server_never_sees_the_request(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    base = f"http://127.0.0.1:{server.port}"
+    run = subprocess.run(
+        ["curl", "-s", "-m", "5", "-w", "%{http_code}\n",
+         *quiet(f"{base}/ok/1", f"{base}/admin/x", f"{base}/ok/2")],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert run.stdout.split() == ["200", "403", "200"], run
+    server.settle(0.2)
+    assert server.request_lines() == [b"GET /ok/1 HTTP/1.1", b"GET /ok/2 HTTP/1.1"]
+
+
+def test_nothing_after_a_refused_request_reaches_the_server(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    got = exchange(server.port, [head("/admin"), head("/ok/after"), head("/ok/later")], pause=0.1)
+    assert got.startswith(b"HTTP/1.1 403")
+    assert got.count(b"HTTP/1.1") == 1
+    server.settle(0.2)
+    assert server.received() == b""
+
+
+# --- framing over TCP segments -------------------------------------------------------------------
+
+
+def test_a_head_split_over_segments_is_judged_whole(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    allowed = head("/ok/split/path")
+    parts = [allowed[:3], allowed[3:9], allowed[9:21], allowed[21:-1], allowed[-1:]]
+    assert exchange(server.port, parts).startswith(b"HTTP/1.1 200 OK")
+    denied = head("/admin/users")
+    parts = [denied[:5], denied[5:12], denied[12:]]
+    got = exchange(server.port, parts)
+    assert got.startswith(b"HTTP/1.1 403"), got
+    server.settle(0.2)
+    # The refused head never reached the server whole: only what came before its last segment.
+    assert server.request_lines() == [b"GET /ok/split/path HTTP/1.1"]
+    assert denied[:12] in server.received() and denied not in server.received()
+    assert counters(policy).refused["default"].requests == 1
+
+
+def test_a_refusal_inside_a_split_path_is_found_in_the_segment_that_shows_it(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    bad = head("/ok/a/../../admin")
+    got = exchange(server.port, [bad[:8], bad[8:]])
+    assert got.startswith(b"HTTP/1.1 403") and b"reason=ambiguous-path" in got
+    server.settle(0.2)
+    assert server.requests() == []
+
+
+def test_pipelined_requests_in_one_segment_are_each_judged(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    got = exchange(server.port, [head("/ok/1") + head("/ok/2") + head("/ok/3", "HEAD")])
+    assert got.count(b"HTTP/1.1 200 OK") == 3
+    # A refused request behind allowed ones: the answer replaces the segment (one verdict per
+    # skb), so nothing of it reaches the server; the client reads the refusal.
+    got = exchange(server.port, [head("/ok/4") + head("/admin") + head("/ok/5")])
+    assert got.startswith(b"HTTP/1.1 403") and got.count(b"HTTP/1.1") == 1
+    # `answer drop`: the requests before the refused one pass, the rest of the segment does not.
+    got = exchange(server.port, [head("/ok/6") + head("/drop/x") + head("/ok/7")], read_for=0.5)
+    assert got.count(b"HTTP/1.1 200 OK") == 1
+    server.settle(0.2)
+    lines = server.request_lines()
+    assert lines == [
+        b"GET /ok/1 HTTP/1.1", b"GET /ok/2 HTTP/1.1", b"HEAD /ok/3 HTTP/1.1",
+        b"GET /ok/6 HTTP/1.1",
+    ]  # fmt: skip
+
+
+def test_bodies_are_skipped_by_length_and_requests_after_them_judged(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    body = head("/admin") * 3  # a request hidden in a body is body, not a request
+    post = head("/upload", "POST", f"Content-Length: {len(body)}\r\n") + body
+    got = exchange(server.port, [post + head("/ok/after")])
+    assert got.count(b"HTTP/1.1 200 OK") == 2
+    # The body over several segments, then a refused request after it.
+    got = exchange(server.port, [post[:40], post[40:70], post[70:], head("/admin")])
+    assert got.count(b"HTTP/1.1 200 OK") == 1 and b"HTTP/1.1 403" in got
+    server.settle(0.2)
+    assert [r.split(b"\r\n", 1)[0] for r in server.requests()] == [
+        b"POST /upload HTTP/1.1", b"GET /ok/after HTTP/1.1", b"POST /upload HTTP/1.1",
+    ]  # fmt: skip
+
+
+def test_chunked_bodies_are_followed_chunk_by_chunk(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    hidden = head("/admin")
+    chunks = b"%x\r\n%s\r\n" % (len(hidden), hidden) + b"3\r\nabc\r\n0\r\n\r\n"
+    post = head("/upload", "POST", "Transfer-Encoding: chunked\r\n")
+    got = exchange(server.port, [post, chunks[:10], chunks[10:], head("/admin")])
+    assert b"HTTP/1.1 403" in got
+    server.settle(0.2)
+    assert hidden in server.received()  # as chunk data
+    assert server.received().endswith(b"0\r\n\r\n")  # the request after the body did not pass
+    assert counters(policy).refused["default"].requests == 1
+
+
+@pytest.mark.parametrize(
+    "request_bytes, reason",
+    [
+        (head("//admin"), "ambiguous-path"),
+        (head("/%61dmin"), "ambiguous-path"),
+        (head("/ok/x;y"), "ambiguous-path"),
+        (head("/ok/a", extra="Host: other\r\n"), "duplicate-header"),
+        (head("/upload", "POST", "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"),
+         "transfer-encoding"),
+        (head("/upload", "POST", "Content-Length: 3\r\nContent-Length: 3\r\n"),
+         "duplicate-header"),
+        (head("/ok/a", extra="Upgrade: h2c\r\n"), "upgrade"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "bad-target"),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", "bad-method"),  # a TLS ClientHello
+    ],
+)  # fmt: skip
+def test_bypass_attempts_are_refused_on_the_receiving_side(
+    policy: LoadedPolicy, server: RecordingHTTPServer, request_bytes: bytes, reason: str
+) -> None:
+    got = exchange(server.port, [request_bytes + head("/ok/after")])
+    assert f"reason={reason}".encode() in got, got
+    server.settle(0.2)
+    assert server.received() == b""
+
+
+def test_an_endless_head_is_refused_at_max_head(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    start = b"GET /ok/a HTTP/1.1\r\nHost: api.test\r\n"
+    filler = [b"X-Pad: " + b"a" * 1000 + b"\r\n"] * 9  # past the default max-head, 8 KiB
+    got = exchange(server.port, [start, *filler, b"\r\n"], pause=0.02)
+    assert b"reason=head-too-large" in got, got[:200]
+    server.settle(0.2)
+    assert b"\r\n\r\n" not in server.received()
+
+
+# --- operating -----------------------------------------------------------------------------------
+
+
+def test_dry_run_passes_and_counts_what_it_would_refuse(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    from sockpol.runtime.counters import set_mode
+
+    set_mode(NAME, "dry-run")
+    got = exchange(server.port, [head("/admin")], read_for=0.5)
+    assert got.startswith(b"HTTP/1.1 200 OK")
+    set_mode(NAME, "enforce")
+    assert exchange(server.port, [head("/admin")]).startswith(b"HTTP/1.1 403")
+    c = counters(policy)
+    assert c.would_refuse["default"].requests == 1 and c.refused["default"].requests == 1
+    server.settle(0.2)
+    assert server.request_lines() == [b"GET /admin HTTP/1.1"]
+
+
+def test_reload_changes_what_open_connections_accept(
+    policy: LoadedPolicy, server: RecordingHTTPServer, tmp_path: Path
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(head("/ok/1"))
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        new = tmp_path / "new.pol"
+        new.write_text(policy_text(server.port).replace("allow GET,HEAD /ok/**", "allow GET /new"))
+        cli = [sys.executable, "-m", "sockpol.cli", "reload", NAME, str(new)]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stderr
+        s.sendall(head("/ok/2"))
+        s.settimeout(3)
+        assert s.recv(4096).startswith(b"HTTP/1.1 403")
+    assert exchange(server.port, [head("/new")]).startswith(b"HTTP/1.1 200")
+    server.settle(0.2)
+    assert server.request_lines() == [b"GET /ok/1 HTTP/1.1", b"GET /new HTTP/1.1"]
+
+
+def test_unload_leaves_nothing_and_connections_go_ungoverned(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    pin_dir = policy.pin_dir
+    runtime.unload(NAME)
+    assert not pin_dir.exists()
+    assert exchange(server.port, [head("/admin")], read_for=0.5).startswith(b"HTTP/1.1 200")
+
+
+# --- clients and servers -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (ip netns)")
+def test_a_remote_client_from_another_network_namespace_is_judged(
+    tmp_path: Path, cgroup: Path, cgroup2_root: Path
+) -> None:
+    tag = f"{os.getpid() % 100000}"
+    ns, host_if, ns_if = f"t-in-ns{tag}", f"tin{tag}a", f"tin{tag}b"
+    net = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+
+    def ip(*args: str, check: bool = True) -> None:
+        subprocess.run(["ip", *args], check=check, capture_output=True, timeout=10)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        ip("link", "set", ns_if, "netns", ns)
+        ip("addr", "add", f"{net}.1/24", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("-n", ns, "addr", "add", f"{net}.2/24", "dev", ns_if)
+        ip("-n", ns, "link", "set", ns_if, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        srv = RecordingHTTPServer(listener_in(cgroup, cgroup2_root, f"{net}.1"))
+        loaded = load(tmp_path, policy_text(srv.port), cgroup)
+        try:
+            base = f"http://{net}.1:{srv.port}"
+            run = subprocess.run(
+                ["ip", "netns", "exec", ns, "curl", "-s", "-m", "5", "-w", "%{http_code}\n",
+                 *quiet(f"{base}/ok/remote", f"{base}/admin")],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert run.stdout.split() == ["200", "403"], run
+            srv.settle(0.2)
+            assert srv.request_lines() == [b"GET /ok/remote HTTP/1.1"]
+            assert srv.connections[0].peer[0] == f"{net}.2"
+        finally:
+            loaded.close()
+            runtime.unload(NAME)
+            srv.stop()
+    finally:
+        ip("link", "del", host_if, check=False)
+        ip("netns", "del", ns, check=False)
+
+
+def _start_in_cgroup(cgroup: Path, argv: list[str], log: Path) -> subprocess.Popen:
+    shim = "import os, sys; sys.stdin.readline(); os.execvp(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", shim, *argv], stdin=subprocess.PIPE,
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    (cgroup / "cgroup.procs").write_text(str(proc.pid))
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    return proc
+
+
+def _wait_listening(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                    reason="needs nginx")  # fmt: skip
+def test_nginx_behind_an_ingress_policy_with_curl_and_wrk(
+    tmp_path: Path, cgroup: Path, free_port: int
+) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"""daemon off; master_process off; worker_processes 1; pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log warn;
+events {{ worker_connections 512; }}
+http {{
+    access_log {tmp_path}/access.log;
+    client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
+    fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi;
+    scgi_temp_path {tmp_path}/scgi;
+    server {{ listen 127.0.0.1:{free_port}; keepalive_requests 100000;
+        location / {{ return 200 "served $uri\\n"; }} }}
+}}
+"""
+    )
+    proc = _start_in_cgroup(cgroup, [nginx, "-p", str(tmp_path), "-c", str(conf)],
+                            tmp_path / "nginx.out")  # fmt: skip
+    try:
+        _wait_listening(free_port)
+        # (the probe connection above was accepted before the policy: nginx saw no request)
+        loaded = load(tmp_path, policy_text(free_port), cgroup)
+        try:
+            base = f"http://127.0.0.1:{free_port}"
+            run = subprocess.run(
+                ["curl", "-s", "-m", "5", "-w", "%{http_code}\n",
+                 f"{base}/ok/nginx", f"{base}/admin", f"{base}/ok/%2e%2e/admin"],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            codes = [line for line in run.stdout.split("\n") if line.isdigit()]
+            assert codes == ["200", "403", "403"], run.stdout
+            if shutil.which("wrk"):
+                wrk = subprocess.run(
+                    ["wrk", "-t1", "-c8", "-d2s", f"{base}/ok/load"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert "Non-2xx" not in wrk.stdout, wrk.stdout
+                assert counters(loaded).rules[2].requests > 100
+            denied = subprocess.run(
+                ["curl", "-s", "-m", "5", f"{base}/admin/after-load"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            assert "Sockpol-Refused" not in denied.stdout  # (headers not shown: body only)
+            assert "refused by sockpol" in denied.stdout
+        finally:
+            loaded.close()
+            runtime.unload(NAME)
+        access = (tmp_path / "access.log").read_text()
+        assert "/ok/nginx" in access and "/admin" not in access and "%2e" not in access
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(10)
