@@ -957,6 +957,11 @@ def _status_of(pin_dir: Path) -> PolicyStatus:
         program_ids = {
             p: libbpf.prog_info(fds[p]).id for p in (pins.PIN_MSG, pins.PIN_SOCKOPS) if p in fds
         }
+        if meta is not None and pins.PIN_MSG in program_ids:  # named as the program is
+            program_ids = {
+                (verdict_program(meta).name if p == pins.PIN_MSG else p): i
+                for p, i in program_ids.items()
+            }
         map_ids = {
             p: libbpf.map_info(fd).id
             for p, fd in fds.items()

@@ -24,7 +24,7 @@ from conftest import RecordingHTTPServer
 
 from sockpol import runtime
 from sockpol.compiler import compile_source
-from sockpol.contract import ANSWER_HEADER, SKB_PROGRAM
+from sockpol.contract import ANSWER_BYTES, ANSWER_HEADER, SKB_PROGRAM
 from sockpol.runtime.counters import read_counters
 from sockpol.runtime.loader import LoadedPolicy
 
@@ -116,9 +116,16 @@ def exchange(
         s.settimeout(read_for)
         got = b""
         with contextlib.suppress(OSError):
-            while chunk := s.recv(65536):
+            while not _ends_with_answer(got) and (chunk := s.recv(65536)):
                 got += chunk
         return got
+
+
+def _ends_with_answer(got: bytes) -> bool:
+    """The kernel's answer (ANSWER_BYTES, Connection: close) is the last thing the client can
+    read on its connection: no need to wait for more."""
+    at = got.find(ANSWER_HEADER.encode())
+    return at >= 0 and len(got) - got.rfind(b"HTTP/1.1 ", 0, at) >= ANSWER_BYTES
 
 
 def head(path: str, method: str = "GET", extra: str = "") -> bytes:
