@@ -304,6 +304,43 @@ def test_an_endless_head_is_refused_at_max_head(
     assert b"\r\n\r\n" not in server.received()
 
 
+def _scenarios() -> dict[str, list[bytes]]:
+    denied, allowed = head("/admin/x"), head("/ok/split")
+    body = head("/admin") * 2
+    post = head("/upload", "POST", f"Content-Length: {len(body)}\r\n") + body
+    hidden = head("/admin")
+    chunked = head(
+        "/upload", "POST", "Transfer-Encoding: chunked\r\n"
+    ) + b"%x\r\n%s\r\n0\r\n\r\n" % (len(hidden), hidden)
+    return {
+        "split allowed": [allowed[:2], allowed[2:17], allowed[17:]],
+        "split refused": [head("/ok/1"), denied[:6], denied[6:], head("/ok/2")],
+        "pipelined answered": [head("/ok/1") + head("/admin") + head("/ok/2")],
+        "pipelined dropped": [head("/ok/1") + head("/drop/a") + head("/ok/2")],
+        "body then refused": [post[:25], post[25:] + head("/ok/3"), head("/admin")],
+        "chunked then refused": [chunked[:50], chunked[50:], head("/ok/4") + head("/x")],
+        "bad then more": [head("//ok"), head("/ok/5")],
+    }
+
+
+@pytest.mark.parametrize("scenario", sorted(_scenarios()))
+def test_the_server_receives_what_the_model_of_the_receiving_side_predicts(
+    policy: LoadedPolicy, server: RecordingHTTPServer, scenario: str
+) -> None:
+    from sockpol.dsl import load_source
+    from sockpol.model.receive import receive_segments
+
+    segments = _scenarios()[scenario]
+    model = receive_segments(
+        load_source(policy_text(server.port), "p.pol")[0].policies[0], segments
+    )
+    got = exchange(server.port, segments, pause=0.08, read_for=0.5)
+    server.settle(0.2)
+    assert server.received() == bytes(model.delivered)
+    if model.answer:
+        assert f"HTTP/1.1 {model.answer} ".encode() in got
+
+
 # --- operating -----------------------------------------------------------------------------------
 
 
@@ -455,6 +492,14 @@ http {{
             )  # fmt: skip
             codes = [line for line in run.stdout.split("\n") if line.isdigit()]
             assert codes == ["200", "403", "403"], run.stdout
+            # Heads over several segments: nginx waits for the end of an allowed one, and never
+            # gets the end of a refused one.
+            split = head("/ok/split-nginx")
+            got = exchange(free_port, [split[:4], split[4:15], split[15:]])
+            assert got.startswith(b"HTTP/1.1 200") and b"served /ok/split-nginx" in got
+            denied = head("/admin/split-nginx")
+            got = exchange(free_port, [denied[:9], denied[9:]])
+            assert got.startswith(b"HTTP/1.1 403"), got
             if shutil.which("wrk"):
                 wrk = subprocess.run(
                     ["wrk", "-t1", "-c8", "-d2s", f"{base}/ok/load"],
@@ -476,7 +521,8 @@ http {{
             loaded.close()
             runtime.unload(NAME)
         access = (tmp_path / "access.log").read_text()
-        assert "/ok/nginx" in access and "/admin" not in access and "%2e" not in access
+        assert "/ok/nginx" in access and "/ok/split-nginx" in access
+        assert "/admin" not in access and "%2e" not in access
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(10)
