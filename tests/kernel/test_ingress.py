@@ -341,6 +341,30 @@ def test_the_server_receives_what_the_model_of_the_receiving_side_predicts(
         assert f"HTTP/1.1 {model.answer} ".encode() in got
 
 
+def test_events_name_the_client_and_the_request_pipelined_or_not(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    from sockpol.runtime.events import Event, EventStream
+
+    stream = EventStream([NAME])
+    try:
+        exchange(server.port, [head("/ok/1") + head("/ok/secret", "HEAD")])
+        exchange(server.port, [head("/admin/x")])
+        events: list[Event] = []
+        deadline = time.monotonic() + 5
+        while len(events) < 2 and time.monotonic() < deadline:
+            events += [e for e in stream.poll(0.1) if isinstance(e, Event)]
+    finally:
+        stream.close()
+    summary = [(e.verdict, e.reason, e.rule, e.method, e.host, e.path, e.answer) for e in events]
+    assert summary == [
+        ("refused", "rule", 0, "HEAD", "api.test", "/ok/secret", 404),  # second in its segment
+        ("refused", "default", None, "GET", "api.test", "/admin/x", 403),
+    ]
+    assert all(e.dport == server.port and e.dst == "127.0.0.1" for e in events)
+    assert all(e.sport != server.port for e in events)
+
+
 # --- operating -----------------------------------------------------------------------------------
 
 
