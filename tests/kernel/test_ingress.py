@@ -368,6 +368,24 @@ def test_events_name_the_client_and_the_request_pipelined_or_not(
 # --- operating -----------------------------------------------------------------------------------
 
 
+def test_status_and_metrics_show_the_receiving_side(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    from prometheus_client import generate_latest
+
+    from sockpol.runtime.metrics import registry
+
+    exchange(server.port, [head("/admin")])
+    [status] = runtime.status(NAME)
+    assert status.metadata is not None and status.metadata.side == "ingress"
+    assert SKB_PROGRAM in status.program_ids
+    text = generate_latest(registry()).decode()
+    info = [line for line in text.splitlines() if line.startswith("sockpol_policy_info{")]
+    assert any(f'policy="{NAME}"' in line and 'side="ingress"' in line for line in info), info
+    refused = f'sockpol_refused_requests_total{{policy="{NAME}",reason="default"}} 1.0'
+    assert refused in text
+
+
 def test_dry_run_passes_and_counts_what_it_would_refuse(
     policy: LoadedPolicy, server: RecordingHTTPServer
 ) -> None:
