@@ -127,6 +127,10 @@ class CtxLayout:
     local_ip6: int
     remote_port: int
     local_port: int
+    # The program runs in the sending task (sk_msg): its pid and cgroup mean something. An sk_skb
+    # program runs in the receive path, whatever task it interrupted, and 6.1 refuses
+    # bpf_get_current_pid_tgid there ("unknown func"): the event says 0.
+    in_task: bool = True
 
 
 MSG_CTX = CtxLayout(
@@ -135,7 +139,7 @@ MSG_CTX = CtxLayout(
 )  # fmt: skip
 SKB_CTX = CtxLayout(
     SKB_LEN, SKB_FAMILY, SKB_REMOTE_IP4, SKB_LOCAL_IP4, SKB_REMOTE_IP6, SKB_LOCAL_IP6,
-    SKB_REMOTE_PORT, SKB_LOCAL_PORT,
+    SKB_REMOTE_PORT, SKB_LOCAL_PORT, in_task=False,
 )  # fmt: skip
 
 
@@ -371,8 +375,9 @@ class Recorder:
             return b.load(_byte(b, msg, offset), typ=I32)
 
         put("time_ns", h.call(b, h.KTIME_GET_NS))
-        put("pid_tgid", h.call(b, h.GET_CURRENT_PID_TGID))
-        put("cgroup_id", h.call(b, h.GET_CURRENT_CGROUP_ID))
+        in_task = self.ctx.in_task
+        put("pid_tgid", h.call(b, h.GET_CURRENT_PID_TGID) if in_task else I64(0))
+        put("cgroup_id", h.call(b, h.GET_CURRENT_CGROUP_ID) if in_task else I64(0))
         put("rule", rule)
         put("size", ctx32(self.ctx.size))
         put("verdict", verdict)
