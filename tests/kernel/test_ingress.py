@@ -59,7 +59,7 @@ def listener_in(cgroup: Path, root: Path, host: str = "127.0.0.1") -> socket.soc
     home = _cgroup_of_self(root)
     (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     try:
-        sock = socket.socket()
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     finally:
         (home / "cgroup.procs").write_text(str(os.getpid()))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -425,13 +425,66 @@ def test_reload_changes_what_open_connections_accept(
 def test_unload_leaves_nothing_and_connections_go_ungoverned(
     policy: LoadedPolicy, server: RecordingHTTPServer
 ) -> None:
+    from sockpol.contract import CONN_MAP
+    from sockpol.runtime import libbpf, pins
+
+    exchange(server.port, [head("/ok/a")], read_for=0.3)
+    exchange(server.port, [head("/admin")])
+    server.settle(0.3)
     pin_dir = policy.pin_dir
+    # Every connection's state was freed when it closed (sock_ops, TCP_CLOSE).
+    fd = libbpf.obj_get(str(pin_dir / pins.map_pin_name(CONN_MAP)))
+    try:
+        deadline = time.monotonic() + 5
+        while libbpf.map_keys(fd, 8) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert libbpf.map_keys(fd, 8) == []
+    finally:
+        os.close(fd)
     runtime.unload(NAME)
     assert not pin_dir.exists()
     assert exchange(server.port, [head("/admin")], read_for=0.5).startswith(b"HTTP/1.1 200")
 
 
 # --- clients and servers -------------------------------------------------------------------------
+
+
+def test_other_ports_of_the_cgroup_and_its_clients_are_not_governed(
+    policy: LoadedPolicy, server: RecordingHTTPServer, cgroup: Path, cgroup2_root: Path
+) -> None:
+    other = RecordingHTTPServer(listener_in(cgroup, cgroup2_root))  # same cgroup, other port
+    try:
+        assert exchange(other.port, [head("/admin")], read_for=0.5).startswith(b"HTTP/1.1 200")
+    finally:
+        other.stop()
+    # A client in the cgroup is not governed by an ingress policy either: the policy judges
+    # what the cgroup receives on the port, and the recording server is outside the cgroup.
+    outside = RecordingHTTPServer()
+    try:
+        from conftest import run_in_cgroup
+
+        port = outside.port
+        got = run_in_cgroup(cgroup, exchange, port, [head("/admin")], 0.05, 0.5)
+        assert got.startswith(b"HTTP/1.1 200")
+    finally:
+        outside.stop()
+    assert policy.sockets() == 0  # nothing governed is open now
+
+
+def test_ipv6_clients_are_judged_alike(tmp_path: Path, cgroup: Path, cgroup2_root: Path) -> None:
+    srv = RecordingHTTPServer(listener_in(cgroup, cgroup2_root, "::1"))
+    loaded = load(tmp_path, policy_text(srv.port), cgroup)
+    try:
+        assert exchange(srv.port, [head("/ok/v6")], host="::1").startswith(b"HTTP/1.1 200")
+        denied = head("/admin/v6")
+        got = exchange(srv.port, [denied[:10], denied[10:]], host="::1")
+        assert got.startswith(b"HTTP/1.1 403"), got
+        srv.settle(0.2)
+        assert srv.request_lines() == [b"GET /ok/v6 HTTP/1.1"]
+    finally:
+        loaded.close()
+        runtime.unload(NAME)
+        srv.stop()
 
 
 @pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (ip netns)")
