@@ -82,15 +82,14 @@ def sys_membarrier(machine: str | None = None) -> int | None:
     return SYS_MEMBARRIER.get(machine or os.uname().machine)
 
 
-# --- RFC 3986's unreserved characters: the escapes the normalizer decodes (kernel program,
-# reference model) and the characters path patterns may spell plainly (language, automata) -------
+# --- RFC 3986's unreserved characters: escapes of them are refused in paths (kernel program,
+# reference model) and path patterns may spell them plainly (language, automata) ----------------
 
 UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 # --- limits the program enforces (and the reference interpreter with it) -----------------------
 
-PATH_MAX = 2048  # normalized path bytes kept; longer paths are refused
-MAX_DEPTH = 64  # segments on the normalizer's stack; deeper paths are refused
+PATH_MAX = 2048  # path bytes kept; longer paths are refused
 CL_MAX = 0xFFFF0000  # Content-Length values above this are refused (apply_bytes takes a u32)
 CHUNK_MAX = 0xFFFF0000  # likewise chunk sizes
 # The largest packet offset the verifier accepts is 0xffff, and data[i] is read with data + i + 1.
@@ -151,7 +150,7 @@ REASON_TEXT = {
     Reason.BAD_CONTENT_LENGTH: "Content-Length is not a single decimal number below 4 GiB",
     Reason.TRANSFER_ENCODING: "Transfer-Encoding other than 'chunked', or with Content-Length",
     Reason.UPGRADE: "Upgrade header: the bytes after a protocol switch would not be HTTP/1.x",
-    Reason.PATH_TOO_LONG: "normalized path longer than 2048 bytes or deeper than 64 segments",
+    Reason.PATH_TOO_LONG: "path longer than 2048 bytes",
     Reason.BAD_CHUNK: "malformed chunk-size line, chunk framing or trailer",
     Reason.HEAD_TOO_LARGE: "request head (or chunk-size line) longer than the policy's max-head",
     Reason.PULL_FAILED: "the kernel could not linearize the message or allocate state",

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sockpol.codegen.lower import lower
-from sockpol.codegen.normalize import normalize
 from sockpol.codegen.simulate import run
 from sockpol.compiler import front_end
 from sockpol.contract import Reason
@@ -173,7 +172,6 @@ def test_canonical_paths_are_matched_as_they_are(shop, path, allow, rule):
     "data, reason",
     [
         (b"GET /a%2fb HTTP/1.1\r\n\r\n", Reason.AMBIGUOUS_PATH),
-        (b"GET /" + b"a/" * 70 + b" HTTP/1.1\r\n\r\n", Reason.PATH_TOO_LONG),
         (b"GET /" + b"a" * 2100 + b" HTTP/1.1\r\n\r\n", Reason.PATH_TOO_LONG),
     ],
 )
@@ -211,6 +209,15 @@ def test_default_allow_and_deny_rule():
 
 
 GLOBS = ["/", "/a", "/a/", "/a/*", "/a/*/b", "/a/**", "/a/**/b", "/ad**", "/f/*.json", "/**"]
+
+
+def canonical(path: str) -> bool:
+    """The canonical spelling (docs/language.md), for paths of PATH_ALPHABET: no escape of a byte
+    with a raw spelling, no empty segment, no dot segment."""
+    segments = path[1:].split("/")
+    return "%61" not in path and "//" not in path and not {".", ".."} & set(segments)
+
+
 PATH_ALPHABET = st.sampled_from(["/", "a", "b", "f", ".json", "x", "ad", "min", ".", "..", "%61"])
 
 
@@ -225,7 +232,7 @@ def single_rule(pattern: str):
 def test_glob_automaton_agrees_with_reference_regex(pattern, parts):
     path = "/" + "".join(parts)
     verdict = run(single_rule(pattern), f"GET {path} HTTP/1.1\r\n\r\n".encode())
-    if normalize(path.encode()).decode() != path or "%61" in path:  # not canonical: refused
+    if not canonical(path):  # refused
         assert verdict.reason == Reason.AMBIGUOUS_PATH, path
         return
     assert verdict.allow == bool(re.fullmatch(to_regex(pattern), path)), (pattern, path)

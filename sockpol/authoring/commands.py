@@ -378,7 +378,7 @@ def explain_lines(verdict, request: bytes | None = None, side: str = "egress") -
     if head is not None:
         out.append(f"request: {head.method} {head.target} {head.version}")
         path = head.path if head.raw_path == head.path else f"{head.raw_path} -> {head.path}"
-        out.append(f"  path (normalized): {path}")
+        out.append(f"  path: {path}")
         host = head.host
         out.append(f"  host: {host.decode('latin-1') if host is not None else '(no Host header)'}")
         # The headers the rules tried ask about come first, marked; the others are listed too.

@@ -5,8 +5,8 @@ path language, host conditions and header conditions. The finite parts (methods,
 are split into *cells*: the classes of requests that no condition of the rules involved tells
 apart (one witness host per pattern, every combination of the header lines the conditions ask
 about). Within a cell only the paths remain, and those are regular languages: the rules' globs
-(`codegen.lower.glob_regex`) intersected with the language of normalized paths (what the kernel
-matches after decoding, merging slashes and removing dot segments), decided with the automaton
+(`codegen.lower.glob_regex`) intersected with the language of canonical paths (the only spelling
+that reaches the rules: others are refused as ambiguous-path), decided with the automaton
 library (`codegen.automaton`). So "rule 5 is shadowed" means: every request rule 5 matches is
 matched by an earlier rule, with a counter-example when it is not.
 
@@ -59,7 +59,6 @@ CODES = {
 }
 PLAINTEXT_PORTS = frozenset({80})  # where clients speak plaintext HTTP, by convention
 MAX_CELLS = 20_000  # beyond this many method x host x header cells a rule is not analyzed
-MAX_SLASHES = 65  # a normalized path has at most 64 completed segments after the leading '/'
 OTHER_METHOD = "X-SOCKPOL-OTHER"  # stands for every method no rule names
 
 
@@ -126,10 +125,10 @@ def _dfa(glob: str | None) -> DFA:
     return by_byte(determinize([(regex, "A")], 200_000))
 
 
-def _search(musts: tuple[str, ...], others: tuple[str, ...], slashes: bool = False):
-    """The shortest normalized path that every glob of `musts` matches and none of `others`
-    (breadth-first over the product of their DFAs); with `slashes`, the fewest '/' instead.
-    Returns (path, cost) or None."""
+def _search(musts: tuple[str, ...], others: tuple[str, ...]):
+    """The shortest path that reaches the rules (canonical) that every glob of `musts` matches
+    and none of `others` (breadth-first over the product of their DFAs). Returns (path, length)
+    or None."""
     norm = _dfa(None)
     must = [_dfa(g) for g in musts]
     avoid = [_dfa(g) for g in others]
@@ -163,11 +162,10 @@ def _search(musts: tuple[str, ...], others: tuple[str, ...], slashes: bool = Fal
                 None if e is None else d.delta[e].get(b) for d, e in zip(avoid, es, strict=True)
             )
             nxt = (norm.delta[n][b], nms, nes)
-            step = (b == ord("/")) if slashes else 1
-            if nxt not in cost or cost[state] + step < cost[nxt]:
-                cost[nxt] = cost[state] + step
+            if nxt not in cost or cost[state] + 1 < cost[nxt]:
+                cost[nxt] = cost[state] + 1
                 parent[nxt] = (state, b)
-                (todo.appendleft if step == 0 else todo.append)(nxt)
+                todo.append(nxt)
     return None
 
 
@@ -186,14 +184,10 @@ def path_overlap(a: str, b: str) -> str | None:
 
 
 @cache
-def path_reach(path: str) -> tuple[int | None, int | None]:
-    """The fewest bytes and the fewest '/' of a normalized path the glob matches (None: none)."""
+def path_reach(path: str) -> int | None:
+    """The fewest bytes of a path reaching the rules that the glob matches (None: none)."""
     shortest = _search((path,), ())
-    if shortest is None:
-        return None, None
-    fewest = _search((path,), (), slashes=True)
-    assert fewest is not None
-    return len(shortest[0]), fewest[1]
+    return None if shortest is None else len(shortest[0])
 
 
 # -- cells: the finite parts of requests ----------------------------------------------------------
@@ -471,16 +465,16 @@ class _Linter:
             )
 
     def unreachable(self, policy: Policy, rule: Rule) -> str:
-        length, slashes = path_reach(rule.path.text)
+        length = path_reach(rule.path.text)
         if length is None:
             return (
-                f"{_rule_ref(rule)} can never match: no normalized path matches "
-                f"{rule.path.text} (requests are matched after normalization)"
+                f"{_rule_ref(rule)} can never match: no canonical path matches "
+                f"{rule.path.text} (other spellings are refused before any rule)"
             )
-        if length > PATH_MAX or (slashes or 0) > MAX_SLASHES:
+        if length > PATH_MAX:
             return (
                 f"{_rule_ref(rule)} can never match: every path it matches is longer than "
-                f"{PATH_MAX} bytes or deeper than 64 segments, and such requests are refused"
+                f"{PATH_MAX} bytes, and such requests are refused"
             )
         head = _min_head(rule, length)
         if head > policy.max_head:

@@ -249,16 +249,12 @@ class SkMsgBackend:
         # as ranges, so its walk over the bpf_loop callbacks converges after an iteration or two
         # instead of following exact values (out_len 1, 2, 3, ...) byte by byte until it gives up
         # ("the sequence of 8193 jumps is too complex").
-        zero, one = fx.config("zero"), fx.config("one")
+        zero = fx.config("zero")
         for name in SCAN_SCALARS:
             fx.put(name, zero)
         fx.put("state", start)
         fx.put("rule", I64(NO_RULE))
-        fx.put("out_len", one)  # the normalized path starts as "/"
-        fx.put("seg_start", one)
-        fx.put("pct", fx.config("leading"))
         fx.put("pstate", fx.config("path_start"))
-        b.store(I8(ord("/")), scratch)
         for w in range(self.tables.nw):
             b.store(zero, fx.fact_word(w))
         with b.if_then(b.icmp_unsigned("==", kind, I64(RESUME_UNJUDGED)), likely=False):
@@ -519,10 +515,10 @@ class SkMsgBackend:
         self.ob.license()
         self.maps()
         self.tables.emit()
-        feed, finish = self.judge.normalizer()
+        append = self.judge.path_append()
         self.rec.functions()  # before msg_program, which calls them
         j = self.judge
-        self.msg_program(j.scan_step(j.scan_byte(feed, finish)), j.path_step(), j.cand_step())
+        self.msg_program(j.scan_step(j.scan_byte(append)), j.path_step(), j.cand_step())
         self.sockops_program()
         return self.ob.finish()
 

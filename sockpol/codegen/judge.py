@@ -1,10 +1,12 @@
 """The judging core: the byte-level work of judging a request head against the tables, as BPF
 functions that any backend calls through bpf_loop.
 
-- the path normalizer (normalize.py, step for step): `sockpol_path_append/pop/char/feed/finish`;
-- `sockpol_scan_step`: one byte of the head through the scanner automaton, its facts, the
-  Content-Length and chunk-size digits, the singleton headers, the normalizer;
-- `sockpol_path_step`: one byte of the normalized path through the packed path automaton;
+- `sockpol_path_append`: a byte of the path into the connection's work area (the path rules
+  match is the raw path: the scanner accepts a path only in its canonical spelling, so there is
+  nothing to normalize, docs/design.md);
+- `sockpol_scan_step`: the head through the scanner automaton, with its facts, the
+  Content-Length and chunk-size digits, the singleton headers and the path's bytes;
+- `sockpol_path_step`: the path through the packed path automaton;
 - `sockpol_cand_step`: one candidate rule of the path's final state: does its class hold?
 
 They share the scan state through the context `tables.Fn` describes (pointers on the caller's
@@ -20,33 +22,29 @@ from llvmlite import ir
 
 from sockpol.codegen.comb import PAYLOAD_MASK, TAG_SHIFT
 from sockpol.codegen.helpers import I1, I8, I16, I32, I64, PTR, gep
-from sockpol.codegen.normalize import NOT_DOTS, PCT_HEX1, PCT_LEADING_SLASH, PCT_NONE, PCT_PERCENT
 from sockpol.codegen.objbuilder import ObjectBuilder
 from sockpol.codegen.scanner import (
     FLAG_CL_DIGIT,
     FLAG_CL_LINE,
     FLAG_HEX_DIGIT,
     FLAG_PATH_BYTE,
-    FLAG_PATH_END,
     FLAG_TE_LINE,
     SINGLETON_FLAGS,
     TERMINAL_STATES,
 )
 from sockpol.codegen.tables import (
-    STACK_OFFSET,
     STATE_PATH,
     STATE_PLAIN,
     STATE_VALUE_LOOP,
     Fn,
     Tables,
 )
-from sockpol.contract import CHUNK_MAX, CL_MAX, MAX_DEPTH, MAX_SCAN, PATH_MAX, Reason
+from sockpol.contract import CHUNK_MAX, CL_MAX, MAX_SCAN, PATH_MAX, Reason
 
 # The state flags handled in scan_byte's counting block (digits, singleton headers).
 COUNTED_FLAGS = FLAG_CL_DIGIT | FLAG_HEX_DIGIT | SINGLETON_FLAGS
 # Bytes of the head per call of the scan's bpf_loop callback, at most (scan_step).
-SCAN_CHUNK = 16
-assert SCAN_CHUNK == 16  # scan_step's (appended + 15) >> 4
+SCAN_CHUNK = 32
 # Words of eight bytes that scan_step skips at most per call in a state looping on them.
 SKIP_WORDS = 4
 SPACES, ONES, TOPS = (int.from_bytes(bytes([c]) * 8, "little") for c in (0x20, 0x01, 0x80))
@@ -61,9 +59,9 @@ def visible_word(word: int) -> bool:
 # Bytes past `pos` that one call may read: its packet offsets must stay below 64 KiB, or the
 # verifier does not grant the loads.
 READ_AHEAD = max(SCAN_CHUNK, 8 * SKIP_WORDS)
-# How the fast path of scan_step ends: bit 0, the scan stops; bit 1, a byte is pending.
-EXIT_MORE, EXIT_STOP, EXIT_PENDING = 0, 1, 2
-# Bytes of the normalized path per call of path_step.
+# How the fast path of scan_step ends: the next call goes on, or starts with the slow path.
+EXIT_MORE, EXIT_PENDING = 0, 1
+# Bytes of the path per call of path_step.
 PATH_CHUNK = 16
 
 
@@ -72,16 +70,9 @@ class JudgeCore:
         self.ob = ob
         self.tables = tables
 
-    def normalizer(self) -> tuple[ir.Function, ir.Function]:
-        """The path normalizer's functions, in object order; (feed, finish) for scan_step."""
-        append, pop = self.path_append(), self.path_pop()
-        char = self.path_char(append, pop)
-        feed, finish = self.path_feed(char, append), self.path_finish(pop)
-        for fn in (append, pop, char, feed, finish):
-            fn.attributes.add("alwaysinline")
-        return feed, finish
-
     def path_append(self) -> ir.Function:
+        """The slow path's way to add a path byte (scan_step's fast path appends its own while
+        the path has room for a whole chunk): past PATH_MAX bytes, the path is too long."""
         fn, b = self.ob.function("sockpol_path_append", I64, [("scan", PTR), ("c", I64)])
         scan, c = fn.args
         fx = Fn.of_scan(b, self.tables, scan)
@@ -94,152 +85,17 @@ class JudgeCore:
                 b.store(b.trunc(c, I8), gep(b, fx.get("scratch"), I8, [index]))
                 fx.put("out_len", b.add(length, I64(1)))
         b.ret(I64(0))
-        return fn
-
-    def path_pop(self) -> ir.Function:
-        fn, b = self.ob.function("sockpol_path_pop", I64, [("scan", PTR)])
-        (scan,) = fn.args
-        fx = Fn.of_scan(b, self.tables, scan)
-        depth = fx.get("depth")
-        with b.if_then(b.icmp_unsigned(">", depth, I64(0))):
-            d = b.sub(depth, I64(1))
-            fx.put("depth", d)
-            at = b.add(b.shl(b.and_(d, I64(MAX_DEPTH - 1)), I64(1)), I64(STACK_OFFSET))
-            start = b.load(gep(b, fx.get("scratch"), I8, [at]), typ=I16)
-            fx.put("seg_start", b.zext(start, I64))
-        fx.put("out_len", fx.get("seg_start"))
-        fx.put("seg_dots", 0)
-        b.ret(I64(0))
-        return fn
-
-    def path_char(self, append: ir.Function, pop: ir.Function) -> ir.Function:
-        fn, b = self.ob.function("sockpol_path_char", I64, [("scan", PTR), ("c", I64)])
-        scan, c = fn.args
-        fx = Fn.of_scan(b, self.tables, scan)
-        done = fn.append_basic_block("done")
-        length = fx.get("out_len")
-        seg_start = fx.get("seg_start")
-        seg_len = b.sub(length, seg_start)
-        dots = fx.get("seg_dots")
-        is_slash = b.icmp_unsigned("==", c, I64(ord("/")))
-        with b.if_then(b.not_(is_slash)):
-            still_dots = b.and_(
-                b.icmp_unsigned("==", c, I64(ord("."))), b.icmp_unsigned("==", dots, seg_len)
-            )
-            more = b.add(dots, I64(1))
-            more = b.select(b.icmp_unsigned(">", more, I64(NOT_DOTS)), I64(NOT_DOTS), more)
-            fx.put("seg_dots", b.select(still_dots, more, fx.small(NOT_DOTS)))
-            self.ob.call(b, append, scan, c)
-            b.branch(done)
-        # A slash: merge "//", drop "/./", climb on "/../", else close the segment.
-        with b.if_then(b.icmp_unsigned("==", seg_len, I64(0))):
-            b.branch(done)
-        one_dot = b.and_(
-            b.icmp_unsigned("==", seg_len, I64(1)), b.icmp_unsigned("==", dots, I64(1))
-        )
-        with b.if_then(one_dot):
-            fx.put("out_len", seg_start)
-            fx.put("seg_dots", 0)
-            b.branch(done)
-        two_dots = b.and_(
-            b.icmp_unsigned("==", seg_len, I64(2)), b.icmp_unsigned("==", dots, I64(2))
-        )
-        with b.if_then(two_dots):
-            self.ob.call(b, pop, scan)
-            b.branch(done)
-        depth = fx.get("depth")
-        with b.if_then(b.icmp_unsigned(">=", depth, I64(MAX_DEPTH))):
-            fx.put("norm_error", 1)
-            b.branch(done)
-        at = b.add(b.shl(b.and_(depth, I64(MAX_DEPTH - 1)), I64(1)), I64(STACK_OFFSET))
-        b.store(b.trunc(seg_start, I16), gep(b, fx.get("scratch"), I8, [at]))
-        fx.put("depth", b.add(depth, I64(1)))
-        self.ob.call(b, append, scan, c)
-        fx.put("seg_start", fx.get("out_len"))
-        fx.put("seg_dots", 0)
-        b.branch(done)
-        b.position_at_end(done)
-        b.ret(I64(0))
-        return fn
-
-    def path_feed(self, char: ir.Function, append: ir.Function) -> ir.Function:
-        fn, b = self.ob.function("sockpol_path_feed", I64, [("scan", PTR), ("c", I64)])
-        scan, c = fn.args
-        fx = Fn.of_scan(b, self.tables, scan)
-        done = fn.append_basic_block("done")
-        pct = fx.get("pct")
-        none, percent, hex1 = (fn.append_basic_block(n) for n in ("none", "percent", "hex1"))
-        leading = fn.append_basic_block("leading_slash")
-        switch = b.switch(pct, none)
-        switch.add_case(I64(PCT_PERCENT), percent)
-        switch.add_case(I64(PCT_HEX1), hex1)
-        switch.add_case(I64(PCT_LEADING_SLASH), leading)
-
-        b.position_at_end(leading)  # the leading "/" is already in the output
-        fx.put("pct", PCT_NONE)
-        b.branch(done)
-
-        b.position_at_end(percent)
-        fx.put("hex1", c)
-        fx.put("pct", PCT_HEX1)
-        b.branch(done)
-
-        b.position_at_end(hex1)
-        fx.put("pct", PCT_NONE)
-        high = fx.load_table("hexval", fx.get("hex1"), I8)
-        # add, not or: kernels before 6.4 lose all bounds on `or` with a register operand, and
-        # these values index tables (the bits never overlap, so the sum is the same number).
-        value = b.add(b.shl(high, I64(4)), fx.load_table("hexval", c, I8))
-        unreserved = fx.load_table("unreserved", value, I8)
-        with b.if_else(b.icmp_unsigned("!=", unreserved, I64(0))) as (decode, keep):
-            with decode:
-                self.ob.call(b, char, scan, value)
-            with keep:
-                self.ob.call(b, append, scan, I64(ord("%")))
-                self.ob.call(b, append, scan, fx.load_table("hexdigit", b.lshr(value, I64(4)), I8))
-                self.ob.call(b, append, scan, fx.load_table("hexdigit", value, I8))
-                fx.put("seg_dots", NOT_DOTS)
-        b.branch(done)
-
-        b.position_at_end(none)
-        with b.if_else(b.icmp_unsigned("==", c, I64(ord("%")))) as (escape, plain):
-            with escape:
-                fx.put("pct", PCT_PERCENT)
-            with plain:
-                self.ob.call(b, char, scan, c)
-        b.branch(done)
-
-        b.position_at_end(done)
-        b.ret(I64(0))
-        return fn
-
-    def path_finish(self, pop: ir.Function) -> ir.Function:
-        fn, b = self.ob.function("sockpol_path_finish", I64, [("scan", PTR)])
-        (scan,) = fn.args
-        fx = Fn.of_scan(b, self.tables, scan)
-        seg_start = fx.get("seg_start")
-        seg_len = b.sub(fx.get("out_len"), seg_start)
-        dots = fx.get("seg_dots")
-        one_dot = b.and_(
-            b.icmp_unsigned("==", seg_len, I64(1)), b.icmp_unsigned("==", dots, I64(1))
-        )
-        two_dots = b.and_(
-            b.icmp_unsigned("==", seg_len, I64(2)), b.icmp_unsigned("==", dots, I64(2))
-        )
-        with b.if_then(one_dot):
-            fx.put("out_len", seg_start)
-        with b.if_then(two_dots):
-            self.ob.call(b, pop, scan)
-        b.ret(I64(0))
+        fn.attributes.add("alwaysinline")
         return fn
 
     # --- bpf_loop callbacks -----------------------------------------------------------------
 
-    def scan_byte(self, feed: ir.Function, finish: ir.Function) -> ir.Function:
+    def scan_byte(self, append: ir.Function) -> ir.Function:
         """One byte of the head that does more than move the automaton on (the slow path of
-        `scan_step`): its facts, Content-Length and chunk-size digits, singleton headers, the
-        path normalizer, a terminal state. Takes the byte's index, the byte and the state it
-        leads to; stores the state and the position; returns 1 to stop the walk."""
+        `scan_step`): its facts, Content-Length and chunk-size digits, singleton headers, a path
+        byte when the path is near its limit, a terminal state. Takes the byte's index, the
+        byte and the state it leads to; stores the state and the position; returns 1 to stop
+        the walk."""
         fn, b = self.ob.function(
             "sockpol_scan_byte", I64, [("scan", PTR), ("i", I64), ("byte", I64), ("next", I64)]
         )
@@ -301,9 +157,7 @@ class JudgeCore:
         nxt = merged
 
         with b.if_then(b.icmp_unsigned("!=", b.and_(info, I64(FLAG_PATH_BYTE)), I64(0))):
-            self.ob.call(b, feed, scan, byte)
-        with b.if_then(b.icmp_unsigned("!=", b.and_(info, I64(FLAG_PATH_END)), I64(0))):
-            self.ob.call(b, finish, scan)
+            self.ob.call(b, append, scan, byte)
         failed = b.icmp_unsigned("!=", fx.get("norm_error"), I64(0))
         nxt = b.select(failed, fx.small(Reason.PATH_TOO_LONG), nxt)
 
@@ -315,11 +169,11 @@ class JudgeCore:
     def scan_step(self, byte_fn: ir.Function) -> ir.Function:
         """The bpf_loop callback of the scan: up to SCAN_CHUNK bytes of the head from `pos`.
 
-        The fast path keeps the automaton state (and the normalized path's length) in registers
-        and does per byte only the transition: a byte that leads to a plain state (no facts, no
-        flags) moves on, and so does an ordinary path byte (not "/", "." or "%", no escape
-        pending), appended to the normalized path. It tells them apart by table bits
-        (`state_kind`, `path_plain`) and arithmetic, with one branch per byte besides the
+        The fast path keeps the automaton state (and the path's length) in registers and does
+        per byte only the transition: a byte that leads to a plain state (no facts, no flags)
+        moves on, and so does a path byte, appended to the path while the path has room for
+        the whole chunk. It tells them apart by a table bit (`state_kind`) and arithmetic, with
+        one branch per byte besides the
         window's bounds: in BPF every comparison is a branch, and every branch two paths for
         the verifier. A byte that needs more ends the fast path with `pending` set; the next
         call starts with it in `scan_byte`, the slow path (its one call site, so the verifier
@@ -341,8 +195,8 @@ class JudgeCore:
 
         def transition(state: ir.Value, q: ir.Value) -> tuple[ir.Value, ir.Value]:
             byte = b.zext(b.load(q, typ=I8), I64)
-            cls = fx.load_table("classmap", byte, I8)
-            return byte, fx.load_table("trans", b.add(b.shl(state, I64(t.class_bits)), cls), I16)
+            cls = fx.load_flat("classmap", byte, I8)
+            return byte, fx.load_flat("trans", b.add(b.shl(state, I64(t.class_bits)), cls), I16)
 
         def window(pos: ir.Value, slack: int) -> ir.Value:
             """data + pos, with pos bounded for the verifier (packet offsets, `slack` bytes
@@ -359,15 +213,20 @@ class JudgeCore:
         b.position_at_end(fn.blocks[0])
         slow = fn.append_basic_block("slow")
         fast = fn.append_basic_block("fast")
+        # So does every byte once the path has less room than a chunk: the fast path appends
+        # path bytes unchecked (only paths of more than PATH_MAX - SCAN_CHUNK bytes get here).
         pending = b.icmp_unsigned("!=", fx.get("pending"), I64(0))
-        b.cbranch(b.or_(pending, b.icmp_unsigned(">", fx.get("pos"), near_end)), slow, fast)
+        near = b.icmp_unsigned(">", fx.get("pos"), near_end)
+        full = b.icmp_unsigned(">=", fx.get("out_len"), I64(PATH_MAX - SCAN_CHUNK))
+        b.cbranch(b.or_(b.or_(pending, near), full), slow, fast)
         b.position_at_end(slow)
         fx.put("pending", I64(0))
         pos = fx.get("pos")
         p = window(pos, 1)
         in_window = fn.append_basic_block("slow_in_window")
         beyond = b.icmp_unsigned(">", b.gep(p, [I64(1)], source_etype=I8), data_end)
-        b.cbranch(beyond, stop, in_window)
+        pulled = b.icmp_unsigned(">=", pos, fx.get("limit"))  # the fast path leaves it here
+        b.cbranch(b.or_(beyond, pulled), stop, in_window)
         b.position_at_end(in_window)
         byte, nxt = transition(fx.get("state"), p)
         done = self.ob.call(b, byte_fn, scan, pos, byte, nxt)
@@ -375,7 +234,9 @@ class JudgeCore:
         b.cbranch(b.icmp_unsigned("!=", done, I64(0)), stop, go_on)
         b.position_at_end(go_on)
         next_call = fn.append_basic_block("next_call")
-        b.cbranch(b.icmp_unsigned(">", fx.get("pos"), near_end), next_call, fast)
+        far = b.icmp_unsigned(">", fx.get("pos"), near_end)
+        full = b.icmp_unsigned(">=", fx.get("out_len"), I64(PATH_MAX - SCAN_CHUNK))
+        b.cbranch(b.or_(far, full), next_call, fast)
         b.position_at_end(next_call)
         b.ret(I64(0))
 
@@ -387,11 +248,6 @@ class JudgeCore:
         self.skip_words(fx, fn, pos, p, limit, data_end)
         scratch = fx.get("scratch")
         len0 = fx.get("out_len")
-        # Ordinary path bytes are appended here only with no escape pending and room for the
-        # whole chunk; otherwise they take the slow path.
-        room = b.icmp_unsigned("<", len0, I64(PATH_MAX - SCAN_CHUNK))
-        no_escape = b.icmp_unsigned("==", fx.get("pct"), I64(PCT_NONE))
-        path_bits = b.select(b.and_(room, no_escape), fx.small(STATE_PATH), fx.small(0))
         state0 = fx.get("state")
 
         here = b.block
@@ -407,28 +263,32 @@ class JudgeCore:
                 phi.add_incoming(value, b.block)
             x_code.add_incoming(I64(code), b.block)
 
-        # SCAN_CHUNK bytes unrolled, each checked against the bytes pulled and the window.
+        # SCAN_CHUNK bytes unrolled, each checked against the window (a branch: the verifier
+        # needs it to allow the load) and against the bytes pulled (arithmetic: `ok` is all
+        # ones for the bytes before `limit`). Both exits of a byte go through a block of their
+        # own: LLVM puts the exit values' copies there, not before every branch. Every exit
+        # leaves the byte pending: the next call's slow path stops at the window or the limit.
         # (Checking a whole chunk once, with a second unrolled copy for a head's last chunk,
         # measured no faster and cost the verifier half as much again.)
+        avail = b.sub(limit, pos)
         state, out_len = state0, len0
         for j in range(SCAN_CHUNK):
             at = b.add(pos, I64(j))
-            in_limit = fn.append_basic_block(f"limit{j}")
+            out = fn.append_basic_block(f"out{j}")
             inside = fn.append_basic_block(f"in{j}")
-            leave(state, at, out_len, EXIT_STOP)  # the end of the bytes pulled: stop here
-            b.cbranch(b.icmp_unsigned(">=", at, limit), exit_, in_limit)
-            b.position_at_end(in_limit)
-            leave(state, at, out_len, EXIT_STOP)  # the end of the window: likewise
             q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
-            b.cbranch(b.icmp_unsigned(">", q_end, data_end), exit_, inside)
+            b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside)
+            b.position_at_end(out)
+            leave(state, at, out_len, EXIT_PENDING)
+            b.branch(exit_)
             b.position_at_end(inside)
             byte, nxt = transition(state, b.gep(p, [I64(j)], source_etype=I8))
-            kind = fx.load_table("state_kind", nxt, I8)
-            path = b.and_(b.and_(kind, fx.load_table("path_plain", byte, I8)), path_bits)
+            kind = fx.load_flat("state_kind", nxt, I8)
+            path = b.and_(kind, I64(STATE_PATH))
             moves = fn.append_basic_block(f"moves{j}")
-            still = b.or_(b.and_(kind, I64(STATE_PLAIN)), path)
-            leave(state, at, out_len, EXIT_PENDING)  # anything else: scan_byte, next call
-            b.cbranch(b.icmp_unsigned("==", still, I64(0)), exit_, moves)
+            ok = b.ashr(b.sub(I64(j), avail), I64(63))
+            still = b.and_(b.and_(kind, I64(STATE_PLAIN | STATE_PATH)), ok)
+            b.cbranch(b.icmp_unsigned("==", still, I64(0)), out, moves)
             b.position_at_end(moves)
             # Stored whether or not it is a path byte: past the path's end, a byte that is
             # not one is overwritten or ignored (the path is the first out_len bytes).
@@ -443,13 +303,8 @@ class JudgeCore:
         fx.put("state", x_state)
         fx.put("pos", x_pos)
         fx.put("out_len", x_len)
-        fx.put("pending", b.lshr(x_code, I64(1)))
-        # An appended byte ends any run of dots: the segment is neither "." nor "..". The
-        # chunk appended 0 to 16 bytes, so (appended + 15) >> 4 is 1 if any; NOT_DOTS is all
-        # ones in the counter's two bits, so OR sets it.
-        appended = b.lshr(b.add(b.sub(x_len, len0), I64(SCAN_CHUNK - 1)), I64(4))
-        fx.put("seg_dots", b.or_(fx.get("seg_dots"), b.mul(appended, I64(NOT_DOTS))))
-        b.ret(b.and_(x_code, I64(1)))
+        fx.put("pending", x_code)
+        b.ret(I64(0))
         return fn
 
     def skip_words(self, fx: Fn, fn: ir.Function, pos, p, limit, data_end) -> None:

@@ -4,14 +4,14 @@ The kernel program walks this automaton one byte at a time. Its phases follow th
 
     method SP path [? query] SP HTTP/1.x CRLF  (field-name: value CRLF)*  CRLF
 
-Each phase is determinized from tagged regular expressions (`sockpol/automata`). Where a phase
-ends (the SP after the method or path, the CR of a header line) the scanner enters a *commit
-state* that records which facts the phase established ("method is GET", "header x-api-key
-present"); path bytes are fed to the normalizer (the path automaton decides on the normalized
-path after the head). The kernel ORs the commit state's fact set into the request's
-facts; rules are conjunctions of facts. Terminal states END and one per refusal reason stop the
-walk; any byte without a transition leads to the refusal state of its phase, so the scanner
-accepts only well-formed, unambiguous request heads.
+Each phase is determinized from tagged regular expressions (`sockpol/automata`). Where a phase ends
+(the SP after the method or path, the CR of a header line) the scanner enters a *commit state* that
+records which facts the phase established ("method is GET", "header x-api-key present"); path bytes
+are copied out (the path automaton decides on the path after the head; the scanner accepts a path
+only in its canonical spelling, so it needs no normalizing). The kernel ORs the commit state's fact
+set into the request's facts; rules are conjunctions of facts. Terminal states END and one per
+refusal reason stop the walk; any byte without a transition leads to the refusal state of its phase,
+so the scanner accepts only well-formed, unambiguous request heads.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ TERMINAL_STATES = Reason.BAD_CHUNK + 1  # states below stop the walk
 FLAG_CL_DIGIT = 1 << 16  # the byte just consumed is a digit of a Content-Length value
 FLAG_HOST_LINE = 1 << 17  # a complete Host header line
 FLAG_CL_LINE = 1 << 18  # a complete Content-Length header line
-FLAG_PATH_BYTE = 1 << 19  # the byte just consumed belongs to the raw path: feed the normalizer
-FLAG_PATH_END = 1 << 20  # the path ended with this byte (SP or "?"): finish normalizing
+FLAG_PATH_BYTE = 1 << 19  # the byte just consumed belongs to the path: append it
 FLAG_TE_LINE = 1 << 21  # a complete `Transfer-Encoding: chunked` line
 FLAG_HEX_DIGIT = 1 << 22  # the byte just consumed is a digit of a chunk size
 SINGLETON_FLAGS = FLAG_HOST_LINE | FLAG_CL_LINE | FLAG_TE_LINE
@@ -201,8 +200,9 @@ class _Builder:
 
     def path(self, version: int, query: int) -> int:
         """The raw path: syntax and the spellings refused outright. Which rules' paths match is
-        decided later, by `path_matcher`, on the normalized path the kernel builds from the
-        bytes consumed here (states flagged FLAG_PATH_BYTE)."""
+        decided later, by `path_matcher`, on the path the kernel copies from the bytes
+        consumed here (states flagged FLAG_PATH_BYTE): as this automaton refuses every spelling
+        but the canonical one, the raw path is the one rules match."""
         patterns: list[tuple[Re, Hashable]] = [
             (http.valid_path(), "valid"),
             (http.ambiguous_path_now(), "ambiguous"),
@@ -229,8 +229,7 @@ class _Builder:
                 if "ambiguous-at-end" in tags:
                     out[http.SP] = out[ord("?")] = Reason.AMBIGUOUS_PATH
                 else:
-                    out[http.SP] = self.commit(frozenset(), like=version, flags=FLAG_PATH_END)
-                    out[ord("?")] = self.commit(frozenset(), like=query, flags=FLAG_PATH_END)
+                    out[http.SP], out[ord("?")] = version, query
         return ids[dfa.start]
 
     def query(self, version: int) -> int:
@@ -382,7 +381,7 @@ def build_scanner(spec: ScannerSpec) -> Scanner:
 
 @dataclass
 class PathMatcher:
-    """The minimal DFA over normalized paths, over its byte classes.
+    """The minimal DFA over (canonical) paths, over its byte classes.
 
     `outputs[s]` is what a path ending in state s decides, as an index the caller defined (0:
     no rule's path matches). A class missing from `delta[s]` goes to the dead state, the last

@@ -17,11 +17,11 @@ from dataclasses import dataclass, replace
 from sockpol.codegen import scanner as sc
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT, MAX_TABLE
 from sockpol.codegen.lower import MatcherIR
-from sockpol.codegen.normalize import Normalizer
 from sockpol.contract import (
     ANSWERED_REASONS,
     CHUNK_MAX,
     CL_MAX,
+    PATH_MAX,
     RESUME_ANSWERED,
     RESUME_CHUNK_DATA_END,
     RESUME_CHUNK_LINE,
@@ -63,7 +63,7 @@ class RunResult:
     head_length: int
     content_length: int
     resume: int = RESUME_REQUEST  # where the next run on this connection starts
-    path: bytes | None = None  # the normalized path, when a request head was read
+    path: bytes | None = None  # the path, when a request head was read
     # What the run records (telemetry.py). `reason` is also set for a request that passes only
     # because of dry-run mode or an audit rule: the reason it would have been refused for.
     event: EventKind | None = None
@@ -85,7 +85,7 @@ class ScanResult:
     content_length: int
     chunk_size: int
     seen: int  # singleton-header flags seen
-    path: bytes | None  # the normalized path, once the path has ended
+    path: bytes | None  # the path, once it has ended
     path_state: int | None = None  # where the path automaton ended on it
 
 
@@ -99,10 +99,11 @@ def start_state(ir: MatcherIR, resume: int) -> int:
 
 
 def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult:
-    """Walk the automaton as the kernel's scan_step does, normalizing the path on the way."""
+    """Walk the automaton as the kernel's scan_step does, copying the path on the way."""
     t = ir.tables
     state, facts, cl, chunk, seen, pos = start_state(ir, resume), 0, 0, 0, 0, 0
-    norm = Normalizer()
+    out = bytearray()
+    too_long = False
     path = path_state = None
     for i, b in enumerate(data):
         nxt = t.step(state, b)
@@ -127,13 +128,12 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
         if seen & sc.FLAG_CL_LINE and seen & sc.FLAG_TE_LINE:
             nxt = Reason.TRANSFER_ENCODING  # both framings: the classic smuggling setup
         if info & sc.FLAG_PATH_BYTE:
-            norm.feed(b)
-        if info & sc.FLAG_PATH_END:
-            norm.finish()
-            if not norm.error:
-                path = bytes(norm.out)
-                path_state = walk_path(ir, path)
-        if norm.error:  # as soon as the path is too long or deep, not only at its end
+            too_long = len(out) >= PATH_MAX
+            out.append(b)
+        elif out and path is None:  # the first byte after the path
+            path = bytes(out)
+            path_state = walk_path(ir, path)
+        if too_long:  # as soon as the path is too long, not only at its end
             nxt = Reason.PATH_TOO_LONG
         state, pos = nxt, i + 1
         if state < sc.TERMINAL_STATES:
@@ -142,7 +142,7 @@ def scan(ir: MatcherIR, data: bytes, resume: int = RESUME_REQUEST) -> ScanResult
 
 
 def walk_path(ir: MatcherIR, path: bytes) -> int:
-    """The path automaton's (packed) state id after the normalized path."""
+    """The path automaton's (packed) state id after the path."""
     p = ir.tables.path
     state = p.start
     for b in path:

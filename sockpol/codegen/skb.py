@@ -250,7 +250,7 @@ class SkSkbBackend:
         scan_it = fn.append_basic_block("scan")
         b.cbranch(b.icmp_unsigned("==", head_in, I64(0)), fresh, scan_it)
         b.position_at_end(fresh)
-        zero, one = fx.config("zero"), fx.config("one")
+        zero = fx.config("zero")
         for name in SCAN_SCALARS:
             fx.put(name, zero)
         start = b.select(
@@ -264,11 +264,7 @@ class SkSkbBackend:
         )
         fx.put("state", start)
         fx.put("rule", I64(NO_RULE))
-        fx.put("out_len", one)
-        fx.put("seg_start", one)
-        fx.put("pct", fx.config("leading"))
         fx.put("pstate", fx.config("path_start"))
-        b.store(I8(ord("/")), scratch)
         for w in range(self.tables.nw):
             b.store(zero, fx.fact_word(w))
         b.branch(scan_it)
@@ -491,10 +487,10 @@ class SkSkbBackend:
         self.ob.license()
         self.maps()
         self.tables.emit()
-        feed, finish = self.judge.normalizer()
+        append = self.judge.path_append()
         self.rec.functions()
         j = self.judge
-        self.skb_program(j.scan_step(j.scan_byte(feed, finish)), j.path_step(), j.cand_step())
+        self.skb_program(j.scan_step(j.scan_byte(append)), j.path_step(), j.cand_step())
         self.sockops_program()
         return self.ob.finish()
 

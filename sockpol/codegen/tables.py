@@ -21,7 +21,6 @@ from llvmlite import ir
 from sockpol.codegen.helpers import I8, I16, I32, I64, PTR, gep
 from sockpol.codegen.irconst import int_array, word_rows
 from sockpol.codegen.lower import MAX_FACT_WORDS, MatcherIR
-from sockpol.codegen.normalize import HEX_DIGITS, PCT_LEADING_SLASH, UNRESERVED
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
 from sockpol.codegen.scanner import FLAG_PATH_BYTE, TERMINAL_STATES, ScannerTables
 from sockpol.contract import (
@@ -29,7 +28,6 @@ from sockpol.contract import (
     ANSWER_ROWS,
     ANSWERED_REASONS,
     MAX_ANSWERS,
-    MAX_DEPTH,
     MAX_SCAN,
     PATH_MAX,
     TABLES_SYMBOL,
@@ -41,31 +39,31 @@ from sockpol.model import tls
 # The connection's socket storage (`sockpol_conn`): the connection's word and the bytes of a body
 # or TLS record still to come (kept between runs), its key in the sockhash (the socket cookie,
 # written by the sock_ops program: sk_msg programs cannot read a cookie, and an answer is
-# redirected to the socket's own entry), then the run's work area ("scratch"): the normalized
-# path, the stack of segment starts (u16 each), the scan's scalars and its fact words
-# (rewritten by every run).
+# redirected to the socket's own entry), then the run's work area ("scratch"): the path, 128
+# spare bytes, the scan's scalars and its fact words (rewritten by every run). The spare bytes and
+# scalars were the path normalizer's (its segment stack, counters): every version's storage has
+# the same size, because a replacement shares the map with the connections that are open.
 CONN_WORD, CONN_LEFT, CONN_KEY, CONN_SCRATCH = 0, 8, 16, 24
-STACK_OFFSET = PATH_MAX
-SCALARS_OFFSET = PATH_MAX + 2 * MAX_DEPTH
-assert PATH_MAX & (PATH_MAX - 1) == 0 and MAX_DEPTH & (MAX_DEPTH - 1) == 0
+SCALARS_OFFSET = PATH_MAX + 128
+assert PATH_MAX & (PATH_MAX - 1) == 0
 
 # Why the scan state lives in map memory and not on the stack: bpf_loop callbacks share state with
 # their caller through a context on the caller's stack, and kernels with upstream f597664454bd
 # (6.19.y, 7.0, later 6.18.y builds) re-verify a callback until the caller's state at its entry
-# converges. Scalars carried there from iteration to iteration (the automaton state, the path
-# normalizer's counters) become precise, and the normalizer's branches keep distinct value ranges
-# apart until the verifier gives up at a million instructions. The verifier tracks no values in
-# map memory (every load is just "a scalar", and every index drawn from one is masked before use),
-# so with the scalars there each callback's entry state is the same at every iteration and the
-# walk converges at once. On the stack stay only the pointers the callbacks need: map memory cannot
-# hold a pointer the verifier still knows as one.
+# converges. Scalars carried there from iteration to iteration (the automaton state, the path's
+# length, the counters of an earlier path normalizer) become precise, and branches on them keep
+# distinct value ranges apart until the verifier gives up at a million instructions. The verifier
+# tracks no values in map memory (every load is just "a scalar", and every index drawn from one is
+# masked before use), so with the scalars there each callback's entry state is the same at every
+# iteration and the walk converges at once. On the stack stay only the pointers the callbacks need:
+# map memory cannot hold a pointer the verifier still knows as one.
 # Socket storage rather than a per-CPU buffer: the socket is locked while its sendmsg runs the
 # program, whereas a program run can be preempted (preempt=full or lazy) and another run on the
 # same CPU would then overwrite a shared per-CPU buffer in the middle of the first one's scan.
 SCAN_POINTERS = ["data", "data_end", "scratch", "tables"]
 SCAN_SCALARS = [
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
-    "out_len", "seg_start", "seg_dots", "depth", "pct", "hex1", "norm_error", "pstate",  # path
+    "out_len", "spare0", "spare1", "spare2", "spare3", "spare4", "norm_error", "pstate",  # path
     "cand_off",  # where the path state's candidate rules start in cand_table
     "limit",  # bytes of the head the scan may read (the bytes pulled)
     "pending",  # the byte at `pos` needs the slow path (scan_step)
@@ -118,7 +116,7 @@ def port_bitmap(ports) -> list[int]:
 
 
 CONFIG = [
-    "nrules", "default_allow", "max_head", "start", "path_start", "zero", "one", "leading",
+    "nrules", "default_allow", "max_head", "start", "path_start", "zero",
     "chunk_start", "chunk_data_end", "path_classes", "path_dead", "tls",
 ]  # fmt: skip
 
@@ -186,8 +184,6 @@ class Tables:
             "start": t.start,
             "path_start": p.start,
             "zero": 0,
-            "one": 1,
-            "leading": PCT_LEADING_SLASH,
             "chunk_start": t.chunk_start,
             "chunk_data_end": t.chunk_data_end,
             "path_classes": comb.n_classes,
@@ -207,8 +203,6 @@ class Tables:
             # The tables of the scan's fast path (judge.scan_step) come first, so that their
             # offsets fit in a BPF load's 16-bit displacement and one register reaches them all.
             "classmap": array(I8, list(t.classmap)),
-            # Per byte: STATE_PATH unless it is "/", "." or "%" (the normalizer's special bytes).
-            "path_plain": array(I8, [0 if c in b"/.%" else STATE_PATH for c in range(256)]),
             # Per state: STATE_PLAIN (nothing to do but move on) or STATE_PATH (a raw path byte
             # and nothing else), else 0.
             "state_kind": array(I8, state_kinds(t)),
@@ -222,8 +216,6 @@ class Tables:
             "cand_words": array(I32, accepts),
             "cand_table": array(I32, cands),
             "hexval": array(I8, hexval),
-            "unreserved": array(I8, [int(c in UNRESERVED) for c in range(256)]),
-            "hexdigit": array(I8, list(HEX_DIGITS)),
             "small": array(I8, list(range(256))),
             # The governed ports, one bit each: a connection whose port a reload stopped
             # governing passes unjudged (ports are table data; sock_ops has them as constants
@@ -239,6 +231,14 @@ class Tables:
         self.t_index = {name: i for i, name in enumerate(fields)}
         self.t_len = {name: len(c.type) for name, c in fields.items()}
         typ = ir.LiteralStructType([c.type for c in fields.values()])
+        # Byte offsets of the tables in a slot (the BPF data layout), for flat_table.
+        td = llvm.create_target_data(DATA_LAYOUT)
+        self.t_offset = {name: typ.get_element_offset(td, i) for i, name in enumerate(fields)}
+        self.t_elem = {
+            name: c.type.element.width // 8
+            for name, c in fields.items()
+            if isinstance(c.type.element, ir.IntType)
+        }
         # Two slots and a generation: a reload writes the idle slot, then flips `gen`; a run
         # reads `gen` once and uses one slot throughout, so no run sees half a table. Both
         # slots start equal, so any loader gets a working policy whatever `gen` it starts with.
@@ -305,6 +305,22 @@ class Fn:
 
     def load_table(self, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
         return self.b.zext(self.b.load(self.table(name, index), typ=typ), I64)
+
+    def load_flat(self, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
+        """load_table for unrolled hot code: the address is the slot's base plus one byte
+        offset computed where it is used, so the table's constant offset becomes the load's
+        displacement. (With a GEP into the struct, LLVM computes each table's start once and
+        keeps it live across every block of an unrolled chunk: a register each, spilled to the
+        stack and reloaded per byte, since BPF has ten.)"""
+        t, b = self.tables, self.b
+        n = t.t_len[name]
+        assert n & (n - 1) == 0, name
+        index = b.and_(index, I64(n - 1))
+        size = t.t_elem[name]
+        at = b.add(
+            b.shl(index, I64(size.bit_length() - 1)) if size > 1 else index, I64(t.t_offset[name])
+        )
+        return b.zext(b.load(gep(b, self.base, I8, [at]), typ=typ), I64)
 
     def config(self, name: str) -> ir.Value:
         t, b = self.tables, self.b

@@ -1,11 +1,12 @@
-"""The reference model's first layer: reading one HTTP/1.x request head (or chunk-size line) and
-normalizing its path, from docs/language.md and RFC 9110, 9112 and 3986.
+"""The reference model's first layer: reading one HTTP/1.x request head (or chunk-size line), from
+docs/language.md and RFC 9110, 9112 and 3986.
 
 `read_head(data)` gives a `Head`, a `Refusal` (with the reasons' slugs, contract.Reason), or
 None when `data` ends first; the first problem in byte order decides the reason, as in a
-left-to-right scan. `normalize_path` is its own RFC 3986 `remove_dot_segments` with the kernel's
-limits (contract.PATH_MAX, MAX_DEPTH) at every step. It never looks at the code generator's
-automata or normalizer: agreeing with them is what the tests check.
+left-to-right scan. A path is accepted only in its canonical spelling (no `//`, no dot segments,
+escapes only where a byte has no raw spelling, upper-case hex), so the path rules match is the
+raw path, up to contract.PATH_MAX bytes. It never looks at the code generator's automata:
+agreeing with them is what the tests check.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import string
 from dataclasses import dataclass
 
-from sockpol.contract import CHUNK_MAX, CL_MAX, MAX_DEPTH, PATH_MAX, UNRESERVED
+from sockpol.contract import CHUNK_MAX, CL_MAX, PATH_MAX, UNRESERVED
 
 # -- HTTP/1.x lexical sets (RFC 9110, 9112, 3986) -------------------------------------------------
 
@@ -32,9 +33,8 @@ SP, CR, LF, QMARK, PERCENT = 0x20, 0x0D, 0x0A, 0x3F, 0x25
 
 # -- limits (docs/language.md, "Normalization and refusals") -------------------------------------
 
-# PATH_MAX: bytes of a normalized path, at every step of normalizing it; MAX_DEPTH: completed
-# segments (each followed by '/') on the way; CL_MAX, CHUNK_MAX: the largest Content-Length and
-# chunk size accepted (all from the contract: the kernel program enforces the same).
+# PATH_MAX: bytes of a path; CL_MAX, CHUNK_MAX: the largest Content-Length and chunk size accepted
+# (all from the contract: the kernel program enforces the same).
 AMBIGUOUS_ESCAPES = frozenset({0x2F, 0x5C, 0x00})  # %2F, %5C, %00
 # Bytes with a raw spelling in a path: their escapes are refused (the raw byte is the one spelling).
 RAW_SPELLED = PCHAR - {PERCENT}
@@ -57,7 +57,7 @@ class Head:
     method: str
     target: str  # as sent (path and query)
     raw_path: str  # the path as sent, without the query
-    path: str  # normalized: what rules match
+    path: str  # what rules match (the canonical path as sent)
     version: str
     headers: tuple[Header, ...]
     length: int  # bytes, up to and including the blank line
@@ -125,9 +125,9 @@ def _head(r: _Reader) -> Head:
     method = _method(r)
     target_start = r.pos
     raw_path, ended_by = _path(r)
-    path = normalize_path(raw_path)
+    path = checked_path(raw_path)
     if path is None:
-        raise r.refuse("path-too-long", f"path '{show(raw_path)}' normalizes beyond the limits")
+        raise r.refuse("path-too-long", f"path '{show(raw_path)}' is longer than {PATH_MAX} bytes")
     if ended_by == QMARK:
         while (b := r.next()) != SP:
             if b not in QUERY_BYTE:
@@ -166,24 +166,23 @@ def _method(r: _Reader) -> str:
 
 
 def _path(r: _Reader) -> tuple[bytes, int]:
-    """The raw path up to the SP or '?' that ends it, with its escapes checked. A path whose
-    bytes so far already normalize beyond the limits is refused before it ends (the kernel
-    normalizes as the bytes go by)."""
+    """The raw path up to the SP or '?' that ends it, with its spelling checked. A path whose
+    bytes so far are already too long is refused before it ends (the kernel counts as the bytes
+    go by)."""
     start = r.pos
     try:
         return _path_bytes(r, start)
     except _Refuse as e:
-        # The kernel normalizes the bytes as they go by: a path already beyond the limits
-        # before the byte that makes it ambiguous was refused as too long first.
-        so_far = re.sub(rb"%[0-9A-Fa-f]?$", b"", r.data[start : e.refusal.offset])
-        if e.refusal.reason == "ambiguous-path" and so_far and normalize_path(so_far) is None:
-            raise r.refuse("path-too-long", "the path normalizes beyond the limits") from None
+        # The kernel counts the bytes as they go by: a path already too long before the byte
+        # that makes it ambiguous was refused as too long first.
+        so_far = r.data[start : e.refusal.offset]
+        if e.refusal.reason == "ambiguous-path" and checked_path(so_far) is None:
+            raise r.refuse("path-too-long", f"the path is longer than {PATH_MAX} bytes") from None
         raise
     except _NeedMore:
-        so_far = re.sub(rb"%[0-9A-Fa-f]?$", b"", r.data[start:])  # an escape not yet whole
-        if so_far and normalize_path(so_far) is None:
+        if checked_path(r.data[start:]) is None:
             raise r.refuse(
-                "path-too-long", "the path so far normalizes beyond the limits"
+                "path-too-long", f"the path so far is longer than {PATH_MAX} bytes"
             ) from None
         raise
 
@@ -424,44 +423,13 @@ class _ContentLength:
         return self.phase in (1, 2)
 
 
-# -- normalization --------------------------------------------------------------------------------
+# -- the path rules match -------------------------------------------------------------------------
 
 
-def normalize_path(raw: bytes) -> bytes | None:
-    """The path rules match: unreserved escapes decoded, other escapes upper-cased, `//` merged,
-    dot segments removed (RFC 3986 5.2.4, never above the root). None when it is too long or too
-    deep at any step, as the kernel, which normalizes as the bytes go by, checks it."""
-    segments = [_decode(s) for s in raw[1:].split(b"/")]
-    stack: list[bytes] = []
-    for i, seg in enumerate(segments):
-        last = i == len(segments) - 1
-        # While a segment is read it is in the output, even one that is then dropped ("..").
-        if _length(stack) + len(seg) > PATH_MAX:
-            return None
-        if seg == b"" or seg == b".":
-            continue
-        if seg == b"..":
-            if stack:
-                stack.pop()
-            continue
-        if last:
-            return b"/" + b"".join(s + b"/" for s in stack) + seg
-        if len(stack) >= MAX_DEPTH or _length(stack) + len(seg) + 1 > PATH_MAX:
-            return None
-        stack.append(seg)
-    return b"/" + b"".join(s + b"/" for s in stack)
-
-
-def _length(stack: list[bytes]) -> int:
-    return 1 + sum(len(s) + 1 for s in stack)
-
-
-def _decode(segment: bytes) -> bytes:
-    def one(m: re.Match[bytes]) -> bytes:
-        value = int(m.group(1), 16)
-        return bytes([value]) if value in UNRESERVED else b"%" + m.group(1).upper()
-
-    return re.sub(rb"%([0-9A-Fa-f]{2})", one, segment)
+def checked_path(raw: bytes) -> bytes | None:
+    """The path rules match: the raw path (accepted only in its canonical spelling, there is
+    nothing to normalize), or None when it is longer than PATH_MAX bytes."""
+    return raw if len(raw) <= PATH_MAX else None
 
 
 # -- small helpers --------------------------------------------------------------------------------

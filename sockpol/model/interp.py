@@ -2,14 +2,15 @@
 
 This is the oracle that the compiled program is checked against (tests/kernel/test_differential.py),
 and what `sockpol test` and `sockpol explain` run. It is written from docs/language.md, not from the
-code generator: it reads the request head with a plain hand-written parser, normalizes the path
-with its own RFC 3986 `remove_dot_segments`, and tries the rules one by one. It never looks at the
-automaton, the tables or `codegen/normalize.py`; agreeing with them is what the tests check.
+code generator: it reads the request head with a plain hand-written parser (which accepts a path
+only in its canonical spelling, so the path rules match is the path as sent), and tries the rules
+one by one. It never looks at the automaton or the tables; agreeing with them is what the tests
+check.
 
 Three layers, each its own module:
 
 * `head.py`, `read_head(data)`: one request head, a `Head`, a `Refusal` (the slugs of
-  contract.Reason), or None when `data` ends first; the path normalized.
+  contract.Reason), or None when `data` ends first.
 * this module, `judge(policy, message)`: one run of the kernel program on one message: the rules
   tried in order, allow or refuse the request at its start, and how many bytes the verdict
   covers (head + Content-Length body), or that the head is incomplete and must be held (corked)
@@ -36,7 +37,7 @@ from sockpol.model.head import (  # noqa: F401 -- the first layer, re-exported f
     Head,
     Header,
     Refusal,
-    normalize_path,
+    checked_path,
     read_chunk,
     read_head,
     show,
@@ -432,10 +433,10 @@ __all__ = [
     "Send",
     "Verdict",
     "check_rule",
+    "checked_path",
     "decide",
     "evaluate",
     "judge",
-    "normalize_path",
     "read_chunk",
     "read_head",
     "simulate_sends",

@@ -907,7 +907,17 @@ def _teardown(pin_dir: Path) -> list[str]:
             except BpfError as e:
                 if e.errno != errno.ENOENT:
                     problems.append(f"detaching {verdict.name}: {e}")
-    for fd in (socks_fd, msg_fd):
+    next_fd = get(pins.MAP_PREFIX + NEXT_MAP)
+    if next_fd is not None:
+        # The program array holds the newest program, which holds the array: a cycle the kernel
+        # breaks only in deferred work once the array's last user reference goes. Seen here
+        # (6.18.44): now and then that never happened and the empty array stayed in the kernel
+        # for good after an unload with traffic. Emptying it ourselves breaks the cycle at once.
+        try:
+            libbpf.map_delete(next_fd, struct.pack("<I", 0))
+        except BpfError as e:
+            problems.append(f"emptying {NEXT_MAP}: {e}")
+    for fd in (socks_fd, msg_fd, next_fd):
         if fd is not None:
             os.close(fd)
     return problems

@@ -1,6 +1,7 @@
 """The pin directory layout and the filesystem moves that make loads and unloads atomic.
 
-    /sys/fs/bpf/sockpol/                 pin root (bpffs); flock()ed by every load/unload
+    /sys/fs/bpf/sockpol/                 pin root (bpffs; $SOCKPOL_PIN_ROOT names another directory
+                                         there); flock()ed by every load/unload
         <name>/                          one directory per loaded policy
             sockpol_msg                  the sk_msg program (attached to sockpol_socks)
             sockpol_sockops              the sock_ops program
@@ -35,11 +36,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sockpol.contract import MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
-from sockpol.runtime.system import BPFFS_DEFAULT, ensure_bpffs, find_bpffs
+from sockpol.runtime.system import BPFFS_DEFAULT, SystemSetupError, ensure_bpffs, find_bpffs
 
 log = logging.getLogger("sockpol.runtime")
 
 ROOT_NAME = "sockpol"
+# Another pin root under the same bpffs (a directory name, like ROOT_NAME): an independent set of
+# policies with its own lock, names and status, e.g. one per test session, so that two test runs
+# on one host cannot unload or replace each other's policies.
+ROOT_ENV = "SOCKPOL_PIN_ROOT"
 PIN_MSG = MSG_PROGRAM
 PIN_SOCKOPS = SOCKOPS_PROGRAM
 PIN_SOCKS = SOCK_MAP
@@ -57,16 +62,28 @@ def valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
+def root_name() -> str:
+    """The pin root's directory name: $SOCKPOL_PIN_ROOT if set, else `sockpol`."""
+    name = os.environ.get(ROOT_ENV) or ROOT_NAME
+    if not valid_name(name):
+        raise SystemSetupError(
+            f"{ROOT_ENV}={name!r}: a pin root is one directory name under the bpffs "
+            "(letters, digits, '-' and '_', not starting with '_')"
+        )
+    return name
+
+
 def pin_root(*, create: bool) -> Path | None:
     """The pin root; with create, mounts bpffs and makes the directory as needed."""
+    name = root_name()
     if create:
-        root = ensure_bpffs() / ROOT_NAME
+        root = ensure_bpffs() / name
         root.mkdir(exist_ok=True)
         return root
     bpffs = find_bpffs(BPFFS_DEFAULT)
-    if bpffs is None or not (bpffs / ROOT_NAME).is_dir():
+    if bpffs is None or not (bpffs / name).is_dir():
         return None
-    return bpffs / ROOT_NAME
+    return bpffs / name
 
 
 @contextmanager

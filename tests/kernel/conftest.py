@@ -50,13 +50,26 @@ from typing import Any
 
 import pytest
 
-from sockpol.contract import CONN_MAP, MSG_PROGRAM, SOCK_MAP, SOCKOPS_PROGRAM
+from sockpol.contract import (
+    CONN_MAP,
+    MSG_PROGRAM,
+    NEXT_MAP,
+    SKB_PROGRAM,
+    SOCK_MAP,
+    SOCKOPS_PROGRAM,
+)
 
 HERE = Path(__file__).parent
 TEST_CGROUP_PREFIX = "sockpol-test-"
-SOCKPOL_PROGS = {MSG_PROGRAM, SOCKOPS_PROGRAM}
+# Each test session pins under a pin root of its own (sockpol/runtime/pins.py): two sessions on
+# one host (two checkouts, or a developer's run next to CI's) cannot then see, replace or unload
+# each other's policies, whatever the tests name them. Set here, at import, so that every
+# `sockpol` command the tests start inherits it. A root chosen by the caller is kept.
+TEST_PIN_ROOT = f"sockpol-test-{os.getpid()}"
+os.environ.setdefault("SOCKPOL_PIN_ROOT", TEST_PIN_ROOT)
+SOCKPOL_PROGS = {MSG_PROGRAM, SKB_PROGRAM, SOCKOPS_PROGRAM}
 # The maps of a policy object, and the telemetry maps (sockpol/telemetry.py).
-SOCKPOL_MAPS = {SOCK_MAP, CONN_MAP, "sockpol_state"} | {
+SOCKPOL_MAPS = {SOCK_MAP, CONN_MAP, NEXT_MAP, "sockpol_state", "sockpol_zero"} | {
     "sockpol_counts",
     "sockpol_events",
     "sockpol_evbuf",
@@ -190,6 +203,19 @@ def _session_safety_net() -> Iterator[None]:
     before = _loaded_names()
     yield
     _unload_quietly(_loaded_names() - before, "the test session")
+    _remove_own_pin_root()
+
+
+def _remove_own_pin_root() -> None:
+    """The session's pin root goes once its policies are gone (one left loaded keeps it)."""
+    from sockpol.runtime import pins
+
+    root = pins.pin_root(create=False)
+    if root is not None and root.name == TEST_PIN_ROOT:
+        try:
+            root.rmdir()
+        except OSError as e:
+            print(f"\nsafety net: pin root {root} kept: {e.strerror}", file=sys.stderr)
 
 
 @pytest.fixture(autouse=True)
@@ -704,11 +730,15 @@ def _sockpol_objects() -> tuple[dict[int, str], dict[int, str]]:
 
 
 def _owned_by_live_policies() -> set[int]:
+    """Programs and maps someone keeps: this session's loaded policies, and anything pinned
+    anywhere in the bpffs (another session's policies live under another pin root)."""
     from sockpol.runtime import status
 
     ids: set[int] = set()
     for st in status():
         ids |= set(st.program_ids.values()) | set(st.map_ids.values())
+    for kind in ("prog", "map"):
+        ids |= {o["id"] for o in bpftool_json("--bpffs", kind, "show") if o.get("pinned")}
     return ids
 
 
