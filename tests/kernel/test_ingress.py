@@ -52,7 +52,7 @@ def _cgroup_of_self(root: Path) -> Path:
     return root
 
 
-def listener_in(cgroup: Path, root: Path, host: str = "127.0.0.1") -> socket.socket:
+def listener_in(cgroup: Path, root: Path, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening socket that belongs to `cgroup`: a socket's cgroup is the one its creator
     was in, and an accepted socket takes its listener's. The test process steps into the
     cgroup for the socket() call only."""
@@ -63,24 +63,38 @@ def listener_in(cgroup: Path, root: Path, host: str = "127.0.0.1") -> socket.soc
     finally:
         (home / "cgroup.procs").write_text(str(os.getpid()))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock.bind((host, port))
     sock.listen(128)
     return sock
 
 
+@pytest.fixture(scope="module")
+def port() -> int:
+    """One port for the module's servers: the same policy text, compiled once (Python under
+    the VMs' TCG takes seconds per compile)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
-def server(cgroup: Path, cgroup2_root: Path) -> Iterator[RecordingHTTPServer]:
-    srv = RecordingHTTPServer(listener_in(cgroup, cgroup2_root))
+def server(cgroup: Path, cgroup2_root: Path, port: int) -> Iterator[RecordingHTTPServer]:
+    srv = RecordingHTTPServer(listener_in(cgroup, cgroup2_root, port=port))
     try:
         yield srv
     finally:
         srv.stop()
 
 
+_OBJECTS: dict[str, bytes] = {}  # policy text -> object
+
+
 def load(tmp_path: Path, text: str, cgroup: Path) -> LoadedPolicy:
-    compiled, _ = compile_source(text, "ingress.pol")
+    if text not in _OBJECTS:
+        compiled, _ = compile_source(text, "ingress.pol")
+        _OBJECTS[text] = compiled[0].object_code()
     obj = tmp_path / "ingress.bpf.o"
-    obj.write_bytes(compiled[0].object_code())
+    obj.write_bytes(_OBJECTS[text])
     return runtime.load(str(obj), str(cgroup), name=NAME)
 
 
@@ -423,8 +437,9 @@ def test_reload_changes_what_open_connections_accept(
 
 
 def test_unload_leaves_nothing_and_connections_go_ungoverned(
-    policy: LoadedPolicy, server: RecordingHTTPServer
+    assert_nothing_left, policy: LoadedPolicy, server: RecordingHTTPServer, cgroup: Path
 ) -> None:
+    # (assert_nothing_left first: its baseline is taken before the policy is loaded)
     from sockpol.contract import CONN_MAP
     from sockpol.runtime import libbpf, pins
 
@@ -441,8 +456,10 @@ def test_unload_leaves_nothing_and_connections_go_ungoverned(
         assert libbpf.map_keys(fd, 8) == []
     finally:
         os.close(fd)
+    policy.close()
     runtime.unload(NAME)
     assert not pin_dir.exists()
+    assert_nothing_left(NAME, cgroup)
     assert exchange(server.port, [head("/admin")], read_for=0.5).startswith(b"HTTP/1.1 200")
 
 
