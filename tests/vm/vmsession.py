@@ -1,8 +1,9 @@
 """One VM session per pytest session: the kernel matrix, each kernel booted lazily, at most once.
 
 Every line of vmkernels.LINES runs CORE: loading and replacing policies, enforcement of every
-example, answered refusals (real clients, a load run), ingress policies (a subset), the probe, the verifier budget (every
-example, 10 and 10,000 rules, a policy using every feature: compiled once on the host), loading
+example, answered refusals (real clients, a load run), ingress policies (a subset), the probe,
+the verifier budget (every example, 10 and 10,000 rules, a policy using every feature, and its
+ingress variants: compiled once on the host), loading
 `tls` policies, the TLS handshake walk, and the kTLS tests, which check that sockpol fails closed
 where the kernel refuses TLS on sockmap sockets and enforce for real where it allows it.
 `6.1-ktls` (the newest 6.1 that allows it) runs only what concerns TLS and the budget. Not in the
