@@ -190,8 +190,8 @@ class SkSkbBackend:
             b.store(I64(0), field(IN_AT))
             b.store(I64(RESUME_ANSWERED | CONN_HTTP), conn)
             self.rec.count(b, SLOT_REFUSED + Reason.PULL_FAILED, 1, b.sub(size, end))
-            h.call(b, h.SKB_CHANGE_TAIL, skb, b.trunc(end, I32), I64(0))
-            b.ret(I32(SK_PASS))
+            cut = h.call(b, h.SKB_CHANGE_TAIL, skb, b.trunc(end, I32), I64(0))
+            b.ret(b.select(b.icmp_unsigned("==", cut, I64(0)), I32(SK_PASS), I32(SK_DROP)))
 
         # The rest of a body that an earlier verdict covered: passed without a look.
         left = b.load(left_ptr, typ=I64)
@@ -363,8 +363,9 @@ class SkSkbBackend:
             self.answer(fx, skb, row, key, size)
         with b.if_then(b.icmp_unsigned("!=", at, I64(0))):
             # `answer drop`: the requests before the refused one in this skb pass.
-            h.call(b, h.SKB_CHANGE_TAIL, skb, b.trunc(at, I32), I64(0))
-            b.ret(I32(SK_PASS))
+            # Cut failing: nothing of the skb passes (the refused request must not).
+            cut = h.call(b, h.SKB_CHANGE_TAIL, skb, b.trunc(at, I32), I64(0))
+            b.ret(b.select(b.icmp_unsigned("==", cut, I64(0)), I32(SK_PASS), I32(SK_DROP)))
         b.ret(I32(SK_DROP))
 
     def handover(self, b: ir.IRBuilder, skb: ir.Value) -> None:

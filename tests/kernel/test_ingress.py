@@ -252,6 +252,24 @@ def test_pipelined_requests_in_one_segment_are_each_judged(
     ]  # fmt: skip
 
 
+def test_more_pipelined_requests_in_one_segment_than_tail_calls_fail_closed(
+    policy: LoadedPolicy, server: RecordingHTTPServer
+) -> None:
+    """A run judges one request and tail-calls the next run for the rest of the skb; the kernel
+    allows 33 tail calls. Past them the rest of the skb is cut off (never passed unjudged) and
+    the connection ends."""
+    many = b"".join(head(f"/ok/{i}") for i in range(60))
+    assert len(many) < 4000  # one segment on loopback
+    exchange(server.port, [many], read_for=1.0)
+    server.settle(0.3)
+    lines = server.request_lines()
+    n = len(lines)
+    assert 30 <= n <= 34, n
+    assert lines == [f"GET /ok/{i} HTTP/1.1".encode() for i in range(n)]
+    assert server.received() == many[: len(b"".join(head(f"/ok/{i}") for i in range(n)))]
+    assert counters(policy).refused["pull-failed"].requests == 1
+
+
 def test_bodies_are_skipped_by_length_and_requests_after_them_judged(
     policy: LoadedPolicy, server: RecordingHTTPServer
 ) -> None:
