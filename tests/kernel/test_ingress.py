@@ -454,6 +454,33 @@ def test_reload_changes_what_open_connections_accept(
     assert server.request_lines() == [b"GET /ok/1 HTTP/1.1", b"GET /new HTTP/1.1"]
 
 
+def test_a_replacement_takes_over_open_connections(
+    policy: LoadedPolicy, server: RecordingHTTPServer, tmp_path: Path
+) -> None:
+    """Another port set cannot be swapped into the loaded program: the reload replaces the
+    programs, and a connection opened before goes on with the new one (the hand-over)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(head("/ok/1"))
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        new = tmp_path / "new.pol"
+        text = policy_text(server.port).replace(
+            f"port {server.port}", f"port {server.port}, {server.port + 1}"
+        )
+        new.write_text(text.replace("allow GET,HEAD /ok/**", "allow GET /new"))
+        cli = [sys.executable, "-m", "sockpol.cli", "reload", NAME, str(new)]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "replaced" in done.stdout or "replace" in done.stdout, done.stdout
+        s.sendall(head("/new"))
+        s.settimeout(3)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.sendall(head("/ok/2"))
+        assert s.recv(4096).startswith(b"HTTP/1.1 403")
+    server.settle(0.2)
+    assert server.request_lines() == [b"GET /ok/1 HTTP/1.1", b"GET /new HTTP/1.1"]
+
+
 def test_unload_leaves_nothing_and_connections_go_ungoverned(
     assert_nothing_left, policy: LoadedPolicy, server: RecordingHTTPServer, cgroup: Path
 ) -> None:
