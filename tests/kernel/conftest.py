@@ -430,6 +430,24 @@ class RecordingHTTPServer:
 
 
 @pytest.fixture
+def make_http_server() -> Iterator[Callable[..., RecordingHTTPServer]]:
+    """A factory of recording servers (optionally on a listener made elsewhere), stopped at the
+    end of the test. (Tests take the class through this fixture: `from conftest import ...`
+    finds another conftest when tests/kernel/ktls is collected in the same session.)"""
+    made: list[RecordingHTTPServer] = []
+
+    def make(listener: socket.socket | None = None) -> RecordingHTTPServer:
+        made.append(RecordingHTTPServer(listener))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.stop()
+
+
+@pytest.fixture
 def http_server() -> Iterator[RecordingHTTPServer]:
     server = RecordingHTTPServer()
     try:

@@ -16,11 +16,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import RecordingHTTPServer
 
 from sockpol import runtime
 from sockpol.compiler import compile_source
@@ -78,12 +78,8 @@ def port() -> int:
 
 
 @pytest.fixture
-def server(cgroup: Path, cgroup2_root: Path, port: int) -> Iterator[RecordingHTTPServer]:
-    srv = RecordingHTTPServer(listener_in(cgroup, cgroup2_root, port=port))
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server(cgroup: Path, cgroup2_root: Path, port: int, make_http_server) -> Any:
+    return make_http_server(listener_in(cgroup, cgroup2_root, port=port))
 
 
 _OBJECTS: dict[str, bytes] = {}  # policy text -> object
@@ -99,7 +95,7 @@ def load(tmp_path: Path, text: str, cgroup: Path) -> LoadedPolicy:
 
 
 @pytest.fixture
-def policy(tmp_path: Path, cgroup: Path, server: RecordingHTTPServer) -> Iterator[LoadedPolicy]:
+def policy(tmp_path: Path, cgroup: Path, server: Any) -> Iterator[LoadedPolicy]:
     loaded = load(tmp_path, policy_text(server.port), cgroup)
     try:
         yield loaded
@@ -159,7 +155,7 @@ def counters(loaded: LoadedPolicy):
 
 
 def test_allowed_requests_reach_the_server_refused_ones_are_answered(
-    policy: LoadedPolicy, server: RecordingHTTPServer
+    policy: LoadedPolicy, server: Any
 ) -> None:
     assert policy.metadata.side == "ingress"
     assert SKB_PROGRAM in policy.program_ids
@@ -179,7 +175,7 @@ def test_allowed_requests_reach_the_server_refused_ones_are_answered(
 
 
 def test_curl_reads_the_answer_and_the_server_never_sees_the_request(
-    policy: LoadedPolicy, server: RecordingHTTPServer
+    policy: LoadedPolicy, server: Any
 ) -> None:
     base = f"http://127.0.0.1:{server.port}"
     run = subprocess.run(
@@ -193,7 +189,7 @@ def test_curl_reads_the_answer_and_the_server_never_sees_the_request(
 
 
 def test_nothing_after_a_refused_request_reaches_the_server(
-    policy: LoadedPolicy, server: RecordingHTTPServer
+    policy: LoadedPolicy, server: Any
 ) -> None:
     got = exchange(server.port, [head("/admin"), head("/ok/after"), head("/ok/later")], pause=0.1)
     assert got.startswith(b"HTTP/1.1 403")
@@ -205,9 +201,7 @@ def test_nothing_after_a_refused_request_reaches_the_server(
 # --- framing over TCP segments -------------------------------------------------------------------
 
 
-def test_a_head_split_over_segments_is_judged_whole(
-    policy: LoadedPolicy, server: RecordingHTTPServer
-) -> None:
+def test_a_head_split_over_segments_is_judged_whole(policy: LoadedPolicy, server: Any) -> None:
     allowed = head("/ok/split/path")
     parts = [allowed[:3], allowed[3:9], allowed[9:21], allowed[21:-1], allowed[-1:]]
     assert exchange(server.port, parts).startswith(b"HTTP/1.1 200 OK")
@@ -223,7 +217,7 @@ def test_a_head_split_over_segments_is_judged_whole(
 
 
 def test_a_refusal_inside_a_split_path_is_found_in_the_segment_that_shows_it(
-    policy: LoadedPolicy, server: RecordingHTTPServer
+    policy: LoadedPolicy, server: Any
 ) -> None:
     bad = head("/ok/a/../../admin")
     got = exchange(server.port, [bad[:8], bad[8:]])
@@ -233,7 +227,7 @@ def test_a_refusal_inside_a_split_path_is_found_in_the_segment_that_shows_it(
 
 
 def test_pipelined_requests_in_one_segment_are_each_judged(
-    policy: LoadedPolicy, server: RecordingHTTPServer
+    policy: LoadedPolicy, server: Any
 ) -> None:
     got = exchange(server.port, [head("/ok/1") + head("/ok/2") + head("/ok/3", "HEAD")])
     assert got.count(b"HTTP/1.1 200 OK") == 3
@@ -253,7 +247,7 @@ def test_pipelined_requests_in_one_segment_are_each_judged(
 
 
 def test_more_pipelined_requests_in_one_segment_than_tail_calls_fail_closed(
-    policy: LoadedPolicy, server: RecordingHTTPServer
+    policy: LoadedPolicy, server: Any
 ) -> None:
     """A run judges one request and tail-calls the next run for the rest of the skb; the kernel
     allows 33 tail calls. Past them the rest of the skb is cut off (never passed unjudged) and
@@ -271,7 +265,7 @@ def test_more_pipelined_requests_in_one_segment_than_tail_calls_fail_closed(
 
 
 def test_bodies_are_skipped_by_length_and_requests_after_them_judged(
-    policy: LoadedPolicy, server: RecordingHTTPServer
+    policy: LoadedPolicy, server: Any
 ) -> None:
     body = head("/admin") * 3  # a request hidden in a body is body, not a request
     post = head("/upload", "POST", f"Content-Length: {len(body)}\r\n") + body
@@ -286,9 +280,7 @@ def test_bodies_are_skipped_by_length_and_requests_after_them_judged(
     ]  # fmt: skip
 
 
-def test_chunked_bodies_are_followed_chunk_by_chunk(
-    policy: LoadedPolicy, server: RecordingHTTPServer
-) -> None:
+def test_chunked_bodies_are_followed_chunk_by_chunk(policy: LoadedPolicy, server: Any) -> None:
     hidden = head("/admin")
     chunks = b"%x\r\n%s\r\n" % (len(hidden), hidden) + b"3\r\nabc\r\n0\r\n\r\n"
     post = head("/upload", "POST", "Transfer-Encoding: chunked\r\n")
@@ -317,7 +309,7 @@ def test_chunked_bodies_are_followed_chunk_by_chunk(
     ],
 )  # fmt: skip
 def test_bypass_attempts_are_refused_on_the_receiving_side(
-    policy: LoadedPolicy, server: RecordingHTTPServer, request_bytes: bytes, reason: str
+    policy: LoadedPolicy, server: Any, request_bytes: bytes, reason: str
 ) -> None:
     got = exchange(server.port, [request_bytes + head("/ok/after")])
     assert f"reason={reason}".encode() in got, got
@@ -325,9 +317,7 @@ def test_bypass_attempts_are_refused_on_the_receiving_side(
     assert server.received() == b""
 
 
-def test_an_endless_head_is_refused_at_max_head(
-    policy: LoadedPolicy, server: RecordingHTTPServer
-) -> None:
+def test_an_endless_head_is_refused_at_max_head(policy: LoadedPolicy, server: Any) -> None:
     start = b"GET /ok/a HTTP/1.1\r\nHost: api.test\r\n"
     filler = [b"X-Pad: " + b"a" * 1000 + b"\r\n"] * 9  # past the default max-head, 8 KiB
     got = exchange(server.port, [start, *filler, b"\r\n"], pause=0.02)
@@ -357,7 +347,7 @@ def _scenarios() -> dict[str, list[bytes]]:
 
 @pytest.mark.parametrize("scenario", sorted(_scenarios()))
 def test_the_server_receives_what_the_model_of_the_receiving_side_predicts(
-    policy: LoadedPolicy, server: RecordingHTTPServer, scenario: str
+    policy: LoadedPolicy, server: Any, scenario: str
 ) -> None:
     from sockpol.dsl import load_source
     from sockpol.model.receive import receive_segments
@@ -374,7 +364,7 @@ def test_the_server_receives_what_the_model_of_the_receiving_side_predicts(
 
 
 def test_events_name_the_client_and_the_request_pipelined_or_not(
-    policy: LoadedPolicy, server: RecordingHTTPServer
+    policy: LoadedPolicy, server: Any
 ) -> None:
     from sockpol.runtime.events import Event, EventStream
 
@@ -400,9 +390,7 @@ def test_events_name_the_client_and_the_request_pipelined_or_not(
 # --- operating -----------------------------------------------------------------------------------
 
 
-def test_status_and_metrics_show_the_receiving_side(
-    policy: LoadedPolicy, server: RecordingHTTPServer
-) -> None:
+def test_status_and_metrics_show_the_receiving_side(policy: LoadedPolicy, server: Any) -> None:
     from prometheus_client import generate_latest
 
     from sockpol.runtime.metrics import registry
@@ -418,9 +406,7 @@ def test_status_and_metrics_show_the_receiving_side(
     assert refused in text
 
 
-def test_dry_run_passes_and_counts_what_it_would_refuse(
-    policy: LoadedPolicy, server: RecordingHTTPServer
-) -> None:
+def test_dry_run_passes_and_counts_what_it_would_refuse(policy: LoadedPolicy, server: Any) -> None:
     from sockpol.runtime.counters import set_mode
 
     set_mode(NAME, "dry-run")
@@ -435,7 +421,7 @@ def test_dry_run_passes_and_counts_what_it_would_refuse(
 
 
 def test_reload_changes_what_open_connections_accept(
-    policy: LoadedPolicy, server: RecordingHTTPServer, tmp_path: Path
+    policy: LoadedPolicy, server: Any, tmp_path: Path
 ) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
         s.sendall(head("/ok/1"))
@@ -455,7 +441,7 @@ def test_reload_changes_what_open_connections_accept(
 
 
 def test_a_replacement_takes_over_open_connections(
-    policy: LoadedPolicy, server: RecordingHTTPServer, tmp_path: Path
+    policy: LoadedPolicy, server: Any, tmp_path: Path
 ) -> None:
     """Another port set cannot be swapped into the loaded program: the reload replaces the
     programs, and a connection opened before goes on with the new one (the hand-over)."""
@@ -482,7 +468,7 @@ def test_a_replacement_takes_over_open_connections(
 
 
 def test_unload_leaves_nothing_and_connections_go_ungoverned(
-    assert_nothing_left, policy: LoadedPolicy, server: RecordingHTTPServer, cgroup: Path
+    assert_nothing_left, policy: LoadedPolicy, server: Any, cgroup: Path
 ) -> None:
     # (assert_nothing_left first: its baseline is taken before the policy is loaded)
     from sockpol.contract import CONN_MAP
@@ -512,29 +498,27 @@ def test_unload_leaves_nothing_and_connections_go_ungoverned(
 
 
 def test_other_ports_of_the_cgroup_and_its_clients_are_not_governed(
-    policy: LoadedPolicy, server: RecordingHTTPServer, cgroup: Path, cgroup2_root: Path
+    policy: LoadedPolicy,
+    server: Any,
+    cgroup: Path,
+    cgroup2_root: Path,
+    make_http_server: Callable[..., Any],
+    run_in_cgroup: Callable[..., Any],
 ) -> None:
-    other = RecordingHTTPServer(listener_in(cgroup, cgroup2_root))  # same cgroup, other port
-    try:
-        assert exchange(other.port, [head("/admin")], read_for=0.5).startswith(b"HTTP/1.1 200")
-    finally:
-        other.stop()
+    other = make_http_server(listener_in(cgroup, cgroup2_root))  # same cgroup, other port
+    assert exchange(other.port, [head("/admin")], read_for=0.5).startswith(b"HTTP/1.1 200")
     # A client in the cgroup is not governed by an ingress policy either: the policy judges
-    # what the cgroup receives on the port, and the recording server is outside the cgroup.
-    outside = RecordingHTTPServer()
-    try:
-        from conftest import run_in_cgroup
-
-        port = outside.port
-        got = run_in_cgroup(cgroup, exchange, port, [head("/admin")], 0.05, 0.5)
-        assert got.startswith(b"HTTP/1.1 200")
-    finally:
-        outside.stop()
+    # what the cgroup receives on the port, and this recording server is outside the cgroup.
+    outside = make_http_server()
+    got = run_in_cgroup(cgroup, exchange, outside.port, [head("/admin")], 0.05, 0.5)
+    assert got.startswith(b"HTTP/1.1 200")
     assert policy.sockets() == 0  # nothing governed is open now
 
 
-def test_ipv6_clients_are_judged_alike(tmp_path: Path, cgroup: Path, cgroup2_root: Path) -> None:
-    srv = RecordingHTTPServer(listener_in(cgroup, cgroup2_root, "::1"))
+def test_ipv6_clients_are_judged_alike(
+    tmp_path: Path, cgroup: Path, cgroup2_root: Path, make_http_server: Callable[..., Any]
+) -> None:
+    srv = make_http_server(listener_in(cgroup, cgroup2_root, "::1"))
     loaded = load(tmp_path, policy_text(srv.port), cgroup)
     try:
         assert exchange(srv.port, [head("/ok/v6")], host="::1").startswith(b"HTTP/1.1 200")
@@ -546,12 +530,11 @@ def test_ipv6_clients_are_judged_alike(tmp_path: Path, cgroup: Path, cgroup2_roo
     finally:
         loaded.close()
         runtime.unload(NAME)
-        srv.stop()
 
 
 @pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (ip netns)")
 def test_a_remote_client_from_another_network_namespace_is_judged(
-    tmp_path: Path, cgroup: Path, cgroup2_root: Path
+    tmp_path: Path, cgroup: Path, cgroup2_root: Path, make_http_server: Callable[..., Any]
 ) -> None:
     tag = f"{os.getpid() % 100000}"
     ns, host_if, ns_if = f"t-in-ns{tag}", f"tin{tag}a", f"tin{tag}b"
@@ -569,7 +552,7 @@ def test_a_remote_client_from_another_network_namespace_is_judged(
         ip("-n", ns, "addr", "add", f"{net}.2/24", "dev", ns_if)
         ip("-n", ns, "link", "set", ns_if, "up")
         ip("-n", ns, "link", "set", "lo", "up")
-        srv = RecordingHTTPServer(listener_in(cgroup, cgroup2_root, f"{net}.1"))
+        srv = make_http_server(listener_in(cgroup, cgroup2_root, f"{net}.1"))
         loaded = load(tmp_path, policy_text(srv.port), cgroup)
         try:
             base = f"http://{net}.1:{srv.port}"
