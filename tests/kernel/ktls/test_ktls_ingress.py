@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sockpol.compiler import compile_source
 from sockpol.runtime import ktls, load, unload
+from sockpol.runtime.counters import read_counters
 
 NAME = "t-in-ktls"
 
@@ -99,6 +100,9 @@ def test_ktls_receive_on_an_ingress_connection(
                 client.sendall(head("/admin/ktls"))
                 denied = _read(server, 2.0)
                 print(f"denied request, read by the server through kTLS: {denied[:40]!r}")
+                c = read_counters(loaded.pin_dir, loaded.metadata)
+                judged = {"allowed": c.rules[0].requests, "default": c.default.requests}
+                print(f"the policy's counts: {judged}, refused {c.refused}")
                 # Fail closed whatever the kernel does with the records.
                 assert b"/admin/ktls" not in denied
     finally:
