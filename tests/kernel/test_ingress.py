@@ -280,6 +280,24 @@ def test_bodies_are_skipped_by_length_and_requests_after_them_judged(
     ]  # fmt: skip
 
 
+def test_a_large_body_passes_through_and_the_next_request_is_judged(
+    policy: LoadedPolicy, server: Any, tmp_path: Path
+) -> None:
+    body = tmp_path / "body.bin"
+    body.write_bytes(head("/admin") * 20_000)  # ~800 KB, a request spelled over and over
+    base = f"http://127.0.0.1:{server.port}"
+    run = subprocess.run(
+        ["curl", "-s", "-m", "20", "-w", "%{http_code}\n", "-o", "/dev/null",
+         "--data-binary", f"@{body}", f"{base}/upload",
+         "-o", "/dev/null", f"{base}/admin"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.stdout.split() == ["200", "403"], run
+    server.settle(0.2)
+    assert [r.split(b"\r\n", 1)[0] for r in server.requests()] == [b"POST /upload HTTP/1.1"]
+    assert server.requests()[0].endswith(body.read_bytes())
+
+
 def test_chunked_bodies_are_followed_chunk_by_chunk(policy: LoadedPolicy, server: Any) -> None:
     hidden = head("/admin")
     chunks = b"%x\r\n%s\r\n" % (len(hidden), hidden) + b"3\r\nabc\r\n0\r\n\r\n"
