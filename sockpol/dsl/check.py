@@ -106,10 +106,9 @@ class _Checker:
                 policy.tls.span,
                 "'tls' is not supported with 'side ingress'",
                 "E159",
-                "on the receiving side the kernel shows the program the ciphertext of a "
-                "user-space TLS server, and no kernel of the matrix lets kTLS receive and "
-                "sockmap share a socket (docs/ktls.md); without 'tls' a TLS handshake is "
-                "refused (bad-method)",
+                "on the receiving side the program sees TLS records before any TLS layer "
+                "decrypts them, kTLS receive included (docs/ktls.md); without 'tls' a TLS "
+                "handshake is refused (bad-method)",
             )
 
     def answers(self, policy: Policy) -> None:
