@@ -424,6 +424,34 @@ def test_status_and_metrics_show_the_receiving_side(policy: LoadedPolicy, server
     assert refused in text
 
 
+def test_the_command_line_loads_shows_and_unloads_an_ingress_policy(
+    server: Any, cgroup: Path, tmp_path: Path
+) -> None:
+    pol = tmp_path / "in.pol"
+    pol.write_text(policy_text(server.port))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    def sockpol(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "sockpol.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+    done = sockpol("load", str(pol), "--cgroup", str(cgroup))
+    assert done.returncode == 0 and "(ingress:" in done.stdout, done.stdout + done.stderr
+    try:
+        assert exchange(server.port, [head("/admin")]).startswith(b"HTTP/1.1 403")
+        status = sockpol("status", NAME)
+        assert "side     ingress" in status.stdout and SKB_PROGRAM in status.stdout, status.stdout
+        refused = [line.split() for line in status.stdout.splitlines() if "default" in line]
+        size = str(len(head("/admin")))
+        assert ["default", "1", size] in refused, status.stdout  # REASON REQUESTS BYTES
+        mode = sockpol("mode", NAME, "dry-run")
+        assert mode.returncode == 0, mode.stderr
+        assert exchange(server.port, [head("/admin")], read_for=0.5).startswith(b"HTTP/1.1 200")
+    finally:
+        done = sockpol("unload", NAME)
+    assert done.returncode == 0, done.stderr
+
+
 def test_dry_run_passes_and_counts_what_it_would_refuse(policy: LoadedPolicy, server: Any) -> None:
     from sockpol.runtime.counters import set_mode
 
