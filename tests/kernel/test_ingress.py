@@ -561,6 +561,45 @@ def test_other_ports_of_the_cgroup_and_its_clients_are_not_governed(
     assert policy.sockets() == 0  # nothing governed is open now
 
 
+def test_a_port_governed_on_both_sides_is_judged_on_each(
+    policy: LoadedPolicy,
+    server: Any,
+    cgroup2_root: Path,
+    tmp_path: Path,
+    run_in_cgroup: Callable[..., Any],
+) -> None:
+    """An egress policy for a client cgroup and the ingress policy for the server's, on one
+    port: the client's side refuses what it denies before it leaves, the server's side what it
+    denies before the server reads it."""
+    clients = cgroup2_root / f"sockpol-test-{os.getpid()}-clients"
+    clients.mkdir()
+    egress_text = f"""policy t-in-client {{
+    port {server.port}
+    default allow
+    answer 451
+    deny * /ok/client-denied
+}}
+"""
+    compiled, _ = compile_source(egress_text, "client.pol")
+    obj = tmp_path / "client.bpf.o"
+    obj.write_bytes(compiled[0].object_code())
+    egress = runtime.load(str(obj), str(clients), name="t-in-client")
+    try:
+        port = server.port
+        by_client = run_in_cgroup(clients, exchange, port, [head("/ok/client-denied")], 0.05, 1)
+        assert by_client.startswith(b"HTTP/1.1 451"), by_client  # the client side's answer
+        by_server = run_in_cgroup(clients, exchange, port, [head("/admin")], 0.05, 1)
+        assert by_server.startswith(b"HTTP/1.1 403"), by_server  # the server side's
+        both = run_in_cgroup(clients, exchange, port, [head("/ok/both")], 0.05, 0.5)
+        assert both.startswith(b"HTTP/1.1 200")
+    finally:
+        egress.close()
+        runtime.unload("t-in-client")
+        clients.rmdir()
+    server.settle(0.2)
+    assert server.request_lines() == [b"GET /ok/both HTTP/1.1"]
+
+
 def test_ipv6_clients_are_judged_alike(
     tmp_path: Path, cgroup: Path, cgroup2_root: Path, make_http_server: Callable[..., Any]
 ) -> None:
