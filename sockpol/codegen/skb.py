@@ -275,6 +275,13 @@ class SkSkbBackend:
         calls = b.add(b.add(span, b.lshr(span, I64(3))), I64(2))
         h.call(b, h.LOOP, b.trunc(calls, I32), scan_step, scan, I64(0))
 
+        # The scan reads up to the end of the linear data (the judging core checks the window,
+        # which for sk_msg ends where the bytes pulled end); an skb's linear part may go on past
+        # `limit`, the end of what max-head allows: a unit that needed bytes past it is too large,
+        # whatever the scan made of them.
+        with b.if_then(b.icmp_unsigned(">", fx.get("pos"), limit), likely=False):
+            b.store(I64(0), field(IN_HEAD))
+            refuse(I64(Reason.HEAD_TOO_LARGE), whole)
         state = fx.get("state")
         complete = fn.append_basic_block("head_complete")
         not_complete = fn.append_basic_block("head_not_complete")
