@@ -24,6 +24,7 @@ if [ "${1:-}" = "--quick" ]; then
     policy_args=(--requests 8)
     reload_args=(--sizes 10,40 --repeat 1 --duration 1)
     answer_args=(--rounds 1 --duration 1)
+    agent_args=(--pods 3 --latency-repeat 2)
     out=$(mktemp -d)
 else
     compile_args=()
@@ -32,6 +33,7 @@ else
     policy_args=()
     reload_args=()
     answer_args=()
+    agent_args=()
 fi
 echo "== machine: $(nproc) CPUs, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== compile benchmark"
@@ -48,4 +50,6 @@ echo "== reload benchmark: latency by size, and a reload storm under traffic"
 $PYTHON bench/reload_bench.py "${reload_args[@]}" --out "$out/reload.json"
 echo "== refusal benchmark: allowed against answered (403) and dropped refusals"
 $PYTHON bench/answer_bench.py "${answer_args[@]}" --out "$out/answer.json"
+echo "== agent benchmark: reconcile passes with N pods, and a new pod's mkdir-to-load time"
+$PYTHON bench/agent_bench.py "${agent_args[@]}" --out "$out/agent.json"
 echo "== results in $out"

@@ -9,10 +9,12 @@
 # runs (tests/test_bench_smoke.py).
 # The server oracle (tests/servers) runs real servers: nginx, haproxy, apache2, tomcat10 (with a
 # JRE) and nodejs; the tests start their own instances on free ports of 127.0.0.1.
+# The `agent` extra (the kubernetes client, PyYAML) is for `sockpol agent`'s tests (tests/agent,
+# tests/kernel/test_agent.py); kubernetes-validate (in `test`) checks deploy/ offline.
 #   sudo ./scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SOCKPOL_EXTRAS="[test,vm]" bash scripts/setup.sh libbpf1 bpftool iproute2 python3-venv \
+SOCKPOL_EXTRAS="[test,vm,agent]" bash scripts/setup.sh libbpf1 bpftool iproute2 python3-venv \
     qemu-system-x86 busybox-static kmod nginx openssl curl clang \
     haproxy apache2 tomcat10 nodejs wrk
 echo "== ruff"

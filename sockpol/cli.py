@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sockpol import __version__
+from sockpol.agent.options import arguments as agent_arguments
 from sockpol.diagnostics import CompileError, Diagnostic, SockpolError, Source, render
 from sockpol.doctor import doctor_arguments
 from sockpol.metadata import describe_tls
@@ -522,6 +523,8 @@ COMMANDS: tuple[Command, ...] = (
             f"{AUTHORING}:cmd_explain"),
     Command("doctor", "probe the running kernel: what sockpol can enforce here (incl. kTLS)",
             doctor_arguments, "sockpol.doctor:cmd_doctor"),
+    Command("agent", "keep this node's policies equal to a desired state (directory, Kubernetes)",
+            agent_arguments, "sockpol.agent.main:cmd_agent"),
 )  # fmt: skip
 
 

@@ -99,8 +99,8 @@ VERDICT_NAMES = {
 
 # The event record. Bounded copies: the method's first METHOD_BYTES bytes; the first HOST_BYTES
 # bytes of the value of the head's first line starting `host:` (any case), as sent, blanks after
-# the colon included (readers trim them); the normalized path's first PATH_BYTES bytes.
-# path_len is the whole normalized path's length (up to 2048, the normalizer's limit);
+# the colon included (readers trim them); the canonical path's first PATH_BYTES bytes.
+# path_len is the whole canonical path's length (up to 2048, the path's limit);
 # method_len and host_len are the bytes copied, or one more than the room (17, 65) when the
 # value was longer and was cut.
 METHOD_BYTES = 16

@@ -326,3 +326,21 @@ def test_answer_bench_runs(tmp_path):
     assert rows["allowed"]["rps"] > 0 and not rows["allowed"]["errors"]
     assert rows["refused-403"]["rps"] > 0 and "non2xx" in rows["refused-403"]["errors"][0]
     assert rows["refused-drop"]["runs_per_s"] > 0 and rows["refused-drop"]["rps"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="needs root")
+def test_agent_bench_runs(tmp_path):
+    """The node agent's benchmark at a tiny size, in a process of its own (its own pin root)."""
+    out = tmp_path / "agent.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "agent_bench.py"), "--pods", "2", "--latency-repeat", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(BENCH.parent)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    (size,) = result["sizes"]
+    assert size["first"]["actions"] == {"load": 2} and size["change"]["actions"] == {"reload": 2}
+    assert size["restart"]["actions"] == {"adopt": 2} and size["remove"]["actions"] == {"unload": 2}
+    assert result["new_pod_ms"]["runs"] == 1

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     (
         "commands",
         {"sockpol.cli", "sockpol.authoring", "sockpol.doctor", "sockpol.selfcheck",
-         "sockpol.stats", "sockpol.statusview", "sockpol.demo"},
+         "sockpol.stats", "sockpol.statusview", "sockpol.demo", "sockpol.agent"},
     ),
 ]  # fmt: skip
 

@@ -234,7 +234,7 @@ def compiled_cases(draw):
 @given(compiled_cases())
 def test_compiled_matcher_agrees_with_to_regex(case):
     """End to end: a one-rule policy, compiled and simulated, allows exactly what `to_regex`
-    matches (on normalized paths, which is all that reaches the rules)."""
+    matches (on canonical paths, which is all that reaches the rules)."""
     from sockpol.codegen.lower import lower
     from sockpol.codegen.simulate import run
     from sockpol.dsl import load_source

@@ -87,7 +87,7 @@ _HEX = "0123456789ABCDEF"
 
 
 @cache
-def normalized_paths() -> Re:
+def canonical_paths() -> Re:
     """The paths the kernel can match: '/', segments that are not empty, '.' or '..' (but may
     end with a '/'), bytes of pchar, escapes only of bytes that stay escaped, upper-case hex."""
     # An escape that stays escaped: '%', then per first hex digit the second digits allowed.
@@ -114,14 +114,14 @@ def normalized_paths() -> Re:
 @dataclass(frozen=True)
 class PathResult:
     covered: bool
-    example: str | None  # a normalized path the rule matches and the others don't
+    example: str | None  # a canonical path the rule matches and the others don't
 
 
 @cache
 def _dfa(glob: str | None) -> DFA:
-    """The DFA of a glob, or of the normalized paths (None), over single bytes; each
+    """The DFA of a glob, or of the canonical paths (None), over single bytes; each
     determinized once. glob_regex takes path regexes (~"...") too."""
-    regex = normalized_paths() if glob is None else glob_regex(glob)
+    regex = canonical_paths() if glob is None else glob_regex(glob)
     return by_byte(determinize([(regex, "A")], 200_000))
 
 
@@ -171,14 +171,14 @@ def _search(musts: tuple[str, ...], others: tuple[str, ...]):
 
 @cache
 def path_covered(path: str, others: frozenset[str]) -> PathResult:
-    """Does every normalized path `path` matches also match one of `others`?"""
+    """Does every canonical path `path` matches also match one of `others`?"""
     found = _search((path,), tuple(sorted(others)))
     return PathResult(found is None, found[0] if found else None)
 
 
 @cache
 def path_overlap(a: str, b: str) -> str | None:
-    """A normalized path both globs match, or None."""
+    """A canonical path both globs match, or None."""
     found = _search((a, b), ())
     return found[0] if found else None
 

@@ -23,7 +23,7 @@ Table layout (what the kernel reads):
     need[class]   fact words: the facts the class needs (method set, conditions)
 
 A rule that is in no candidate list can never decide a request: either its path matches no
-(normalized) path at all, or earlier rules decide every request it would match. `unreachable`
+(canonical) path at all, or earlier rules decide every request it would match. `unreachable`
 says which, with the earlier rules responsible.
 """
 

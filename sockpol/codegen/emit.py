@@ -2,24 +2,24 @@
 
 The generated object has:
 - `sockpol_msg` (section `sk_msg`): pulls the first `max-head` bytes of each message into the data
-  window, walks the scanner automaton over them with `bpf_loop` (one callback per byte, so the
-  verifier checks the step once rather than once per byte) while normalizing the path into the
-  connection's work area, walks the path automaton over the normalized path, then finds the first
+  window, walks the scanner automaton over them with `bpf_loop` (a callback walks up to 32
+  bytes, so the verifier checks the step once rather than once per chunk) while copying the path
+  into the connection's work area, walks the path automaton over the path, then finds the first
   rule whose facts all hold. It sets `bpf_msg_apply_bytes` on every run so the verdict covers
   exactly the request head plus its Content-Length body, and corks an incomplete head.
 - `sockpol_sockops` (section `sockops`): inserts client-side TCP connections to governed ports into
   the sockhash when they become established.
 - `sockpol_socks`: the BTF-defined sockhash; `sockpol_conn`: socket storage holding the stream
-  state between runs and each run's work area (normalized path, scan state); `sockpol_tables` in
+  state between runs and each run's work area (the path, scan state); `sockpol_tables` in
   `.data`: every policy-dependent number the program reads, so a later reload can swap tables
   without touching programs.
 
 The parts it is built from, each in its own module and shared by any other backend (an LSM
 program judging the same tables would be a class like `SkMsgBackend` built from the same parts):
 objbuilder.py (libbpf's object contract), tables.py (the tables, the scan state, the explicit
-per-function context `Fn`), judge.py (the byte-level judging core: normalizer, scanner step,
-path step, candidate step), tlswalk.py (the TLS handshake walk), record.py (counters, events,
-mode). `simulate.py` (with `normalize.py`) is the same algorithm in Python; keep them in step.
+per-function context `Fn`), judge.py (the byte-level judging core: scanner step, path step,
+candidate step), tlswalk.py (the TLS handshake walk), record.py (counters, events, mode).
+`simulate.py` is the same algorithm in Python; keep them in step.
 """
 
 from __future__ import annotations

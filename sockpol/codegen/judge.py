@@ -59,8 +59,6 @@ def visible_word(word: int) -> bool:
 # Bytes past `pos` that one call may read: its packet offsets must stay below 64 KiB, or the
 # verifier does not grant the loads.
 READ_AHEAD = max(SCAN_CHUNK, 8 * SKIP_WORDS)
-# How the fast path of scan_step ends: the next call goes on, or starts with the slow path.
-EXIT_MORE, EXIT_PENDING = 0, 1
 # Bytes of the path per call of path_step.
 PATH_CHUNK = 16
 
@@ -193,10 +191,21 @@ class JudgeCore:
         b.ret(I64(1))
         data_end = fx.get("data_end")
 
-        def transition(state: ir.Value, q: ir.Value) -> tuple[ir.Value, ir.Value]:
+        preshift = self.tables.preshift
+
+        def transition(row: ir.Value, q: ir.Value) -> tuple[ir.Value, ir.Value]:
+            """(byte, the trans entry) for the byte at q from the state whose row starts at
+            `row` (state << class_bits). The entry is the next state's row where
+            tables.preshift, else the next state."""
             byte = b.zext(b.load(q, typ=I8), I64)
             cls = fx.load_flat("classmap", byte, I8)
-            return byte, fx.load_flat("trans", b.add(b.shl(state, I64(t.class_bits)), cls), I16)
+            return byte, fx.load_flat("trans", b.add(row, cls), I16)
+
+        def row_of(state: ir.Value) -> ir.Value:
+            return b.shl(state, I64(t.class_bits))
+
+        def state_of(entry: ir.Value) -> ir.Value:
+            return b.lshr(entry, I64(t.class_bits)) if preshift else entry
 
         def window(pos: ir.Value, slack: int) -> ir.Value:
             """data + pos, with pos bounded for the verifier (packet offsets, `slack` bytes
@@ -228,8 +237,8 @@ class JudgeCore:
         pulled = b.icmp_unsigned(">=", pos, fx.get("limit"))  # the fast path leaves it here
         b.cbranch(b.or_(beyond, pulled), stop, in_window)
         b.position_at_end(in_window)
-        byte, nxt = transition(fx.get("state"), p)
-        done = self.ob.call(b, byte_fn, scan, pos, byte, nxt)
+        byte, entry = transition(row_of(fx.get("state")), p)
+        done = self.ob.call(b, byte_fn, scan, pos, byte, state_of(entry))
         go_on = fn.append_basic_block("go_on")
         b.cbranch(b.icmp_unsigned("!=", done, I64(0)), stop, go_on)
         b.position_at_end(go_on)
@@ -250,44 +259,41 @@ class JudgeCore:
         len0 = fx.get("out_len")
         state0 = fx.get("state")
 
-        here = b.block
-        exit_ = fn.append_basic_block("exit")
-        b.position_at_end(exit_)
-        x_state, x_pos = b.phi(I64, "x_state"), b.phi(I64, "x_pos")
-        x_len, x_code = b.phi(I64, "x_len"), b.phi(I64, "x_code")
-        b.position_at_end(here)
+        def leave(row: ir.Value, j: int, out_len: ir.Value) -> ir.Block:
+            """A block that ends the call before byte j (pending: the next call's slow path
+            takes it) or, for j == SCAN_CHUNK, after the chunk. A block of its own per byte:
+            with one shared exit, LLVM spilled the exit values to the stack on every byte."""
+            here = b.block
+            out = fn.append_basic_block(f"out{j}")
+            b.position_at_end(out)
+            fx.put("state", b.lshr(row, I64(t.class_bits)))
+            fx.put("pos", b.add(pos, I64(j)))
+            fx.put("out_len", out_len)
+            fx.put("pending", int(j < SCAN_CHUNK))
+            b.ret(I64(0))
+            b.position_at_end(here)
+            return out
 
-        def leave(state: ir.Value, at: ir.Value, out_len: ir.Value, code: int) -> None:
-            """Record what the exit block stores for an exit from the current block."""
-            for phi, value in ((x_state, state), (x_pos, at), (x_len, out_len)):
-                phi.add_incoming(value, b.block)
-            x_code.add_incoming(I64(code), b.block)
-
-        # SCAN_CHUNK bytes unrolled, each checked against the window (a branch: the verifier
-        # needs it to allow the load) and against the bytes pulled (arithmetic: `ok` is all
-        # ones for the bytes before `limit`). Both exits of a byte go through a block of their
-        # own: LLVM puts the exit values' copies there, not before every branch. Every exit
-        # leaves the byte pending: the next call's slow path stops at the window or the limit.
+        # SCAN_CHUNK bytes unrolled, each checked against the window. The window ends where the
+        # bytes pulled end: bpf_msg_pull_data(msg, 0, n) leaves data_end at data + n (net/core/
+        # filter.c, every kernel), so one check (the verifier needs it for the load) is both;
+        # the slow path checks `limit` as well. An exit leaves the byte pending: the next
+        # call's slow path takes it, or stops at the window or the limit.
         # (Checking a whole chunk once, with a second unrolled copy for a head's last chunk,
         # measured no faster and cost the verifier half as much again.)
-        avail = b.sub(limit, pos)
-        state, out_len = state0, len0
+        row, out_len = row_of(state0), len0
         for j in range(SCAN_CHUNK):
-            at = b.add(pos, I64(j))
-            out = fn.append_basic_block(f"out{j}")
             inside = fn.append_basic_block(f"in{j}")
             q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
+            out = leave(row, j, out_len)
             b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside)
-            b.position_at_end(out)
-            leave(state, at, out_len, EXIT_PENDING)
-            b.branch(exit_)
             b.position_at_end(inside)
-            byte, nxt = transition(state, b.gep(p, [I64(j)], source_etype=I8))
+            byte, entry = transition(row, b.gep(p, [I64(j)], source_etype=I8))
+            nxt = state_of(entry)
             kind = fx.load_flat("state_kind", nxt, I8)
             path = b.and_(kind, I64(STATE_PATH))
             moves = fn.append_basic_block(f"moves{j}")
-            ok = b.ashr(b.sub(I64(j), avail), I64(63))
-            still = b.and_(b.and_(kind, I64(STATE_PLAIN | STATE_PATH)), ok)
+            still = b.and_(kind, I64(STATE_PLAIN | STATE_PATH))
             b.cbranch(b.icmp_unsigned("==", still, I64(0)), out, moves)
             b.position_at_end(moves)
             # Stored whether or not it is a path byte: past the path's end, a byte that is
@@ -295,16 +301,8 @@ class JudgeCore:
             at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
             b.store(b.trunc(byte, I8), at_len)
             out_len = b.add(out_len, b.lshr(path, I64(1)))  # +1 for a path byte
-            state = nxt
-        leave(state, b.add(pos, I64(SCAN_CHUNK)), out_len, EXIT_MORE)  # the next call goes on
-        b.branch(exit_)
-
-        b.position_at_end(exit_)
-        fx.put("state", x_state)
-        fx.put("pos", x_pos)
-        fx.put("out_len", x_len)
-        fx.put("pending", x_code)
-        b.ret(I64(0))
+            row = entry if preshift else row_of(nxt)
+        b.branch(leave(row, SCAN_CHUNK, out_len))  # the next call goes on
         return fn
 
     def skip_words(self, fx: Fn, fn: ir.Function, pos, p, limit, data_end) -> None:
@@ -368,7 +366,7 @@ class JudgeCore:
         return found, b.and_(e, I64(PAYLOAD_MASK))
 
     def path_step(self) -> ir.Function:
-        """Bytes `index * PATH_CHUNK` on of the normalized path through the packed path
+        """Bytes `index * PATH_CHUNK` on of the path through the packed path
         automaton (comb.py), up to PATH_CHUNK per call with the state in a register: per byte,
         the state's slot for the byte's class, else its default slot, else the dead state."""
         fn, b = self.ob.function("sockpol_path_step", I64, [("index", I32), ("ctx", PTR)])

@@ -170,7 +170,8 @@ def glob_regex(pattern: str) -> Re:
     """The regex of a path glob (see docs/language.md and the token list in dsl/patterns.py):
     `*` is a run of non-`/` bytes (non-empty as a whole segment), a whole-segment `**` is zero
     or more segments, a trailing `**` inside a segment is any bytes. It is matched against the
-    *normalized* path (normalize.py), where remaining escapes have upper-case hex digits, as
+    path as sent (canonical: the scanner refuses other spellings), whose escapes have upper-case
+    hex digits, as
     the tokens' literals do. A path regex `~"..."` is accepted too (dsl/regex.py)."""
     if regex.is_regex(pattern):
         return regex.to_re(pattern)

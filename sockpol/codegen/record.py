@@ -395,7 +395,7 @@ class Recorder:
                 word = ctx32(ctx_offset + 4 * i)
                 b.store(word, _byte(b, ev, EVENT_OFFSETS[side] + 4 * i))
 
-        # The normalized path: its length, and its first PATH_BYTES bytes (both buffers are map
+        # The canonical path: its length, and its first PATH_BYTES bytes (both buffers are map
         # values of known size, so fixed-size 8-byte copies need no bounds checks).
         put("path_len", fx.get("out_len"))
         scratch = fx.get("scratch")

@@ -160,6 +160,10 @@ class Tables:
         self.n_rules = 1 << shape.rule_bits
         self.shape = shape
         self.ob = ob
+        # `trans` holds next states pre-shifted (state << class_bits) where they fit its 16 bits:
+        # the scan's fast path then adds the byte's class to the entry it loaded, one shift off
+        # the chain of dependent operations every byte waits on (judge.scan_step).
+        self.preshift = ir_.tables.state_bits + ir_.tables.class_bits <= 16
 
     def emit(self) -> None:
         """The global in `.data`, created here: after the maps, as the object lays them out."""
@@ -206,7 +210,7 @@ class Tables:
             # Per state: STATE_PLAIN (nothing to do but move on) or STATE_PATH (a raw path byte
             # and nothing else), else 0.
             "state_kind": array(I8, state_kinds(t)),
-            "trans": array(I16, t.trans),
+            "trans": array(I16, [s << t.class_bits for s in t.trans] if self.preshift else t.trans),
             "info": array(I32, t.info),
             "factsets": words(factsets),
             "class_need": words(need),

@@ -11,7 +11,7 @@ from sockpol.dsl.patterns import Pattern, glob_to_regex
 
 
 def to_regex(pattern: str | Pattern) -> str:
-    """A Python regex, anchored at both ends with flags embedded, matching exactly the normalized
+    """A Python regex, anchored at both ends with flags embedded, matching exactly the canonical
     paths the pattern matches; use it with `re.match` or `re.fullmatch`."""
     if isinstance(pattern, str) and regex.is_regex(pattern):
         return regex.to_python(pattern)

@@ -1,7 +1,7 @@
 """Path patterns: the checker's validation and the code generator's token list, in one place.
 
-A pattern is matched against the request path *after* normalization (see docs/language.md,
-"Normalization and refusals"): the query string is cut off, and a request whose path has an
+A pattern is matched against the request path as sent (see docs/language.md, "Normalization
+and refusals"): the query string is cut off, and a request whose path has an
 empty segment (`//`), a `.` or `..` segment, an encoded `/`, `\\` or NUL (`%2F`, `%5C`, `%00`) or
 an encoded unreserved character (`%41` for `A`) is refused before any rule is looked at. Matching is
 byte-exact and case-sensitive, except that a percent-escape's hex digits match in either case
@@ -389,5 +389,5 @@ def _tokens(text: str) -> list[PathToken]:
 
 
 def upper_escapes(text: str) -> str:
-    """%-escapes with upper-case hex digits, as normalized paths have them."""
+    """%-escapes with upper-case hex digits, as canonical paths have them."""
     return re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group().upper(), text)

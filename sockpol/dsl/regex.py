@@ -1,15 +1,16 @@
 """Path regular expressions: `~"..."` path patterns, a documented regular subset.
 
-A regex pattern is written `~"REGEX"` and matched against the **whole normalized path** (as globs
+A regex pattern is written `~"REGEX"` and matched against the **whole canonical path** (as globs
 are: after the query is cut off, unreserved escapes decoded, slashes merged, dot segments
 removed), byte for byte. The content between the quotes is the regex verbatim: backslashes are
 regex escapes, there are no string escapes (a `"` is not a path character anyway). The subset:
 
 * literal characters: letters, digits, `- _ ~ ! & ' , ; = : @ /`, and `%XX` escapes written as in
-  globs (hex digits in either case; they match the upper-case form the normalizer leaves);
+  globs (hex digits in either case; they match the upper-case form, the only one that reaches
+  the rules);
 * `\\` followed by one of `. * + ? ( ) [ ] { } | $ / -` for that character; `\\d` (`[0-9]`),
   `\\w` (`[A-Za-z0-9_]`) and their complements `\\D`, `\\W` (within path bytes);
-* `.` — **any byte of a normalized path, `/` included** (as in Envoy, Cilium and Istio path
+* `.` — **any byte of a canonical path, `/` included** (as in Envoy, Cilium and Istio path
   regexes; `deny ~"/admin/.*"` must not let `/admin/a/b` through). Use `[^/]` for "within one
   segment";
 * classes `[...]` and `[^...]` with ranges (`[a-z0-9]`), escapes, `\\d`, `\\w`; a negated class is
@@ -22,12 +23,12 @@ regex escapes, there are no string escapes (a `"` is not a path character anyway
 
 Not supported (each a positioned error): backreferences, lookaround, lazy or possessive
 quantifiers, inline flags, named groups, `\\b` and other anchors, characters that never occur in
-a normalized path (space, `"`, `\\`, `#`, `?`, non-ASCII...), escapes that never occur in one
+a canonical path (space, `"`, `\\`, `#`, `?`, non-ASCII...), escapes that never occur in one
 (`%41` is decoded to `A` before matching; `%2F`, `%5C`, `%00` are refused), and a regex that
 cannot match a path starting with `/`.
 
 `to_re` builds the automaton (`codegen.automaton.Re`); `to_python` is the reference semantics as a
-Python regex over normalized paths (what `pathmatch.to_regex` returns for a regex pattern, and
+Python regex over canonical paths (what `pathmatch.to_regex` returns for a regex pattern, and
 what the tests and the interpreter use).
 """
 
@@ -302,7 +303,7 @@ class _Parser:
                         low_at,
                         self.i - low_at,
                         "E207",
-                        "the range includes characters that never occur in a normalized path",
+                        "the range includes characters that never occur in a canonical path",
                         "list the path characters you mean",
                     )
                     span &= PATH
@@ -343,7 +344,7 @@ class _Parser:
             if _mask(c) & PATH:
                 return _mask(c)
             self.error(
-                at, 2, "E207", f"'\\{c}' matches '{c}', which never occurs in a normalized path"
+                at, 2, "E207", f"'\\{c}' matches '{c}', which never occurs in a canonical path"
             )
         elif c.isdigit():
             self.error(at, 2, "E206", "backreferences are not supported")
@@ -360,7 +361,7 @@ class _Parser:
         return 0
 
     def percent(self) -> _Node:
-        """`%XX`: a percent-escape as the normalizer leaves it (upper-case hex)."""
+        """`%XX`: a percent-escape as a canonical path spells it (upper-case hex)."""
         at = self.i
         digits = self.src[at + 1 : at + 3]
         if len(digits) < 2 or not all(h in HEX for h in digits):
@@ -411,7 +412,7 @@ class _Parser:
             encoded = "".join(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
             hint = f"percent-encode its UTF-8 bytes: '{encoded}'"
             what = f"{c!r} (U+{ord(c):04X})"
-        self.error(at, 1, "E207", f"character {what} never occurs in a normalized path", hint)
+        self.error(at, 1, "E207", f"character {what} never occurs in a canonical path", hint)
 
 
 def _or(masks) -> int:
@@ -458,7 +459,7 @@ def _parse(text: str) -> tuple[_Node, list[Problem]]:
                 0,
                 len(text),
                 "E208",
-                "this regex cannot match a path: a normalized path always starts with '/', and "
+                "this regex cannot match a path: a canonical path always starts with '/', and "
                 "the regex is matched against the whole path",
                 "start it with '/' (or with '.*' to match anywhere: ~\".*\\.json\")",
             )
@@ -480,7 +481,7 @@ def to_re(text: str) -> Re:
 
 def to_python(text: str) -> str:
     """The reference semantics: a Python regex (flags embedded, anchored) matching exactly the
-    normalized paths the pattern matches."""
+    canonical paths the pattern matches."""
     node, found = _parse(text)
     if found:
         raise ValueError(f"invalid regex pattern {text}: {found[0].message}")

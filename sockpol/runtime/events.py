@@ -59,8 +59,8 @@ class Event:
     method_cut: bool  # longer than telemetry.METHOD_BYTES; `method` is its start
     host: str | None  # the Host header's value, None when the head had none (or was no head)
     host_cut: bool
-    path: str  # the normalized path's first telemetry.PATH_BYTES bytes
-    path_len: int  # the whole normalized path's length
+    path: str  # the canonical path's first telemetry.PATH_BYTES bytes
+    path_len: int  # the whole canonical path's length
     size: int  # bytes in the message the program judged
     time_ns: int  # the kernel's stamp (CLOCK_MONOTONIC), for ordering
     # A refusal answered with a response (`answer`): its HTTP status; None: dropped (the send

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -40,7 +40,7 @@ _kernel_conftest = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _kernel_conftest  # dataclasses look their module up there
 _spec.loader.exec_module(_kernel_conftest)
 _remove_cgroup, run_in_cgroup = _kernel_conftest._remove_cgroup, _kernel_conftest.run_in_cgroup
-from policygen import ConnectionSpec, PolicySpec, connections, policies  # noqa: E402
+from policygen import ConnectionSpec, PolicySpec, RuleSpec, connections, policies  # noqa: E402
 
 from sockpol import runtime  # noqa: E402
 from sockpol.compiler import compile_source  # noqa: E402
@@ -250,3 +250,37 @@ def test_kernel_agrees_with_the_interpreter(rig: Rig, data: st.DataObject) -> No
     switch = st.one_of(st.none(), st.none(), st.none(), st.integers(0, 6))
     switches = [data.draw(switch, label="switch") if rig.modes else None for _ in conns]
     _check(rig, spec, conns, switches)
+
+
+# A scanner too large for pre-shifted `trans` entries (tables.preshift: more than 16 bits of
+# state and class), which the generated policies above never reach: many header conditions,
+# each value its own states. The scan then takes its other code path; it must agree just as well.
+BIG_SCANNER_RULES = tuple(
+    RuleSpec(
+        "allow", ("GET",), f"/big/{i}/**", False, (("header", f"x-big-{i}", f"v{i}-{i * 7919}"),)
+    )
+    for i in range(40)
+)
+
+
+@settings(
+    max_examples=max(3, EXAMPLES // 6),
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
+@given(data=st.data())
+def test_kernel_agrees_on_a_scanner_without_preshifted_entries(
+    rig: Rig, data: st.DataObject
+) -> None:
+    drawn = data.draw(policies(modes=rig.modes, governed=True), label="policy")
+    spec = replace(drawn, rules=drawn.rules + BIG_SCANNER_RULES)
+    (compiled,), _ = compile_source(spec.render(rig.server.port), "big.pol")
+    scanner = compiled.matcher.tables
+    assert scanner.state_bits + scanner.class_bits > 16, "not the path this test is for"
+    n = data.draw(st.integers(*CONNECTIONS), label="connections")
+    conns = [data.draw(connections(spec), label=f"connection {i}") for i in range(n)]
+    _check(rig, spec, conns, [None] * n)
