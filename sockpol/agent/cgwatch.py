@@ -21,15 +21,31 @@ from pathlib import Path
 
 log = logging.getLogger("sockpol.agent")
 
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
 IN_ONLYDIR = 0x01000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
+# A directory source: kubelet swaps a mounted ConfigMap's `..data` symlink with a rename
+# (IN_MOVED_TO); a plain directory is edited in place or by rename.
+SOURCE_CHANGES = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
 
 
 class CgroupWatcher:
-    def __init__(self, directories: list[Path], wake: threading.Event) -> None:
+    """Wakes the loop when kubelet makes a pod cgroup in `directories`, and when a file of a
+    directory source (`sources`) changes, so that a ConfigMap's update is read at once, not
+    at the next periodic pass."""
+
+    def __init__(
+        self, directories: list[Path], wake: threading.Event, sources: list[Path] = ()
+    ) -> None:
         self.directories, self.wake = directories, wake
+        self._masks = {d: IN_CREATE | IN_ONLYDIR for d in directories}
+        self._masks.update({d: SOURCE_CHANGES | IN_ONLYDIR for d in sources})
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self._fd < 0:
@@ -42,10 +58,10 @@ class CgroupWatcher:
 
     def refresh(self) -> None:
         """Watch the directories that exist now (kubelet makes them at its start)."""
-        for d in self.directories:
+        for d, mask in self._masks.items():
             if d in self._watched or not d.is_dir():
                 continue
-            wd = self._libc.inotify_add_watch(self._fd, str(d).encode(), IN_CREATE | IN_ONLYDIR)
+            wd = self._libc.inotify_add_watch(self._fd, str(d).encode(), mask)
             if wd >= 0:
                 self._watched.add(d)
 

@@ -15,6 +15,7 @@ from sockpol.diagnostics import SockpolError
 
 MODES = ("enforce", "dry-run")
 QOS_CLASSES = ("Guaranteed", "Burstable", "BestEffort")
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 
 
 class SpecError(SockpolError):
@@ -47,32 +48,59 @@ class Selector:
     expressions: tuple[Requirement, ...] = ()
 
     @staticmethod
-    def from_dict(raw: dict | None) -> Selector:
+    def from_dict(raw: object) -> Selector:
+        """Checked as the API server checks a LabelSelector: a misspelt key or a value of the
+        wrong type is an error, never a selector that silently selects more (or other) pods."""
         raw = raw or {}
         if not isinstance(raw, dict):
             raise SpecError("selector: expected an object with matchLabels/matchExpressions")
+        unknown = set(raw) - {"matchLabels", "matchExpressions"}
+        if unknown:
+            raise SpecError(
+                f"selector: unknown keys {', '.join(sorted(map(str, unknown)))} "
+                "(matchLabels, matchExpressions)"
+            )
         labels = raw.get("matchLabels") or {}
         if not isinstance(labels, dict):
             raise SpecError("selector: matchLabels must map label names to values")
-        exprs = []
-        for e in raw.get("matchExpressions") or []:
-            op = e.get("operator")
-            values = tuple(str(v) for v in e.get("values") or ())
-            if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
-                raise SpecError(f"selector: unknown operator {op!r}")
-            if op in ("In", "NotIn") and not values:
-                raise SpecError(f"selector: {op} needs values")
-            if op in ("Exists", "DoesNotExist") and values:
-                raise SpecError(f"selector: {op} takes no values")
-            exprs.append(Requirement(str(e.get("key")), op, values))
+        for k, v in labels.items():
+            if not isinstance(k, str) or not k or not isinstance(v, str):
+                raise SpecError(
+                    f"selector: matchLabels: {k!r}: {v!r}: label names and values are "
+                    "strings (quote numbers and booleans in YAML)"
+                )
+        exprs = raw.get("matchExpressions") or []
+        if not isinstance(exprs, list):
+            raise SpecError("selector: matchExpressions must be a list")
         return Selector(
-            tuple(sorted((str(k), str(v)) for k, v in labels.items())), tuple(exprs)
+            tuple(sorted(labels.items())), tuple(_requirement(i, e) for i, e in enumerate(exprs))
         )
 
     def matches(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.match_labels) and all(
             r.matches(labels) for r in self.expressions
         )
+
+
+def _requirement(i: int, e: object) -> Requirement:
+    where = f"selector: matchExpressions[{i}]"
+    if not isinstance(e, dict):
+        raise SpecError(f"{where}: expected an object with key, operator and values")
+    unknown = set(e) - {"key", "operator", "values"}
+    if unknown:
+        raise SpecError(f"{where}: unknown keys {', '.join(sorted(map(str, unknown)))}")
+    key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+    if not isinstance(key, str) or not key:
+        raise SpecError(f"{where}: 'key' (a label name) is required")
+    if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
+        raise SpecError(f"{where}: unknown operator {op!r}")
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise SpecError(f"{where}: 'values' must be a list of strings")
+    if op in ("In", "NotIn") and not values:
+        raise SpecError(f"{where}: {op} needs values")
+    if op in ("Exists", "DoesNotExist") and values:
+        raise SpecError(f"{where}: {op} takes no values")
+    return Requirement(key, op, tuple(values))
 
 
 @dataclass(frozen=True)
@@ -111,6 +139,7 @@ class Pod:
     labels: dict[str, str] = field(default_factory=dict, hash=False)
     qos: str = "BestEffort"  # status.qosClass
     phase: str = "Running"
+    deleting: bool = False  # metadata.deletionTimestamp: kubelet may have removed its cgroup
 
     @property
     def active(self) -> bool:
@@ -120,13 +149,18 @@ class Pod:
     @staticmethod
     def from_dict(raw: dict) -> Pod:
         meta, status = raw.get("metadata") or {}, raw.get("status") or {}
+        # A static pod (a manifest in kubelet's directory) runs under the UID kubelet made
+        # from the manifest's hash; the API shows a mirror of it under another UID, with the
+        # hash in this annotation (kubelet's pod/mirror_client.go, config/common.go).
+        mirror_of = (meta.get("annotations") or {}).get(MIRROR_ANNOTATION)
         return Pod(
-            uid=meta.get("uid", ""),
+            uid=mirror_of or meta.get("uid", ""),
             namespace=meta.get("namespace", ""),
             name=meta.get("name", ""),
             labels=dict(meta.get("labels") or {}),
             qos=status.get("qosClass") or "BestEffort",
             phase=status.get("phase") or "Pending",
+            deleting=bool(meta.get("deletionTimestamp")),
         )
 
 

@@ -17,7 +17,8 @@
 kubelet updates a mounted ConfigMap by writing a new timestamped directory and swapping the
 `..data` symlink to it in one rename; the visible names are symlinks through `..data`. Reading
 every file through one resolution of `..data` gives a consistent snapshot: never the new
-targets file with an old policy file. The directory is read on every pass (it is small).
+targets file with an old policy file. The directory is read on every pass (it is small); a
+change in it wakes the loop for one (cgwatch.py).
 
 A targets file that cannot be read makes the snapshot not ready (nothing is unloaded on its
 word); an entry that cannot be understood is reported and its loads are kept as they are.
@@ -91,7 +92,7 @@ class DirectorySource:
             raise SpecError(f"unknown keys {', '.join(sorted(unknown))}")
         name, file = entry.get("name"), entry.get("file")
         if not isinstance(name, str) or not name:
-            raise SpecError("'name' is required")
+            raise SpecError("'name' (a string) is required")
         if not isinstance(file, str) or not file or "/" in file:
             raise SpecError("'file' must name a policy file in the same directory")
         mode = entry.get("mode")
@@ -102,21 +103,31 @@ class DirectorySource:
         except (OSError, UnicodeDecodeError) as e:
             raise SpecError(f"{file}: {getattr(e, 'strerror', None) or e}") from None
         pods = []
+        if not isinstance(entry.get("pods") or [], list):
+            raise SpecError("'pods' must be a list of {namespace, selector}")
         for p in entry.get("pods") or []:
             if not isinstance(p, dict) or not isinstance(p.get("namespace"), str):
                 raise SpecError("each 'pods' entry needs a namespace")
+            if set(p) - {"namespace", "selector"}:  # a misspelt selector would select all
+                unknown = ", ".join(sorted(map(str, set(p) - {"namespace", "selector"})))
+                raise SpecError(f"'pods': unknown keys {unknown} (namespace, selector)")
             pods.append(PodTarget(p["namespace"], Selector.from_dict(p.get("selector"))))
         cgroups = entry.get("cgroups") or []
         if not isinstance(cgroups, list) or not all(isinstance(c, str) for c in cgroups):
             raise SpecError("'cgroups' must be a list of paths")
+        for c in cgroups:
+            if ".." in c.split("/"):  # it would leave the cgroup v2 mount
+                raise SpecError(f"'cgroups': {c!r}: '..' is not allowed")
         if not pods and not cgroups:
             raise SpecError("nothing to govern: give 'pods' or 'cgroups'")
         policy = entry.get("policy")
+        if policy is not None and not isinstance(policy, str):
+            raise SpecError("'policy' must be the name of a policy in the file")
         return PolicySpec(
             key=KEY_PREFIX + name,
             source=text,
             source_name=file,
-            policy=str(policy) if policy is not None else None,
+            policy=policy,
             mode=mode,
             pods=tuple(pods),
             cgroups=tuple(cgroups),

@@ -43,6 +43,11 @@ GROUP, VERSION, PLURAL, KIND = "sockpol.io", "v1alpha1", "sockpolicies", "SockPo
 API_VERSION = f"{GROUP}/{VERSION}"
 COMPONENT = "sockpol-agent"
 WATCH_TIMEOUT = 300  # seconds a watch request lasts before it is resumed
+# Seconds any other request may take, and a watch beyond its timeoutSeconds (the client's own
+# read timeout): a connection that a network partition left open and silent is given up and
+# the resource listed again, rather than waited on forever with a stale view.
+REQUEST_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
 RETRY_MAX = 30.0
 
 
@@ -72,9 +77,15 @@ class Informer:
         list_fn: Callable[..., object],
         changed: Callable[[], None],
         watch_timeout: int = WATCH_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+        status_only_is_no_change: bool = False,
     ) -> None:
         self.what, self.list_fn, self.changed = what, list_fn, changed
-        self.watch_timeout = watch_timeout
+        # SockPolicies: every node's agent writes its entry in the status, and each write is
+        # a MODIFIED event to every agent; waking for those would make each status write a
+        # pass on every node. metadata.generation changes with the spec, not the status.
+        self.status_only_is_no_change = status_only_is_no_change
+        self.watch_timeout, self.request_timeout = watch_timeout, request_timeout
         self.objects: dict[str, dict] = {}
         self.synced = False
         self.lists = 0  # how many times it listed (a relist after 410 is one more)
@@ -115,7 +126,7 @@ class Informer:
                              extra={"action": "relist", "resource": self.what})  # fmt: skip
                     continue
                 failures += 1
-                self._retry(failures, f"HTTP {e.status} {e.reason}")
+                self._retry(failures, f"HTTP {e.status} {e.reason}{_hint(self.what, e.status)}")
             except Exception as e:  # connection refused, reset, timeouts: retry with back-off
                 failures += 1
                 self._retry(failures, f"{type(e).__name__}: {e}")
@@ -127,7 +138,8 @@ class Informer:
         self._stop.wait(wait)
 
     def _list(self) -> str:
-        resp = self.list_fn(_preload_content=False)
+        timeout = (min(CONNECT_TIMEOUT, self.request_timeout), self.request_timeout)
+        resp = self.list_fn(_preload_content=False, _request_timeout=timeout)
         body = json.loads(resp.data)
         with self.lock:
             self.objects = {self.key(o): o for o in body.get("items") or []}
@@ -140,9 +152,11 @@ class Informer:
         """Follow changes from `version` until the watch request ends; the last version seen."""
         w = kubernetes.watch.Watch()
         self._watch = w
+        read = self.watch_timeout + self.request_timeout  # the server ends it before
         for event in w.stream(
             self.list_fn, resource_version=version, timeout_seconds=self.watch_timeout,
             allow_watch_bookmarks=True,
+            _request_timeout=(min(CONNECT_TIMEOUT, self.request_timeout), read),
         ):  # fmt: skip
             obj = event.get("raw_object") or {}
             version = (obj.get("metadata") or {}).get("resourceVersion", version)
@@ -151,13 +165,37 @@ class Informer:
                 continue
             with self.lock:
                 if kind == "DELETED":
-                    self.objects.pop(self.key(obj), None)
+                    before = self.objects.pop(self.key(obj), None)
                 else:  # ADDED, MODIFIED
+                    before = self.objects.get(self.key(obj))
                     self.objects[self.key(obj)] = obj
-            self.changed()
+            if not (
+                self.status_only_is_no_change and kind == "MODIFIED" and _same_spec(before, obj)
+            ):
+                self.changed()
             if self._stop.is_set():
                 break
         return version
+
+
+def _hint(what: str, status: int | None) -> str:
+    """What an operator checks first, for the answers a misinstalled agent gets."""
+    if status in (401, 403):
+        return " (the agent's ServiceAccount and ClusterRole: deploy/rbac.yaml)"
+    if status == 404 and what == "sockpolicies":
+        return " (is the SockPolicy CRD installed? deploy/crd.yaml)"
+    return ""
+
+
+def _same_spec(before: dict | None, after: dict) -> bool:
+    def generation(obj: dict | None) -> object:
+        return ((obj or {}).get("metadata") or {}).get("generation")
+
+    return (
+        before is not None
+        and generation(before) is not None
+        and (generation(before) == generation(after))
+    )
 
 
 def policy_spec(obj: dict) -> PolicySpec:
@@ -165,12 +203,16 @@ def policy_spec(obj: dict) -> PolicySpec:
     CRD's schema rejects most such objects before they are stored)."""
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
     ns, name = meta.get("namespace") or "default", meta.get("name") or ""
+    if not isinstance(spec, dict):
+        raise SpecError("spec must be an object with policy and podSelector")
     text = spec.get("policy")
     if not isinstance(text, str) or not text.strip():
         raise SpecError("spec.policy (the policy text) is required")
     mode = spec.get("mode")
     if mode is not None and mode not in MODES:
         raise SpecError(f"spec.mode must be enforce or dry-run, not {mode!r}")
+    if not isinstance(spec.get("policyName") or "", str):
+        raise SpecError("spec.policyName must be the name of a policy in spec.policy")
     selector = Selector.from_dict(spec.get("podSelector"))
     return PolicySpec(
         key=f"{ns}/{name}",
@@ -226,9 +268,16 @@ class PodInventory:
 
 
 class KubeAdapter:
-    def __init__(self, api_client, node: str, watch_timeout: int = WATCH_TIMEOUT) -> None:
+    def __init__(
+        self,
+        api_client,
+        node: str,
+        watch_timeout: int = WATCH_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         kubernetes = _client()
         self.node = node
+        self.timeout = (min(CONNECT_TIMEOUT, request_timeout), request_timeout)
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self._wake: threading.Event | None = None
@@ -237,6 +286,8 @@ class KubeAdapter:
             lambda **kw: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw),
             self._changed,
             watch_timeout,
+            request_timeout,
+            status_only_is_no_change=True,
         )
         pods = Informer(
             "pods",
@@ -245,6 +296,7 @@ class KubeAdapter:
             ),
             self._changed,
             watch_timeout,
+            request_timeout,
         )
         self.informers = (policies, pods)
         self.policies = PolicySource(policies)
@@ -309,7 +361,12 @@ class KubeAdapter:
         for ref, entry in entries:
             key = f"{ref['namespace']}/{ref['name']}"
             before = self._reported.get(key)
+            if before is None:  # after a restart: what this node wrote before, if anything
+                listed = self._listed_entry(key)
+                if isinstance(listed, dict):
+                    before = {k: v for k, v in listed.items() if k != "lastUpdateTime"}
             if before == entry:
+                self._reported[key] = entry
                 continue
             try:
                 self._patch_status(ref, {**entry, "lastUpdateTime": _now()})
@@ -331,7 +388,8 @@ class KubeAdapter:
         """A node lists a policy only while it has pods of it: a null in a merge patch removes
         the node's entry."""
         key = f"{ref['namespace']}/{ref['name']}"
-        if key not in self._reported:
+        # Also an entry written before this agent started (its pods left meanwhile).
+        if key not in self._reported and self._listed_entry(key) is None:
             return
         try:
             self._patch_status(ref, None)
@@ -339,13 +397,21 @@ class KubeAdapter:
             fields = {"action": "status", "policy": key, "result": "error"}
             log.warning(f"status of SockPolicy {key}: {e}", extra=fields)
             return
-        del self._reported[key]
+        self._reported.pop(key, None)
+
+    def _listed_entry(self, key: str) -> dict | None:
+        """This node's entry in the status of SockPolicy `key`, as last listed or watched."""
+        informer = self.policies.informer
+        with informer.lock:
+            obj = informer.objects.get(key) or {}
+        nodes = (obj.get("status") or {}).get("nodes") or {}
+        return nodes.get(self.node) if isinstance(nodes, dict) else None
 
     def _patch_status(self, ref: dict, entry: dict | None) -> None:
         body = {"status": {"nodes": {self.node: entry}}}
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, ref["namespace"], PLURAL, ref["name"], body,
-            _content_type="application/merge-patch+json",
+            _content_type="application/merge-patch+json", _request_timeout=self.timeout,
         )  # fmt: skip
 
     def _event(self, ref: dict, kind: str, reason: str, message: str) -> None:
@@ -365,7 +431,7 @@ class KubeAdapter:
             "lastTimestamp": now,
             "count": 1,
         }
-        self.core.create_namespaced_event(ref["namespace"], body)
+        self.core.create_namespaced_event(ref["namespace"], body, _request_timeout=self.timeout)
         log.info(f"event {reason} on SockPolicy {ref['namespace']}/{ref['name']}",
                  extra={"action": "event", "reason": reason, "type": kind})  # fmt: skip
 

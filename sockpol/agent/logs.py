@@ -37,5 +37,7 @@ def setup(level: str = "info", stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # The kubernetes client logs every request at DEBUG through urllib3; keep that out.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # The kubernetes client logs every request at DEBUG through urllib3, and each of its
+    # retries at WARNING (three lines per failed request); the informer logs one line per
+    # failure, with what it does next. Keep urllib3's out.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)

@@ -2,14 +2,16 @@
 
 The loop runs a reconcile pass when a source says something changed (a watch event) and at
 least every `--interval` seconds (to repair drift: a policy unloaded or reloaded by hand, and to
-read the directory source). On SIGTERM or SIGINT it finishes the pass in progress and exits 0,
-leaving every policy loaded: enforcement lives in the kernel and does not depend on the agent.
+read the directory source). On SIGTERM or SIGINT it ends the pass in progress after the action
+in progress (a load is never cut in half) and exits 0, leaving every policy loaded:
+enforcement lives in the kernel and does not depend on the agent.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
@@ -21,6 +23,8 @@ from sockpol.agent.server import AgentStats, registry, serve
 from sockpol.diagnostics import SockpolError
 
 log = logging.getLogger("sockpol.agent")
+ONCE_SYNC_TIMEOUT = 60.0  # --once --kubernetes: how long the first lists may take
+
 
 class Agent:
     """The reconciler fed by its sources; `wake` makes the loop run a pass now."""
@@ -43,10 +47,12 @@ class Agent:
         self.stats = AgentStats()
         self._problems: set[str] = set()
         self.watcher = None
-        if watch_cgroups:
+        directories = [s.directory for s in sources if getattr(s, "directory", None)]
+        if watch_cgroups or directories:
             from sockpol.agent.cgwatch import CgroupWatcher
 
-            self.watcher = CgroupWatcher(reconciler.cgroups.pod_parents(), self.wake)
+            parents = reconciler.cgroups.pod_parents() if watch_cgroups else []
+            self.watcher = CgroupWatcher(parents, self.wake, sources=directories)
 
     def snapshot(self) -> Snapshot:
         specs, problems, held, ready = [], [], [], True
@@ -59,6 +65,14 @@ class Agent:
         if self.pods is None and any(spec.pods for spec in specs):
             problems.append("policies select pods, but the agent has no pod inventory "
                             "(run it with --kubernetes)")  # fmt: skip
+        # Keys name loads and reports: two sources giving one key (a SockPolicy `x` in a
+        # namespace called `configmap`, and targets.yaml's entry `x`) would fight over the
+        # same loads. Neither is acted on; both keep what is loaded.
+        keys = [spec.key for spec in specs]
+        for key in sorted({k for k in keys if keys.count(k) > 1}):
+            problems.append(f"two sources give the policy {key}: rename one")
+            held.append(key)
+        specs = [spec for spec in specs if spec.key not in held]
         return Snapshot(tuple(specs), ready, tuple(problems), tuple(held))
 
     def run_once(self) -> PassReport:
@@ -69,12 +83,12 @@ class Agent:
         pods_ready = True
         if self.pods is not None:
             pods, pods_ready = self.pods.pods()
-        report = self.reconciler.reconcile(snapshot, pods, pods_ready)
+        report = self.reconciler.reconcile(snapshot, pods, pods_ready, self.stop.is_set)
         for problem in sorted(set(report.problems) - self._problems):  # once, not every pass
             log.warning(problem, extra={"action": "read", "result": "error"})
         self._problems = set(report.problems)
         self.stats.record(report)
-        if self.reporter is not None:
+        if self.reporter is not None and not report.interrupted:  # partial counts: not a status
             self.reporter.report(report)
         return report
 
@@ -111,7 +125,8 @@ class Agent:
                 return False, f"last completed pass {age:.0f} s ago"
             if s.last_error:
                 return True, f"last pass failed: {s.last_error}"
-            return True, f"last pass {age:.1f} s ago, {s.desired} loads desired"
+            waiting = "" if s.complete else "; waiting for a complete list from every source"
+            return True, f"last pass {age:.1f} s ago, {s.desired} loads desired{waiting}"
 
     def shutdown(self) -> None:
         self.stop.set()
@@ -146,7 +161,7 @@ def unload_all(prefix: str) -> int:
             runtime.unload(entry.name)
         except runtime.PolicyNotFound:
             continue
-        except SockpolError as e:
+        except (SockpolError, OSError) as e:
             failed += 1
             fields = {"action": "unload", "load": entry.name, "result": "error"}
             log.error(f"unload {entry.name}: {e}", extra=fields)
@@ -156,11 +171,42 @@ def unload_all(prefix: str) -> int:
     return 1 if failed else 0
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """--listen ADDR:PORT as (host, port); port 0 (any free port, said in the start line) is
+    allowed here, for tests."""
+    from sockpol.runtime import metrics
+
+    try:
+        if text.endswith(":0"):
+            return metrics.parse_listen(text[:-1] + "1")[0], 0
+        return metrics.parse_listen(text)
+    except ValueError as e:
+        raise SockpolError(f"agent: --listen: {e}") from None
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Paths given wrong would otherwise make an agent that runs and governs nothing."""
+    if args.cgroup_base is not None and not (args.cgroup_base / "cgroup.controllers").is_file():
+        raise SockpolError(
+            f"agent: --cgroup-base {args.cgroup_base}: not a cgroup v2 directory (no "
+            "cgroup.controllers); give the cgroup v2 mount, or leave it out to find it"
+        )
+    if args.source_dir is not None and not args.source_dir.is_dir():
+        raise SockpolError(f"agent: --source-dir {args.source_dir}: no such directory")
+    try:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        probe = args.state_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise SockpolError(
+            f"agent: --state-dir {args.state_dir}: cannot write there ({e.strerror})"
+        ) from None
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
-    import os
     import socket
 
-    from sockpol.runtime import metrics
     from sockpol.runtime.system import check_privileges
 
     logs.setup(args.log_level)
@@ -172,11 +218,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise SockpolError(f"agent: invalid --prefix {args.prefix!r} (letters, digits, _ and -)")
     check_privileges()
     _require_host_bpffs()
-    try:  # port 0 (any free port, said in the start line) is allowed here, for tests
-        host, port = metrics.parse_listen(args.listen.removesuffix(":0") + ":1")
-        port = 0 if args.listen.endswith(":0") else metrics.parse_listen(args.listen)[1]
-    except ValueError as e:
-        raise SockpolError(f"agent: --listen: {e}") from None
+    host, port = listen_address(args.listen)
+    _check_paths(args)
     config = AgentConfig(
         state_dir=args.state_dir, prefix=args.prefix, cgroup_base=args.cgroup_base,
         cgroup_driver=args.cgroup_driver, cgroup_root=args.cgroup_root,
@@ -191,7 +234,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         sources.append(DirectorySource(args.source_dir))
     kube = None
     if args.kubernetes:
-        from sockpol.agent.kube import KubeAdapter
+        from sockpol.agent.kube import KubeAdapter, wait_synced
 
         node = args.node or os.environ.get("NODE_NAME") or socket.gethostname()
         kube = KubeAdapter.connect(node, kubeconfig=args.kubeconfig)
@@ -199,22 +242,29 @@ def cmd_agent(args: argparse.Namespace) -> int:
         pods, reporter = kube.pods, kube
     watch = pods is not None  # pods to govern: wake when kubelet makes their cgroups
     agent = Agent(reconciler, sources, pods, reporter, args.interval, watch_cgroups=watch)
-    if kube is not None:
-        kube.start(agent.wake)
     try:
         server = serve(host, port, registry(agent.stats), agent.health)
     except OSError as e:
         raise SockpolError(f"agent: cannot listen on {args.listen}: {e.strerror}") from None
+    if kube is not None:
+        kube.start(agent.wake)
     bound = server.server_address
+    listening = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
     signal.signal(signal.SIGTERM, lambda *_: agent.shutdown())
     signal.signal(signal.SIGINT, lambda *_: agent.shutdown())
     log.info(
-        f"agent started: serving http://{bound[0]}:{bound[1]}/metrics and /healthz",
-        extra={"action": "start", "prefix": args.prefix, "listen": f"{bound[0]}:{bound[1]}",
+        f"agent started: serving http://{listening}/metrics and /healthz",
+        extra={"action": "start", "prefix": args.prefix, "listen": listening,
                "sources": [type(s).__name__ for s in sources]},
     )  # fmt: skip
     try:
         if args.once:
+            # One pass on a complete view, or none: before the first list it would do nothing.
+            if kube is not None and not wait_synced(kube, ONCE_SYNC_TIMEOUT):
+                raise SockpolError(
+                    f"agent --once: no complete list of SockPolicies and pods from the "
+                    f"Kubernetes API within {ONCE_SYNC_TIMEOUT:.0f} s (see the log); nothing done"
+                )
             agent.run_once()
         else:
             agent.run()

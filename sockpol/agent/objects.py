@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +34,12 @@ class Compiled:
 
 
 class ObjectStore:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
+        self.clock = clock
         self._errors: dict[tuple[str, str | None], str] = {}
         self._done: dict[str, Compiled] = {}
+        self._used: dict[str, float] = {}  # digest -> when compile() last returned it
 
     def compile(self, spec: PolicySpec, shape: dict | None = None) -> Compiled:
         """The object of `spec`'s policy (for a loaded program's table `shape`, when given);
@@ -47,6 +51,7 @@ class ObjectStore:
         digest = hashlib.sha256(
             json.dumps([spec.source_sha256, spec.policy, shape], sort_keys=True).encode()
         ).hexdigest()[:32]
+        self._used[digest] = self.clock()
         if digest in self._done:
             return self._done[digest]
         path = self.directory / f"{digest}.bpf.o"
@@ -75,22 +80,32 @@ class ObjectStore:
         ).object_code()
 
     def collect(self, keep: set[Path], min_age: float = 3600.0) -> list[Path]:
-        """Remove objects no loaded version came from and nothing compiled lately, older than
-        `min_age` seconds (the state directory lives on the host: without this it would grow
-        with every edit of every policy). Returns what was removed."""
-        import time
-
-        keep = {p.resolve() for p in keep} | {c.path.resolve() for c in self._done.values()}
+        """Remove the objects that no loaded version came from (`keep`) and that were neither
+        written nor asked for in the last `min_age` seconds (the state directory lives on the
+        host: without this it would grow with every edit of every policy, ~400 KB an object,
+        two per edit). The objects of the desired policies are asked for on every pass, so they
+        stay; a superseded version goes an hour after its last use. Returns what was
+        removed."""
+        now, now_wall = self.clock(), time.time()
+        recent = {
+            c.path.resolve()
+            for digest, c in self._done.items()
+            if now - self._used.get(digest, now) < min_age
+        }
+        keep = {p.resolve() for p in keep} | recent
         removed = []
-        now = time.time()
         for path in self.directory.glob("*.bpf.o"):
             try:
-                if path.resolve() in keep or now - path.stat().st_mtime < min_age:
+                if path.resolve() in keep or now_wall - path.stat().st_mtime < min_age:
                     continue
                 path.unlink()
             except OSError:
                 continue
             removed.append(path)
+        gone = {p.resolve() for p in removed}
+        for digest in [d for d, c in self._done.items() if c.path.resolve() in gone]:
+            del self._done[digest]  # compiled again if it is ever asked for
+            self._used.pop(digest, None)
         return removed
 
     @staticmethod

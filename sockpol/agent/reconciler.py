@@ -101,6 +101,8 @@ class PassReport:
     desired: int = 0
     owned: int = 0
     seconds: float = 0.0
+    complete: bool = True  # every source (and the pod list) had listed everything
+    interrupted: bool = False  # ended early (the agent is stopping): its counts are partial
 
 
 @dataclass
@@ -136,28 +138,35 @@ class Reconciler:
         self.clock = clock
         self._key_of: dict[str, str] = {}  # load name -> policy key, as learned
         self._last_good: dict[str, Compiled] = {}  # policy key -> its last good object
+        self._compile_errors: dict[str, str] = {}  # policy key -> its error, as last logged
+        self._noted: set[str] = set()  # errors of the last pass that are no action's, logged
         self._adopted = False
         self._collected_at = clock()
 
     # -- the desired loads ---------------------------------------------------------------------
 
-    def desired(self, specs: Iterable[PolicySpec], pods: Iterable[Pod]) -> list[DesiredLoad]:
+    def desired(
+        self, specs: Iterable[PolicySpec], pods: Iterable[Pod]
+    ) -> tuple[list[DesiredLoad], list[tuple[PolicySpec, Pod]]]:
+        """The desired loads, and the selected pods that should have a cgroup by now (they
+        run) but have none where kubelet's layout says: governed by nothing, so reported."""
         pods = [p for p in pods if p.active and p.uid]
         out: dict[str, DesiredLoad] = {}
+        unresolved: list[tuple[PolicySpec, Pod]] = []
         for spec in specs:
             for target in spec.pods:
                 for pod in pods:
-                    if pod.namespace != target.namespace or not target.selector.matches(
-                        pod.labels
-                    ):
+                    if pod.namespace != target.namespace or not target.selector.matches(pod.labels):
                         continue
                     cgroup = self.cgroups.resolve(pod)
                     if cgroup is not None:
                         self._add(out, spec, cgroup, pod)
+                    elif pod.phase == "Running" and not pod.deleting:
+                        unresolved.append((spec, pod))
             for pattern in spec.cgroups:
                 for cgroup in self._cgroups_matching(pattern):
                     self._add(out, spec, cgroup, None)
-        return list(out.values())
+        return list(out.values()), unresolved
 
     def _add(self, out: dict[str, DesiredLoad], spec: PolicySpec, cgroup: Path, pod: Pod | None):
         rel = str(cgroup.relative_to(self.config.cgroup_base))
@@ -174,28 +183,59 @@ class Reconciler:
 
     # -- a pass --------------------------------------------------------------------------------
 
-    def reconcile(self, snapshot: Snapshot, pods: Iterable[Pod] = (), pods_ready: bool = True):
+    def reconcile(
+        self,
+        snapshot: Snapshot,
+        pods: Iterable[Pod] = (),
+        pods_ready: bool = True,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> PassReport:
+        """One pass. `stopping` is asked between actions: a pass of many loads (a node's first,
+        ~85 ms each) ends early on SIGTERM, inside the pod's grace period, not after it."""
         started = time.monotonic()
         report = PassReport(problems=list(snapshot.problems))
-        want = self.desired(snapshot.specs, pods)
+        report.complete = snapshot.ready and pods_ready
+        want, unresolved = self.desired(snapshot.specs, pods)
         report.desired = len(want)
         for spec in snapshot.specs:
             report.specs[spec.key] = SpecReport(spec.key, spec.ref, spec.source_sha256)
+        noted: set[str] = set()
+        for spec, pod in unresolved:
+            looked = ", ".join(str(p) for p in self.cgroups.candidates(pod))
+            report.specs[spec.key].targets += 1
+            self._note(
+                report.specs[spec.key], noted, "resolve",
+                f"pod {pod.namespace}/{pod.name}: not governed: it runs, but its cgroup is not "
+                f"where kubelet's layout puts it ({looked}); check the agent's --cgroup-driver "
+                "and --cgroup-root against kubelet's, and that the node uses cgroup v2",
+            )  # fmt: skip
         loaded = self._owned()
         report.owned = len(loaded)
         self._learn_last_good(snapshot.specs, want, loaded)
-        clashing = self._clashes(want, loaded, report)
+        clashing = self._clashes(want, loaded, report, noted)
+        self._noted = noted
         want = [d for d in want if d.name not in clashing]
         report.loads = {d.name: d for d in want}
         for d in want:
+            if stopping():
+                report.interrupted = True
+                break
             self._one(d, loaded.get(d.name), report)
-        if snapshot.ready and pods_ready:
+        if snapshot.ready and pods_ready and not report.interrupted:
             for name in sorted(set(loaded) - {d.name for d in want}):
+                if stopping():
+                    report.interrupted = True
+                    break
                 key = self._key_of.get(name)
                 if key in snapshot.held or (key is None and snapshot.held):
                     continue
                 self._unload(name, key, loaded[name], report)
         self.backoff.forget_except({d.name for d in want})
+        if not report.interrupted:  # names of loads gone for good (pods that left) are forgotten
+            known = {d.name for d in want} | set(loaded)
+            self._key_of = {n: k for n, k in self._key_of.items() if n in known}
+        for key in set(self._compile_errors) - {spec.key for spec in snapshot.specs}:
+            del self._compile_errors[key]
         if self.clock() - self._collected_at >= self.config.collect_every:
             self._collected_at = self.clock()
             keep = {Path(st.object_path) for st in self._owned().values() if st.object_path}
@@ -235,7 +275,18 @@ class Reconciler:
                     self._last_good[spec.key] = found
                     break
 
-    def _clashes(self, want: list[DesiredLoad], loaded: dict, report: PassReport) -> set[str]:
+    def _note(self, spec_report: SpecReport, noted: set[str], action: str, message: str) -> None:
+        """An error that is no action's (those have their own log line): on the policy's report,
+        and one log line when it first appears, not one per pass."""
+        spec_report.errors.append(message)
+        noted.add(message)
+        if message not in self._noted:
+            fields = {"action": action, "policy": spec_report.key, "result": "error"}
+            log.warning(message, extra=fields)
+
+    def _clashes(
+        self, want: list[DesiredLoad], loaded: dict, report: PassReport, noted: set[str]
+    ) -> set[str]:
         """Loads that would share a cgroup and a port with another policy's: a connection can
         be in one policy's sockhash only, so the second would silently govern nothing there.
         The one already loaded keeps the pod (then the smaller key); the other is reported and
@@ -259,16 +310,17 @@ class Reconciler:
                     continue
                 out.add(d.name)
                 report.specs[d.spec.key].targets += 1
-                report.specs[d.spec.key].errors.append(
+                self._note(
+                    report.specs[d.spec.key], noted, "clash",
                     f"{d.target}: not loaded: its ports overlap those of policy {clash}, which "
-                    "governs it already (a connection can be judged by one policy only)"
-                )
+                    "governs it already (a connection can be judged by one policy only)",
+                )  # fmt: skip
         return out
 
     def _ports(self, spec: PolicySpec) -> list | None:
         try:
             return self.objects.compile(spec).meta.ports
-        except SockpolError:
+        except Exception:  # reported by _object, for this policy alone
             good = self._last_good.get(spec.key)
             return good.meta.ports if good is not None else None
 
@@ -278,15 +330,32 @@ class Reconciler:
         try:
             compiled = self.objects.compile(spec, shape)
         except CompileFailure as e:
-            message = f"policy does not compile; the last good version stays in force: {e}"
-            if message not in report.errors:
-                report.errors.append(message)
-            return self._last_good.get(spec.key)
-        except SockpolError:  # ShapeMismatch: the caller compiles for the policy's own shape
-            raise
+            return self._compile_failed(spec, report, "policy does not compile", str(e))
+        except Exception as e:
+            if shape is not None:  # ShapeMismatch: the caller compiles for the policy's own shape
+                raise
+            # The state directory cannot be written, or the compiler failed on this text: this
+            # policy's problem, reported on it, never a pass that fails for every policy.
+            why = f"{type(e).__name__}: {e}"
+            return self._compile_failed(spec, report, "policy could not be compiled here", why)
         if shape is None:
             self._last_good[spec.key] = compiled
+            if self._compile_errors.pop(spec.key, None) is not None:
+                fields = {"action": "compile", "policy": spec.key, "result": "ok"}
+                log.info(f"compile {spec.key}: ok", extra=fields)
         return compiled
+
+    def _compile_failed(self, spec: PolicySpec, report: SpecReport, what: str, why: str):
+        good = self._last_good.get(spec.key)
+        then = "the last good version stays in force" if good else "nothing is loaded for it"
+        message = f"{what}; {then}: {why}"
+        if message not in report.errors:
+            report.errors.append(message)
+        if self._compile_errors.get(spec.key) != message:  # one log line, not one per pass
+            self._compile_errors[spec.key] = message
+            fields = {"action": "compile", "policy": spec.key, "result": "error", "error": why}
+            log.error(f"compile {spec.key}: {what}; {then}: {why.splitlines()[0]}", extra=fields)
+        return good
 
     def _one(self, d: DesiredLoad, st, report: PassReport) -> None:
         spec_report = report.specs[d.spec.key]
@@ -343,7 +412,7 @@ class Reconciler:
             return None
         try:
             return self._object(spec, shape, spec_report)
-        except (SockpolError, TypeError, ValueError):  # does not fit, or an older shape format
+        except Exception:  # does not fit, an older shape format, or cannot be stored
             return None
 
     def _set_mode(self, d: DesiredLoad, mode: str) -> None:
@@ -355,15 +424,18 @@ class Reconciler:
         now = self.clock()
         held = self.backoff.blocked(d.name, fingerprint, now)
         if held is not None:
-            spec_report.errors.append(
-                f"{d.target}: {held.error} (next try in {held.retry_at - now:.0f} s)"
-            )
+            # The same words as when it failed: a message that changed every pass (a countdown)
+            # would rewrite the status and raise a new Event on every pass, on every node. When
+            # the next try is due is in the log line of the failure (retry_in_s).
+            spec_report.errors.append(f"{d.target}: {action} failed: {held.error}")
             return False
         started = time.monotonic()
         try:
             do()
-        except (SockpolError, OSError) as e:
+        except Exception as e:  # this load's failure, whatever it is: never the pass's
             error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, (SockpolError, OSError)):
+                error = f"{type(e).__name__}: {error}"
             wait = self.backoff.failed(d.name, fingerprint, now, error)
             spec_report.errors.append(f"{d.target}: {action} failed: {error}")
             self._record(

@@ -13,6 +13,7 @@ that is stuck, and since policies stay loaded without it, a restart costs no enf
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ class AgentStats:
         self.owned = 0
         self.spec_errors: dict[str, int] = {}  # policy key -> errors in the last pass
         self.source_problems = 0
+        self.complete = False  # the last pass saw a complete desired state
         self.last_error: str | None = None  # a pass that raised
         self.loads: dict[str, tuple[str, str, str, str]] = {}  # name -> key, ns, pod, cgroup
 
@@ -52,6 +54,7 @@ class AgentStats:
             self.desired, self.owned = report.desired, report.owned
             self.spec_errors = {k: len(s.errors) for k, s in report.specs.items()}
             self.source_problems = len(report.problems)
+            self.complete = report.complete
             self.last_error = None
             self.loads = {
                 name: (
@@ -117,6 +120,12 @@ class AgentCollector(Collector):
                 "sockpol_agent_source_problems", "Desired-state objects that could not be read.",
                 value=s.source_problems,
             )  # fmt: skip
+            yield GaugeMetricFamily(
+                "sockpol_agent_sources_synced",
+                "1 when the last pass saw every source's complete list (0: e.g. the Kubernetes "
+                "API has not answered yet; nothing is unloaded meanwhile).",
+                value=int(s.complete),
+            )
 
 
 def registry(stats: AgentStats) -> CollectorRegistry:
@@ -154,7 +163,11 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass  # scrapes and probes are not actions: no log line each
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    # An IPv6 address ([::] on an IPv6-only cluster, where probes and scrapes reach the pod's
+    # IPv6 address) needs an IPv6 socket; [::] also accepts IPv4 where the node allows it.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("AgentHTTPServer", (ThreadingHTTPServer,), {"address_family": family})
+    server = server_class((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="agent-http", daemon=True).start()
     return server

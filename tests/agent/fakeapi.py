@@ -44,7 +44,10 @@ class FakeAPI:
         self.events: list[dict] = []
         self.cond = threading.Condition()
         self._epoch = 0  # end_watches() bumps it: open watches end
+        self._frozen = 0  # freeze_watches() bumps it: open watches go silent, never end
+        self._closed = False
         self.hold = False  # while True, open watches send nothing (a watch that is down)
+        self.uninstalled: set[str] = set()  # resources answered 404 (a CRD not installed)
         handler = type("Handler", (_Handler,), {"api": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
@@ -56,6 +59,8 @@ class FakeAPI:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def close(self) -> None:
+        with self.cond:
+            self._closed = True
         self.end_watches()
         self.server.shutdown()
         self.server.server_close()
@@ -95,6 +100,14 @@ class FakeAPI:
             self._epoch += 1
             self.cond.notify_all()
 
+    def freeze_watches(self) -> None:
+        """The open watches' connections go dead, as in a network partition: nothing more
+        arrives on them and they never end (not even at their timeoutSeconds). Requests made
+        afterwards are answered as usual."""
+        with self.cond:
+            self._frozen += 1
+            self.cond.notify_all()
+
     def count(self, method: str, prefix: str, watch: bool | None = None) -> int:
         n = 0
         for m, p in list(self.requests):
@@ -125,7 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         resource = {POLICIES: "sockpolicies", PODS: "pods"}.get(url.path)
-        if resource is None:
+        if resource is None or resource in api.uninstalled:
             self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
             return
         selector = query.get("fieldSelector", "")
@@ -165,7 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
         api = self.api
         deadline = time.monotonic() + timeout
         with api.cond:
-            epoch = api._epoch
+            epoch, frozen = api._epoch, api._frozen
             if since < api.oldest:
                 gone = {"type": "ERROR", "object": {
                     "kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -175,6 +188,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             sent = since
             while True:
+                if api._frozen != frozen:
+                    while not api._closed:
+                        api.cond.wait(0.5)
+                    return
                 for version, res, kind, obj in [] if api.hold else api.history:
                     if version > sent and res == resource:
                         sent = version
@@ -202,6 +219,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
                 return
             obj["status"] = merge_patch(obj.get("status"), body.get("status"))
+            # As the API server: a new resourceVersion, a MODIFIED event to every watch (the
+            # generation stays: the status subresource does not change the spec).
+            api.version += 1
+            obj["metadata"]["resourceVersion"] = str(api.version)
+            api.history.append(
+                (api.version, "sockpolicies", "MODIFIED", json.loads(json.dumps(obj)))
+            )
+            api.cond.notify_all()
         self._json(200, obj)
 
     def do_POST(self) -> None:  # noqa: N802

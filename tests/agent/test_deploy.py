@@ -15,6 +15,7 @@ import yaml
 
 from sockpol.agent.dirsource import DirectorySource
 from sockpol.agent.kube import policy_spec
+from sockpol.agent.main import listen_address
 from sockpol.cli import build_parser
 from sockpol.compiler import compile_source
 
@@ -124,9 +125,11 @@ def test_daemonset_asks_for_no_more_than_it_needs() -> None:
     assert sc["readOnlyRootFilesystem"] is True
     host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     assert host_paths == {"/sys/fs/bpf", "/sys/fs/cgroup", "/var/lib/sockpol-agent"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["cgroup"].get("readOnly") is True  # attached through a directory fd
     # Its arguments are the agent's: the CLI parses them.
     args = build_parser().parse_args(container["args"])
-    assert args.kubernetes and args.listen == "0.0.0.0:9464"
+    assert args.kubernetes and listen_address(args.listen) == ("0.0.0.0", 9464)
     probe_port = container["livenessProbe"]["httpGet"]["port"]
     assert probe_port in {p["name"] for p in container["ports"]}
 
@@ -141,12 +144,22 @@ def test_rbac_grants_only_what_the_agent_uses() -> None:
         for verb in r["verbs"]
     }
     assert granted == {
-        ("sockpol.io", "sockpolicies", "get"),
         ("sockpol.io", "sockpolicies", "list"),
         ("sockpol.io", "sockpolicies", "watch"),
         ("sockpol.io", "sockpolicies/status", "patch"),
-        ("", "pods", "get"),
         ("", "pods", "list"),
         ("", "pods", "watch"),
         ("", "events", "create"),
     }
+
+
+def test_kustomization_installs_the_agent_with_the_image_it_sets() -> None:
+    """`kubectl apply -k deploy/` (docs/kubernetes.md#install): the CRD, namespace, RBAC and
+    DaemonSet, and its `images:` entry names the DaemonSet's image (else it changes nothing)."""
+    (kustomization,) = docs("kustomization.yaml")
+    assert sorted(kustomization["resources"]) == sorted(
+        ["crd.yaml", "namespace.yaml", "rbac.yaml", "daemonset.yaml"]
+    )
+    (container,) = by_kind("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    (image,) = kustomization["images"]
+    assert image["name"] == container["image"].rpartition(":")[0]

@@ -4,6 +4,8 @@ patches and Events out. No root, no kernel."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import kubernetes  # the agent extra (pip install 'sockpol[agent]'); scripts/test.sh has it
@@ -174,3 +176,126 @@ def test_status_per_node_by_merge_patch_and_events_on_transitions(api, adapter):
     assert sorted(api.objects["sockpolicies"]["shop/web"]["status"]["nodes"]) == ["node2"]
     a.report(empty)
     assert len(api.patches) == 3
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("a string", "spec must be an object"),
+        ({"policy": POLICY, "podSelector": {"matchExpressions": ["app"]}}, "matchExpressions[0]"),
+        ({"policy": POLICY, "podSelector": {"matchLabel": {"app": "x"}}}, "unknown keys"),
+        ({"policy": POLICY, "podSelector": {}, "policyName": 5}, "spec.policyName"),
+        ({"podSelector": {}}, "spec.policy"),
+    ],
+)
+def test_a_sockpolicy_the_schema_would_reject_is_a_spec_error(spec, expected):
+    """The CRD's schema rejects these at admission; an agent must still not trip over them (a
+    CRD installed without its schema, an older version of it)."""
+    from sockpol.agent.desired import SpecError
+    from sockpol.agent.kube import policy_spec
+
+    obj = {"metadata": {"name": "n", "namespace": "shop"}, "spec": spec}
+    with pytest.raises(SpecError, match=re.escape(expected)):
+        policy_spec(obj)
+
+
+def test_a_watch_whose_connection_goes_dead_is_given_up_and_listed_again(api):
+    """A network partition leaves a watch's connection open and silent: the API server's
+    timeoutSeconds never arrives. The client's own read timeout must end it, or the agent
+    would never see a change again."""
+    import threading
+
+    config = kubernetes.client.Configuration()
+    config.host = api.url
+    a = KubeAdapter(kubernetes.client.ApiClient(config), "node1", watch_timeout=1,
+                    request_timeout=1)  # fmt: skip
+    try:
+        a.start(threading.Event())
+        assert wait_synced(a, 10)
+        wait_for(lambda: api.count("GET", POLICIES, watch=True) >= 1, "the policy watch")
+        lists = a.informers[0].lists
+        api.freeze_watches()
+        api.put("sockpolicies", sockpolicy("late", {"app": "late"}))
+        wait_for(lambda: keys(a) == ["shop/late"], "the policy, after the dead watch", 15)
+        assert a.informers[0].lists > lists
+    finally:
+        a.stop()
+        api.end_watches()
+
+
+def test_an_entry_left_from_before_a_restart_is_removed(api, adapter):
+    """Its pods left this node while the agent was down: the node's entry, written by the
+    agent before, goes (the agent knows it from the listed object, not from memory)."""
+    a, wake = adapter
+    api.put("sockpolicies", sockpolicy("web", {"app": "web"}))
+    api.objects["sockpolicies"]["shop/web"]["status"] = {
+        "nodes": {"node1": {"ok": True}, "node2": {"ok": True}}}  # fmt: skip
+    a.start(wake)
+    assert wait_synced(a, 10)
+    (spec,) = a.policies.snapshot().specs
+    empty = PassReport()
+    empty.specs[spec.key] = SpecReport(spec.key, spec.ref, spec.source_sha256)
+    a.report(empty)
+    assert [body for _, _, body in api.patches] == [{"status": {"nodes": {"node1": None}}}]
+    assert sorted(api.objects["sockpolicies"]["shop/web"]["status"]["nodes"]) == ["node2"]
+
+
+def test_a_status_write_wakes_no_agent_but_a_spec_change_does(api, adapter):
+    """Every node writes its entry in a SockPolicy's status; each write reaches every agent
+    as a MODIFIED event. Only a change of the spec (its generation) is a reason for a pass."""
+    a, wake = adapter
+    policy = api.put("sockpolicies", sockpolicy("web", {"app": "web"}))
+    calls = []
+    a.informers[0].changed = lambda: calls.append(1)
+    a.start(wake)
+    assert wait_synced(a, 10)
+    wait_for(lambda: api.count("GET", POLICIES, watch=True) >= 1, "the policy watch")
+    listed = len(calls)
+    policy["status"] = {"nodes": {"node2": {"ok": True}}}
+    api.put("sockpolicies", policy)  # another node's status write: same generation
+    policy = json.loads(json.dumps(policy))
+    policy["metadata"]["generation"] = 2
+    policy["spec"]["mode"] = "dry-run"
+    api.put("sockpolicies", policy)  # a spec change
+    wait_for(lambda: a.policies.snapshot().specs[0].mode == "dry-run", "the spec change")
+    assert len(calls) == listed + 1
+    assert a.informers[0].objects["shop/web"]["status"] == {"nodes": {"node2": {"ok": True}}}
+
+
+def test_a_restarted_agent_rewrites_no_status_and_repeats_no_event(api, adapter):
+    a, wake = adapter
+    api.put("sockpolicies", sockpolicy("web", {"app": "web"}))
+    a.start(wake)
+    assert wait_synced(a, 10)
+    (spec,) = a.policies.snapshot().specs
+    failing = PassReport()
+    failing.specs[spec.key] = SpecReport(spec.key, spec.ref, spec.source_sha256, 1, 0, 0,
+                                         ["pod shop/w1: load failed: no"])  # fmt: skip
+    a.report(failing)
+    assert len(api.patches) == 1 and len(api.events) == 1
+    a.stop()
+    # The agent restarts (a rolling upgrade): same standing, so nothing to write or announce.
+    config = kubernetes.client.Configuration()
+    config.host = api.url
+    again = KubeAdapter(kubernetes.client.ApiClient(config), "node1", watch_timeout=5)
+    try:
+        again.start(wake)
+        assert wait_synced(again, 10)
+        again.report(failing)
+        assert len(api.patches) == 1 and len(api.events) == 1
+    finally:
+        again.stop()
+
+
+def test_an_uninstalled_crd_is_said_with_what_to_check(api, adapter, caplog):
+    import logging
+
+    a, wake = adapter
+    api.uninstalled.add("sockpolicies")
+    with caplog.at_level(logging.WARNING, logger="sockpol.agent.kube"):
+        a.start(wake)
+        wait_for(lambda: any("CRD installed" in r.getMessage() for r in caplog.records),
+                 "the warning")  # fmt: skip
+    assert not a.policies.snapshot().ready  # nothing listed: nothing will be unloaded
+    message = next(r.getMessage() for r in caplog.records if "CRD" in r.getMessage())
+    assert message.startswith("sockpolicies: HTTP 404") and "deploy/crd.yaml" in message

@@ -3,6 +3,7 @@ the directory source (a ConfigMap's `..data` swap, bad entries), back-off."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,13 @@ from sockpol.agent.dirsource import DirectorySource
 from sockpol.runtime.pins import valid_name
 
 UID = "1234-abcd-5678-efgh"
+
+
+@pytest.fixture
+def no_pins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pin root of this test's own that does not exist: the reconciler owns nothing, and
+    the tests that reach no load need no kernel."""
+    monkeypatch.setenv("SOCKPOL_PIN_ROOT", f"t-agent-nothing-{os.getpid()}")
 
 
 def test_kubelet_cgroup_names_for_both_drivers() -> None:
@@ -35,6 +43,20 @@ def test_kubelet_cgroup_names_for_both_drivers() -> None:
         "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
         "kubelet-kubepods-besteffort-pod1234_abcd_5678_efgh.slice"
     )
+
+
+def test_a_static_pod_is_found_under_the_uid_kubelet_gave_it() -> None:
+    """The API shows a static pod (kube-apiserver, etcd, ...) as a mirror pod with a UID of its
+    own; kubelet's cgroup is named after the manifest's hash, which the mirror carries."""
+    mirror = Pod.from_dict({
+        "metadata": {"name": "etcd-node1", "namespace": "kube-system", "uid": "api-made-uid",
+                     "annotations": {"kubernetes.io/config.mirror": "0a1b2c3d4e5f",
+                                     "kubernetes.io/config.hash": "0a1b2c3d4e5f"}},
+        "status": {"phase": "Running", "qosClass": "Burstable"},
+    })  # fmt: skip
+    assert to_cgroupfs(pod_cgroup_name(mirror)) == "kubepods/burstable/pod0a1b2c3d4e5f"
+    plain = Pod.from_dict({"metadata": {"uid": "u-1"}, "status": {"qosClass": "Guaranteed"}})
+    assert to_cgroupfs(pod_cgroup_name(plain)) == "kubepods/podu-1"
 
 
 def test_resolver_finds_the_layout_that_exists_and_its_containers(tmp_path: Path) -> None:
@@ -145,6 +167,51 @@ def test_directory_source_problems_never_unload(tmp_path: Path) -> None:
         assert expected in text, text
 
 
+MALFORMED_ENTRIES = {
+    "matchExpressions[0]: expected an object": "{matchExpressions: [app]}",
+    "matchExpressions must be a list": "{matchExpressions: {app: web}}",
+    "'values' must be a list": "{matchExpressions: [{key: a, operator: In, values: ab}]}",
+    "'key' (a label name) is required": "{matchExpressions: [{operator: Exists}]}",
+    "label names and values are strings": "{matchLabels: {version: 2}}",
+    # A misspelt key must not leave an empty selector, which selects every pod.
+    "unknown keys matchLabel": "{matchLabel: {app: web}}",
+}
+
+
+@pytest.mark.parametrize("expected,selector", MALFORMED_ENTRIES.items())
+def test_a_malformed_selector_is_a_problem_of_its_entry_not_a_traceback(
+    tmp_path: Path, expected: str, selector: str
+) -> None:
+    (tmp_path / "web.pol").write_text(POLICY)
+    (tmp_path / "targets.yaml").write_text(
+        "policies:\n"
+        f"  - {{name: bad, file: web.pol, pods: [{{namespace: shop, selector: {selector}}}]}}\n"
+        "  - {name: good, file: web.pol, cgroups: [a]}\n"
+    )
+    snap = DirectorySource(tmp_path).snapshot()
+    assert snap.ready and [s.key for s in snap.specs] == ["configmap/good"]
+    assert snap.held == ("configmap/bad",)
+    assert expected in snap.problems[0], snap.problems
+
+
+def test_a_malformed_pods_entry_is_a_problem(tmp_path: Path) -> None:
+    (tmp_path / "web.pol").write_text(POLICY)
+    (tmp_path / "targets.yaml").write_text(
+        "policies:\n"
+        "  - {name: a, file: web.pol, pods: {namespace: shop}}\n"
+        "  - {name: b, file: web.pol, pods: [{namespace: shop, selectr: {}}]}\n"
+        "  - {name: c, file: web.pol, policy: [x], cgroups: [a]}\n"
+        "  - {name: 5, file: web.pol, cgroups: [a]}\n"
+        "  - {name: e, file: web.pol, cgroups: [a/../../b]}\n"
+    )
+    snap = DirectorySource(tmp_path).snapshot()
+    assert snap.ready and snap.specs == () and len(snap.problems) == 5
+    text = "\n".join(snap.problems)
+    for expected in ("'pods' must be a list", "unknown keys selectr", "'policy' must be",
+                     "'name' (a string)", "'..' is not allowed"):  # fmt: skip
+        assert expected in text, text
+
+
 def test_backoff_doubles_and_a_new_version_is_tried_at_once() -> None:
     b = Backoff(base=1.0, limit=8.0)
     assert [b.failed("x", "v1", 0.0, "e") for _ in range(5)] == [1.0, 2.0, 4.0, 8.0, 8.0]
@@ -158,13 +225,207 @@ def test_unused_objects_are_swept_and_used_ones_kept(tmp_path: Path) -> None:
     from sockpol.agent.desired import PolicySpec
     from sockpol.agent.objects import ObjectStore
 
-    store = ObjectStore(tmp_path)
+    now = [1000.0]
+    store = ObjectStore(tmp_path, clock=lambda: now[0])
     spec = PolicySpec("k", POLICY, "k.pol")
-    current = store.compile(spec).path
+    superseded = store.compile(PolicySpec("k", POLICY.replace("/ok", "/old"), "k.pol")).path
+    now[0] += 3000
+    current = store.compile(spec).path  # asked for on every pass
     old_loaded, old_unused, young = (tmp_path / f"{n}.bpf.o" for n in ("a", "b", "c"))
     for p in (old_loaded, old_unused, young):
         p.write_bytes(b"x")
-    for p in (current, old_loaded, old_unused):
+    for p in (current, superseded, old_loaded, old_unused):
         os.utime(p, (0, 0))
-    assert store.collect({old_loaded}, min_age=60) == [old_unused]
+    now[0] += 1000
+    assert sorted(store.collect({old_loaded}, min_age=3600)) == sorted([old_unused, superseded])
     assert current.exists() and old_loaded.exists() and young.exists()
+    # Asked for again after its file went: compiled again, not a path that is gone.
+    again = store.compile(PolicySpec("k", POLICY.replace("/ok", "/old"), "k.pol")).path
+    assert again == superseded and again.exists()
+
+
+def test_listen_addresses() -> None:
+    from sockpol.agent.main import listen_address
+    from sockpol.diagnostics import SockpolError
+
+    assert listen_address("0.0.0.0:9464") == ("0.0.0.0", 9464)  # the DaemonSet's
+    assert listen_address("127.0.0.1:0") == ("127.0.0.1", 0)  # any free port (tests)
+    assert listen_address(":9464") == ("0.0.0.0", 9464)
+    assert listen_address("[::1]:9464") == ("::1", 9464)
+    for bad in ("9464", "host:", "host:70000", "host:x"):
+        with pytest.raises(SockpolError, match="--listen"):
+            listen_address(bad)
+
+
+def test_a_policy_that_cannot_be_compiled_is_its_own_problem_logged_once(
+    tmp_path: Path, no_pins: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Compile failures come before any load: no kernel needed. A pin root of its own (absent:
+    nothing owned). The text is invalid, or the state directory cannot be written: either is
+    that policy's error (on its report, one log line however many passes), never a pass that
+    fails for every policy."""
+    import logging
+
+    from sockpol.agent.desired import PolicySpec, Snapshot
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "cgroup.procs").touch()  # what the reconciler recognizes a cgroup by
+    broken = PolicySpec("configmap/broken", POLICY.replace("/ok", "ok"), "broken.pol",
+                        cgroups=("app",))  # fmt: skip
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    stuck = Reconciler(
+        AgentConfig(state_dir=tmp_path / "app" / "cgroup.procs", cgroup_base=tmp_path)
+    )
+    with caplog.at_level(logging.INFO, logger="sockpol.agent"):
+        for _ in range(2):  # two passes, one log line each
+            report = rec.reconcile(Snapshot((broken,)))
+            assert report.actions == [] and report.specs["configmap/broken"].targets == 1
+            (error,) = report.specs["configmap/broken"].errors
+            assert error.startswith("policy does not compile; nothing is loaded for it: ")
+            assert "broken.pol:4:" in error and "E003" in error
+            good = PolicySpec("configmap/good", POLICY, "good.pol", cgroups=("app",))
+            report = stuck.reconcile(Snapshot((good,)))
+            (error,) = report.specs["configmap/good"].errors
+            assert error.startswith("policy could not be compiled here; nothing is loaded")
+            assert "NotADirectoryError" in error
+    lines = [r for r in caplog.records if getattr(r, "action", None) == "compile"]
+    assert [(r.policy, r.result) for r in lines] == [
+        ("configmap/broken", "error"), ("configmap/good", "error")]  # fmt: skip
+
+
+def test_a_running_pod_whose_cgroup_is_not_where_kubelet_puts_it_is_reported(
+    tmp_path: Path, no_pins: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layout the agent does not expect (another --cgroup-root, a cgroup v1 node) must not
+    leave the selected pods silently ungoverned. Pods that do not run yet, or are being
+    deleted, have no cgroup for good reasons: nothing to report."""
+    from sockpol.agent.desired import PodTarget, PolicySpec, Snapshot
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+
+    spec = PolicySpec("shop/web", POLICY, "web.pol",
+                      pods=(PodTarget("shop", Selector((("app", "web"),))),))  # fmt: skip
+    running = Pod("u-1", "shop", "web-1", {"app": "web"}, "Burstable", "Running")
+    pods = [
+        running,
+        Pod("u-2", "shop", "web-2", {"app": "web"}, "Burstable", "Pending"),
+        Pod("u-3", "shop", "web-3", {"app": "web"}, "Burstable", "Running", deleting=True),
+        Pod("u-4", "shop", "other", {"app": "other"}, "Burstable", "Running"),
+    ]
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    with caplog.at_level(logging.WARNING, logger="sockpol.agent"):
+        report = rec.reconcile(Snapshot((spec,)), pods)
+        rec.reconcile(Snapshot((spec,)), pods)  # said once in the log, not once a pass
+    (line,) = [r for r in caplog.records if getattr(r, "action", None) == "resolve"]
+    assert line.policy == "shop/web" and line.getMessage().startswith("pod shop/web-1: ")
+    web = report.specs["shop/web"]
+    assert report.actions == [] and (web.targets, web.loaded) == (1, 0)
+    (error,) = web.errors
+    assert error.startswith("pod shop/web-1: not governed: it runs, but its cgroup is not")
+    assert str(tmp_path / "kubepods/burstable/podu-1") in error
+    assert "kubepods-burstable-podu_1.slice" in error
+    assert Pod.from_dict({"metadata": {"deletionTimestamp": "2026-12-05T00:00:00Z"}}).deleting
+
+
+def test_metrics_and_health_say_when_a_source_has_not_listed_yet(
+    tmp_path: Path, no_pins: None
+) -> None:
+    from prometheus_client import generate_latest
+
+    from sockpol.agent.main import Agent
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+    from sockpol.agent.server import registry
+
+    source = tmp_path / "configmap"
+    source.mkdir()
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    agent = Agent(rec, [DirectorySource(source)])
+    agent.run_once()  # no targets.yaml yet
+    assert b"sockpol_agent_sources_synced 0.0" in generate_latest(registry(agent.stats))
+    ok, detail = agent.health()
+    assert ok and "waiting for a complete list" in detail
+    (source / "targets.yaml").write_text("policies: []\n")
+    agent.run_once()
+    assert b"sockpol_agent_sources_synced 1.0" in generate_latest(registry(agent.stats))
+    assert "waiting" not in agent.health()[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_agents_endpoints_listen_on_ipv4_and_ipv6(host: str) -> None:
+    """An IPv6-only cluster probes and scrapes the pod's IPv6 address: `--listen [::]:9464`."""
+    import json
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from sockpol.agent.server import serve
+
+    server = serve(host, 0, CollectorRegistry(), lambda: (True, "fine"))
+    try:
+        port = server.server_address[1]
+        url = f"http://[{host}]:{port}/healthz" if ":" in host else f"http://{host}:{port}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.status == 200 and json.loads(r.read()) == {"ok": True, "detail": "fine"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_two_sources_giving_one_policy_key_are_held_not_mixed(
+    tmp_path: Path, no_pins: None
+) -> None:
+    """A SockPolicy `web` in a namespace called `configmap` and targets.yaml's entry `web`
+    both have the key configmap/web, which names their loads: neither is acted on."""
+    from sockpol.agent.main import Agent
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "cgroup.procs").touch()
+    sources = []
+    for n in (1, 2):
+        d = tmp_path / f"source{n}"
+        d.mkdir()
+        (d / "web.pol").write_text(POLICY)
+        (d / "targets.yaml").write_text("policies: [{name: web, file: web.pol, cgroups: [a]}]\n")
+        sources.append(DirectorySource(d))
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    report = Agent(rec, sources).run_once()
+    assert report.desired == 0 and report.actions == [] and report.specs == {}
+    assert report.problems == ["two sources give the policy configmap/web: rename one"]
+
+
+def test_a_configmap_update_wakes_a_pass_at_once(tmp_path: Path, no_pins: None) -> None:
+    """kubelet's `..data` swap is read when it happens, not at the next periodic pass (an hour
+    away here)."""
+    import threading
+    import time
+
+    from sockpol.agent.main import Agent
+    from sockpol.agent.reconciler import AgentConfig, Reconciler
+
+    source = tmp_path / "configmap"
+    source.mkdir()
+    swap(source, {"targets.yaml": "policies: []\n"}, 1)
+    rec = Reconciler(AgentConfig(state_dir=tmp_path / "state", cgroup_base=tmp_path))
+    agent = Agent(rec, [DirectorySource(source)], interval=3600)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+
+        def passes_reach(n: int) -> None:
+            deadline = time.monotonic() + 10
+            while agent.stats.passes < n:
+                assert time.monotonic() < deadline, f"{agent.stats.passes} passes, not {n}"
+                time.sleep(0.02)
+
+        passes_reach(1)
+        time.sleep(0.2)  # no pass is due
+        assert agent.stats.passes == 1
+        targets = "policies: [{name: web, file: web.pol, cgroups: [nothing/here]}]\n"
+        swap(source, {"targets.yaml": targets, "web.pol": POLICY}, 2)
+        passes_reach(2)
+        assert agent.stats.desired == 0 and not agent.stats.source_problems
+    finally:
+        agent.shutdown()
+        thread.join(10)
+    assert not thread.is_alive()

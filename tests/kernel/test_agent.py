@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -251,6 +252,13 @@ def test_repairs_drift_adopts_after_restart_and_leaves_others_alone(
     st = owned_status()[name]
     assert read_mode(st.pin_dir) == "enforce" and st.reloads == reloads
 
+    # Its cgroup link unpinned by hand (the programs detached): loaded again, same name.
+    (Path(st.pin_dir) / "cgroup_link").unlink()
+    assert not refused(http_client, ctr, port, "/no")
+    assert actions(rec.reconcile(Snapshot((spec,)), [pod])) == [("replace", True)]
+    assert owned_status()[name].problem is None
+    assert refused(http_client, ctr, port, "/no")
+
     # A policy an operator loaded by hand, in the same pod: never the agent's to touch.
     hand = f"t-hand{os.getpid()}"
     runtime.load(compiled_policy(policy_text(port + 1)), ctr.parent, name=hand).close()
@@ -331,11 +339,35 @@ def test_broken_policy_keeps_last_good_and_others_are_unaffected(
     report = rec2.reconcile(Snapshot((good, broken, tls)), pods)
     failed = [x for x in report.actions if not x.ok]
     assert [(x.action, x.key) for x in failed] == [("load", "shop/c")], report
-    assert "cannot judge requests inside TLS" in report.specs["shop/c"].message
+    failing = report.specs["shop/c"].message
+    assert "cannot judge requests inside TLS" in failing
     assert report.specs["shop/a"].ok
+    # Held back (backoff_base is 60 s): not tried again, and reported in the same words (a
+    # message that changed every pass would mean a status write and an Event every pass).
     report = rec2.reconcile(Snapshot((good, broken, tls)), pods)
-    assert report.actions == [] and "next try in" in report.specs["shop/c"].message
+    assert report.actions == [] and report.specs["shop/c"].message == failing
     assert not refused(http_client, c_ctr, port, "/no")  # never half-loaded
+
+
+def pod_object(pod: Pod, node: str = "node1") -> dict:
+    """The API's object of a running pod bound to `node`."""
+    return {
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid,
+                     "labels": pod.labels},
+        "spec": {"nodeName": node},
+        "status": {"phase": "Running", "qosClass": pod.qos},
+    }  # fmt: skip
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    """A kubeconfig for the list/watch test server (no credentials: it asks for none)."""
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": server}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
+        "users": [{"name": "t", "user": {}}],
+    }))  # fmt: skip
+    return path
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -355,6 +387,15 @@ def _capabilities(pid: int) -> set[str]:
             eff = int(line.split()[1], 16)
             return {names.get(i, str(i)) for i in range(64) if eff >> i & 1}
     return set()
+
+
+def _first_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The process's first line on stderr (its start line), waited for `timeout` at most."""
+    import select
+
+    ready, _, _ = select.select([proc.stderr], [], [], timeout)
+    assert ready, f"no line from the agent within {timeout} s"
+    return proc.stderr.readline()
 
 
 def _swap_configmap(directory: Path, files: dict[str, str], n: int) -> None:
@@ -383,10 +424,7 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
     ctr.mkdir()
     source = tmp_path / "configmap"
     source.mkdir()
-    targets = (
-        "policies:\n  - name: web\n    file: web.pol\n"
-        f"    cgroups: ['{cgroup.name}/app']\n"
-    )
+    targets = f"policies:\n  - name: web\n    file: web.pol\n    cgroups: ['{cgroup.name}/app']\n"
     _swap_configmap(source, {"targets.yaml": targets, "web.pol": policy_text(port)}, 1)
     from sockpol.runtime.system import cgroup2_mount
 
@@ -405,7 +443,7 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
     lines: list[dict] = []
     try:
         assert proc.stderr is not None
-        start = json.loads(proc.stderr.readline())
+        start = json.loads(_first_line(proc, 30))
         assert start["action"] == "start", start
         caps = _capabilities(proc.pid)
         assert caps == set(DAEMONSET_CAPS), caps
@@ -418,6 +456,7 @@ def test_agent_process_serves_follows_a_configmap_and_leaves_policies_on_sigterm
             metrics = r.read().decode()
         assert f'sockpol_policy_info{{cgroup="{ctr}"' in metrics
         assert 'sockpol_agent_actions_total{action="load",result="ok"} 1.0' in metrics
+        assert "sockpol_agent_sources_synced 1.0" in metrics
         assert (f'sockpol_agent_load_info{{cgroup="{ctr}",key="configmap/web",namespace="",'
                 f'pod="",policy="{name}"}} 1.0') in metrics  # fmt: skip
 
@@ -473,14 +512,6 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
 
     port = http_server.port
 
-    def pod_object(pod: Pod, node: str = "node1") -> dict:
-        return {
-            "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid,
-                         "labels": pod.labels},
-            "spec": {"nodeName": node},
-            "status": {"phase": "Running", "qosClass": pod.qos},
-        }  # fmt: skip
-
     def sockpolicy(name: str, text: str, app: str) -> dict:
         return {
             "apiVersion": "sockpol.io/v1alpha1", "kind": "SockPolicy",
@@ -530,13 +561,25 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
         if not tls_policy_support().ok:
             # A policy this node's kernel cannot run: on the object's status and as an Event.
             api.put("sockpolicies", sockpolicy("tls", policy_text(port, extra="    tls\n"), "web"))
-            node1 = lambda: api.objects["sockpolicies"]["shop/tls"].get(  # noqa: E731
-                "status", {}).get("nodes", {}).get("node1", {})
+
+            def node1() -> dict:
+                status = api.objects["sockpolicies"]["shop/tls"].get("status", {})
+                return status.get("nodes", {}).get("node1", {})
+
             _wait(lambda: node1().get("ok") is False, 20, "the failure on the status")
             assert "cannot judge requests inside TLS" in node1()["message"]
             (event,) = [e for e in api.events if e["involvedObject"]["name"] == "tls"]
             assert event["type"] == "Warning" and "node node1:" in event["message"]
             assert not owned_status()
+            # More passes while the load is held back by back-off: nothing new to say, so no
+            # status write and no Event (not one per pass, on every node).
+            patches = len([p for p in api.patches if "/sockpolicies/tls/" in p[0]])
+            for _ in range(2):
+                passes = agent.stats.passes
+                agent.wake.set()
+                _wait(lambda: agent.stats.passes > passes, 10, "a pass")  # noqa: B023
+            assert len([e for e in api.events if e["involvedObject"]["name"] == "tls"]) == 1
+            assert len([p for p in api.patches if "/sockpolicies/tls/" in p[0]]) == patches
     finally:
         agent.shutdown()
         thread.join(10)
@@ -545,7 +588,7 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
 
 
 def test_two_policies_on_one_pod_and_port_is_reported_not_silently_half_done(
-    tree, make_reconciler, http_server, http_client
+    tree, make_reconciler, http_server, http_client, caplog
 ):
     port = http_server.port
     pod, ctr = tree.pod({"app": "web", "tier": "front"})
@@ -555,8 +598,12 @@ def test_two_policies_on_one_pod_and_port_is_reported_not_silently_half_done(
     # A second policy for the same pod and port (a smaller key, but the first is loaded).
     second = web_spec(policy_text(port, allow="/no"), key="shop/a-second", tier="front")
     other_port = web_spec(policy_text(port + 1), key="shop/b-other", tier="front")
-    report = rec.reconcile(Snapshot((first, second, other_port)), [pod])
-    assert actions(report) == [("load", True)], report  # only the one on another port
+    with caplog.at_level(logging.WARNING, logger="sockpol.agent"):
+        report = rec.reconcile(Snapshot((first, second, other_port)), [pod])
+        assert actions(report) == [("load", True)], report  # only the one on another port
+        assert rec.reconcile(Snapshot((first, second, other_port)), [pod]).actions == []
+    (line,) = [r for r in caplog.records if getattr(r, "action", None) == "clash"]
+    assert line.policy == "shop/a-second"  # logged once (the directory source has no status)
     assert report.specs["shop/z-first"].ok and report.specs["shop/b-other"].ok
     clash = report.specs["shop/a-second"]
     assert not clash.ok and "overlap those of policy shop/z-first" in clash.message
@@ -573,19 +620,10 @@ def test_agent_command_with_kubernetes_follows_sockpolicies(
 
     port = http_server.port
     api = FakeAPI()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": api.url}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
-        "users": [{"name": "t", "user": {}}],
-    }))  # fmt: skip
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
     tree.kubelet_started()
     pod, ctr = tree.pod({"app": "web"}, qos="BestEffort", driver="systemd")
-    api.put("pods", {"metadata": {"name": pod.name, "namespace": "shop", "uid": pod.uid,
-                                  "labels": pod.labels},
-                     "spec": {"nodeName": "node1"},
-                     "status": {"phase": "Running", "qosClass": pod.qos}})  # fmt: skip
+    api.put("pods", pod_object(pod))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "sockpol.cli", "agent", "--kubernetes", "--kubeconfig",
@@ -602,8 +640,10 @@ def test_agent_command_with_kubernetes_follows_sockpolicies(
         })  # fmt: skip
         _wait(lambda: len(owned_status()) == 1, 20, "the SockPolicy's load")
         assert refused(http_client, ctr, port, "/no")
-        nodes = lambda: api.objects["sockpolicies"]["shop/web"].get(  # noqa: E731
-            "status", {}).get("nodes", {})
+
+        def nodes() -> dict:
+            return api.objects["sockpolicies"]["shop/web"].get("status", {}).get("nodes", {})
+
         _wait(lambda: nodes().get("node1", {}).get("current") == 1, 10, "the status")
         assert api.count("GET", "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode1") >= 1
         proc.send_signal(signal.SIGTERM)
@@ -618,3 +658,87 @@ def test_agent_command_with_kubernetes_follows_sockpolicies(
 
         for leftover in owned_status():
             runtime.unload(leftover)
+
+
+def _agent_command(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "sockpol.cli", "agent", "--listen", "127.0.0.1:0",
+         "--prefix", PREFIX, *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_agent_command_refuses_paths_that_would_make_it_govern_nothing(kernel_env, tmp_path):
+    source = tmp_path / "configmap"
+    source.mkdir()
+    state = ["--state-dir", str(tmp_path / "state")]
+    for args, expected in [
+        (["--source-dir", str(source), "--cgroup-base", str(tmp_path), *state],
+         "not a cgroup v2 directory"),
+        (["--source-dir", str(tmp_path / "nope"), *state], "no such directory"),
+        (["--source-dir", str(source), "--state-dir", "/dev/null/state"], "cannot write there"),
+    ]:  # fmt: skip
+        done = _agent_command(*args, "--once")
+        assert done.returncode == 1, done.stderr
+        (last,) = done.stderr.strip().splitlines()[-1:]
+        assert last.startswith("sockpol: agent: ") and expected in last, done.stderr
+
+
+def test_agent_once_with_kubernetes_waits_for_the_first_lists(
+    tree, tmp_path, http_server, http_client
+):
+    """`--once --kubernetes` acts on a complete view (it used to pass before the first list,
+    doing nothing, and exit 0)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
+    from fakeapi import FakeAPI
+
+    from sockpol import runtime
+
+    port = http_server.port
+    api = FakeAPI()
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+    pod, ctr = tree.pod({"app": "web"}, qos="Guaranteed", driver="cgroupfs", runtime="cri-o")
+    api.put("pods", pod_object(pod))
+    api.put("sockpolicies", {
+        "apiVersion": "sockpol.io/v1alpha1", "kind": "SockPolicy",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"policy": policy_text(port), "podSelector": {"matchLabels": {"app": "web"}}},
+    })  # fmt: skip
+    try:
+        done = _agent_command(
+            "--kubernetes",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--node",
+            "node1",
+            "--once",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--cgroup-base",
+            str(tree.base),
+        )
+        assert done.returncode == 0, done.stderr
+        assert len(owned_status()) == 1
+        assert refused(http_client, ctr, port, "/no")
+    finally:
+        api.close()
+        for leftover in owned_status():
+            runtime.unload(leftover)
+
+
+def test_a_pass_ends_between_actions_when_the_agent_is_stopping(tree, make_reconciler):
+    """SIGTERM during a long pass (a node's first: one load per pod) ends it at the next action,
+    within the pod's grace period; what is loaded stays, and an interrupted pass unloads
+    nothing."""
+    pods = [tree.pod({"app": "web"}, driver="systemd")[0] for _ in range(3)]
+    spec = web_spec(policy_text(18993))
+    rec = make_reconciler()
+    report = rec.reconcile(Snapshot((spec,)), pods, stopping=lambda: len(owned_status()) >= 1)
+    assert report.interrupted and actions(report) == [("load", True)], report
+    report = rec.reconcile(Snapshot((spec,)), pods)
+    assert not report.interrupted and actions(report) == [("load", True)] * 2, report
+    report = rec.reconcile(Snapshot(()), pods, stopping=lambda: True)
+    assert report.interrupted and report.actions == [] and len(owned_status()) == 3
+    report = rec.reconcile(Snapshot(()), pods)
+    assert actions(report) == [("unload", True)] * 3 and not owned_status()
