@@ -20,8 +20,7 @@ from pathlib import Path
 from llvmlite import ir
 
 from sockpol import __version__, telemetry
-from sockpol.codegen import elf
-from sockpol.codegen.emit import emit_module
+from sockpol.codegen import elf, emit, skb
 from sockpol.codegen.lower import (
     DEFAULT_SHAPE,
     LoweringError,
@@ -40,7 +39,7 @@ from sockpol.diagnostics import (
     Source,
 )
 from sockpol.dsl import load_source
-from sockpol.dsl.ast import Policy, PolicyFile
+from sockpol.dsl.ast import Policy, PolicyFile, Side
 from sockpol.files import write_atomically
 from sockpol.metadata import PolicyMetadata, RuleInfo
 
@@ -81,6 +80,7 @@ def metadata_for(policy: Policy, source: Source, shape: TableShape | None = None
         mode=policy.mode.value,
         tls=policy.tls.userspace.value if policy.tls is not None else None,
         answers=list(policy.answers()),
+        side=policy.side.value,
         telemetry=telemetry.layout(),
         source_path=source.path,
         source_sha256=hashlib.sha256(source.text.encode()).hexdigest(),
@@ -120,7 +120,8 @@ def compile_policy(
             f"({', '.join(shape.shortfall(needed))})"
         )
     matcher = matcher.with_shape(shape or DEFAULT_SHAPE.union(needed))
-    module = emit_module(matcher)
+    backend = skb if policy.side is Side.INGRESS else emit  # sk_skb or sk_msg
+    module = backend.emit_module(matcher)
     metadata = metadata_for(policy, source, matcher.shape)
     elf.add_metadata_section(module, metadata.to_json())
     return CompiledPolicy(policy, matcher, module, metadata)

@@ -65,7 +65,7 @@ def _doctor(
     program: ProgramCheck | Callable[[], ProgramCheck] = VERIFIED,
 ):
     """Run doctor on these findings; `program` is the check's result, or the check itself."""
-    check = program if callable(program) else lambda: program
+    check = program if callable(program) else lambda side="egress": program
     monkeypatch.setattr(probe, "probe", lambda: list(findings))  # doctor imports it when it runs
     monkeypatch.setattr(selfcheck, "check_program", check)
     args = build_parser().parse_args(["doctor", *argv])
@@ -90,7 +90,9 @@ def test_doctor_with_ktls_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     status, text = _doctor(monkeypatch, _findings(ktls_ok=True), "--require-ktls", "--json")
     assert status == doctor.EXIT_OK
     report = json.loads(text)
-    assert report["works"] == {"plaintext": True, "ktls": True, "tls_policies": True}
+    assert report["works"] == {
+        "plaintext": True, "ktls": True, "tls_policies": True, "ingress": True,
+    }  # fmt: skip
     assert [f["key"] for f in report["findings"]][:2] == ["kernel", "privileges"]
     assert {f["verdict"] for f in report["findings"]} == {"ok"}
 
@@ -131,7 +133,9 @@ def test_doctor_fails_when_the_verifier_refuses_the_program(monkeypatch) -> None
     assert "policy inside TLS (kTLS): no" in text
     status, text = _doctor(monkeypatch, _findings(ktls_ok=True), "--json", program=refused)
     report = json.loads(text)
-    assert report["works"] == {"plaintext": False, "ktls": False, "tls_policies": False}
+    assert report["works"] == {
+        "plaintext": False, "ktls": False, "tls_policies": False, "ingress": False,
+    }  # fmt: skip
     assert report["program"]["processed"] == 1_000_001
     assert report["program"]["within_budget"] is False
 

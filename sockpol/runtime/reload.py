@@ -114,8 +114,9 @@ def _store_barrier() -> None:
 
 def _swappable(old: PolicyMetadata, new: PolicyMetadata) -> bool:
     """Can the loaded program take the new tables as they are? Its code has the table shape
-    (masks, offsets) and the sock_ops program the ports; anything else is table data."""
-    return new.shape == old.shape and new.ports == old.ports
+    (masks, offsets) and the sock_ops program the ports; anything else is table data. The side
+    is the program itself (sk_msg or sk_skb): a reload across sides is refused (loader)."""
+    return new.shape == old.shape and new.ports == old.ports and new.side == old.side
 
 
 def swap_tables(pin_dir: Path, tables: bytes) -> int:
