@@ -17,6 +17,9 @@ the same invocation:
     lsm-N           the same policy on the lsm backend (a BPF LSM program on socket_sendmsg,
                     codegen/lsm.py); needs a kernel that runs BPF LSM programs (a VM here)
     haproxy-N       wrk -> HAProxy (the N rules as http-request ACLs) -> nginx
+    ingress-N       wrk -> nginx in a cgroup that the N-rule policy with `side ingress` governs
+                    (the sk_skb program judges what nginx receives; a second nginx, started in
+                    that cgroup on --ingress-port, with the same configuration)
 
 For the configurations that run a BPF program (floor, sockpol-N) the kernel's own statistics
 (`kernel.bpf_stats_enabled=1` for the benchmark, the old value restored after) give the
@@ -69,7 +72,7 @@ from policies import (  # noqa: E402
 FLOOR_SRC = HERE / "floor" / "floor.bpf.c"
 FLOOR_MSG, FLOOR_SOCKOPS, FLOOR_SOCKS = "floor_msg", "floor_sockops", "floor_socks"
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
-KINDS = ("none", "floor", "sockpol", "lsm", "haproxy")
+KINDS = ("none", "floor", "sockpol", "lsm", "haproxy", "ingress")
 
 Request = tuple[str, str, dict[str, str]]
 
@@ -180,10 +183,16 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def process(args: list[str], port: int, log: Path):
+def process(args: list[str], port: int, log: Path, group: Path | None = None):
+    """A server process (in `group`, when given: the cgroup an ingress policy governs)."""
+
+    def enter() -> None:
+        if group is not None:
+            (group / "cgroup.procs").write_text("0")  # 0: the writing process itself
+
     # Output goes to a file: a pipe nobody reads fills up and blocks the server before it listens.
     with open(log, "ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=enter)
     try:
         wait_port(port)
         yield proc
@@ -196,10 +205,10 @@ def process(args: list[str], port: int, log: Path):
 
 
 @contextmanager
-def cgroup():
+def cgroup(tag: str = ""):
     from sockpol.runtime.system import cgroup2_mount
 
-    path = cgroup2_mount() / f"sockpol-bench-{os.getpid()}"
+    path = cgroup2_mount() / f"sockpol-bench-{tag}{os.getpid()}"
     path.mkdir()
     try:
         yield path
@@ -218,14 +227,16 @@ def compile_policy(text: str, workdir: Path, name: str, backend: str = "sockmap"
 
 @contextmanager
 def sockpol_policy(obj: Path, group: Path, name: str) -> Iterator[int]:
-    """Load a compiled policy for `group`; yields the id of its sk_msg (or LSM) program."""
+    """Load a compiled policy for `group`; yields the id of its judging program (sk_msg, the
+    LSM program, or sk_skb for an ingress policy)."""
     from sockpol import runtime
-    from sockpol.contract import LSM_PROGRAM, MSG_PROGRAM
+    from sockpol.contract import LSM_PROGRAM, MSG_PROGRAM, SKB_PROGRAM
 
     loaded = runtime.load(obj, group, name=name)
     loaded.close()
     try:
-        yield loaded.program_ids.get(MSG_PROGRAM) or loaded.program_ids[LSM_PROGRAM]
+        ids = loaded.program_ids
+        yield ids.get(MSG_PROGRAM) or ids.get(LSM_PROGRAM) or ids[SKB_PROGRAM]
     finally:
         runtime.unload(name)
 
@@ -491,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--port", type=int, default=18080)
     ap.add_argument("--proxy-port", type=int, default=18081)
+    ap.add_argument("--ingress-port", type=int, default=18082, help="the nginx of ingress-N")
     ap.add_argument(
         "--mix",
         choices=("issue", "policy"),
@@ -522,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(kinds) - set(KINDS):
         ap.error(f"--configs: unknown {', '.join(sorted(unknown))} (of {', '.join(KINDS)})")
     tools = ["wrk", "nginx"] + ["haproxy"] * ("haproxy" in kinds) + ["clang"] * ("floor" in kinds)
-    if "floor" in kinds or ({"sockpol", "lsm"} & set(kinds) and args.bpf_stats):
+    if "floor" in kinds or ({"sockpol", "lsm", "ingress"} & set(kinds) and args.bpf_stats):
         tools.append("bpftool")
     missing = [t for t in tools if shutil.which(t) is None]
     if missing or os.geteuid() != 0:
@@ -565,6 +577,16 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(
             process([nginx, "-c", str(work / "nginx.conf")], args.port, work / "nginx.log")
         )
+        if "ingress" in kinds:  # the same nginx, in the cgroup the ingress policies govern
+            ingress_group = stack.enter_context(cgroup("in-"))
+            (work / "in").mkdir()
+            (work / "in" / "nginx.conf").write_text(
+                NGINX_CONF.format(dir=work / "in", port=args.ingress_port)
+            )
+            conf = str(work / "in" / "nginx.conf")
+            stack.enter_context(
+                process([nginx, "-c", conf], args.ingress_port, work / "in.log", ingress_group)
+            )
         configs: list[tuple[str, str, int | None]] = []
         for kind in (k for k in KINDS if k in kinds):
             if kind in ("none", "floor"):
@@ -580,13 +602,20 @@ def main(argv: list[str] | None = None) -> int:
                 text = policy_text(f"bench{n}", args.port, rules[n])
                 backend = "lsm" if kind == "lsm" else "sockmap"
                 objects[name] = compile_policy(text, work, f"bench{n}", backend)
+            elif kind == "ingress":
+                text = policy_text(f"benchin{n}", args.ingress_port, rules[n]).replace(
+                    f"port {args.ingress_port}\n",
+                    f"port {args.ingress_port}\n    side ingress\n",
+                    1,
+                )
+                objects[name] = compile_policy(text, work, f"benchin{n}")
             elif kind == "haproxy":
                 acls = "\n".join(haproxy_acls(rules[n]))
                 objects[name] = work / f"haproxy{n}.cfg"
                 objects[name].write_text(
                     HAPROXY_CONF.format(proxy_port=args.proxy_port, port=args.port, acls=acls)
                 )
-        stats = args.bpf_stats and bool({"floor", "sockpol", "lsm"} & set(kinds))
+        stats = args.bpf_stats and bool({"floor", "sockpol", "lsm", "ingress"} & set(kinds))
         if stats:
             stack.enter_context(bpf_stats())
 
@@ -597,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
                 haproxy = ["haproxy", "-f", str(objects[name]), "-db"]
                 with process(haproxy, args.proxy_port, work / "haproxy.log"):
                     return run_wrk(args, args.proxy_port, script, None)
+            if kind == "ingress":
+                with sockpol_policy(objects[name], ingress_group, f"benchin{n}") as prog:
+                    return run_wrk(args, args.ingress_port, script, None, prog if stats else None)
             with ExitStack() as run_stack:
                 group = run_stack.enter_context(cgroup())
                 if kind == "floor":
@@ -608,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run_wrk(args, args.port, script, group, prog if stats else None)
 
         def mix_of(kind: str, n: int | None, head: int | None) -> tuple[int | None, int | None]:
-            return (n if kind in ("sockpol", "lsm", "haproxy") else None), head
+            return (n if kind in ("sockpol", "lsm", "haproxy", "ingress") else None), head
 
         results: dict[tuple[str, int | None], list[dict]] = {
             (name, head): [] for head in heads for name, _, _ in configs

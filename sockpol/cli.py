@@ -171,6 +171,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         obj = _object_for(args, tmp)
         loaded = runtime.load(obj, args.cgroup, name=args.name, mode=args.mode)
         where = f"cgroup {args.cgroup}" if args.cgroup else "no cgroup (add sockets by hand)"
+        if loaded.metadata.side == "ingress":
+            where += " (ingress: the requests its processes receive on connections they accept)"
         print(
             f"loaded policy {loaded.name} ({loaded.backend} backend): {where}; "
             f"pinned at {loaded.pin_dir}"

@@ -20,8 +20,7 @@ from pathlib import Path
 from llvmlite import ir
 
 from sockpol import __version__, kernelbtf, telemetry
-from sockpol.codegen import elf
-from sockpol.codegen.emit import emit_module
+from sockpol.codegen import elf, emit, skb
 from sockpol.codegen.lower import (
     DEFAULT_SHAPE,
     LoweringError,
@@ -41,7 +40,7 @@ from sockpol.diagnostics import (
     Source,
 )
 from sockpol.dsl import load_source
-from sockpol.dsl.ast import Policy, PolicyFile
+from sockpol.dsl.ast import Policy, PolicyFile, Side
 from sockpol.files import write_atomically
 from sockpol.metadata import PolicyMetadata, RuleInfo
 
@@ -85,6 +84,7 @@ def metadata_for(
         mode=policy.mode.value,
         tls=policy.tls.userspace.value if policy.tls is not None else None,
         answers=list(policy.answers()),
+        side=policy.side.value,
         telemetry=telemetry.layout(),
         source_path=source.path,
         source_sha256=hashlib.sha256(source.text.encode()).hexdigest(),
@@ -128,9 +128,15 @@ def compile_policy(
         )
     matcher = matcher.with_shape(shape or DEFAULT_SHAPE.union(needed))
     if backend == "lsm":
+        if policy.side is Side.INGRESS:
+            raise SockpolError(
+                f"policy '{policy.name}': the lsm backend judges what a process sends; an "
+                "ingress policy runs on sk_skb (compile it without --backend lsm)"
+            )
         module = emit_lsm_module(matcher, _kernel_layout())
     else:
-        module = emit_module(matcher)
+        generator = skb if policy.side is Side.INGRESS else emit  # sk_skb or sk_msg
+        module = generator.emit_module(matcher)
     metadata = metadata_for(policy, source, matcher.shape, backend)
     elf.add_metadata_section(module, metadata.to_json())
     return CompiledPolicy(policy, matcher, module, metadata)

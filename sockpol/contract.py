@@ -16,6 +16,7 @@ from enum import IntEnum
 # --- names in the object ------------------------------------------------------------------------
 
 MSG_PROGRAM = "sockpol_msg"  # section sk_msg
+SKB_PROGRAM = "sockpol_skb"  # section sk_skb/stream_verdict: an ingress policy's verdict program
 SOCKOPS_PROGRAM = "sockpol_sockops"  # section sockops
 SOCK_MAP = "sockpol_socks"  # the sockhash the programs are attached to
 CONN_MAP = "sockpol_conn"  # per-connection socket storage (stream state and a run's work area)
@@ -52,6 +53,14 @@ BPF_F_NO_PREALLOC = 1
 BPF_SK_STORAGE_GET_F_CREATE = 1
 BPF_F_INGRESS = 1  # bpf_msg_redirect_hash: into the socket's receive queue
 BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4
+BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB = 5
+BPF_SOCK_OPS_STATE_CB = 10  # args[0] old state, args[1] new state
+BPF_SOCK_OPS_STATE_CB_FLAG = 4
+TCP_CLOSE = 7
+BPF_MAP_TYPE_HASH = 1
+BPF_ANY = 0
+BPF_PROG_TYPE_SK_SKB = 14
+BPF_SK_SKB_STREAM_VERDICT = 5
 BPF_PROG_TYPE_SOCK_OPS = 13
 BPF_PROG_TYPE_SK_MSG = 16
 BPF_PROG_TYPE_LSM = 29
@@ -70,6 +79,12 @@ MSG_REMOTE_PORT, MSG_LOCAL_PORT, MSG_SIZE, MSG_SK = 60, 64, 68, 72
 # struct bpf_sock_ops field offsets.
 OPS_OP, OPS_FAMILY, OPS_REMOTE_PORT = 0, 20, 64
 OPS_SK = 184  # __bpf_md_ptr(struct bpf_sock *, sk), 5.10+
+OPS_ARGS, OPS_LOCAL_PORT = 4, 68  # args[4] (u32 each); local_port in host order
+# struct __sk_buff field offsets (the sk_skb program's context; data and data_end are u32 fields
+# the verifier turns into packet pointers).
+SKB_LEN, SKB_DATA, SKB_DATA_END, SKB_FAMILY = 0, 76, 80, 88
+SKB_REMOTE_IP4, SKB_LOCAL_IP4, SKB_REMOTE_IP6, SKB_LOCAL_IP6 = 92, 96, 100, 116
+SKB_REMOTE_PORT, SKB_LOCAL_PORT = 132, 136
 
 # membarrier(2): its system call number differs per architecture (asm-generic: 283).
 MEMBARRIER_CMD_GLOBAL = 1  # synchronize_rcu(): an RCU grace period

@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, TextIO
 
-from sockpol.contract import KERNELS_DOC, MSG_PROGRAM, VERIFIER_BUDGET, VERIFIER_LIMIT
+from sockpol.contract import KERNELS_DOC, MSG_PROGRAM, SKB_PROGRAM, VERIFIER_BUDGET, VERIFIER_LIMIT
 
 if TYPE_CHECKING:
     from sockpol.runtime.probe import Finding, TlsSupport
@@ -60,6 +60,17 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
             check = ProgramCheck(False, None, f"the check itself failed: {e}", unknown=True)
     findings.append(program_finding(check))
     works["plaintext"] = works["plaintext"] and findings[-1].ok
+    # The receiving side's program (`side ingress`): informative, not part of the exit status.
+    ingress = None
+    if works["plaintext"]:
+        from sockpol.selfcheck import ProgramCheck, check_program
+
+        try:
+            ingress = check_program("ingress")
+        except Exception as e:  # noqa: BLE001 -- reported, not a crash
+            ingress = ProgramCheck(False, None, f"the check itself failed: {e}", unknown=True)
+    findings.append(program_finding(ingress, SKB_PROGRAM, "ingress_program"))
+    works["ingress"] = works["plaintext"] and findings[-1].ok
     for key in ("ktls", "ktls_sockmap", "lsm", "ktls_lsm"):  # nothing works without the program
         if key in works:
             works[key] = works[key] and works["plaintext"]
@@ -81,38 +92,44 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return EXIT_OK
 
 
-def program_finding(check: ProgramCheck | None) -> Finding:
+def program_finding(
+    check: ProgramCheck | None, program: str = MSG_PROGRAM, key: str = "program"
+) -> Finding:
     from sockpol.runtime.probe import Finding, Status
 
-    title = f"sockpol's program ({MSG_PROGRAM})"
+    title = f"sockpol's program ({program})"
+    which = "no policy loads"
+    if key != "program":
+        title = f"sockpol's ingress program ({program})"
+        which = "no ingress policy (`side ingress`) loads"
     if check is None:
-        return Finding("program", title, Status.UNKNOWN, "not tried: a feature above is missing")
+        return Finding(key, title, Status.UNKNOWN, "not tried: a feature above is missing")
     release = os.uname().release
     if check.unknown:
-        return Finding("program", title, Status.UNKNOWN, check.note)
+        return Finding(key, title, Status.UNKNOWN, check.note)
     if not check.loaded and not check.log_tail:  # not the verifier: libbpf, a map, privileges
         return Finding(
-            "program",
+            key,
             title,
             Status.MISSING,
             f"could not be loaded on Linux {release}: {check.note}",
-            "no policy loads here; see the findings above",
+            f"{which} here; see the findings above",
             "a way to load sockpol's program",
         )
     if not check.loaded:
         count = f" after {check.processed:,} instructions" if check.processed is not None else ""
         return Finding(
-            "program",
+            key,
             title,
             Status.MISSING,
             f"the verifier of Linux {release} refused it{count}: {check.note}",
-            f"no policy loads on this kernel; see {KERNELS_DOC} and report it",
+            f"{which} on this kernel; see {KERNELS_DOC} and report it",
             "a verifier that accepts sockpol's program",
         )
     within = "within" if check.within_budget else "OVER"
     detail = f"verified in {check.processed:,} instructions ({within} the budget of "
     detail += f"{VERIFIER_BUDGET:,}; the verifier's limit is {VERIFIER_LIMIT:,})"
-    return Finding("program", title, Status.OK, detail)
+    return Finding(key, title, Status.OK, detail)
 
 
 def render(
@@ -162,6 +179,10 @@ def render(
     else:
         loadable = f"no, sockpol load refuses them: {tls.reason}"
     print(f"  policies with `tls`:      {loadable}", file=out)
+    ingress = by_key.get("ingress_program")
+    if ingress is not None:
+        said = "yes" if works.get("ingress") else f"no ({ingress.title}: {ingress.verdict.value})"
+        print(f"  ingress policies:         {said}", file=out)
     answer = by_key.get("answer")
     if answer is None:
         answers = "not probed"

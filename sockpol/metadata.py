@@ -48,6 +48,9 @@ class PolicyMetadata:
     # `answer`: the statuses refusals are answered with, the policy's own first (0: drop); []
     # for objects from before answers (they drop every refusal).
     answers: list[int] = field(default_factory=list)
+    # `side`: "egress" (sk_msg on the connections the cgroup opens) or "ingress" (sk_skb on the
+    # connections it accepts); objects from before `side` lack the key and are egress.
+    side: str = "egress"
     # The program that enforces it: "sockmap" (sk_msg on a sockhash; objects from before the
     # LSM backend lack the key) or "lsm" (a BPF LSM program on socket_sendmsg).
     backend: str = "sockmap"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sockpol.contract import MSG_PROGRAM, VERIFIER_BUDGET
+from sockpol.contract import MSG_PROGRAM, SKB_PROGRAM, VERIFIER_BUDGET
 
 # Distinct header conditions that take the fact set to its eight words (with the method sets and
 # conditions of the rules above them: over 448 facts).
@@ -42,6 +42,13 @@ policy everything {
 )
 
 
+# The same policy on the receiving side (`side ingress`: the sk_skb program), without `tls`, which
+# ingress policies cannot have (E159).
+INGRESS_REFERENCE_POLICY = REFERENCE_POLICY.replace(
+    "policy everything {", "policy everything-ingress {\n    side ingress"
+).replace("    tls userspace allow\n", "")
+
+
 @dataclass(frozen=True)
 class ProgramCheck:
     loaded: bool
@@ -55,13 +62,16 @@ class ProgramCheck:
         return self.loaded and self.processed is not None and self.processed <= VERIFIER_BUDGET
 
 
-def check_program() -> ProgramCheck:
-    """Compile REFERENCE_POLICY, load it (nothing attached, nothing pinned), read the count."""
+def check_program(side: str = "egress") -> ProgramCheck:
+    """Compile REFERENCE_POLICY (INGRESS_REFERENCE_POLICY for side "ingress"), load it (nothing
+    attached, nothing pinned), read the count of its judging program."""
     from sockpol.compiler import compile_source
     from sockpol.stats import verify
 
-    (compiled,), _ = compile_source(REFERENCE_POLICY, "<doctor>")
+    ingress = side == "ingress"
+    text = INGRESS_REFERENCE_POLICY if ingress else REFERENCE_POLICY
+    (compiled,), _ = compile_source(text, "<doctor>")
     v = verify(compiled.object_code())
     if not v.counts:
         return ProgramCheck(False, v.processed, v.note, v.log_tail)
-    return ProgramCheck(True, v.counts.get(MSG_PROGRAM))
+    return ProgramCheck(True, v.counts.get(SKB_PROGRAM if ingress else MSG_PROGRAM))

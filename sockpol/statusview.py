@@ -100,12 +100,19 @@ def policies(
     return "\n".join([text, *problems, *footer])
 
 
+def _side(side: str) -> str:
+    if side == "ingress":
+        return "ingress (requests the cgroup's servers receive on these ports; sk_skb)"
+    return "egress (requests the cgroup sends to these ports; sk_msg)"
+
+
 def policy(s: PolicyStatus, c: PolicyCounters | None) -> str:
     """One policy: where it is, then each rule with its source line and counts."""
     meta = s.metadata
     lines = [
         f"policy {s.name}: mode {s.mode or '?'}, default {meta.default if meta else '?'}, "
         f"port {ports_text(s.ports)}",
+        f"  side     {_side(meta.side) if meta else '?'}",
         f"  tls      {describe_tls(meta.tls) if meta else '?'}",
         f"  backend  {s.backend}"
         + (" (BPF LSM on socket_sendmsg)" if s.backend == "lsm" else " (sk_msg on a sockhash)"),

@@ -276,13 +276,13 @@ def test_floor_and_bpf_stats(tmp_path):
 def test_http_bench_runs(tmp_path):
     _require_bpf()
     out = tmp_path / "http.json"
-    ports = ["--port", "18180", "--proxy-port", "18181"]
+    ports = ["--port", "18180", "--proxy-port", "18181", "--ingress-port", "18182"]
     args = ["--sizes", "4", "--duration", "1", "--rounds", "1", *ports, "--out", str(out)]
     assert http_bench.main([*args, "--mix", "policy", "--requests", "4"]) == 0
     rows = {r["config"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"none", "floor", "sockpol-4", "haproxy-4"}
+    assert set(rows) == {"none", "floor", "sockpol-4", "haproxy-4", "ingress-4"}
     assert all(r["rps"] > 0 and not r["errors"] for r in rows.values()), rows
-    for name in ("floor", "sockpol-4"):
+    for name in ("floor", "sockpol-4", "ingress-4"):
         assert rows[name]["ns_per_run"] > 0 and rows[name]["runs_per_request"] > 0.9, rows[name]
     assert rows["none"]["ns_per_run"] is None and rows["floor"]["rps_vs_floor"] == 1
 

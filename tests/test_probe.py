@@ -65,7 +65,7 @@ def _doctor(
     program: ProgramCheck | Callable[[], ProgramCheck] = VERIFIED,
 ):
     """Run doctor on these findings; `program` is the check's result, or the check itself."""
-    check = program if callable(program) else lambda: program
+    check = program if callable(program) else lambda side="egress": program
     monkeypatch.setattr(probe, "probe", lambda: list(findings))  # doctor imports it when it runs
     monkeypatch.setattr(selfcheck, "check_program", check)
     args = build_parser().parse_args(["doctor", *argv])
@@ -91,7 +91,7 @@ def test_doctor_with_ktls_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     assert status == doctor.EXIT_OK
     report = json.loads(text)
     assert report["works"] == {
-        "plaintext": True, "ktls": True, "tls_policies": True,
+        "plaintext": True, "ktls": True, "tls_policies": True, "ingress": True,
         "ktls_sockmap": True, "lsm": False, "ktls_lsm": False,  # no bpf_lsm finding given
     }  # fmt: skip
     assert [f["key"] for f in report["findings"]][:2] == ["kernel", "privileges"]
@@ -135,7 +135,7 @@ def test_doctor_fails_when_the_verifier_refuses_the_program(monkeypatch) -> None
     status, text = _doctor(monkeypatch, _findings(ktls_ok=True), "--json", program=refused)
     report = json.loads(text)
     assert report["works"] == {
-        "plaintext": False, "ktls": False, "tls_policies": False,
+        "plaintext": False, "ktls": False, "tls_policies": False, "ingress": False,
         "ktls_sockmap": False, "lsm": False, "ktls_lsm": False,
     }  # fmt: skip
     assert report["program"]["processed"] == 1_000_001

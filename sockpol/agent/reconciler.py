@@ -299,14 +299,17 @@ class Reconciler:
             if len(group) < 2:
                 continue
             group.sort(key=lambda d: (d.name not in loaded, d.spec.key))
-            taken: list[tuple[str, list]] = []
+            taken: list[tuple[str, str, list]] = []
             for d in group:
                 ports = self._ports(d.spec)
                 if ports is None:
                     continue
-                clash = next((k for k, p in taken if _overlap(p, ports)), None)
+                # An egress and an ingress policy judge different connections (those the pod
+                # opens, those it accepts): only policies of one side can clash.
+                side = self._side(d.spec)
+                clash = next((k for k, s, p in taken if s == side and _overlap(p, ports)), None)
                 if clash is None:
-                    taken.append((d.spec.key, ports))
+                    taken.append((d.spec.key, side, ports))
                     continue
                 out.add(d.name)
                 report.specs[d.spec.key].targets += 1
@@ -316,6 +319,13 @@ class Reconciler:
                     "governs it already (a connection can be judged by one policy only)",
                 )  # fmt: skip
         return out
+
+    def _side(self, spec: PolicySpec) -> str:
+        try:
+            return self.objects.compile(spec).meta.side
+        except Exception:  # reported by _object, for this policy alone
+            good = self._last_good.get(spec.key)
+            return good.meta.side if good is not None else "egress"
 
     def _ports(self, spec: PolicySpec) -> list | None:
         try:

@@ -329,12 +329,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     policy = _policy_for(args.file, args.policy, "--policy NAME")
     request, note = _request_from(args)
     verdict = evaluate(policy, request, Mode.ENFORCE if args.enforce else None)
-    print(f"policy {policy.name} ({args.file}), mode {(policy.mode.value)}")
+    print(f"policy {policy.name} ({args.file}), mode {(policy.mode.value)}, {_side_text(policy)}")
     if note:
         print(note)
-    for line in explain_lines(verdict, request):
+    for line in explain_lines(verdict, request, policy.side.value):
         print(line)
     return EXIT_CLEAN if verdict.allow else EXIT_FINDINGS
+
+
+def _side_text(policy) -> str:
+    if policy.side.value == "ingress":
+        return "side ingress (requests the cgroup's servers receive)"
+    return "side egress (requests the cgroup sends)"
 
 
 def _request_from(args: argparse.Namespace) -> tuple[bytes, str]:
@@ -362,8 +368,9 @@ def _request_from(args: argparse.Namespace) -> tuple[bytes, str]:
     return data, ""
 
 
-def explain_lines(verdict, request: bytes | None = None) -> list[str]:
-    """How the request was read, and what decided it (shared by explain and test failures)."""
+def explain_lines(verdict, request: bytes | None = None, side: str = "egress") -> list[str]:
+    """How the request was read, and what decided it (shared by explain and test failures).
+    `side`: the policy's; what a hold and a drop do differs (docs/design.md)."""
     from sockpol.model.interp import HELD
 
     out: list[str] = []
@@ -388,6 +395,14 @@ def explain_lines(verdict, request: bytes | None = None) -> list[str]:
             out.append("  body: chunked")
         elif head.content_length:
             out.append(f"  body: {head.content_length} bytes (Content-Length)")
+    if verdict.reason == HELD and side == "ingress":
+        out.append(
+            f"INCOMPLETE: the head is incomplete ({len(request or b'')} bytes, no blank line "
+            "yet): on the receiving side these bytes pass to the server, which acts on no half "
+            "head; the head is judged when its end arrives, and if refused its end never does; "
+            "a head still incomplete at max-head bytes is refused (head-too-large)"
+        )
+        return out
     if verdict.reason == HELD:
         out.append(
             f"HELD: the head is incomplete ({len(request or b'')} bytes, no blank line yet): the "
@@ -401,7 +416,7 @@ def explain_lines(verdict, request: bytes | None = None) -> list[str]:
         if request is not None and head is None:
             out += _pointer(request, r.offset)
         if not verdict.allow:
-            out.append(_answered(verdict))
+            out.append(_answered(verdict, side))
         return out
     for check in verdict.checks:
         rule = check.rule
@@ -419,15 +434,20 @@ def explain_lines(verdict, request: bytes | None = None) -> list[str]:
         decided += " -- passed: the policy runs in dry-run mode"
     out.append(decided)
     if not verdict.allow:
-        out.append(_answered(verdict))
+        out.append(_answered(verdict, side))
     return out
 
 
-def _answered(verdict) -> str:
+def _answered(verdict, side: str = "egress") -> str:
     if verdict.answer:
         return (
             f"ANSWERED {verdict.answer}: the client reads a {verdict.answer} response from "
             "sockpol (Connection: close); the server sees nothing"
+        )
+    if side == "ingress":
+        return (
+            "DROPPED: the server never receives it, nor anything after it on the connection; "
+            "the client reads nothing until its own timeout (answer drop)"
         )
     return "DROPPED: the send fails (EACCES); the client reads nothing (answer drop)"
 

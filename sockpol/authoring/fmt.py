@@ -36,7 +36,7 @@ from sockpol.dsl.ast import (
 from sockpol.dsl.patterns import upper_escapes
 
 INDENT = "    "
-HEAD_ORDER = ("port", "default", "max-head", "mode", "tls", "answer")
+HEAD_ORDER = ("port", "side", "default", "max-head", "mode", "tls", "answer")
 
 
 def split_comment(line: str) -> tuple[str, str]:
@@ -128,6 +128,9 @@ class _Formatter:
             self.statements[line] = "port " + ", ".join(str(r) for r in ports)
         self.statements[policy.default_span.line] = f"default {policy.default.value}"
         self.kinds[policy.default_span.line] = "default"
+        if policy.side_span is not None:
+            self.statements[policy.side_span.line] = f"side {policy.side.value}"
+            self.kinds[policy.side_span.line] = "side"
         if policy.mode_span is not None:
             self.statements[policy.mode_span.line] = f"mode {policy.mode.value}"
             self.kinds[policy.mode_span.line] = "mode"

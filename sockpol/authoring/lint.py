@@ -487,8 +487,8 @@ class _Linter:
     def scopes(self, policies: list[tuple[str, Policy]]) -> None:
         """Policies of different files that govern the same port (one file: E115)."""
         for (path_a, a), (path_b, b) in itertools.combinations(policies, 2):
-            if path_a == path_b:
-                continue
+            if path_a == path_b or a.side is not b.side:
+                continue  # (an egress and an ingress policy may share a port: one side each)
             for rb in b.ports:
                 for ra in a.ports:
                     if ra.low <= rb.high and rb.low <= ra.high:

@@ -23,6 +23,7 @@ that calls them: their order is the order in the object.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from llvmlite import ir
 
@@ -44,6 +45,14 @@ from sockpol.contract import (
     MSG_REMOTE_PORT,
     MSG_SIZE,
     RESUME_UNJUDGED,
+    SKB_FAMILY,
+    SKB_LEN,
+    SKB_LOCAL_IP4,
+    SKB_LOCAL_IP6,
+    SKB_LOCAL_PORT,
+    SKB_REMOTE_IP4,
+    SKB_REMOTE_IP6,
+    SKB_REMOTE_PORT,
     Reason,
 )
 from sockpol.telemetry import (
@@ -74,7 +83,7 @@ from sockpol.telemetry import (
 )
 
 # What the copiers (bpf_loop callbacks over the judged head) share, on sockpol_event's stack.
-COPIER_FIELDS = ["data", "data_end", "ev", "host_at"]
+COPIER_FIELDS = ["data", "data_end", "ev", "host_at", "at"]  # at: where the request starts
 C = {name: i for i, name in enumerate(COPIER_FIELDS)}
 HOST_PREFIX = b"host:"
 END_OF_HEAD = b"\r\n\r\n"
@@ -104,12 +113,45 @@ def pack(b: ir.IRBuilder, *values: ir.Value | int) -> ir.Value:
     return out
 
 
+@dataclass(frozen=True)
+class CtxLayout:
+    """Where a program's context holds what an event records: `struct sk_msg_md` for the sk_msg
+    program, `struct __sk_buff` for the sk_skb one (the same formats: ports as in sk_msg_md,
+    addresses in network order)."""
+
+    size: int
+    family: int
+    remote_ip4: int
+    local_ip4: int
+    remote_ip6: int
+    local_ip6: int
+    remote_port: int
+    local_port: int
+    # The program runs in the sending task (sk_msg): its pid and cgroup mean something. An sk_skb
+    # program runs in the receive path, whatever task it interrupted, and 6.1 refuses
+    # bpf_get_current_pid_tgid there ("unknown func"): the event says 0.
+    in_task: bool = True
+
+
+MSG_CTX = CtxLayout(
+    MSG_SIZE, MSG_FAMILY, MSG_REMOTE_IP4, MSG_LOCAL_IP4, MSG_REMOTE_IP6, MSG_LOCAL_IP6,
+    MSG_REMOTE_PORT, MSG_LOCAL_PORT,
+)  # fmt: skip
+SKB_CTX = CtxLayout(
+    SKB_LEN, SKB_FAMILY, SKB_REMOTE_IP4, SKB_LOCAL_IP4, SKB_REMOTE_IP6, SKB_LOCAL_IP6,
+    SKB_REMOTE_PORT, SKB_LOCAL_PORT, in_task=False,
+)  # fmt: skip
+
+
 class Recorder:
     """The telemetry of one object: counters, events, mode."""
 
-    def __init__(self, ob: ObjectBuilder, tables: Tables, window: int = MAX_SCAN) -> None:
+    def __init__(
+        self, ob: ObjectBuilder, tables: Tables, ctx: CtxLayout = MSG_CTX, window: int = MAX_SCAN
+    ) -> None:
         self.ob = ob
         self.tables = tables
+        self.ctx = ctx
         self.window = window  # the furthest head byte the copiers may read (judge.JudgeCore)
 
     # --- maps -------------------------------------------------------------------------------
@@ -141,7 +183,7 @@ class Recorder:
         self.fn_mode = self._mode_fn()
         self.fn_answers_on = self._answers_on_fn()
         self.fn_count = self._count_fn()
-        self.copier_t = ir.LiteralStructType([PTR, PTR, PTR, I64])
+        self.copier_t = ir.LiteralStructType([PTR, PTR, PTR, I64, I64])
         self.fn_copy_method = self._copy_method_fn()
         self.fn_find_host = self._find_host_fn()
         self.fn_copy_host = self._copy_host_fn()
@@ -187,10 +229,13 @@ class Recorder:
         scan: ir.Value,
         outcome: ir.Value,
         answer: ir.Value,
+        at: ir.Value | None = None,
     ) -> None:
-        """`answer`: the status the refusal is answered with, 0 when dropped (or passed)."""
+        """`answer`: the status the refusal is answered with, 0 when dropped (or passed); `at`:
+        where the request starts in the packet (sk_skb: after the requests before it)."""
+        at = at if at is not None else I64(0)
         with b.if_then(b.icmp_unsigned("!=", _field(b, outcome, 1), I64(0))):
-            self.ob.call(b, self.fn_event, msg, scan, outcome, answer)
+            self.ob.call(b, self.fn_event, msg, scan, outcome, answer, at)
 
     @staticmethod
     def passes(b: ir.IRBuilder, outcome: ir.Value) -> ir.Value:
@@ -270,7 +315,7 @@ class Recorder:
         )
         msg, what, conn = fn.args
         reason, mode, head = (_field(b, what, i) for i in range(3))
-        size = b.zext(b.load(_byte(b, msg, MSG_SIZE), typ=I32), I64)
+        size = b.zext(b.load(_byte(b, msg, self.ctx.size), typ=I32), I64)
         no_rule = b.shl(I64(NO_RULE), I64(32))
         with b.if_then(b.icmp_unsigned("==", mode, I64(MODE_DRY_RUN))):
             self.ob.call(b, self.fn_count, b.add(reason, I64(SLOT_WOULD_REFUSE)), I64(1), size)
@@ -286,7 +331,7 @@ class Recorder:
             "sockpol_unjudged", I64, [("msg", PTR), ("resume", I64), ("mode", I64)]
         )
         msg, resume, mode = fn.args
-        size = b.zext(b.load(_byte(b, msg, MSG_SIZE), typ=I32), I64)
+        size = b.zext(b.load(_byte(b, msg, self.ctx.size), typ=I32), I64)
         with b.if_then(b.icmp_unsigned("==", mode, I64(MODE_DRY_RUN))):
             self.ob.call(b, self.fn_count, I64(SLOT_UNJUDGED), I64(1), size)
             b.ret(I64(1))  # passes, no event: the dry-run event was recorded when framing was lost
@@ -307,9 +352,11 @@ class Recorder:
         iterations, so the verifier checks each callback once (a copier that tracked lengths
         and match progress byte by byte made it walk thousands of states per call)."""
         fn, b = self.ob.function(
-            "sockpol_event", I64, [("msg", PTR), ("scan", PTR), ("outcome", I64), ("answer", I64)]
+            "sockpol_event",
+            I64,
+            [("msg", PTR), ("scan", PTR), ("outcome", I64), ("answer", I64), ("at", I64)],
         )
-        msg, scan, outcome, answer = fn.args
+        msg, scan, outcome, answer, at = fn.args
         fx = Fn.of_scan(b, self.tables, scan)
         verdict, reason, head = (_field(b, outcome, i) for i in range(1, 4))
         rule = b.lshr(outcome, I64(32))
@@ -331,21 +378,23 @@ class Recorder:
             return b.load(_byte(b, msg, offset), typ=I32)
 
         put("time_ns", h.call(b, h.KTIME_GET_NS))
-        put("pid_tgid", h.call(b, h.GET_CURRENT_PID_TGID))
-        put("cgroup_id", h.call(b, h.GET_CURRENT_CGROUP_ID))
+        in_task = self.ctx.in_task
+        put("pid_tgid", h.call(b, h.GET_CURRENT_PID_TGID) if in_task else I64(0))
+        put("cgroup_id", h.call(b, h.GET_CURRENT_CGROUP_ID) if in_task else I64(0))
         put("rule", rule)
-        put("size", ctx32(MSG_SIZE))
+        put("size", ctx32(self.ctx.size))
         put("verdict", verdict)
         put("reason", reason)
         put("answer", answer)
-        put("family", ctx32(MSG_FAMILY))
-        put("remote_port", ctx32(MSG_REMOTE_PORT))
-        put("local_port", ctx32(MSG_LOCAL_PORT))
+        put("family", ctx32(self.ctx.family))
+        put("remote_port", ctx32(self.ctx.remote_port))
+        put("local_port", ctx32(self.ctx.local_port))
         # Addresses keep their network byte order: a u32 loaded and stored back is the same bytes.
-        b.store(ctx32(MSG_REMOTE_IP4), _byte(b, ev, EVENT_OFFSETS["remote_ip4"]))
-        b.store(ctx32(MSG_LOCAL_IP4), _byte(b, ev, EVENT_OFFSETS["local_ip4"]))
+        b.store(ctx32(self.ctx.remote_ip4), _byte(b, ev, EVENT_OFFSETS["remote_ip4"]))
+        b.store(ctx32(self.ctx.local_ip4), _byte(b, ev, EVENT_OFFSETS["local_ip4"]))
+        ip6 = (("remote_ip6", self.ctx.remote_ip6), ("local_ip6", self.ctx.local_ip6))
         for i in range(4):
-            for side, ctx_offset in (("remote_ip6", MSG_REMOTE_IP6), ("local_ip6", MSG_LOCAL_IP6)):
+            for side, ctx_offset in ip6:
                 word = ctx32(ctx_offset + 4 * i)
                 b.store(word, _byte(b, ev, EVENT_OFFSETS[side] + 4 * i))
 
@@ -363,6 +412,7 @@ class Recorder:
         b.store(fx.get("data"), st_slot("data"))
         b.store(fx.get("data_end"), st_slot("data_end"))
         b.store(ev, st_slot("ev"))
+        b.store(at, st_slot("at"))
         # Loaded, not a constant: the verifier then knows it as a range that the value stored
         # by the search (an offset) lies within, and the search loop's walk converges at once.
         b.store(fx.config("zero"), st_slot("host_at"))
@@ -431,6 +481,9 @@ class Recorder:
         """data[i] as i64, returning 1 (stop) from the callback when i is outside the window."""
         return b.zext(b.load(self._window(fn, b, st, i), typ=I8), I64)
 
+    def _at(self, b: ir.IRBuilder, st: ir.Value) -> ir.Value:
+        return b.load(gep(b, st, self.copier_t, [I32(0), I32(C["at"])]), typ=I64)
+
     def _ev(self, b: ir.IRBuilder, st: ir.Value) -> ir.Value:
         return b.load(gep(b, st, self.copier_t, [I32(0), I32(C["ev"])]), typ=PTR)
 
@@ -438,7 +491,7 @@ class Recorder:
         """Byte `index` of the request line, until the first blank: into `method`."""
         fn, b, index, st = self._copier_fn("sockpol_copy_method")
         i = index
-        c = self._byte_at(fn, b, st, i)
+        c = self._byte_at(fn, b, st, b.add(self._at(b, st), i))
         with b.if_then(_blank_or_eol(b, c)):
             b.ret(I64(1))
         with b.if_then(b.icmp_unsigned("<", i, I64(METHOD_BYTES))):
@@ -454,6 +507,7 @@ class Recorder:
         pattern = b"\n" + HOST_PREFIX
         # One window for both tests: LLVM merges the loads of two, and the verifier then sees
         # loads through a pointer checked for fewer bytes. Less than six bytes left: stop.
+        index = b.add(self._at(b, st), index)  # from where the request starts
         p = self._window(fn, b, st, index, len(pattern))
         at_end = ir.Constant(ir.IntType(1), 1)
         for k, want in enumerate(END_OF_HEAD):

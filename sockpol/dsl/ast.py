@@ -26,6 +26,21 @@ class Mode(Enum):
     DRY_RUN = "dry-run"  # refuse nothing; record every refusal as an event instead
 
 
+class Side(Enum):
+    """Which requests a policy governs. `egress`: what processes of the cgroup send to the
+    policy's ports (a sk_msg program on their connections). `ingress`: what they receive on
+    connections they accept on the policy's (local) ports, whoever the client is (a sk_skb
+    verdict program on the accepted sockets; docs/design.md, "The receiving side")."""
+
+    EGRESS = "egress"
+    INGRESS = "ingress"
+
+
+# The answer of an ingress policy without an `answer` statement: the kernel cannot reset a
+# connection from a sk_skb program, so a dropped request would leave the client waiting.
+INGRESS_DEFAULT_ANSWER = 403
+
+
 class TlsUserspace(Enum):
     """What a `tls` policy does with a connection whose TLS is done in user space: after the
     handshake the program sees only ciphertext, so no request on it can be judged."""
@@ -153,7 +168,9 @@ class Policy:
     mode: Mode = Mode.ENFORCE
     mode_span: Span | None = None  # the `mode` statement, None when the policy has none
     tls: TlsSpec | None = None  # None: the ports carry plaintext HTTP
-    answer: Answer | None = None  # None: refusals are dropped (`answer drop`)
+    answer: Answer | None = None  # None: refusals are dropped (`answer drop`); ingress: 403
+    side: Side = Side.EGRESS
+    side_span: Span | None = None  # the `side` statement, None when the policy has none
 
     def governs(self, port: int) -> bool:
         return any(r.low <= port <= r.high for r in self.ports)
@@ -161,7 +178,9 @@ class Policy:
     @property
     def answer_status(self) -> int:
         """How the policy answers its refusals: ANSWER_DROP or an HTTP status."""
-        return self.answer.status if self.answer is not None else ANSWER_DROP
+        if self.answer is not None:
+            return self.answer.status
+        return INGRESS_DEFAULT_ANSWER if self.side is Side.INGRESS else ANSWER_DROP
 
     def rule_answer(self, rule: Rule | None) -> int:
         """How a refusal by `rule` (None: the default, or before any rule) is answered."""

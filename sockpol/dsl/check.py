@@ -26,6 +26,7 @@ from sockpol.dsl.ast import (
     PolicyFile,
     PortRange,
     Rule,
+    Side,
 )
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -96,6 +97,19 @@ class _Checker:
             self.rule(rule)
             self.repeated_rule(rule, rules_seen)
         self.answers(policy)
+        self.side(policy)
+
+    def side(self, policy: Policy) -> None:
+        """What the receiving side cannot do yet: judge inside TLS (docs/ktls.md)."""
+        if policy.side is Side.INGRESS and policy.tls is not None:
+            self.bag.error(
+                policy.tls.span,
+                "'tls' is not supported with 'side ingress'",
+                "E159",
+                "on the receiving side the program sees TLS records before any TLS layer "
+                "decrypts them, kTLS receive included (docs/ktls.md); without 'tls' a TLS "
+                "handshake is refused (bad-method)",
+            )
 
     def answers(self, policy: Policy) -> None:
         """At most MAX_ANSWERS distinct answers (the kernel's answer table); `answer` on a rule
@@ -181,6 +195,8 @@ class _Checker:
                     ranges.append((r, policy))
         for later, earlier in _overlaps(ranges):
             other = owner[id(earlier)]
+            if other.side is not owner[id(later)].side:
+                continue  # a port may be governed on each side (the sender's and the receiver's)
             self.bag.error(
                 later.span,
                 f"port {later} is also governed by policy '{other.name}' "

@@ -40,6 +40,7 @@ from sockpol.dsl.ast import (
     PolicyFile,
     PortRange,
     Rule,
+    Side,
     TlsSpec,
     TlsUserspace,
 )
@@ -48,10 +49,12 @@ from sockpol.grammar import parser
 MAX_ERRORS = 50  # past this, a file is not a policy with typos; more errors would only be noise
 
 STATEMENTS = (
-    "policy", "port", "default", "max-head", "mode", "tls", "answer", "allow", "deny", "audit",
+    "policy", "port", "side", "default", "max-head", "mode", "tls", "answer", "allow", "deny",
+    "audit",
 )  # fmt: skip
 KEYWORDS = (*STATEMENTS, "if", "and", "host", "header", "log", "userspace")
 MODES = {m.value: m for m in Mode}
+SIDES = {s.value: s for s in Side}
 TLS_USERSPACE = {u.value: u for u in TlsUserspace}
 
 MAX_HEAD_MIN = 256
@@ -91,6 +94,7 @@ class _Block:
     defaults: list[tuple[Action, Span]] = field(default_factory=list)
     max_head: tuple[int, Span] | None = None
     mode: tuple[Mode, Span] | None = None
+    side: tuple[Side, Span] | None = None
     tls: TlsSpec | None = None
     answer: Answer | None = None
     rules: list[Rule] = field(default_factory=list)
@@ -308,6 +312,35 @@ class _FileParser:
             return
         block.mode = (mode, _span(node.meta, lineno))
 
+    def _side(self, node: Tree, lineno: int) -> None:
+        block = self._statement_block(node, lineno)
+        token = node.children[0]
+        assert isinstance(token, Token)
+        side = SIDES.get(token.value)
+        if side is None:
+            close = difflib.get_close_matches(token.value.lower(), list(SIDES), n=1, cutoff=0.5)
+            self.bag.error(
+                _token_span(token, lineno),
+                f"unknown side '{_short(token)}': expected egress or ingress",
+                "E157",
+                f"did you mean '{close[0]}'?"
+                if close
+                else "'side egress' governs what the cgroup sends to the ports, "
+                "'side ingress' what it receives on them",
+            )
+            return
+        if block is None:
+            return
+        if block.side is not None:
+            self.bag.error(
+                _span(node.meta, lineno),
+                f"a second 'side' (the first is on line {block.side[1].line})",
+                "E158",
+                "a policy governs one side; write a second policy for the other",
+            )
+            return
+        block.side = (side, _span(node.meta, lineno))
+
     def _tls(self, node: Tree, lineno: int) -> None:
         block = self._statement_block(node, lineno)
         span = _span(node.meta, lineno)
@@ -480,6 +513,7 @@ class _FileParser:
         )
         max_head = block.max_head[0] if block.max_head else DEFAULT_MAX_HEAD
         mode, mode_span = block.mode if block.mode else (Mode.ENFORCE, None)
+        side, side_span = block.side if block.side else (Side.EGRESS, None)
         end = close or block.name_span
         self.policies.append(
             Policy(
@@ -495,6 +529,8 @@ class _FileParser:
                 mode_span,
                 block.tls,
                 block.answer,
+                side,
+                side_span,
             )
         )
 
@@ -531,6 +567,8 @@ _EXAMPLES: dict[str, list[str]] = {
     "mode": ["mode", "mode /", 'mode "dry-run"', "mode {"],
     "eol": ["max-head 8KiB KiB", "max-head 8 x", "default deny x", "default allow /"],
     "mode_eol": ["mode enforce x", "mode dry-run /", "mode enforce enforce"],
+    "side": ["side", "side /", 'side "ingress"', "side {", "side ,"],
+    "side_eol": ["side ingress x", "side egress /", "side ingress ingress"],
     "tls": ["tls x", "tls /", 'tls "x"', "tls {", "tls deny", "tls allow", "tls tls", "tls ,"],
     "tls_userspace": [
         "tls userspace",
@@ -623,6 +661,8 @@ _MESSAGES = {
     "mode": "expected enforce or dry-run after 'mode'",
     "eol": "expected the end of the line",
     "mode_eol": "expected the end of the line after the mode",
+    "side": "expected egress or ingress after 'side'",
+    "side_eol": "expected the end of the line after the side",
     "tls": "expected 'userspace' or the end of the line after 'tls'",
     "tls_userspace": "expected deny or allow after 'tls userspace'",
     "tls_eol": "expected the end of the line after 'tls userspace deny|allow'",
@@ -725,7 +765,8 @@ def _statement_hint(word: str) -> str:
     if close:
         return f"did you mean '{close[0]}'?"
     return (
-        "a line holds one of: policy NAME {, port, default, max-head, mode, tls, answer, allow, "
+        "a line holds one of: policy NAME {, port, side, default, max-head, mode, tls, answer, "
+        "allow, "
         "deny, audit, }"
     )
 

@@ -38,7 +38,9 @@ from sockpol.runtime.state import StateError, read_state
 
 @dataclass(frozen=True)
 class Event:
-    """One event, decoded. `src` is the sending (governed, client) side, `dst` the server."""
+    """One event, decoded. `src` is the sending (client) side, `dst` the server, on either side
+    of a policy (egress: `src` is governed; ingress: `dst` is). For an ingress policy `pid`,
+    `tid` and `cgroup_id` are the task the receive path interrupted, not the server."""
 
     policy: str
     time: datetime  # wall clock (UTC), converted from the kernel's CLOCK_MONOTONIC stamp
@@ -142,6 +144,10 @@ def decode(policy: str, data: bytes, meta: PolicyMetadata | None, clock_offset_n
     else:
         src = str(ipaddress.IPv4Address(f["local_ip4"]))
         dst = str(ipaddress.IPv4Address(f["remote_ip4"]))
+    sport, dport = f["local_port"], _port(f["remote_port"])
+    if meta is not None and meta.side == "ingress":
+        # The program ran on the server's socket: the sender (src) is its peer, the client.
+        src, dst, sport, dport = dst, src, dport, sport
     rule = None if f["rule"] == t.NO_RULE else f["rule"]
     line = None
     if rule is not None and meta is not None and rule < len(meta.rules):
@@ -161,9 +167,9 @@ def decode(policy: str, data: bytes, meta: PolicyMetadata | None, clock_offset_n
         tid=f["pid_tgid"] & 0xFFFFFFFF,
         cgroup_id=f["cgroup_id"],
         src=src,
-        sport=f["local_port"],
+        sport=sport,
         dst=dst,
-        dport=_port(f["remote_port"]),
+        dport=dport,
         method=method,
         method_cut=method_cut,
         host=host.strip(" \t") if f["host_len"] else None,

@@ -44,8 +44,10 @@ from sockpol.contract import (  # noqa: F401 -- re-exported for the runtime
     BPF_MAP_TYPE_SOCKHASH,
     BPF_PROG_TYPE_LSM,
     BPF_PROG_TYPE_SK_MSG,
+    BPF_PROG_TYPE_SK_SKB,
     BPF_PROG_TYPE_SOCK_OPS,
     BPF_SK_MSG_VERDICT,
+    BPF_SK_SKB_STREAM_VERDICT,
 )
 from sockpol.diagnostics import SockpolError
 

@@ -68,6 +68,7 @@ from sockpol.contract import (
     MSG_REMOTE_IP6,
     MSG_REMOTE_PORT,
     NEXT_MAP,
+    SKB_PROGRAM,
     SOCK_MAP,
     SOCKOPS_PROGRAM,
     VERIFIER_BUDGET,
@@ -267,6 +268,26 @@ def _lsm_conn_value(sock: socket.socket, size: int) -> bytes:
     struct.pack_into("<I", value, md + MSG_REMOTE_PORT, socket.htons(peer[1]) << 16)
     struct.pack_into("<I", value, md + MSG_LOCAL_PORT, local[1])
     return bytes(value)
+
+
+@dataclass(frozen=True)
+class VerdictProgram:
+    """The program that judges a policy's connections, by side: it is attached to the sockhash
+    (and pinned as pins.PIN_MSG whatever the side)."""
+
+    name: str
+    prog_type: int
+    attach_type: int
+
+
+EGRESS_VERDICT = VerdictProgram(MSG_PROGRAM, libbpf.BPF_PROG_TYPE_SK_MSG, libbpf.BPF_SK_MSG_VERDICT)
+INGRESS_VERDICT = VerdictProgram(
+    SKB_PROGRAM, libbpf.BPF_PROG_TYPE_SK_SKB, libbpf.BPF_SK_SKB_STREAM_VERDICT
+)
+
+
+def verdict_program(meta: PolicyMetadata) -> VerdictProgram:
+    return INGRESS_VERDICT if meta.side == "ingress" else EGRESS_VERDICT
 
 
 def _cookie(sock: socket.socket) -> int:
@@ -511,7 +532,8 @@ class _Load:
             self._load(obj, progs)
             self._write_serial(obj)
             self._set_mode(obj)
-            msg_fd, sockops_fd = progs[MSG_PROGRAM].fd(), progs[SOCKOPS_PROGRAM].fd()
+            verdict = verdict_program(self.meta)
+            msg_fd, sockops_fd = progs[verdict.name].fd(), progs[SOCKOPS_PROGRAM].fd()
             socks_fd = socks.fd()
             staging = self._pin_all(obj, msg_fd, sockops_fd, socks_fd)
             self._attach_msg(msg_fd, socks_fd)
@@ -525,7 +547,7 @@ class _Load:
                 metadata=self.meta,
                 cgroup=self.cgroup_dir,
                 program_ids={
-                    MSG_PROGRAM: libbpf.prog_info(msg_fd).id,
+                    verdict.name: libbpf.prog_info(msg_fd).id,
                     SOCKOPS_PROGRAM: libbpf.prog_info(sockops_fd).id,
                 },
                 link_id=libbpf.link_info(link_fd).id if link_fd is not None else None,
@@ -559,10 +581,8 @@ class _Load:
     def _check_contract(
         self, obj: libbpf.BpfObject
     ) -> tuple[dict[str, libbpf.Program], libbpf.Map]:
-        want = {
-            MSG_PROGRAM: libbpf.BPF_PROG_TYPE_SK_MSG,
-            SOCKOPS_PROGRAM: libbpf.BPF_PROG_TYPE_SOCK_OPS,
-        }
+        verdict = verdict_program(self.meta)
+        want = {verdict.name: verdict.prog_type, SOCKOPS_PROGRAM: libbpf.BPF_PROG_TYPE_SOCK_OPS}
         progs: dict[str, libbpf.Program] = {}
         for prog in obj.programs():
             if prog.name in want:
@@ -588,6 +608,14 @@ class _Load:
 
     def _reuse_sockhash(self, socks: libbpf.Map) -> None:
         assert self.old is not None
+        if self.old.msg_fd is not None:
+            old_type = libbpf.prog_info(self.old.msg_fd).type
+            if old_type != verdict_program(self.meta).prog_type:
+                raise LoadError(
+                    "replace",
+                    f"policy {self.name} is loaded for the other side (egress/ingress); "
+                    f"unload it before loading this object",
+                )
         info = libbpf.map_info(self.old.socks_fd)
         new = (socks.type, socks.key_size, socks.value_size, socks.max_entries)
         have = (info.type, info.key_size, info.value_size, info.max_entries)
@@ -739,23 +767,25 @@ class _Load:
         return staging
 
     def _attach_msg(self, msg_fd: int, socks_fd: int) -> None:
+        verdict = verdict_program(self.meta)
+        attach_type = verdict.attach_type
         try:
-            libbpf.prog_attach(msg_fd, socks_fd, libbpf.BPF_SK_MSG_VERDICT)
+            libbpf.prog_attach(msg_fd, socks_fd, attach_type)
         except BpfError as e:
             raise LoadError(
-                "attach", f"{MSG_PROGRAM} to {SOCK_MAP}: {libbpf.strerror(e.errno)}"
+                "attach", f"{verdict.name} to {SOCK_MAP}: {libbpf.strerror(e.errno)}"
             ) from None
         old_msg = self.old.msg_fd if self.old is not None else None
         if old_msg is not None:
             # Replacing: give the map its previous program back (new sockets would get it).
             self.undo.push(
-                f"re-attach the previous {MSG_PROGRAM}",
-                lambda: libbpf.prog_attach(old_msg, socks_fd, libbpf.BPF_SK_MSG_VERDICT),
+                f"re-attach the previous {verdict.name}",
+                lambda: libbpf.prog_attach(old_msg, socks_fd, attach_type),
             )
         else:
             self.undo.push(
-                f"detach {MSG_PROGRAM}",
-                lambda: libbpf.prog_detach(msg_fd, socks_fd, libbpf.BPF_SK_MSG_VERDICT),
+                f"detach {verdict.name}",
+                lambda: libbpf.prog_detach(msg_fd, socks_fd, attach_type),
             )
 
     def _attach_cgroup(self, sockops_fd: int) -> int | None:
@@ -1152,11 +1182,13 @@ def _teardown(pin_dir: Path) -> list[str]:
         except BpfError as e:
             problems.append(f"releasing sockets: {e}")
         if msg_fd is not None:
+            ingress = libbpf.prog_info(msg_fd).type == libbpf.BPF_PROG_TYPE_SK_SKB
+            verdict = INGRESS_VERDICT if ingress else EGRESS_VERDICT
             try:
-                libbpf.prog_detach(msg_fd, socks_fd, libbpf.BPF_SK_MSG_VERDICT)
+                libbpf.prog_detach(msg_fd, socks_fd, verdict.attach_type)
             except BpfError as e:
                 if e.errno != errno.ENOENT:
-                    problems.append(f"detaching {MSG_PROGRAM}: {e}")
+                    problems.append(f"detaching {verdict.name}: {e}")
     next_fd = get(pins.MAP_PREFIX + NEXT_MAP)
     if next_fd is not None:
         # The program array holds the newest program, which holds the array: a cycle the kernel
@@ -1221,6 +1253,11 @@ def _status_of(pin_dir: Path) -> PolicyStatus:
             for p in (pins.PIN_MSG, pins.PIN_LSM, pins.PIN_SOCKOPS)
             if p in fds
         }
+        if meta is not None and pins.PIN_MSG in program_ids:  # named as the program is
+            program_ids = {
+                (verdict_program(meta).name if p == pins.PIN_MSG else p): i
+                for p, i in program_ids.items()
+            }
         map_ids = {
             p: libbpf.map_info(fd).id
             for p, fd in fds.items()

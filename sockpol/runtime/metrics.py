@@ -62,7 +62,16 @@ class PolicyCollector(Collector):
         info = gauge(
             "sockpol_policy_info",
             "A loaded policy (value 1) and what it is.",
-            ("cgroup", "object_sha256", "default", "mode", "tls", "version", "source_sha256"),
+            (
+                "cgroup",
+                "object_sha256",
+                "default",
+                "mode",
+                "tls",
+                "version",
+                "source_sha256",
+                "side",
+            ),
         )
         dry_run = gauge("sockpol_policy_dry_run", "1 when the policy records instead of refusing.")
         loaded = gauge(
@@ -151,6 +160,7 @@ class PolicyCollector(Collector):
                 meta.tls or "none",
                 str(s.serial),
                 meta.source_sha256,
+                meta.side,
             ],
             1,  # fmt: skip
         )

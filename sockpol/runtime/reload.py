@@ -114,13 +114,14 @@ def _store_barrier() -> None:
 
 def _swappable(old: PolicyMetadata, new: PolicyMetadata) -> bool:
     """Can the loaded program take the new tables as they are? Its code has the table shape
-    (masks, offsets) and the sock_ops program the ports; anything else is table data."""
+    (masks, offsets) and the sock_ops program the ports; anything else is table data. The side
+    is the program itself (sk_msg or sk_skb): a reload across sides is refused (loader)."""
     # Never on the lsm backend: its program is sleepable, and runs under rcu_read_lock_trace(),
     # whose grace period user space cannot wait for; a replacement needs none (each version
     # reads its own tables, the old steps aside once the new serial is in force: lsm.py).
     if new.backend == "lsm" or old.backend == "lsm":
         return False
-    return new.shape == old.shape and new.ports == old.ports
+    return new.shape == old.shape and new.ports == old.ports and new.side == old.side
 
 
 def swap_tables(pin_dir: Path, tables: bytes) -> int:

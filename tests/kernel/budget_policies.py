@@ -27,6 +27,13 @@ def sources() -> dict[str, str]:
     for n in (10, 10_000):
         out[f"api-{n}.pol"] = policy_text(f"api-{n}", 8080, api_rules(n))
     out["everything.pol"] = REFERENCE_POLICY  # the policy `sockpol doctor` loads
+    # The ingress program (sk_skb) for the same policies: every feature but `tls` (E159).
+    out["ingress-everything.pol"] = REFERENCE_POLICY.replace(
+        "policy everything {", "policy ingress-everything {\n    side ingress"
+    ).replace("    tls userspace allow\n", "")
+    out["ingress-api-10000.pol"] = policy_text(
+        "ingress-api-10000", 8080, api_rules(10_000)
+    ).replace("    port 8080\n", "    port 8080\n    side ingress\n")
     return out
 
 

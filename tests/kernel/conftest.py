@@ -50,7 +50,14 @@ from typing import Any
 
 import pytest
 
-from sockpol.contract import CONN_MAP, MSG_PROGRAM, NEXT_MAP, SOCK_MAP, SOCKOPS_PROGRAM
+from sockpol.contract import (
+    CONN_MAP,
+    MSG_PROGRAM,
+    NEXT_MAP,
+    SKB_PROGRAM,
+    SOCK_MAP,
+    SOCKOPS_PROGRAM,
+)
 
 HERE = Path(__file__).parent
 TEST_CGROUP_PREFIX = "sockpol-test-"
@@ -60,9 +67,9 @@ TEST_CGROUP_PREFIX = "sockpol-test-"
 # `sockpol` command the tests start inherits it. A root chosen by the caller is kept.
 TEST_PIN_ROOT = f"sockpol-test-{os.getpid()}"
 os.environ.setdefault("SOCKPOL_PIN_ROOT", TEST_PIN_ROOT)
-SOCKPOL_PROGS = {MSG_PROGRAM, SOCKOPS_PROGRAM}
+SOCKPOL_PROGS = {MSG_PROGRAM, SKB_PROGRAM, SOCKOPS_PROGRAM}
 # The maps of a policy object, and the telemetry maps (sockpol/telemetry.py).
-SOCKPOL_MAPS = {SOCK_MAP, CONN_MAP, NEXT_MAP, "sockpol_state"} | {
+SOCKPOL_MAPS = {SOCK_MAP, CONN_MAP, NEXT_MAP, "sockpol_state", "sockpol_zero"} | {
     "sockpol_counts",
     "sockpol_events",
     "sockpol_evbuf",
@@ -327,11 +334,15 @@ class RecordingHTTPServer:
     are never governed by the policy under test.
     """
 
-    def __init__(self) -> None:
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
+    def __init__(self, listener: socket.socket | None = None) -> None:
+        # `listener`: one made elsewhere (tests/kernel/test_ingress.py makes it inside a test
+        # cgroup, so that the connections it accepts are governed by an ingress policy).
+        if listener is None:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(128)
+        self._listener = listener
         self.port: int = self._listener.getsockname()[1]
         self.connections: list[ServerConnection] = []
         self._lock = threading.Lock()
@@ -416,6 +427,24 @@ class RecordingHTTPServer:
         for t in self._threads:
             t.join(2)
         self._listener.close()
+
+
+@pytest.fixture
+def make_http_server() -> Iterator[Callable[..., RecordingHTTPServer]]:
+    """A factory of recording servers (optionally on a listener made elsewhere), stopped at the
+    end of the test. (Tests take the class through this fixture: `from conftest import ...`
+    finds another conftest when tests/kernel/ktls is collected in the same session.)"""
+    made: list[RecordingHTTPServer] = []
+
+    def make(listener: socket.socket | None = None) -> RecordingHTTPServer:
+        made.append(RecordingHTTPServer(listener))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.stop()
 
 
 @pytest.fixture
@@ -733,19 +762,20 @@ def _owned_by_live_policies() -> set[int]:
 
 @pytest.fixture
 def assert_nothing_left(kernel_env: None) -> Callable[..., None]:
-    """check(name, cgroup=None, timeout=5.0): nothing of policy `name` remains in the kernel.
+    """check(name, cgroup=None, timeout=15.0): nothing of policy `name` remains in the kernel.
 
     Programs and maps are recognized by sockpol's names and must not be new since the test began
     (unless a still-loaded policy owns them); the kernel frees them asynchronously after the last
-    fd closes, hence the polling. With `cgroup`, `bpftool cgroup show` of it must be empty;
-    without, no sockpol program may be attached anywhere in the cgroup tree.
+    fd closes (a closed socket's psock, which holds the program, goes in deferred work that a
+    loaded machine runs late), hence the polling. With `cgroup`, `bpftool cgroup show` of it
+    must be empty; without, no sockpol program may be attached anywhere in the cgroup tree.
     """
     from sockpol.runtime import pins
 
     baseline_progs, baseline_maps = _sockpol_objects()
     baseline = set(baseline_progs) | set(baseline_maps)
 
-    def check(name: str, cgroup: Path | None = None, timeout: float = 5.0) -> None:
+    def check(name: str, cgroup: Path | None = None, timeout: float = 15.0) -> None:
         root = pins.pin_root(create=False)
         assert root is None or not (root / name).exists(), f"pins of {name} remain in {root}"
         if root is not None:

@@ -610,6 +610,22 @@ def test_two_policies_on_one_pod_and_port_is_reported_not_silently_half_done(
     assert refused(http_client, ctr, port, "/no")  # the first one's rules, as before
 
 
+def test_an_egress_and_an_ingress_policy_on_one_pod_and_port_do_not_clash(
+    tree, make_reconciler, http_server, http_client
+):
+    """They judge different connections (those the pod opens, those it accepts): both load."""
+    port = http_server.port
+    pod, ctr = tree.pod({"app": "web"})
+    egress = web_spec(policy_text(port), key="shop/egress", app="web")
+    ingress_text = policy_text(port).replace(f"port {port}\n", f"port {port}\n    side ingress\n")
+    ingress = web_spec(ingress_text, key="shop/ingress", app="web")
+    rec = make_reconciler()
+    report = rec.reconcile(Snapshot((egress, ingress)), [pod])
+    assert actions(report) == [("load", True), ("load", True)], report
+    assert report.specs["shop/egress"].ok and report.specs["shop/ingress"].ok
+    assert refused(http_client, ctr, port, "/no")  # the egress policy governs the pod's clients
+
+
 def test_agent_command_with_kubernetes_follows_sockpolicies(
     tree, tmp_path, http_server, http_client
 ):

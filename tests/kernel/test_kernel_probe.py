@@ -86,7 +86,10 @@ def test_doctor_reports_the_live_kernel(findings) -> None:
     out = io.StringIO()
     assert doctor.cmd_doctor(args, out=out) == doctor.EXIT_OK
     report = json.loads(out.getvalue())
-    assert [f["key"] for f in report["findings"]] == [*findings, "program"]
+    assert [f["key"] for f in report["findings"]] == [*findings, "program", "ingress_program"]
+    ingress = report["findings"][-1]
+    assert ingress["verdict"] == "ok" and "sockpol_skb" in ingress["title"], ingress
+    assert report["works"]["ingress"] is True
     # The real program was compiled, loaded and counted against the budget.
     program = report["program"]
     assert program["loaded"] and program["within_budget"], program

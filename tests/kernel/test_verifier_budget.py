@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from budget_policies import compile_all
 
-from sockpol.contract import MSG_PROGRAM, SOCKOPS_PROGRAM, VERIFIER_BUDGET
+from sockpol.contract import MSG_PROGRAM, SKB_PROGRAM, SOCKOPS_PROGRAM, VERIFIER_BUDGET
 from sockpol.stats import verifier_counts
 
 
@@ -33,6 +33,7 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_every_policy_verifies_within_the_budget(objects: dict[str, Path]) -> None:
     assert {"api-10", "api-10000", "everything", "orders-api"} <= set(objects)
+    assert {"ingress-everything", "ingress-api-10000"} <= set(objects)
     counts: dict[str, dict[str, int]] = {}
     refused: dict[str, str] = {}
     for name, path in sorted(objects.items()):
@@ -48,9 +49,15 @@ def test_every_policy_verifies_within_the_budget(objects: dict[str, Path]) -> No
                 record = {"release": os.uname().release, "policy": name, **got}
                 f.write(json.dumps(record) + "\n")
     print(f"\nverifier on Linux {os.uname().release}:")
+
+    def verdict(got: dict[str, int]) -> tuple[str, int]:
+        """The judging program: sockpol_msg (egress) or sockpol_skb (ingress policies)."""
+        name = SKB_PROGRAM if SKB_PROGRAM in got else MSG_PROGRAM
+        return name, got[name]
+
     for name, got in counts.items():
-        msg, ops = got[MSG_PROGRAM], got[SOCKOPS_PROGRAM]
-        print(f"  {name}: {MSG_PROGRAM} {msg:,}, {SOCKOPS_PROGRAM} {ops}")
+        (prog, n), ops = verdict(got), got[SOCKOPS_PROGRAM]
+        print(f"  {name}: {prog} {n:,}, {SOCKOPS_PROGRAM} {ops}")
     assert not refused, f"the kernel refused: {refused}"
-    over = {n: c[MSG_PROGRAM] for n, c in counts.items() if c[MSG_PROGRAM] > VERIFIER_BUDGET}
+    over = {n: verdict(c) for n, c in counts.items() if verdict(c)[1] > VERIFIER_BUDGET}
     assert not over, f"over the budget of {VERIFIER_BUDGET:,} processed instructions: {over}"

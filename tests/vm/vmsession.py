@@ -1,8 +1,9 @@
 """One VM session per pytest session: the kernel matrix, each kernel booted lazily, at most once.
 
 Every line of vmkernels.LINES runs CORE: loading and replacing policies, enforcement of every
-example, answered refusals (real clients, a load run), the probe, the verifier budget (every
-example, 10 and 10,000 rules, a policy using every feature: compiled once on the host), loading
+example, answered refusals (real clients, a load run), ingress policies (a subset), the probe,
+the verifier budget (every example, 10 and 10,000 rules, a policy using every feature, and its
+ingress variants: compiled once on the host), loading
 `tls` policies, the TLS handshake walk, and the kTLS tests, which check that sockpol fails closed
 where the kernel refuses TLS on sockmap sockets and enforce for real where it allows it.
 `6.1-ktls` (the newest 6.1 that allows it) runs only what concerns TLS and the budget. Not in the
@@ -36,10 +37,25 @@ TLS_ONLY = [
     "tests/kernel/test_tls_handshake.py",
     "tests/kernel/ktls",
 ]
+# The receiving side (issue 17): the sk_skb program on every kernel, in a few tests that cover
+# what kernels could do differently (answers redirected to egress, skbs split and pipelined,
+# bodies, the model's predictions); the whole file runs on the host (6.5 minutes under TCG).
+INGRESS = [
+    f"tests/kernel/test_ingress.py::{name}"
+    for name in (
+        "test_allowed_requests_reach_the_server_refused_ones_are_answered",
+        "test_a_head_split_over_segments_is_judged_whole",
+        "test_pipelined_requests_in_one_segment_are_each_judged",
+        "test_chunked_bodies_are_followed_chunk_by_chunk",
+        "test_the_server_receives_what_the_model_of_the_receiving_side_predicts",
+        "test_unload_leaves_nothing_and_connections_go_ungoverned",
+    )
+]
 CORE = [
     "tests/kernel/test_runtime.py",
     "tests/kernel/test_enforcement.py",
     "tests/kernel/test_answer.py",
+    *INGRESS,
     *TLS_ONLY,
 ]
 # The lsm backend (issue 12): where the kernel rejects TLS on sockmap sockets, policy inside TLS
