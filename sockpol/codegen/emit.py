@@ -27,9 +27,8 @@ from __future__ import annotations
 from llvmlite import ir
 
 from sockpol.codegen import helpers as h
-from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
 from sockpol.codegen.helpers import I1, I8, I32, I64, PTR, gep
-from sockpol.codegen.judge import PATH_CHUNK, JudgeCore
+from sockpol.codegen.judge import JudgeCore
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.objbuilder import ObjectBuilder
 from sockpol.codegen.record import Recorder
@@ -37,7 +36,6 @@ from sockpol.codegen.scanner import (
     BODY_END,
     CHUNK_LINE,
     END,
-    FLAG_TE_LINE,
     TERMINAL_STATES,
 )
 from sockpol.codegen.tables import (
@@ -95,9 +93,7 @@ from sockpol.telemetry import (
     NO_RULE,
     RULE_ANSWER_SHIFT,
     SLOT_ANSWERED,
-    SLOT_DEFAULT,
     SLOT_REFUSED,
-    SLOT_RULES,
     SLOT_UNJUDGED,
 )
 
@@ -270,11 +266,7 @@ class SkMsgBackend:
 
         self.tls.phase(fx, conn, resume, kind, size, RunEnd(verdict, refuse, covering))
         fx.put("limit", n)
-        # Calls, not bytes: a call consumes a byte at least, except one that starts without a
-        # byte pending and meets one at once (judge.scan_step); that happens at most once per
-        # call that consumed 8 bytes or more, and at the first call.
-        calls = b.add(b.add(n, b.lshr(n, I64(3))), I64(2))
-        h.call(b, h.LOOP, b.trunc(calls, I32), scan_step, scan, I64(0))
+        JudgeCore.scan(fx, n, scan_step)
 
         state = fx.get("state")
         complete = fn.append_basic_block("head_complete")
@@ -282,34 +274,12 @@ class SkMsgBackend:
         b.cbranch(b.icmp_unsigned("==", state, I64(END)), complete, not_complete)
 
         b.position_at_end(complete)
-        out_len = fx.get("out_len")
-        chunks = b.lshr(b.add(out_len, I64(PATH_CHUNK - 1)), I64(PATH_CHUNK.bit_length() - 1))
-        h.call(b, h.LOOP, b.trunc(chunks, I32), path_step, scan, I64(0))
-        # The final state's candidate word: where its candidate rules are, and how many.
-        accepting, index = JudgeCore.comb_slot(
-            fx, fx.get("pstate"), b.add(fx.config("path_classes"), I64(1))
-        )
-        word = b.select(accepting, fx.load_table("cand_words", index, I32), I64(0))
-        fx.put("cand_off", b.and_(word, I64((1 << CAND_LENGTH_SHIFT) - 1)))
-        count = b.trunc(b.lshr(word, I64(CAND_LENGTH_SHIFT)), I32)
-        h.call(b, h.LOOP, count, rule_step, scan, I64(0))
-        rule = fx.get("rule")
-        matched = b.icmp_unsigned("!=", rule, I64(NO_RULE))
-        flags = b.select(
-            matched, fx.load_table("rule_flags", rule, I32), fx.config("default_allow")
-        )
-        counter = b.select(matched, b.add(rule, I64(SLOT_RULES)), I64(SLOT_DEFAULT))
-        reason = b.select(matched, I64(Reason.RULE), I64(Reason.DEFAULT))
         # The verdict covers the head and its body; later bytes are the next request. A chunked
         # body is followed chunk by chunk from the next run on.
-        pos = fx.get("pos")
-        chunked = b.icmp_unsigned("!=", b.and_(fx.get("seen"), I64(FLAG_TE_LINE)), I64(0))
-        covered = b.select(chunked, pos, b.add(pos, fx.get("cl")))
-        # Bits 32..63: the counter slot that the chunks of this body are added to.
-        nxt = b.select(chunked, I64(RESUME_CHUNK_LINE), I64(RESUME_REQUEST))
-        b.store(b.or_(b.or_(nxt, I64(tls.CONN_HTTP)), b.shl(counter, I64(32))), conn)
-        outcome = self.rec.judged(b, msg, flags, reason, mode, counter, covered)
-        finish(outcome, covering(covered))
+        d = JudgeCore.decide(fx, path_step, rule_step)
+        b.store(d.word, conn)
+        outcome = self.rec.judged(b, msg, d.flags, d.reason, mode, d.counter, d.end)
+        finish(outcome, covering(d.end))
 
         b.position_at_end(not_complete)
         body_counter = b.lshr(resume, I64(32))

@@ -18,8 +18,12 @@ mirror is codegen/simulate.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from llvmlite import ir
 
+from sockpol.codegen import helpers as h
+from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
 from sockpol.codegen.comb import PAYLOAD_MASK, TAG_SHIFT
 from sockpol.codegen.helpers import I1, I8, I16, I32, I64, PTR, gep
 from sockpol.codegen.objbuilder import ObjectBuilder
@@ -39,7 +43,17 @@ from sockpol.codegen.tables import (
     Fn,
     Tables,
 )
-from sockpol.contract import CHUNK_MAX, CL_MAX, MAX_SCAN, PATH_MAX, Reason
+from sockpol.contract import (
+    CHUNK_MAX,
+    CL_MAX,
+    CONN_HTTP,
+    MAX_SCAN,
+    PATH_MAX,
+    RESUME_CHUNK_LINE,
+    RESUME_REQUEST,
+    Reason,
+)
+from sockpol.telemetry import NO_RULE, SLOT_DEFAULT, SLOT_RULES
 
 # The state flags handled in scan_byte's counting block (digits, singleton headers).
 COUNTED_FLAGS = FLAG_CL_DIGIT | FLAG_HEX_DIGIT | SINGLETON_FLAGS
@@ -63,6 +77,21 @@ READ_AHEAD = max(SCAN_CHUNK, 8 * SKIP_WORDS)
 PATH_CHUNK = 16
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What a complete head decided (JudgeCore.decide): the deciding rule's flags (or the
+    default's), its counter slot and reason, where the verdict's bytes end (after the head and a
+    Content-Length body; after the head for a chunked body, followed chunk by chunk), and the
+    connection's word for the next run (which resumes at a request or a chunk-size line, with
+    the body's counter slot in bits 32..63)."""
+
+    flags: ir.Value
+    counter: ir.Value
+    reason: ir.Value
+    end: ir.Value
+    word: ir.Value
+
+
 class JudgeCore:
     def __init__(self, ob: ObjectBuilder, tables: Tables, window: int = MAX_SCAN) -> None:
         self.ob = ob
@@ -70,6 +99,46 @@ class JudgeCore:
         # The furthest byte of the head the scan may read: the sk_msg backend's packet window
         # (MAX_SCAN); the LSM backend's copy of the head in map memory is smaller (lsm.py).
         self.window = window
+
+    @staticmethod
+    def scan(fx: Fn, n: ir.Value, scan_step: ir.Function) -> None:
+        """Walk `n` bytes of the head with scan_step. The loop is sized in calls, not bytes: a
+        call consumes a byte at least, except one that starts without a byte pending and meets
+        one at once, which happens at most once per call that consumed 8 bytes or more, and at
+        the first call."""
+        b = fx.b
+        calls = b.add(b.add(n, b.lshr(n, I64(3))), I64(2))
+        h.call(b, h.LOOP, b.trunc(calls, I32), scan_step, fx.scan, I64(0))
+
+    @staticmethod
+    def decide(fx: Fn, path_step: ir.Function, rule_step: ir.Function) -> Decision:
+        """After a complete head: the path through the path automaton, then the first candidate
+        rule of its final state whose class holds (else the default)."""
+        b = fx.b
+        out_len = fx.get("out_len")
+        chunks = b.lshr(b.add(out_len, I64(PATH_CHUNK - 1)), I64(PATH_CHUNK.bit_length() - 1))
+        h.call(b, h.LOOP, b.trunc(chunks, I32), path_step, fx.scan, I64(0))
+        # The final state's candidate word: where its candidate rules are, and how many.
+        accepting, index = JudgeCore.comb_slot(
+            fx, fx.get("pstate"), b.add(fx.config("path_classes"), I64(1))
+        )
+        word = b.select(accepting, fx.load_table("cand_words", index, I32), I64(0))
+        fx.put("cand_off", b.and_(word, I64((1 << CAND_LENGTH_SHIFT) - 1)))
+        count = b.trunc(b.lshr(word, I64(CAND_LENGTH_SHIFT)), I32)
+        h.call(b, h.LOOP, count, rule_step, fx.scan, I64(0))
+        rule = fx.get("rule")
+        matched = b.icmp_unsigned("!=", rule, I64(NO_RULE))
+        flags = b.select(
+            matched, fx.load_table("rule_flags", rule, I32), fx.config("default_allow")
+        )
+        counter = b.select(matched, b.add(rule, I64(SLOT_RULES)), I64(SLOT_DEFAULT))
+        reason = b.select(matched, I64(Reason.RULE), I64(Reason.DEFAULT))
+        pos = fx.get("pos")
+        chunked = b.icmp_unsigned("!=", b.and_(fx.get("seen"), I64(FLAG_TE_LINE)), I64(0))
+        end = b.select(chunked, pos, b.add(pos, fx.get("cl")))
+        nxt = b.select(chunked, I64(RESUME_CHUNK_LINE), I64(RESUME_REQUEST))
+        resume = b.or_(b.or_(nxt, I64(CONN_HTTP)), b.shl(counter, I64(32)))
+        return Decision(flags, counter, reason, end, resume)
 
     def path_append(self) -> ir.Function:
         """The slow path's way to add a path byte (scan_step's fast path appends its own while

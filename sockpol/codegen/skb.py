@@ -32,13 +32,12 @@ from __future__ import annotations
 from llvmlite import ir
 
 from sockpol.codegen import helpers as h
-from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
 from sockpol.codegen.helpers import I1, I8, I32, I64, PTR, gep
-from sockpol.codegen.judge import PATH_CHUNK, JudgeCore
+from sockpol.codegen.judge import JudgeCore
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.objbuilder import ObjectBuilder
 from sockpol.codegen.record import SKB_CTX, Recorder
-from sockpol.codegen.scanner import BODY_END, CHUNK_LINE, END, FLAG_TE_LINE, TERMINAL_STATES
+from sockpol.codegen.scanner import BODY_END, CHUNK_LINE, END, TERMINAL_STATES
 from sockpol.codegen.tables import (
     CONN_KEY,
     CONN_LEFT,
@@ -94,9 +93,7 @@ from sockpol.telemetry import (
     NO_RULE,
     RULE_ANSWER_SHIFT,
     SLOT_ANSWERED,
-    SLOT_DEFAULT,
     SLOT_REFUSED,
-    SLOT_RULES,
 )
 
 # After the connection's usual value (word, left, key, work area): where the next run starts in
@@ -272,8 +269,7 @@ class SkSkbBackend:
         fx.put("pos", at)
         fx.put("pending", I64(0))
         fx.put("limit", limit)
-        calls = b.add(b.add(span, b.lshr(span, I64(3))), I64(2))
-        h.call(b, h.LOOP, b.trunc(calls, I32), scan_step, scan, I64(0))
+        JudgeCore.scan(fx, span, scan_step)
 
         # The scan reads up to the end of the linear data (the judging core checks the window,
         # which for sk_msg ends where the bytes pulled end); an skb's linear part may go on past
@@ -289,29 +285,10 @@ class SkSkbBackend:
 
         b.position_at_end(complete)
         b.store(I64(0), field(IN_HEAD))
-        out_len = fx.get("out_len")
-        chunks = b.lshr(b.add(out_len, I64(PATH_CHUNK - 1)), I64(PATH_CHUNK.bit_length() - 1))
-        h.call(b, h.LOOP, b.trunc(chunks, I32), path_step, scan, I64(0))
-        accepting, index = JudgeCore.comb_slot(
-            fx, fx.get("pstate"), b.add(fx.config("path_classes"), I64(1))
-        )
-        word = b.select(accepting, fx.load_table("cand_words", index, I32), I64(0))
-        fx.put("cand_off", b.and_(word, I64((1 << CAND_LENGTH_SHIFT) - 1)))
-        count = b.trunc(b.lshr(word, I64(CAND_LENGTH_SHIFT)), I32)
-        h.call(b, h.LOOP, count, rule_step, scan, I64(0))
-        rule = fx.get("rule")
-        matched = b.icmp_unsigned("!=", rule, I64(NO_RULE))
-        flags = b.select(
-            matched, fx.load_table("rule_flags", rule, I32), fx.config("default_allow")
-        )
-        counter = b.select(matched, b.add(rule, I64(SLOT_RULES)), I64(SLOT_DEFAULT))
-        reason = b.select(matched, I64(Reason.RULE), I64(Reason.DEFAULT))
-        pos = fx.get("pos")
-        chunked = b.icmp_unsigned("!=", b.and_(fx.get("seen"), I64(FLAG_TE_LINE)), I64(0))
-        end = b.select(chunked, pos, b.add(pos, fx.get("cl")))
-        nxt = b.select(chunked, I64(RESUME_CHUNK_LINE), I64(RESUME_REQUEST))
-        b.store(b.or_(b.or_(nxt, I64(CONN_HTTP)), b.shl(counter, I64(32))), conn)
-        outcome = self.rec.judged(b, skb, flags, reason, mode, counter, b.sub(end, at))
+        d = JudgeCore.decide(fx, path_step, rule_step)
+        end = d.end
+        b.store(d.word, conn)
+        outcome = self.rec.judged(b, skb, d.flags, d.reason, mode, d.counter, b.sub(end, at))
         # The body beyond this skb is covered by the next runs (left).
         beyond = b.icmp_unsigned(">", end, size)
         b.store(b.select(beyond, b.sub(end, size), I64(0)), left_ptr)
