@@ -522,38 +522,11 @@ class _Load:
         self.serial: int | None = None  # this version's number (_write_serial)
 
     def run(self) -> LoadedPolicy:
+        self._check_before()
         obj: libbpf.BpfObject | None = None
         try:
             obj = self._open()
-            progs, socks = self._check_contract(obj)
-            if self.old is not None:
-                self._reuse_sockhash(socks)
-                self._reuse_shared(obj)
-            self._load(obj, progs)
-            self._write_serial(obj)
-            self._set_mode(obj)
-            verdict = verdict_program(self.meta)
-            msg_fd, sockops_fd = progs[verdict.name].fd(), progs[SOCKOPS_PROGRAM].fd()
-            socks_fd = socks.fd()
-            staging = self._pin_all(obj, msg_fd, sockops_fd, socks_fd)
-            self._attach_msg(msg_fd, socks_fd)
-            link_fd = self._attach_cgroup(sockops_fd)
-            if link_fd is not None:
-                self._pin(link_fd, staging / pins.PIN_LINK)
-            self._hand_over(obj, msg_fd)
-            handle = LoadedPolicy(
-                name=self.name,
-                pin_dir=self.root / self.name,
-                metadata=self.meta,
-                cgroup=self.cgroup_dir,
-                program_ids={
-                    verdict.name: libbpf.prog_info(msg_fd).id,
-                    SOCKOPS_PROGRAM: libbpf.prog_info(sockops_fd).id,
-                },
-                link_id=libbpf.link_info(link_fd).id if link_fd is not None else None,
-                map_id=libbpf.map_info(socks_fd).id,
-                _socks_fd=os.dup(socks_fd),
-            )
+            handle, staging = self._install(obj)
             self.undo.push("close the handle", handle.close)
             self._commit(staging)
             self._retire_old(staging)
@@ -566,6 +539,43 @@ class _Load:
                 os.close(fd)
             if obj is not None:
                 obj.close()
+
+    def _check_before(self) -> None:
+        """What refuses the load before anything is opened (a backend's own conditions)."""
+
+    def _install(self, obj: libbpf.BpfObject) -> tuple[LoadedPolicy, Path]:
+        """Load, pin (into a staging directory) and attach; returns the handle and the staging
+        directory that _commit puts in place."""
+        progs, socks = self._check_contract(obj)
+        if self.old is not None:
+            self._reuse_sockhash(socks)
+            self._reuse_shared(obj)
+        self._load(obj, progs)
+        self._write_serial(obj)
+        self._set_mode(obj)
+        verdict = verdict_program(self.meta)
+        msg_fd, sockops_fd = progs[verdict.name].fd(), progs[SOCKOPS_PROGRAM].fd()
+        socks_fd = socks.fd()
+        staging = self._pin_all(obj, msg_fd, sockops_fd, socks_fd)
+        self._attach_msg(msg_fd, socks_fd)
+        link_fd = self._attach_cgroup(sockops_fd)
+        if link_fd is not None:
+            self._pin(link_fd, staging / pins.PIN_LINK)
+        self._hand_over(obj, msg_fd)
+        handle = LoadedPolicy(
+            name=self.name,
+            pin_dir=self.root / self.name,
+            metadata=self.meta,
+            cgroup=self.cgroup_dir,
+            program_ids={
+                verdict.name: libbpf.prog_info(msg_fd).id,
+                SOCKOPS_PROGRAM: libbpf.prog_info(sockops_fd).id,
+            },
+            link_id=libbpf.link_info(link_fd).id if link_fd is not None else None,
+            map_id=libbpf.map_info(socks_fd).id,
+            _socks_fd=os.dup(socks_fd),
+        )
+        return handle, staging
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -874,8 +884,7 @@ class _LsmLoad(_Load):
     which steps aside once the control map's serial is the new one's (lsm.py); then the old
     link is detached. Steps as in `_Load.run`, each undone if a later one fails."""
 
-    def run(self) -> LoadedPolicy:
-        obj: libbpf.BpfObject | None = None
+    def _check_before(self) -> None:
         if self.old is not None and self.old.backend != "lsm":
             raise LoadError(
                 "replace",
@@ -888,51 +897,40 @@ class _LsmLoad(_Load):
                 "(send() fails with EACCES), as with `answer drop`",
                 self.name,
             )
-        try:
-            obj = self._open()
-            progs = self._check_lsm_contract(obj)
-            self._write_layout(obj)
-            if self.old is not None:
-                self._reuse_shared(obj, (CONN_MAP, WORK_MAP, t.EVENTS_MAP, t.CTL_MAP))
-            self._load(obj, progs)
-            self._write_serial(obj)
-            self._set_mode(obj)
-            lsm_fd, sockops_fd = progs[LSM_PROGRAM].fd(), progs[SOCKOPS_PROGRAM].fd()
-            staging = self._pin_lsm(obj, lsm_fd, sockops_fd)
-            lsm_link = self._attach_lsm(lsm_fd)
-            self._pin(lsm_link, staging / pins.PIN_LSM_LINK)
-            link_fd = self._attach_cgroup(sockops_fd)
-            if link_fd is not None:
-                self._pin(link_fd, staging / pins.PIN_LINK)
-            self._hand_over(obj, lsm_fd)
-            conn = obj.map(CONN_MAP)
-            assert conn is not None
-            handle = LoadedPolicy(
-                name=self.name,
-                pin_dir=self.root / self.name,
-                metadata=self.meta,
-                cgroup=self.cgroup_dir,
-                program_ids={
-                    LSM_PROGRAM: libbpf.prog_info(lsm_fd).id,
-                    SOCKOPS_PROGRAM: libbpf.prog_info(sockops_fd).id,
-                },
-                link_id=libbpf.link_info(link_fd).id if link_fd is not None else None,
-                map_id=libbpf.map_info(conn.fd()).id,
-                _socks_fd=None,
-                _conn_fd=os.dup(conn.fd()),
-            )
-            self.undo.push("close the handle", handle.close)
-            self._commit(staging)
-            self._retire_old(staging)
-            return handle
-        except BaseException:
-            self.undo.rollback()
-            raise
-        finally:
-            for fd in self.fds:
-                os.close(fd)
-            if obj is not None:
-                obj.close()
+
+    def _install(self, obj: libbpf.BpfObject) -> tuple[LoadedPolicy, Path]:
+        progs = self._check_lsm_contract(obj)
+        self._write_layout(obj)
+        if self.old is not None:
+            self._reuse_shared(obj, (CONN_MAP, WORK_MAP, t.EVENTS_MAP, t.CTL_MAP))
+        self._load(obj, progs)
+        self._write_serial(obj)
+        self._set_mode(obj)
+        lsm_fd, sockops_fd = progs[LSM_PROGRAM].fd(), progs[SOCKOPS_PROGRAM].fd()
+        staging = self._pin_lsm(obj, lsm_fd, sockops_fd)
+        lsm_link = self._attach_lsm(lsm_fd)
+        self._pin(lsm_link, staging / pins.PIN_LSM_LINK)
+        link_fd = self._attach_cgroup(sockops_fd)
+        if link_fd is not None:
+            self._pin(link_fd, staging / pins.PIN_LINK)
+        self._hand_over(obj, lsm_fd)
+        conn = obj.map(CONN_MAP)
+        assert conn is not None
+        handle = LoadedPolicy(
+            name=self.name,
+            pin_dir=self.root / self.name,
+            metadata=self.meta,
+            cgroup=self.cgroup_dir,
+            program_ids={
+                LSM_PROGRAM: libbpf.prog_info(lsm_fd).id,
+                SOCKOPS_PROGRAM: libbpf.prog_info(sockops_fd).id,
+            },
+            link_id=libbpf.link_info(link_fd).id if link_fd is not None else None,
+            map_id=libbpf.map_info(conn.fd()).id,
+            _socks_fd=None,
+            _conn_fd=os.dup(conn.fd()),
+        )
+        return handle, staging
 
     def _check_lsm_contract(self, obj: libbpf.BpfObject) -> dict[str, libbpf.Program]:
         want = {
