@@ -20,7 +20,7 @@ import ssl
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,10 +311,17 @@ def openssl_s_client(port: int, path: str, conf: str, tls: str) -> tuple[int, st
     return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
 
 
-@pytest.mark.parametrize("case", ["tls12-aes256", "tls13-aes128"])
-def test_openssl_s_client_ktls_matches_plaintext(
-    case: str, nginx: Nginx, governed: Path, run_in_cgroup, tmp_path: Path, require_ktls_sockmap
+def check_s_client(
+    case: str,
+    nginx: Nginx,
+    governed: Path,
+    run_in_cgroup,
+    tmp_path: Path,
+    counters: Callable[[], rc.PolicyCounters],
 ) -> None:
+    """`openssl s_client` with kTLS from the governed cgroup, a connection per path: the
+    allowed paths get their 200 over kTLS, the denied ones fail with EACCES (errno=13) and
+    never reach nginx (`counters` is shown when they do)."""
     conf = tmp_path / "openssl-ktls.cnf"
     conf.write_text(OPENSSL_KTLS_CONF)
     port, tls = nginx.ports[case], "tls1_2" if case.startswith("tls12") else "tls1_3"
@@ -329,6 +336,13 @@ def test_openssl_s_client_ktls_matches_plaintext(
     for p in DENIED:
         assert "errno=13" in outs[p][1] and "HTTP/1.1 200" not in outs[p][1], outs[p][1][-2000:]
     assert nginx.paths_on(port, mark) == ALLOWED, counters()
+
+
+@pytest.mark.parametrize("case", ["tls12-aes256", "tls13-aes128"])
+def test_openssl_s_client_ktls_matches_plaintext(
+    case: str, nginx: Nginx, governed: Path, run_in_cgroup, tmp_path: Path, require_ktls_sockmap
+) -> None:
+    check_s_client(case, nginx, governed, run_in_cgroup, tmp_path, counters)
 
 
 def curl(url: str, cafile: str) -> tuple[int, str]:

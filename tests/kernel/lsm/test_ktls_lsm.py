@@ -16,11 +16,10 @@ from test_ktls_clients import (  # the same server, clients and cases as the soc
     ALLOWED,
     CASES,
     DENIED,
-    OPENSSL_KTLS_CONF,
     Nginx,
+    check_s_client,
     curl,
     nginx,  # noqa: F401 -- a fixture
-    openssl_s_client,
     outcome,
     python_client,
 )
@@ -97,20 +96,7 @@ def test_openssl_s_client_ktls_through_lsm(
     run_in_cgroup,
     tmp_path: Path,
 ) -> None:
-    conf = tmp_path / "openssl-ktls.cnf"
-    conf.write_text(OPENSSL_KTLS_CONF)
-    port, tls = nginx.ports[case], "tls1_2" if case.startswith("tls12") else "tls1_3"
-    mark = nginx.mark()
-    outs = {
-        p: run_in_cgroup(governed, openssl_s_client, port, p, str(conf), tls)
-        for p in ALLOWED + DENIED
-    }
-    for p in ALLOWED:
-        assert "Using Kernel TLS for sending" in outs[p][1], outs[p][1][-2000:]
-        assert "HTTP/1.1 200 OK" in outs[p][1]
-    for p in DENIED:
-        assert "errno=13" in outs[p][1] and "HTTP/1.1 200" not in outs[p][1], outs[p][1][-2000:]
-    assert nginx.paths_on(port, mark) == ALLOWED, counters()
+    check_s_client(case, nginx, governed, run_in_cgroup, tmp_path, counters)
 
 
 def test_userspace_tls_through_lsm_is_refused_as_the_policy_says(
