@@ -27,7 +27,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from sockpol.codegen import helpers as h
-from sockpol.codegen.helpers import I1, I8, I32, I64, PTR, gep
+from sockpol.codegen.helpers import I8, I32, I64, PTR, gep
 from sockpol.codegen.judge import JudgeCore
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.objbuilder import ObjectBuilder
@@ -454,16 +454,7 @@ class SkMsgBackend:
         # remote_port holds the port in network order in its upper 16 bits (kernel ctx rewrite).
         bswap = self.ob.m.declare_intrinsic("llvm.bswap", [I32])
         port = b.call(bswap, [ctx_load(OPS_REMOTE_PORT)])
-        governed = ir.Constant(I1, 0)
-        for r in self.ir.policy.ports:
-            if r.low == r.high:
-                hit = b.icmp_unsigned("==", port, I32(r.low))
-            else:
-                hit = b.and_(
-                    b.icmp_unsigned(">=", port, I32(r.low)),
-                    b.icmp_unsigned("<=", port, I32(r.high)),
-                )
-            governed = b.or_(governed, hit)
+        governed = h.in_ports(b, port, self.ir.policy.ports)
         insert = fn.append_basic_block("insert")
         b.cbranch(governed, insert, done)
         b.position_at_end(insert)

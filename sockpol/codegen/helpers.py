@@ -6,11 +6,13 @@ BPF_PROG_TYPE_SK_MSG or BPF_PROG_TYPE_SOCK_OPS on both.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from llvmlite import ir
 
 from sockpol.contract import BPF_FUNC_LOOP
+from sockpol.dsl.ast import PortRange
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
@@ -58,6 +60,22 @@ MSG_POP_DATA = Helper("msg_pop_data", 91, I64, (PTR, I32, I32, I64))
 SK_STORAGE_GET = Helper("sk_storage_get", 107, PTR, (PTR, PTR, PTR, I64))
 RINGBUF_OUTPUT = Helper("ringbuf_output", 130, I64, (PTR, PTR, I64, I64))
 LOOP = Helper("loop", BPF_FUNC_LOOP, I64, (I32, PTR, PTR, I64))
+
+
+def in_ports(b: ir.IRBuilder, port: ir.Value, ports: Iterable[PortRange]) -> ir.Value:
+    """An i1: is the i32 `port` in one of the policy's port ranges (what sock_ops programs
+    check before governing a connection)."""
+    governed: ir.Value = ir.Constant(I1, 0)
+    for r in ports:
+        if r.low == r.high:
+            hit = b.icmp_unsigned("==", port, ir.Constant(I32, r.low))
+        else:
+            hit = b.and_(
+                b.icmp_unsigned(">=", port, ir.Constant(I32, r.low)),
+                b.icmp_unsigned("<=", port, ir.Constant(I32, r.high)),
+            )
+        governed = b.or_(governed, hit)
+    return governed
 
 
 def call(builder: ir.IRBuilder, helper: Helper, *args: ir.Value) -> ir.Value:

@@ -229,16 +229,7 @@ class LsmBackend:
         )
         bswap = self.ob.m.declare_intrinsic("llvm.bswap", [I32])
         port = b.call(bswap, [ctx32(OPS_REMOTE_PORT)])
-        governed = ir.Constant(ir.IntType(1), 0)
-        for r in self.ir.policy.ports:
-            if r.low == r.high:
-                hit = b.icmp_unsigned("==", port, I32(r.low))
-            else:
-                hit = b.and_(
-                    b.icmp_unsigned(">=", port, I32(r.low)),
-                    b.icmp_unsigned("<=", port, I32(r.high)),
-                )
-            governed = b.or_(governed, hit)
+        governed = h.in_ports(b, port, self.ir.policy.ports)
         mark = fn.append_basic_block("mark")
         b.cbranch(b.and_(inet, governed), mark, done)
         b.position_at_end(mark)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from sockpol.codegen import helpers as h
-from sockpol.codegen.helpers import I1, I8, I32, I64, PTR, gep
+from sockpol.codegen.helpers import I8, I32, I64, PTR, gep
 from sockpol.codegen.judge import JudgeCore
 from sockpol.codegen.lower import MatcherIR
 from sockpol.codegen.objbuilder import ObjectBuilder
@@ -440,16 +440,7 @@ class SkSkbBackend:
         with b.if_then(b.not_(inet)):
             b.ret(I32(1))
         port = ctx_load(OPS_LOCAL_PORT)  # host order
-        governed = ir.Constant(I1, 0)
-        for r in self.ir.policy.ports:
-            if r.low == r.high:
-                hit = b.icmp_unsigned("==", port, I32(r.low))
-            else:
-                hit = b.and_(
-                    b.icmp_unsigned(">=", port, I32(r.low)),
-                    b.icmp_unsigned("<=", port, I32(r.high)),
-                )
-            governed = b.or_(governed, hit)
+        governed = h.in_ports(b, port, self.ir.policy.ports)
         with b.if_then(b.not_(governed)):
             b.ret(I32(1))
         cookie = h.call(b, h.GET_SOCKET_COOKIE, ops)
