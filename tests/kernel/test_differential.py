@@ -52,6 +52,12 @@ pytestmark = pytest.mark.kernel
 EXAMPLES = int(os.environ.get("SOCKPOL_DIFF_EXAMPLES", "0")) or 30
 CONNECTIONS = (2, 10)  # connections per policy (cheap; a policy costs ~2 s to compile and verify)
 _names = itertools.count()
+# Each example loads a policy into the kernel: slow, drawn from large data, with the module's rig.
+SLOW_KERNEL_EXAMPLES = [
+    HealthCheck.too_slow,
+    HealthCheck.function_scoped_fixture,
+    HealthCheck.data_too_large,
+]
 
 
 class SinkServer:
@@ -235,11 +241,7 @@ def _plan(
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.data_too_large,
-    ],
+    suppress_health_check=SLOW_KERNEL_EXAMPLES,
 )
 @given(data=st.data())
 def test_kernel_agrees_with_the_interpreter(rig: Rig, data: st.DataObject) -> None:
@@ -266,11 +268,7 @@ BIG_SCANNER_RULES = tuple(
 @settings(
     max_examples=max(3, EXAMPLES // 6),
     deadline=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.data_too_large,
-    ],
+    suppress_health_check=SLOW_KERNEL_EXAMPLES,
 )
 @given(data=st.data())
 def test_kernel_agrees_on_a_scanner_without_preshifted_entries(
