@@ -43,7 +43,6 @@ from sockpol.codegen.tables import (
     CONN_KEY,
     CONN_LEFT,
     CONN_SCRATCH,
-    SCAN_SCALARS,
     SCAN_T,
     Fn,
     Tables,
@@ -77,7 +76,6 @@ from sockpol.contract import (
     OPS_SK,
     RESUME_ANSWERED,
     RESUME_CHUNK_DATA_END,
-    RESUME_CHUNK_LINE,
     RESUME_REQUEST,
     RESUME_UNJUDGED,
     SK_DROP,
@@ -226,15 +224,7 @@ class SkMsgBackend:
             refuse_unseen()
         scratch = gep(b, conn, I8, [I64(CONN_SCRATCH)])
         mode = self.rec.read_mode(b)  # every run: `sockpol mode` switches without a reload
-        start = b.select(
-            b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_LINE)),
-            fx.config("chunk_start"),
-            b.select(
-                b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_DATA_END)),
-                fx.config("chunk_data_end"),
-                fx.config("start"),
-            ),
-        )
+        start = JudgeCore.start_state(fx, kind)
 
         # Packet pointers are valid only now, after the pull.
         fx.put("data", ctx_load(MSG_DATA, PTR))
@@ -246,13 +236,7 @@ class SkMsgBackend:
         # instead of following exact values (out_len 1, 2, 3, ...) byte by byte until it gives up
         # ("the sequence of 8193 jumps is too complex").
         zero = fx.config("zero")
-        for name in SCAN_SCALARS:
-            fx.put(name, zero)
-        fx.put("state", start)
-        fx.put("rule", I64(NO_RULE))
-        fx.put("pstate", fx.config("path_start"))
-        for w in range(self.tables.nw):
-            b.store(zero, fx.fact_word(w))
+        JudgeCore.begin(fx, start, zero)
         with b.if_then(b.icmp_unsigned("==", kind, I64(RESUME_UNJUDGED)), likely=False):
             finish(self.rec.unjudged(b, msg, resume, mode), I32(0))  # dry-run left it so
         with b.if_then(b.icmp_unsigned("==", kind, I64(tls.RESUME_TLS_PASS)), likely=False):

@@ -37,6 +37,7 @@ from sockpol.codegen.scanner import (
     TERMINAL_STATES,
 )
 from sockpol.codegen.tables import (
+    SCAN_SCALARS,
     STATE_PATH,
     STATE_PLAIN,
     STATE_VALUE_LOOP,
@@ -49,6 +50,7 @@ from sockpol.contract import (
     CONN_HTTP,
     MAX_SCAN,
     PATH_MAX,
+    RESUME_CHUNK_DATA_END,
     RESUME_CHUNK_LINE,
     RESUME_REQUEST,
     Reason,
@@ -109,6 +111,33 @@ class JudgeCore:
         b = fx.b
         calls = b.add(b.add(n, b.lshr(n, I64(3))), I64(2))
         h.call(b, h.LOOP, b.trunc(calls, I32), scan_step, fx.scan, I64(0))
+
+    @staticmethod
+    def start_state(fx: Fn, kind: ir.Value) -> ir.Value:
+        """The scanner state a run starts in for the connection's resume kind: a request, a
+        chunk-size line, or the CRLF after chunk data."""
+        b = fx.b
+        return b.select(
+            b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_LINE)),
+            fx.config("chunk_start"),
+            b.select(
+                b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_DATA_END)),
+                fx.config("chunk_data_end"),
+                fx.config("start"),
+            ),
+        )
+
+    @staticmethod
+    def begin(fx: Fn, start: ir.Value, zero: ir.Value) -> None:
+        """The scan's initial values for a head (or chunk line) read afresh. `zero` comes from
+        the tables, not a constant (emit.py says why)."""
+        for name in SCAN_SCALARS:
+            fx.put(name, zero)
+        fx.put("state", start)
+        fx.put("rule", I64(NO_RULE))
+        fx.put("pstate", fx.config("path_start"))
+        for w in range(fx.tables.nw):
+            fx.b.store(zero, fx.fact_word(w))
 
     @staticmethod
     def decide(fx: Fn, path_step: ir.Function, rule_step: ir.Function) -> Decision:

@@ -42,7 +42,7 @@ from sockpol.codegen.lower import MAX_FACT_WORDS, MatcherIR
 from sockpol.codegen.objbuilder import ObjectBuilder
 from sockpol.codegen.record import Recorder
 from sockpol.codegen.scanner import BODY_END, CHUNK_LINE, END, TERMINAL_STATES
-from sockpol.codegen.tables import FACTS_OFFSET, SCAN_SCALARS, SCAN_T, Fn, Tables
+from sockpol.codegen.tables import FACTS_OFFSET, SCAN_T, Fn, Tables
 from sockpol.codegen.tlswalk import RunEnd, TlsWalk
 from sockpol.contract import (
     AF_INET,
@@ -72,7 +72,6 @@ from sockpol.contract import (
     OPS_REMOTE_PORT,
     OPS_SK,
     RESUME_CHUNK_DATA_END,
-    RESUME_CHUNK_LINE,
     RESUME_REFUSED,
     RESUME_REQUEST,
     RESUME_UNJUDGED,
@@ -85,7 +84,6 @@ from sockpol.contract import (
 from sockpol.model import tls
 from sockpol.telemetry import (
     CTL_SERIAL,
-    NO_RULE,
     SLOT_REFUSED,
     SLOT_UNJUDGED,
 )
@@ -512,27 +510,13 @@ class LsmBackend:
         fx.put("data_end", gep(b, data, I8, [limit]))
         fx.put("tables", fx.base)
         zero = fx.config("zero")
-        start = b.select(
-            b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_LINE)),
-            fx.config("chunk_start"),
-            b.select(
-                b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_DATA_END)),
-                fx.config("chunk_data_end"),
-                fx.config("start"),
-            ),
-        )
+        start = JudgeCore.start_state(fx, kind)
         fx.put("pos", zero)  # a resumed scan goes on at this chunk's first byte
         fresh = fn.append_basic_block("fresh")
         ready = fn.append_basic_block("ready")
         b.cbranch(partial, ready, fresh)
         b.position_at_end(fresh)
-        for name in SCAN_SCALARS:
-            fx.put(name, zero)
-        fx.put("state", start)
-        fx.put("rule", I64(NO_RULE))
-        fx.put("pstate", fx.config("path_start"))
-        for w in range(self.tables.nw):
-            b.store(zero, fx.fact_word(w))
+        JudgeCore.begin(fx, start, zero)
         b.branch(ready)
         b.position_at_end(ready)
         mode = self.rec.read_mode(b)

@@ -42,7 +42,6 @@ from sockpol.codegen.tables import (
     CONN_KEY,
     CONN_LEFT,
     CONN_SCRATCH,
-    SCAN_SCALARS,
     SCAN_T,
     Fn,
     Tables,
@@ -72,7 +71,6 @@ from sockpol.contract import (
     OPS_OP,
     RESUME_ANSWERED,
     RESUME_CHUNK_DATA_END,
-    RESUME_CHUNK_LINE,
     RESUME_REQUEST,
     RESUME_UNJUDGED,
     SK_DROP,
@@ -248,22 +246,7 @@ class SkSkbBackend:
         b.cbranch(b.icmp_unsigned("==", head_in, I64(0)), fresh, scan_it)
         b.position_at_end(fresh)
         zero = fx.config("zero")
-        for name in SCAN_SCALARS:
-            fx.put(name, zero)
-        start = b.select(
-            b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_LINE)),
-            fx.config("chunk_start"),
-            b.select(
-                b.icmp_unsigned("==", kind, I64(RESUME_CHUNK_DATA_END)),
-                fx.config("chunk_data_end"),
-                fx.config("start"),
-            ),
-        )
-        fx.put("state", start)
-        fx.put("rule", I64(NO_RULE))
-        fx.put("pstate", fx.config("path_start"))
-        for w in range(self.tables.nw):
-            b.store(zero, fx.fact_word(w))
+        JudgeCore.begin(fx, JudgeCore.start_state(fx, kind), zero)
         b.branch(scan_it)
         b.position_at_end(scan_it)
         fx.put("pos", at)
