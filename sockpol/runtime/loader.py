@@ -588,11 +588,9 @@ class _Load:
                     "open", f"{self.path}: {libbpf.strerror(e.errno)}", _warnings(messages)
                 ) from None
 
-    def _check_contract(
-        self, obj: libbpf.BpfObject
-    ) -> tuple[dict[str, libbpf.Program], libbpf.Map]:
-        verdict = verdict_program(self.meta)
-        want = {verdict.name: verdict.prog_type, SOCKOPS_PROGRAM: libbpf.BPF_PROG_TYPE_SOCK_OPS}
+    def _programs(self, obj: libbpf.BpfObject, want: dict[str, int]) -> dict[str, libbpf.Program]:
+        """The object's programs named in `want` (name: program type), each of that type, their
+        verifier logs captured; every other program is left unloaded (not part of the contract)."""
         progs: dict[str, libbpf.Program] = {}
         for prog in obj.programs():
             if prog.name in want:
@@ -603,10 +601,18 @@ class _Load:
                 progs[prog.name] = prog
                 prog.capture_log()
             else:
-                prog.set_autoload(False)  # not part of the contract: never load it
+                prog.set_autoload(False)
         missing = sorted(set(want) - set(progs))
         if missing:
             raise LoadError("open", f"{self.path}: no program {', '.join(missing)}")
+        return progs
+
+    def _check_contract(
+        self, obj: libbpf.BpfObject
+    ) -> tuple[dict[str, libbpf.Program], libbpf.Map]:
+        verdict = verdict_program(self.meta)
+        want = {verdict.name: verdict.prog_type, SOCKOPS_PROGRAM: libbpf.BPF_PROG_TYPE_SOCK_OPS}
+        progs = self._programs(obj, want)
         socks = obj.map(SOCK_MAP)
         if socks is None or socks.type != libbpf.BPF_MAP_TYPE_SOCKHASH:
             raise LoadError("open", f"{self.path}: no sockhash map {SOCK_MAP}")
@@ -937,20 +943,7 @@ class _LsmLoad(_Load):
             LSM_PROGRAM: libbpf.BPF_PROG_TYPE_LSM,
             SOCKOPS_PROGRAM: libbpf.BPF_PROG_TYPE_SOCK_OPS,
         }
-        progs: dict[str, libbpf.Program] = {}
-        for prog in obj.programs():
-            if prog.name in want:
-                if prog.type != want[prog.name]:
-                    raise LoadError(
-                        "open", f"{self.path}: program {prog.name} has the wrong program type"
-                    )
-                progs[prog.name] = prog
-                prog.capture_log()
-            else:
-                prog.set_autoload(False)
-        missing = sorted(set(want) - set(progs))
-        if missing:
-            raise LoadError("open", f"{self.path}: no program {', '.join(missing)}")
+        progs = self._programs(obj, want)
         for map_name in (CONN_MAP, WORK_MAP):
             if obj.map(map_name) is None:
                 raise LoadError("open", f"{self.path}: no map {map_name}")
