@@ -556,7 +556,8 @@ class _Load:
         verdict = verdict_program(self.meta)
         msg_fd, sockops_fd = progs[verdict.name].fd(), progs[SOCKOPS_PROGRAM].fd()
         socks_fd = socks.fd()
-        staging = self._pin_all(obj, msg_fd, sockops_fd, socks_fd)
+        named = {pins.PIN_MSG: msg_fd, pins.PIN_SOCKOPS: sockops_fd, pins.PIN_SOCKS: socks_fd}
+        staging = self._pin_all(obj, named, frozenset({SOCK_MAP}))
         self._attach_msg(msg_fd, socks_fd)
         link_fd = self._attach_cgroup(sockops_fd)
         if link_fd is not None:
@@ -761,18 +762,21 @@ class _Load:
         except BpfError as e:
             raise LoadError("pin", str(e)) from None
 
-    def _pin_all(self, obj: libbpf.BpfObject, msg_fd: int, sockops_fd: int, socks_fd: int) -> Path:
+    def _pin_all(
+        self, obj: libbpf.BpfObject, named: dict[str, int], skip_maps: frozenset[str] = frozenset()
+    ) -> Path:
+        """Pin into a new staging directory: the `named` fds (pin name: fd), every map of the
+        object but `skip_maps` (pinned by name in `named`), and a new state record."""
         staging = pins.staging_dir(self.root, self.name)
         try:
             staging.mkdir()
         except OSError as e:
             raise LoadError("pin", f"cannot create {staging}: {e.strerror}") from None
         self.undo.push(f"remove {staging}", lambda: pins.remove_pins(staging))
-        self._pin(msg_fd, staging / pins.PIN_MSG)
-        self._pin(sockops_fd, staging / pins.PIN_SOCKOPS)
-        self._pin(socks_fd, staging / pins.PIN_SOCKS)
+        for pin, fd in named.items():
+            self._pin(fd, staging / pin)
         for m in obj.maps():
-            if m.name != SOCK_MAP:
+            if m.name not in skip_maps:
                 self._pin(m.fd(), staging / pins.map_pin_name(m.name))
         try:
             state_fd = create_state_map(self.state)
@@ -913,7 +917,7 @@ class _LsmLoad(_Load):
         self._write_serial(obj)
         self._set_mode(obj)
         lsm_fd, sockops_fd = progs[LSM_PROGRAM].fd(), progs[SOCKOPS_PROGRAM].fd()
-        staging = self._pin_lsm(obj, lsm_fd, sockops_fd)
+        staging = self._pin_all(obj, {pins.PIN_LSM: lsm_fd, pins.PIN_SOCKOPS: sockops_fd})
         lsm_link = self._attach_lsm(lsm_fd)
         self._pin(lsm_link, staging / pins.PIN_LSM_LINK)
         link_fd = self._attach_cgroup(sockops_fd)
@@ -970,25 +974,6 @@ class _LsmLoad(_Load):
             rodata.set_initial_value(data)
         except BpfError as e:
             raise LoadError("load", str(e)) from None
-
-    def _pin_lsm(self, obj: libbpf.BpfObject, lsm_fd: int, sockops_fd: int) -> Path:
-        staging = pins.staging_dir(self.root, self.name)
-        try:
-            staging.mkdir()
-        except OSError as e:
-            raise LoadError("pin", f"cannot create {staging}: {e.strerror}") from None
-        self.undo.push(f"remove {staging}", lambda: pins.remove_pins(staging))
-        self._pin(lsm_fd, staging / pins.PIN_LSM)
-        self._pin(sockops_fd, staging / pins.PIN_SOCKOPS)
-        for m in obj.maps():
-            self._pin(m.fd(), staging / pins.map_pin_name(m.name))
-        try:
-            state_fd = create_state_map(self.state)
-        except BpfError as e:
-            raise LoadError("pin", f"state record: {e}") from None
-        self.fds.append(state_fd)
-        self._pin(state_fd, staging / pins.PIN_STATE)
-        return staging
 
     def _attach_lsm(self, lsm_fd: int) -> int:
         try:
