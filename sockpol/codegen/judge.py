@@ -178,7 +178,7 @@ class JudgeCore:
         length = fx.get("out_len")
         with b.if_else(b.icmp_unsigned(">=", length, I64(PATH_MAX))) as (full, room):
             with full:
-                fx.put("norm_error", 1)
+                fx.put("path_too_long", 1)
             with room:
                 index = b.and_(length, I64(PATH_MAX - 1))
                 b.store(b.trunc(c, I8), gep(b, fx.get("scratch"), I8, [index]))
@@ -257,7 +257,7 @@ class JudgeCore:
 
         with b.if_then(b.icmp_unsigned("!=", b.and_(info, I64(FLAG_PATH_BYTE)), I64(0))):
             self.ob.call(b, append, scan, byte)
-        failed = b.icmp_unsigned("!=", fx.get("norm_error"), I64(0))
+        failed = b.icmp_unsigned("!=", fx.get("path_too_long"), I64(0))
         nxt = b.select(failed, fx.small(Reason.PATH_TOO_LONG), nxt)
 
         fx.put("state", nxt)

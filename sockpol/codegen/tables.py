@@ -63,7 +63,7 @@ assert PATH_MAX & (PATH_MAX - 1) == 0
 SCAN_POINTERS = ["data", "data_end", "scratch", "tables"]
 SCAN_SCALARS = [
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
-    "out_len", "spare0", "spare1", "spare2", "spare3", "spare4", "norm_error", "pstate",  # path
+    "out_len", "spare0", "spare1", "spare2", "spare3", "spare4", "path_too_long", "pstate",  # path
     "cand_off",  # where the path state's candidate rules start in cand_table
     "limit",  # bytes of the head the scan may read (the bytes pulled)
     "pending",  # the byte at `pos` needs the slow path (scan_step)
