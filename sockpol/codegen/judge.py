@@ -11,9 +11,10 @@ functions that any backend calls through bpf_loop.
 
 They share the scan state through the context `tables.Fn` describes (pointers on the caller's
 stack, scalars and fact words in the connection's storage). The sk_msg backend (emit.py) calls
-them on the message it pulled; a second backend (an LSM program reading the caller's buffer)
-would call the same functions on its own copy of the head, with the same tables. The Python
-mirror is codegen/simulate.py.
+them on the message it pulled, the sk_skb one (skb.py) on the skb, the LSM one (lsm.py) on its
+copy of the caller's buffer, all with the same tables; `scan`, `start_state`, `begin` and
+`decide` are the steps around them every backend takes. The Python mirror is
+codegen/simulate.py.
 """
 
 from __future__ import annotations
