@@ -235,7 +235,7 @@ class Tables:
         self.t_index = {name: i for i, name in enumerate(fields)}
         self.t_len = {name: len(c.type) for name, c in fields.items()}
         typ = ir.LiteralStructType([c.type for c in fields.values()])
-        # Byte offsets of the tables in a slot (the BPF data layout), for flat_table.
+        # Byte offsets of the tables in a slot (the BPF data layout), for Fn.load_flat.
         td = llvm.create_target_data(DATA_LAYOUT)
         self.t_offset = {name: typ.get_element_offset(td, i) for i, name in enumerate(fields)}
         self.t_elem = {
@@ -259,7 +259,7 @@ class Tables:
         gv.align = 8
         # BTF for the variable: libbpf makes `.data` mmap-able only when its DATASEC has a
         # global variable, and hot reload writes the idle slot through that mapping.
-        size = self.data_t.get_abi_size(llvm.create_target_data(DATA_LAYOUT))
+        size = self.data_t.get_abi_size(td)
         ob.dbg.global_variable(gv, ob.dbg.array(ob.u8, size, 8))
         self.gv = gv
         self.typ = typ
@@ -298,14 +298,22 @@ class Fn:
         fx.base = fx.get("tables")
         return fx
 
-    def table(self, name: str, index: ir.Value, *rest: ir.Value) -> ir.Value:
-        """Pointer to an element of a table; `index` is masked to the table's (power-of-two)
-        length, which is what lets the verifier prove the access in bounds."""
-        t, b = self.tables, self.b
-        n = t.t_len[name]
+    def _masked(self, name: str, index: ir.Value) -> ir.Value:
+        """`index` masked to the table's (power-of-two) length, which is what lets the verifier
+        prove the access in bounds."""
+        n = self.tables.t_len[name]
         assert n & (n - 1) == 0, name
-        index = b.and_(index, I64(n - 1))
-        return gep(b, self.base, t.typ, [I32(0), I32(t.t_index[name]), index, *rest])
+        return self.b.and_(index, I64(n - 1))
+
+    def table(self, name: str, index: ir.Value, *rest: ir.Value) -> ir.Value:
+        """Pointer to an element of a table (the index masked: _masked)."""
+        index = self._masked(name, index)
+        return gep(
+            self.b,
+            self.base,
+            self.tables.typ,
+            [I32(0), I32(self.tables.t_index[name]), index, *rest],
+        )
 
     def load_table(self, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
         return self.b.zext(self.b.load(self.table(name, index), typ=typ), I64)
@@ -317,9 +325,7 @@ class Fn:
         keeps it live across every block of an unrolled chunk: a register each, spilled to the
         stack and reloaded per byte, since BPF has ten.)"""
         t, b = self.tables, self.b
-        n = t.t_len[name]
-        assert n & (n - 1) == 0, name
-        index = b.and_(index, I64(n - 1))
+        index = self._masked(name, index)
         size = t.t_elem[name]
         at = b.add(
             b.shl(index, I64(size.bit_length() - 1)) if size > 1 else index, I64(t.t_offset[name])
