@@ -53,7 +53,6 @@ from sockpol.contract import (
     AF_INET,
     AF_INET6,
     ANSWER_BYTES,
-    ANSWER_ROWS,
     BPF_F_INGRESS,
     BPF_F_NO_PREALLOC,
     BPF_MAP_TYPE_PROG_ARRAY,
@@ -88,8 +87,6 @@ from sockpol.contract import (
 from sockpol.model import tls
 from sockpol.telemetry import (
     CTL_SERIAL,
-    NO_RULE,
-    RULE_ANSWER_SHIFT,
     SLOT_ANSWERED,
     SLOT_REFUSED,
     SLOT_UNJUDGED,
@@ -337,34 +334,10 @@ class SkMsgBackend:
         status, the sock_ops program gave the connection its key, and the loader left answers
         on. A refusal in a body, a TLS record and a kTLS connection are dropped."""
         b = fx.b
-        reason = b.and_(b.lshr(outcome, I64(16)), I64(0xFF))
-        rule = b.lshr(outcome, I64(32))
-        head = b.and_(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), b.not_(passed))
         plain = b.icmp_unsigned("==", b.and_(resume, I64(tls.CONN_TLS_FLAGS)), I64(0))
-        # contract.ANSWERED_REASONS: 3..14 (the scanner's refusals and max-head), 16, 17.
-        known = b.and_(
-            b.icmp_unsigned(">=", reason, I64(Reason.BAD_METHOD)),
-            b.icmp_unsigned("<=", reason, I64(Reason.DEFAULT)),
-        )
-        known = b.and_(known, b.icmp_unsigned("!=", reason, I64(Reason.PULL_FAILED)))
-        by_rule = b.icmp_unsigned("!=", rule, I64(NO_RULE))
-        flags = fx.load_table("rule_flags", b.select(by_rule, rule, I64(0)), I32)
-        index = b.select(by_rule, b.lshr(flags, I64(RULE_ANSWER_SHIFT)), I64(0))
-        index = b.and_(index, I64(3))
-        status = fx.load_table("answer_status", index, I32)
         key = b.load(gep(b, conn, I8, [I64(CONN_KEY)]), typ=I64)
-        ok = b.and_(b.and_(head, plain), b.and_(known, b.icmp_unsigned("!=", key, I64(0))))
-        answer = b.select(ok, status, I64(0))
-        # Read only for a refusal that would be answered: one map lookup, off the common path.
-        before = b.block
-        with b.if_then(b.icmp_unsigned("!=", answer, I64(0)), likely=False):
-            on, asked = self.rec.answers_on(b), b.block
-        answers_on = b.phi(I64, "answers_on")
-        answers_on.add_incoming(I64(0), before)
-        answers_on.add_incoming(on, asked)
-        answer = b.select(b.icmp_unsigned("!=", answers_on, I64(0)), answer, I64(0))
-        row = b.add(b.mul(index, I64(ANSWER_ROWS)), b.and_(reason, I64(ANSWER_ROWS - 1)))
-        return answer, row
+        keyed = b.icmp_unsigned("!=", key, I64(0))
+        return self.rec.answer_for(fx, outcome, passed, kind, b.and_(plain, keyed))
 
     def answer(self, fx: Fn, msg: ir.Value, conn: ir.Value, row: ir.Value, size, verdict) -> None:
         """Rewrite the message into the response of `row` and redirect it into the sending

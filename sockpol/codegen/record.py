@@ -32,6 +32,7 @@ from sockpol.codegen.helpers import I8, I16, I32, I64, PTR, gep
 from sockpol.codegen.objbuilder import ObjectBuilder
 from sockpol.codegen.tables import Fn, Tables
 from sockpol.contract import (
+    ANSWER_ROWS,
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_PERCPU_ARRAY,
     BPF_MAP_TYPE_RINGBUF,
@@ -44,6 +45,7 @@ from sockpol.contract import (
     MSG_REMOTE_IP6,
     MSG_REMOTE_PORT,
     MSG_SIZE,
+    RESUME_REQUEST,
     RESUME_UNJUDGED,
     SKB_FAMILY,
     SKB_LEN,
@@ -70,6 +72,7 @@ from sockpol.telemetry import (
     MODE_DRY_RUN,
     NO_RULE,
     PATH_BYTES,
+    RULE_ANSWER_SHIFT,
     RULE_AUDIT,
     RULE_LOG,
     RULE_PASS,
@@ -221,6 +224,39 @@ class Recorder:
 
     def answers_on(self, b: ir.IRBuilder) -> ir.Value:
         return self.ob.call(b, self.fn_answers_on)
+
+    def answer_for(
+        self, fx: Fn, outcome: ir.Value, passed: ir.Value, kind: ir.Value, eligible: ir.Value
+    ) -> tuple[ir.Value, ir.Value]:
+        """(status, row): how a refusal is answered (status 0: dropped) and with which response
+        (`answers` table row). Answered: a request head (not a chunk) refused by a rule, the
+        default or the scanner (contract.ANSWERED_REASONS: 3..14, 16, 17), when the deciding
+        rule or the policy says a status, the backend's own condition `eligible` holds and the
+        loader left answers on (read only then: one map lookup, off the common path)."""
+        b = fx.b
+        reason = b.and_(b.lshr(outcome, I64(16)), I64(0xFF))
+        rule = b.lshr(outcome, I64(32))
+        head = b.and_(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), b.not_(passed))
+        known = b.and_(
+            b.icmp_unsigned(">=", reason, I64(Reason.BAD_METHOD)),
+            b.icmp_unsigned("<=", reason, I64(Reason.DEFAULT)),
+        )
+        known = b.and_(known, b.icmp_unsigned("!=", reason, I64(Reason.PULL_FAILED)))
+        by_rule = b.icmp_unsigned("!=", rule, I64(NO_RULE))
+        flags = fx.load_table("rule_flags", b.select(by_rule, rule, I64(0)), I32)
+        index = b.select(by_rule, b.lshr(flags, I64(RULE_ANSWER_SHIFT)), I64(0))
+        index = b.and_(index, I64(3))
+        status = fx.load_table("answer_status", index, I32)
+        answer = b.select(b.and_(head, b.and_(known, eligible)), status, I64(0))
+        before = b.block
+        with b.if_then(b.icmp_unsigned("!=", answer, I64(0)), likely=False):
+            on, asked = self.answers_on(b), b.block
+        answers_on = b.phi(I64, "answers_on")
+        answers_on.add_incoming(I64(0), before)
+        answers_on.add_incoming(on, asked)
+        answer = b.select(b.icmp_unsigned("!=", answers_on, I64(0)), answer, I64(0))
+        row = b.add(b.mul(index, I64(ANSWER_ROWS)), b.and_(reason, I64(ANSWER_ROWS - 1)))
+        return answer, row
 
     def record_event(
         self,

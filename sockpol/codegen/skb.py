@@ -51,7 +51,6 @@ from sockpol.contract import (
     AF_INET,
     AF_INET6,
     ANSWER_BYTES,
-    ANSWER_ROWS,
     BPF_ANY,
     BPF_F_NO_PREALLOC,
     BPF_MAP_TYPE_ARRAY,
@@ -88,8 +87,6 @@ from sockpol.contract import (
 )
 from sockpol.telemetry import (
     CTL_SERIAL,
-    NO_RULE,
-    RULE_ANSWER_SHIFT,
     SLOT_ANSWERED,
     SLOT_REFUSED,
 )
@@ -353,30 +350,7 @@ class SkSkbBackend:
         """(status, row) as in the sk_msg backend: a refused request head (not a chunk) by a
         rule, the default or the scanner, answered when the policy or the rule says a status
         and the loader left answers on."""
-        b = fx.b
-        reason = b.and_(b.lshr(outcome, I64(16)), I64(0xFF))
-        rule = b.lshr(outcome, I64(32))
-        head = b.and_(b.icmp_unsigned("==", kind, I64(RESUME_REQUEST)), b.not_(passed))
-        known = b.and_(
-            b.icmp_unsigned(">=", reason, I64(Reason.BAD_METHOD)),
-            b.icmp_unsigned("<=", reason, I64(Reason.DEFAULT)),
-        )
-        known = b.and_(known, b.icmp_unsigned("!=", reason, I64(Reason.PULL_FAILED)))
-        by_rule = b.icmp_unsigned("!=", rule, I64(NO_RULE))
-        flags = fx.load_table("rule_flags", b.select(by_rule, rule, I64(0)), I32)
-        index = b.select(by_rule, b.lshr(flags, I64(RULE_ANSWER_SHIFT)), I64(0))
-        index = b.and_(index, I64(3))
-        status = fx.load_table("answer_status", index, I32)
-        answer = b.select(b.and_(head, known), status, I64(0))
-        before = b.block
-        with b.if_then(b.icmp_unsigned("!=", answer, I64(0)), likely=False):
-            on, asked = self.rec.answers_on(b), b.block
-        answers_on = b.phi(I64, "answers_on")
-        answers_on.add_incoming(I64(0), before)
-        answers_on.add_incoming(on, asked)
-        answer = b.select(b.icmp_unsigned("!=", answers_on, I64(0)), answer, I64(0))
-        row = b.add(b.mul(index, I64(ANSWER_ROWS)), b.and_(reason, I64(ANSWER_ROWS - 1)))
-        return answer, row
+        return self.rec.answer_for(fx, outcome, passed, kind, ir.Constant(ir.IntType(1), 1))
 
     def answer(self, fx: Fn, skb: ir.Value, row: ir.Value, key: ir.Value, size: ir.Value) -> None:
         """The skb becomes the response of `row` (ANSWER_BYTES long) and goes out of the
