@@ -568,7 +568,10 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
 
             _wait(lambda: node1().get("ok") is False, 20, "the failure on the status")
             assert "cannot judge requests inside TLS" in node1()["message"]
-            (event,) = [e for e in api.events if e["involvedObject"]["name"] == "tls"]
+            # The Event is posted after the status patch: wait for it too (both bounded).
+            tls_events = lambda: [e for e in api.events if e["involvedObject"]["name"] == "tls"]  # noqa: E731
+            _wait(tls_events, 10, "the Warning event")
+            (event,) = tls_events()
             assert event["type"] == "Warning" and "node node1:" in event["message"]
             assert not owned_status()
             # More passes while the load is held back by back-off: nothing new to say, so no
@@ -578,7 +581,7 @@ def test_sockpolicies_from_the_api_govern_this_nodes_pods_as_they_appear(
                 passes = agent.stats.passes
                 agent.wake.set()
                 _wait(lambda: agent.stats.passes > passes, 10, "a pass")  # noqa: B023
-            assert len([e for e in api.events if e["involvedObject"]["name"] == "tls"]) == 1
+            assert len(tls_events()) == 1
             assert len([p for p in api.patches if "/sockpolicies/tls/" in p[0]]) == patches
     finally:
         agent.shutdown()
