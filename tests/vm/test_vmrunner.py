@@ -125,3 +125,17 @@ def test_archives_are_read_from_deb822_and_one_line_sources() -> None:
     }
     one_line = "deb [arch=amd64] http://other.invalid/debian trixie main\n"
     assert vmkernels.archives_from([one_line]) == {"main": "http://other.invalid/debian"}
+
+
+def kernel(line: str, release: str) -> vmkernels.Kernel:
+    return vmkernels.Kernel(line, "linux-image", "1", release, vmkernels.CACHE, False)
+
+
+def test_the_longest_lines_boot_first_and_a_shared_kernel_boots_once() -> None:
+    import vmsession
+
+    releases = {"6.1": "a", "6.1-ktls": "a", "6.12": "b", "6.18": "c", "7.0": "d", "newest": "e"}
+    session = vmsession.VMSession({line: kernel(line, r) for line, r in releases.items()})
+    order = session.boot_order()
+    assert order == ["6.1", "newest", "6.12", "7.0", "6.18"]  # 6.1 boots for 6.1-ktls too
+    assert session.boots()["6.1"] == ["6.1", "6.1-ktls"]
