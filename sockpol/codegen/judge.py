@@ -26,7 +26,7 @@ from llvmlite import ir
 from sockpol.codegen import helpers as h
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
 from sockpol.codegen.comb import PAYLOAD_MASK, TAG_SHIFT
-from sockpol.codegen.helpers import I1, I8, I16, I32, I64, PTR, gep
+from sockpol.codegen.helpers import I1, I8, I32, I64, PTR, gep
 from sockpol.codegen.objbuilder import ObjectBuilder
 from sockpol.codegen.scanner import (
     FLAG_CL_DIGIT,
@@ -39,9 +39,8 @@ from sockpol.codegen.scanner import (
 )
 from sockpol.codegen.tables import (
     SCAN_SCALARS,
-    STATE_PATH,
-    STATE_PLAIN,
     STATE_VALUE_LOOP,
+    TRANS_KIND_SHIFT,
     Fn,
     Tables,
 )
@@ -287,27 +286,29 @@ class JudgeCore:
         fn, b = self.ob.function("sockpol_scan_step", I64, [("index", I32), ("ctx", PTR)])
         _, scan = fn.args
         fx = Fn.of_scan(b, self.tables, scan)
-        t = self.tables.ir.tables
         stop = fn.append_basic_block("stop")
         b.position_at_end(stop)
         b.ret(I64(1))
         data_end = fx.get("data_end")
 
-        preshift = self.tables.preshift
+        tables = self.tables
+        kind_bits = I64(TRANS_KIND_SHIFT)
 
         def transition(row: ir.Value, q: ir.Value) -> tuple[ir.Value, ir.Value]:
-            """(byte, the trans entry) for the byte at q from the state whose row starts at
-            `row` (state << class_bits). The entry is the next state's row where
-            tables.preshift, else the next state."""
+            """(byte, the trans entry) for the byte at q from the state whose row (a byte
+            offset into `trans`, kind bits above it: tables.TRANS_KIND_SHIFT) is `row`. The
+            class's shift is off the chain: it waits on the byte, not on the previous entry."""
             byte = b.zext(b.load(q, typ=I8), I64)
-            cls = fx.load_flat("classmap", byte, I8)
-            return byte, fx.load_flat("trans", b.add(row, cls), I16)
+            cls = b.shl(fx.load_flat("classmap", byte, I8), I64(2))
+            column = gep(b, fx.base, I8, [b.add(cls, I64(tables.t_offset["trans"]))])
+            at = gep(b, column, I8, [b.and_(row, I64(tables.trans_mask))])
+            return byte, b.zext(b.load(at, typ=I32), I64)
 
         def row_of(state: ir.Value) -> ir.Value:
-            return b.shl(state, I64(t.class_bits))
+            return b.shl(state, I64(tables.row_shift))
 
         def state_of(entry: ir.Value) -> ir.Value:
-            return b.lshr(entry, I64(t.class_bits)) if preshift else entry
+            return b.lshr(b.and_(entry, I64(tables.trans_mask)), I64(tables.row_shift))
 
         def window(pos: ir.Value, slack: int) -> ir.Value:
             """data + pos, with pos bounded for the verifier (packet offsets, `slack` bytes
@@ -368,7 +369,7 @@ class JudgeCore:
             here = b.block
             out = fn.append_basic_block(f"out{j}")
             b.position_at_end(out)
-            fx.put("state", b.lshr(row, I64(t.class_bits)))
+            fx.put("state", state_of(row))
             fx.put("pos", b.add(pos, I64(j)))
             fx.put("out_len", out_len)
             fx.put("pending", int(j < SCAN_CHUNK))
@@ -391,19 +392,16 @@ class JudgeCore:
             b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside)
             b.position_at_end(inside)
             byte, entry = transition(row, b.gep(p, [I64(j)], source_etype=I8))
-            nxt = state_of(entry)
-            kind = fx.load_flat("state_kind", nxt, I8)
-            path = b.and_(kind, I64(STATE_PATH))
+            kind = b.lshr(entry, kind_bits)  # the next state's PLAIN and PATH bits
             moves = fn.append_basic_block(f"moves{j}")
-            still = b.and_(kind, I64(STATE_PLAIN | STATE_PATH))
-            b.cbranch(b.icmp_unsigned("==", still, I64(0)), out, moves)
+            b.cbranch(b.icmp_unsigned("==", kind, I64(0)), out, moves)
             b.position_at_end(moves)
             # Stored whether or not it is a path byte: past the path's end, a byte that is
             # not one is overwritten or ignored (the path is the first out_len bytes).
             at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
             b.store(b.trunc(byte, I8), at_len)
-            out_len = b.add(out_len, b.lshr(path, I64(1)))  # +1 for a path byte
-            row = entry if preshift else row_of(nxt)
+            out_len = b.add(out_len, b.lshr(kind, I64(1)))  # +1 for a path byte
+            row = entry
         b.branch(leave(row, SCAN_CHUNK, out_len))  # the next call goes on
         return fn
 

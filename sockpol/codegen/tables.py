@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from llvmlite import binding as llvm
 from llvmlite import ir
 
-from sockpol.codegen.helpers import I8, I16, I32, I64, PTR, gep
+from sockpol.codegen.helpers import I8, I32, I64, PTR, gep
 from sockpol.codegen.irconst import int_array, word_rows
 from sockpol.codegen.lower import MAX_FACT_WORDS, MatcherIR
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
@@ -81,10 +81,18 @@ def conn_value_size(fact_words: int = MAX_FACT_WORDS) -> int:
     return CONN_SCRATCH + FACTS_OFFSET + 8 * fact_words
 
 
-# What the scan's fast path may do with a byte leading to a state (`state_kind`), as bits that
-# it ANDs with the byte's own bits (`path_plain`): arithmetic, not comparisons, because a
-# comparison is a branch in BPF and every branch doubles the paths the verifier walks.
+# What the scan's fast path may do with a byte leading to a state (`state_kind`): move on
+# (STATE_PLAIN), append a path byte and move on (STATE_PATH), skip words of visible ASCII
+# (STATE_VALUE_LOOP, `skip_words`); a state with none of them (facts, flags, terminal) takes the
+# slow path.
 STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP = 1, 2, 4
+# `trans` entries: the next state's row as a byte offset into `trans` (state << (class_bits +
+# 2): entries are four bytes), and above it the next state's PLAIN and PATH bits. The fast path
+# adds the byte's class (times four) to the entry it loaded and masks: the mask (which the
+# verifier needs anyway) drops the kind bits, and the chain every byte waits on is an add, an
+# AND and a load; the kind is tested on the entry itself, with no load of its own. Rows take at
+# most 16 + 8 bits of state and class, plus 2, so bits 28 and up are free.
+TRANS_KIND_SHIFT = 28
 
 
 def state_kinds(t: ScannerTables) -> list[int]:
@@ -104,6 +112,13 @@ def state_kinds(t: ScannerTables) -> list[int]:
         return STATE_PLAIN | (STATE_VALUE_LOOP if loops else 0)
 
     return [kind(s, i) for s, i in enumerate(t.info)]
+
+
+def trans_entries(t: ScannerTables, kinds: list[int]) -> list[int]:
+    """`trans` as the kernel reads it (TRANS_KIND_SHIFT): per entry, the next state's row as a
+    byte offset, with its PLAIN and PATH bits above."""
+    fast = STATE_PLAIN | STATE_PATH
+    return [(s << (t.class_bits + 2)) | ((kinds[s] & fast) << TRANS_KIND_SHIFT) for s in t.trans]
 
 
 def port_bitmap(ports) -> list[int]:
@@ -160,10 +175,10 @@ class Tables:
         self.n_rules = 1 << shape.rule_bits
         self.shape = shape
         self.ob = ob
-        # `trans` holds next states pre-shifted (state << class_bits) where they fit its 16 bits:
-        # the scan's fast path then adds the byte's class to the entry it loaded, one shift off
-        # the chain of dependent operations every byte waits on (judge.scan_step).
-        self.preshift = ir_.tables.state_bits + ir_.tables.class_bits <= 16
+        t = ir_.tables
+        self.row_shift = t.class_bits + 2  # a state's row in `trans`, in bytes
+        self.trans_mask = ((1 << (t.state_bits + t.class_bits)) - 1) << 2
+        assert self.trans_mask < 1 << TRANS_KIND_SHIFT
 
     def emit(self) -> None:
         """The global in `.data`, created here: after the maps, as the object lays them out."""
@@ -195,6 +210,7 @@ class Tables:
             "tls": tls.policy_mode(ir_.policy),
         }
         statuses = ir_.policy.answers()
+        kinds = state_kinds(t)
         hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
         def words(rows: list[list[int]]) -> ir.Constant:
@@ -207,10 +223,9 @@ class Tables:
             # The tables of the scan's fast path (judge.scan_step) come first, so that their
             # offsets fit in a BPF load's 16-bit displacement and one register reaches them all.
             "classmap": array(I8, list(t.classmap)),
-            # Per state: STATE_PLAIN (nothing to do but move on) or STATE_PATH (a raw path byte
-            # and nothing else), else 0.
-            "state_kind": array(I8, state_kinds(t)),
-            "trans": array(I16, [s << t.class_bits for s in t.trans] if self.preshift else t.trans),
+            "trans": array(I32, trans_entries(t, kinds)),
+            # Per state: STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP bits, else 0.
+            "state_kind": array(I8, kinds),
             "info": array(I32, t.info),
             "factsets": words(factsets),
             "class_need": words(need),
@@ -317,6 +332,12 @@ class Fn:
 
     def load_table(self, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
         return self.b.zext(self.b.load(self.table(name, index), typ=typ), I64)
+
+    def load_at(self, name: str, offset: ir.Value, typ: ir.IntType) -> ir.Value:
+        """The element of a table at a byte `offset` the caller has bounded to the table (the
+        table's offset in the slot becomes the load's displacement, as in load_flat)."""
+        at = self.b.add(offset, I64(self.tables.t_offset[name]))
+        return self.b.zext(self.b.load(gep(self.b, self.base, I8, [at]), typ=typ), I64)
 
     def load_flat(self, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
         """load_table for unrolled hot code: the address is the slot's base plus one byte
