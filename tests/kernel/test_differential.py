@@ -254,9 +254,10 @@ def test_kernel_agrees_with_the_interpreter(rig: Rig, data: st.DataObject) -> No
     _check(rig, spec, conns, switches)
 
 
-# A scanner too large for pre-shifted `trans` entries (tables.preshift: more than 16 bits of
-# state and class), which the generated policies above never reach: many header conditions,
-# each value its own states. The scan then takes its other code path; it must agree just as well.
+# A scanner of more than 16 bits of state and class, which the generated policies above never
+# reach: many header conditions, each value its own states. Its `trans` entries are byte offsets
+# of over 18 bits under the kind bits (tables.TRANS_KIND_SHIFT), and its rows reach further
+# into the slot; the scan must agree just as well.
 BIG_SCANNER_RULES = tuple(
     RuleSpec(
         "allow", ("GET",), f"/big/{i}/**", False, (("header", f"x-big-{i}", f"v{i}-{i * 7919}"),)
@@ -271,7 +272,7 @@ BIG_SCANNER_RULES = tuple(
     suppress_health_check=SLOW_KERNEL_EXAMPLES,
 )
 @given(data=st.data())
-def test_kernel_agrees_on_a_scanner_without_preshifted_entries(
+def test_kernel_agrees_on_a_scanner_of_more_than_16_bits(
     rig: Rig, data: st.DataObject
 ) -> None:
     drawn = data.draw(policies(modes=rig.modes, governed=True), label="policy")
