@@ -272,9 +272,7 @@ BIG_SCANNER_RULES = tuple(
     suppress_health_check=SLOW_KERNEL_EXAMPLES,
 )
 @given(data=st.data())
-def test_kernel_agrees_on_a_scanner_of_more_than_16_bits(
-    rig: Rig, data: st.DataObject
-) -> None:
+def test_kernel_agrees_on_a_scanner_of_more_than_16_bits(rig: Rig, data: st.DataObject) -> None:
     drawn = data.draw(policies(modes=rig.modes, governed=True), label="policy")
     spec = replace(drawn, rules=drawn.rules + BIG_SCANNER_RULES)
     (compiled,), _ = compile_source(spec.render(rig.server.port), "big.pol")
