@@ -39,6 +39,8 @@ from sockpol.codegen.scanner import (
 )
 from sockpol.codegen.tables import (
     SCAN_SCALARS,
+    STATE_PATH,
+    STATE_PATH_NEXT,
     STATE_VALUE_LOOP,
     TRANS_KIND_SHIFT,
     Fn,
@@ -95,12 +97,22 @@ class Decision:
 
 
 class JudgeCore:
-    def __init__(self, ob: ObjectBuilder, tables: Tables, window: int = MAX_SCAN) -> None:
+    def __init__(
+        self,
+        ob: ObjectBuilder,
+        tables: Tables,
+        window: int = MAX_SCAN,
+        path_chunks: bool = True,
+    ) -> None:
         self.ob = ob
         self.tables = tables
         # The furthest byte of the head the scan may read: the sk_msg backend's packet window
         # (MAX_SCAN); the LSM backend's copy of the head in map memory is smaller (lsm.py).
         self.window = window
+        # Walk the path automaton during the scan, in step with the scanner (scan_step's path
+        # chunk), rather than over the copied path afterwards. The lsm backend does not: its
+        # program verifies closest to the budget, and the path chunk costs instructions.
+        self.path_chunks = path_chunks
 
     @staticmethod
     def scan(fx: Fn, n: ir.Value, scan_step: ir.Function) -> None:
@@ -144,8 +156,9 @@ class JudgeCore:
         """After a complete head: the path through the path automaton, then the first candidate
         rule of its final state whose class holds (else the default)."""
         b = fx.b
-        out_len = fx.get("out_len")
-        chunks = b.lshr(b.add(out_len, I64(PATH_CHUNK - 1)), I64(PATH_CHUNK.bit_length() - 1))
+        # The path bytes the scan's path chunks walked already are not walked again.
+        rest = b.sub(fx.get("out_len"), fx.get("pwalked"))
+        chunks = b.lshr(b.add(rest, I64(PATH_CHUNK - 1)), I64(PATH_CHUNK.bit_length() - 1))
         h.call(b, h.LOOP, b.trunc(chunks, I32), path_step, fx.scan, I64(0))
         # The final state's candidate word: where its candidate rules are, and how many.
         accepting, index = JudgeCore.comb_slot(
@@ -361,6 +374,19 @@ class JudgeCore:
         scratch = fx.get("scratch")
         len0 = fx.get("out_len")
         state0 = fx.get("state")
+        if self.path_chunks:
+            # In or before the path, with every path byte so far walked: the path chunk.
+            general = fn.append_basic_block("general")
+            in_path = fn.append_basic_block("path_chunk")
+            kind0 = fx.load_flat("state_kind", state0, I8)
+            path_state = b.icmp_unsigned("!=", b.and_(kind0, I64(STATE_PATH_NEXT)), I64(0))
+            walked = b.icmp_unsigned("==", fx.get("pwalked"), len0)
+            b.cbranch(b.and_(path_state, walked), in_path, general)
+            b.position_at_end(in_path)
+            self.path_chunk(
+                fx, fn, pos, p, data_end, scratch, len0, row_of(state0), state_of, transition
+            )
+            b.position_at_end(general)
 
         def leave(row: ir.Value, j: int, out_len: ir.Value) -> ir.Block:
             """A block that ends the call before byte j (pending: the next call's slow path
@@ -404,6 +430,51 @@ class JudgeCore:
             row = entry
         b.branch(leave(row, SCAN_CHUNK, out_len))  # the next call goes on
         return fn
+
+    def path_chunk(
+        self, fx: Fn, fn: ir.Function, pos, p, data_end, scratch, len0, row, state_of, transition
+    ) -> None:
+        """scan_step's fast path for a call that starts in the path: up to SCAN_CHUNK path
+        bytes, each through the scanner and the path automaton at once. The two chains of
+        dependent loads are independent, so the CPU overlaps them, where the path walk after
+        the scan (path_step) costs as much again per path byte. The first byte that is not a
+        path byte ends the call (pending: the next call's slow path takes it). `pwalked` says
+        how many path bytes the path automaton has seen: path bytes taken by the general chunk
+        or the slow path are not walked here, and `decide` walks what is left."""
+        b = fx.b
+        classes, dead = fx.config("path_classes"), fx.config("path_dead")
+
+        def leave(row: ir.Value, j: int, out_len: ir.Value, pstate: ir.Value) -> ir.Block:
+            here = b.block
+            out = fn.append_basic_block(f"path_out{j}")
+            b.position_at_end(out)
+            fx.put("state", state_of(row))
+            fx.put("pos", b.add(pos, I64(j)))
+            fx.put("out_len", out_len)
+            fx.put("pwalked", out_len)
+            fx.put("pstate", pstate)
+            fx.put("pending", int(j < SCAN_CHUNK))
+            b.ret(I64(0))
+            b.position_at_end(here)
+            return out
+
+        out_len, pstate = len0, fx.get("pstate")
+        for j in range(SCAN_CHUNK):
+            inside = fn.append_basic_block(f"path_in{j}")
+            q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
+            out = leave(row, j, out_len, pstate)
+            b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside)
+            b.position_at_end(inside)
+            byte, entry = transition(row, b.gep(p, [I64(j)], source_etype=I8))
+            moves = fn.append_basic_block(f"path_moves{j}")
+            kind = b.lshr(entry, I64(TRANS_KIND_SHIFT))
+            b.cbranch(b.icmp_unsigned("!=", kind, I64(STATE_PATH)), out, moves)
+            b.position_at_end(moves)
+            b.store(b.trunc(byte, I8), gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))]))
+            out_len = b.add(out_len, I64(1))
+            pstate = self.path_transition(fx, pstate, byte, classes, dead)
+            row = entry
+        b.branch(leave(row, SCAN_CHUNK, out_len, pstate))
 
     def skip_words(self, fx: Fn, fn: ir.Function, pos, p, limit, data_end) -> None:
         """In a state that loops on every byte from 0x20 to 0x7E (a header value no condition
@@ -461,9 +532,18 @@ class JudgeCore:
     def comb_slot(fx: Fn, state: ir.Value, k: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(found, payload) of the slot at `state + k` tagged `k + 1` (comb.py)."""
         b = fx.b
-        e = fx.load_table("path_slots", b.add(state, k), I32)
+        e = fx.load_flat("path_slots", b.add(state, k), I32)
         found = b.icmp_unsigned("==", b.lshr(e, I64(TAG_SHIFT)), b.add(k, I64(1)))
         return found, b.and_(e, I64(PAYLOAD_MASK))
+
+    def path_transition(self, fx: Fn, state, byte, classes, dead) -> ir.Value:
+        """The path automaton's next state: the state's slot for the byte's class, else its
+        default slot, else the dead state."""
+        b = fx.b
+        cls = fx.load_flat("path_classmap", byte, I8)
+        hit, nxt = self.comb_slot(fx, state, cls)
+        dflt_hit, dflt = self.comb_slot(fx, state, classes)
+        return b.select(hit, nxt, b.select(dflt_hit, dflt, dead))
 
     def path_step(self) -> ir.Function:
         """Bytes `index * PATH_CHUNK` on of the path through the packed path
@@ -472,7 +552,7 @@ class JudgeCore:
         fn, b = self.ob.function("sockpol_path_step", I64, [("index", I32), ("ctx", PTR)])
         index, scan = fn.args
         fx = Fn.of_scan(b, self.tables, scan)
-        first = b.mul(b.zext(index, I64), I64(PATH_CHUNK))
+        first = b.add(fx.get("pwalked"), b.mul(b.zext(index, I64), I64(PATH_CHUNK)))
         out_len = fx.get("out_len")
         scratch = fx.get("scratch")
         classes, dead = fx.config("path_classes"), fx.config("path_dead")
@@ -490,10 +570,7 @@ class JudgeCore:
             b.cbranch(b.icmp_unsigned(">=", i, out_len), done, step)
             b.position_at_end(step)
             c = b.zext(b.load(gep(b, scratch, I8, [b.and_(i, I64(PATH_MAX - 1))]), typ=I8), I64)
-            cls = fx.load_table("path_classmap", c, I8)
-            hit, nxt = self.comb_slot(fx, state, cls)
-            dflt_hit, dflt = self.comb_slot(fx, state, classes)
-            state = b.select(hit, nxt, b.select(dflt_hit, dflt, dead))
+            state = self.path_transition(fx, state, c, classes, dead)
         end_state.add_incoming(state, b.block)
         stopped.add_incoming(I64(0), b.block)
         b.branch(done)

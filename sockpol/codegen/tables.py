@@ -63,7 +63,7 @@ assert PATH_MAX & (PATH_MAX - 1) == 0
 SCAN_POINTERS = ["data", "data_end", "scratch", "tables"]
 SCAN_SCALARS = [
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
-    "out_len", "spare0", "spare1", "spare2", "spare3", "spare4", "path_too_long", "pstate",  # path
+    "out_len", "pwalked", "spare1", "spare2", "spare3", "spare4", "path_too_long", "pstate",  # path
     "cand_off",  # where the path state's candidate rules start in cand_table
     "limit",  # bytes of the head the scan may read (the bytes pulled)
     "pending",  # the byte at `pos` needs the slow path (scan_step)
@@ -84,8 +84,9 @@ def conn_value_size(fact_words: int = MAX_FACT_WORDS) -> int:
 # What the scan's fast path may do with a byte leading to a state (`state_kind`): move on
 # (STATE_PLAIN), append a path byte and move on (STATE_PATH), skip words of visible ASCII
 # (STATE_VALUE_LOOP, `skip_words`); a state with none of them (facts, flags, terminal) takes the
-# slow path.
-STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP = 1, 2, 4
+# slow path. STATE_PATH_NEXT: some byte leads from the state to a path state (the path chunk of
+# `scan_step` starts there: after the method's SP, and in the path).
+STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP, STATE_PATH_NEXT = 1, 2, 4, 8
 # `trans` entries: the next state's row as a byte offset into `trans` (state << (class_bits +
 # 2): entries are four bytes), and above it the next state's PLAIN and PATH bits. The fast path
 # adds the byte's class (times four) to the entry it loaded and masks: the mask (which the
@@ -111,7 +112,11 @@ def state_kinds(t: ScannerTables) -> list[int]:
         loops = state < t.n_states and all(t.step(state, c) == state for c in visible)
         return STATE_PLAIN | (STATE_VALUE_LOOP if loops else 0)
 
-    return [kind(s, i) for s, i in enumerate(t.info)]
+    kinds = [kind(s, i) for s, i in enumerate(t.info)]
+    for s in range(t.n_states):
+        if s >= TERMINAL_STATES and any(kinds[t.step(s, c)] & STATE_PATH for c in range(256)):
+            kinds[s] |= STATE_PATH_NEXT
+    return kinds
 
 
 def trans_entries(t: ScannerTables, kinds: list[int]) -> list[int]:

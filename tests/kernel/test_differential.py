@@ -281,3 +281,41 @@ def test_kernel_agrees_on_a_scanner_of_more_than_16_bits(rig: Rig, data: st.Data
     n = data.draw(st.integers(*CONNECTIONS), label="connections")
     conns = [data.draw(connections(spec), label=f"connection {i}") for i in range(n)]
     _check(rig, spec, conns, [None] * n)
+
+
+@dataclass(frozen=True)
+class RawConnection:
+    """A connection's sends, written out (what ConnectionSpec.sends gives for drawn ones)."""
+
+    data: tuple[bytes, ...]
+
+    def sends(self) -> list[bytes]:
+        return list(self.data)
+
+
+def _get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+
+
+# Paths near PATH_MAX (2,048 bytes): their first bytes take the scan's path chunk (the path
+# automaton walked in step with the scanner), the bytes of the last chunk before the limit the
+# slow path (appended, walked after the head), past the limit path-too-long. Exact rules on
+# either side of the seam, and near misses of them, tell whether the two walks join up.
+LONG_A = "/p/" + "a" * 2000 + "/ok"  # 2,006 bytes: the path chunk, then the general walk
+LONG_B = "/q/" + "b" * 2036 + "/ok"  # 2,042 bytes: across the seam at 2,016
+LONG_RULES = (
+    RuleSpec("allow", ("GET",), LONG_A, True, ()),
+    RuleSpec("allow", ("GET",), LONG_B, True, ()),
+    RuleSpec("allow", ("GET",), "/r/**", False, ()),
+)
+
+
+def test_kernel_agrees_on_paths_near_and_past_the_path_limit(rig: Rig) -> None:
+    spec = PolicySpec("longpaths", (("{PORT}",),), "deny", "8192", LONG_RULES, mode=None)
+    near_misses = [LONG_A[:-1] + "K", LONG_B[:-1] + "K", LONG_B[:-3] + "/k", LONG_A[:-4]]
+    lengths = [2015, 2016, 2017, 2047, 2048, 2049, 2100]
+    catch_all = ["/r/" + "c" * (n - 3) for n in lengths]
+    conns = [RawConnection((_get(path),)) for path in [LONG_A, LONG_B, *near_misses, *catch_all]]
+    conns.append(RawConnection((_get(LONG_A) + _get(LONG_B) + _get("/r/x"),)))  # pipelined
+    conns.append(RawConnection((_get(LONG_B)[:1000], _get(LONG_B)[1000:])))  # split
+    _check(rig, spec, conns, [None] * len(conns))
