@@ -4,7 +4,7 @@ The generated object has:
 - `sockpol_msg` (section `sk_msg`): pulls the first `max-head` bytes of each message into the data
   window, walks the scanner automaton over them with `bpf_loop` (a callback walks up to 32
   bytes, so the verifier checks the step once rather than once per chunk) while copying the path
-  into the connection's work area, walks the path automaton over the path, then finds the first
+  into the connection's work area and walking the path automaton over it, then finds the first
   rule whose facts all hold. It sets `bpf_msg_apply_bytes` on every run so the verdict covers
   exactly the request head plus its Content-Length body, and corks an incomplete head.
 - `sockpol_sockops` (section `sockops`): inserts client-side TCP connections to governed ports into

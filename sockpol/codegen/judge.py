@@ -5,8 +5,9 @@ functions that any backend calls through bpf_loop.
   match is the raw path: the scanner accepts a path only in its canonical spelling, so there is
   nothing to normalize, docs/design.md);
 - `sockpol_scan_step`: the head through the scanner automaton, with its facts, the
-  Content-Length and chunk-size digits, the singleton headers and the path's bytes;
-- `sockpol_path_step`: the path through the packed path automaton;
+  Content-Length and chunk-size digits, the singleton headers and the path's bytes (through
+  the path automaton too, where its path chunk takes them);
+- `sockpol_path_step`: the path bytes the scan did not walk through the packed path automaton;
 - `sockpol_cand_step`: one candidate rule of the path's final state: does its class hold?
 
 They share the scan state through the context `tables.Fn` describes (pointers on the caller's
