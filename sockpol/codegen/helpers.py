@@ -83,3 +83,16 @@ def call(builder: ir.IRBuilder, helper: Helper, *args: ir.Value) -> ir.Value:
     target = ir.Constant(I64, helper.id).inttoptr(PTR)
     target.function_type = helper.function_type  # llvmlite needs it for opaque pointers
     return builder.call(target, list(args), name=helper.name)
+
+
+def opaque(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    """`value`, with what LLVM knows of it forgotten (llvm.bpf.passthrough, which the BPF
+    backend drops after optimizing): a mask applied to the result stays in the code even where
+    an earlier comparison makes it redundant for LLVM. The verifier may still need it: 6.1's
+    forgets the bounds of a scalar spilled before the comparison (it keeps only bounded ones)."""
+    module = builder.module
+    name = f"llvm.bpf.passthrough.{value.type}.{value.type}"
+    fn = module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(module, ir.FunctionType(value.type, [I32, value.type]), name)
+    return builder.call(fn, [I32(0), value])

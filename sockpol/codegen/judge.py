@@ -373,7 +373,10 @@ class JudgeCore:
         limit = fx.get("limit")
         self.skip_words(fx, fn, pos, p, limit, data_end)
         scratch = fx.get("scratch")
-        len0 = fx.get("out_len")
+        # The path's length bounded where the verifier sees it: LLVM knows it below PATH_MAX -
+        # SCAN_CHUNK from the test above and would drop the mask, and 6.1's verifier loses that
+        # bound when the register is spilled before the test (helpers.opaque).
+        len0 = b.and_(h.opaque(b, fx.get("out_len")), I64(PATH_MAX - 1))
         state0 = fx.get("state")
         if self.path_chunks:
             # In or before the path, with every path byte so far walked: the path chunk.
