@@ -30,7 +30,7 @@ from sockpol.codegen.lower import (
 )
 from sockpol.codegen.lsm import emit_lsm_module
 from sockpol.codegen.scanner import StateLimit
-from sockpol.contract import BACKENDS, REASON_TEXT
+from sockpol.contract import BACKENDS, REASON_TEXT, TABLE_LAYOUT
 from sockpol.diagnostics import (
     CompileError,
     Diagnostic,
@@ -72,6 +72,7 @@ def metadata_for(
 ) -> PolicyMetadata:
     return PolicyMetadata(
         backend=backend,
+        table_layout=TABLE_LAYOUT,
         shape=asdict(shape) if shape else {},
         policy=policy.name,
         ports=[[r.low, r.high] for r in policy.ports],

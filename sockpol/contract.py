@@ -102,6 +102,14 @@ def sys_membarrier(machine: str | None = None) -> int | None:
 
 UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
+# --- how the tables are laid out for the program's code ----------------------------------------
+
+# A tables swap (runtime/reload.py) writes new tables into a loaded program, whose code reads
+# them at fixed offsets with fixed element sizes: only tables of the same layout fit. 1: objects
+# from before the field (two-byte `trans` entries holding the next state); 2: four-byte entries
+# holding the next state's row offset and kind bits (codegen/tables.py TRANS_KIND_SHIFT).
+TABLE_LAYOUT = 2
+
 # --- limits the program enforces (and the reference interpreter with it) -----------------------
 
 PATH_MAX = 2048  # path bytes kept; longer paths are refused

@@ -54,6 +54,9 @@ class PolicyMetadata:
     # The program that enforces it: "sockmap" (sk_msg on a sockhash; objects from before the
     # LSM backend lack the key) or "lsm" (a BPF LSM program on socket_sendmsg).
     backend: str = "sockmap"
+    # How the tables are laid out for the program's code (contract.TABLE_LAYOUT); objects from
+    # before the field have layout 1.
+    table_layout: int = 1
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

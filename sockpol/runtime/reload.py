@@ -2,8 +2,8 @@
 
 Two ways, chosen by what the loaded program can take (`_swappable`):
 
-**Tables swap** (same table shape and ports: the program's code has the shape's masks and
-offsets, sock_ops has the ports). The program's `.data` map (pinned as `map_sockpol_data`)
+**Tables swap** (same table shape and layout, and ports: the program's code has the shape's
+masks and offsets, sock_ops has the ports). The program's `.data` map (pinned as `map_sockpol_data`)
 holds two table slots, a generation word and the program's serial (tables.Tables). Every run
 reads the generation once and uses that slot throughout. A swap:
 
@@ -121,7 +121,10 @@ def _swappable(old: PolicyMetadata, new: PolicyMetadata) -> bool:
     # reads its own tables, the old steps aside once the new serial is in force: lsm.py).
     if new.backend == "lsm" or old.backend == "lsm":
         return False
-    return new.shape == old.shape and new.ports == old.ports and new.side == old.side
+    # An object of another sockpol version may lay the same shape out otherwise (the layout
+    # of `trans` changed in issue 19): then the program is replaced instead.
+    same_code = new.shape == old.shape and new.table_layout == old.table_layout
+    return same_code and new.ports == old.ports and new.side == old.side
 
 
 def swap_tables(pin_dir: Path, tables: bytes) -> int:
