@@ -113,8 +113,10 @@ def state_kinds(t: ScannerTables) -> list[int]:
         return STATE_PLAIN | (STATE_VALUE_LOOP if loops else 0)
 
     kinds = [kind(s, i) for s, i in enumerate(t.info)]
-    for s in range(t.n_states):
-        if s >= TERMINAL_STATES and any(kinds[t.step(s, c)] & STATE_PATH for c in range(256)):
+    path = {s for s, k in enumerate(kinds) if k & STATE_PATH}
+    row = 1 << t.class_bits
+    for s in range(TERMINAL_STATES, t.n_states):
+        if not path.isdisjoint(t.trans[s * row : (s + 1) * row]):
             kinds[s] |= STATE_PATH_NEXT
     return kinds
 
