@@ -20,6 +20,7 @@ codegen/simulate.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llvmlite import ir
@@ -99,6 +100,26 @@ class Decision:
     reason: ir.Value
     end: ir.Value
     word: ir.Value
+
+
+def exit_block(
+    fx: Fn, fn: ir.Function, name: str, scanned: Callable[[], dict[str, ir.Value]], pending: bool
+) -> ir.Block:
+    """A block of scan_step that stores what the call scanned (the fields `scanned()` computes
+    in the block, in order, then `pending`: the byte at the stored position is left to the next
+    call's slow path) and ends the call; the builder stays where it was. A block of its own per
+    byte of a chunk: with one shared exit, LLVM spilled the exit values to the stack on every
+    byte."""
+    b = fx.b
+    here = b.block
+    out = fn.append_basic_block(name)
+    b.position_at_end(out)
+    for field, value in scanned().items():
+        fx.put(field, value)
+    fx.put("pending", int(pending))
+    b.ret(I64(0))
+    b.position_at_end(here)
+    return out
 
 
 class JudgeCore:
@@ -397,19 +418,10 @@ class JudgeCore:
             b.position_at_end(general)
 
         def leave(row: ir.Value, j: int, out_len: ir.Value) -> ir.Block:
-            """A block that ends the call before byte j (pending: the next call's slow path
-            takes it) or, for j == SCAN_CHUNK, after the chunk. A block of its own per byte:
-            with one shared exit, LLVM spilled the exit values to the stack on every byte."""
-            here = b.block
-            out = fn.append_basic_block(f"out{j}")
-            b.position_at_end(out)
-            fx.put("state", state_of(row))
-            fx.put("pos", b.add(pos, I64(j)))
-            fx.put("out_len", out_len)
-            fx.put("pending", int(j < SCAN_CHUNK))
-            b.ret(I64(0))
-            b.position_at_end(here)
-            return out
+            def scanned() -> dict[str, ir.Value]:
+                return {"state": state_of(row), "pos": b.add(pos, I64(j)), "out_len": out_len}
+
+            return exit_block(fx, fn, f"out{j}", scanned, j < SCAN_CHUNK)
 
         # SCAN_CHUNK bytes unrolled, each checked against the window. The window ends where the
         # bytes pulled end: bpf_msg_pull_data(msg, 0, n) leaves data_end at data + n (net/core/
@@ -442,7 +454,7 @@ class JudgeCore:
     def path_chunk(
         self, fx: Fn, fn: ir.Function, pos, p, data_end, scratch, len0, row, state_of, transition
     ) -> None:
-        """scan_step's fast path for a call that starts in the path: up to SCAN_CHUNK path
+        """scan_step's fast path for a call that starts in the path: up to PATH_SCAN_CHUNK path
         bytes, each through the scanner and the path automaton at once. The two chains of
         dependent loads are independent, so the CPU overlaps them, where the path walk after
         the scan (path_step) costs as much again per path byte. The first byte that is not a
@@ -453,18 +465,16 @@ class JudgeCore:
         classes, dead = fx.config("path_classes"), fx.config("path_dead")
 
         def leave(row: ir.Value, j: int, out_len: ir.Value, pstate: ir.Value) -> ir.Block:
-            here = b.block
-            out = fn.append_basic_block(f"path_out{j}")
-            b.position_at_end(out)
-            fx.put("state", state_of(row))
-            fx.put("pos", b.add(pos, I64(j)))
-            fx.put("out_len", out_len)
-            fx.put("pwalked", out_len)
-            fx.put("pstate", pstate)
-            fx.put("pending", int(j < PATH_SCAN_CHUNK))
-            b.ret(I64(0))
-            b.position_at_end(here)
-            return out
+            def scanned() -> dict[str, ir.Value]:
+                return {
+                    "state": state_of(row),
+                    "pos": b.add(pos, I64(j)),
+                    "out_len": out_len,
+                    "pwalked": out_len,
+                    "pstate": pstate,
+                }
+
+            return exit_block(fx, fn, f"path_out{j}", scanned, j < PATH_SCAN_CHUNK)
 
         out_len, pstate = len0, fx.get("pstate")
         for j in range(PATH_SCAN_CHUNK):
