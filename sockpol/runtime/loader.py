@@ -563,20 +563,24 @@ class _Load:
         if link_fd is not None:
             self._pin(link_fd, staging / pins.PIN_LINK)
         self._hand_over(obj, msg_fd)
-        handle = LoadedPolicy(
+        programs = {verdict.name: msg_fd, SOCKOPS_PROGRAM: sockops_fd}
+        return self._handle(programs, link_fd, socks_fd, _socks_fd=os.dup(socks_fd)), staging
+
+    def _handle(
+        self, programs: dict[str, int], link_fd: int | None, map_fd: int, **fds: int | None
+    ) -> LoadedPolicy:
+        """The handle of the policy just installed: its programs (name: fd), the cgroup
+        link, the map it is known by, and the descriptors it keeps (`fds`)."""
+        return LoadedPolicy(
             name=self.name,
             pin_dir=self.root / self.name,
             metadata=self.meta,
             cgroup=self.cgroup_dir,
-            program_ids={
-                verdict.name: libbpf.prog_info(msg_fd).id,
-                SOCKOPS_PROGRAM: libbpf.prog_info(sockops_fd).id,
-            },
+            program_ids={name: libbpf.prog_info(fd).id for name, fd in programs.items()},
             link_id=libbpf.link_info(link_fd).id if link_fd is not None else None,
-            map_id=libbpf.map_info(socks_fd).id,
-            _socks_fd=os.dup(socks_fd),
+            map_id=libbpf.map_info(map_fd).id,
+            **fds,
         )
-        return handle, staging
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -926,21 +930,9 @@ class _LsmLoad(_Load):
         self._hand_over(obj, lsm_fd)
         conn = obj.map(CONN_MAP)
         assert conn is not None
-        handle = LoadedPolicy(
-            name=self.name,
-            pin_dir=self.root / self.name,
-            metadata=self.meta,
-            cgroup=self.cgroup_dir,
-            program_ids={
-                LSM_PROGRAM: libbpf.prog_info(lsm_fd).id,
-                SOCKOPS_PROGRAM: libbpf.prog_info(sockops_fd).id,
-            },
-            link_id=libbpf.link_info(link_fd).id if link_fd is not None else None,
-            map_id=libbpf.map_info(conn.fd()).id,
-            _socks_fd=None,
-            _conn_fd=os.dup(conn.fd()),
-        )
-        return handle, staging
+        programs = {LSM_PROGRAM: lsm_fd, SOCKOPS_PROGRAM: sockops_fd}
+        fds = {"_socks_fd": None, "_conn_fd": os.dup(conn.fd())}
+        return self._handle(programs, link_fd, conn.fd(), **fds), staging
 
     def _check_lsm_contract(self, obj: libbpf.BpfObject) -> dict[str, libbpf.Program]:
         want = {
