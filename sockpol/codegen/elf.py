@@ -37,8 +37,8 @@ def _target_machine() -> llvm.TargetMachine:
     return target.create_target_machine(opt=2, reloc="static", codemodel="default")
 
 
-def _optimized(module: ir.Module) -> llvm.ModuleRef:
-    ref = llvm.parse_assembly(str(module))
+def _optimized(ir_text: str) -> llvm.ModuleRef:
+    ref = llvm.parse_assembly(ir_text)
     ref.verify()
     tm = _target_machine()
     tuning = llvm.create_pipeline_tuning_options(speed_level=2)
@@ -53,8 +53,14 @@ def llvm_ir(module: ir.Module) -> str:
 
 
 def assembly(module: ir.Module) -> str:
-    return _target_machine().emit_assembly(_optimized(module))
+    return _target_machine().emit_assembly(_optimized(str(module)))
 
 
 def object_code(module: ir.Module) -> bytes:
-    return _target_machine().emit_object(_optimized(module))
+    return object_code_from_ir(str(module))
+
+
+def object_code_from_ir(ir_text: str) -> bytes:
+    """The object of a module's LLVM IR text: what LLVM does, from text alone (so the VM tests
+    can have it done by the host's LLVM: tests/vm/llvm_offload.py)."""
+    return _target_machine().emit_object(_optimized(ir_text))
