@@ -31,6 +31,16 @@ _SKIP_CASES = [
     (7, "\x01"), (8, "\x7f"), (9, "\xe9"), (15, "\t"), (16, "\x1f"), (23, "\x00"),
     (24, "\x80"), (31, "\r"), (40, "\n"),
 ]  # fmt: skip
+# Headers as clients send them (name, ": ", value), whose names the kernel takes as literals
+# (codegen/literals.py), and near misses of those literals.
+CLIENT_HEADERS = [
+    "User-Agent: curl/8.5.0", "User-Agent: Mozilla/5.0 (X11; Linux x86_64)", "Accept: */*",
+    "Accept-Encoding: gzip, deflate", "Accept-Language: en", "Connection: keep-alive",
+    "Cookie: a=b", "Referer: http://x/", "Upgrade-Insecure-Requests: 1", "user-agent: node",
+    "accept: */*", "Content-Type: text/html", "X-Forwarded-For: 10.0.0.1",
+    "User-Agent:curl", "User-Agent : x", "User-Agenx: x", "Accept:*/*", "Accept-Encodinh: x",
+    "Sec-Fetch-Mode: cors", "Content-Typ: x", "Cookie:", "Accept-Encoding:",
+]  # fmt: skip
 HEADER_VALUES = ["application/json", "text/html", "1", "a b", 'say "hi"', "back\\slash", ""]
 
 
@@ -389,6 +399,8 @@ def other_headers(draw: st.DrawFn, policy: PolicySpec) -> list[str]:
         name = draw(st.sampled_from([name, name.upper(), name.title()]))
         value = draw(st.sampled_from([value, f" {value} ", f"\t{value}", value.upper()]))
         out.append(f"{name}:{value}")
+    if draw(st.integers(0, 2)) == 0:
+        out += draw(st.lists(st.sampled_from(CLIENT_HEADERS), max_size=4))
     weird = [
         "X-Bad",  # no colon
         "X-Bad : 1",  # space before the colon
@@ -448,7 +460,9 @@ def requests(draw: st.DrawFn, policy: PolicySpec) -> RequestSpec:
             )
         )
     version = draw(
-        st.sampled_from(["HTTP/1.1"] * 6 + ["HTTP/1.0", "HTTP/2.0", "http/1.1", "HTTP/1.1 "])
+        st.sampled_from(
+            ["HTTP/1.1"] * 6 + ["HTTP/1.0", "HTTP/2.0", "http/1.1", "HTTP/1.1 ", "HTTP/1.2"]
+        )
     )
     headers = draw(host_headers(policy)) + draw(other_headers(policy))
     draw(st.randoms()).shuffle(headers)

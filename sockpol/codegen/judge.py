@@ -29,6 +29,12 @@ from sockpol.codegen import helpers as h
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
 from sockpol.codegen.comb import PAYLOAD_MASK, TAG_SHIFT
 from sockpol.codegen.helpers import I1, I8, I32, I64, PTR, gep
+from sockpol.codegen.literals import (
+    ENTRY_WORDS,
+    LITERAL_BITS,
+    LITERAL_BYTES,
+    STATE_MIX,
+)
 from sockpol.codegen.objbuilder import ObjectBuilder
 from sockpol.codegen.scanner import (
     FLAG_CL_DIGIT,
@@ -40,6 +46,7 @@ from sockpol.codegen.scanner import (
     TERMINAL_STATES,
 )
 from sockpol.codegen.tables import (
+    LITERAL_BIT,
     SCAN_SCALARS,
     STATE_PATH,
     STATE_PATH_NEXT,
@@ -81,10 +88,16 @@ def visible_word(word: int) -> bool:
 
 
 # Bytes past `pos` that one call may read: its packet offsets must stay below 64 KiB, or the
-# verifier does not grant the loads.
-READ_AHEAD = max(SCAN_CHUNK, 8 * SKIP_WORDS)
+# verifier does not grant the loads. A literal is tried from the byte after the chunk's last.
+READ_AHEAD = max(SCAN_CHUNK + LITERAL_BYTES, 8 * SKIP_WORDS)
 # Bytes of the path per call of path_step.
 PATH_CHUNK = 16
+# `pending`: the byte at `pos` takes the slow path; the call tries literals first (the state
+# at `pos` has some: a chunk ended on entering it).
+PENDING_SLOW, PENDING_LITERAL = 1, 2
+# Literals tried in a row by a call that starts with PENDING_LITERAL (` HTTP/1.1\r\n`, then a
+# header name).
+LITERAL_TRIES = 2
 
 
 @dataclass(frozen=True)
@@ -103,11 +116,12 @@ class Decision:
 
 
 def exit_block(
-    fx: Fn, fn: ir.Function, name: str, scanned: Callable[[], dict[str, ir.Value]], pending: bool
+    fx: Fn, fn: ir.Function, name: str, scanned: Callable[[], dict[str, ir.Value]], pending: int
 ) -> ir.Block:
     """A block of scan_step that stores what the call scanned (the fields `scanned()` computes
-    in the block, in order, then `pending`: the byte at the stored position is left to the next
-    call's slow path) and ends the call; the builder stays where it was. A block of its own per
+    in the block, in order, then `pending`: 0, or what the next call starts with: the byte at
+    the stored position through the slow path, or literals) and ends the call; the builder
+    stays where it was. A block of its own per
     byte of a chunk: with one shared exit, LLVM spilled the exit values to the stack on every
     byte."""
     b = fx.b
@@ -116,7 +130,7 @@ def exit_block(
     b.position_at_end(out)
     for field, value in scanned().items():
         fx.put(field, value)
-    fx.put("pending", int(pending))
+    fx.put("pending", pending)
     b.ret(I64(0))
     b.position_at_end(here)
     return out
@@ -129,6 +143,7 @@ class JudgeCore:
         tables: Tables,
         window: int = MAX_SCAN,
         path_chunks: bool = True,
+        literals: bool = True,
     ) -> None:
         self.ob = ob
         self.tables = tables
@@ -139,15 +154,19 @@ class JudgeCore:
         # chunk), rather than over the copied path afterwards. The lsm backend does not: its
         # program verifies closest to the budget, and the path chunk costs instructions.
         self.path_chunks = path_chunks
+        # Take literal runs (codegen/literals.py) as two words; the lsm backend does not (its
+        # margin again): it walks through states with literals as through any plain state.
+        self.literals = literals
 
     @staticmethod
     def scan(fx: Fn, n: ir.Value, scan_step: ir.Function) -> None:
         """Walk `n` bytes of the head with scan_step. The loop is sized in calls, not bytes: a
-        call consumes a byte at least, except one that starts without a byte pending and meets
-        one at once, which happens at most once per call that consumed 8 bytes or more, and at
-        the first call."""
+        call consumes a byte at least, except one that starts without the slow path and meets
+        a byte for it at once (or misses its literals, then meets one): that happens only
+        after a call that consumed a byte at least, and at the first call. So two calls take a
+        byte at least."""
         b = fx.b
-        calls = b.add(b.add(n, b.lshr(n, I64(3))), I64(2))
+        calls = b.add(b.shl(n, I64(1)), I64(2))
         h.call(b, h.LOOP, b.trunc(calls, I32), scan_step, fx.scan, I64(0))
 
     @staticmethod
@@ -317,11 +336,12 @@ class JudgeCore:
         call starts with it in `scan_byte`, the slow path (its one call site, so the verifier
         walks it once), then goes on fast. In a state that loops on all visible ASCII (an
         uninteresting header's value), the call skips words of eight such bytes instead
-        (`skip_words`). A call consumes a byte at least, except one that starts with no byte
-        pending and meets such a byte first: then the next consumes it. So n bytes take at
-        most n + n/8 + 1 calls (emit.py sizes the loop so); every call starts from memory, so the
-        verifier's walk over the callback converges at once. Measurements and what was tried:
-        docs/design.md, "The cost of a request"."""
+        (`skip_words`). Two calls consume a byte at least (`scan` sizes the loop so); every
+        call starts from memory, so the verifier's walk over the callback converges at once.
+        Where a byte leads to a state that has literals (codegen/literals.py), the chunk looks
+        the next sixteen bytes up: a hit ends the call at the literal's end, a miss goes on
+        (`take_literals`, `literal_lookup`).
+        Measurements and what was tried: docs/design.md, "The cost of a request"."""
         fn, b = self.ob.function("sockpol_scan_step", I64, [("index", I32), ("ctx", PTR)])
         _, scan = fn.args
         fx = Fn.of_scan(b, self.tables, scan)
@@ -358,10 +378,21 @@ class JudgeCore:
             # Not inbounds: data + pos + j + 1 may point past the window; that is the test.
             return b.gep(fx.get("data"), [pos], source_etype=I8)
 
+        b.position_at_end(fn.blocks[0])
+        if self.literals:
+            # A call that starts where a literal ended (a state that has literals of its own:
+            # ` HTTP/1.1\r\n` leads to a header line's start) tries those first.
+            trying = fn.append_basic_block("literals")
+            tried = fn.append_basic_block("literals_tried")
+            first = b.icmp_unsigned("==", fx.get("pending"), I64(PENDING_LITERAL))
+            b.cbranch(first, trying, tried)
+            b.position_at_end(trying)
+            self.take_literals(fx, fn)
+            b.branch(tried)
+            b.position_at_end(tried)
         # A byte the previous call left to the slow path comes first; so does every byte of the
         # last READ_AHEAD before MAX_SCAN, one per call (the fast path reads ahead).
         near_end = I64(self.window - READ_AHEAD)
-        b.position_at_end(fn.blocks[0])
         slow = fn.append_basic_block("slow")
         fast = fn.append_basic_block("fast")
         # So does every byte once the path has less room than a chunk: the fast path appends
@@ -421,7 +452,16 @@ class JudgeCore:
             def scanned() -> dict[str, ir.Value]:
                 return {"state": state_of(row), "pos": b.add(pos, I64(j)), "out_len": out_len}
 
-            return exit_block(fx, fn, f"out{j}", scanned, j < SCAN_CHUNK)
+            return exit_block(fx, fn, f"out{j}", scanned, PENDING_SLOW if j < SCAN_CHUNK else 0)
+
+        def leave_after_literal(
+            target: ir.Value, j: int, length: ir.Value, out_len: ir.Value
+        ) -> ir.Block:
+            def scanned() -> dict[str, ir.Value]:
+                at = b.add(b.add(pos, I64(j)), length)
+                return {"state": target, "pos": at, "out_len": out_len}
+
+            return exit_block(fx, fn, f"lit_out{j}", scanned, PENDING_LITERAL)
 
         # SCAN_CHUNK bytes unrolled, each checked against the window. The window ends where the
         # bytes pulled end: bpf_msg_pull_data(msg, 0, n) leaves data_end at data + n (net/core/
@@ -438,15 +478,43 @@ class JudgeCore:
             b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside)
             b.position_at_end(inside)
             byte, entry = transition(row, b.gep(p, [I64(j)], source_etype=I8))
-            kind = b.lshr(entry, kind_bits)  # the next state's PLAIN and PATH bits
+            kind = b.lshr(entry, kind_bits)  # the next state's PLAIN, PATH and LITERAL bits
             moves = fn.append_basic_block(f"moves{j}")
-            b.cbranch(b.icmp_unsigned("==", kind, I64(0)), out, moves)
+            # 1 for PATH, 0 for PLAIN (5 too); computed before the branches, so that `kind` is
+            # dead where a missed literal rejoins (the verifier then prunes that path there).
+            path_byte = b.and_(b.lshr(kind, I64(1)), I64(1))
+            if self.literals:
+                # PLAIN (1) and PATH (2) move on; slow (0) and PLAIN with literals (5) stop.
+                stops = fn.append_basic_block(f"stops{j}")
+                moving = b.icmp_unsigned("<", b.sub(kind, I64(1)), I64(2))
+                b.cbranch(moving, moves, stops)
+                b.position_at_end(stops)
+                trying = fn.append_basic_block(f"lit_try{j}")
+                looking = fn.append_basic_block(f"lit_look{j}")
+                b.cbranch(b.icmp_unsigned("==", kind, I64(0)), out, trying)
+                # A state with literals: one tried here, from the byte after; a miss goes on
+                # with the chunk, a hit ends the call (the next tries another from there).
+                b.position_at_end(trying)
+                # A pointer of its own (the offset hidden from LLVM, which would fold it into
+                # p + j + 1): its bounds check must not widen what the verifier knows of p, or
+                # the path of a miss never matches the chunk's own where they meet again.
+                q = b.gep(fx.get("data"), [h.opaque(b, b.add(pos, I64(j + 1)))], source_etype=I8)
+                short = b.icmp_unsigned(
+                    ">", b.gep(q, [I64(LITERAL_BYTES)], source_etype=I8), data_end
+                )
+                b.cbranch(short, moves, looking)
+                b.position_at_end(looking)
+                mul = fx.load_flat("lit_mul", I64(0), I64)
+                hit, target, length = self.literal_lookup(fx, q, state_of(entry), mul)
+                b.cbranch(hit, leave_after_literal(target, j + 1, length, out_len), moves)
+            else:
+                b.cbranch(b.icmp_unsigned("==", kind, I64(0)), out, moves)
             b.position_at_end(moves)
             # Stored whether or not it is a path byte: past the path's end, a byte that is
             # not one is overwritten or ignored (the path is the first out_len bytes).
             at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
             b.store(b.trunc(byte, I8), at_len)
-            out_len = b.add(out_len, b.lshr(kind, I64(1)))  # +1 for a path byte
+            out_len = b.add(out_len, path_byte)
             row = entry
         b.branch(leave(row, SCAN_CHUNK, out_len))  # the next call goes on
         return fn
@@ -474,7 +542,23 @@ class JudgeCore:
                     "pstate": pstate,
                 }
 
-            return exit_block(fx, fn, f"path_out{j}", scanned, j < PATH_SCAN_CHUNK)
+            return exit_block(
+                fx, fn, f"path_out{j}", scanned, PENDING_SLOW if j < PATH_SCAN_CHUNK else 0
+            )
+
+        def leave_for_literals(
+            entry: ir.Value, j: int, out_len: ir.Value, pstate: ir.Value
+        ) -> ir.Block:
+            def scanned() -> dict[str, ir.Value]:
+                return {
+                    "state": state_of(entry),
+                    "pos": b.add(pos, I64(j + 1)),
+                    "out_len": out_len,
+                    "pwalked": out_len,
+                    "pstate": pstate,
+                }
+
+            return exit_block(fx, fn, f"path_lit_out{j}", scanned, PENDING_LITERAL)
 
         out_len, pstate = len0, fx.get("pstate")
         for j in range(PATH_SCAN_CHUNK):
@@ -486,13 +570,92 @@ class JudgeCore:
             byte, entry = transition(row, b.gep(p, [I64(j)], source_etype=I8))
             moves = fn.append_basic_block(f"path_moves{j}")
             kind = b.lshr(entry, I64(TRANS_KIND_SHIFT))
-            b.cbranch(b.icmp_unsigned("!=", kind, I64(STATE_PATH)), out, moves)
+            if self.literals:  # the SP after the path leads to ` HTTP/1.1\r\n`'s state
+                stops = fn.append_basic_block(f"path_stops{j}")
+                b.cbranch(b.icmp_unsigned("==", kind, I64(STATE_PATH)), moves, stops)
+                b.position_at_end(stops)
+                literal = b.icmp_unsigned("!=", b.and_(entry, I64(LITERAL_BIT)), I64(0))
+                b.cbranch(literal, leave_for_literals(entry, j, out_len, pstate), out)
+            else:
+                b.cbranch(b.icmp_unsigned("!=", kind, I64(STATE_PATH)), out, moves)
             b.position_at_end(moves)
             b.store(b.trunc(byte, I8), gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))]))
             out_len = b.add(out_len, I64(1))
             pstate = self.path_transition(fx, pstate, byte, classes, dead)
             row = entry
         b.branch(leave(row, PATH_SCAN_CHUNK, out_len, pstate))
+
+    def take_literals(self, fx: Fn, fn: ir.Function) -> None:
+        """scan_step's start when the state at `pos` has literals (codegen/literals.py): up to
+        LITERAL_TRIES in a row, each two words of the head compared with the entry that the
+        state and the first word hash to; a hit moves the state to the literal's end and `pos`
+        past it. Stores the state and position and clears `pending`; the builder is left in
+        the block after (the call goes on as any other, from memory)."""
+        b = fx.b
+        data, data_end = fx.get("data"), fx.get("data_end")
+        mul = fx.load_flat("lit_mul", I64(0), I64)
+        state, pos = fx.get("state"), fx.get("pos")
+        here = b.block
+        done = fn.append_basic_block("literals_done")
+        b.position_at_end(done)
+        end_state, end_pos = b.phi(I64, "lit_state"), b.phi(I64, "lit_pos")
+        b.position_at_end(here)
+        for k in range(LITERAL_TRIES):
+            bounded = fn.append_basic_block(f"lit{k}_bounded")
+            inside = fn.append_basic_block(f"lit{k}")
+            end_state.add_incoming(state, b.block)
+            end_pos.add_incoming(pos, b.block)
+            b.cbranch(b.icmp_unsigned(">", pos, I64(self.window - LITERAL_BYTES)), done, bounded)
+            b.position_at_end(bounded)
+            p = b.gep(data, [pos], source_etype=I8)
+            end_state.add_incoming(state, b.block)
+            end_pos.add_incoming(pos, b.block)
+            beyond = b.icmp_unsigned(">", b.gep(p, [I64(LITERAL_BYTES)], source_etype=I8), data_end)
+            b.cbranch(beyond, done, inside)
+            b.position_at_end(inside)
+            hit, e_target, e_len = self.literal_lookup(fx, p, state, mul)
+            if k + 1 < LITERAL_TRIES:
+                go_on = fn.append_basic_block(f"lit{k}_hit")
+                end_state.add_incoming(state, b.block)
+                end_pos.add_incoming(pos, b.block)
+                b.cbranch(hit, go_on, done)
+                b.position_at_end(go_on)
+                state, pos = e_target, b.add(pos, e_len)
+            else:
+                state = b.select(hit, e_target, state)
+                pos = b.select(hit, b.add(pos, e_len), pos)
+        end_state.add_incoming(state, b.block)
+        end_pos.add_incoming(pos, b.block)
+        b.branch(done)
+        b.position_at_end(done)
+        fx.put("state", end_state)
+        fx.put("pos", end_pos)
+        fx.put("pending", I64(0))
+
+    @staticmethod
+    def literal_lookup(
+        fx: Fn, p: ir.Value, state: ir.Value, mul: ir.Value
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(hit, the literal's end state, its length) for the head at `p` (LITERAL_BYTES
+        readable: the caller checked) from `state`: two words compared, masked, with the entry
+        that the state and the first word hash to (literals.slot_of)."""
+        b = fx.b
+        # Eight-byte loads, as in skip_words (align 8: BPF has no unaligned type).
+        w1 = b.load(p, typ=I64, align=8)
+        w2 = b.load(b.gep(p, [I64(8)], source_etype=I8), typ=I64, align=8)
+        key = b.add(w1, b.mul(state, I64(STATE_MIX)))
+        slot = b.lshr(b.mul(key, mul), I64(64 - LITERAL_BITS))
+        e = [fx.load_flat("literals", b.add(b.shl(slot, I64(3)), I64(i)), I64)
+             for i in range(ENTRY_WORDS - 1)]  # fmt: skip
+        e_w1, e_m1, e_w2, e_m2, e_state, e_target, e_len = e
+        hit = b.and_(
+            b.and_(
+                b.icmp_unsigned("==", b.and_(w1, e_m1), e_w1),
+                b.icmp_unsigned("==", b.and_(w2, e_m2), e_w2),
+            ),
+            b.icmp_unsigned("==", e_state, state),
+        )
+        return hit, e_target, e_len
 
     def skip_words(self, fx: Fn, fn: ir.Function, pos, p, limit, data_end) -> None:
         """In a state that loops on every byte from 0x20 to 0x7E (a header value no condition

@@ -159,7 +159,9 @@ class LsmBackend:
         self.ob = ObjectBuilder(ir_.policy.name)
         self.tables = Tables(self.ob, ir_)
         self.rec = Recorder(self.ob, self.tables, window=LSM_WINDOW)
-        self.judge = JudgeCore(self.ob, self.tables, window=LSM_WINDOW, path_chunks=False)
+        self.judge = JudgeCore(
+            self.ob, self.tables, window=LSM_WINDOW, path_chunks=False, literals=False
+        )
         self.tls = TlsWalk(self.rec)
         self.layout = layout or {f: 0 for f in kernelbtf.LAYOUT_FIELDS}
 

@@ -20,6 +20,7 @@ from llvmlite import ir
 
 from sockpol.codegen.helpers import I8, I32, I64, PTR, gep
 from sockpol.codegen.irconst import int_array, word_rows
+from sockpol.codegen.literals import literal_table
 from sockpol.codegen.lower import MAX_FACT_WORDS, MatcherIR
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
 from sockpol.codegen.scanner import FLAG_PATH_BYTE, TERMINAL_STATES, ScannerTables
@@ -94,6 +95,10 @@ STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP, STATE_PATH_NEXT = 1, 2, 4, 8
 # AND and a load; the kind is tested on the entry itself, with no load of its own. Rows take at
 # most 16 + 8 bits of state and class, plus 2, so bits 28 and up are free.
 TRANS_KIND_SHIFT = 28
+# And bit 30: the next state has literals (codegen/literals.py): a chunk that enters it ends
+# there, and the next call tries them. Such a state is plain, and keeps its PLAIN bit, so a
+# program that does not try literals (the lsm backend's) walks through it as through any.
+LITERAL_BIT = 1 << 30
 
 
 def state_kinds(t: ScannerTables) -> list[int]:
@@ -121,11 +126,18 @@ def state_kinds(t: ScannerTables) -> list[int]:
     return kinds
 
 
-def trans_entries(t: ScannerTables, kinds: list[int]) -> list[int]:
+def trans_entries(
+    t: ScannerTables, kinds: list[int], literal_states: frozenset[int] = frozenset()
+) -> list[int]:
     """`trans` as the kernel reads it (TRANS_KIND_SHIFT): per entry, the next state's row as a
-    byte offset, with its PLAIN and PATH bits above."""
+    byte offset, with its PLAIN and PATH bits above, and LITERAL_BIT for a state with literals."""
     fast = STATE_PLAIN | STATE_PATH
-    return [(s << (t.class_bits + 2)) | ((kinds[s] & fast) << TRANS_KIND_SHIFT) for s in t.trans]
+    return [
+        (s << (t.class_bits + 2))
+        | ((kinds[s] & fast) << TRANS_KIND_SHIFT)
+        | (LITERAL_BIT if s in literal_states else 0)
+        for s in t.trans
+    ]
 
 
 def port_bitmap(ports) -> list[int]:
@@ -218,6 +230,7 @@ class Tables:
         }
         statuses = ir_.policy.answers()
         kinds = state_kinds(t)
+        self.literals = literal_table(t, kinds)
         hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
         def words(rows: list[list[int]]) -> ir.Constant:
@@ -230,7 +243,11 @@ class Tables:
             # The tables of the scan's fast path (judge.scan_step) come first, so that their
             # offsets fit in a BPF load's 16-bit displacement and one register reaches them all.
             "classmap": array(I8, list(t.classmap)),
-            "trans": array(I32, trans_entries(t, kinds)),
+            # The literals (codegen/literals.py) and their hash's multiplier: read once per
+            # call that tries them, before `trans` so that its offset stays a displacement.
+            "literals": array(I64, self.literals.rows()),
+            "lit_mul": array(I64, [self.literals.mul]),
+            "trans": array(I32, trans_entries(t, kinds, self.literals.states)),
             # Per state: STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP bits, else 0.
             "state_kind": array(I8, kinds),
             "info": array(I32, t.info),

@@ -1,0 +1,175 @@
+"""Literal runs: the bytes almost every request head has in the same place (` HTTP/1.1\\r\\n`
+after the target, `User-Agent: ` and `Accept: ` at the start of a line), taken eight and
+sixteen bytes at a time instead of byte by byte.
+
+Byte by byte, each byte of the head is a dependent load (the next state's row) and, for a head
+the program has not seen for a while, a cache line of its own (docs/design.md, "The cost of a
+request"). A literal is a string that, from a scanner state, moves only through plain states
+(no facts, no flags, not the path, not terminal): then taking it whole is exactly taking its
+bytes one by one, and the program can compare it as two words against the head and jump to
+the state at its end.
+
+The table: `LITERAL_SLOTS` entries of eight words, found by a multiplicative hash of the state
+and the first eight bytes at the position (so a literal is eight bytes at least):
+`[w1, m1, w2, m2, state, target, length, 0]`; a hit when the head's two words masked with m1
+and m2 are w1 and w2 and the entry's state is the current one. An empty entry's state is all
+ones (no state). The multiplier is the policy's (the table `lit_mul`): the first of
+`MULTIPLIERS` under which no two literals share an entry (a literal that collides under every
+one is left out: it is only ever an optimization).
+
+Where the program tries them (judge.scan_step): where the chunk moves into a state that has
+literals (its `trans` entry carries tables.LITERAL_BIT), it looks up the bytes after: a miss goes
+on with the chunk, a hit stores the literal's end and ends the call, and the next call tries
+another from there first (` HTTP/1.1\\r\\n`, then a header name). The path chunk ends at the SP
+after the path, and the next call tries the version. Which states have literals is the
+compiler's choice, from `CORPUS`: the states after a request target's SP and the states at the
+start of a header line; a state where no literal of the corpus fits is not marked, and costs
+nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sockpol.codegen.scanner import TERMINAL_STATES, ScannerTables
+
+LITERAL_BYTES = 16  # two words
+LITERAL_MIN = 8  # the hash reads the first word whole
+LITERAL_BITS = 6
+LITERAL_SLOTS = 1 << LITERAL_BITS
+ENTRY_WORDS = 8
+NO_STATE = (1 << 64) - 1
+MASK64 = (1 << 64) - 1
+STATE_MIX = 0x9E3779B97F4A7C15  # spreads the state over the key's bits
+MULTIPLIERS = (
+    0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9,
+    0x2545F4914F6CDD1D, 0xD6E8FEB86659FD93, 0x9FB21C651E98DF25, 0xA0761D6478BD642F,
+)  # fmt: skip
+
+# After a request target's SP, the version and the line's end.
+REQUEST_TAILS = ("HTTP/1.1\r\n", "HTTP/1.0\r\n")
+# At the start of a header line: the names clients send most, as browsers, curl, wrk, Go,
+# Python and Java spell them, then lower-case as Node's fetch and HTTP/2 gateways do. A name is
+# tried with ": " after it; only the bytes up to the first state that is not plain count.
+HEADER_NAMES = (
+    "User-Agent", "Accept", "Accept-Encoding", "Accept-Language", "Connection",
+    "Content-Type", "Content-Length", "Cookie", "Referer", "Origin", "Authorization",
+    "Cache-Control", "Upgrade-Insecure-Requests", "If-None-Match", "If-Modified-Since",
+    "X-Forwarded-For", "X-Forwarded-Proto", "X-Request-Id", "Sec-Fetch-Site", "Sec-Fetch-Mode",
+    "Sec-Fetch-Dest", "Sec-Fetch-User", "Pragma", "Priority", "Keep-Alive",
+    "user-agent", "accept", "accept-encoding", "accept-language", "connection",
+    "content-type", "content-length", "authorization",
+)  # fmt: skip
+CORPUS = {"tails": REQUEST_TAILS, "lines": tuple(f"{n}: " for n in HEADER_NAMES)}
+
+# Kind bits the compiler passes in (tables.state_kinds): only plain states are walked through.
+_PLAIN, _PATH = 1, 2
+
+
+@dataclass(frozen=True)
+class Literal:
+    state: int
+    text: bytes  # LITERAL_MIN to LITERAL_BYTES bytes
+    target: int
+
+    def words(self) -> tuple[int, int, int, int]:
+        """(w1, m1, w2, m2): the literal's two little-endian words and their masks."""
+        padded = self.text.ljust(LITERAL_BYTES, b"\0")
+        mask = bytes([0xFF] * len(self.text)).ljust(LITERAL_BYTES, b"\0")
+        w = [int.from_bytes(padded[i : i + 8], "little") for i in (0, 8)]
+        m = [int.from_bytes(mask[i : i + 8], "little") for i in (0, 8)]
+        return w[0], m[0], w[1], m[1]
+
+
+def slot_of(state: int, first_word: int, mul: int) -> int:
+    """The entry of (state, the head's next eight bytes): judge.scan_step computes the same."""
+    key = (first_word + state * STATE_MIX) & MASK64
+    return ((key * mul) & MASK64) >> (64 - LITERAL_BITS)
+
+
+@dataclass(frozen=True)
+class LiteralTable:
+    mul: int
+    literals: tuple[Literal, ...]
+
+    @property
+    def states(self) -> frozenset[int]:
+        return frozenset(lit.state for lit in self.literals)
+
+    def rows(self) -> list[int]:
+        """The table's words, LITERAL_SLOTS entries of ENTRY_WORDS."""
+        out = [0, 0, 0, 0, NO_STATE, 0, 0, 0] * LITERAL_SLOTS
+        for lit in self.literals:
+            w1, m1, w2, m2 = lit.words()
+            at = slot_of(lit.state, w1, self.mul) * ENTRY_WORDS
+            out[at : at + ENTRY_WORDS] = [w1, m1, w2, m2, lit.state, lit.target, len(lit.text), 0]
+        return out
+
+    def take(self, state: int, head: bytes) -> tuple[int, int]:
+        """(state, bytes taken) after the literal at the start of `head`, as the program does
+        one attempt: (state, 0) when there is none."""
+        if len(head) < LITERAL_BYTES:
+            return state, 0
+        w1 = int.from_bytes(head[:8], "little")
+        for lit in self.literals:
+            if lit.state == state and head.startswith(lit.text):
+                assert slot_of(state, w1, self.mul) == slot_of(lit.state, lit.words()[0], self.mul)
+                return lit.target, len(lit.text)
+        return state, 0
+
+
+def _walk(t: ScannerTables, kinds: list[int], state: int, text: bytes) -> Literal | None:
+    """The longest prefix of `text` (LITERAL_BYTES at most) that moves through plain states only,
+    if it is long enough to be a literal."""
+    s, taken = state, 0
+    for byte in text[:LITERAL_BYTES]:
+        n = t.step(s, byte)
+        if n < TERMINAL_STATES or kinds[n] & (_PLAIN | _PATH) != _PLAIN:
+            break
+        s, taken = n, taken + 1
+    return Literal(state, text[:taken], s) if taken >= LITERAL_MIN else None
+
+
+def starting_states(t: ScannerTables, kinds: list[int]) -> dict[str, set[int]]:
+    """The states literals of each part of CORPUS are tried from: after the SP that ends a
+    request target (from a path state), at the start of a header line (after a LF)."""
+    tails: set[int] = set()
+    lines: set[int] = set()
+    for s in range(TERMINAL_STATES, t.n_states):
+        if kinds[s] & _PATH:
+            n = t.step(s, ord(" "))
+            if n >= TERMINAL_STATES and kinds[n] & (_PLAIN | _PATH) == _PLAIN:
+                tails.add(n)
+        n = t.step(s, ord("\n"))
+        if n >= TERMINAL_STATES and kinds[n] & (_PLAIN | _PATH) == _PLAIN:
+            lines.add(n)
+    return {"tails": tails, "lines": lines}
+
+
+def literal_table(t: ScannerTables, kinds: list[int]) -> LiteralTable:
+    """The scanner's literals (CORPUS where it fits) and a multiplier that gives each its own
+    entry."""
+    found: list[Literal] = []
+    seen: set[tuple[int, bytes]] = set()
+    for part, states in starting_states(t, kinds).items():
+        for state in sorted(states):
+            for text in CORPUS[part]:
+                lit = _walk(t, kinds, state, text.encode())
+                if lit is not None and (state, lit.text[:8]) not in seen:
+                    seen.add((state, lit.text[:8]))
+                    found.append(lit)
+    best: LiteralTable | None = None
+    for mul in MULTIPLIERS:
+        kept: list[Literal] = []
+        used: set[int] = set()
+        for lit in found:  # in CORPUS's order: the more common first
+            slot = slot_of(lit.state, lit.words()[0], mul)
+            if slot not in used:
+                used.add(slot)
+                kept.append(lit)
+        if best is None or len(kept) > len(best.literals):
+            best = LiteralTable(mul, tuple(kept))
+        if len(kept) == len(found):
+            break
+    assert best is not None
+    return best

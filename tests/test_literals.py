@@ -1,0 +1,134 @@
+"""Literal runs (codegen/literals.py): each literal is exactly its bytes taken one by one through
+plain states, the table finds it where the program looks, and a walk that takes literals where
+it can ends where the byte-wise walk does. The kernel's side (the hash in BPF, the chunk ending
+at states with literals) is compared with the interpreter by tests/kernel/test_differential.py,
+whose heads carry the literals and near misses of them (policygen.CLIENT_HEADERS)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sockpol.codegen.literals import (
+    ENTRY_WORDS,
+    LITERAL_BYTES,
+    LITERAL_MIN,
+    LITERAL_SLOTS,
+    NO_STATE,
+    LiteralTable,
+    literal_table,
+    slot_of,
+)
+from sockpol.codegen.lower import lower
+from sockpol.codegen.scanner import TERMINAL_STATES, ScannerTables
+from sockpol.codegen.tables import LITERAL_BIT, STATE_PATH, STATE_PLAIN, state_kinds, trans_entries
+from sockpol.dsl import load_source
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from policies import ISSUE_MIX, issue_rules, policy_text  # noqa: E402
+
+
+def scanner(text: str) -> ScannerTables:
+    return lower(load_source(text, "t.pol")[0].policies[0]).tables
+
+
+@pytest.fixture(scope="module")
+def mix() -> tuple[ScannerTables, list[int], LiteralTable]:
+    t = scanner(policy_text("mix", 8080, issue_rules(10)))
+    kinds = state_kinds(t)
+    return t, kinds, literal_table(t, kinds)
+
+
+def test_a_literal_is_its_bytes_through_plain_states(mix) -> None:
+    t, kinds, table = mix
+    assert table.literals
+    for lit in table.literals:
+        assert LITERAL_MIN <= len(lit.text) <= LITERAL_BYTES
+        s = lit.state
+        for byte in lit.text:
+            s = t.step(s, byte)
+            assert s >= TERMINAL_STATES and kinds[s] & (STATE_PLAIN | STATE_PATH) == STATE_PLAIN
+        assert s == lit.target
+
+
+def test_the_mix_heads_literals_are_found(mix) -> None:
+    """The version after the target and the names wrk sends: what the benchmark counts on."""
+    _, _, table = mix
+    texts = {lit.text for lit in table.literals}
+    assert {b"HTTP/1.1\r\n", b"User-Agent: ", b"Accept: "} <= texts
+
+
+def test_each_literal_sits_where_its_hash_points(mix) -> None:
+    _, _, table = mix
+    rows = table.rows()
+    assert len(rows) == LITERAL_SLOTS * ENTRY_WORDS
+    for lit in table.literals:
+        w1, m1, w2, m2 = lit.words()
+        at = slot_of(lit.state, w1, table.mul) * ENTRY_WORDS
+        assert rows[at : at + 7] == [w1, m1, w2, m2, lit.state, lit.target, len(lit.text)]
+    empty = sum(rows[i * ENTRY_WORDS + 4] == NO_STATE for i in range(LITERAL_SLOTS))
+    assert empty == LITERAL_SLOTS - len(table.literals)
+
+
+def test_trans_entries_mark_the_states_with_literals(mix) -> None:
+    t, kinds, table = mix
+    entries = trans_entries(t, kinds, table.states)
+    for target, entry in zip(t.trans, entries, strict=True):
+        assert bool(entry & LITERAL_BIT) == (target in table.states)
+
+
+def walk(t: ScannerTables, state: int, head: bytes) -> int:
+    for byte in head:
+        state = t.step(state, byte)
+        if state < TERMINAL_STATES:
+            break
+    return state
+
+
+def walk_with_literals(t: ScannerTables, table: LiteralTable, state: int, head: bytes) -> int:
+    """As scan_step does: at a state with literals, try them (two in a row), then go on."""
+    i = 0
+    while i < len(head) and state >= TERMINAL_STATES:
+        if state in table.states:
+            for _ in range(2):
+                state, taken = table.take(state, head[i:])
+                i += taken
+                if not taken:
+                    break
+            if i >= len(head):
+                break
+        state = t.step(state, head[i])
+        i += 1
+    return state
+
+
+HEAD_PARTS = [
+    b"GET /static/css/a.css HTTP/1.1\r\n", b"POST /api HTTP/1.0\r\n", b"GET / HTTP/1.2\r\n",
+    b"Host: a\r\n", b"User-Agent: wrk/4.1.0\r\n", b"User-Agent:x\r\n", b"Accept: */*\r\n",
+    b"Accept-Encoding: gzip\r\n", b"Accept-Encodinh: x\r\n", b"Cookie: a=b\r\n",
+    b"Content-Length: 3\r\n", b"Content-Type: x\r\n", b"user-agent: n\r\n", b"X: y\r\n",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.sampled_from(HEAD_PARTS), min_size=1, max_size=6), cut=st.integers(0, 40))
+def test_a_walk_taking_literals_ends_where_the_bytewise_walk_does(mix, parts, cut) -> None:
+    t, _, table = mix
+    head = b"".join(parts) + b"\r\n"
+    head = head[: len(head) - cut] if cut < len(head) else head  # fewer than 16 bytes left, too
+    assert walk_with_literals(t, table, t.start, head) == walk(t, t.start, head)
+
+
+def test_issue_mix_heads_take_their_literals(mix) -> None:
+    t, _, table = mix
+    for method, path, headers in ISSUE_MIX:
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        assert walk_with_literals(t, table, t.start, head.encode()) == walk(
+            t, t.start, head.encode()
+        )
