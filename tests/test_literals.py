@@ -1,8 +1,9 @@
 """Literal runs (codegen/literals.py): each literal is exactly its bytes taken one by one through
-plain states, the table finds it where the program looks, and a walk that takes literals where
-it can ends where the byte-wise walk does. The kernel's side (the hash in BPF, the chunk ending
-at states with literals) is compared with the interpreter by tests/kernel/test_differential.py,
-whose heads carry the literals and near misses of them (policygen.CLIENT_HEADERS)."""
+plain states, the table finds it where the program looks, and a walk that takes literals
+wherever it may (the kernel takes them at some of those places) ends where the byte-wise walk
+does. The kernel's side (the hash in BPF, the chunk trying literals where it enters a state
+that has them) is compared with the interpreter by tests/kernel/test_differential.py, whose
+heads carry the literals and near misses of them (policygen.CLIENT_HEADERS)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def test_each_literal_sits_where_its_hash_points(mix) -> None:
     for lit in table.literals:
         w1, m1, w2, m2 = lit.words()
         at = slot_of(lit.state, w1, table.mul) * ENTRY_WORDS
-        assert rows[at : at + 7] == [w1, m1, w2, m2, lit.state, lit.target, len(lit.text)]
+        entry = [w1, m1, w2, m2, lit.state, lit.target, len(lit.text), 0]
+        assert rows[at : at + ENTRY_WORDS] == entry
     empty = sum(rows[i * ENTRY_WORDS + 4] == NO_STATE for i in range(LITERAL_SLOTS))
     assert empty == LITERAL_SLOTS - len(table.literals)
 
@@ -91,7 +93,7 @@ def walk(t: ScannerTables, state: int, head: bytes) -> int:
 
 
 def walk_with_literals(t: ScannerTables, table: LiteralTable, state: int, head: bytes) -> int:
-    """As scan_step does: at a state with literals, try them (two in a row), then go on."""
+    """At every state with literals, try them (two in a row), then go on byte by byte."""
     i = 0
     while i < len(head) and state >= TERMINAL_STATES:
         if state in table.states:

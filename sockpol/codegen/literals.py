@@ -14,17 +14,18 @@ and the first eight bytes at the position (so a literal is eight bytes at least)
 `[w1, m1, w2, m2, state, target, length, 0]`; a hit when the head's two words masked with m1
 and m2 are w1 and w2 and the entry's state is the current one. An empty entry's state is all
 ones (no state). The multiplier is the policy's (the table `lit_mul`): the first of
-`MULTIPLIERS` under which no two literals share an entry (a literal that collides under every
-one is left out: it is only ever an optimization).
+`MULTIPLIERS` under which no two literals share an entry, else the one that keeps the most
+(a literal that collides is left out, the later in the order of `literal_table`: it is only ever
+an optimization).
 
 Where the program tries them (judge.scan_step): where the chunk moves into a state that has
 literals (its `trans` entry carries tables.LITERAL_BIT), it looks up the bytes after: a miss goes
 on with the chunk, a hit stores the literal's end and ends the call, and the next call tries
-another from there first (` HTTP/1.1\\r\\n`, then a header name). The path chunk ends at the SP
-after the path, and the next call tries the version. Which states have literals is the
+another from there first (` HTTP/1.1\\r\\n`, then a header name). The path chunk ends at the
+SP after the path, and the next call tries the version. Which states have literals is the
 compiler's choice, from `CORPUS`: the states after a request target's SP and the states at the
-start of a header line; a state where no literal of the corpus fits is not marked, and costs
-nothing.
+start of a typical head's header lines (`starting_states`); a state where no literal of the
+corpus fits is not marked, and costs nothing.
 """
 
 from __future__ import annotations
@@ -130,19 +131,34 @@ def _walk(t: ScannerTables, kinds: list[int], state: int, text: bytes) -> Litera
     return Literal(state, text[:taken], s) if taken >= LITERAL_MIN else None
 
 
-def starting_states(t: ScannerTables, kinds: list[int]) -> dict[str, set[int]]:
-    """The states literals of each part of CORPUS are tried from: after the SP that ends a
-    request target (from a path state), at the start of a header line (after a LF)."""
-    tails: set[int] = set()
-    lines: set[int] = set()
+# A head as clients send them: the states at the start of its header lines are where header
+# names are tried. (Other states after a LF, such as a chunked body's trailer lines or a request
+# line after a stray CRLF, would take entries that ordinary heads never use.)
+TYPICAL_HEAD = (
+    b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: x\r\nAccept: */*\r\nConnection: close\r\n"
+    b"Content-Type: a\r\nContent-Length: 0\r\nCookie: a=b\r\nX-A: b\r\n\r\n"
+)
+
+
+def starting_states(t: ScannerTables, kinds: list[int]) -> dict[str, list[int]]:
+    """The states literals of each part of CORPUS are tried from, most useful first: after the
+    SP that ends a request target (from a path state), and at the starts of TYPICAL_HEAD's
+    header lines."""
+    tails: list[int] = []
     for s in range(TERMINAL_STATES, t.n_states):
         if kinds[s] & _PATH:
             n = t.step(s, ord(" "))
-            if n >= TERMINAL_STATES and kinds[n] & (_PLAIN | _PATH) == _PLAIN:
-                tails.add(n)
-        n = t.step(s, ord("\n"))
-        if n >= TERMINAL_STATES and kinds[n] & (_PLAIN | _PATH) == _PLAIN:
-            lines.add(n)
+            if n >= TERMINAL_STATES and kinds[n] & (_PLAIN | _PATH) == _PLAIN and n not in tails:
+                tails.append(n)
+    lines: list[int] = []
+    s = t.start
+    for byte in TYPICAL_HEAD[:-2]:  # not the blank line's CRLF: it ends the head
+        s = t.step(s, byte)
+        if s < TERMINAL_STATES:
+            break
+        plain = kinds[s] & (_PLAIN | _PATH) == _PLAIN
+        if byte == ord("\n") and plain and s not in lines:
+            lines.append(s)
     return {"tails": tails, "lines": lines}
 
 
@@ -150,9 +166,11 @@ def literal_table(t: ScannerTables, kinds: list[int]) -> LiteralTable:
     """The scanner's literals (CORPUS where it fits) and a multiplier that gives each its own
     entry."""
     found: list[Literal] = []
+    # One literal per state and first word: the hash reads only the first word, so of
+    # `Content-Type: ` and `Content-Length`, the first in CORPUS has the entry.
     seen: set[tuple[int, bytes]] = set()
     for part, states in starting_states(t, kinds).items():
-        for state in sorted(states):
+        for state in states:
             for text in CORPUS[part]:
                 lit = _walk(t, kinds, state, text.encode())
                 if lit is not None and (state, lit.text[:8]) not in seen:
@@ -162,7 +180,7 @@ def literal_table(t: ScannerTables, kinds: list[int]) -> LiteralTable:
     for mul in MULTIPLIERS:
         kept: list[Literal] = []
         used: set[int] = set()
-        for lit in found:  # in CORPUS's order: the more common first
+        for lit in found:  # the more useful first: tails, then line states, in CORPUS order
             slot = slot_of(lit.state, lit.words()[0], mul)
             if slot not in used:
                 used.add(slot)

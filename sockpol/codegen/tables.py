@@ -67,7 +67,7 @@ SCAN_SCALARS = [
     "out_len", "pwalked", "spare1", "spare2", "spare3", "spare4", "path_too_long", "pstate",  # path
     "cand_off",  # where the path state's candidate rules start in cand_table
     "limit",  # bytes of the head the scan may read (the bytes pulled)
-    "pending",  # the byte at `pos` needs the slow path (scan_step)
+    "pending",  # the next call starts with the slow path (1) or literals (2): scan_step
 ]  # fmt: skip
 POINTER_FIELDS = set(SCAN_POINTERS)
 S = {name: i for i, name in enumerate(SCAN_POINTERS)}
@@ -95,8 +95,8 @@ STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP, STATE_PATH_NEXT = 1, 2, 4, 8
 # AND and a load; the kind is tested on the entry itself, with no load of its own. Rows take at
 # most 16 + 8 bits of state and class, plus 2, so bits 28 and up are free.
 TRANS_KIND_SHIFT = 28
-# And bit 30: the next state has literals (codegen/literals.py): a chunk that enters it ends
-# there, and the next call tries them. Such a state is plain, and keeps its PLAIN bit, so a
+# And bit 30: the next state has literals (codegen/literals.py): the chunk that enters it
+# tries one there (judge.scan_step). Such a state is plain, and keeps its PLAIN bit, so a
 # program that does not try literals (the lsm backend's) walks through it as through any.
 LITERAL_BIT = 1 << 30
 

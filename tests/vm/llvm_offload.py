@@ -10,8 +10,8 @@ the object's bytes (the guest runs the host's checkout and .venv, so the same so
 llvmlite). The guest still parses, checks and lowers every policy and builds its IR; it writes the
 IR text into the directory it shares with the host and waits for the object. The host's thread
 (`HostLLVM`) answers it with `elf.object_code_from_ir`. If no answer comes within
-`GUEST_WAIT` seconds (the host thread died, say), the guest compiles by itself, and says so on
-stderr: slower, never wrong, never hanging.
+`GUEST_WAIT` seconds (the host thread died, say), the guest process compiles by itself from
+then on, and says so on stderr: slower, never wrong, never hanging.
 
 The protocol: `<id>.ll` (the IR text, renamed into place once written), answered by `<id>.o`
 (the object) or `<id>.err` (LLVM's error, which the guest raises as its own compile would);
@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from types import ModuleType
 
@@ -73,20 +74,34 @@ class HostLLVM:
         from sockpol.codegen.elf import object_code_from_ir
 
         while not self._stop.is_set():
-            requests = sorted(p for p in self.directory.glob("*.ll") if not p.name.startswith("."))
-            if not requests:
-                self._stop.wait(POLL)
-                continue
+            try:
+                requests = sorted(
+                    p for p in self.directory.glob("*.ll") if not p.name.startswith(".")
+                )
+            except OSError:  # the directory is going away with the run
+                return
+            before = self.answered
             for request in requests:
+                if self._stop.is_set():
+                    return
                 started = time.monotonic()
                 try:
-                    answer, data = ".o", object_code_from_ir(request.read_text())
+                    text = request.read_text()
+                except OSError:  # withdrawn by a guest that gave up
+                    continue
+                try:
+                    answer, data = ".o", object_code_from_ir(text)
                 except Exception as e:  # LLVM's error goes to the guest, which raises it
                     answer, data = ".err", f"{type(e).__name__}: {e}".encode()
-                _publish(request.with_suffix(answer), data)
-                request.unlink(missing_ok=True)
+                try:
+                    _publish(request.with_suffix(answer), data)
+                    request.unlink(missing_ok=True)
+                except OSError:  # nobody to answer: the guest will compile by itself
+                    continue
                 self.answered += 1
                 self.seconds += time.monotonic() - started
+            if self.answered == before:  # nothing (or nothing answerable) came: wait a little
+                self._stop.wait(POLL)
 
 
 # --- the guest --------------------------------------------------------------------------------
@@ -97,11 +112,19 @@ class HostLLVMError(RuntimeError):
 
 
 _ids = itertools.count()
+# Set once the host has not answered in time: this process then compiles by itself, rather
+# than waiting GUEST_WAIT on every compile of a run whose host thread is gone.
+_host_silent = False
 
 
 def object_code_via_host(directory: Path, ir_text: str, local) -> bytes:
     """The object of `ir_text`, from the host; `local(ir_text)` if the host does not answer."""
-    name = f"{os.getpid()}-{next(_ids)}"
+    global _host_silent
+    if _host_silent:
+        return local(ir_text)
+    # The pid alone could repeat (pids wrap in a long guest run) and meet an answer left for a
+    # process that was killed while it waited.
+    name = f"{os.getpid()}-{next(_ids)}-{uuid.uuid4().hex}"
     request = directory / f"{name}.ll"
     _publish(request, ir_text.encode())
     deadline = time.monotonic() + GUEST_WAIT
@@ -116,8 +139,9 @@ def object_code_via_host(directory: Path, ir_text: str, local) -> bytes:
                 return data
         time.sleep(POLL)
     request.unlink(missing_ok=True)
-    print(f"llvm_offload: no answer from the host in {GUEST_WAIT:.0f} s; compiling here",
-          file=sys.stderr)  # fmt: skip
+    _host_silent = True
+    print(f"llvm_offload: no answer from the host in {GUEST_WAIT:.0f} s; compiling here "
+          "from now on", file=sys.stderr)  # fmt: skip
     return local(ir_text)
 
 

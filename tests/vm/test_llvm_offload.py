@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import llvm_offload
@@ -80,6 +81,22 @@ def test_a_silent_host_means_a_local_compile_not_a_hang(
         called.set()
         return b"local"
 
+    monkeypatch.setattr(llvm_offload, "_host_silent", False)
     assert llvm_offload.object_code_via_host(tmp_path, "ir", local) == b"local"
     assert called.is_set()
     assert list(tmp_path.iterdir()) == []  # the unanswered request is withdrawn
+    # Once silent, the host is not asked again: no second wait.
+    started = time.monotonic()
+    assert llvm_offload.object_code_via_host(tmp_path, "ir", local) == b"local"
+    assert time.monotonic() - started < 0.1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_host_thread_survives_a_request_it_cannot_answer_and_stops_promptly(
+    tmp_path: Path,
+) -> None:
+    with llvm_offload.HostLLVM(tmp_path) as service:
+        (tmp_path / "gone.ll").mkdir()  # unreadable as a file: skipped, the thread goes on
+        with pytest.raises(llvm_offload.HostLLVMError):
+            llvm_offload.object_code_via_host(tmp_path, "not IR", elf.object_code_from_ir)
+    assert not service._thread.is_alive()
