@@ -26,7 +26,14 @@ from sockpol.codegen.literals import (
 )
 from sockpol.codegen.lower import lower
 from sockpol.codegen.scanner import TERMINAL_STATES, ScannerTables
-from sockpol.codegen.tables import LITERAL_BIT, STATE_PATH, STATE_PLAIN, state_kinds, trans_entries
+from sockpol.codegen.tables import (
+    LITERAL_BIT,
+    STATE_PATH,
+    STATE_PLAIN,
+    plain_and_path_states,
+    state_kinds,
+    trans_entries,
+)
 from sockpol.dsl import load_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +49,7 @@ def scanner(text: str) -> ScannerTables:
 def mix() -> tuple[ScannerTables, list[int], LiteralTable]:
     t = scanner(policy_text("mix", 8080, issue_rules(10)))
     kinds = state_kinds(t)
-    return t, kinds, literal_table(t, kinds)
+    return t, kinds, literal_table(t, *plain_and_path_states(kinds))
 
 
 def test_a_literal_is_its_bytes_through_plain_states(mix) -> None:

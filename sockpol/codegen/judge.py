@@ -30,6 +30,7 @@ from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
 from sockpol.codegen.comb import PAYLOAD_MASK, TAG_SHIFT
 from sockpol.codegen.helpers import I1, I8, I32, I64, PTR, gep
 from sockpol.codegen.literals import (
+    ENTRY_WORDS,
     LITERAL_BITS,
     LITERAL_BYTES,
     STATE_MIX,
@@ -125,9 +126,8 @@ def exit_block(
     """A block of scan_step that stores what the call scanned (the fields `scanned()` computes
     in the block, in order, then `pending`: 0, or what the next call starts with: the byte at
     the stored position through the slow path, or literals) and ends the call; the builder
-    stays where it was. A block of its own per
-    byte of a chunk: with one shared exit, LLVM spilled the exit values to the stack on every
-    byte."""
+    stays where it was. A block of its own per byte of a chunk: with one shared exit, LLVM
+    spilled the exit values to the stack on every byte."""
     b = fx.b
     here = b.block
     out = fn.append_basic_block(name)
@@ -540,7 +540,12 @@ class JudgeCore:
         b = fx.b
         classes, dead = fx.config("path_classes"), fx.config("path_dead")
 
-        def leave(row: ir.Value, j: int, out_len: ir.Value, pstate: ir.Value) -> ir.Block:
+        def leave(
+            row: ir.Value, j: int, out_len: ir.Value, pstate: ir.Value, literals: bool = False
+        ) -> ir.Block:
+            """End the call before byte j, in the state of `row`: with that byte left to the
+            slow path (j < PATH_SCAN_CHUNK) or, with `literals`, the state's literals first."""
+
             def scanned() -> dict[str, ir.Value]:
                 return {
                     "state": state_of(row),
@@ -550,23 +555,11 @@ class JudgeCore:
                     "pstate": pstate,
                 }
 
+            if literals:
+                return exit_block(fx, fn, f"path_lit_out{j}", scanned, PENDING_LITERAL)
             return exit_block(
                 fx, fn, f"path_out{j}", scanned, PENDING_SLOW if j < PATH_SCAN_CHUNK else 0
             )
-
-        def leave_for_literals(
-            entry: ir.Value, j: int, out_len: ir.Value, pstate: ir.Value
-        ) -> ir.Block:
-            def scanned() -> dict[str, ir.Value]:
-                return {
-                    "state": state_of(entry),
-                    "pos": b.add(pos, I64(j + 1)),
-                    "out_len": out_len,
-                    "pwalked": out_len,
-                    "pstate": pstate,
-                }
-
-            return exit_block(fx, fn, f"path_lit_out{j}", scanned, PENDING_LITERAL)
 
         out_len, pstate = len0, fx.get("pstate")
         for j in range(PATH_SCAN_CHUNK):
@@ -583,7 +576,7 @@ class JudgeCore:
                 b.cbranch(b.icmp_unsigned("==", kind, I64(STATE_PATH)), moves, stops)
                 b.position_at_end(stops)
                 literal = b.icmp_unsigned("!=", b.and_(entry, I64(LITERAL_BIT)), I64(0))
-                b.cbranch(literal, leave_for_literals(entry, j, out_len, pstate), out)
+                b.cbranch(literal, leave(entry, j + 1, out_len, pstate, literals=True), out)
             else:
                 b.cbranch(b.icmp_unsigned("!=", kind, I64(STATE_PATH)), out, moves)
             b.position_at_end(moves)
@@ -655,7 +648,8 @@ class JudgeCore:
         slot = b.lshr(b.mul(key, mul), I64(64 - LITERAL_BITS))
 
         def word(i: int) -> ir.Value:
-            return fx.load_flat("literals", b.add(b.shl(slot, I64(3)), I64(i)), I64)
+            first = b.mul(slot, I64(ENTRY_WORDS))  # a shift: ENTRY_WORDS is a power of two
+            return fx.load_flat("literals", b.add(first, I64(i)), I64)
 
         e_w1, e_m1, e_w2, e_m2, e_state, e_target, e_len = (word(i) for i in range(7))
         hit = b.and_(

@@ -63,9 +63,6 @@ HEADER_NAMES = (
 )  # fmt: skip
 CORPUS = {"tails": REQUEST_TAILS, "lines": tuple(f"{n}: " for n in HEADER_NAMES)}
 
-# Kind bits the compiler passes in (tables.state_kinds): only plain states are walked through.
-_PLAIN, _PATH = 1, 2
-
 
 @dataclass(frozen=True)
 class Literal:
@@ -119,13 +116,13 @@ class LiteralTable:
         return state, 0
 
 
-def _walk(t: ScannerTables, kinds: list[int], state: int, text: bytes) -> Literal | None:
+def _walk(t: ScannerTables, plain: frozenset[int], state: int, text: bytes) -> Literal | None:
     """The longest prefix of `text` (LITERAL_BYTES at most) that moves through plain states only,
     if it is long enough to be a literal."""
     s, taken = state, 0
     for byte in text[:LITERAL_BYTES]:
         n = t.step(s, byte)
-        if n < TERMINAL_STATES or kinds[n] & (_PLAIN | _PATH) != _PLAIN:
+        if n not in plain:
             break
         s, taken = n, taken + 1
     return Literal(state, text[:taken], s) if taken >= LITERAL_MIN else None
@@ -140,39 +137,40 @@ TYPICAL_HEAD = (
 )
 
 
-def starting_states(t: ScannerTables, kinds: list[int]) -> dict[str, list[int]]:
+def starting_states(
+    t: ScannerTables, plain: frozenset[int], path: frozenset[int]
+) -> dict[str, list[int]]:
     """The states literals of each part of CORPUS are tried from, most useful first: after the
     SP that ends a request target (from a path state), and at the starts of TYPICAL_HEAD's
     header lines."""
     tails: list[int] = []
-    for s in range(TERMINAL_STATES, t.n_states):
-        if kinds[s] & _PATH:
-            n = t.step(s, ord(" "))
-            if n >= TERMINAL_STATES and kinds[n] & (_PLAIN | _PATH) == _PLAIN and n not in tails:
-                tails.append(n)
+    for s in sorted(path):
+        n = t.step(s, ord(" "))
+        if n in plain and n not in tails:
+            tails.append(n)
     lines: list[int] = []
     s = t.start
     for byte in TYPICAL_HEAD[:-2]:  # not the blank line's CRLF: it ends the head
         s = t.step(s, byte)
         if s < TERMINAL_STATES:
             break
-        plain = kinds[s] & (_PLAIN | _PATH) == _PLAIN
-        if byte == ord("\n") and plain and s not in lines:
+        if byte == ord("\n") and s in plain and s not in lines:
             lines.append(s)
     return {"tails": tails, "lines": lines}
 
 
-def literal_table(t: ScannerTables, kinds: list[int]) -> LiteralTable:
+def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int]) -> LiteralTable:
     """The scanner's literals (CORPUS where it fits) and a multiplier that gives each its own
-    entry."""
+    entry. `plain`: the states a byte may lead to and do nothing else (tables.state_kinds:
+    PLAIN, not PATH); `path`: the path's states."""
     found: list[Literal] = []
     # One literal per state and first word: the hash reads only the first word, so of
     # `Content-Type: ` and `Content-Length`, the first in CORPUS has the entry.
     seen: set[tuple[int, bytes]] = set()
-    for part, states in starting_states(t, kinds).items():
+    for part, states in starting_states(t, plain, path).items():
         for state in states:
             for text in CORPUS[part]:
-                lit = _walk(t, kinds, state, text.encode())
+                lit = _walk(t, plain, state, text.encode())
                 if lit is not None and (state, lit.text[:8]) not in seen:
                     seen.add((state, lit.text[:8]))
                     found.append(lit)

@@ -126,6 +126,14 @@ def state_kinds(t: ScannerTables) -> list[int]:
     return kinds
 
 
+def plain_and_path_states(kinds: list[int]) -> tuple[frozenset[int], frozenset[int]]:
+    """(the states that are PLAIN and not PATH, the PATH states): what codegen/literals.py
+    walks through and starts after."""
+    fast = STATE_PLAIN | STATE_PATH
+    plain = frozenset(s for s, k in enumerate(kinds) if k & fast == STATE_PLAIN)
+    return plain, frozenset(s for s, k in enumerate(kinds) if k & STATE_PATH)
+
+
 def trans_entries(
     t: ScannerTables, kinds: list[int], literal_states: frozenset[int] = frozenset()
 ) -> list[int]:
@@ -230,7 +238,7 @@ class Tables:
         }
         statuses = ir_.policy.answers()
         kinds = state_kinds(t)
-        self.literals = literal_table(t, kinds)
+        self.literals = literal_table(t, *plain_and_path_states(kinds))
         hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
         def words(rows: list[list[int]]) -> ir.Constant:

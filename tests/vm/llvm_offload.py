@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
-import itertools
 import os
 import sys
 import threading
@@ -111,7 +110,6 @@ class HostLLVMError(RuntimeError):
     """LLVM on the host refused the module (it would have refused it in the guest too)."""
 
 
-_ids = itertools.count()
 # Set once the host has not answered in time: this process then compiles by itself, rather
 # than waiting GUEST_WAIT on every compile of a run whose host thread is gone.
 _host_silent = False
@@ -122,9 +120,9 @@ def object_code_via_host(directory: Path, ir_text: str, local) -> bytes:
     global _host_silent
     if _host_silent:
         return local(ir_text)
-    # The pid alone could repeat (pids wrap in a long guest run) and meet an answer left for a
-    # process that was killed while it waited.
-    name = f"{os.getpid()}-{next(_ids)}-{uuid.uuid4().hex}"
+    # Not the pid alone: pids wrap in a long guest run, and a name could meet an answer left
+    # for a process that was killed while it waited.
+    name = f"{os.getpid()}-{uuid.uuid4().hex}"
     request = directory / f"{name}.ll"
     _publish(request, ir_text.encode())
     deadline = time.monotonic() + GUEST_WAIT
