@@ -85,6 +85,13 @@ def call(builder: ir.IRBuilder, helper: Helper, *args: ir.Value) -> ir.Value:
     return builder.call(target, list(args), name=helper.name)
 
 
+def memory_barrier(builder: ir.IRBuilder) -> None:
+    """An empty asm statement that clobbers memory: LLVM reads memory afresh after it (the value
+    a load then yields is what the verifier knows of map memory: nothing)."""
+    asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True)
+    builder.call(asm, [])
+
+
 def opaque(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
     """`value`, with what LLVM knows of it forgotten (llvm.bpf.passthrough, which the BPF
     backend drops after optimizing): a mask applied to the result stays in the code even where

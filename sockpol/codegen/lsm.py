@@ -160,7 +160,12 @@ class LsmBackend:
         self.tables = Tables(self.ob, ir_)
         self.rec = Recorder(self.ob, self.tables, window=LSM_WINDOW)
         self.judge = JudgeCore(
-            self.ob, self.tables, window=LSM_WINDOW, path_chunks=False, literals=False
+            self.ob,
+            self.tables,
+            window=LSM_WINDOW,
+            path_chunks=False,
+            literals=False,
+            fewer_calls=False,
         )
         self.tls = TlsWalk(self.rec)
         self.layout = layout or {f: 0 for f in kernelbtf.LAYOUT_FIELDS}

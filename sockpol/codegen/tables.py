@@ -23,7 +23,7 @@ from sockpol.codegen.irconst import int_array, word_rows
 from sockpol.codegen.literals import literal_table
 from sockpol.codegen.lower import MAX_FACT_WORDS, MatcherIR
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
-from sockpol.codegen.scanner import FLAG_PATH_BYTE, TERMINAL_STATES, ScannerTables
+from sockpol.codegen.scanner import END, FLAG_PATH_BYTE, TERMINAL_STATES, ScannerTables
 from sockpol.contract import (
     ANSWER_BYTES,
     ANSWER_ROWS,
@@ -238,6 +238,8 @@ class Tables:
         }
         statuses = ir_.policy.answers()
         kinds = state_kinds(t)
+        # The chunk ends the walk at END itself, doing nothing else there (judge.scan_step).
+        assert t.info[END] == 0, "the head's end has no facts or flags"
         self.literals = literal_table(t, *plain_and_path_states(kinds))
         hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
