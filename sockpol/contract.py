@@ -108,8 +108,9 @@ UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # them at fixed offsets with fixed element sizes: only tables of the same layout fit. 1: objects
 # from before the field (two-byte `trans` entries holding the next state); 2: four-byte entries
 # holding the next state's row offset and kind bits (codegen/tables.py TRANS_KIND_SHIFT); 3: the
-# literals table before `trans`, and LITERAL_BIT in its entries (codegen/literals.py).
-TABLE_LAYOUT = 3
+# literals table before `trans`, and LITERAL_BIT in its entries (codegen/literals.py); 4: twice
+# the literal entries, each with the fact set of its end (methods).
+TABLE_LAYOUT = 4
 
 # --- limits the program enforces (and the reference interpreter with it) -----------------------
 

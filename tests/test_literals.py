@@ -19,8 +19,11 @@ from sockpol.codegen.literals import (
     LITERAL_BYTES,
     LITERAL_MIN,
     LITERAL_SLOTS,
+    METHOD_MIN,
+    METHODS,
     NO_STATE,
     LiteralTable,
+    key_word,
     literal_table,
     slot_of,
 )
@@ -56,12 +59,45 @@ def test_a_literal_is_its_bytes_through_plain_states(mix) -> None:
     t, kinds, table = mix
     assert table.literals
     for lit in table.literals:
-        assert LITERAL_MIN <= len(lit.text) <= LITERAL_BYTES
+        if lit.state == t.start:
+            continue  # methods: the next test
+        assert LITERAL_MIN <= len(lit.text) <= LITERAL_BYTES and lit.facts == 0
         s = lit.state
         for byte in lit.text:
             s = t.step(s, byte)
             assert s >= TERMINAL_STATES and kinds[s] & (STATE_PLAIN | STATE_PATH) == STATE_PLAIN
         assert s == lit.target
+
+
+def test_a_method_literal_is_its_bytes_and_the_facts_of_its_sp(mix) -> None:
+    """From the start state: the method's bytes through plain states, then its SP into the
+    state whose only work is the facts the literal carries (what the slow path would add)."""
+    t, kinds, table = mix
+    methods = {lit.text: lit for lit in table.literals if lit.state == t.start}
+    assert {f"{m} ".encode() for m in METHODS} <= set(methods)
+    facts = set()
+    for text, lit in methods.items():
+        assert METHOD_MIN <= len(text) <= 8
+        s = t.start
+        for byte in text[:-1]:
+            s = t.step(s, byte)
+            assert kinds[s] & (STATE_PLAIN | STATE_PATH) == STATE_PLAIN
+        s = t.step(s, text[-1])
+        assert s == lit.target and t.info[s] == lit.facts
+        facts.add(lit.facts)
+    assert len(facts) > 1  # the policy tells methods apart: their literals do too
+
+
+def test_the_start_state_is_keyed_by_four_bytes(mix) -> None:
+    """`GET /a` and `GET /b` find the same entry; the chunk never tries the start state's."""
+    t, _, table = mix
+    for path in (b"/a HTTP/1.1\r\n\r\n", b"/static/x HTTP/1.1\r\n"):
+        assert table.take(t.start, b"GET " + path)[:2] == (methods_target(table, t), 4)
+    assert t.start not in table.chunk_states
+
+
+def methods_target(table: LiteralTable, t: ScannerTables) -> int:
+    return next(lit.target for lit in table.literals if lit.text == b"GET ")
 
 
 def test_the_mix_heads_literals_are_found(mix) -> None:
@@ -77,8 +113,8 @@ def test_each_literal_sits_where_its_hash_points(mix) -> None:
     assert len(rows) == LITERAL_SLOTS * ENTRY_WORDS
     for lit in table.literals:
         w1, m1, w2, m2 = lit.words()
-        at = slot_of(lit.state, w1, table.mul) * ENTRY_WORDS
-        entry = [w1, m1, w2, m2, lit.state, lit.target, len(lit.text), 0]
+        at = slot_of(lit.state, key_word(lit.state, w1, table.start), table.mul) * ENTRY_WORDS
+        entry = [w1, m1, w2, m2, lit.state, lit.target, len(lit.text), lit.facts]
         assert rows[at : at + ENTRY_WORDS] == entry
     empty = sum(rows[i * ENTRY_WORDS + 4] == NO_STATE for i in range(LITERAL_SLOTS))
     assert empty == LITERAL_SLOTS - len(table.literals)
@@ -86,9 +122,9 @@ def test_each_literal_sits_where_its_hash_points(mix) -> None:
 
 def test_trans_entries_mark_the_states_with_literals(mix) -> None:
     t, kinds, table = mix
-    entries = trans_entries(t, kinds, table.states)
+    entries = trans_entries(t, kinds, table.chunk_states)
     for target, entry in zip(t.trans, entries, strict=True):
-        assert bool(entry & LITERAL_BIT) == (target in table.states)
+        assert bool(entry & LITERAL_BIT) == (target in table.states and target != t.start)
 
 
 def walk(t: ScannerTables, state: int, head: bytes) -> int:
@@ -105,7 +141,7 @@ def walk_with_literals(t: ScannerTables, table: LiteralTable, state: int, head: 
     while i < len(head) and state >= TERMINAL_STATES:
         if state in table.states:
             for _ in range(2):
-                state, taken = table.take(state, head[i:])
+                state, taken, _ = table.take(state, head[i:])
                 i += taken
                 if not taken:
                     break

@@ -233,7 +233,7 @@ class SkMsgBackend:
         # instead of following exact values (out_len 1, 2, 3, ...) byte by byte until it gives up
         # ("the sequence of 8193 jumps is too complex").
         zero = fx.config("zero")
-        JudgeCore.begin(fx, start, zero)
+        JudgeCore.begin(fx, start, zero, literals=self.judge.literals)
         with b.if_then(b.icmp_unsigned("==", kind, I64(RESUME_UNJUDGED)), likely=False):
             finish(self.rec.unjudged(b, msg, resume, mode), I32(0))  # dry-run left it so
         with b.if_then(b.icmp_unsigned("==", kind, I64(tls.RESUME_TLS_PASS)), likely=False):

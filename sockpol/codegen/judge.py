@@ -33,6 +33,7 @@ from sockpol.codegen.literals import (
     ENTRY_WORDS,
     LITERAL_BITS,
     LITERAL_BYTES,
+    METHOD_KEY_BYTES,
     STATE_MIX,
 )
 from sockpol.codegen.objbuilder import ObjectBuilder
@@ -198,11 +199,14 @@ class JudgeCore:
         )
 
     @staticmethod
-    def begin(fx: Fn, start: ir.Value, zero: ir.Value) -> None:
+    def begin(fx: Fn, start: ir.Value, zero: ir.Value, literals: bool = False) -> None:
         """The scan's initial values for a head (or chunk line) read afresh. `zero` comes from
-        the tables, not a constant (emit.py says why)."""
+        the tables, not a constant (emit.py says why). With `literals`, the first call tries
+        the start state's (a request's method: codegen/literals.py)."""
         for name in SCAN_SCALARS:
             fx.put(name, zero)
+        if literals:
+            fx.put("pending", PENDING_LITERAL)
         fx.put("state", start)
         fx.put("rule", I64(NO_RULE))
         fx.put("pstate", fx.config("path_start"))
@@ -564,7 +568,7 @@ class JudgeCore:
                 b.cbranch(short, moves, looking)
                 b.position_at_end(looking)
                 mul = fx.load_flat("lit_mul", I64(0), I64)
-                hit, target, length = self.literal_lookup(fx, q, state_of(entry), mul)
+                hit, target, length, _ = self.literal_lookup(fx, q, state_of(entry), mul)
                 b.cbranch(hit, leave_after_literal(target, j + 1, length, out_len), moves)
             else:
                 b.cbranch(b.icmp_unsigned("==", kind, I64(0)), out, moves)
@@ -652,6 +656,11 @@ class JudgeCore:
         b.position_at_end(done)
         end_state, end_pos = b.phi(I64, "lit_state"), b.phi(I64, "lit_pos")
         b.position_at_end(here)
+        # The start state's key is four bytes (methods, literals.key_word): the mask without a
+        # branch (`state ^ start` is 0 only there, and below 2**32).
+        is_start = b.lshr(h.opaque(b, b.sub(b.xor(state, fx.config("start")), I64(1))), I64(63))
+        short_key = I64(((1 << 64) - 1) ^ ((1 << 8 * METHOD_KEY_BYTES) - 1))
+        key_mask = b.xor(b.mul(is_start, short_key), I64((1 << 64) - 1))
         for k in range(LITERAL_TRIES):
             bounded = fn.append_basic_block(f"lit{k}_bounded")
             inside = fn.append_basic_block(f"lit{k}")
@@ -665,13 +674,18 @@ class JudgeCore:
             beyond = b.icmp_unsigned(">", b.gep(p, [I64(LITERAL_BYTES)], source_etype=I8), data_end)
             b.cbranch(beyond, done, inside)
             b.position_at_end(inside)
-            hit, e_target, e_len = self.literal_lookup(fx, p, state, mul)
+            # Only the first try can be from the start state (no literal ends there).
+            hit, e_target, e_len, e_facts = self.literal_lookup(
+                fx, p, state, mul, key_mask if k == 0 else None
+            )
             if k + 1 < LITERAL_TRIES:
                 go_on = fn.append_basic_block(f"lit{k}_hit")
                 end_state.add_incoming(state, b.block)
                 end_pos.add_incoming(pos, b.block)
                 b.cbranch(hit, go_on, done)
                 b.position_at_end(go_on)
+                if k == 0:  # a method's facts, as the slow path adds them at its SP (else 0)
+                    fx.or_factset(e_facts)
                 state, pos = e_target, b.add(pos, e_len)
             else:
                 state = b.select(hit, e_target, state)
@@ -686,16 +700,18 @@ class JudgeCore:
 
     @staticmethod
     def literal_lookup(
-        fx: Fn, p: ir.Value, state: ir.Value, mul: ir.Value
-    ) -> tuple[ir.Value, ir.Value, ir.Value]:
-        """(hit, the literal's end state, its length) for the head at `p` (LITERAL_BYTES
-        readable: the caller checked) from `state`: two words compared, masked, with the entry
-        that the state and the first word hash to (literals.slot_of)."""
+        fx: Fn, p: ir.Value, state: ir.Value, mul: ir.Value, key_mask: ir.Value | None = None
+    ) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+        """(hit, the literal's end state, its length, its fact set) for the head at `p`
+        (LITERAL_BYTES readable: the caller checked) from `state`: two words compared, masked,
+        with the entry that the state and the first word (masked with `key_mask`:
+        literals.key_word) hash to (literals.slot_of)."""
         b = fx.b
         # Eight-byte loads, as in skip_words (align 8: BPF has no unaligned type).
         w1 = b.load(p, typ=I64, align=8)
         w2 = b.load(b.gep(p, [I64(8)], source_etype=I8), typ=I64, align=8)
-        key = b.add(w1, b.mul(state, I64(STATE_MIX)))
+        key_part = w1 if key_mask is None else b.and_(w1, key_mask)
+        key = b.add(key_part, b.mul(state, I64(STATE_MIX)))
         slot = b.lshr(b.mul(key, mul), I64(64 - LITERAL_BITS))
 
         def word(i: int) -> ir.Value:
@@ -710,7 +726,7 @@ class JudgeCore:
             ),
             b.icmp_unsigned("==", e_state, state),
         )
-        return hit, e_target, e_len
+        return hit, e_target, e_len, word(7)
 
     def skip_words(self, fx: Fn, fn: ir.Function, pos, p, limit, data_end) -> ir.Block | None:
         """In a state that loops on every byte from 0x20 to 0x7E (a header value no condition

@@ -26,17 +26,24 @@ SP after the path, and the next call tries the version. Which states have litera
 compiler's choice, from `CORPUS`: the states after a request target's SP and the states at the
 start of a typical head's header lines (`starting_states`); a state where no literal of the
 corpus fits is not marked, and costs nothing.
+
+Methods: the first call of a run tries the literals of the head's start state, the request
+methods with their SP (`GET `). Their last byte leads to a state with facts (the method's), so
+an entry carries the fact set of its end (word 7, 0 for the others: the empty set), which a hit
+adds. They are keyed by their first four bytes (standard methods differ there; `GET ` has no
+more), so the start state's key is the first word masked to four bytes: `key_word`. The chunk
+never tries them: the bit that tells it a state has literals is left off the start state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sockpol.codegen.scanner import TERMINAL_STATES, ScannerTables
+from sockpol.codegen.scanner import EMIT_MASK, TERMINAL_STATES, ScannerTables
 
 LITERAL_BYTES = 16  # two words
 LITERAL_MIN = 8  # the hash reads the first word whole
-LITERAL_BITS = 6
+LITERAL_BITS = 7
 LITERAL_SLOTS = 1 << LITERAL_BITS
 ENTRY_WORDS = 8
 NO_STATE = (1 << 64) - 1
@@ -61,14 +68,24 @@ HEADER_NAMES = (
     "user-agent", "accept", "accept-encoding", "accept-language", "connection",
     "content-type", "content-length", "authorization",
 )  # fmt: skip
-CORPUS = {"tails": REQUEST_TAILS, "lines": tuple(f"{n}: " for n in HEADER_NAMES)}
+# At a head's start: the methods, with the SP after them (a method's literal ends in the state
+# that carries its facts).
+METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS")
+METHOD_KEY_BYTES = 4
+METHOD_MIN = 4  # `GET `, `PUT `
+CORPUS = {
+    "methods": tuple(f"{m} " for m in METHODS),
+    "tails": REQUEST_TAILS,
+    "lines": tuple(f"{n}: " for n in HEADER_NAMES),
+}
 
 
 @dataclass(frozen=True)
 class Literal:
     state: int
-    text: bytes  # LITERAL_MIN to LITERAL_BYTES bytes
+    text: bytes  # LITERAL_MIN to LITERAL_BYTES bytes (a method's: METHOD_MIN)
     target: int
+    facts: int = 0  # the fact set (its index) of the target: a method's
 
     def words(self) -> tuple[int, int, int, int]:
         """(w1, m1, w2, m2): the literal's two little-endian words and their masks."""
@@ -80,40 +97,59 @@ class Literal:
 
 
 def slot_of(state: int, first_word: int, mul: int) -> int:
-    """The entry of (state, the head's next eight bytes): judge.scan_step computes the same."""
+    """The entry of (state, the head's next eight bytes, or its key_word): judge.scan_step
+    computes the same."""
     key = (first_word + state * STATE_MIX) & MASK64
     return ((key * mul) & MASK64) >> (64 - LITERAL_BITS)
+
+
+def key_word(state: int, first_word: int, start: int) -> int:
+    """The part of the head's first word that the hash reads: four bytes from the start
+    state (methods), all eight elsewhere."""
+    return first_word & ((1 << 8 * METHOD_KEY_BYTES) - 1) if state == start else first_word
 
 
 @dataclass(frozen=True)
 class LiteralTable:
     mul: int
     literals: tuple[Literal, ...]
+    start: int  # the head's start state: its literals (methods) are keyed by four bytes
 
     @property
     def states(self) -> frozenset[int]:
         return frozenset(lit.state for lit in self.literals)
+
+    @property
+    def chunk_states(self) -> frozenset[int]:
+        """The states whose `trans` entries tell the chunk to try literals: not the start
+        state (its literals are tried by a run's first call, keyed otherwise)."""
+        return self.states - {self.start}
+
+    def slot(self, lit: Literal) -> int:
+        return slot_of(lit.state, key_word(lit.state, lit.words()[0], self.start), self.mul)
 
     def rows(self) -> list[int]:
         """The table's words, LITERAL_SLOTS entries of ENTRY_WORDS."""
         out = [0, 0, 0, 0, NO_STATE, 0, 0, 0] * LITERAL_SLOTS
         for lit in self.literals:
             w1, m1, w2, m2 = lit.words()
-            at = slot_of(lit.state, w1, self.mul) * ENTRY_WORDS
-            out[at : at + ENTRY_WORDS] = [w1, m1, w2, m2, lit.state, lit.target, len(lit.text), 0]
+            at = self.slot(lit) * ENTRY_WORDS
+            out[at : at + ENTRY_WORDS] = [
+                w1, m1, w2, m2, lit.state, lit.target, len(lit.text), lit.facts
+            ]  # fmt: skip
         return out
 
-    def take(self, state: int, head: bytes) -> tuple[int, int]:
-        """(state, bytes taken) after the literal at the start of `head`, as the program does
-        one attempt: (state, 0) when there is none."""
+    def take(self, state: int, head: bytes) -> tuple[int, int, int]:
+        """(state, bytes taken, fact set added) after the literal at the start of `head`, as
+        the program does one attempt: (state, 0, 0) when there is none."""
         if len(head) < LITERAL_BYTES:
-            return state, 0
+            return state, 0, 0
         w1 = int.from_bytes(head[:8], "little")
         for lit in self.literals:
             if lit.state == state and head.startswith(lit.text):
-                assert slot_of(state, w1, self.mul) == slot_of(lit.state, lit.words()[0], self.mul)
-                return lit.target, len(lit.text)
-        return state, 0
+                assert slot_of(state, key_word(state, w1, self.start), self.mul) == self.slot(lit)
+                return lit.target, len(lit.text), lit.facts
+        return state, 0, 0
 
 
 def _walk(t: ScannerTables, plain: frozenset[int], state: int, text: bytes) -> Literal | None:
@@ -128,6 +164,24 @@ def _walk(t: ScannerTables, plain: frozenset[int], state: int, text: bytes) -> L
     return Literal(state, text[:taken], s) if taken >= LITERAL_MIN else None
 
 
+def _walk_method(
+    t: ScannerTables, plain: frozenset[int], state: int, text: bytes
+) -> Literal | None:
+    """A method and its SP, if every byte but the SP moves through plain states and the SP
+    leads to a state whose only work is facts (the slow path would add them and do nothing
+    else)."""
+    s = state
+    for byte in text[:-1]:
+        s = t.step(s, byte)
+        if s not in plain:
+            return None
+    s = t.step(s, text[-1])
+    info = t.info[s]
+    if s < TERMINAL_STATES or info & ~EMIT_MASK or not METHOD_MIN <= len(text) <= 8:
+        return None
+    return Literal(state, text, s, info & EMIT_MASK)
+
+
 # A head as clients send them: the states at the start of its header lines are where header
 # names are tried. (Other states after a LF, such as a chunked body's trailer lines or a request
 # line after a stray CRLF, would take entries that ordinary heads never use.)
@@ -140,9 +194,9 @@ TYPICAL_HEAD = (
 def starting_states(
     t: ScannerTables, plain: frozenset[int], path: frozenset[int]
 ) -> dict[str, list[int]]:
-    """The states literals of each part of CORPUS are tried from, most useful first: after the
-    SP that ends a request target (from a path state), and at the starts of TYPICAL_HEAD's
-    header lines."""
+    """The states literals of each part of CORPUS are tried from, most useful first: the
+    head's start, after the SP that ends a request target (from a path state), and at the
+    starts of TYPICAL_HEAD's header lines."""
     tails: list[int] = []
     for s in sorted(path):
         n = t.step(s, ord(" "))
@@ -156,7 +210,7 @@ def starting_states(
             break
         if byte == ord("\n") and s in plain and s not in lines:
             lines.append(s)
-    return {"tails": tails, "lines": lines}
+    return {"methods": [t.start], "tails": tails, "lines": lines}
 
 
 def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int]) -> LiteralTable:
@@ -164,27 +218,30 @@ def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int])
     entry. `plain`: the states a byte may lead to and do nothing else (tables.state_kinds:
     PLAIN, not PATH); `path`: the path's states."""
     found: list[Literal] = []
-    # One literal per state and first word: the hash reads only the first word, so of
-    # `Content-Type: ` and `Content-Length`, the first in CORPUS has the entry.
+    # One literal per state and key: the hash reads only the first word (four bytes of it from
+    # the start state), so of `Content-Type: ` and `Content-Length`, the first in CORPUS has
+    # the entry.
     seen: set[tuple[int, bytes]] = set()
     for part, states in starting_states(t, plain, path).items():
+        walk = _walk_method if part == "methods" else _walk
         for state in states:
             for text in CORPUS[part]:
-                lit = _walk(t, plain, state, text.encode())
-                if lit is not None and (state, lit.text[:8]) not in seen:
-                    seen.add((state, lit.text[:8]))
+                lit = walk(t, plain, state, text.encode())
+                key = lit and lit.text[: METHOD_KEY_BYTES if state == t.start else 8]
+                if lit is not None and (state, key) not in seen:
+                    seen.add((state, key))
                     found.append(lit)
     best: LiteralTable | None = None
     for mul in MULTIPLIERS:
         kept: list[Literal] = []
         used: set[int] = set()
-        for lit in found:  # the more useful first: tails, then line states, in CORPUS order
-            slot = slot_of(lit.state, lit.words()[0], mul)
+        for lit in found:  # the more useful first: methods, tails, line states, as in CORPUS
+            slot = LiteralTable(mul, (), t.start).slot(lit)
             if slot not in used:
                 used.add(slot)
                 kept.append(lit)
         if best is None or len(kept) > len(best.literals):
-            best = LiteralTable(mul, tuple(kept))
+            best = LiteralTable(mul, tuple(kept), t.start)
         if len(kept) == len(found):
             break
     assert best is not None

@@ -243,7 +243,7 @@ class SkSkbBackend:
         b.cbranch(b.icmp_unsigned("==", head_in, I64(0)), fresh, scan_it)
         b.position_at_end(fresh)
         zero = fx.config("zero")
-        JudgeCore.begin(fx, JudgeCore.start_state(fx, kind), zero)
+        JudgeCore.begin(fx, JudgeCore.start_state(fx, kind), zero, literals=self.judge.literals)
         b.branch(scan_it)
         b.position_at_end(scan_it)
         fx.put("pos", at)

@@ -257,7 +257,7 @@ class Tables:
             # call that tries them, before `trans` so that its offset stays a displacement.
             "literals": array(I64, self.literals.rows()),
             "lit_mul": array(I64, [self.literals.mul]),
-            "trans": array(I32, trans_entries(t, kinds, self.literals.states)),
+            "trans": array(I32, trans_entries(t, kinds, self.literals.chunk_states)),
             # Per state: STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP bits, else 0.
             "state_kind": array(I8, kinds),
             "info": array(I32, t.info),
