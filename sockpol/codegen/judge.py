@@ -74,10 +74,13 @@ from sockpol.telemetry import NO_RULE, SLOT_DEFAULT, SLOT_RULES
 COUNTED_FLAGS = FLAG_CL_DIGIT | FLAG_HEX_DIGIT | SINGLETON_FLAGS
 # Bytes of the head per call of the scan's bpf_loop callback, at most (scan_step).
 SCAN_CHUNK = 32
-# Bytes per call of its path chunk: most paths are shorter, calls cost little (docs/design.md),
-# and a chunk of 32 took the verifier a third more instructions (28,744 against 21,589 on
-# 6.18.44) and LLVM longer, which the VM tests pay on every compile under TCG.
-PATH_SCAN_CHUNK = 16
+# Bytes per call of its path chunk. 16 was first (a chunk of 32 took the verifier a third more
+# instructions then); once a call boundary was found to cost about 14 ns, 32 measured 16 ns
+# faster on the mix, whose paths are 8 to 23 bytes (541 -> 525 ns, A/B), for 3,300
+# verifier instructions more (27,494 -> 30,821 on 6.18.44; docs/design.md).
+PATH_SCAN_CHUNK = 32
+# The fast paths append path bytes unchecked while the path has room for SCAN_CHUNK more.
+assert PATH_SCAN_CHUNK <= SCAN_CHUNK
 # Words of eight bytes that scan_step skips at most per call in a state looping on them.
 SKIP_WORDS = 4
 SPACES, ONES, TOPS = (int.from_bytes(bytes([c]) * 8, "little") for c in (0x20, 0x01, 0x80))
