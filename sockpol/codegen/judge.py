@@ -447,6 +447,20 @@ class JudgeCore:
         pos = fx.get("pos")
         p = window(pos, self.read_ahead)
         limit = fx.get("limit")
+
+        def reenter() -> tuple[ir.Value, ir.Value]:
+            """The position stored, read back behind a barrier for a chunk that goes on in
+            the same call; a position within the last read_ahead bytes of the window is the
+            next call's (its slow path's), as at a call's start (a chunk from there would stop
+            the walk at the window's test: tests/kernel/test_differential.py, heads that end
+            in the window's last bytes)."""
+            h.memory_barrier(b)
+            at = fx.get("pos")
+            on = fn.append_basic_block("reentered")
+            b.cbranch(b.icmp_unsigned(">", at, near_end), next_call, on)
+            b.position_at_end(on)
+            return at, window(at, self.read_ahead)
+
         skipped = self.skip_words(fx, fn, pos, p, limit, data_end)
         if skipped is not None:
             # After skipped words, the chunk goes on from there in the same call. Its position
@@ -458,9 +472,7 @@ class JudgeCore:
             join = fn.append_basic_block("skip_join")
             b.branch(join)
             b.position_at_end(skipped)
-            h.memory_barrier(b)
-            pos2 = fx.get("pos")
-            p2 = window(pos2, self.read_ahead)
+            pos2, p2 = reenter()
             from_skip = b.block
             b.branch(join)
             b.position_at_end(join)

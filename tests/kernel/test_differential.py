@@ -44,6 +44,7 @@ from policygen import ConnectionSpec, PolicySpec, RuleSpec, connections, policie
 
 from sockpol import runtime  # noqa: E402
 from sockpol.compiler import compile_source  # noqa: E402
+from sockpol.contract import MAX_SCAN  # noqa: E402
 from sockpol.dsl.ast import Mode  # noqa: E402
 from sockpol.model.interp import Connection  # noqa: E402
 
@@ -318,4 +319,27 @@ def test_kernel_agrees_on_paths_near_and_past_the_path_limit(rig: Rig) -> None:
     conns = [RawConnection((_get(path),)) for path in [LONG_A, LONG_B, *near_misses, *catch_all]]
     conns.append(RawConnection((_get(LONG_A) + _get(LONG_B) + _get("/r/x"),)))  # pipelined
     conns.append(RawConnection((_get(LONG_B)[:1000], _get(LONG_B)[1000:])))  # split
+    _check(rig, spec, conns, [None] * len(conns))
+
+
+def _long_value_head(length: int, shift: int = 0) -> bytes:
+    """A head of exactly `length` bytes whose last header's value (no rule reads it) the scan
+    skips eight bytes at a time, up to the head's last few bytes; `shift` moves where the value
+    starts (a longer path), so the calls' positions fall differently against the window's end."""
+    start = f"GET /r/{'x' * (1 + shift)} HTTP/1.1\r\nHost: a\r\nUser-Agent: ".encode()
+    return start + b"a" * (length - len(start) - 4) + b"\r\n\r\n"
+
+
+def test_kernel_agrees_on_heads_that_end_in_the_windows_last_bytes(rig: Rig) -> None:
+    """A call that goes on after skipped words (or after a path) must leave the last bytes of
+    the 64 KiB window to the next call's slow path, as a call's start does: heads that end
+    there, after a value skipped up to them, are judged like any other, whatever the calls'
+    positions (a call walks 64 bytes of such a value: 32 skipped, 32 byte by byte); one byte
+    past the window is too large."""
+    spec = PolicySpec("window", (("{PORT}",),), "deny", "64KiB", LONG_RULES, mode=None)
+    lengths = [MAX_SCAN - 40, MAX_SCAN - 9, MAX_SCAN - 1, MAX_SCAN]
+    conns = [
+        RawConnection((_long_value_head(n, shift),)) for n in lengths for shift in range(0, 64, 5)
+    ]
+    conns.append(RawConnection((_long_value_head(MAX_SCAN + 1),)))
     _check(rig, spec, conns, [None] * len(conns))
