@@ -112,6 +112,7 @@ def verify(obj: bytes) -> Verification:
         f.write(obj)
         f.flush()
         programs = []
+        arrays: list[libbpf.ProgArrayRef] = []
         try:
             with libbpf.BpfObject.open_file(f.name) as o:
                 programs = o.programs()
@@ -119,6 +120,9 @@ def verify(obj: bytes) -> Verification:
                     prog.capture_log()
                 _kernel_layout(o)
                 o.load()
+                # Closed after the object (in `finally`), once its programs are gone: a
+                # program array must not outlive its last user reference (ProgArrayRef).
+                arrays = o.hold_prog_arrays()
                 return Verification(
                     {p.name: libbpf.prog_info(p.fd()).verified_insns for p in programs}
                 )
@@ -132,6 +136,9 @@ def verify(obj: bytes) -> Verification:
                 processed_count(refused.log),
                 tuple(verifier_tail(refused.log, 8)),
             )
+        finally:
+            for array in arrays:
+                array.close()
 
 
 def _kernel_layout(o) -> None:

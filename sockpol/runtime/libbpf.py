@@ -20,7 +20,8 @@ import errno as errno_mod
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from ctypes import (
     CFUNCTYPE,
@@ -36,11 +37,13 @@ from ctypes import (
     c_void_p,
 )
 from dataclasses import dataclass
+from typing import Any
 
 from sockpol.contract import (  # noqa: F401 -- re-exported for the runtime
     BPF_CGROUP_SOCK_OPS,
     BPF_LSM_MAC,
     BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_PROG_ARRAY,
     BPF_MAP_TYPE_SOCKHASH,
     BPF_PROG_TYPE_LSM,
     BPF_PROG_TYPE_SK_MSG,
@@ -205,6 +208,10 @@ def _declare(so: ctypes.CDLL) -> None:
         "bpf_map_delete_elem": (c_int, [c_int, p]),
         "bpf_map_get_next_key": (c_int, [c_int, p, p]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, p, POINTER(c_uint32)]),
+        "bpf_prog_get_next_id": (c_int, [c_uint32, POINTER(c_uint32)]),
+        "bpf_map_get_next_id": (c_int, [c_uint32, POINTER(c_uint32)]),
+        "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
+        "bpf_map_get_fd_by_id": (c_int, [c_uint32]),  # (tests; see ProgArrayRef before using)
         "libbpf_num_possible_cpus": (c_int, []),
         "ring_buffer__new": (p, [c_int, RINGBUF_SAMPLE_FN, p, p]),
         "ring_buffer__add": (c_int, [p, c_int, RINGBUF_SAMPLE_FN, p]),
@@ -406,6 +413,17 @@ class BpfObject:
 
     def load(self) -> None:
         _check("bpf_object__load", lib().bpf_object__load(self.ptr))
+
+    def hold_prog_arrays(self, skip: frozenset[str] = frozenset()) -> list[ProgArrayRef]:
+        """A reference of our own to each program array the object created (but `skip`), taken
+        while its programs are still loaded: to be closed after `close()` (see ProgArrayRef)."""
+        held = []
+        for m in self.maps():
+            if m.type == BPF_MAP_TYPE_PROG_ARRAY and m.name not in skip:
+                fd = lib().bpf_map__fd(m._ptr)  # < 0: never created, or closed by a failed load
+                if fd >= 0:
+                    held.append(ProgArrayRef(os.dup(fd)))
+        return held
 
     def close(self) -> None:
         if self._ptr is not None:
@@ -738,3 +756,125 @@ def link_info(fd: int) -> LinkInfo:
         cgroup_id=info.cgroup_id if is_cgroup else None,
         attach_type=info.attach_type if is_cgroup else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ids, and the last reference to a program array
+
+
+def _walk_ids(next_id: Callable[[int, Any], int]) -> list[int]:
+    out, cur, nxt = [], 0, c_uint32()
+    while next_id(cur, ctypes.byref(nxt)) == 0:
+        cur = nxt.value
+        out.append(cur)
+    return out
+
+
+def map_ids() -> set[int]:
+    """The id of every map in the kernel. Walks the id space only: opens no map (opening a
+    program array by id is what ProgArrayRef is about)."""
+    return set(_walk_ids(lib().bpf_map_get_next_id))
+
+
+def map_exists(map_id: int) -> bool:
+    """Whether map `map_id` is still in the kernel (one step of the id walk: opens nothing)."""
+    nxt = c_uint32()
+    return lib().bpf_map_get_next_id(map_id - 1, ctypes.byref(nxt)) == 0 and nxt.value == map_id
+
+
+def prog_ids() -> set[int]:
+    return set(_walk_ids(lib().bpf_prog_get_next_id))
+
+
+def prog_map_ids(prog_id: int) -> tuple[int, ...] | None:
+    """The maps a live program uses, None once it is gone. (Opening a program by id is
+    harmless: programs have nothing like a map's last-user-reference work.)"""
+    fd = lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        return prog_info(fd).map_ids
+    except BpfError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def programs_using(map_id: int) -> dict[int, set[int]]:
+    """Live programs that use map `map_id`: program id -> the other maps it uses."""
+    out = {}
+    for prog_id in prog_ids():
+        used = prog_map_ids(prog_id)
+        if used is not None and map_id in used:
+            out[prog_id] = set(used) - {map_id}
+    return out
+
+
+PROG_ARRAY_RELEASE_TIMEOUT = 2.0
+
+
+class ProgArrayRef:
+    """An fd meant to be the last user reference to a program array, closed by `close()` only
+    once no program holds the array any more.
+
+    Why (kernel/bpf/arraymap.c, 6.18 and current sources alike): when a program array
+    loses its last user reference (fd or pin), prog_array_map_clear() takes a reference on the
+    map and schedule_work()s the emptying of the array, whose end drops that reference. It does
+    not check what schedule_work() returns: if the work is still queued from a previous last
+    reference, the reference just taken is never dropped, and the (emptied) array stays in the
+    kernel for good, held by nobody: the orphaned `sockpol_next` maps. A "previous last
+    reference" is what anyone makes who opens the array by id and closes it again; `bpftool map
+    show` does, for every map. Opening by id works for as long as the array exists, which is as
+    long as a program that uses it exists (the sk_msg programs go with the sockets' psocks, in
+    RCU callbacks and deferred work, about 20 ms after an unload here; longer with traffic or
+    on a busy machine). Two such openings within one work's delay, or one within the delay of
+    ours, and the array leaks. Holding this fd until those programs and their references to the
+    array are gone shrinks that time to the delay of the one work our close queues.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        try:
+            self.id = map_info(fd).id
+            # The programs that use it, with the other maps each uses: found now, while they
+            # are alive (a program leaves the id space before it drops its maps).
+            self._users = programs_using(self.id)
+        except BpfError as e:
+            log.debug("program array fd %d: %s", fd, e)
+            self.id, self._users = 0, {}
+
+    def _held_by_programs(self) -> bool:
+        """Whether a program may still hold the array: one is still in the id space, or gone
+        but none of its other maps has gone yet (it drops them, and the array, in one loop of
+        its deferred free; a map that only it held leaves the id space there)."""
+        if programs_using(self.id):
+            return True
+        return any(others and all(map_exists(i) for i in others) for others in self._users.values())
+
+    def close(self, timeout: float = PROG_ARRAY_RELEASE_TIMEOUT) -> bool:
+        """Wait (at most `timeout`) until no program holds the array, close the fd, and wait
+        (within the same bound) for the array to leave the kernel. True if it did."""
+        if self.fd is None:
+            return True
+        deadline = time.monotonic() + timeout
+        try:
+            while self.id and self._held_by_programs():
+                if time.monotonic() > deadline:
+                    log.debug("program array %d: still held by a program; closing anyway", self.id)
+                    break
+                time.sleep(0.005)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+            # That close queued the kernel's emptying work: until it has run, an opening by
+            # id still leaks the array. Let it have this CPU now, not after our time slice.
+            os.sched_yield()
+        while map_exists(self.id):  # never opened again: only the id space is read
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def __del__(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)

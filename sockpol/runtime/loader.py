@@ -32,7 +32,9 @@ a first hop.
 
 `unload` detaches the link (BPF_LINK_DETACH, so it goes even if some process still holds an fd),
 removes every socket from the sockhash (they become ordinary sockets again), detaches the sk_msg
-program from the map and unpins the directory; the kernel frees the rest once no fds remain.
+program from the map, empties `sockpol_next` and unpins the directory; the kernel frees the rest
+once no fds remain. Our fd of `sockpol_next` is the last to go, once the programs that use it
+are gone (libbpf.ProgArrayRef says why); a load that fails closes its new object's the same way.
 """
 
 from __future__ import annotations
@@ -520,10 +522,12 @@ class _Load:
         self.fds: list[int] = []  # fds we own, closed at the end either way
         self.kept_old_link = False  # the old cgroup link now runs the new program
         self.serial: int | None = None  # this version's number (_write_serial)
+        self.reused: set[str] = set()  # maps shared with the version in force (_reuse_shared)
 
     def run(self) -> LoadedPolicy:
         self._check_before()
         obj: libbpf.BpfObject | None = None
+        arrays: list[libbpf.ProgArrayRef] = []
         try:
             obj = self._open()
             handle, staging = self._install(obj)
@@ -533,12 +537,19 @@ class _Load:
             return handle
         except BaseException:
             self.undo.rollback()
+            if obj is not None:
+                # Its program arrays (not those shared with the version in force, which stay
+                # pinned) lose their last user reference with the object: keep one until the
+                # object's programs are gone (libbpf.ProgArrayRef).
+                arrays = obj.hold_prog_arrays(skip=frozenset(self.reused))
             raise
         finally:
             for fd in self.fds:
                 os.close(fd)
             if obj is not None:
                 obj.close()
+            for array in arrays:
+                array.close()
 
     def _check_before(self) -> None:
         """What refuses the load before anything is opened (a backend's own conditions)."""
@@ -675,6 +686,7 @@ class _Load:
                 shape = (new.type, new.key_size, new.value_size, new.max_entries)
                 if shape == (info.type, info.key_size, info.value_size, info.max_entries):
                     new.reuse_fd(fd)  # libbpf dups it
+                    self.reused.add(map_name)
                 else:
                     log.warning(
                         "replace: %s changed shape; not shared with the old version", map_name
@@ -1105,13 +1117,17 @@ def unload(name: str) -> None:
         # Move it out of sight first: to other processes it is either loaded or gone.
         aside = pins.unload_dir(root, name)
         os.rename(pin_dir, aside)
-        problems = _teardown(aside)
+        problems, next_ref = _teardown(aside)
         pins.remove_pins(aside)
+    if next_ref is not None:
+        next_ref.close()  # after the lock: the wait is for the kernel, not for other loads
     if problems:
         raise RuntimeOpError(f"unload {name}: unpinned, but " + "; ".join(problems))
 
 
-def _teardown(pin_dir: Path) -> list[str]:
+def _teardown(pin_dir: Path) -> tuple[list[str], libbpf.ProgArrayRef | None]:
+    """Detach and empty what the pins in `pin_dir` hold; returns the problems met, and our
+    reference to `sockpol_next`, to be closed once the pins are gone (ProgArrayRef)."""
     problems: list[str] = []
 
     def get(pin: str) -> int | None:
@@ -1158,19 +1174,22 @@ def _teardown(pin_dir: Path) -> list[str]:
                 if e.errno != errno.ENOENT:
                     problems.append(f"detaching {verdict.name}: {e}")
     next_fd = get(pins.MAP_PREFIX + NEXT_MAP)
+    next_ref = None
     if next_fd is not None:
-        # The program array holds the newest program, which holds the array: a cycle the kernel
-        # breaks only in deferred work once the array's last user reference goes. Seen here
-        # (6.18.44): now and then that never happened and the empty array stayed in the kernel
-        # for good after an unload with traffic. Emptying it ourselves breaks the cycle at once.
+        # The program array holds the newest program, which holds the array: emptying it here
+        # lets that program go with the sockets' psocks, not after the kernel's own emptying.
+        # And the array must not outlive the last user reference to it: while it does, anyone
+        # opening it by id (bpftool map show) can make the kernel leak it for good, empty
+        # (libbpf.ProgArrayRef). So that last reference is ours, closed after its programs go.
         try:
             libbpf.map_delete(next_fd, struct.pack("<I", 0))
         except BpfError as e:
             problems.append(f"emptying {NEXT_MAP}: {e}")
-    for fd in (socks_fd, msg_fd, next_fd):
+        next_ref = libbpf.ProgArrayRef(next_fd)  # finds its programs while they are alive
+    for fd in (socks_fd, msg_fd):
         if fd is not None:
             os.close(fd)
-    return problems
+    return problems, next_ref
 
 
 # ---------------------------------------------------------------------------------------------

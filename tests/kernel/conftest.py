@@ -23,7 +23,9 @@ Fixtures:
     unverifiable_copy       copy(obj) -> Path of a copy whose sk_msg program the verifier rejects
     assert_nothing_left     check(name, cgroup=None): no pins, programs, maps or cgroup attachment
 
-A safety net unloads any policy that a test (or the whole session) loaded and left behind.
+A safety net unloads any policy that a test (or the whole session) loaded and left behind; then
+every test must leave no new map named sockpol* that nothing keeps (no pin, no program, no open
+fd): such a map never goes (the orphaned `sockpol_next` arrays, libbpf.ProgArrayRef).
 All traffic stays on 127.0.0.1.
 """
 
@@ -76,6 +78,7 @@ SOCKPOL_MAPS = {SOCK_MAP, CONN_MAP, NEXT_MAP, "sockpol_state", "sockpol_zero"} |
     "sockpol_ctl",
 }
 SOCKPOL_MAP_PREFIX = "sockpol."  # libbpf's global-data maps: sockpol.rodata, sockpol.data, ...
+SOCKPOL_NAME_PREFIX = "sockpol"  # every map of sockpol's objects, the runtime's and the probes'
 
 _loud_skips: list[str] = []
 
@@ -199,11 +202,17 @@ def _session_safety_net() -> Iterator[None]:
     if _environment_problem() is not None:
         yield
         return
+    from sockpol.runtime import libbpf
+
     _remove_stale_test_cgroups()
     before = _loaded_names()
+    maps_before = libbpf.map_ids()
     yield
     _unload_quietly(_loaded_names() - before, "the test session")
     _remove_own_pin_root()
+    # What module- and session-scoped fixtures unloaded after the last test's own check.
+    left = _maps_left_behind(maps_before)
+    assert not left, f"BPF maps left behind by the test session, held by nothing: {left}"
 
 
 def _remove_own_pin_root() -> None:
@@ -220,9 +229,18 @@ def _remove_own_pin_root() -> None:
 
 @pytest.fixture(autouse=True)
 def _test_safety_net(kernel_env: None, request: pytest.FixtureRequest) -> Iterator[None]:
+    from sockpol.runtime import libbpf
+
     before = _loaded_names()
+    maps_before = libbpf.map_ids()
     yield
     _unload_quietly(_loaded_names() - before, request.node.nodeid)
+    left = _maps_left_behind(maps_before)
+    assert not left, (
+        f"BPF maps left behind, held by nothing (no pin, program or fd), so never freed: "
+        f"{left} (created while this test ran; on a shared host another test session may "
+        f"have made them)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,26 +756,130 @@ def bpftool_json(*args: str) -> Any:
     return json.loads(out) if out.strip() else []
 
 
-def _sockpol_objects() -> tuple[dict[int, str], dict[int, str]]:
+def _sockpol_objects(old_maps: set[int]) -> tuple[dict[int, str], dict[int, str]]:
+    """sockpol's programs, and its maps but those in `old_maps` (ids): id -> name. Only the
+    other maps are opened (by id) to read their names, see _maps_left_behind."""
+    from sockpol.runtime import libbpf
+
     progs = {p["id"]: p.get("name", "") for p in bpftool_json("prog", "show")}
-    maps = {m["id"]: m.get("name", "") for m in bpftool_json("map", "show")}
+    maps = _map_names(libbpf.map_ids() - old_maps)
     return (
         {i: n for i, n in progs.items() if n in SOCKPOL_PROGS},
         {i: n for i, n in maps.items() if n in SOCKPOL_MAPS or n.startswith(SOCKPOL_MAP_PREFIX)},
     )
 
 
-def _owned_by_live_policies() -> set[int]:
-    """Programs and maps someone keeps: this session's loaded policies, and anything pinned
-    anywhere in the bpffs (another session's policies live under another pin root)."""
+def _map_names(ids: set[int]) -> dict[int, str]:
+    """id -> name of the maps `ids` that still exist. Opens each by id (_maps_left_behind)."""
+    from sockpol.runtime import libbpf
+    from sockpol.runtime.libbpf import BpfError
+
+    names = {}
+    for map_id in sorted(ids):
+        fd = libbpf.lib().bpf_map_get_fd_by_id(map_id)
+        if fd < 0:  # gone
+            continue
+        try:
+            names[map_id] = libbpf.map_info(fd).name
+        except BpfError:
+            pass
+        finally:
+            os.close(fd)
+    return names
+
+
+def _owned_by_live_policies() -> tuple[set[int], set[int]]:
+    """(program ids, map ids) someone keeps: this session's loaded policies, and anything
+    pinned anywhere in the bpffs (another session's policies live under another pin root)."""
     from sockpol.runtime import status
 
-    ids: set[int] = set()
+    progs, maps = _pinned_ids()
     for st in status():
-        ids |= set(st.program_ids.values()) | set(st.map_ids.values())
-    for kind in ("prog", "map"):
-        ids |= {o["id"] for o in bpftool_json("--bpffs", kind, "show") if o.get("pinned")}
+        progs |= set(st.program_ids.values())
+        maps |= set(st.map_ids.values())
+    return progs, maps
+
+
+def _pinned_ids() -> tuple[set[int], set[int]]:
+    """(program ids, map ids) of every object pinned in the bpffs, read through the pins.
+    (Not `bpftool --bpffs map show`: that opens every map by id, see _maps_left_behind.)"""
+    from sockpol.runtime import libbpf
+    from sockpol.runtime.libbpf import BpfError
+    from sockpol.runtime.system import BPFFS_DEFAULT, find_bpffs
+
+    progs: set[int] = set()
+    maps: set[int] = set()
+    bpffs = find_bpffs(BPFFS_DEFAULT)
+    if bpffs is None:
+        return progs, maps
+    for directory, _, files in os.walk(bpffs):
+        for name in files:
+            try:
+                fd = libbpf.obj_get(os.path.join(directory, name))
+            except BpfError:  # unpinned meanwhile, or not a program or map (an iterator)
+                continue
+            try:
+                maps.add(libbpf.map_info(fd).id)
+            except BpfError:
+                try:
+                    progs.add(libbpf.prog_info(fd).id)
+                except BpfError:
+                    pass  # a link
+            finally:
+                os.close(fd)
+    return progs, maps
+
+
+def _maps_open_in_processes() -> set[int]:
+    """Ids of the maps some process has an fd of (/proc/<pid>/fdinfo says map_id)."""
+    ids: set[int] = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:  # the process is gone
+            continue
+        for f in fds:
+            try:
+                if os.readlink(f) != "anon_inode:bpf-map":
+                    continue
+                info = (fd_dir.parent / "fdinfo" / f.name).read_text()
+            except OSError:  # the fd (or the process) is gone
+                continue
+            found = [line.split()[1] for line in info.splitlines() if line.startswith("map_id:")]
+            ids |= {int(i) for i in found}
     return ids
+
+
+MAPS_LEFT_TIMEOUT = 10.0
+
+
+def _maps_left_behind(before: set[int], timeout: float = MAPS_LEFT_TIMEOUT) -> dict[int, str]:
+    """Maps named sockpol* created since `before` (ids) that nothing keeps: not pinned, used by
+    no live program, open in no process. The kernel never frees such a map: that is how the
+    orphaned `sockpol_next` arrays look (libbpf.ProgArrayRef). One that is still being freed
+    (deferred work, late on a loaded machine) goes by itself; hence a bounded wait.
+
+    Only the id spaces, the pins and /proc are read while waiting: opening a map by id (as
+    `bpftool map show` does, for every map) while a program array is being freed is what makes
+    the kernel leak it. Only maps still there at the end are opened, to read their names.
+    Each test compares with its own `before`: another test session's maps come and go in
+    between (its loads are pinned or open in its process, its unloads go by themselves)."""
+    from sockpol.runtime import libbpf
+
+    deadline = time.monotonic() + timeout
+    while True:
+        new = libbpf.map_ids() - before
+        if new:
+            for prog_id in libbpf.prog_ids():
+                new -= set(libbpf.prog_map_ids(prog_id) or ())
+        if new:
+            new -= _pinned_ids()[1]
+        if new:
+            new -= _maps_open_in_processes()
+        if not new or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return {i: n for i, n in _map_names(new).items() if n.startswith(SOCKPOL_NAME_PREFIX)}
 
 
 @pytest.fixture
@@ -769,11 +891,12 @@ def assert_nothing_left(kernel_env: None) -> Callable[..., None]:
     fd closes (a closed socket's psock, which holds the program, goes in deferred work that a
     loaded machine runs late), hence the polling. With `cgroup`, `bpftool cgroup show` of it
     must be empty; without, no sockpol program may be attached anywhere in the cgroup tree.
+    Maps that existed before the test are not even opened (see _maps_left_behind).
     """
-    from sockpol.runtime import pins
+    from sockpol.runtime import libbpf, pins
 
-    baseline_progs, baseline_maps = _sockpol_objects()
-    baseline = set(baseline_progs) | set(baseline_maps)
+    baseline_progs = set(_sockpol_objects(libbpf.map_ids())[0])
+    baseline_maps = libbpf.map_ids()
 
     def check(name: str, cgroup: Path | None = None, timeout: float = 15.0) -> None:
         root = pins.pin_root(create=False)
@@ -783,10 +906,11 @@ def assert_nothing_left(kernel_env: None) -> Callable[..., None]:
             assert not temps, f"temporary pin directories remain: {temps}"
         deadline = time.monotonic() + timeout
         while True:
-            owned = _owned_by_live_policies() | baseline
-            progs, maps = _sockpol_objects()
+            owned_progs, owned_maps = _owned_by_live_policies()
+            owned = owned_progs | baseline_progs  # programs (cgroup attachments below too)
+            progs, maps = _sockpol_objects(baseline_maps)
             left = {f"prog {i} {n}" for i, n in progs.items() if i not in owned}
-            left |= {f"map {i} {n}" for i, n in maps.items() if i not in owned}
+            left |= {f"map {i} {n}" for i, n in maps.items() if i not in owned_maps}
             if cgroup is not None:
                 attached = bpftool_json("cgroup", "show", str(cgroup))
                 left |= {f"cgroup {cgroup}: {a.get('name')} (id {a.get('id')})" for a in attached}
