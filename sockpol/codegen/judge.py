@@ -748,10 +748,11 @@ class JudgeCore:
         looks at: User-Agent, Cookie...), skip such bytes eight at a time: a word is all
         visible ASCII or space iff no byte is below 0x20 or above 0x7E, which two word
         operations tell at once (`visible_word`, its Python twin, is tested). Up to SKIP_WORDS
-        words, then `pos` is stored (the state is unchanged) and the call ends, or, with
-        `fewer_calls`, the block after that store is returned, unterminated, for the chunk to
-        go on from. A state that does not loop, or a first word that does not qualify, goes on
-        to the byte-wise chunk where the builder is left."""
+        words, then `pos` is stored (the state is unchanged) and the call ends; with
+        `fewer_calls`, where fewer than SKIP_WORDS words were skipped (the value ended), the
+        block after that store is returned, unterminated, for the chunk to go on from. A
+        state that does not loop, or a first word that does not qualify, goes on to the
+        byte-wise chunk where the builder is left."""
         b = fx.b
         kind = fx.load_table("state_kind", fx.get("state"), I8)
         skipping = fn.append_basic_block("skip")
@@ -793,8 +794,14 @@ class JudgeCore:
                 skipped.add_incoming(I64(8 * k), b.block)
             b.cbranch(b.icmp_unsigned("!=", bad, I64(0)), stop_here, nxt)
             b.position_at_end(nxt)
-        skipped.add_incoming(I64(8 * SKIP_WORDS), b.block)
-        b.branch(done)
+        if self.fewer_calls:
+            # Every word skipped: the value likely goes on, and the next call skips on (the
+            # chunk would walk it byte by byte: 1.2 ns a byte of a long value against 0.5).
+            fx.put("pos", b.add(pos, I64(8 * SKIP_WORDS)))
+            b.ret(I64(0))
+        else:
+            skipped.add_incoming(I64(8 * SKIP_WORDS), b.block)
+            b.branch(done)
         b.position_at_end(bytewise)
         return done if self.fewer_calls else None
 
