@@ -10,10 +10,10 @@ bytes one by one, and the program can compare it as two words against the head a
 the state at its end.
 
 The table: `LITERAL_SLOTS` entries of eight words, found by a multiplicative hash of the state
-and the first eight bytes at the position (so a literal is eight bytes at least):
-`[w1, m1, w2, m2, state, target, length, 0]`; a hit when the head's two words masked with m1
-and m2 are w1 and w2 and the entry's state is the current one. An empty entry's state is all
-ones (no state). The multiplier is the policy's (the table `lit_mul`): the first of
+and the first eight bytes at the position (so a literal is eight bytes at least; a method,
+four: below): `[w1, m1, w2, m2, state, target, length, facts]`; a hit when the head's two words
+masked with m1 and m2 are w1 and w2 and the entry's state is the current one. An empty entry's
+state is all ones (no state). The multiplier is the policy's (the table `lit_mul`): the first of
 `MULTIPLIERS` under which no two literals share an entry, else the one that keeps the most
 (a literal that collides is left out, the later in the order of `literal_table`: it is only ever
 an optimization).
