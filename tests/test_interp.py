@@ -18,7 +18,7 @@ from tables_observer import held_to_tables
 
 from sockpol.codegen import simulate
 from sockpol.codegen.lower import lower
-from sockpol.contract import Reason
+from sockpol.contract import MAX_SCAN, Reason
 from sockpol.dsl import load_source
 from sockpol.dsl.ast import Mode
 from sockpol.model.interp import (
@@ -411,3 +411,17 @@ def test_a_path_too_long_is_refused_before_it_ends():
     partial = b"PATCH " + b"/a" * 1100
     assert simulate.run(lower(p), partial).reason is Reason.PATH_TOO_LONG
     assert judge(p, partial).verdict.reason == "path-too-long"
+
+
+@pytest.mark.parametrize("length", [65_533, 65_534, 65_535, 65_536])
+def test_max_head_64kib_judges_as_far_as_the_kernel_reads(length: int) -> None:
+    """The kernel reads at most MAX_SCAN (65,534) bytes of a message: under `max-head 64KiB` a
+    head that ends past them is too large for the interpreter and the tables alike."""
+    src = "policy p {\n port 8080\n default deny\n max-head 64KiB\n allow GET /r/**\n}\n"
+    policy = load_source(src, "t.pol")[0].policies[0]
+    start = b"GET /r/x HTTP/1.1\r\nHost: a\r\nUser-Agent: "
+    head = start + b"a" * (length - len(start) - 4) + b"\r\n\r\n"
+    conn = Connection(policy, observe=held_to_tables(lower(policy), MODE_ENFORCE))
+    sent = conn.send(head)
+    assert sent.failed == (length > MAX_SCAN)
+    assert [v.reason for v in conn.verdicts] == ["none" if length <= MAX_SCAN else "head-too-large"]

@@ -40,7 +40,7 @@ from sockpol.automata.automaton import (
     star,
 )
 from sockpol.codegen.lower import glob_regex
-from sockpol.contract import PATH_MAX
+from sockpol.contract import MAX_SCAN, PATH_MAX
 from sockpol.diagnostics import Diagnostic, Severity, Source, Span
 from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, PolicyFile, Rule
 from sockpol.dsl.patterns import upper_escapes
@@ -477,10 +477,11 @@ class _Linter:
                 f"{PATH_MAX} bytes, and such requests are refused"
             )
         head = _min_head(rule, length)
-        if head > policy.max_head:
+        max_head = min(policy.max_head, MAX_SCAN)  # what the kernel reads of a message
+        if head > max_head:
             return (
                 f"{_rule_ref(rule)} can never match: its shortest request head is {head} "
-                f"bytes, more than max-head ({policy.max_head})"
+                f"bytes, more than max-head ({max_head})"
             )
         return ""
 

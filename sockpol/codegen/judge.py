@@ -106,6 +106,8 @@ assert END == 0
 # Literals tried in a row by a call that starts with PENDING_LITERAL (` HTTP/1.1\r\n`, then a
 # header name).
 LITERAL_TRIES = 2
+# A method's facts are added on a hit of the first try, which goes on to the next (take_literals).
+assert LITERAL_TRIES >= 2
 
 
 @dataclass(frozen=True)
@@ -750,8 +752,9 @@ class JudgeCore:
         visible ASCII or space iff no byte is below 0x20 or above 0x7E, which two word
         operations tell at once (`visible_word`, its Python twin, is tested). Up to SKIP_WORDS
         words, then `pos` is stored (the state is unchanged) and the call ends; with
-        `fewer_calls`, where fewer than SKIP_WORDS words were skipped (the value ended), the
-        block after that store is returned, unterminated, for the chunk to go on from. A
+        `fewer_calls`, where fewer than SKIP_WORDS words were skipped (the value ended, or the
+        bytes did), the block after that store is returned, unterminated, for the chunk to go
+        on from. A
         state that does not loop, or a first word that does not qualify, goes on to the
         byte-wise chunk where the builder is left."""
         b = fx.b

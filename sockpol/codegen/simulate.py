@@ -21,6 +21,7 @@ from sockpol.contract import (
     ANSWERED_REASONS,
     CHUNK_MAX,
     CL_MAX,
+    MAX_SCAN,
     PATH_MAX,
     RESUME_ANSWERED,
     RESUME_CHUNK_DATA_END,
@@ -225,7 +226,8 @@ def _run(ir: MatcherIR, message: bytes, word: int, left: int, mode: int) -> RunR
     if kind == tls.RESUME_TLS_PASS:
         counts = ((SLOT_UNJUDGED, 1, size),)
         return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, counts=counts, conn=resume)
-    n = min(size, ir.policy.max_head)
+    max_head = min(ir.policy.max_head, MAX_SCAN)  # the kernel reads no further
+    n = min(size, max_head)
     tls_mode = tls.policy_mode(ir.policy)
     if kind == RESUME_REQUEST and not word & tls.CONN_HTTP:
         step = tls.step(message[:n], size, word, tls_mode)
@@ -253,7 +255,7 @@ def _run(ir: MatcherIR, message: bytes, word: int, left: int, mode: int) -> RunR
             return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, conn=word)
     if s.state < sc.TERMINAL_STATES:
         return _unframed(Reason(s.state), s, size, mode, word)
-    if size >= ir.policy.max_head:
+    if size >= max_head:
         return _unframed(Reason.HEAD_TOO_LARGE, s, size, mode, word)
     return RunResult(True, Reason.NONE, None, 0, size + 1, s.pos, 0, kind, conn=word)
 

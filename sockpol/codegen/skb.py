@@ -239,15 +239,19 @@ class SkSkbBackend:
         # A unit that starts afresh gets the scan's initial values (as in the sk_msg program);
         # a head begun in an earlier skb goes on from the state it left.
         fresh = fn.append_basic_block("fresh")
+        going_on = fn.append_basic_block("going_on")
         scan_it = fn.append_basic_block("scan")
-        b.cbranch(b.icmp_unsigned("==", head_in, I64(0)), fresh, scan_it)
+        b.cbranch(b.icmp_unsigned("==", head_in, I64(0)), fresh, going_on)
         b.position_at_end(fresh)
         zero = fx.config("zero")
+        # (Its first call tries the start state's literals, a request's method: `begin`.)
         JudgeCore.begin(fx, JudgeCore.start_state(fx, kind), zero, literals=self.judge.literals)
+        b.branch(scan_it)
+        b.position_at_end(going_on)
+        fx.put("pending", I64(0))
         b.branch(scan_it)
         b.position_at_end(scan_it)
         fx.put("pos", at)
-        fx.put("pending", I64(0))
         fx.put("limit", limit)
         JudgeCore.scan(fx, span, scan_step)
 

@@ -287,6 +287,8 @@ class Tables:
         # Byte offsets of the tables in a slot (the BPF data layout), for Fn.load_flat.
         td = llvm.create_target_data(DATA_LAYOUT)
         self.t_offset = {name: typ.get_element_offset(td, i) for i, name in enumerate(fields)}
+        # The fast path's tables are reached by a load's 16-bit signed displacement (load_flat).
+        assert self.t_offset["trans"] < 1 << 15, "the tables before `trans` outgrew a displacement"
         self.t_elem = {
             name: c.type.element.width // 8
             for name, c in fields.items()
