@@ -120,6 +120,14 @@ CHUNK_MAX = 0xFFFF0000  # likewise chunk sizes
 # The largest packet offset the verifier accepts is 0xffff, and data[i] is read with data + i + 1.
 MAX_SCAN = 0xFFFE
 
+
+def head_limit(max_head: int) -> int:
+    """The bytes of a message a policy's `max-head` lets the program judge: the kernel reads at
+    most MAX_SCAN, so `max-head 64KiB` judges as 65,534 bytes (the compiler's tables, the
+    interpreter, the tables' Python mirror and lint all take it from here)."""
+    return min(max_head, MAX_SCAN)
+
+
 # The most instructions the verifier may process to accept sockpol_msg: a tenth of its limit, so
 # that the next verifier change that multiplies the count (as upstream f597664454bd did, from
 # about 200,000 to over the limit) is caught by the tests and by `sockpol doctor`, not by a user

@@ -40,7 +40,7 @@ from sockpol.automata.automaton import (
     star,
 )
 from sockpol.codegen.lower import glob_regex
-from sockpol.contract import MAX_SCAN, PATH_MAX
+from sockpol.contract import PATH_MAX, head_limit
 from sockpol.diagnostics import Diagnostic, Severity, Source, Span
 from sockpol.dsl.ast import HeaderCondition, HostCondition, Policy, PolicyFile, Rule
 from sockpol.dsl.patterns import upper_escapes
@@ -477,7 +477,7 @@ class _Linter:
                 f"{PATH_MAX} bytes, and such requests are refused"
             )
         head = _min_head(rule, length)
-        max_head = min(policy.max_head, MAX_SCAN)  # what the kernel reads of a message
+        max_head = head_limit(policy.max_head)
         if head > max_head:
             return (
                 f"{_rule_ref(rule)} can never match: its shortest request head is {head} "

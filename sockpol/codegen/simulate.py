@@ -21,7 +21,6 @@ from sockpol.contract import (
     ANSWERED_REASONS,
     CHUNK_MAX,
     CL_MAX,
-    MAX_SCAN,
     PATH_MAX,
     RESUME_ANSWERED,
     RESUME_CHUNK_DATA_END,
@@ -29,6 +28,7 @@ from sockpol.contract import (
     RESUME_REQUEST,
     RESUME_UNJUDGED,
     Reason,
+    head_limit,
 )
 from sockpol.model import tls
 from sockpol.model.stream import Judged, Stream
@@ -226,7 +226,7 @@ def _run(ir: MatcherIR, message: bytes, word: int, left: int, mode: int) -> RunR
     if kind == tls.RESUME_TLS_PASS:
         counts = ((SLOT_UNJUDGED, 1, size),)
         return RunResult(True, Reason.NONE, None, 0, 0, 0, 0, kind, counts=counts, conn=resume)
-    max_head = min(ir.policy.max_head, MAX_SCAN)  # the kernel reads no further
+    max_head = head_limit(ir.policy.max_head)
     n = min(size, max_head)
     tls_mode = tls.policy_mode(ir.policy)
     if kind == RESUME_REQUEST and not word & tls.CONN_HTTP:

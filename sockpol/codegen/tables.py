@@ -29,11 +29,11 @@ from sockpol.contract import (
     ANSWER_ROWS,
     ANSWERED_REASONS,
     MAX_ANSWERS,
-    MAX_SCAN,
     PATH_MAX,
     TABLES_SYMBOL,
     Reason,
     answer_response,
+    head_limit,
 )
 from sockpol.model import tls
 
@@ -226,7 +226,7 @@ class Tables:
         config = {
             "nrules": len(ir_.rules),
             "default_allow": int(ir_.policy.default.value == "allow"),
-            "max_head": min(ir_.policy.max_head, MAX_SCAN),
+            "max_head": head_limit(ir_.policy.max_head),
             "start": t.start,
             "path_start": p.start,
             "zero": 0,

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 
-from sockpol.contract import ANSWERED_REASONS, BEFORE_RULES, MAX_SCAN, Reason
+from sockpol.contract import ANSWERED_REASONS, BEFORE_RULES, Reason, head_limit
 from sockpol.dsl.ast import Action, HeaderCondition, HostCondition, Mode, Policy, Rule
 from sockpol.dsl.pathmatch import to_regex
 from sockpol.model import tls
@@ -235,10 +235,7 @@ def judge(
         return _covering(True, left, message, resume=resume, tls=phase)
     if resume == "tls-pass":  # counted as unjudged, not recorded as events
         return Run(True, 0, resume=resume, tls=phase)
-    # The kernel reads at most MAX_SCAN bytes of a message (its packet offsets stop there), so
-    # `max-head 64KiB` judges as 65,534 bytes; the compiler clamps the same (tables.py).
-    max_head = min(policy.max_head, MAX_SCAN)
-    window = message[:max_head]
+    window = message[: head_limit(policy.max_head)]
     tls_mode = tls.policy_mode(policy)
     if resume == "request" and tls_mode and tls.is_alert_plaintext(window, len(message)):
         # Never a record, so past the handshake from here (what the kernel's walk concludes
@@ -316,8 +313,7 @@ def _judge_http(
             return _covering(True, found.length + found.size, message, resume="chunk-end")
     if isinstance(found, Refusal):
         refusal = found
-    elif len(message) >= min(policy.max_head, MAX_SCAN):  # as `judge` cut the window
-        max_head = min(policy.max_head, MAX_SCAN)
+    elif len(message) >= (max_head := head_limit(policy.max_head)):  # as `judge` cut it
         what = "head" if resume == "request" else "chunk-size line"
         refusal = Refusal("head-too-large", max_head, f"no end of {what} within {max_head} bytes")
     else:
