@@ -177,3 +177,16 @@ def test_issue_mix_heads_take_their_literals(mix) -> None:
         assert walk_with_literals(t, table, t.start, head.encode()) == walk(
             t, t.start, head.encode()
         )
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.pol")), ids=lambda p: p.name)
+def test_every_method_and_version_keeps_its_entry(example: Path) -> None:
+    """Where no multiplier fits every literal, the one chosen keeps the methods and versions
+    (every request has one of each) before header names (admin-denied.pol lost `POST ` to a
+    multiplier that kept one more header name)."""
+    for policy in load_source(example.read_text(), str(example))[0].policies:
+        t = lower(policy).tables
+        table = literal_table(t, *plain_and_path_states(state_kinds(t)))
+        texts = {lit.text for lit in table.literals}
+        assert {f"{m} ".encode() for m in METHODS} <= texts
+        assert {b"HTTP/1.1\r\n", b"HTTP/1.0\r\n"} <= texts

@@ -15,8 +15,8 @@ four: below): `[w1, m1, w2, m2, state, target, length, facts]`; a hit when the h
 masked with m1 and m2 are w1 and w2 and the entry's state is the current one. An empty entry's
 state is all ones (no state). The multiplier is the policy's (the table `lit_mul`): the first of
 `MULTIPLIERS` under which no two literals share an entry, else the one that keeps the most
-(a literal that collides is left out, the later in the order of `literal_table`: it is only ever
-an optimization).
+methods and versions, then the most literals (a literal that collides is left out, the later
+in the order of `literal_table`: it is only ever an optimization).
 
 Where the program tries them (judge.scan_step): where the chunk moves into a state that has
 literals (its `trans` entry carries tables.LITERAL_BIT), it looks up the bytes after: a miss goes
@@ -222,6 +222,7 @@ def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int])
     # the start state), so of `Content-Type: ` and `Content-Length`, the first in CORPUS has
     # the entry.
     seen: set[tuple[int, bytes]] = set()
+    every_head = 0  # how many of `found` are methods and tails: every request has one of each
     for part, states in starting_states(t, plain, path).items():
         walk = _walk_method if part == "methods" else _walk
         for state in states:
@@ -231,17 +232,25 @@ def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int])
                 if lit is not None and (state, key) not in seen:
                     seen.add((state, key))
                     found.append(lit)
+                    every_head += part != "lines"
+    # The multiplier that keeps the most methods and tails, then the most literals: a method
+    # or version that collides is walked byte by byte in every request; a header name, only
+    # where a client sends it.
     best: LiteralTable | None = None
+    best_score = (-1, -1)
     for mul in MULTIPLIERS:
         kept: list[Literal] = []
         used: set[int] = set()
-        for lit in found:  # the more useful first: methods, tails, line states, as in CORPUS
+        kept_every_head = 0
+        for i, lit in enumerate(found):  # the more useful first: methods, tails, line states
             slot = LiteralTable(mul, (), t.start).slot(lit)
             if slot not in used:
                 used.add(slot)
                 kept.append(lit)
-        if best is None or len(kept) > len(best.literals):
-            best = LiteralTable(mul, tuple(kept), t.start)
+                kept_every_head += i < every_head
+        score = (kept_every_head, len(kept))
+        if score > best_score:
+            best, best_score = LiteralTable(mul, tuple(kept), t.start), score
         if len(kept) == len(found):
             break
     assert best is not None
