@@ -206,12 +206,14 @@ class JudgeCore:
     @staticmethod
     def begin(fx: Fn, start: ir.Value, zero: ir.Value, literals: bool = False) -> None:
         """The scan's initial values for a head (or chunk line) read afresh. `zero` comes from
-        the tables, not a constant (emit.py says why). With `literals`, the first call tries
-        the start state's (a request's method: codegen/literals.py)."""
+        the tables, not a constant (emit.py says why). With `literals`, the first call of a
+        request's head tries the start state's (the methods: codegen/literals.py); a chunk-size
+        line's state has none, and its first call does not look."""
         for name in SCAN_SCALARS:
             fx.put(name, zero)
         if literals:
-            fx.put("pending", PENDING_LITERAL)
+            head = fx.b.icmp_unsigned("==", start, fx.config("start"))
+            fx.put("pending", fx.b.select(head, I64(PENDING_LITERAL), zero))
         fx.put("state", start)
         fx.put("rule", I64(NO_RULE))
         fx.put("pstate", fx.config("path_start"))
