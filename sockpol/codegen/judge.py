@@ -52,6 +52,7 @@ from sockpol.codegen.tables import (
     SCAN_SCALARS,
     STATE_PATH,
     STATE_PATH_NEXT,
+    STATE_PLAIN,
     STATE_VALUE_LOOP,
     TRANS_KIND_SHIFT,
     Fn,
@@ -545,6 +546,23 @@ class JudgeCore:
             # 4,500 instructions more on 6.18.44, so it is not.)
             return exit_block(fx, fn, f"lit_out{j}", scanned, PENDING_LITERAL)
 
+        def path_out(row: ir.Value, j: int) -> ir.Block:
+            """The exit for byte j, a path byte, where the path chunk takes them: the next call
+            starts at the byte with the path chunk, or, where some path byte was not walked (the
+            slow path took it: the last SCAN_CHUNK bytes before PATH_MAX), its slow path takes
+            this one too. Without a branch: `pending` is 1 (PENDING_SLOW) where pwalked and the
+            path's length differ, else 0."""
+            here = b.block
+            blk = fn.append_basic_block(f"path_byte_out{j}")
+            b.position_at_end(blk)
+            differ = b.xor(fx.get("pwalked"), len0)
+            fx.put("state", state_of(row))
+            fx.put("pos", b.add(pos, I64(j)))
+            fx.put("pending", b.lshr(b.or_(differ, b.neg(differ)), I64(63)))
+            b.ret(I64(0))
+            b.position_at_end(here)
+            return blk
+
         # SCAN_CHUNK bytes unrolled, each checked against the window. The window ends where the
         # bytes pulled end: bpf_msg_pull_data(msg, 0, n) leaves data_end at data + n (net/core/
         # filter.c, every kernel), so one check (the verifier needs it for the load) is both;
@@ -567,14 +585,26 @@ class JudgeCore:
             path_byte = b.and_(b.lshr(kind, I64(1)), I64(1))
             if self.literals:
                 # PLAIN (1) and PATH (2) move on; slow (0) and PLAIN with literals (5) stop.
+                # Where the path chunk takes path bytes, PATH stops too: this chunk then does
+                # not append bytes (header bytes, mostly) to the path.
                 stops = fn.append_basic_block(f"stops{j}")
-                moving = b.icmp_unsigned("<", b.sub(kind, I64(1)), I64(2))
+                if self.path_chunks:
+                    moving = b.icmp_unsigned("==", kind, I64(STATE_PLAIN))
+                else:
+                    moving = b.icmp_unsigned("<", b.sub(kind, I64(1)), I64(2))
                 b.cbranch(moving, moves, stops)
                 b.position_at_end(stops)
                 trying = fn.append_basic_block(f"lit_try{j}")
                 looking = fn.append_basic_block(f"lit_look{j}")
                 slow = slow_out(j, out_len, entry) if self.fewer_calls else out
-                b.cbranch(b.icmp_unsigned("==", kind, I64(0)), slow, trying)
+                if self.path_chunks:
+                    not_slow = fn.append_basic_block(f"not_slow{j}")
+                    b.cbranch(b.icmp_unsigned("==", kind, I64(0)), slow, not_slow)
+                    b.position_at_end(not_slow)
+                    path = b.icmp_unsigned("==", kind, I64(STATE_PATH))
+                    b.cbranch(path, path_out(row, j), trying)
+                else:
+                    b.cbranch(b.icmp_unsigned("==", kind, I64(0)), slow, trying)
                 # A state with literals: one tried here, from the byte after; a miss goes on
                 # with the chunk, a hit ends the call (the next tries another from there).
                 b.position_at_end(trying)
@@ -593,11 +623,12 @@ class JudgeCore:
             else:
                 b.cbranch(b.icmp_unsigned("==", kind, I64(0)), out, moves)
             b.position_at_end(moves)
-            # Stored whether or not it is a path byte: past the path's end, a byte that is
-            # not one is overwritten or ignored (the path is the first out_len bytes).
-            at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
-            b.store(b.trunc(byte, I8), at_len)
-            out_len = b.add(out_len, path_byte)
+            if not (self.literals and self.path_chunks):
+                # Stored whether or not it is a path byte: past the path's end, a byte that is
+                # not one is overwritten or ignored (the path is the first out_len bytes).
+                at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
+                b.store(b.trunc(byte, I8), at_len)
+                out_len = b.add(out_len, path_byte)
             row = entry
         b.branch(leave(row, SCAN_CHUNK, out_len))  # the next call goes on
         return fn
