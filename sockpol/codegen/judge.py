@@ -351,15 +351,16 @@ class JudgeCore:
     def scan_step(self, byte_fn: ir.Function) -> ir.Function:
         """The bpf_loop callback of the scan: up to SCAN_CHUNK bytes of the head from `pos`.
 
-        The fast path keeps the automaton state (and the path's length) in registers and does
-        per byte only the transition: a byte that leads to a plain state (no facts, no flags)
-        moves on, and so does a path byte, appended to the path while the path has room for
-        the whole chunk. It tells them apart by a table bit (`state_kind`) and arithmetic, with
-        one branch per byte besides the
-        window's bounds: in BPF every comparison is a branch, and every branch two paths for
-        the verifier. A byte that needs more ends the fast path with `pending` set; the next
-        call starts with it in `scan_byte`, the slow path (its one call site, so the verifier
-        walks it once), then goes on fast. In a state that loops on all visible ASCII (an
+        The fast path keeps the automaton state in registers and does per byte only the
+        transition: a byte that leads to a plain state (no facts, no flags) moves on. Path
+        bytes are the path chunk's (below), which walks them through the path automaton too;
+        the general chunk stops at one (in the lsm program, which has no path chunk, it
+        appends it to the path, while the path has room for the whole chunk, and moves on).
+        It tells bytes apart by the kind bits of the `trans` entry, with one branch per byte
+        besides the window's bounds: in BPF every comparison is a branch, and every branch two
+        paths for the verifier. A byte that needs more ends the fast path with `pending` set;
+        the next call starts with it in `scan_byte`, the slow path (its one call site, so the
+        verifier walks it once), then goes on fast. In a state that loops on all visible ASCII (an
         uninteresting header's value), the call skips words of eight such bytes instead
         (`skip_words`). Two calls consume a byte at least (`scan` sizes the loop so); every
         call starts from memory, so the verifier's walk over the callback converges at once.
@@ -548,10 +549,14 @@ class JudgeCore:
 
         def path_out(row: ir.Value, j: int) -> ir.Block:
             """The exit for byte j, a path byte, where the path chunk takes them: the next call
-            starts at the byte with the path chunk, or, where some path byte was not walked (the
-            slow path took it: the last SCAN_CHUNK bytes before PATH_MAX), its slow path takes
-            this one too. Without a branch: `pending` is 1 (PENDING_SLOW) where pwalked and the
-            path's length differ, else 0."""
+            starts at the byte with the path chunk, or, where some path byte was not walked, its
+            slow path takes this one too (one call a byte for the rest of the path). Only the
+            sk_skb program gets there: a head whose earlier skb left path bytes of its window's
+            last read_ahead bytes to the slow path, resumed in the next skb. (At j = 0 this
+            exit always has `pending` 1: a call that starts in the path with every path byte
+            walked takes the path chunk, not this one; so two calls still take a byte.)
+            Without a branch: `pending` is 1 (PENDING_SLOW) where pwalked and the path's length
+            differ, else 0."""
             here = b.block
             blk = fn.append_basic_block(f"path_byte_out{j}")
             b.position_at_end(blk)
@@ -582,11 +587,12 @@ class JudgeCore:
             moves = fn.append_basic_block(f"moves{j}")
             # 1 for PATH, 0 for PLAIN (5 too); computed before the branches, so that `kind` is
             # dead where a missed literal rejoins (the verifier then prunes that path there).
+            # (Used only where this chunk appends path bytes: the lsm program.)
             path_byte = b.and_(b.lshr(kind, I64(1)), I64(1))
             if self.literals:
-                # PLAIN (1) and PATH (2) move on; slow (0) and PLAIN with literals (5) stop.
-                # Where the path chunk takes path bytes, PATH stops too: this chunk then does
-                # not append bytes (header bytes, mostly) to the path.
+                # PLAIN (1) moves on; slow (0) and PLAIN with literals (5) stop; PATH (2) moves
+                # on where there is no path chunk, and stops where there is one: this chunk then
+                # does not append the bytes it takes (header bytes, mostly) to the path.
                 stops = fn.append_basic_block(f"stops{j}")
                 if self.path_chunks:
                     moving = b.icmp_unsigned("==", kind, I64(STATE_PLAIN))
@@ -641,8 +647,9 @@ class JudgeCore:
         dependent loads are independent, so the CPU overlaps them, where the path walk after
         the scan (path_step) costs as much again per path byte. The first byte that is not a
         path byte ends the call (pending: the next call's slow path takes it). `pwalked` says
-        how many path bytes the path automaton has seen: path bytes taken by the general chunk
-        or the slow path are not walked here, and `decide` walks what is left."""
+        how many path bytes the path automaton has seen: path bytes taken by the slow path
+        (the last bytes before PATH_MAX, and those of an sk_skb window's last bytes) are not
+        walked here, and `decide` walks what is left."""
         b = fx.b
         classes, dead = fx.config("path_classes"), fx.config("path_dead")
 

@@ -222,7 +222,7 @@ def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int])
     # the start state), so of `Content-Type: ` and `Content-Length`, the first in CORPUS has
     # the entry.
     seen: set[tuple[int, bytes]] = set()
-    every_head = 0  # how many of `found` are methods and tails: every request has one of each
+    every_head: set[int] = set()  # which of `found` are methods and tails (every request has both)
     for part, states in starting_states(t, plain, path).items():
         walk = _walk_method if part == "methods" else _walk
         for state in states:
@@ -231,8 +231,9 @@ def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int])
                 key = lit and lit.text[: METHOD_KEY_BYTES if state == t.start else 8]
                 if lit is not None and (state, key) not in seen:
                     seen.add((state, key))
+                    if part != "lines":
+                        every_head.add(len(found))
                     found.append(lit)
-                    every_head += part != "lines"
     # The multiplier that keeps the most methods and tails, then the most literals: a method
     # or version that collides is walked byte by byte in every request; a header name, only
     # where a client sends it.
@@ -247,7 +248,7 @@ def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int])
             if slot not in used:
                 used.add(slot)
                 kept.append(lit)
-                kept_every_head += i < every_head
+                kept_every_head += i in every_head
         score = (kept_every_head, len(kept))
         if score > best_score:
             best, best_score = LiteralTable(mul, tuple(kept), t.start), score

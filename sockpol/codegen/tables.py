@@ -83,7 +83,8 @@ def conn_value_size(fact_words: int = MAX_FACT_WORDS) -> int:
 
 
 # What the scan's fast path may do with a byte leading to a state (`state_kind`): move on
-# (STATE_PLAIN), append a path byte and move on (STATE_PATH), skip words of visible ASCII
+# (STATE_PLAIN), walk a path byte (STATE_PATH: the path chunk; the lsm program's general chunk
+# appends it and moves on), skip words of visible ASCII
 # (STATE_VALUE_LOOP, `skip_words`); a state with none of them (facts, flags, terminal) takes the
 # slow path. STATE_PATH_NEXT: some byte leads from the state to a path state (the path chunk of
 # `scan_step` starts there: after the method's SP, and in the path).
