@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import http_bench as hb  # noqa: E402
+from pinroot import own_pin_root  # noqa: E402
 from policies import ISSUE_MIX, issue_rules, policy_text  # noqa: E402
 
 REFUSED = [("GET", "/admin/users", {"User-Agent": "wrk/4.1.0", "Accept": "*/*"})]
@@ -42,6 +43,11 @@ def policy(port: int, answer: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with own_pin_root("bench-answer"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)

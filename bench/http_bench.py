@@ -58,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from pinroot import own_pin_root  # noqa: E402
 from policies import (  # noqa: E402
     ISSUE_MIX,
     api_rules,
@@ -494,6 +495,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with own_pin_root("bench-http"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10,1000", help="rule counts of the generated policies")
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import http_bench as hb  # noqa: E402
+from pinroot import own_pin_root  # noqa: E402
 from policies import ISSUE_MIX, issue_rules, policy_text  # noqa: E402
 
 NAME = "bench-reload"
@@ -130,6 +131,11 @@ def markdown(lat: list[dict], st: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with own_pin_root("bench-reload"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10,1000,10000")
     ap.add_argument("--repeat", type=int, default=5)

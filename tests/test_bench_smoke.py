@@ -28,6 +28,7 @@ import answer_bench  # noqa: E402
 import compile_bench  # noqa: E402
 import http_bench  # noqa: E402
 import reload_bench  # noqa: E402
+from pinroot import own_pin_root  # noqa: E402
 from policies import (  # noqa: E402
     ISSUE_MIX,
     PAD_HEADER,
@@ -43,6 +44,14 @@ from policies import (  # noqa: E402
 from sockpol.codegen.lower import lower  # noqa: E402
 from sockpol.codegen.simulate import run  # noqa: E402
 from sockpol.dsl import load_source  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pin_root_of_our_own():
+    """The benchmarks' policies pinned under a root of this module's, removed after it (as the
+    benchmarks' own runs do): never beside the machine's policies, no directory left."""
+    with own_pin_root("sockpol-test-bench"):
+        yield
 
 
 @pytest.mark.parametrize("n", [4, 10, 57])
