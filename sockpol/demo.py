@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -116,6 +117,7 @@ def _send_from_cgroup(cgroup: Path, port: int, sample: Sample) -> dict:
 
 def run_demo(file: str | None, policy: str | None = None, cgroup_parent: str | None = None) -> int:
     from sockpol import runtime
+    from sockpol.runtime import pins
 
     path = file or DEFAULT_EXAMPLE
     try:
@@ -136,6 +138,8 @@ def run_demo(file: str | None, policy: str | None = None, cgroup_parent: str | N
         cgroup = stack.enter_context(_temporary_cgroup(cgroup_parent))
         stack.enter_context(_server(port))
         name = f"demo-{os.getpid()}"
+        if pins.pin_root(create=False) is None:  # the demo makes the pin root: it removes it
+            stack.callback(_remove_if_empty, pins.pin_root)
         loaded = runtime.load(obj, cgroup, name=name)
         loaded.close()
         stack.callback(runtime.unload, name)
@@ -164,8 +168,19 @@ def run_demo(file: str | None, policy: str | None = None, cgroup_parent: str | N
             print(
                 f"  {line[:60]:<60} {got}  ({'allow' if expected.allow else 'deny'}: {why}){flag}"
             )
-    print("\nunloaded; cgroup and server removed.")
+    print("\nunloaded; cgroup, server and pins removed.")
     if mismatches:
         print(f"{mismatches} verdict(s) differed from the policy", file=sys.stderr)
         return 1
     return 0
+
+
+def _remove_if_empty(pin_root: Callable[..., Path | None]) -> None:
+    """Remove the pin root (`pins.pin_root`) after the demo's unload, unless another policy is
+    pinned there."""
+    root = pin_root(create=False)
+    if root is not None:
+        try:
+            root.rmdir()
+        except OSError:
+            pass  # not empty: a policy loaded meanwhile by someone else
