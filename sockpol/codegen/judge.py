@@ -457,8 +457,10 @@ class JudgeCore:
         b.position_at_end(go_on)
         next_call = fn.append_basic_block("next_call")
         far = b.icmp_unsigned(">", fx.get("pos"), near_end)
-        full = b.icmp_unsigned(">=", fx.get("out_len"), I64(PATH_MAX - SCAN_CHUNK))
-        b.cbranch(far if self.path_chunks else b.or_(far, full), next_call, fast)
+        if not self.path_chunks:
+            full = b.icmp_unsigned(">=", fx.get("out_len"), I64(PATH_MAX - SCAN_CHUNK))
+            far = b.or_(far, full)
+        b.cbranch(far, next_call, fast)
         b.position_at_end(next_call)
         b.ret(I64(0))
 
@@ -617,25 +619,25 @@ class JudgeCore:
             byte, entry = transition(row, b.gep(p, [I64(j)], source_etype=I8))
             kind = b.lshr(entry, kind_bits)  # the next state's PLAIN, PATH and LITERAL bits
             moves = fn.append_basic_block(f"moves{j}")
-            # 1 for PATH, 0 for PLAIN (5 too); computed before the branches, so that `kind` is
-            # dead where a missed literal rejoins (the verifier then prunes that path there).
-            # (Used only where this chunk appends path bytes: the lsm program.)
-            path_byte = b.and_(b.lshr(kind, I64(1)), I64(1))
+            if appends:
+                # 1 for PATH, 0 for PLAIN (5 too); computed before the branches, so that `kind`
+                # is dead where a missed literal rejoins (the verifier then prunes it there).
+                path_byte = b.and_(b.lshr(kind, I64(1)), I64(1))
             if self.literals:
                 # PLAIN (1) moves on; slow (0) and PLAIN with literals (5) stop; PATH (2) moves
                 # on where there is no path chunk, and stops where there is one: this chunk then
                 # does not append the bytes it takes (header bytes, mostly) to the path.
                 stops = fn.append_basic_block(f"stops{j}")
-                if self.path_chunks:
-                    moving = b.icmp_unsigned("==", kind, I64(STATE_PLAIN))
-                else:
+                if appends:
                     moving = b.icmp_unsigned("<", b.sub(kind, I64(1)), I64(2))
+                else:
+                    moving = b.icmp_unsigned("==", kind, I64(STATE_PLAIN))
                 b.cbranch(moving, moves, stops)
                 b.position_at_end(stops)
                 trying = fn.append_basic_block(f"lit_try{j}")
                 looking = fn.append_basic_block(f"lit_look{j}")
                 slow = slow_out(j, out_len, entry) if self.fewer_calls else out
-                if self.path_chunks:
+                if not appends:
                     not_slow = fn.append_basic_block(f"not_slow{j}")
                     b.cbranch(b.icmp_unsigned("==", kind, I64(0)), slow, not_slow)
                     b.position_at_end(not_slow)
@@ -661,7 +663,7 @@ class JudgeCore:
             else:
                 b.cbranch(b.icmp_unsigned("==", kind, I64(0)), out, moves)
             b.position_at_end(moves)
-            if not (self.literals and self.path_chunks):
+            if appends:
                 # Stored whether or not it is a path byte: past the path's end, a byte that is
                 # not one is overwritten or ignored (the path is the first out_len bytes).
                 at_len = gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))])
