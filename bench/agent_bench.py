@@ -35,6 +35,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from pinroot import own_pin_root  # noqa: E402
 
 POLICY = """policy web {{
     port 18080
@@ -159,12 +162,16 @@ def new_pod_latency(base: Path, state: Path, repeat: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with own_pin_root("bench-agent"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", default="10,50,200")
     parser.add_argument("--latency-repeat", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    os.environ.setdefault("SOCKPOL_PIN_ROOT", f"bench-agent-{os.getpid()}")  # ours alone
     from sockpol.runtime.system import cgroup2_mount
 
     base = cgroup2_mount() / f"sockpol-bench-agent-{os.getpid()}"
@@ -184,11 +191,6 @@ def main(argv: list[str] | None = None) -> int:
               f"max {results['new_pod_ms']['max']} ms ({len(lat)} runs)")  # fmt: skip
     finally:
         _remove(base)
-        from sockpol.runtime import pins
-
-        root = pins.pin_root(create=False)
-        if root is not None and root.name.startswith("bench-agent-"):
-            root.rmdir()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0

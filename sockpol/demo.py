@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -139,7 +138,7 @@ def run_demo(file: str | None, policy: str | None = None, cgroup_parent: str | N
         stack.enter_context(_server(port))
         name = f"demo-{os.getpid()}"
         if pins.pin_root(create=False) is None:  # the demo makes the pin root: it removes it
-            stack.callback(_remove_if_empty, pins.pin_root)
+            stack.callback(pins.remove_root)  # (unless a policy loaded meanwhile is pinned)
         loaded = runtime.load(obj, cgroup, name=name)
         loaded.close()
         stack.callback(runtime.unload, name)
@@ -173,14 +172,3 @@ def run_demo(file: str | None, policy: str | None = None, cgroup_parent: str | N
         print(f"{mismatches} verdict(s) differed from the policy", file=sys.stderr)
         return 1
     return 0
-
-
-def _remove_if_empty(pin_root: Callable[..., Path | None]) -> None:
-    """Remove the pin root (`pins.pin_root`) after the demo's unload, unless another policy is
-    pinned there."""
-    root = pin_root(create=False)
-    if root is not None:
-        try:
-            root.rmdir()
-        except OSError:
-            pass  # not empty: a policy loaded meanwhile by someone else

@@ -90,6 +90,19 @@ def pin_root(*, create: bool) -> Path | None:
     return bpffs / name
 
 
+def remove_root() -> str | None:
+    """Remove the pin root where nothing is pinned under it any more (a demo's, a benchmark's,
+    a test session's own); None if it is gone, else why it stays."""
+    root = pin_root(create=False)
+    if root is None:
+        return None
+    try:
+        root.rmdir()
+    except OSError as e:  # a policy is still pinned there
+        return f"{root}: {e.strerror}"
+    return None
+
+
 @contextmanager
 def locked(root: Path) -> Iterator[None]:
     """Serialize loads and unloads of all policies on this host."""

@@ -219,12 +219,8 @@ def _remove_own_pin_root() -> None:
     """The session's pin root goes once its policies are gone (one left loaded keeps it)."""
     from sockpol.runtime import pins
 
-    root = pins.pin_root(create=False)
-    if root is not None and root.name == TEST_PIN_ROOT:
-        try:
-            root.rmdir()
-        except OSError as e:
-            print(f"\nsafety net: pin root {root} kept: {e.strerror}", file=sys.stderr)
+    if pins.root_name() == TEST_PIN_ROOT and (kept := pins.remove_root()):
+        print(f"\nsafety net: pin root kept: {kept}", file=sys.stderr)
 
 
 @pytest.fixture(autouse=True)
