@@ -7,21 +7,24 @@ take 80,000 x 32 x 4 bytes; this takes about 4 bytes per transition that matters
 
 Every state gets an *id* (a base offset into one u32 array of slots) and stores at `id + k`:
 
-    k < C       its transition on class k, unless that is its default       next id
-    k = C       its default transition, unless that is the dead state       next id
+    k = 0       its default transition, unless that is the dead state       next id
+    k = c + 1   its transition on class c (c < C), unless that is its default  next id
     k = C + 1   its candidate word, if paths ending in it match a rule      index into `accepts`
 
 each slot tagged with `k + 1` in its top 8 bits (0: a free slot). Ids are unique, so a slot
 tagged `k + 1` at `id + k` can only be state `id`'s; C, the number of byte classes, is a policy
-constant. One step of the kernel:
+constant. The dead state's id is 0 (it has no slots: every class leads back to it). One step of
+the kernel, whose class map gives k = c + 1 directly:
 
-    e = slots[(id + c) & MASK]
-    if e >> 24 == c + 1:  next = e & 0xFFFFFF
+    e = slots[(id + k) & MASK]
+    if e >> 24 == k + 1:  next = e & 0xFFFFFF
     else:
-        d = slots[(id + C) & MASK]
-        next = d & 0xFFFFFF  if d >> 24 == C + 1  else  dead_id
+        d = slots[id & MASK]
+        next = d & 0xFFFFFF  if d >> 24 == 1  else  0
 
-and after the path, `a = slots[(id + C + 1) & MASK]`, the word is `accepts[a & 0xFFFFFF]` if
+The default at offset 0 and the dead state at 0 keep C and the dead state's id out of the
+per-byte step: two constants fewer to keep in registers (BPF has ten) or reload from the stack.
+After the path, `a = slots[(id + C + 1) & MASK]`, the word is `accepts[a & 0xFFFFFF]` if
 `a >> 24 == C + 2`, else 0 (no candidate). At most three loads per byte, whatever the number of
 states; memory is the slot array (padded to a power of two) and one word per accepting state.
 """
@@ -55,9 +58,9 @@ class Comb:
         return e & PAYLOAD_MASK if e >> TAG_SHIFT == k + 1 else None
 
     def step(self, state_id: int, cls: int) -> int:
-        nxt = self._slot(state_id, cls)
+        nxt = self._slot(state_id, cls + 1)
         if nxt is None:
-            nxt = self._slot(state_id, self.n_classes)
+            nxt = self._slot(state_id, 0)
         return self.dead_id if nxt is None else nxt
 
     def word(self, state_id: int) -> int:
@@ -81,20 +84,23 @@ def pack_comb(
     half = n_classes // 2
     for s, row in enumerate(rows):
         if len(row) <= half:  # most classes go to the dead state: it is the default
-            ex = sorted(row.items())
+            ex = sorted((c + 1, t) for c, t in row.items())
         else:
             counts = Counter(row.values())
             if len(row) < n_classes:
                 counts[dead] += n_classes - len(row)
             default = counts.most_common(1)[0][0]
-            ex = [(c, row.get(c, dead)) for c in range(n_classes) if row.get(c, dead) != default]
+            ex = [
+                (c + 1, row.get(c, dead)) for c in range(n_classes) if row.get(c, dead) != default
+            ]
             if default != dead:
-                ex.append((n_classes, default))
+                ex.insert(0, (0, default))
         if words[s]:
             ex.append((n_classes + 1, -len(accepts)))  # negative: not a state to renumber
             accepts.append(words[s])
         entries.append(ex)
-    ids = _place([[k for k, _ in ex] for ex in entries], n_classes + 2)
+    assert not entries[dead], "the dead state has no slots: every class leads back to it"
+    ids = _place([[k for k, _ in ex] for ex in entries], n_classes + 2, zero=dead)
     top = max(ids) + n_classes + 2
     slot_bits = _bits(top)
     if top > PAYLOAD_MASK:
@@ -107,20 +113,21 @@ def pack_comb(
     return Comb(ids, slots, accepts, n_classes, slot_bits, ids[dead])
 
 
-def _place(needs: list[list[int]], width: int) -> list[int]:
+def _place(needs: list[list[int]], width: int, zero: int) -> list[int]:
     """Unique bases such that the slots `base + k` (k in needs[s]) of all states are disjoint.
 
     Rows with several slots go first, by first fit. Slots and bases are only ever taken, never
     freed, so a base found unfit for one set of offsets stays unfit: each set keeps a cursor
     that only moves forward; a new set starts near the top of the table rather than rescanning
     the full region below (its holes are left to single-slot rows, which fit any hole). Then
-    single-slot rows fill the holes in order, and rows without slots (the dead state) take any
-    free base."""
+    single-slot rows fill the holes in order, and rows without slots take any free base. State
+    `zero` (the dead state, which has none) takes base 0: the kernel's step falls back to 0."""
     n = len(needs)
     size = sum(len(ks) for ks in needs) + n + 2 * width + 64  # grows if needed
     used = bytearray(size)
     taken = bytearray(size)
     ids = [-1] * n
+    ids[zero], taken[0] = 0, 1
     cursors: dict[tuple[int, ...], int] = {}
     top = 0  # one past the highest used slot
     multi = sorted((s for s in range(n) if len(needs[s]) > 1), key=lambda s: -len(needs[s]))

@@ -614,7 +614,8 @@ class JudgeCore:
             inside = fn.append_basic_block(f"in{j}")
             q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
             out = leave(row, j, out_len)
-            b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside)
+            # The next byte is the likely way (as in the path chunk): laid out after the test.
+            b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside).set_weights([1, 64])
             b.position_at_end(inside)
             byte, entry = transition(row, b.gep(p, [I64(j)], source_etype=I8))
             kind = b.lshr(entry, kind_bits)  # the next state's PLAIN, PATH and LITERAL bits
@@ -685,15 +686,18 @@ class JudgeCore:
         (the last bytes before PATH_MAX, and those of an sk_skb window's last bytes) are not
         walked here, and `decide` walks what is left."""
         b = fx.b
-        classes, dead = fx.config("path_classes"), fx.config("path_dead")
 
         def leave(
-            row: ir.Value, j: int, out_len: ir.Value, pstate: ir.Value, literals: bool = False
+            row: ir.Value, j: int, walked: int, pstate: ir.Value, literals: bool = False
         ) -> ir.Block:
-            """End the call before byte j, in the state of `row`: with that byte left to the
-            slow path (j < PATH_SCAN_CHUNK) or, with `literals`, the state's literals first."""
+            """End the call before byte j, in the state of `row`, after `walked` path bytes:
+            with byte j left to the slow path (j < PATH_SCAN_CHUNK) or, with `literals`, the
+            state's literals first. The path's length is computed in the exit (len0 + walked),
+            not carried along the chunk: LLVM kept each byte's sum live for its exits, a reload
+            and an add per byte."""
 
             def scanned() -> dict[str, ir.Value]:
+                out_len = b.add(len0, I64(walked))
                 return {
                     "state": state_of(row),
                     "pos": b.add(pos, I64(j)),
@@ -708,30 +712,39 @@ class JudgeCore:
                 fx, fn, f"path_out{j}", scanned, PENDING_SLOW if j < PATH_SCAN_CHUNK else 0
             )
 
-        out_len, pstate = len0, fx.get("pstate")
+        pstate = fx.get("pstate")
+        # Byte j goes to `at + j`: one address for the chunk, each byte's store a displacement
+        # from it. len0 is below PATH_MAX - SCAN_CHUNK here (the call's start tested the
+        # path's room), so no byte of the chunk wraps as `(len0 + j) & (PATH_MAX - 1)` would.
+        at = gep(b, scratch, I8, [len0])
+        # The comb's slots through a pointer of their own: their offset in the tables is past
+        # a load's 16-bit displacement, and LLVM added it to every slot's address.
+        slots = fx.flat_base("path_slots")
         for j in range(PATH_SCAN_CHUNK):
             inside = fn.append_basic_block(f"path_in{j}")
             q_end = b.gep(p, [I64(j + 1)], source_etype=I8)
-            out = leave(row, j, out_len, pstate)
-            b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside)
+            out = leave(row, j, j, pstate)
+            # Weights: the next byte is the likely way, so LLVM lays it out after the test
+            # instead of the exit, and each test needs no jump of its own to go on.
+            b.cbranch(b.icmp_unsigned(">", q_end, data_end), out, inside).set_weights([1, 64])
             b.position_at_end(inside)
             byte, entry = transition(row, b.gep(p, [I64(j)], source_etype=I8))
             moves = fn.append_basic_block(f"path_moves{j}")
             kind = b.lshr(entry, I64(TRANS_KIND_SHIFT))
             if self.literals:  # the SP after the path leads to ` HTTP/1.1\r\n`'s state
                 stops = fn.append_basic_block(f"path_stops{j}")
-                b.cbranch(b.icmp_unsigned("==", kind, I64(STATE_PATH)), moves, stops)
+                path_byte = b.icmp_unsigned("==", kind, I64(STATE_PATH))
+                b.cbranch(path_byte, moves, stops)
                 b.position_at_end(stops)
                 literal = b.icmp_unsigned("!=", b.and_(entry, I64(LITERAL_BIT)), I64(0))
-                b.cbranch(literal, leave(entry, j + 1, out_len, pstate, literals=True), out)
+                b.cbranch(literal, leave(entry, j + 1, j, pstate, literals=True), out)
             else:
                 b.cbranch(b.icmp_unsigned("!=", kind, I64(STATE_PATH)), out, moves)
             b.position_at_end(moves)
-            b.store(b.trunc(byte, I8), gep(b, scratch, I8, [b.and_(out_len, I64(PATH_MAX - 1))]))
-            out_len = b.add(out_len, I64(1))
-            pstate = self.path_transition(fx, pstate, byte, classes, dead)
+            b.store(b.trunc(byte, I8), gep(b, at, I8, [I64(j)]))
+            pstate = self.path_transition(fx, pstate, byte, slots)
             row = entry
-        b.branch(leave(row, PATH_SCAN_CHUNK, out_len, pstate))
+        b.branch(leave(row, PATH_SCAN_CHUNK, PATH_SCAN_CHUNK, pstate))
 
     def take_literals(self, fx: Fn, fn: ir.Function) -> None:
         """scan_step's start when the state at `pos` has literals (codegen/literals.py): up to
@@ -884,21 +897,27 @@ class JudgeCore:
         return done if self.fewer_calls else None
 
     @staticmethod
-    def comb_slot(fx: Fn, state: ir.Value, k: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """(found, payload) of the slot at `state + k` tagged `k + 1` (comb.py)."""
+    def comb_slot(
+        fx: Fn, state: ir.Value, k: ir.Value, slots: ir.Value | None = None
+    ) -> tuple[ir.Value, ir.Value]:
+        """(found, payload) of the slot at `state + k` tagged `k + 1` (comb.py); through
+        `slots` (Fn.flat_base) where given."""
         b = fx.b
-        e = fx.load_flat("path_slots", b.add(state, k), I32)
+        if slots is None:
+            e = fx.load_flat("path_slots", b.add(state, k), I32)
+        else:
+            e = fx.load_from(slots, "path_slots", b.add(state, k), I32)
         found = b.icmp_unsigned("==", b.lshr(e, I64(TAG_SHIFT)), b.add(k, I64(1)))
         return found, b.and_(e, I64(PAYLOAD_MASK))
 
-    def path_transition(self, fx: Fn, state, byte, classes, dead) -> ir.Value:
+    def path_transition(self, fx: Fn, state, byte, slots: ir.Value | None = None) -> ir.Value:
         """The path automaton's next state: the state's slot for the byte's class, else its
-        default slot, else the dead state."""
+        default slot (offset 0), else the dead state (0; comb.py)."""
         b = fx.b
-        cls = fx.load_flat("path_classmap", byte, I8)
-        hit, nxt = self.comb_slot(fx, state, cls)
-        dflt_hit, dflt = self.comb_slot(fx, state, classes)
-        return b.select(hit, nxt, b.select(dflt_hit, dflt, dead))
+        k = fx.load_flat("path_classmap", byte, I8)  # class + 1
+        hit, nxt = self.comb_slot(fx, state, k, slots)
+        dflt_hit, dflt = self.comb_slot(fx, state, I64(0), slots)
+        return b.select(hit, nxt, b.select(dflt_hit, dflt, I64(0)))
 
     def path_step(self) -> ir.Function:
         """Bytes `index * PATH_CHUNK` on of the path through the packed path
@@ -910,7 +929,6 @@ class JudgeCore:
         first = b.add(fx.get("pwalked"), b.mul(b.zext(index, I64), I64(PATH_CHUNK)))
         out_len = fx.get("out_len")
         scratch = fx.get("scratch")
-        classes, dead = fx.config("path_classes"), fx.config("path_dead")
         done = fn.append_basic_block("done")
         b.position_at_end(done)
         end_state = b.phi(I64, "end_state")
@@ -925,7 +943,7 @@ class JudgeCore:
             b.cbranch(b.icmp_unsigned(">=", i, out_len), done, step)
             b.position_at_end(step)
             c = b.zext(b.load(gep(b, scratch, I8, [b.and_(i, I64(PATH_MAX - 1))]), typ=I8), I64)
-            state = self.path_transition(fx, state, c, classes, dead)
+            state = self.path_transition(fx, state, c)
         end_state.add_incoming(state, b.block)
         stopped.add_incoming(I64(0), b.block)
         b.branch(done)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from llvmlite import binding as llvm
 from llvmlite import ir
 
+from sockpol.codegen import helpers as h
 from sockpol.codegen.helpers import I8, I32, I64, PTR, gep
 from sockpol.codegen.irconst import int_array, word_rows
 from sockpol.codegen.literals import literal_table
@@ -160,7 +161,7 @@ def port_bitmap(ports) -> list[int]:
 
 CONFIG = [
     "nrules", "default_allow", "max_head", "start", "path_start", "zero",
-    "chunk_start", "chunk_data_end", "path_classes", "path_dead", "tls",
+    "chunk_start", "chunk_data_end", "path_classes", "tls",
 ]  # fmt: skip
 
 
@@ -234,7 +235,6 @@ class Tables:
             "chunk_start": t.chunk_start,
             "chunk_data_end": t.chunk_data_end,
             "path_classes": comb.n_classes,
-            "path_dead": comb.dead_id,
             "tls": tls.policy_mode(ir_.policy),
         }
         statuses = ir_.policy.answers()
@@ -258,6 +258,9 @@ class Tables:
             # call that tries them, before `trans` so that its offset stays a displacement.
             "literals": array(I64, self.literals.rows()),
             "lit_mul": array(I64, [self.literals.mul]),
+            # The path automaton's class map, read per path byte by the path chunk; it gives
+            # the class's slot offset in the comb, class + 1 (comb.py).
+            "path_classmap": array(I8, [c + 1 for c in p.classmap]),
             "trans": array(I32, trans_entries(t, kinds, self.literals.chunk_states)),
             # Per state: STATE_PLAIN, STATE_PATH, STATE_VALUE_LOOP bits, else 0.
             "state_kind": array(I8, kinds),
@@ -265,7 +268,6 @@ class Tables:
             "factsets": words(factsets),
             "class_need": words(need),
             "rule_flags": array(I32, rule_flags),
-            "path_classmap": array(I8, list(p.classmap)),
             "path_slots": array(I32, slots),
             "cand_words": array(I32, accepts),
             "cand_table": array(I32, cands),
@@ -389,6 +391,21 @@ class Fn:
             b.shl(index, I64(size.bit_length() - 1)) if size > 1 else index, I64(t.t_offset[name])
         )
         return b.zext(b.load(gep(b, self.base, I8, [at]), typ=typ), I64)
+
+    def flat_base(self, name: str) -> ir.Value:
+        """The start of a table as a pointer of its own (hidden from LLVM, which would fold
+        the offset back into every address): for a table past a load's displacement that
+        unrolled code reads often (load_from)."""
+        at = h.opaque(self.b, I64(self.tables.t_offset[name]))
+        return gep(self.b, self.base, I8, [at])
+
+    def load_from(self, start: ir.Value, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
+        """load_flat through a table's own start (flat_base)."""
+        t, b = self.tables, self.b
+        index = self._masked(name, index)
+        size = t.t_elem[name]
+        at = b.shl(index, I64(size.bit_length() - 1)) if size > 1 else index
+        return b.zext(b.load(gep(b, start, I8, [at]), typ=typ), I64)
 
     def config(self, name: str) -> ir.Value:
         t, b = self.tables, self.b
