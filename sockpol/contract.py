@@ -110,8 +110,8 @@ UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # holding the next state's row offset and kind bits (codegen/tables.py TRANS_KIND_SHIFT); 3: the
 # literals table before `trans`, and LITERAL_BIT in its entries (codegen/literals.py); 4: twice
 # the literal entries, each with the fact set of its end (methods); 5: the path automaton's default
-# slot at offset 0, its class map giving class + 1, the dead state at 0 (codegen/comb.py), and
-# that class map before `trans`.
+# slot at offset 0, its class map giving class + 1, the dead state at 0 (codegen/comb.py; the
+# `path_dead` config entry is gone), and that class map before `trans`.
 TABLE_LAYOUT = 5
 
 # --- limits the program enforces (and the reference interpreter with it) -----------------------

@@ -23,15 +23,17 @@ from dataclasses import dataclass, field
 from elftools.elf.elffile import ELFFile
 
 from sockpol.codegen.judge import PATH_CHUNK, PENDING_LITERAL
-from sockpol.codegen.tables import FACTS_OFFSET, SCALAR
+from sockpol.codegen.tables import FACTS_OFFSET, SCALAR, SCAN_POINTERS
 from sockpol.compiler import CompiledPolicy
 from sockpol.contract import PATH_MAX
+from sockpol.dsl.ast import Side
 from sockpol.telemetry import NO_RULE
 
 MASK64 = (1 << 64) - 1
 REGION_SHIFT = 28  # an address's top bits name its region
 CTX, STACK, DATA, SCRATCH, TABLES = 1, 2, 3, 4, 5
 STACK_SIZE = 512
+MAX_INSNS = 1_000_000  # per call: a jump gone wrong fails the test instead of hanging it
 
 
 class EmuError(Exception):
@@ -94,10 +96,14 @@ class Function:
         while True:
             op, dst, src, off, imm = insns[pc]
             count += 1
+            if count > MAX_INSNS:
+                raise EmuError(f"more than {MAX_INSNS} instructions in one call")
             if hist is not None:
                 hist[pc] += 1
             cls = op & 7
             if cls in (4, 7):  # ALU, ALU64
+                if off:  # cpu v4's signed division and sign-extending moves
+                    raise EmuError(f"ALU opcode {op:#x} with offset {off} at {pc}")
                 wide = cls == 7
                 code = op & 0xF0
                 b = r[src] if op & 8 else (imm & MASK64)
@@ -174,9 +180,11 @@ class Function:
                 mem.store((r[dst] + off) & MASK64, _SIZES[op & 0x18], r[src])
                 pc += 1
             elif cls == 2:  # ST
+                if op & 0xE0 != 0x60:
+                    raise EmuError(f"store opcode {op:#x} at {pc}")
                 mem.store((r[dst] + off) & MASK64, _SIZES[op & 0x18], imm & MASK64)
                 pc += 1
-            elif op == 0x18:  # LD imm64: two slots, counted as one instruction
+            elif op == 0x18 and src == 0:  # LD imm64: two slots, counted as one instruction
                 hi = insns[pc + 1][4]
                 r[dst] = ((hi & 0xFFFFFFFF) << 32) | (imm & 0xFFFFFFFF)
                 pc += 2
@@ -207,6 +215,10 @@ class ScanEmu:
     """The scan of one compiled policy's object, on slot 0 of its tables."""
 
     def __init__(self, compiled: CompiledPolicy) -> None:
+        # The sk_msg program's scan: its runs start with the methods' literals (walk), where
+        # the lsm program's do not, and sk_skb's resume in later windows.
+        if compiled.metadata.backend != "sockmap" or compiled.policy.side is not Side.EGRESS:
+            raise EmuError("only the sk_msg program's scan is emulated")
         t = compiled.matcher.tables
         self.start, self.path_start = t.start, t.path.start
         self.nw = compiled.matcher.fact_words
@@ -240,7 +252,8 @@ class ScanEmu:
         data = mem.map(DATA, bytearray(head))
         scratch = mem.map(SCRATCH, bytearray(FACTS_OFFSET + 8 * self.nw))
         tables = mem.map(TABLES, bytearray(self.data)) + self.tables_at
-        ctx = mem.map(CTX, bytearray(struct.pack("<4Q", data, data + n, scratch, tables)))
+        pointers = {"data": data, "data_end": data + n, "scratch": scratch, "tables": tables}
+        ctx = mem.map(CTX, bytearray(struct.pack("<4Q", *(pointers[p] for p in SCAN_POINTERS))))
         stack_top = mem.map(STACK, bytearray(STACK_SIZE)) + STACK_SIZE
 
         def put(name: str, value: int) -> None:

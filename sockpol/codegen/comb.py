@@ -7,9 +7,9 @@ take 80,000 x 32 x 4 bytes; this takes about 4 bytes per transition that matters
 
 Every state gets an *id* (a base offset into one u32 array of slots) and stores at `id + k`:
 
-    k = 0       its default transition, unless that is the dead state       next id
-    k = c + 1   its transition on class c (c < C), unless that is its default  next id
-    k = C + 1   its candidate word, if paths ending in it match a rule      index into `accepts`
+    k = 0       its default transition, unless that is the dead state         next id
+    k = c + 1   its transition on class c (c < C), unless that is its default next id
+    k = C + 1   its candidate word, if paths ending in it match a rule        index into `accepts`
 
 each slot tagged with `k + 1` in its top 8 bits (0: a free slot). Ids are unique, so a slot
 tagged `k + 1` at `id + k` can only be state `id`'s; C, the number of byte classes, is a policy
@@ -110,6 +110,7 @@ def pack_comb(
         base = ids[s]
         for k, payload in ex:
             slots[base + k] = (-payload if payload < 0 else ids[payload]) | (k + 1) << TAG_SHIFT
+    assert ids[dead] == 0, "the kernel's step falls back to 0, the dead state"
     return Comb(ids, slots, accepts, n_classes, slot_bits, ids[dead])
 
 

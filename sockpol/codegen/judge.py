@@ -49,6 +49,7 @@ from sockpol.codegen.scanner import (
 )
 from sockpol.codegen.tables import (
     LITERAL_BIT,
+    SCALARS_OFFSET,
     SCAN_SCALARS,
     STATE_PATH,
     STATE_PATH_NEXT,
@@ -82,6 +83,9 @@ SCAN_CHUNK = 32
 PATH_SCAN_CHUNK = 32
 # The fast paths append path bytes unchecked while the path has room for SCAN_CHUNK more.
 assert PATH_SCAN_CHUNK <= SCAN_CHUNK
+# The path chunk stores byte j at scratch + len0 + j, len0 known to the verifier only as below
+# PATH_MAX: its last store must still fall before the scan's scalars (tables.py).
+assert PATH_MAX - 1 + PATH_SCAN_CHUNK <= SCALARS_OFFSET
 # Words of eight bytes that scan_step skips at most per call in a state looping on them.
 SKIP_WORDS = 4
 SPACES, ONES, TOPS = (int.from_bytes(bytes([c]) * 8, "little") for c in (0x20, 0x01, 0x80))

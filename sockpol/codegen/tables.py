@@ -44,7 +44,10 @@ from sockpol.model import tls
 # redirected to the socket's own entry), then the run's work area ("scratch"): the path, 128
 # spare bytes, the scan's scalars and its fact words (rewritten by every run). The spare bytes and
 # scalars were the path normalizer's (its segment stack, counters): every version's storage has
-# the same size, because a replacement shares the map with the connections that are open.
+# the same size, because a replacement shares the map with the connections that are open. The
+# spare bytes also hold the path chunk's stores as the verifier sees them: it knows the path's
+# length only as below PATH_MAX, and the chunk stores up to PATH_SCAN_CHUNK - 1 bytes past it
+# (judge.py asserts the room).
 CONN_WORD, CONN_LEFT, CONN_KEY, CONN_SCRATCH = 0, 8, 16, 24
 SCALARS_OFFSET = PATH_MAX + 128
 assert PATH_MAX & (PATH_MAX - 1) == 0
@@ -378,18 +381,20 @@ class Fn:
         at = self.b.add(offset, I64(self.tables.t_offset[name]))
         return self.b.zext(self.b.load(gep(self.b, self.base, I8, [at]), typ=typ), I64)
 
+    def _scaled(self, name: str, index: ir.Value) -> ir.Value:
+        """`index` masked (_masked) and turned into a byte offset within the table."""
+        index = self._masked(name, index)
+        size = self.tables.t_elem[name]
+        return self.b.shl(index, I64(size.bit_length() - 1)) if size > 1 else index
+
     def load_flat(self, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
         """load_table for unrolled hot code: the address is the slot's base plus one byte
         offset computed where it is used, so the table's constant offset becomes the load's
         displacement. (With a GEP into the struct, LLVM computes each table's start once and
         keeps it live across every block of an unrolled chunk: a register each, spilled to the
         stack and reloaded per byte, since BPF has ten.)"""
-        t, b = self.tables, self.b
-        index = self._masked(name, index)
-        size = t.t_elem[name]
-        at = b.add(
-            b.shl(index, I64(size.bit_length() - 1)) if size > 1 else index, I64(t.t_offset[name])
-        )
+        b = self.b
+        at = b.add(self._scaled(name, index), I64(self.tables.t_offset[name]))
         return b.zext(b.load(gep(b, self.base, I8, [at]), typ=typ), I64)
 
     def flat_base(self, name: str) -> ir.Value:
@@ -401,11 +406,8 @@ class Fn:
 
     def load_from(self, start: ir.Value, name: str, index: ir.Value, typ: ir.IntType) -> ir.Value:
         """load_flat through a table's own start (flat_base)."""
-        t, b = self.tables, self.b
-        index = self._masked(name, index)
-        size = t.t_elem[name]
-        at = b.shl(index, I64(size.bit_length() - 1)) if size > 1 else index
-        return b.zext(b.load(gep(b, start, I8, [at]), typ=typ), I64)
+        b = self.b
+        return b.zext(b.load(gep(b, start, I8, [self._scaled(name, index)]), typ=typ), I64)
 
     def config(self, name: str) -> ir.Value:
         t, b = self.tables, self.b
