@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"booting {kernel.describe()} ...", flush=True)
     result = run(kernel, args.pytest_args, timeout=args.timeout)
     print(result.pytest_log or result.console[-5000:])
+    for record in result.verifier:  # the verifier budget's counts, where it ran
+        print(f"verifier: {record}")
     print(f"guest {result.guest_release}: pytest exit {result.status}, {result.seconds:.0f} s")
     return 1 if result.status is None else result.status
 
