@@ -737,8 +737,7 @@ class JudgeCore:
             kind = b.lshr(entry, I64(TRANS_KIND_SHIFT))
             if self.literals:  # the SP after the path leads to ` HTTP/1.1\r\n`'s state
                 stops = fn.append_basic_block(f"path_stops{j}")
-                path_byte = b.icmp_unsigned("==", kind, I64(STATE_PATH))
-                b.cbranch(path_byte, moves, stops)
+                b.cbranch(b.icmp_unsigned("==", kind, I64(STATE_PATH)), moves, stops)
                 b.position_at_end(stops)
                 literal = b.icmp_unsigned("!=", b.and_(entry, I64(LITERAL_BIT)), I64(0))
                 b.cbranch(literal, leave(entry, j + 1, j, pstate, literals=True), out)

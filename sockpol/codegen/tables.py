@@ -393,9 +393,7 @@ class Fn:
         displacement. (With a GEP into the struct, LLVM computes each table's start once and
         keeps it live across every block of an unrolled chunk: a register each, spilled to the
         stack and reloaded per byte, since BPF has ten.)"""
-        b = self.b
-        at = b.add(self._scaled(name, index), I64(self.tables.t_offset[name]))
-        return b.zext(b.load(gep(b, self.base, I8, [at]), typ=typ), I64)
+        return self.load_at(name, self._scaled(name, index), typ)
 
     def flat_base(self, name: str) -> ir.Value:
         """The start of a table as a pointer of its own (hidden from LLVM, which would fold
