@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 TAG_SHIFT = 24
 PAYLOAD_MASK = (1 << TAG_SHIFT) - 1
+DEAD_ID = 0  # the dead state's id, what a step without a slot for the byte leads to
 MAX_CLASSES = 253  # tags are k + 1 <= C + 2 in 8 bits, 0 marks a free slot
 
 
@@ -51,7 +52,6 @@ class Comb:
     accepts: list[int]  # accept index -> candidate word; index 0 unused
     n_classes: int  # C
     slot_bits: int
-    dead_id: int
 
     def _slot(self, state_id: int, k: int) -> int | None:
         e = self.slots[(state_id + k) & ((1 << self.slot_bits) - 1)]
@@ -61,7 +61,7 @@ class Comb:
         nxt = self._slot(state_id, cls + 1)
         if nxt is None:
             nxt = self._slot(state_id, 0)
-        return self.dead_id if nxt is None else nxt
+        return DEAD_ID if nxt is None else nxt
 
     def word(self, state_id: int) -> int:
         index = self._slot(state_id, self.n_classes + 1)
@@ -110,8 +110,8 @@ def pack_comb(
         base = ids[s]
         for k, payload in ex:
             slots[base + k] = (-payload if payload < 0 else ids[payload]) | (k + 1) << TAG_SHIFT
-    assert ids[dead] == 0, "the kernel's step falls back to 0, the dead state"
-    return Comb(ids, slots, accepts, n_classes, slot_bits, ids[dead])
+    assert ids[dead] == DEAD_ID, "the kernel's step falls back to 0, the dead state"
+    return Comb(ids, slots, accepts, n_classes, slot_bits)
 
 
 def _place(needs: list[list[int]], width: int, zero: int) -> list[int]:
@@ -128,7 +128,7 @@ def _place(needs: list[list[int]], width: int, zero: int) -> list[int]:
     used = bytearray(size)
     taken = bytearray(size)
     ids = [-1] * n
-    ids[zero], taken[0] = 0, 1
+    ids[zero], taken[DEAD_ID] = DEAD_ID, 1
     cursors: dict[tuple[int, ...], int] = {}
     top = 0  # one past the highest used slot
     multi = sorted((s for s in range(n) if len(needs[s]) > 1), key=lambda s: -len(needs[s]))

@@ -27,7 +27,7 @@ from llvmlite import ir
 
 from sockpol.codegen import helpers as h
 from sockpol.codegen.candidates import CAND_LENGTH_SHIFT
-from sockpol.codegen.comb import PAYLOAD_MASK, TAG_SHIFT
+from sockpol.codegen.comb import DEAD_ID, PAYLOAD_MASK, TAG_SHIFT
 from sockpol.codegen.helpers import I1, I8, I32, I64, PTR, gep
 from sockpol.codegen.literals import (
     ENTRY_WORDS,
@@ -920,7 +920,7 @@ class JudgeCore:
         k = fx.load_flat("path_classmap", byte, I8)  # class + 1
         hit, nxt = self.comb_slot(fx, state, k, slots)
         dflt_hit, dflt = self.comb_slot(fx, state, I64(0), slots)
-        return b.select(hit, nxt, b.select(dflt_hit, dflt, I64(0)))
+        return b.select(hit, nxt, b.select(dflt_hit, dflt, I64(DEAD_ID)))
 
     def path_step(self) -> ir.Function:
         """Bytes `index * PATH_CHUNK` on of the path through the packed path
