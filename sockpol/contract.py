@@ -111,8 +111,10 @@ UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # literals table before `trans`, and LITERAL_BIT in its entries (codegen/literals.py); 4: twice
 # the literal entries, each with the fact set of its end (methods); 5: the path automaton's default
 # slot at offset 0, its class map giving class + 1, the dead state at 0 (codegen/comb.py; the
-# `path_dead` config entry is gone), and that class map before `trans`.
-TABLE_LAYOUT = 5
+# `path_dead` config entry is gone), and that class map before `trans`; 6: `memo_tag` after
+# `config`, and SECTION_MARK in a version literal's word 7 (the remembered header section:
+# codegen/tables.py MEMO_*).
+TABLE_LAYOUT = 6
 
 # --- limits the program enforces (and the reference interpreter with it) -----------------------
 

@@ -6,7 +6,9 @@
 exact for the code that the kernel verifies and JIT-compiles (each BPF instruction becomes one to
 three x86 instructions), where the kernel's own statistics are a time with about 15 ns of noise
 per measurement on this machine: a change to the scan's code can be weighed here first, and
-`tests/test_insn_budget.py` keeps the counts of the benchmark's mix from growing unnoticed.
+`tests/test_insn_budget.py` keeps the counts of the benchmark's mix from growing unnoticed. A
+`Connection` keeps the work area from head to head, as the socket storage does (the remembered
+header section, with `sockpol_memo_end` run after each scan: tests/test_section_memo.py).
 
 Not covered: the program itself (`sockpol_msg`: entry, socket storage, pull, decide's candidate
 loop, counters, verdict), which calls helpers; and cache misses, branch mispredictions and the
@@ -201,6 +203,11 @@ class Walk:
     path: bytes  # the path as the scan copied it
     pstate: int  # the path automaton's state after the path
     facts: int  # the fact words, word w at bit 64 * w
+    pos: int = 0  # where the scan stopped (after the head where it ended)
+    cl: int = 0  # the Content-Length
+    seen: int = 0  # the singleton headers' flags
+    memo_insns: int = 0  # sockpol_memo_end's, after the scan
+    memo_taken: bool = False  # the connection's remembered header section was taken
 
     @property
     def calls(self) -> int:
@@ -208,7 +215,15 @@ class Walk:
 
     @property
     def insns(self) -> int:
-        return sum(self.per_call) + self.path_insns
+        return sum(self.per_call) + self.path_insns + self.memo_insns
+
+
+class Connection:
+    """A connection's work area, kept from head to head as its socket storage is (the header
+    section it remembers: judge.JudgeCore.memo_section)."""
+
+    def __init__(self, fact_words: int) -> None:
+        self.scratch = bytearray(FACTS_OFFSET + 8 * fact_words)
 
 
 class ScanEmu:
@@ -242,15 +257,22 @@ class ScanEmu:
 
         self.scan_step = fn("sockpol_scan_step")
         self.path_step = fn("sockpol_path_step")
+        self.memo_end = fn("sockpol_memo_end")
 
-    def walk(self, head: bytes, hist: Counter | None = None) -> Walk:
+    def connection(self) -> Connection:
+        return Connection(self.nw)
+
+    def walk(
+        self, head: bytes, hist: Counter | None = None, conn: Connection | None = None
+    ) -> Walk:
         """The scan of a request's head that one run pulled whole (data_end is its end), as
         JudgeCore.begin, scan and decide's path walk run it; `hist` counts executions per
         instruction of scan_step."""
         mem = Memory()
         n = len(head)
         data = mem.map(DATA, bytearray(head))
-        scratch = mem.map(SCRATCH, bytearray(FACTS_OFFSET + 8 * self.nw))
+        conn = conn if conn is not None else self.connection()
+        scratch = mem.map(SCRATCH, conn.scratch)
         tables = mem.map(TABLES, bytearray(self.data)) + self.tables_at
         pointers = {"data": data, "data_end": data + n, "scratch": scratch, "tables": tables}
         ctx = mem.map(CTX, bytearray(struct.pack("<4Q", *(pointers[p] for p in SCAN_POINTERS))))
@@ -259,6 +281,10 @@ class ScanEmu:
         def put(name: str, value: int) -> None:
             mem.store(scratch + SCALAR[name], 8, value)
 
+        for name in SCALAR:  # JudgeCore.begin
+            put(name, 0)
+        for w in range(self.nw):
+            mem.store(scratch + FACTS_OFFSET + 8 * w, 8, 0)
         put("state", self.start)
         put("rule", NO_RULE)
         put("pstate", self.path_start)
@@ -270,6 +296,7 @@ class ScanEmu:
             per_call.append(count)
             if ret:
                 break
+        memo_insns = self.memo_end.run(mem, ctx, 0, stack_top)[1]
         scalars = {name: mem.load(scratch + at, 8) for name, at in SCALAR.items()}
         path_insns = path_calls = 0
         rest = scalars["out_len"] - scalars["pwalked"]
@@ -282,4 +309,9 @@ class ScanEmu:
         path = bytes(mem.regions[SCRATCH][: min(scalars["out_len"], PATH_MAX)])
         pstate = mem.load(scratch + SCALAR["pstate"], 8)
         facts = sum(mem.load(scratch + FACTS_OFFSET + 8 * w, 8) << 64 * w for w in range(self.nw))
-        return Walk(per_call, path_insns, path_calls, scalars["state"], path, pstate, facts)
+        return Walk(
+            per_call, path_insns, path_calls, scalars["state"], path, pstate, facts,
+            scalars["pos"], scalars["cl"], scalars["seen"], memo_insns,
+            # memo_finish ran (it sets memo_from) and marked nothing: the section was taken.
+            scalars["memo_from"] != 0 and scalars["memo_mark"] == 0,
+        )  # fmt: skip

@@ -22,6 +22,7 @@ from sockpol.codegen.literals import (
     METHOD_MIN,
     METHODS,
     NO_STATE,
+    SECTION_MARK,
     LiteralTable,
     key_word,
     literal_table,
@@ -114,8 +115,11 @@ def test_each_literal_sits_where_its_hash_points(mix) -> None:
     for lit in table.literals:
         w1, m1, w2, m2 = lit.words()
         at = slot_of(lit.state, key_word(lit.state, w1, table.start), table.mul) * ENTRY_WORDS
-        entry = [w1, m1, w2, m2, lit.state, lit.target, len(lit.text), lit.facts]
+        mark = SECTION_MARK if lit.section else 0
+        entry = [w1, m1, w2, m2, lit.state, lit.target, len(lit.text), lit.facts | mark]
         assert rows[at : at + ENTRY_WORDS] == entry
+        # A version with its CRLF, and only that, marks where a header section starts.
+        assert lit.section == (lit.text in (b"HTTP/1.1\r\n", b"HTTP/1.0\r\n"))
     empty = sum(rows[i * ENTRY_WORDS + 4] == NO_STATE for i in range(LITERAL_SLOTS))
     assert empty == LITERAL_SLOTS - len(table.literals)
 

@@ -34,6 +34,7 @@ from sockpol.codegen.literals import (
     LITERAL_BITS,
     LITERAL_BYTES,
     METHOD_KEY_BYTES,
+    SECTION_MARK,
     STATE_MIX,
 )
 from sockpol.codegen.objbuilder import ObjectBuilder
@@ -49,6 +50,16 @@ from sockpol.codegen.scanner import (
 )
 from sockpol.codegen.tables import (
     LITERAL_BIT,
+    MEMO_BYTES,
+    MEMO_CL,
+    MEMO_F0,
+    MEMO_FACTS,
+    MEMO_FROM,
+    MEMO_LEN,
+    MEMO_MAX,
+    MEMO_PATH_MAX,
+    MEMO_SEEN,
+    MEMO_TAG,
     SCALARS_OFFSET,
     SCAN_SCALARS,
     STATE_PATH,
@@ -108,6 +119,12 @@ PATH_CHUNK = 16
 # the path byte at `pos` that the general chunk stopped at, through the path chunk where it can
 # take it, else the slow path.
 PENDING_SLOW, PENDING_LITERAL, PENDING_PATH = 1, 2, 3
+# Or the header section that starts at `pos`, compared with the connection's remembered one
+# (JudgeCore.memo_section; sk_msg only).
+PENDING_MEMO, PENDING_MEMO_DONE = 4, 5
+# A path chunk's stores stay below the remembered section's bytes where the path is no longer
+# than MEMO_PATH_MAX (tables.py).
+assert MEMO_PATH_MAX + PATH_SCAN_CHUNK <= MEMO_BYTES
 # scan_step's exit at the head's end yields END as a mask of the state (slow_out).
 assert END == 0
 # Literals tried in a row by a call that starts with PENDING_LITERAL (` HTTP/1.1\r\n`, then a
@@ -165,6 +182,7 @@ class JudgeCore:
         path_chunks: bool = True,
         literals: bool = True,
         fewer_calls: bool = True,
+        memo: bool = False,
     ) -> None:
         self.ob = ob
         self.tables = tables
@@ -182,6 +200,11 @@ class JudgeCore:
         # words, rather than in one more call each (a call costs about 14 ns, docs/design.md);
         # the lsm backend does not (its margin once more).
         self.fewer_calls = fewer_calls
+        # Remember a connection's header section and take it whole when the next request
+        # repeats it (memo_section, memo_end; tables.MEMO_*): the sk_msg program's, whose
+        # connection storage has the room; it needs the literals (a version's literal marks
+        # where a section starts).
+        self.memo = memo and literals
         self.read_ahead = max(READ_AHEAD, SCAN_CHUNK + LITERAL_BYTES) if literals else READ_AHEAD
 
     @staticmethod
@@ -411,6 +434,23 @@ class JudgeCore:
             return b.gep(fx.get("data"), [pos], source_etype=I8)
 
         b.position_at_end(fn.blocks[0])
+        if self.memo:
+            # A call that starts where the request line ended, at its header section, and the
+            # call after it.
+            memo = fn.append_basic_block("memo")
+            finish = fn.append_basic_block("memo_finish")
+            not_memo = fn.append_basic_block("not_memo")
+            other = fn.append_basic_block("not_memo_compare")
+            pending_now = fx.get("pending")
+            b.cbranch(b.icmp_unsigned("==", pending_now, I64(PENDING_MEMO)), memo, other)
+            b.position_at_end(other)
+            done = b.icmp_unsigned("==", pending_now, I64(PENDING_MEMO_DONE))
+            b.cbranch(done, finish, not_memo)
+            b.position_at_end(memo)
+            self.memo_section(fx, fn)
+            b.position_at_end(finish)
+            self.memo_finish(fx)
+            b.position_at_end(not_memo)
         if self.literals:
             # A call that starts where a literal ended (a state that has literals of its own:
             # ` HTTP/1.1\r\n` leads to a header line's start) tries those first.
@@ -794,6 +834,19 @@ class JudgeCore:
                 b.position_at_end(go_on)
                 if k == 0:  # a method's facts, as the slow path adds them at its SP (else 0)
                     fx.or_factset(e_facts)
+                if k == 0 and self.memo:
+                    # The request line's end (a version with its CRLF): the header section
+                    # starts here; the next call compares it with the remembered one.
+                    section = fn.append_basic_block("section_starts")
+                    on = fn.append_basic_block("lit0_on")
+                    marked = b.and_(e_facts, I64(SECTION_MARK))
+                    b.cbranch(b.icmp_unsigned("!=", marked, I64(0)), section, on)
+                    b.position_at_end(section)
+                    fx.put("state", e_target)
+                    fx.put("pos", b.add(pos, e_len))
+                    fx.put("pending", PENDING_MEMO)
+                    b.ret(I64(0))
+                    b.position_at_end(on)
                 state, pos = e_target, b.add(pos, e_len)
             else:
                 state = b.select(hit, e_target, state)
@@ -805,6 +858,218 @@ class JudgeCore:
         fx.put("state", end_state)
         fx.put("pos", end_pos)
         fx.put("pending", I64(0))
+
+    def memo_section(self, fx: Fn, fn: ir.Function) -> None:
+        """scan_step's start at a header section (PENDING_MEMO, tables.MEMO_*): where the
+        connection remembers a section under these tables, from this state, compare it with
+        the next bytes, eight at a time and without a branch on the bytes (XOR'd, OR'd), and
+        store the difference for the next call (memo_finish). The call ends there: the
+        verifier does not prune the paths of the words' tests where they join inside the
+        callback (its states in a loop are compared exactly, registers that are dead
+        included), so what follows the join is a store and a return, and the rest is the next
+        call's, which starts from memory."""
+        b = fx.b
+        scratch, data, data_end = fx.get("scratch"), fx.get("data"), fx.get("data_end")
+
+        def at(offset: int | ir.Value) -> ir.Value:
+            return gep(b, scratch, I8, [offset if isinstance(offset, ir.Value) else I64(offset)])
+
+        def word(ptr: ir.Value) -> ir.Value:
+            return b.load(ptr, typ=I64, align=8)
+
+        def leave(name: str, forget: bool = False) -> ir.Block:
+            """An end of the call that neither takes nor remembers the section."""
+            block = fn.append_basic_block(name)
+            here = b.block
+            b.position_at_end(block)
+            if forget:
+                b.store(I64(0), at(MEMO_TAG))
+            fx.put("pending", PENDING_LITERAL)
+            b.ret(I64(0))
+            b.position_at_end(here)
+            return block
+
+        pos, state = fx.get("pos"), fx.get("state")
+        # A path long enough to reach the remembered bytes may have written over them.
+        short = fn.append_basic_block("memo_short_path")
+        too_long = b.icmp_unsigned(">", fx.get("out_len"), I64(MEMO_PATH_MAX))
+        b.cbranch(too_long, leave("memo_forget", forget=True), short)
+        b.position_at_end(short)
+        # The request line sets no singleton flag and no Content-Length: a section's outcome
+        # starts from none (checked all the same: then it is neither taken nor remembered).
+        unmarked = leave("memo_unmarked")
+        clean = b.icmp_unsigned("==", b.or_(fx.get("seen"), fx.get("cl")), I64(0))
+        is_clean = fn.append_basic_block("memo_clean")
+        bounded = fn.append_basic_block("memo_bounded")
+        b.cbranch(clean, is_clean, unmarked)
+        b.position_at_end(is_clean)
+        near = b.icmp_unsigned(">", pos, I64(self.window - MEMO_MAX - 8))
+        b.cbranch(near, unmarked, bounded)  # a branch of its own: the verifier's bound on pos
+        b.position_at_end(bounded)
+
+        compared = fn.append_basic_block("memo_compared")
+        b.position_at_end(compared)
+        diff = b.phi(I64, "memo_diff")
+        fx.put("memo_diff", diff)
+        fx.put("pending", PENDING_MEMO_DONE)
+        b.ret(I64(0))
+
+        b.position_at_end(bounded)
+        tag = fx.load_flat("memo_tag", I64(0), I64)
+        same = b.and_(
+            b.icmp_unsigned("==", b.load(at(MEMO_TAG), typ=I64), tag),
+            b.icmp_unsigned("==", b.load(at(MEMO_FROM), typ=I64), state),
+        )
+        compare = fn.append_basic_block("memo_compare")
+        diff.add_incoming(I64(1), b.block)  # nothing remembered here: a difference
+        b.cbranch(same, compare, compared)
+        b.position_at_end(compare)
+        length = b.load(at(MEMO_LEN), typ=I64)
+        # Opaque: LLVM would rebuild the pointer from other sums, which the verifier refuses.
+        p = b.gep(data, [h.opaque(b, pos)], source_etype=I8)
+        # The last eight bytes first (they overlap the last whole word where the length is
+        # not a multiple of eight); the remembered length is 8 to MEMO_MAX.
+        tail = b.and_(b.sub(length, I64(8)), I64(MEMO_MAX - 1))
+        # A pointer of its own, bounded by its own test (LLVM would fold the test's + 8 into
+        # the offset, and the verifier grants loads only through the pointer it tested).
+        q = b.gep(data, [h.opaque(b, b.add(pos, tail))], source_etype=I8)
+        tail_in = fn.append_basic_block("memo_tail")
+        beyond = b.icmp_unsigned(">", b.gep(q, [I64(8)], source_etype=I8), data_end)
+        diff.add_incoming(I64(1), b.block)  # the head is shorter than the section: it differs
+        b.cbranch(beyond, compared, tail_in)
+        b.position_at_end(tail_in)
+        acc = b.xor(word(q), word(at(b.add(tail, I64(MEMO_BYTES)))))
+        words = b.lshr(length, I64(3))
+        for k in range(MEMO_MAX // 8):
+            more = fn.append_basic_block(f"memo_w{k}")
+            diff.add_incoming(acc, b.block)
+            b.cbranch(b.icmp_unsigned("<=", words, I64(k)), compared, more)
+            b.position_at_end(more)
+            inside = fn.append_basic_block(f"memo_w{k}_in")
+            end_k = b.gep(p, [I64(8 * k + 8)], source_etype=I8)
+            # Within the tail's bound, so never taken; the verifier needs the test.
+            b.cbranch(b.icmp_unsigned(">", end_k, data_end), unmarked, inside)
+            b.position_at_end(inside)
+            head_word = word(b.gep(p, [I64(8 * k)], source_etype=I8))
+            acc = b.or_(acc, b.xor(head_word, word(at(MEMO_BYTES + 8 * k))))
+        diff.add_incoming(acc, b.block)
+        b.branch(compared)
+
+    def memo_finish(self, fx: Fn) -> None:
+        """scan_step's start after memo_section (PENDING_MEMO_DONE): no difference, and the
+        remembered outcome is taken (the section's facts added, its singleton flags and
+        Content-Length, the head's end; the walk ends); a difference, and this run's section
+        is marked to be remembered (the request line's facts set aside, so that the fact
+        words gather the section's alone: memo_end), and the next call tries the state's
+        literals, as after any literal. Without a branch: `taken` is all ones or zero."""
+        b = fx.b
+        scratch = fx.get("scratch")
+
+        def at(offset: int) -> ir.Value:
+            return gep(b, scratch, I8, [I64(offset)])
+
+        diff = fx.get("memo_diff")
+        # All ones where diff is 0: (diff | -diff) has its top bit set for any other value.
+        taken = b.sub(b.lshr(b.or_(diff, b.neg(diff)), I64(63)), I64(1))
+        kept = b.not_(taken)
+        for w in range(fx.tables.nw):
+            line = b.load(fx.fact_word(w), typ=I64)
+            b.store(line, at(MEMO_F0 + 8 * w))
+            added = b.and_(b.load(at(MEMO_FACTS + 8 * w), typ=I64), taken)
+            b.store(b.and_(b.or_(line, added), taken), fx.fact_word(w))
+        # seen and cl are 0 here (memo_section).
+        fx.put("seen", b.and_(b.load(at(MEMO_SEEN), typ=I64), taken))
+        fx.put("cl", b.and_(b.load(at(MEMO_CL), typ=I64), taken))
+        pos, state = fx.get("pos"), fx.get("state")
+        fx.put("memo_at", pos)
+        fx.put("memo_from", state)
+        fx.put("memo_mark", b.and_(kept, I64(1)))
+        fx.put("pos", b.add(pos, b.and_(b.load(at(MEMO_LEN), typ=I64), taken)))
+        assert END == 0
+        fx.put("state", b.and_(state, kept))
+        fx.put("pending", b.and_(fx.small(PENDING_LITERAL), kept))
+        b.ret(b.and_(taken, I64(1)))
+
+    def memo_end(self) -> ir.Function:
+        """After the scan (sockpol_msg): a run that marked its header section (memo_section)
+        and ended the head remembers it, with what it added (the fact words then hold the
+        section's facts alone), then puts the request line's facts back. Any run whose path
+        may have reached the remembered bytes forgets them. A function of its own, called
+        once: tests/bpfemu.py runs it as the kernel does."""
+        fn, b = self.ob.function("sockpol_memo_end", I64, [("ctx", PTR)])
+        fn.attributes.add("noinline")
+        (ctx,) = fn.args
+        fx = Fn.of_scan(b, self.tables, ctx)
+        scratch, data, data_end = fx.get("scratch"), fx.get("data"), fx.get("data_end")
+
+        def at(offset: int | ir.Value) -> ir.Value:
+            return gep(b, scratch, I8, [offset if isinstance(offset, ir.Value) else I64(offset)])
+
+        def word(ptr: ir.Value) -> ir.Value:
+            return b.load(ptr, typ=I64, align=8)
+
+        with b.if_then(b.icmp_unsigned(">", fx.get("out_len"), I64(MEMO_PATH_MAX))):
+            b.store(I64(0), at(MEMO_TAG))
+        marked = fn.append_basic_block("marked")
+        done = fn.append_basic_block("done")
+        b.cbranch(b.icmp_unsigned("!=", fx.get("memo_mark"), I64(0)), marked, done)
+        b.position_at_end(done)
+        b.ret(I64(0))
+
+        restore = fn.append_basic_block("restore")
+        b.position_at_end(restore)
+        for w in range(fx.tables.nw):
+            line = b.load(at(MEMO_F0 + 8 * w), typ=I64)
+            b.store(b.or_(b.load(fx.fact_word(w), typ=I64), line), fx.fact_word(w))
+        b.ret(I64(0))
+
+        b.position_at_end(marked)
+        start = fx.get("memo_at")
+        length = b.sub(fx.get("pos"), start)
+        ended = b.icmp_unsigned("==", fx.get("state"), I64(END))
+        fits = b.icmp_unsigned("<=", b.sub(length, I64(8)), I64(MEMO_MAX - 8))
+        near = b.icmp_unsigned(">", start, I64(self.window - MEMO_MAX - 8))
+        copy = fn.append_basic_block("copy")
+        near_ok = fn.append_basic_block("copy_bounded")
+        b.store(I64(0), at(MEMO_TAG))  # rewritten below, or no section remembered
+        b.cbranch(b.and_(ended, fits), near_ok, restore)
+        b.position_at_end(near_ok)
+        b.cbranch(near, restore, copy)  # a branch of its own: the verifier's bound on start
+        b.position_at_end(copy)
+        p = b.gep(data, [h.opaque(b, start)], source_etype=I8)  # as in memo_section
+        # The mask stays where LLVM knows the length's range (the test above): the verifier
+        # does not (it is pos - start). Pointers of their own, as in memo_section.
+        tail = b.and_(h.opaque(b, b.sub(length, I64(8))), I64(MEMO_MAX - 1))
+        q = b.gep(data, [h.opaque(b, b.add(start, tail))], source_etype=I8)
+        tail_in = fn.append_basic_block("copy_tail")
+        b.cbranch(
+            b.icmp_unsigned(">", b.gep(q, [I64(8)], source_etype=I8), data_end), restore, tail_in
+        )
+        b.position_at_end(tail_in)
+        b.store(word(q), at(b.add(tail, I64(MEMO_BYTES))), align=8)
+        words = b.lshr(length, I64(3))
+        copied = fn.append_basic_block("copied")
+        for k in range(MEMO_MAX // 8):
+            more = fn.append_basic_block(f"copy_w{k}")
+            b.cbranch(b.icmp_unsigned("<=", words, I64(k)), copied, more)
+            b.position_at_end(more)
+            inside = fn.append_basic_block(f"copy_w{k}_in")
+            end_k = b.gep(p, [I64(8 * k + 8)], source_etype=I8)
+            b.cbranch(b.icmp_unsigned(">", end_k, data_end), restore, inside)
+            b.position_at_end(inside)
+            b.store(word(b.gep(p, [I64(8 * k)], source_etype=I8)), at(MEMO_BYTES + 8 * k), align=8)
+        b.branch(copied)
+        b.position_at_end(copied)
+        h.memory_barrier(b)  # as in memo_section: the length is read back, not carried
+        for w in range(fx.tables.nw):
+            b.store(b.load(fx.fact_word(w), typ=I64), at(MEMO_FACTS + 8 * w))
+        b.store(fx.get("seen"), at(MEMO_SEEN))
+        b.store(fx.get("cl"), at(MEMO_CL))
+        b.store(b.sub(fx.get("pos"), fx.get("memo_at")), at(MEMO_LEN))
+        b.store(fx.get("memo_from"), at(MEMO_FROM))
+        b.store(fx.load_flat("memo_tag", I64(0), I64), at(MEMO_TAG))
+        b.branch(restore)
+        return fn
 
     @staticmethod
     def literal_lookup(

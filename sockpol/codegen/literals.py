@@ -37,7 +37,7 @@ never tries them: the bit that tells it a state has literals is left off the sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sockpol.codegen.scanner import EMIT_MASK, TERMINAL_STATES, ScannerTables
 
@@ -47,6 +47,10 @@ LITERAL_BITS = 7
 LITERAL_SLOTS = 1 << LITERAL_BITS
 ENTRY_WORDS = 8
 NO_STATE = (1 << 64) - 1
+# Word 7 of a version's entry that ends the request line (` HTTP/1.1\r\n` whole): the header
+# section starts there, where the sk_msg program looks up the connection's remembered section
+# (judge.JudgeCore.memo_section). Above any fact set's index: Fn.or_factset masks it off.
+SECTION_MARK = 1 << 31
 MASK64 = (1 << 64) - 1
 STATE_MIX = 0x9E3779B97F4A7C15  # spreads the state over the key's bits
 MULTIPLIERS = (
@@ -86,6 +90,7 @@ class Literal:
     text: bytes  # LITERAL_MIN to LITERAL_BYTES bytes (a method's: METHOD_MIN)
     target: int
     facts: int = 0  # the fact set (its index) of the target: a method's
+    section: bool = False  # a version with its CRLF: the header section starts at `target`
 
     def words(self) -> tuple[int, int, int, int]:
         """(w1, m1, w2, m2): the literal's two little-endian words and their masks."""
@@ -135,7 +140,8 @@ class LiteralTable:
             w1, m1, w2, m2 = lit.words()
             at = self.slot(lit) * ENTRY_WORDS
             out[at : at + ENTRY_WORDS] = [
-                w1, m1, w2, m2, lit.state, lit.target, len(lit.text), lit.facts
+                w1, m1, w2, m2, lit.state, lit.target, len(lit.text),
+                lit.facts | (SECTION_MARK if lit.section else 0),
             ]  # fmt: skip
         return out
 
@@ -228,6 +234,8 @@ def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int])
         for state in states:
             for text in CORPUS[part]:
                 lit = walk(t, plain, state, text.encode())
+                if lit is not None and part == "tails" and lit.text == text.encode():
+                    lit = replace(lit, section=True)  # the whole line's end: CRLF included
                 key = lit and lit.text[: METHOD_KEY_BYTES if state == t.start else 8]
                 if lit is not None and (state, key) not in seen:
                     seen.add((state, key))

@@ -13,6 +13,7 @@ shared by every backend that judges requests with the same tables.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from llvmlite import binding as llvm
@@ -21,7 +22,7 @@ from llvmlite import ir
 from sockpol.codegen import helpers as h
 from sockpol.codegen.helpers import I8, I32, I64, PTR, gep
 from sockpol.codegen.irconst import int_array, word_rows
-from sockpol.codegen.literals import literal_table
+from sockpol.codegen.literals import LiteralTable, literal_table
 from sockpol.codegen.lower import MAX_FACT_WORDS, MatcherIR
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
 from sockpol.codegen.scanner import END, FLAG_PATH_BYTE, TERMINAL_STATES, ScannerTables
@@ -68,7 +69,8 @@ assert PATH_MAX & (PATH_MAX - 1) == 0
 SCAN_POINTERS = ["data", "data_end", "scratch", "tables"]
 SCAN_SCALARS = [
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
-    "out_len", "pwalked", "spare1", "spare2", "spare3", "spare4", "path_too_long", "pstate",  # path
+    "out_len", "pwalked", "memo_at", "memo_mark", "memo_from", "memo_diff", "path_too_long",
+    "pstate",  # path, and a header section being remembered (MEMO_*)
     "cand_off",  # where the path state's candidate rules start in cand_table
     "limit",  # bytes of the head the scan may read (the bytes pulled)
     "pending",  # the next call starts with the slow path (1) or literals (2): scan_step
@@ -77,6 +79,31 @@ POINTER_FIELDS = set(SCAN_POINTERS)
 S = {name: i for i, name in enumerate(SCAN_POINTERS)}
 SCALAR = {name: SCALARS_OFFSET + 8 * i for i, name in enumerate(SCAN_SCALARS)}
 FACTS_OFFSET = SCALARS_OFFSET + 8 * len(SCAN_SCALARS)
+
+
+# The connection's remembered header section (the sk_msg program; judge.JudgeCore.memo_section,
+# docs/design.md, "The cost of a request", step 19). A client on a kept-alive connection sends
+# the same header lines with every request; what the scan makes of them depends on nothing but
+# the scanner (the tables), the state the request line ended in, and their bytes: the facts
+# they add, the Content-Length, the singleton flags, the head's end. So the run that scanned a
+# section remembers it whole (at most MEMO_MAX bytes) with that outcome, and a later run whose
+# request line ends in the same state compares the next bytes with it, eight at a time: equal,
+# it takes the outcome instead of walking them. The description sits in the spare bytes after
+# the path (MEMO_TAG: the tables' `memo_tag`, a digest of everything the scan reads, so
+# another policy or a reload never takes a section remembered under the old tables; MEMO_LEN;
+# MEMO_FROM, the state it starts in; the singleton flags and Content-Length at its end; the
+# facts it adds), the bytes at the end of the path's room, with the request line's facts
+# (MEMO_F0) while a run scans a section it will remember. A path longer than MEMO_PATH_MAX (a
+# path chunk stores up to 32 bytes past the path) may have written over them: such a run
+# forgets the section (memo_end).
+MEMO_MAX = 512
+MEMO_TAG, MEMO_LEN, MEMO_FROM, MEMO_SEEN, MEMO_CL, MEMO_FACTS = (PATH_MAX + 8 * i for i in range(6))
+assert MEMO_FACTS + 8 * MAX_FACT_WORDS <= SCALARS_OFFSET
+MEMO_F0 = PATH_MAX - 8 * MAX_FACT_WORDS
+MEMO_BYTES = MEMO_F0 - MEMO_MAX
+MEMO_PATH_MAX = MEMO_BYTES - 32
+# Bumped when what a remembered section means changes (its description, what the scan keeps).
+MEMO_FORMAT = 1
 
 
 def conn_value_size(fact_words: int = MAX_FACT_WORDS) -> int:
@@ -194,6 +221,25 @@ def answer_rows(policy: str, statuses: tuple[int, ...]) -> ir.Constant:
     )
 
 
+def memo_tag(
+    t: ScannerTables,
+    literals: LiteralTable,
+    kinds: list[int],
+    config: dict[str, int],
+    factsets: list[list[int]],
+) -> int:
+    """A digest of what the head scanner's walk reads (never 0, the tag of no section): two
+    objects or slots with the same digest make the same of every header section."""
+    digest = hashlib.blake2b(digest_size=8, person=b"sockpol-memo")
+    for part in (
+        MEMO_FORMAT, MEMO_MAX, list(t.classmap), list(t.trans), list(t.info), factsets,
+        kinds, literals.rows(), literals.mul, sorted(config.items()),
+    ):  # fmt: skip
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return int.from_bytes(digest.digest(), "little") | 1
+
+
 class Tables:
     """The tables global (built from a matcher IR and its table shape) and how to reach it."""
 
@@ -281,6 +327,8 @@ class Tables:
             # too, for new connections).
             "ports": array(I8, port_bitmap(ir_.policy.ports)),
             "config": array(I32, [config[k] for k in CONFIG]),
+            # The scanner's identity for the connection's remembered header section (MEMO_TAG).
+            "memo_tag": array(I64, [memo_tag(t, self.literals, kinds, config, factsets)]),
             # Answers (contract.answer_response): the status of each of the policy's answers
             # (0: drop), and the response of each answer and refusal reason, row
             # answer * ANSWER_ROWS + (reason & 15), as ANSWER_BYTES / 8 words.

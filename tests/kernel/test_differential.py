@@ -343,3 +343,57 @@ def test_kernel_agrees_on_heads_that_end_in_the_windows_last_bytes(rig: Rig) -> 
     ]
     conns.append(RawConnection((_long_value_head(MAX_SCAN + 1),)))
     _check(rig, spec, conns, [None] * len(conns))
+
+
+# A connection that repeats its header section: from the second request on, the program takes
+# the section from the connection's storage instead of walking it (judge.JudgeCore.memo_section)
+# and must decide exactly as when it walks it: a value that changes the verdict, a body's length,
+# chunked framing, a duplicate or smuggling header, a section past the remembered size, a long
+# path (whose bytes share the room of the remembered ones), a head split over sends.
+MEMO_RULES = (
+    RuleSpec("allow", ("GET",), "/r/**", False, ()),
+    RuleSpec("allow", ("POST",), "/api/**", False, (("header", "x-key", "k1"),)),
+    RuleSpec("allow", ("GET",), "/h/**", False, (("host", "a.example", None),)),
+)
+_SECTION = "Host: a.example\r\nUser-Agent: wrk/4.1.0\r\nAccept: */*\r\n"
+
+
+def _head(line: str, section: str = _SECTION, body: str = "") -> bytes:
+    return f"{line}\r\n{section}\r\n{body}".encode()
+
+
+def test_kernel_agrees_on_connections_that_repeat_their_header_section(rig: Rig) -> None:
+    spec = PolicySpec("memo", (("{PORT}",),), "deny", "8KiB", MEMO_RULES, mode=None)
+    repeated = [
+        _head("GET /r/a HTTP/1.1"),
+        _head("GET /r/bb/c HTTP/1.1"),
+        _head("GET /h/1 HTTP/1.1"),
+    ]
+    keyed = "Host: a.example\r\nx-key: k1\r\nContent-Length: 5\r\n"
+    cookie = "Host: a.example\r\nCookie: " + "c" * 300 + "\r\n"
+    big = "Host: a.example\r\nCookie: " + "c" * 700 + "\r\n"
+    chunked = "Host: a.example\r\nTransfer-Encoding: chunked\r\n"
+    tails = [
+        _head("GET /h/2 HTTP/1.1", _SECTION.replace("a.example", "b.example")),  # host: denied
+        _head("POST /api/x HTTP/1.1", keyed.replace("k1", "k2"), "abcde"),  # denied
+        _head("GET /r/x HTTP/1.1", _SECTION + "Host: a.example\r\n"),  # duplicate: refused
+        _head("GET /r/x HTTP/1.1", keyed + "Transfer-Encoding: chunked\r\n", "abcde"),  # smuggling
+        _head("GET /r/x HTTP/1.1", _SECTION[:-3] + "\r\n"),  # shorter than remembered: allowed
+    ]
+    conns = [RawConnection((*repeated, *repeated, tail)) for tail in tails]
+    body = [_head("POST /api/x HTTP/1.1", keyed, "abcde")] * 3
+    conns.append(RawConnection((*body, _head("POST /api/y HTTP/1.1", keyed, "abcdeGET /r/z"))))
+    conns.append(
+        RawConnection((*[_head("GET /r/a HTTP/1.1", chunked, "3\r\nabc\r\n0\r\n\r\n")] * 3,))
+    )
+    for section in (cookie, big):
+        conns.append(RawConnection(tuple(_head(f"GET /r/{i} HTTP/1.1", section) for i in range(4))))
+    long_line = "GET /r/" + "s" * 1600 + " HTTP/1.1"
+    conns.append(RawConnection((*repeated, _head(long_line), *repeated)))
+    split = _head("GET /r/q HTTP/1.1")
+    conns.append(RawConnection((*repeated, split[:30], split[30:], *repeated)))
+    pipelined = b"".join(repeated)
+    conns.append(
+        RawConnection((pipelined, pipelined, _head("GET /h/3 HTTP/1.1", "Host: a.example\r\n")))
+    )
+    _check(rig, spec, conns, [None] * len(conns))
