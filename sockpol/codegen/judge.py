@@ -869,13 +869,7 @@ class JudgeCore:
         included), so what follows the join is a store and a return, and the rest is the next
         call's, which starts from memory."""
         b = fx.b
-        scratch, data, data_end = fx.get("scratch"), fx.get("data"), fx.get("data_end")
-
-        def at(offset: int | ir.Value) -> ir.Value:
-            return gep(b, scratch, I8, [offset if isinstance(offset, ir.Value) else I64(offset)])
-
-        def word(ptr: ir.Value) -> ir.Value:
-            return b.load(ptr, typ=I64, align=8)
+        at = fx.work
 
         def leave(name: str, forget: bool = False) -> ir.Block:
             """An end of the call that neither takes nor remembers the section."""
@@ -924,36 +918,69 @@ class JudgeCore:
         diff.add_incoming(I64(1), b.block)  # nothing remembered here: a difference
         b.cbranch(same, compare, compared)
         b.position_at_end(compare)
-        length = b.load(at(MEMO_LEN), typ=I64)
-        # Opaque: LLVM would rebuild the pointer from other sums, which the verifier refuses.
-        p = b.gep(data, [h.opaque(b, pos)], source_etype=I8)
-        # The last eight bytes first (they overlap the last whole word where the length is
-        # not a multiple of eight); the remembered length is 8 to MEMO_MAX.
-        tail = b.and_(b.sub(length, I64(8)), I64(MEMO_MAX - 1))
-        # A pointer of its own, bounded by its own test (LLVM would fold the test's + 8 into
-        # the offset, and the verifier grants loads only through the pointer it tested).
-        q = b.gep(data, [h.opaque(b, b.add(pos, tail))], source_etype=I8)
-        tail_in = fn.append_basic_block("memo_tail")
-        beyond = b.icmp_unsigned(">", b.gep(q, [I64(8)], source_etype=I8), data_end)
+        acc = I64(0)
+
+        def compare_word(head: ir.Value, offset: ir.Value) -> None:
+            nonlocal acc
+            remembered = b.load(at(b.add(offset, I64(MEMO_BYTES))), typ=I64, align=8)
+            acc = b.or_(acc, b.xor(b.load(head, typ=I64, align=8), remembered))
+
+        def ends() -> None:
+            diff.add_incoming(acc, b.block)
+
         diff.add_incoming(I64(1), b.block)  # the head is shorter than the section: it differs
-        b.cbranch(beyond, compared, tail_in)
+        length = b.load(at(MEMO_LEN), typ=I64)
+        self.section_words(
+            fx, fn, pos, length, compare_word, ends, done=compared, short=compared, outside=unmarked
+        )
+        b.branch(compared)
+
+    def section_words(
+        self,
+        fx: Fn,
+        fn: ir.Function,
+        start: ir.Value,
+        length: ir.Value,
+        visit: Callable[[ir.Value, ir.Value], None],
+        leaving: Callable[[], None],
+        done: ir.Block,
+        short: ir.Block,
+        outside: ir.Block | None = None,
+    ) -> None:
+        """The words of the `length` bytes (8 to MEMO_MAX) of the head at `start` (below
+        window - MEMO_MAX - 8: the caller's test), for memo_section's compare and memo_end's
+        copy: `visit(pointer, offset)` on the last eight bytes first (they overlap the last
+        whole word where the length is not a multiple of eight), then on every whole word,
+        unrolled; `leaving()` before each way to `done` (once the words are done: the caller
+        branches there after the last). A head shorter than `length` goes to `short`; the
+        words' own tests, within the last eight bytes' bound and so never taken, which the
+        verifier needs, to `outside` (`short` where None)."""
+        b = fx.b
+        data, data_end = fx.get("data"), fx.get("data_end")
+        # Opaque: LLVM would rebuild the pointers from other sums, which the verifier refuses;
+        # each is bounded by its own test (the verifier grants loads only through the pointer
+        # it tested, and LLVM would fold the test's + 8 into the offset).
+        p = b.gep(data, [h.opaque(b, start)], source_etype=I8)
+        tail = b.and_(b.sub(length, I64(8)), I64(MEMO_MAX - 1))
+        q = b.gep(data, [h.opaque(b, b.add(start, tail))], source_etype=I8)
+        tail_in = fn.append_basic_block("section_tail")
+        b.cbranch(
+            b.icmp_unsigned(">", b.gep(q, [I64(8)], source_etype=I8), data_end), short, tail_in
+        )
         b.position_at_end(tail_in)
-        acc = b.xor(word(q), word(at(b.add(tail, I64(MEMO_BYTES)))))
+        visit(q, tail)
         words = b.lshr(length, I64(3))
         for k in range(MEMO_MAX // 8):
-            more = fn.append_basic_block(f"memo_w{k}")
-            diff.add_incoming(acc, b.block)
-            b.cbranch(b.icmp_unsigned("<=", words, I64(k)), compared, more)
+            more = fn.append_basic_block(f"section_w{k}")
+            leaving()
+            b.cbranch(b.icmp_unsigned("<=", words, I64(k)), done, more)
             b.position_at_end(more)
-            inside = fn.append_basic_block(f"memo_w{k}_in")
+            inside = fn.append_basic_block(f"section_w{k}_in")
             end_k = b.gep(p, [I64(8 * k + 8)], source_etype=I8)
-            # Within the tail's bound, so never taken; the verifier needs the test.
-            b.cbranch(b.icmp_unsigned(">", end_k, data_end), unmarked, inside)
+            b.cbranch(b.icmp_unsigned(">", end_k, data_end), outside or short, inside)
             b.position_at_end(inside)
-            head_word = word(b.gep(p, [I64(8 * k)], source_etype=I8))
-            acc = b.or_(acc, b.xor(head_word, word(at(MEMO_BYTES + 8 * k))))
-        diff.add_incoming(acc, b.block)
-        b.branch(compared)
+            visit(b.gep(p, [I64(8 * k)], source_etype=I8), I64(8 * k))
+        leaving()
 
     def memo_finish(self, fx: Fn) -> None:
         """scan_step's start after memo_section (PENDING_MEMO_DONE): no difference, and the
@@ -963,11 +990,7 @@ class JudgeCore:
         words gather the section's alone: memo_end), and the next call tries the state's
         literals, as after any literal. Without a branch: `taken` is all ones or zero."""
         b = fx.b
-        scratch = fx.get("scratch")
-
-        def at(offset: int) -> ir.Value:
-            return gep(b, scratch, I8, [I64(offset)])
-
+        at = fx.work
         diff = fx.get("memo_diff")
         # All ones where diff is 0: (diff | -diff) has its top bit set for any other value.
         taken = b.sub(b.lshr(b.or_(diff, b.neg(diff)), I64(63)), I64(1))
@@ -1000,14 +1023,7 @@ class JudgeCore:
         fn.attributes.add("noinline")
         (ctx,) = fn.args
         fx = Fn.of_scan(b, self.tables, ctx)
-        scratch, data, data_end = fx.get("scratch"), fx.get("data"), fx.get("data_end")
-
-        def at(offset: int | ir.Value) -> ir.Value:
-            return gep(b, scratch, I8, [offset if isinstance(offset, ir.Value) else I64(offset)])
-
-        def word(ptr: ir.Value) -> ir.Value:
-            return b.load(ptr, typ=I64, align=8)
-
+        at = fx.work
         with b.if_then(b.icmp_unsigned(">", fx.get("out_len"), I64(MEMO_PATH_MAX))):
             b.store(I64(0), at(MEMO_TAG))
         marked = fn.append_basic_block("marked")
@@ -1036,28 +1052,17 @@ class JudgeCore:
         b.position_at_end(near_ok)
         b.cbranch(near, restore, copy)  # a branch of its own: the verifier's bound on start
         b.position_at_end(copy)
-        p = b.gep(data, [h.opaque(b, start)], source_etype=I8)  # as in memo_section
-        # The mask stays where LLVM knows the length's range (the test above): the verifier
-        # does not (it is pos - start). Pointers of their own, as in memo_section.
-        tail = b.and_(h.opaque(b, b.sub(length, I64(8))), I64(MEMO_MAX - 1))
-        q = b.gep(data, [h.opaque(b, b.add(start, tail))], source_etype=I8)
-        tail_in = fn.append_basic_block("copy_tail")
-        b.cbranch(
-            b.icmp_unsigned(">", b.gep(q, [I64(8)], source_etype=I8), data_end), restore, tail_in
-        )
-        b.position_at_end(tail_in)
-        b.store(word(q), at(b.add(tail, I64(MEMO_BYTES))), align=8)
-        words = b.lshr(length, I64(3))
         copied = fn.append_basic_block("copied")
-        for k in range(MEMO_MAX // 8):
-            more = fn.append_basic_block(f"copy_w{k}")
-            b.cbranch(b.icmp_unsigned("<=", words, I64(k)), copied, more)
-            b.position_at_end(more)
-            inside = fn.append_basic_block(f"copy_w{k}_in")
-            end_k = b.gep(p, [I64(8 * k + 8)], source_etype=I8)
-            b.cbranch(b.icmp_unsigned(">", end_k, data_end), restore, inside)
-            b.position_at_end(inside)
-            b.store(word(b.gep(p, [I64(8 * k)], source_etype=I8)), at(MEMO_BYTES + 8 * k), align=8)
+
+        def copy_word(head: ir.Value, offset: ir.Value) -> None:
+            word = b.load(head, typ=I64, align=8)
+            b.store(word, at(b.add(offset, I64(MEMO_BYTES))), align=8)
+
+        # The length's mask must stay: LLVM knows its range from the test above, the verifier
+        # does not (it is pos - start), hence opaque.
+        self.section_words(
+            fx, fn, start, h.opaque(b, length), copy_word, lambda: None, done=copied, short=restore
+        )
         b.branch(copied)
         b.position_at_end(copied)
         h.memory_barrier(b)  # as in memo_section: the length is read back, not carried

@@ -487,8 +487,13 @@ class Fn:
         assert 0 <= value < 256, value
         return self.load_table("small", I64(value), I8)
 
+    def work(self, offset: int | ir.Value) -> ir.Value:
+        """A pointer `offset` bytes into the run's work area (the connection's scratch)."""
+        at = offset if isinstance(offset, ir.Value) else I64(offset)
+        return gep(self.b, self.get("scratch"), I8, [at])
+
     def fact_word(self, w: int) -> ir.Value:
-        return gep(self.b, self.get("scratch"), I8, [I64(FACTS_OFFSET + 8 * w)])
+        return self.work(FACTS_OFFSET + 8 * w)
 
     def or_factset(self, index: ir.Value) -> None:
         b = self.b
