@@ -216,20 +216,9 @@ class SkMsgBackend:
 
         max_head = fx.config("max_head")
         n = b.select(b.icmp_unsigned("<", size, max_head), size, max_head)
-        # The window the kernel set before the run (the message's first element: the whole of
-        # a small send) may hold the n bytes already; then the pull would only set the same
-        # pointers again (bpf_msg_pull_data's own shortcut), and the run saves the call.
-        # (n & 0xFFFF is n: max-head is below 64 KiB; the verifier needs the bound.)
-        window = ctx_load(MSG_DATA, PTR)
-        short = b.icmp_unsigned(
-            ">",
-            b.gep(window, [b.and_(n, I64(0xFFFF))], source_etype=I8),
-            ctx_load(MSG_DATA_END, PTR),
-        )
-        with b.if_then(short):
-            pulled = h.call(b, h.MSG_PULL_DATA, msg, I32(0), b.trunc(n, I32), I64(0))
-            with b.if_then(b.icmp_unsigned("!=", pulled, I64(0)), likely=False):
-                refuse_unseen()
+        pulled = h.call(b, h.MSG_PULL_DATA, msg, I32(0), b.trunc(n, I32), I64(0))
+        with b.if_then(b.icmp_unsigned("!=", pulled, I64(0)), likely=False):
+            refuse_unseen()
         scratch = gep(b, conn, I8, [I64(CONN_SCRATCH)])
         mode = self.rec.read_mode(b)  # every run: `sockpol mode` switches without a reload
         start = JudgeCore.start_state(fx, kind)

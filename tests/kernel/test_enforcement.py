@@ -460,6 +460,25 @@ def test_oversized_head_is_refused_not_held(shop, cgroup, http_client):
     assert shop.received() == b""
 
 
+def _head_of_length(length: int) -> bytes:
+    """A GET /healthz head of exactly `length` bytes (its blank line included), padded with
+    one long header value."""
+    start = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Filler: "
+    return start + b"f" * (length - len(start) - 4) + b"\r\n\r\n"
+
+
+def test_a_head_past_max_head_in_one_send_is_refused(shop, cgroup, http_client):
+    """One send whose head ends just past max-head (8 KiB): the program reads the first 8 KiB
+    and no further, whatever the kernel's first look at the message holds (the run skips the
+    pull only where the window is exactly those bytes), so the head is too large; one that
+    ends at 8 KiB exactly is judged."""
+    sizes = [8192, 8193, 8200, 12000]
+    conns = http_client(cgroup, shop.port, [[_head_of_length(n)] for n in sizes])
+    assert [c.refused for c in conns] == [False, True, True, True]
+    shop.settle()
+    assert shop.request_lines() == [b"GET /healthz HTTP/1.1"]
+
+
 def test_protocol_switches_are_refused(shop, cgroup, http_client):
     h2c = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
     h2c += b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
