@@ -121,7 +121,7 @@ PATH_CHUNK = 16
 PENDING_SLOW, PENDING_LITERAL, PENDING_PATH = 1, 2, 3
 # Or the header section that starts at `pos`, compared with the connection's remembered one
 # (JudgeCore.memo_section; sk_msg only).
-PENDING_MEMO, PENDING_MEMO_DONE = 4, 5
+PENDING_MEMO = 4
 # A path chunk's stores stay below the remembered section's bytes where the path is no longer
 # than MEMO_PATH_MAX (tables.py).
 assert MEMO_PATH_MAX + PATH_SCAN_CHUNK <= MEMO_BYTES
@@ -435,21 +435,13 @@ class JudgeCore:
 
         b.position_at_end(fn.blocks[0])
         if self.memo:
-            # A call that starts where the request line ended, at its header section, and the
-            # call after it.
+            # A call that starts where the request line ended, at its header section.
             memo = fn.append_basic_block("memo")
-            finish = fn.append_basic_block("memo_finish")
             not_memo = fn.append_basic_block("not_memo")
-            other = fn.append_basic_block("not_memo_compare")
-            pending_now = fx.get("pending")
-            b.cbranch(b.icmp_unsigned("==", pending_now, I64(PENDING_MEMO)), memo, other)
-            b.position_at_end(other)
-            done = b.icmp_unsigned("==", pending_now, I64(PENDING_MEMO_DONE))
-            b.cbranch(done, finish, not_memo)
+            at_section = b.icmp_unsigned("==", fx.get("pending"), I64(PENDING_MEMO))
+            b.cbranch(at_section, memo, not_memo)
             b.position_at_end(memo)
             self.memo_section(fx, fn)
-            b.position_at_end(finish)
-            self.memo_finish(fx)
             b.position_at_end(not_memo)
         if self.literals:
             # A call that starts where a literal ended (a state that has literals of its own:
@@ -862,12 +854,11 @@ class JudgeCore:
     def memo_section(self, fx: Fn, fn: ir.Function) -> None:
         """scan_step's start at a header section (PENDING_MEMO, tables.MEMO_*): where the
         connection remembers a section under these tables, from this state, compare it with
-        the next bytes, eight at a time and without a branch on the bytes (XOR'd, OR'd), and
-        store the difference for the next call (memo_finish). The call ends there: the
-        verifier does not prune the paths of the words' tests where they join inside the
-        callback (its states in a loop are compared exactly, registers that are dead
-        included), so what follows the join is a store and a return, and the rest is the next
-        call's, which starts from memory."""
+        the next bytes, eight at a time and without a branch on the bytes (XOR'd, OR'd), then
+        take its outcome or mark this one to be remembered (memo_finish). The words' tests
+        join in one block, and the verifier walks what follows once per word (it compares
+        its states inside the callback's loop exactly, registers that are dead included):
+        memo_finish is short and branch-free, and the join is behind a barrier."""
         b = fx.b
         at = fx.work
 
@@ -904,9 +895,8 @@ class JudgeCore:
         compared = fn.append_basic_block("memo_compared")
         b.position_at_end(compared)
         diff = b.phi(I64, "memo_diff")
-        fx.put("memo_diff", diff)
-        fx.put("pending", PENDING_MEMO_DONE)
-        b.ret(I64(0))
+        h.memory_barrier(b)
+        self.memo_finish(fx, diff)
 
         b.position_at_end(bounded)
         tag = fx.load_flat("memo_tag", I64(0), I64)
@@ -982,16 +972,15 @@ class JudgeCore:
             visit(b.gep(p, [I64(8 * k)], source_etype=I8), I64(8 * k))
         leaving()
 
-    def memo_finish(self, fx: Fn) -> None:
-        """scan_step's start after memo_section (PENDING_MEMO_DONE): no difference, and the
-        remembered outcome is taken (the section's facts added, its singleton flags and
-        Content-Length, the head's end; the walk ends); a difference, and this run's section
-        is marked to be remembered (the request line's facts set aside, so that the fact
-        words gather the section's alone: memo_end), and the next call tries the state's
-        literals, as after any literal. Without a branch: `taken` is all ones or zero."""
+    def memo_finish(self, fx: Fn, diff: ir.Value) -> None:
+        """The end of memo_section's call: `diff` 0, and the remembered outcome is taken (the
+        section's facts added, its singleton flags and Content-Length, the head's end; the
+        walk ends); else this run's section is marked to be remembered (the request line's
+        facts set aside, so that the fact words gather the section's alone: memo_end), and
+        the next call tries the state's literals, as after any literal. Without a branch:
+        `taken` is all ones or zero."""
         b = fx.b
         at = fx.work
-        diff = fx.get("memo_diff")
         # All ones where diff is 0: (diff | -diff) has its top bit set for any other value.
         taken = b.sub(b.lshr(b.or_(diff, b.neg(diff)), I64(63)), I64(1))
         kept = b.not_(taken)

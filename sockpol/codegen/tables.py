@@ -69,7 +69,7 @@ assert PATH_MAX & (PATH_MAX - 1) == 0
 SCAN_POINTERS = ["data", "data_end", "scratch", "tables"]
 SCAN_SCALARS = [
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
-    "out_len", "pwalked", "memo_at", "memo_mark", "memo_from", "memo_diff", "path_too_long",
+    "out_len", "pwalked", "memo_at", "memo_mark", "memo_from", "spare4", "path_too_long",
     "pstate",  # path, and a header section being remembered (MEMO_*)
     "cand_off",  # where the path state's candidate rules start in cand_table
     "limit",  # bytes of the head the scan may read (the bytes pulled)
