@@ -263,11 +263,16 @@ class ScanEmu:
         return Connection(self.nw)
 
     def walk(
-        self, head: bytes, hist: Counter | None = None, conn: Connection | None = None
+        self,
+        head: bytes,
+        hist: Counter | None = None,
+        conn: Connection | None = None,
+        serial: int = 0,
     ) -> Walk:
         """The scan of a request's head that one run pulled whole (data_end is its end), as
         JudgeCore.begin, scan and decide's path walk run it; `hist` counts executions per
-        instruction of scan_step."""
+        instruction of scan_step; `conn` keeps the work area from run to run; `serial` is the
+        program's (the loader's number for the version)."""
         mem = Memory()
         n = len(head)
         data = mem.map(DATA, bytearray(head))
@@ -285,6 +290,7 @@ class ScanEmu:
             put(name, 0)
         for w in range(self.nw):
             mem.store(scratch + FACTS_OFFSET + 8 * w, 8, 0)
+        put("serial", serial)  # the program's, as sockpol_msg puts it after begin
         put("state", self.start)
         put("rule", NO_RULE)
         put("pstate", self.path_start)

@@ -57,8 +57,8 @@ def compiled(text: str, name: str):
     return compile_source(text, name)[0][0]
 
 
-def check(c, emu: ScanEmu, conn: Connection, head: bytes):
-    walk = emu.walk(head, conn=conn)
+def check(c, emu: ScanEmu, conn: Connection, head: bytes, serial: int = 0):
+    walk = emu.walk(head, conn=conn, serial=serial)
     expected = simulate.scan(c.matcher, head)
     assert walk.state == expected.state, head[:200]
     if expected.state == END:
@@ -161,3 +161,17 @@ def test_another_scanner_never_takes_a_section_remembered_under_the_first() -> N
     # The same policy compiled again has the same digest: what it remembered still holds.
     again = compiled(POLICIES["orders-api"], "b")
     assert check(again, ScanEmu(again), conn, head).memo_taken
+
+
+def test_another_program_never_takes_a_section_remembered_by_the_first() -> None:
+    """A replacement (another version of the program, even of the same policy) has another
+    serial: it forgets what the first remembered. An older version knows nothing of the
+    section and may have written over its bytes with a long path in between."""
+    c = compiled(POLICIES["headers"], "a")
+    emu, conn = ScanEmu(c), Connection(c.matcher.fact_words)
+    head = head_of("GET /r/a HTTP/1.1", SECTIONS[1])
+    check(c, emu, conn, head, serial=7)
+    assert check(c, emu, conn, head, serial=7).memo_taken
+    assert not check(c, emu, conn, head, serial=8).memo_taken
+    assert check(c, emu, conn, head, serial=8).memo_taken
+    assert not check(c, emu, conn, head, serial=7).memo_taken

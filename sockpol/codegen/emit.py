@@ -234,6 +234,7 @@ class SkMsgBackend:
         # ("the sequence of 8193 jumps is too complex").
         zero = fx.config("zero")
         JudgeCore.begin(fx, start, zero, literals=self.judge.literals)
+        fx.put("serial", b.zext(self.tables.serial(b), I64))  # the remembered section's tag
         with b.if_then(b.icmp_unsigned("==", kind, I64(RESUME_UNJUDGED)), likely=False):
             finish(self.rec.unjudged(b, msg, resume, mode), I32(0))  # dry-run left it so
         with b.if_then(b.icmp_unsigned("==", kind, I64(tls.RESUME_TLS_PASS)), likely=False):

@@ -899,7 +899,7 @@ class JudgeCore:
         self.memo_finish(fx, diff)
 
         b.position_at_end(bounded)
-        tag = fx.load_flat("memo_tag", I64(0), I64)
+        tag = self.memo_key(fx)
         same = b.and_(
             b.icmp_unsigned("==", b.load(at(MEMO_TAG), typ=I64), tag),
             b.icmp_unsigned("==", b.load(at(MEMO_FROM), typ=I64), state),
@@ -1002,6 +1002,12 @@ class JudgeCore:
         fx.put("pending", b.and_(fx.small(PENDING_LITERAL), kept))
         b.ret(b.and_(taken, I64(1)))
 
+    @staticmethod
+    def memo_key(fx: Fn) -> ir.Value:
+        """The tag of a section this program remembers under these tables (tables.MEMO_TAG):
+        their digest and the program's serial."""
+        return fx.b.xor(fx.load_flat("memo_tag", I64(0), I64), fx.get("serial"))
+
     def memo_end(self) -> ir.Function:
         """After the scan (sockpol_msg): a run that marked its header section (memo_section)
         and ended the head remembers it, with what it added (the fact words then hold the
@@ -1061,7 +1067,7 @@ class JudgeCore:
         b.store(fx.get("cl"), at(MEMO_CL))
         b.store(b.sub(fx.get("pos"), fx.get("memo_at")), at(MEMO_LEN))
         b.store(fx.get("memo_from"), at(MEMO_FROM))
-        b.store(fx.load_flat("memo_tag", I64(0), I64), at(MEMO_TAG))
+        b.store(self.memo_key(fx), at(MEMO_TAG))
         b.branch(restore)
         return fn
 

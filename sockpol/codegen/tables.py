@@ -32,6 +32,7 @@ from sockpol.contract import (
     ANSWERED_REASONS,
     MAX_ANSWERS,
     PATH_MAX,
+    TABLE_LAYOUT,
     TABLES_SYMBOL,
     Reason,
     answer_response,
@@ -69,7 +70,7 @@ assert PATH_MAX & (PATH_MAX - 1) == 0
 SCAN_POINTERS = ["data", "data_end", "scratch", "tables"]
 SCAN_SCALARS = [
     "state", "pos", "cl", "chunk", "seen", "rule",  # head scanner
-    "out_len", "pwalked", "memo_at", "memo_mark", "memo_from", "spare4", "path_too_long",
+    "out_len", "pwalked", "memo_at", "memo_mark", "memo_from", "serial", "path_too_long",
     "pstate",  # path, and a header section being remembered (MEMO_*)
     "cand_off",  # where the path state's candidate rules start in cand_table
     "limit",  # bytes of the head the scan may read (the bytes pulled)
@@ -93,7 +94,11 @@ FACTS_OFFSET = SCALARS_OFFSET + 8 * len(SCAN_SCALARS)
 # another policy or a reload never takes a section remembered under the old tables; MEMO_LEN;
 # MEMO_FROM, the state it starts in; the singleton flags and Content-Length at its end; the
 # facts it adds), the bytes at the end of the path's room, with the request line's facts
-# (MEMO_F0) while a run scans a section it will remember. A path longer than MEMO_PATH_MAX (a
+# (MEMO_F0) while a run scans a section it will remember. The tag is the digest XOR'd with the
+# program's serial (the `serial` scalar, written before the scan), so a section is taken only by
+# the program that remembered it, or by one it swapped tables into: a replacement by another
+# version (an older one knows nothing of the section and may write over its bytes with a long
+# path) forgets it. A path longer than MEMO_PATH_MAX (a
 # path chunk stores up to 32 bytes past the path) may have written over them: such a run
 # forgets the section (memo_end).
 MEMO_MAX = 512
@@ -232,8 +237,8 @@ def memo_tag(
     objects or slots with the same digest make the same of every header section."""
     digest = hashlib.blake2b(digest_size=8, person=b"sockpol-memo")
     for part in (
-        MEMO_FORMAT, MEMO_MAX, list(t.classmap), list(t.trans), list(t.info), factsets,
-        kinds, literals.rows(), literals.mul, sorted(config.items()),
+        MEMO_FORMAT, TABLE_LAYOUT, MEMO_MAX, list(t.classmap), list(t.trans), list(t.info),
+        factsets, kinds, literals.rows(), literals.mul, sorted(config.items()),
     ):  # fmt: skip
         digest.update(repr(part).encode())
         digest.update(b"\0")
