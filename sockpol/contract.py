@@ -113,8 +113,9 @@ UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # slot at offset 0, its class map giving class + 1, the dead state at 0 (codegen/comb.py; the
 # `path_dead` config entry is gone), and that class map before `trans`; 6: `memo_tag` after
 # `config`, and SECTION_MARK in a version literal's word 7 (the remembered header section:
-# codegen/tables.py MEMO_*).
-TABLE_LAYOUT = 6
+# codegen/tables.py MEMO_*); 7: 256 literal entries, path words among them (PATH_WORD and the path
+# automaton's state in word 7: an older program would take one without copying or walking it).
+TABLE_LAYOUT = 7
 
 # --- limits the program enforces (and the reference interpreter with it) -----------------------
 

@@ -36,12 +36,12 @@ HOST = "127.0.0.1:18080"  # the benchmark's (bench/http_bench.py --port)
 # Instructions of scan_step, path_step and memo_end per head of the issue's mix (four heads of
 # 84 to 99 bytes), on average: on a connection that sends them one after the other, as wrk does
 # (the header section remembered: judge.JudgeCore.memo_section), and as a connection's first
-# head; and the cost of one more byte of each kind, the extra calls included: measured 1,241,
-# 2,621, 47.2 and 24.2 (before the seventh round of issue 19: 2,591 every head, 57.4 and 24.2;
-# before the eighth: 2,396 every head). And decide's walk of a long path's last bytes
-# (path_step): 35.5 a byte.
-MIX_BUDGET = 1_300
-FIRST_HEAD_BUDGET = 2_750
+# head; and the cost of one more byte of each kind, the extra calls included: measured 917,
+# 2,297, 47.4 and 23.8 (before the seventh round of issue 19: 2,591 every head, 57.4 and 24.2;
+# before the eighth: 2,396 every head; before the ninth's path words: 1,241 and 2,621). And
+# decide's walk of a long path's last bytes (path_step): 35.5 a byte.
+MIX_BUDGET = 1_000
+FIRST_HEAD_BUDGET = 2_450
 PATH_BYTE_BUDGET = 49
 HEADER_BYTE_BUDGET = 25
 PATH_STEP_BYTE_BUDGET = 37

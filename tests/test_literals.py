@@ -22,11 +22,15 @@ from sockpol.codegen.literals import (
     METHOD_MIN,
     METHODS,
     NO_STATE,
+    PATH_STATE_SHIFT,
+    PATH_WORD,
+    PATH_WORD_BYTES,
     SECTION_MARK,
     LiteralTable,
     key_word,
     literal_table,
     slot_of,
+    target_prefixes,
 )
 from sockpol.codegen.lower import lower
 from sockpol.codegen.scanner import TERMINAL_STATES, ScannerTables
@@ -49,19 +53,25 @@ def scanner(text: str) -> ScannerTables:
     return lower(load_source(text, "t.pol")[0].policies[0]).tables
 
 
+def table_of(policy) -> tuple[ScannerTables, list[int], LiteralTable]:
+    """The literal table as tables.py builds it: with the rules' path words."""
+    t = lower(policy).tables
+    kinds = state_kinds(t)
+    prefixes = target_prefixes(r.path.text for r in policy.rules)
+    return t, kinds, literal_table(t, *plain_and_path_states(kinds), prefixes)
+
+
 @pytest.fixture(scope="module")
 def mix() -> tuple[ScannerTables, list[int], LiteralTable]:
-    t = scanner(policy_text("mix", 8080, issue_rules(10)))
-    kinds = state_kinds(t)
-    return t, kinds, literal_table(t, *plain_and_path_states(kinds))
+    return table_of(load_source(policy_text("mix", 8080, issue_rules(10)), "t.pol")[0].policies[0])
 
 
 def test_a_literal_is_its_bytes_through_plain_states(mix) -> None:
     t, kinds, table = mix
     assert table.literals
     for lit in table.literals:
-        if lit.state == t.start:
-            continue  # methods: the next test
+        if lit.state == t.start or lit.path_to is not None:
+            continue  # methods and path words: the tests below
         assert LITERAL_MIN <= len(lit.text) <= LITERAL_BYTES and lit.facts == 0
         s = lit.state
         for byte in lit.text:
@@ -116,6 +126,8 @@ def test_each_literal_sits_where_its_hash_points(mix) -> None:
         w1, m1, w2, m2 = lit.words()
         at = slot_of(lit.state, key_word(lit.state, w1, table.start), table.mul) * ENTRY_WORDS
         mark = SECTION_MARK if lit.section else 0
+        if lit.path_to is not None:
+            mark |= PATH_WORD | lit.path_to << PATH_STATE_SHIFT
         entry = [w1, m1, w2, m2, lit.state, lit.target, len(lit.text), lit.facts | mark]
         assert rows[at : at + ENTRY_WORDS] == entry
         # A version with its CRLF, and only that, marks where a header section starts.
@@ -128,7 +140,36 @@ def test_trans_entries_mark_the_states_with_literals(mix) -> None:
     t, kinds, table = mix
     entries = trans_entries(t, kinds, table.chunk_states)
     for target, entry in zip(t.trans, entries, strict=True):
-        assert bool(entry & LITERAL_BIT) == (target in table.states and target != t.start)
+        plain = {lit.state for lit in table.literals if lit.path_to is None}
+        assert bool(entry & LITERAL_BIT) == (target in plain and target != t.start)
+
+
+def test_path_words_are_their_bytes_through_the_path_states_and_automaton(mix) -> None:
+    """A path word (from the state after a method's SP): the scanner moves through path states
+    only, and the path automaton from its start to the state the entry carries; the call that
+    took the method tries it, the chunk never does (those states carry facts)."""
+    t, kinds, table = mix
+    words = [lit for lit in table.literals if lit.path_to is not None]
+    method_ends = {lit.target for lit in table.literals if lit.state == t.start}
+    assert words
+    for lit in words:
+        assert lit.state in method_ends and len(lit.text) == PATH_WORD_BYTES
+        s, pid = lit.state, t.path.start
+        for byte in lit.text:
+            s, pid = t.step(s, byte), t.path.step(pid, byte)
+            assert kinds[s] & STATE_PATH
+        assert (s, pid) == (lit.target, lit.path_to) and lit.facts == 0
+        assert lit.state not in table.chunk_states
+    get = methods_target(table, t)
+    texts = {lit.text for lit in words if lit.state == get}
+    # The mix's four paths start with three of them.
+    assert {b"/api/v1/", b"/healthz", b"/static/"} <= texts
+
+
+def test_path_words_come_from_the_rules_literal_prefixes() -> None:
+    assert target_prefixes(["/api/v1/orders/*", "/healthz", "/**", '~"/v[0-9]+/.*"', "/a*b"]) == [
+        b"/api/v1/orders/", b"/healthz", b"/a"
+    ]  # fmt: skip
 
 
 def walk(t: ScannerTables, state: int, head: bytes) -> int:
@@ -189,8 +230,7 @@ def test_every_method_and_version_keeps_its_entry(example: Path) -> None:
     (every request has one of each) before header names (admin-denied.pol lost `POST ` to a
     multiplier that kept one more header name)."""
     for policy in load_source(example.read_text(), str(example))[0].policies:
-        t = lower(policy).tables
-        table = literal_table(t, *plain_and_path_states(state_kinds(t)))
+        _, _, table = table_of(policy)
         texts = {lit.text for lit in table.literals}
         assert {f"{m} ".encode() for m in METHODS} <= texts
         assert {b"HTTP/1.1\r\n", b"HTTP/1.0\r\n"} <= texts

@@ -34,6 +34,9 @@ from sockpol.codegen.literals import (
     LITERAL_BITS,
     LITERAL_BYTES,
     METHOD_KEY_BYTES,
+    PATH_STATE_SHIFT,
+    PATH_WORD,
+    PATH_WORD_BYTES,
     SECTION_MARK,
     STATE_MIX,
 )
@@ -841,6 +844,8 @@ class JudgeCore:
                     b.position_at_end(on)
                 state, pos = e_target, b.add(pos, e_len)
             else:
+                if self.path_chunks:
+                    hit = self.take_path_word(fx, p, hit, e_facts)
                 state = b.select(hit, e_target, state)
                 pos = b.select(hit, b.add(pos, e_len), pos)
         end_state.add_incoming(state, b.block)
@@ -850,6 +855,32 @@ class JudgeCore:
         fx.put("state", end_state)
         fx.put("pos", end_pos)
         fx.put("pending", I64(0))
+
+    @staticmethod
+    def take_path_word(fx: Fn, p: ir.Value, hit: ir.Value, mark: ir.Value) -> ir.Value:
+        """A literal after a method's SP may be a path word (literals.PATH_WORD in `mark`, its
+        entry's word 7): the first eight bytes of the request target, which the path chunk
+        would walk one by one through the scanner and the path automaton. Taking it, the path
+        is those eight bytes, all walked, and the path automaton's state is the entry's. Only
+        on an empty path (it is: a method starts the head; the test keeps it so whatever
+        calls this). Without a branch: the word's bytes, the path's length and the path
+        automaton's state are written either way, with their old values on a miss (a branch
+        here would join before the rest of scan_step, and the verifier walk it twice).
+        Returns whether the literal, path word or not, is taken."""
+        b = fx.b
+        out_len = fx.get("out_len")
+        is_word = b.icmp_unsigned("!=", b.and_(mark, I64(PATH_WORD)), I64(0))
+        empty = b.icmp_unsigned("==", out_len, I64(0))
+        word_hit = b.and_(hit, b.and_(is_word, empty))
+        at = fx.get("scratch")
+        old = b.load(at, typ=I64, align=8)
+        b.store(b.select(word_hit, b.load(p, typ=I64, align=8), old), at, align=8)
+        walked = b.select(word_hit, I64(PATH_WORD_BYTES), out_len)
+        fx.put("out_len", walked)
+        fx.put("pwalked", b.select(word_hit, walked, fx.get("pwalked")))
+        pstate = b.and_(b.lshr(mark, I64(PATH_STATE_SHIFT)), I64(PAYLOAD_MASK))
+        fx.put("pstate", b.select(word_hit, pstate, fx.get("pstate")))
+        return b.and_(hit, b.or_(b.not_(is_word), empty))
 
     def memo_section(self, fx: Fn, fn: ir.Function) -> None:
         """scan_step's start at a header section (PENDING_MEMO, tables.MEMO_*): where the

@@ -27,6 +27,15 @@ compiler's choice, from `CORPUS`: the states after a request target's SP and the
 start of a typical head's header lines (`starting_states`); a state where no literal of the
 corpus fits is not marked, and costs nothing.
 
+Path words: the call that took a method tries one more literal from the state after its SP, and
+there the table holds the first eight bytes of the request targets the policy's rules spell
+(`/api/v1/`, `/healthz`, `/static/`: `_path_words`). A path word moves the scanner through path
+states only, and the path automaton along its own transitions, so taking it whole is taking its
+bytes one by one in the path chunk: its entry carries the path automaton's state after it (word
+7, above PATH_STATE_SHIFT, with PATH_WORD), and a hit also copies the eight bytes to the path.
+Since the section memo (step 19 in docs/design.md) the path is most of what a kept-alive
+connection's head costs, and most paths start with a prefix that every rule of an API repeats.
+
 Methods: the first call of a run tries the literals of the head's start state, the request
 methods with their SP (`GET `). Their last byte leads to a state with facts (the method's), so
 an entry carries the fact set of its end (word 7, 0 for the others: the empty set), which a hit
@@ -37,13 +46,17 @@ never tries them: the bit that tells it a state has literals is left off the sta
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from sockpol.codegen.scanner import EMIT_MASK, TERMINAL_STATES, ScannerTables
+from sockpol.dsl import regex
+from sockpol.dsl.patterns import Literal as GlobLiteral
+from sockpol.dsl.patterns import PatternError, parse_pattern
 
 LITERAL_BYTES = 16  # two words
 LITERAL_MIN = 8  # the hash reads the first word whole
-LITERAL_BITS = 7
+LITERAL_BITS = 8
 LITERAL_SLOTS = 1 << LITERAL_BITS
 ENTRY_WORDS = 8
 NO_STATE = (1 << 64) - 1
@@ -51,12 +64,31 @@ NO_STATE = (1 << 64) - 1
 # section starts there, where the sk_msg program looks up the connection's remembered section
 # (judge.JudgeCore.memo_section). Above any fact set's index: Fn.or_factset masks it off.
 SECTION_MARK = 1 << 31
+# Word 7 of a path word's entry: PATH_WORD, and the path automaton's state after the word (a comb
+# id, 24 bits) from PATH_STATE_SHIFT on. Below SECTION_MARK and above any fact set's index.
+PATH_WORD = 1 << 30
+PATH_STATE_SHIFT = 32
+PATH_WORD_BYTES = 8
+PATH_WORDS_PER_STATE = 16  # per method's state: a policy of many first segments keeps the first
 MASK64 = (1 << 64) - 1
 STATE_MIX = 0x9E3779B97F4A7C15  # spreads the state over the key's bits
-MULTIPLIERS = (
-    0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9,
-    0x2545F4914F6CDD1D, 0xD6E8FEB86659FD93, 0x9FB21C651E98DF25, 0xA0761D6478BD642F,
-)  # fmt: skip
+
+
+def _multipliers(n: int) -> tuple[int, ...]:
+    """n odd 64-bit multipliers, the same on every machine (splitmix64's sequence): the hash's
+    candidates, tried in order."""
+    out, x = [], 0
+    for _ in range(n):
+        x = (x + 0x9E3779B97F4A7C15) & MASK64
+        z = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & MASK64
+        out.append((z ^ (z >> 31)) | 1)
+    return tuple(out)
+
+
+# 64 candidates: with the path words, a table of 50 to 60 literals in 256 entries rarely has a
+# multiplier without a collision among eight.
+MULTIPLIERS = _multipliers(64)
 
 # After a request target's SP, the version and the line's end.
 REQUEST_TAILS = ("HTTP/1.1\r\n", "HTTP/1.0\r\n")
@@ -91,6 +123,15 @@ class Literal:
     target: int
     facts: int = 0  # the fact set (its index) of the target: a method's
     section: bool = False  # a version with its CRLF: the header section starts at `target`
+    path_to: int | None = None  # a path word: the path automaton's state (comb id) after it
+
+    @property
+    def mark(self) -> int:
+        """Word 7 of its entry: the fact set, and what the program does besides."""
+        word = self.facts | (SECTION_MARK if self.section else 0)
+        if self.path_to is not None:
+            word |= PATH_WORD | self.path_to << PATH_STATE_SHIFT
+        return word
 
     def words(self) -> tuple[int, int, int, int]:
         """(w1, m1, w2, m2): the literal's two little-endian words and their masks."""
@@ -127,8 +168,11 @@ class LiteralTable:
     @property
     def chunk_states(self) -> frozenset[int]:
         """The states whose `trans` entries tell the chunk to try literals: not the start
-        state (its literals are tried by a run's first call, keyed otherwise)."""
-        return self.states - {self.start}
+        state (its literals are tried by a run's first call, keyed otherwise), nor the states
+        after a method's SP (they carry facts: the chunk does not take them; their path words
+        are tried by the call that took the method)."""
+        plain = frozenset(lit.state for lit in self.literals if lit.path_to is None)
+        return plain - {self.start}
 
     def slot(self, lit: Literal) -> int:
         return slot_of(lit.state, key_word(lit.state, lit.words()[0], self.start), self.mul)
@@ -140,22 +184,26 @@ class LiteralTable:
             w1, m1, w2, m2 = lit.words()
             at = self.slot(lit) * ENTRY_WORDS
             out[at : at + ENTRY_WORDS] = [
-                w1, m1, w2, m2, lit.state, lit.target, len(lit.text),
-                lit.facts | (SECTION_MARK if lit.section else 0),
+                w1, m1, w2, m2, lit.state, lit.target, len(lit.text), lit.mark,
             ]  # fmt: skip
         return out
 
-    def take(self, state: int, head: bytes) -> tuple[int, int, int]:
-        """(state, bytes taken, fact set added) after the literal at the start of `head`, as
-        the program does one attempt: (state, 0, 0) when there is none."""
+    def find(self, state: int, head: bytes) -> Literal | None:
+        """The literal the program takes at the start of `head` from `state`, if any."""
         if len(head) < LITERAL_BYTES:
-            return state, 0, 0
+            return None
         w1 = int.from_bytes(head[:8], "little")
         for lit in self.literals:
             if lit.state == state and head.startswith(lit.text):
                 assert slot_of(state, key_word(state, w1, self.start), self.mul) == self.slot(lit)
-                return lit.target, len(lit.text), lit.facts
-        return state, 0, 0
+                return lit
+        return None
+
+    def take(self, state: int, head: bytes) -> tuple[int, int, int]:
+        """(state, bytes taken, fact set added) after the literal at the start of `head`, as
+        the program does one attempt: (state, 0, 0) when there is none."""
+        lit = self.find(state, head)
+        return (state, 0, 0) if lit is None else (lit.target, len(lit.text), lit.facts)
 
 
 def _walk(t: ScannerTables, plain: frozenset[int], state: int, text: bytes) -> Literal | None:
@@ -186,6 +234,46 @@ def _walk_method(
     if s < TERMINAL_STATES or info & ~EMIT_MASK or not METHOD_MIN <= len(text) <= 8:
         return None
     return Literal(state, text, s, info & EMIT_MASK)
+
+
+def target_prefixes(globs: Iterable[str]) -> list[bytes]:
+    """The bytes every path a rule's glob matches starts with (up to its first wildcard), in
+    rule order; a regex's are not looked for."""
+    out: list[bytes] = []
+    for text in globs:
+        if regex.is_regex(text):
+            continue
+        try:
+            tokens = parse_pattern(text).tokens
+        except PatternError:
+            continue
+        if tokens and isinstance(tokens[0], GlobLiteral) and tokens[0].text.isascii():
+            out.append(tokens[0].text.encode())
+    return out
+
+
+def _path_words(
+    t: ScannerTables, path: frozenset[int], state: int, prefixes: Sequence[bytes]
+) -> list[Literal]:
+    """From `state` (after a method's SP), the first PATH_WORD_BYTES bytes of the rules' target
+    prefixes, where the scanner moves through path states only; PATH_WORDS_PER_STATE at most,
+    in rule order. Which words is only a guess at what clients send (the rules name it);
+    whatever they are, taking one is exactly taking its bytes one by one."""
+    found: list[Literal] = []
+    for text in dict.fromkeys(p[:PATH_WORD_BYTES] for p in prefixes):
+        if len(found) == PATH_WORDS_PER_STATE:
+            break
+        if len(text) < PATH_WORD_BYTES:
+            continue
+        s, pid = state, t.path.start
+        for byte in text:
+            s = t.step(s, byte)
+            pid = t.path.step(pid, byte)
+            if s not in path:
+                break
+        else:
+            found.append(Literal(state, text, s, path_to=pid))
+    return found
 
 
 # A head as clients send them: the states at the start of its header lines are where header
@@ -219,29 +307,51 @@ def starting_states(
     return {"methods": [t.start], "tails": tails, "lines": lines}
 
 
-def literal_table(t: ScannerTables, plain: frozenset[int], path: frozenset[int]) -> LiteralTable:
-    """The scanner's literals (CORPUS where it fits) and a multiplier that gives each its own
-    entry. `plain`: the states a byte may lead to and do nothing else (tables.state_kinds:
-    PLAIN, not PATH); `path`: the path's states."""
+def literal_table(
+    t: ScannerTables,
+    plain: frozenset[int],
+    path: frozenset[int],
+    prefixes: Sequence[bytes] = (),
+) -> LiteralTable:
+    """The scanner's literals (CORPUS where it fits, and path words of `prefixes`:
+    target_prefixes) and a multiplier that gives each its own entry. `plain`: the states a byte
+    may lead to and do nothing else (tables.state_kinds: PLAIN, not PATH); `path`: the path's
+    states."""
     found: list[Literal] = []
     # One literal per state and key: the hash reads only the first word (four bytes of it from
     # the start state), so of `Content-Type: ` and `Content-Length`, the first in CORPUS has
     # the entry.
     seen: set[tuple[int, bytes]] = set()
     every_head: set[int] = set()  # which of `found` are methods and tails (every request has both)
-    for part, states in starting_states(t, plain, path).items():
+
+    def add(lit: Literal, every: bool) -> None:
+        key = lit.text[: METHOD_KEY_BYTES if lit.state == t.start else 8]
+        if (lit.state, key) not in seen:
+            seen.add((lit.state, key))
+            if every:
+                every_head.add(len(found))
+            found.append(lit)
+
+    starting = starting_states(t, plain, path)
+    for part in ("methods", "tails"):
         walk = _walk_method if part == "methods" else _walk
-        for state in states:
+        for state in starting[part]:
             for text in CORPUS[part]:
                 lit = walk(t, plain, state, text.encode())
                 if lit is not None and part == "tails" and lit.text == text.encode():
                     lit = replace(lit, section=True)  # the whole line's end: CRLF included
-                key = lit and lit.text[: METHOD_KEY_BYTES if state == t.start else 8]
-                if lit is not None and (state, key) not in seen:
-                    seen.add((state, key))
-                    if part != "lines":
-                        every_head.add(len(found))
-                    found.append(lit)
+                if lit is not None:
+                    add(lit, every=True)
+    # Path words before header names: since the section memo, a kept-alive connection walks
+    # its header lines once, and its request targets every time.
+    for state in dict.fromkeys(lit.target for lit in found if lit.state == t.start):
+        for lit in _path_words(t, path, state, prefixes):
+            add(lit, every=False)
+    for state in starting["lines"]:
+        for text in CORPUS["lines"]:
+            lit = _walk(t, plain, state, text.encode())
+            if lit is not None:
+                add(lit, every=False)
     # The multiplier that keeps the most methods and tails, then the most literals: a method
     # or version that collides is walked byte by byte in every request; a header name, only
     # where a client sends it.

@@ -22,7 +22,7 @@ from llvmlite import ir
 from sockpol.codegen import helpers as h
 from sockpol.codegen.helpers import I8, I32, I64, PTR, gep
 from sockpol.codegen.irconst import int_array, word_rows
-from sockpol.codegen.literals import LiteralTable, literal_table
+from sockpol.codegen.literals import LiteralTable, literal_table, target_prefixes
 from sockpol.codegen.lower import MAX_FACT_WORDS, MatcherIR
 from sockpol.codegen.objbuilder import DATA_LAYOUT, ObjectBuilder
 from sockpol.codegen.scanner import END, FLAG_PATH_BYTE, TERMINAL_STATES, ScannerTables
@@ -295,7 +295,8 @@ class Tables:
         kinds = state_kinds(t)
         # The chunk ends the walk at END itself, doing nothing else there (judge.scan_step).
         assert t.info[END] == 0, "the head's end has no facts or flags"
-        self.literals = literal_table(t, *plain_and_path_states(kinds))
+        prefixes = target_prefixes(r.path.text for r in ir_.policy.rules)
+        self.literals = literal_table(t, *plain_and_path_states(kinds), prefixes)
         hexval = [int(chr(c), 16) if chr(c) in "0123456789abcdefABCDEF" else 0 for c in range(256)]
 
         def words(rows: list[list[int]]) -> ir.Constant:
