@@ -442,6 +442,18 @@ def summarize(
         same = {r["config"]: r for r in rows if r["pad_to"] == row["pad_to"]}
         for ref in ("none", "floor"):
             row[f"rps_vs_{ref}"] = row["rps"] / same[ref]["rps"] if ref in same else None
+        # The same ratios round by round (the configurations of a round run one after the
+        # other, so they share the machine's state of the moment), then their median: on a
+        # machine whose throughput drifts from round to round by more than the programs
+        # differ, the ratio of medians mixes rounds, this does not.
+        proxy = "haproxy-" + row["config"].split("-", 1)[1] if "-" in row["config"] else None
+        for key, ref in (("floor", "floor"), ("haproxy", proxy)):
+            other = same.get(ref) if ref and ref != row["config"] else None
+            paired = None
+            if other is not None and len(other["runs"]) == len(row["runs"]):
+                pairs = zip(row["runs"], other["runs"], strict=True)
+                paired = statistics.median(a / b for a, b in pairs)
+            row[f"rps_vs_{key}_paired"] = paired
         points = [
             (r["head_bytes"], r["ns_per_run"])
             for r in rows
@@ -457,16 +469,19 @@ def _num(value: float | None, fmt: str, unit: str = "") -> str:
 
 def markdown(rows: list[dict]) -> str:
     out = (
-        "| configuration | head | requests/s (median) | vs none | vs floor | ns/run (median) "
+        "| configuration | head | requests/s (median) | vs none | vs floor | vs floor, paired "
+        "| vs HAProxy, paired | ns/run (median) "
         "| ns/run (runs) | runs/request | program ns/request | p50 latency | p99 latency "
         "| runs (req/s) |\n"
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n"
     )
     for r in rows:
         ns_runs = " · ".join(f"{v:,}" for v in r["ns_per_run_runs"]) or "–"
         out += (
             f"| {r['config']} | {r['head_bytes']:.0f} B | {r['rps']:,.0f} "
             f"| {_num(r['rps_vs_none'], '.2f')} | {_num(r['rps_vs_floor'], '.2f')} "
+            f"| {_num(r['rps_vs_floor_paired'], '.2f')} "
+            f"| {_num(r['rps_vs_haproxy_paired'], '.2f')} "
             f"| {_num(r['ns_per_run'], ',.0f')} | {ns_runs} "
             f"| {_num(r['runs_per_request'], '.2f')} | {_num(r['ns_per_request'], ',.0f')} "
             f"| {_num(r['p50_ms'], '.3f', ' ms')} "

@@ -305,6 +305,10 @@ def test_http_bench_runs(tmp_path):
     for name in ("floor", "sockpol-4", "ingress-4"):
         assert rows[name]["ns_per_run"] > 0 and rows[name]["runs_per_request"] > 0.9, rows[name]
     assert rows["none"]["ns_per_run"] is None and rows["floor"]["rps_vs_floor"] == 1
+    # Round by round against the floor and the HAProxy of the same policy.
+    assert rows["sockpol-4"]["rps_vs_floor_paired"] > 0
+    assert rows["sockpol-4"]["rps_vs_haproxy_paired"] > 0
+    assert rows["floor"]["rps_vs_floor_paired"] is None
 
     # The mix at two head sizes: the slope of ns/run over head bytes.
     assert http_bench.main([*args, "--configs", "floor,sockpol", "--head-sizes", "100,600"]) == 0
