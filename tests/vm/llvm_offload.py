@@ -25,6 +25,7 @@ compiles nothing pays nothing. SOCKPOL_VM_LLVM (the directory) switches it on.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.abc
 import importlib.util
 import os
@@ -36,6 +37,12 @@ from pathlib import Path
 from types import ModuleType
 
 ENV = "SOCKPOL_VM_LLVM"
+# Objects already made, by their IR text's digest, for every guest of this process: the matrix's
+# lines compile the same policies into the same IR (an lsm object's kernel layout aside), and
+# LLVM's time on the host is time the two guests' CPUs do not get. A pure function of the text,
+# so an answer from here is the answer LLVM would make.
+_MADE: dict[str, bytes] = {}
+_MADE_LOCK = threading.Lock()
 GUEST_WAIT = 120.0  # seconds; a compile on the host takes about a second at most
 POLL = 0.02
 
@@ -56,6 +63,7 @@ class HostLLVM:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.answered = 0
+        self.reused = 0  # of them, objects another guest's request had made
         self.seconds = 0.0  # host time spent in LLVM for the guest
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="host-llvm", daemon=True)
@@ -88,10 +96,17 @@ class HostLLVM:
                     text = request.read_text()
                 except OSError:  # withdrawn by a guest that gave up
                     continue
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                with _MADE_LOCK:
+                    made = _MADE.get(digest)
                 try:
-                    answer, data = ".o", object_code_from_ir(text)
+                    answer, data = ".o", made if made is not None else object_code_from_ir(text)
                 except Exception as e:  # LLVM's error goes to the guest, which raises it
                     answer, data = ".err", f"{type(e).__name__}: {e}".encode()
+                if answer == ".o" and made is None:
+                    with _MADE_LOCK:
+                        _MADE[digest] = data
+                self.reused += made is not None
                 try:
                     _publish(request.with_suffix(answer), data)
                     request.unlink(missing_ok=True)

@@ -54,6 +54,26 @@ def test_a_guest_process_gets_the_object_its_own_llvm_would_make(tmp_path: Path)
     assert out.read_bytes() == elf.object_code(compiled[0].module)
 
 
+def test_a_second_guest_gets_the_object_made_for_the_first(tmp_path: Path) -> None:
+    """The matrix's lines compile the same policies: the second request for the same IR text
+    is answered with the object already made, byte for byte what LLVM makes."""
+    compiled, _ = compile_source(POLICY.read_text(), str(POLICY))
+    outs = []
+    for i in range(2):
+        llvm_dir, out = tmp_path / f"llvm{i}", tmp_path / f"o{i}"
+        (tmp_path / f"g{i}").mkdir()
+        with llvm_offload.HostLLVM(llvm_dir) as service:
+            run = subprocess.run(
+                [sys.executable, "-c", GUEST, str(POLICY), str(out)],
+                env=guest_env(tmp_path / f"g{i}", llvm_dir), capture_output=True, text=True,
+                timeout=120,
+            )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        outs.append((out.read_bytes(), service.answered, service.reused))
+    assert outs[1][1:] == (1, 1)
+    assert outs[0][0] == outs[1][0] == elf.object_code(compiled[0].module)
+
+
 def test_without_the_directory_a_process_compiles_by_itself(tmp_path: Path) -> None:
     env = guest_env(tmp_path, tmp_path / "missing")
     run = subprocess.run(

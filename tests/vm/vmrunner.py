@@ -137,7 +137,9 @@ class VMRun:
     pytest_log: str
     results: dict[str, TestResult] = field(default_factory=dict)
     verifier: list[dict] = field(default_factory=list)  # test_verifier_budget's records
-    host_llvm: tuple[int, float] = (0, 0.0)  # objects the host's LLVM made for the guest, seconds
+    # Objects the host's LLVM answered the guest with, seconds, and how many of them had been
+    # made for another line's guest (llvm_offload._MADE).
+    host_llvm: tuple[int, float, int] = (0, 0.0, 0)
 
     def tail(self, lines: int = 40) -> str:
         text = self.pytest_log or self.console
@@ -262,7 +264,7 @@ def run(
         if report.exists():
             run_.verifier = [json.loads(line) for line in report.read_text().splitlines() if line]
         if service is not None:
-            run_.host_llvm = (service.answered, service.seconds)
+            run_.host_llvm = (service.answered, service.seconds, service.reused)
         _keep_log(kernel, run_)
     return run_
 

@@ -206,8 +206,12 @@ class VMSession:
                 got = sorted({rec[program] for rec in r.verifier if program in rec})
                 if got:
                     insns += f"; {program} verified in {'/'.join(f'{n:,}' for n in got)} insns"
-            objects, llvm_seconds = r.host_llvm
-            offload = f"; host LLVM: {objects} objects, {llvm_seconds:.0f} s" if objects else ""
+            objects, llvm_seconds, reused = r.host_llvm
+            offload = (
+                f"; host LLVM: {objects} objects ({reused} made before), {llvm_seconds:.0f} s"
+                if objects
+                else ""
+            )
             out.append(
                 f"{r.kernel.describe()}: guest pytest exit {r.status}, {r.seconds:.0f} s wall; "
                 f"{tally}{insns}{offload}"
