@@ -131,7 +131,7 @@ assert MEMO_PATH_MAX + PATH_SCAN_CHUNK <= MEMO_BYTES
 # scan_step's exit at the head's end yields END as a mask of the state (slow_out).
 assert END == 0
 # Literals tried in a row by a call that starts with PENDING_LITERAL (` HTTP/1.1\r\n`, then a
-# header name).
+# header name; a method, then a path word: take_path_word).
 LITERAL_TRIES = 2
 # A method's facts are added on a hit of the first try, which goes on to the next (take_literals).
 assert LITERAL_TRIES >= 2
