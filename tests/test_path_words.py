@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from sockpol.codegen import simulate
-from sockpol.codegen.scanner import END
 from sockpol.compiler import compile_source
 
 TESTS = Path(__file__).resolve().parent
@@ -25,6 +23,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(REPO / "bench"))
 from bpfemu import ScanEmu  # noqa: E402
 from policies import issue_rules, policy_text  # noqa: E402
+from test_section_memo import check as check_on  # noqa: E402
 
 WORDY = """policy w {
     port 80
@@ -60,17 +59,8 @@ def compiled(request):
 
 
 def check(c, emu: ScanEmu, head: bytes):
-    walk = emu.walk(head)
-    expected = simulate.scan(c.matcher, head)
-    assert walk.state == expected.state, head[:120]
-    if expected.state == END:
-        got = (walk.facts, walk.path, walk.pstate, walk.pos, walk.cl, walk.seen)
-        want = (
-            expected.facts, expected.path, expected.path_state, expected.pos,
-            expected.content_length, expected.seen,
-        )  # fmt: skip
-        assert got == want, head[:120]
-    return walk
+    """test_section_memo's comparison with the reference, on a connection of its own."""
+    return check_on(c, emu, emu.connection(), head)
 
 
 def test_heads_scan_alike_with_and_without_path_words(compiled) -> None:

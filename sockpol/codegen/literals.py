@@ -188,22 +188,17 @@ class LiteralTable:
             ]  # fmt: skip
         return out
 
-    def find(self, state: int, head: bytes) -> Literal | None:
-        """The literal the program takes at the start of `head` from `state`, if any."""
+    def take(self, state: int, head: bytes) -> tuple[int, int, int]:
+        """(state, bytes taken, fact set added) after the literal at the start of `head`, as
+        the program does one attempt: (state, 0, 0) when there is none."""
         if len(head) < LITERAL_BYTES:
-            return None
+            return state, 0, 0
         w1 = int.from_bytes(head[:8], "little")
         for lit in self.literals:
             if lit.state == state and head.startswith(lit.text):
                 assert slot_of(state, key_word(state, w1, self.start), self.mul) == self.slot(lit)
-                return lit
-        return None
-
-    def take(self, state: int, head: bytes) -> tuple[int, int, int]:
-        """(state, bytes taken, fact set added) after the literal at the start of `head`, as
-        the program does one attempt: (state, 0, 0) when there is none."""
-        lit = self.find(state, head)
-        return (state, 0, 0) if lit is None else (lit.target, len(lit.text), lit.facts)
+                return lit.target, len(lit.text), lit.facts
+        return state, 0, 0
 
 
 def _walk(t: ScannerTables, plain: frozenset[int], state: int, text: bytes) -> Literal | None:
